@@ -1,0 +1,66 @@
+"""Prometheus metrics of one daemon, in a registry of its own.
+
+A registry per daemon (not the process-global default) keeps tests that run
+several daemons' parts in one process from colliding.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Convergence is expected in milliseconds; the tail matters up to a lease TTL.
+_LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.reconcile_duration = Histogram(
+            "overlayd_reconcile_duration_seconds",
+            "Time of one reconcile pass (read kernel, diff, apply).",
+            registry=r,
+        )
+        self.reconciles = Counter(
+            "overlayd_reconciles_total", "Reconcile passes by trigger.", ["trigger"], registry=r
+        )
+        self.kernel_ops = Counter(
+            "overlayd_kernel_ops_total",
+            "Kernel operations by kind and result.",
+            ["kind", "result"],
+            registry=r,
+        )
+        self.store_watch_events = Counter(
+            "overlayd_store_watch_events_total",
+            "Events received from the KV store watch, by record kind and action.",
+            ["kind", "action"],
+            registry=r,
+        )
+        self.store_errors = Counter(
+            "overlayd_store_errors_total", "KV store operations that failed, by operation.",
+            ["operation"], registry=r,
+        )
+        self.store_up = Gauge(
+            "overlayd_store_up", "1 while the KV store answers, else 0.", registry=r
+        )
+        self.invalid_records = Counter(
+            "overlayd_store_invalid_records_total",
+            "Values under the prefix that are not valid overlayd data (skipped).",
+            registry=r,
+        )
+        self.endpoints_known = Gauge(
+            "overlayd_endpoints_known", "Endpoints in the cluster view, by locality.",
+            ["locality"], registry=r,
+        )
+        self.networks_known = Gauge(
+            "overlayd_networks_known", "Networks in the cluster view.", registry=r
+        )
+        self.convergence_latency = Histogram(
+            "overlayd_convergence_latency_seconds",
+            "From an endpoint record's creation at its owner to its entries programmed here.",
+            ["path"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )

@@ -1,0 +1,277 @@
+"""Records of the cluster view: networks, nodes and endpoints.
+
+Pure: no I/O. Every record validates itself when built, so a record that
+exists is a valid one; `from_dict` is the single door through which data from
+the store, the admin API or (later) gossip enters, and it raises
+`ValidationError` with a message that names the offending field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import re
+import secrets
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any
+
+VNI_MIN = 1
+VNI_MAX = 2**24 - 1
+MTU_MIN = 576
+MTU_MAX = 9000
+VXLAN_OVERHEAD = 50
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
+
+
+class ValidationError(ValueError):
+    """A record or request field is invalid; the message names the field."""
+
+
+def validate_name(value: object, what: str) -> str:
+    if not isinstance(value, str) or not _NAME_RE.match(value):
+        raise ValidationError(
+            f"invalid {what} {value!r}: use 1-63 characters of letters, digits, '_', '.', '-', "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+def validate_vni(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not VNI_MIN <= value <= VNI_MAX:
+        raise ValidationError(f"invalid VNI {value!r}: must be an integer in {VNI_MIN}..{VNI_MAX}")
+    return value
+
+
+def validate_mtu(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not MTU_MIN <= value <= MTU_MAX:
+        raise ValidationError(f"invalid MTU {value!r}: must be an integer in {MTU_MIN}..{MTU_MAX}")
+    return value
+
+
+def parse_subnet(value: object) -> IPv4Network:
+    if isinstance(value, IPv4Network):
+        net = value
+    else:
+        try:
+            net = IPv4Network(str(value), strict=True)
+        except ValueError as exc:
+            raise ValidationError(f"invalid subnet {value!r}: {exc}") from None
+    if net.prefixlen > 30:
+        raise ValidationError(f"invalid subnet {net}: prefix must be /30 or shorter to hold endpoints")
+    return net
+
+
+def parse_ipv4(value: object, what: str) -> IPv4Address:
+    if isinstance(value, IPv4Address):
+        return value
+    try:
+        return IPv4Address(str(value))
+    except ValueError:
+        raise ValidationError(f"invalid {what} {value!r}: not an IPv4 address") from None
+
+
+def parse_mac(value: object) -> str:
+    mac = str(value).lower()
+    if not _MAC_RE.match(mac):
+        raise ValidationError(f"invalid MAC {value!r}: expected six hex octets like 02:00:00:00:00:01")
+    first = int(mac[:2], 16)
+    if first & 0x01:
+        raise ValidationError(f"invalid MAC {value!r}: multicast bit set")
+    if not first & 0x02:
+        raise ValidationError(f"invalid MAC {value!r}: must be locally administered (bit 0x02)")
+    return mac
+
+
+def random_mac() -> str:
+    """A random locally administered unicast MAC.
+
+    Random rather than derived from the IP: when an IP is released on one host
+    and reused on another, a fresh MAC means no FDB entry anywhere can still
+    point the new endpoint's traffic at the old host.
+    """
+    octets = bytearray(secrets.token_bytes(6))
+    octets[0] = (octets[0] & 0xFC) | 0x02
+    return ":".join(f"{b:02x}" for b in octets)
+
+
+def stable_mac(*parts: str) -> str:
+    """A locally administered unicast MAC derived from `parts` (used for bridges)."""
+    digest = bytearray(hashlib.sha256("\0".join(parts).encode()).digest()[:6])
+    digest[0] = (digest[0] & 0xFC) | 0x02
+    return ":".join(f"{b:02x}" for b in digest)
+
+
+def _require(data: dict[str, Any], key: str, kind: str) -> Any:
+    if key not in data:
+        raise ValidationError(f"{kind} record is missing field {key!r}")
+    return data[key]
+
+
+def _as_dict(data: object, kind: str) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise ValidationError(f"{kind} record must be an object, got {type(data).__name__}")
+    return data
+
+
+@dataclass(frozen=True)
+class Network:
+    name: str
+    vni: int
+    subnet: IPv4Network
+    gateway: IPv4Address | None = None
+    mtu: int | None = None  # None: every host uses its underlay MTU minus the VXLAN overhead
+
+    def __post_init__(self) -> None:
+        validate_name(self.name, "network name")
+        validate_vni(self.vni)
+        object.__setattr__(self, "subnet", parse_subnet(self.subnet))
+        if self.gateway is not None:
+            gw = parse_ipv4(self.gateway, "gateway")
+            object.__setattr__(self, "gateway", gw)
+            if not self.is_host_address(gw):
+                raise ValidationError(f"gateway {gw} is not a usable address in subnet {self.subnet}")
+        if self.mtu is not None:
+            validate_mtu(self.mtu)
+
+    def is_host_address(self, ip: IPv4Address) -> bool:
+        return ip in self.subnet and ip not in (self.subnet.network_address, self.subnet.broadcast_address)
+
+    def check_endpoint_ip(self, ip: IPv4Address) -> None:
+        if not self.is_host_address(ip):
+            raise ValidationError(f"IP {ip} is not a usable address in network {self.name} ({self.subnet})")
+        if ip == self.gateway:
+            raise ValidationError(f"IP {ip} is the gateway of network {self.name}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "vni": self.vni,
+            "subnet": str(self.subnet),
+            "gateway": str(self.gateway) if self.gateway else None,
+            "mtu": self.mtu,
+        }
+
+    @classmethod
+    def from_dict(cls, data: object) -> Network:
+        d = _as_dict(data, "network")
+        gateway = d.get("gateway")
+        return cls(
+            name=_require(d, "name", "network"),
+            vni=_require(d, "vni", "network"),
+            subnet=parse_subnet(_require(d, "subnet", "network")),
+            gateway=parse_ipv4(gateway, "gateway") if gateway is not None else None,
+            mtu=d.get("mtu"),
+        )
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    vtep: IPv4Address
+    started_at: float
+
+    def __post_init__(self) -> None:
+        validate_name(self.name, "node name")
+        object.__setattr__(self, "vtep", parse_ipv4(self.vtep, "VTEP address"))
+        if not isinstance(self.started_at, int | float) or isinstance(self.started_at, bool):
+            raise ValidationError(f"invalid started_at {self.started_at!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "vtep": str(self.vtep), "started_at": self.started_at}
+
+    @classmethod
+    def from_dict(cls, data: object) -> Node:
+        d = _as_dict(data, "node")
+        return cls(
+            name=_require(d, "name", "node"),
+            vtep=parse_ipv4(_require(d, "vtep", "node"), "VTEP address"),
+            started_at=_require(d, "started_at", "node"),
+        )
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    network: str
+    name: str
+    ip: IPv4Address
+    mac: str
+    owner: str
+    version: int = 1
+    # Wall-clock time at the owner when this version was made; the
+    # convergence-latency histogram measures from here to "programmed".
+    created_at: float = 0.0
+    # Where the endpoint lives on its owner (namespace name or path, interface name).
+    netns: str = ""
+    ifname: str = "eth0"
+    extra: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        validate_name(self.network, "network name")
+        validate_name(self.name, "endpoint name")
+        validate_name(self.owner, "owner node name")
+        object.__setattr__(self, "ip", parse_ipv4(self.ip, "endpoint IP"))
+        object.__setattr__(self, "mac", parse_mac(self.mac))
+        if isinstance(self.version, bool) or not isinstance(self.version, int) or self.version < 1:
+            raise ValidationError(f"invalid endpoint version {self.version!r}")
+
+    @property
+    def key(self) -> str:
+        return endpoint_key(self.network, self.name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "network": self.network,
+            "name": self.name,
+            "ip": str(self.ip),
+            "mac": self.mac,
+            "owner": self.owner,
+            "version": self.version,
+            "created_at": self.created_at,
+            "netns": self.netns,
+            "ifname": self.ifname,
+        }
+
+    @classmethod
+    def from_dict(cls, data: object) -> Endpoint:
+        d = _as_dict(data, "endpoint")
+        created_at = d.get("created_at", 0.0)
+        if not isinstance(created_at, int | float) or isinstance(created_at, bool):
+            raise ValidationError(f"invalid created_at {created_at!r}")
+        return cls(
+            network=_require(d, "network", "endpoint"),
+            name=_require(d, "name", "endpoint"),
+            ip=parse_ipv4(_require(d, "ip", "endpoint"), "endpoint IP"),
+            mac=_require(d, "mac", "endpoint"),
+            owner=_require(d, "owner", "endpoint"),
+            version=d.get("version", 1),
+            created_at=float(created_at),
+            netns=str(d.get("netns", "")),
+            ifname=str(d.get("ifname", "eth0")),
+        )
+
+
+def endpoint_key(network: str, name: str) -> str:
+    return f"{network}/{name}"
+
+
+def usable_ips(network: Network) -> list[IPv4Address]:
+    """Addresses an endpoint may take: hosts of the subnet minus the gateway."""
+    return [ip for ip in network.subnet.hosts() if ip != network.gateway]
+
+
+def first_free_ip(network: Network, taken: set[IPv4Address]) -> IPv4Address:
+    for ip in network.subnet.hosts():
+        if ip != network.gateway and ip not in taken:
+            return ip
+    raise ValidationError(f"network {network.name} ({network.subnet}) has no free address")
+
+
+def is_ipv4_network(value: str) -> bool:
+    try:
+        ipaddress.IPv4Network(value)
+    except ValueError:
+        return False
+    return True
