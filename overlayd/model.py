@@ -22,8 +22,9 @@ MTU_MIN = 576
 MTU_MAX = 9000
 VXLAN_OVERHEAD = 50
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-_MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
+# Matched with fullmatch: `$` would also accept a trailing newline.
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+_MAC_RE = re.compile(r"([0-9a-f]{2}:){5}[0-9a-f]{2}")
 
 
 class ValidationError(ValueError):
@@ -31,7 +32,7 @@ class ValidationError(ValueError):
 
 
 def validate_name(value: object, what: str) -> str:
-    if not isinstance(value, str) or not _NAME_RE.match(value):
+    if not isinstance(value, str) or not _NAME_RE.fullmatch(value):
         raise ValidationError(
             f"invalid {what} {value!r}: use 1-63 characters of letters, digits, '_', '.', '-', "
             "starting with a letter or digit"
@@ -75,7 +76,7 @@ def parse_ipv4(value: object, what: str) -> IPv4Address:
 
 def parse_mac(value: object) -> str:
     mac = str(value).lower()
-    if not _MAC_RE.match(mac):
+    if not _MAC_RE.fullmatch(mac):
         raise ValidationError(f"invalid MAC {value!r}: expected six hex octets like 02:00:00:00:00:01")
     first = int(mac[:2], 16)
     if first & 0x01:
@@ -102,6 +103,14 @@ def stable_mac(*parts: str) -> str:
     digest = bytearray(hashlib.sha256("\0".join(parts).encode()).digest()[:6])
     digest[0] = (digest[0] & 0xFC) | 0x02
     return ":".join(f"{b:02x}" for b in digest)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _require(data: dict[str, Any], key: str, kind: str) -> Any:
@@ -176,7 +185,7 @@ class Node:
     def __post_init__(self) -> None:
         validate_name(self.name, "node name")
         object.__setattr__(self, "vtep", parse_ipv4(self.vtep, "VTEP address"))
-        if not isinstance(self.started_at, int | float) or isinstance(self.started_at, bool):
+        if not _is_number(self.started_at):
             raise ValidationError(f"invalid started_at {self.started_at!r}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -214,7 +223,7 @@ class Endpoint:
         validate_name(self.owner, "owner node name")
         object.__setattr__(self, "ip", parse_ipv4(self.ip, "endpoint IP"))
         object.__setattr__(self, "mac", parse_mac(self.mac))
-        if isinstance(self.version, bool) or not isinstance(self.version, int) or self.version < 1:
+        if not _is_int(self.version) or self.version < 1:
             raise ValidationError(f"invalid endpoint version {self.version!r}")
 
     @property

@@ -1,0 +1,20 @@
+"""overlayd: a control plane for multi-host VXLAN overlay networks on Linux.
+
+How the parts fit, from pure to I/O:
+
+- `model`      records (Network, Node, Endpoint) and their validation. Pure.
+- `state`      the merged cluster view: facts in, "did it change?" out. Pure.
+- `dataplane.desired` / `dataplane.diff`
+               desired kernel state as a function of the view, and the
+               commands that turn observed kernel state into it. Pure.
+- `dataplane.kernel`   the only code that speaks netlink (pyroute2): reads
+               what overlayd owns, executes commands in batches.
+- `reconciler` level-triggered loop: observe, diff, execute; after changes,
+               periodically, and at start-up (adopting what is already right).
+- `store`      KV backends (etcd) behind one async interface: the authority,
+               with leases binding a node's records to its liveness.
+- `api`        admin API on a unix socket, HTTP status/metrics server.
+- `daemon`     wires the parts, owns the tasks and the one shutdown path.
+- `cli`        overlayctl, a thin client of the admin API; `lab` builds a
+               multi-host lab out of network namespaces on one machine.
+"""

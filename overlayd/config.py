@@ -1,0 +1,216 @@
+"""Daemon configuration: TOML file plus OVERLAYD_* environment overrides.
+
+Every problem is reported as one `ConfigError` line that names the key, e.g.
+`store.lease_ttl: must be a number >= 2 (got 0)`, so a daemon with a bad
+config fails at start with a message an operator can act on.
+
+Environment overrides use the dotted key in upper case with `_` for `.`:
+`OVERLAYD_STORE_URL=etcd://10.0.0.5:2379` sets `store.url`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from overlayd.model import ValidationError, parse_ipv4, validate_name
+
+DEFAULT_PATH = "/etc/overlayd/overlayd.toml"
+STORE_SCHEMES = ("etcd",)
+
+
+class ConfigError(Exception):
+    """One line naming the config key at fault."""
+
+
+@dataclass(frozen=True)
+class StoreEndpoint:
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    url: str
+    scheme: str
+    endpoints: tuple[StoreEndpoint, ...]
+    prefix: str = "/overlayd/v1/"
+    lease_ttl: int = 10
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class Config:
+    node_name: str
+    underlay_interface: str | None
+    vtep_address: IPv4Address | None
+    store: StoreConfig
+    admin_socket: str = "/run/overlayd/overlayd.sock"
+    status_listen: str = "127.0.0.1:9480"
+    state_dir: str = "/var/lib/overlayd"
+    reconcile_interval: float = 30.0
+    log_level: str = "info"
+
+
+# Dotted key -> expected type: the single list of what the file may contain.
+_KEYS: dict[str, type | tuple[type, ...]] = {
+    "node.name": str,
+    "underlay.interface": str,
+    "underlay.address": str,
+    "store.url": str,
+    "store.prefix": str,
+    "store.lease_ttl": int,
+    "store.username": str,
+    "store.password": str,
+    "admin.socket": str,
+    "status.listen": str,
+    "state.dir": str,
+    "reconcile.interval": (int, float),
+    "log.level": str,
+}
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def load(path: str | None = None, env: dict[str, str] | None = None) -> Config:
+    """Read, merge and validate the configuration; raise ConfigError on any problem."""
+    file = Path(path or DEFAULT_PATH)
+    try:
+        raw = tomllib.loads(file.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{file}: config file not found (use --config PATH)") from None
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{file}: invalid TOML: {exc}") from None
+    flat = _flatten(raw)
+    flat.update(_env_overrides(os.environ if env is None else env))
+    return from_flat(flat)
+
+
+def from_flat(flat: dict[str, Any]) -> Config:
+    for key, value in flat.items():
+        if key not in _KEYS:
+            raise ConfigError(f"{key}: unknown key")
+        expected = _KEYS[key]
+        if isinstance(value, bool) or not isinstance(value, expected):
+            kind = expected.__name__ if isinstance(expected, type) else "number"
+            raise ConfigError(f"{key}: must be a {kind} (got {value!r})")
+
+    node_name = flat.get("node.name") or socket.gethostname().split(".")[0]
+    try:
+        validate_name(node_name, "node name")
+    except ValidationError as exc:
+        raise ConfigError(f"node.name: {exc}") from None
+
+    interface = flat.get("underlay.interface")
+    address = None
+    if "underlay.address" in flat:
+        try:
+            address = parse_ipv4(flat["underlay.address"], "VTEP address")
+        except ValidationError as exc:
+            raise ConfigError(f"underlay.address: {exc}") from None
+    if interface is None and address is None:
+        raise ConfigError("underlay: set underlay.interface, underlay.address, or both")
+
+    ttl = flat.get("store.lease_ttl", 10)
+    if ttl < 2:
+        raise ConfigError(f"store.lease_ttl: must be >= 2 seconds (got {ttl})")
+    interval = float(flat.get("reconcile.interval", 30.0))
+    if interval <= 0:
+        raise ConfigError(f"reconcile.interval: must be > 0 seconds (got {interval})")
+    level = flat.get("log.level", "info").lower()
+    if level not in _LOG_LEVELS:
+        raise ConfigError(f"log.level: must be one of {', '.join(_LOG_LEVELS)} (got {level!r})")
+    listen = flat.get("status.listen", "127.0.0.1:9480")
+    parse_listen(listen, key="status.listen")
+    prefix = flat.get("store.prefix", "/overlayd/v1/")
+    if not prefix.startswith("/") or not prefix.endswith("/"):
+        raise ConfigError(f"store.prefix: must start and end with '/' (got {prefix!r})")
+
+    if "store.url" not in flat:
+        raise ConfigError("store.url: required, e.g. etcd://127.0.0.1:2379")
+    scheme, endpoints = parse_store_url(flat["store.url"])
+    store = StoreConfig(
+        url=flat["store.url"],
+        scheme=scheme,
+        endpoints=endpoints,
+        prefix=prefix,
+        lease_ttl=ttl,
+        username=flat.get("store.username"),
+        password=flat.get("store.password"),
+    )
+    return Config(
+        node_name=node_name,
+        underlay_interface=interface,
+        vtep_address=address,
+        store=store,
+        admin_socket=flat.get("admin.socket", "/run/overlayd/overlayd.sock"),
+        status_listen=listen,
+        state_dir=flat.get("state.dir", "/var/lib/overlayd"),
+        reconcile_interval=interval,
+        log_level=level,
+    )
+
+
+def parse_store_url(url: str) -> tuple[str, tuple[StoreEndpoint, ...]]:
+    """`etcd://host:port[,host:port...]` -> ("etcd", endpoints)."""
+    parts = urlsplit(url)
+    if parts.scheme not in STORE_SCHEMES:
+        raise ConfigError(
+            f"store.url: unsupported scheme {parts.scheme!r} in {url!r} "
+            f"(supported: {', '.join(STORE_SCHEMES)})"
+        )
+    endpoints = []
+    for item in parts.netloc.split(","):
+        host, sep, port = item.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"store.url: expected host:port, got {item!r} in {url!r}")
+        endpoints.append(StoreEndpoint(host, int(port)))
+    return parts.scheme, tuple(endpoints)
+
+
+def parse_listen(value: str, *, key: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{key}: expected host:port (got {value!r})")
+    return host.strip("[]"), int(port)
+
+
+def _flatten(raw: dict[str, Any]) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for section, body in raw.items():
+        if not isinstance(body, dict):
+            raise ConfigError(f"{section}: expected a [{section}] table")
+        for name, value in body.items():
+            if isinstance(value, dict):
+                raise ConfigError(f"{section}.{name}: unexpected nested table")
+            flat[f"{section}.{name}"] = value
+    return flat
+
+
+def _env_overrides(env: dict[str, str] | os._Environ[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, expected in _KEYS.items():
+        var = "OVERLAYD_" + key.upper().replace(".", "_")
+        if var not in env:
+            continue
+        text = env[var]
+        if expected is int:
+            if not text.lstrip("-").isdigit():
+                raise ConfigError(f"{key}: {var} must be an integer (got {text!r})")
+            out[key] = int(text)
+        elif expected == (int, float):
+            try:
+                out[key] = float(text)
+            except ValueError:
+                raise ConfigError(f"{key}: {var} must be a number (got {text!r})") from None
+        else:
+            out[key] = text
+    return out

@@ -1,0 +1,440 @@
+"""etcd v3 backend (aetcd, the maintained asyncio client).
+
+What etcd and aetcd really do, and how this module answers (see BACKENDS.md):
+
+- aetcd has no keepalive loop: `keep_session` refreshes the lease every TTL/3.
+  An expired lease does not raise, it reports TTL <= 0: then we take a new
+  lease and re-put every owned record.
+- The lease ID is saved in the state directory, so a restarted daemon resumes
+  its lease and its records never blink out for the other hosts.
+- aetcd never resumes a watch: after a server restart the stream raises
+  `ConnectionFailedError` and goes dead. We remember the last revision seen
+  and re-watch from the next one.
+- A watch from a compacted revision fails with `RevisionCompactedError`: we
+  re-read the whole prefix and hand the caller a Snapshot (deletions that
+  happened in the gap fall out of the replaced view).
+- One transaction holds at most 128 operations and each key once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aetcd
+
+from overlayd.config import StoreConfig
+from overlayd.metrics import Metrics
+from overlayd.model import Endpoint, Network, Node
+from overlayd.state import Fact
+from overlayd.store.base import (
+    AlreadyExists,
+    Changes,
+    NotFoundError,
+    Snapshot,
+    Store,
+    StoreError,
+    StoreUnavailable,
+)
+from overlayd.store.keys import InvalidRecord, KeyLayout, encode, fact_for_delete, fact_for_put
+
+log = logging.getLogger(__name__)
+
+_REQUEST_TIMEOUT = 5
+_RETRY_MIN, _RETRY_MAX = 0.2, 5.0
+
+# Errors that mean "the server is not reachable right now" rather than "no".
+_UNREACHABLE = (
+    aetcd.ConnectionFailedError,
+    aetcd.ConnectionTimeoutError,
+    aetcd.InternalError,
+    OSError,
+    asyncio.TimeoutError,
+)
+
+
+class EtcdStore(Store):
+    def __init__(
+        self,
+        config: StoreConfig,
+        *,
+        state_dir: str,
+        metrics: Metrics | None = None,
+        on_invalid: Callable[[str], None] | None = None,
+    ) -> None:
+        self._config = config
+        self._layout = KeyLayout(config.prefix)
+        self._lease_file = Path(state_dir) / "etcd-lease"
+        self._metrics = metrics
+        self._on_invalid = on_invalid
+        self._client: aetcd.Client | None = None
+        self._lease_id: int | None = None
+        self._healthy = False
+        # Everything this node owns, as last published: re-put on a new lease.
+        self._node: Node | None = None
+        self._owned: dict[str, Endpoint] = {}
+        self._lease_lock = asyncio.Lock()
+
+    # ----------------------------------------------------------------- plumbing
+
+    @property
+    def healthy(self) -> bool:
+        return self._healthy
+
+    def _set_health(self, up: bool) -> None:
+        if up != self._healthy:
+            log.info("etcd %s", "reachable" if up else "unreachable")
+        self._healthy = up
+        if self._metrics:
+            self._metrics.store_up.set(1 if up else 0)
+
+    @property
+    def client(self) -> aetcd.Client:
+        if self._client is None:
+            raise StoreUnavailable("etcd client is not connected")
+        return self._client
+
+    async def _call(self, operation: str, fn: Callable[[], Any]) -> Any:
+        """Run one request, translating client errors to StoreError and tracking health."""
+        try:
+            result = await fn()
+        except _UNREACHABLE as exc:
+            self._set_health(False)
+            if self._metrics:
+                self._metrics.store_errors.labels(operation=operation).inc()
+            raise StoreUnavailable(
+                f"etcd at {self._config.url} is unreachable: {_first_line(exc)}"
+            ) from None
+        except aetcd.ClientError as exc:
+            if self._metrics:
+                self._metrics.store_errors.labels(operation=operation).inc()
+            raise StoreError(f"etcd {operation} failed: {_first_line(exc)}") from None
+        self._set_health(True)
+        return result
+
+    async def connect(self) -> None:
+        errors = []
+        for endpoint in self._config.endpoints:
+            client = aetcd.Client(
+                host=endpoint.host,
+                port=endpoint.port,
+                username=self._config.username,
+                password=self._config.password,
+                timeout=_REQUEST_TIMEOUT,
+            )
+            try:
+                await client.connect()
+                await client.get(b"\0overlayd-ping")  # connect() alone does not reach the server
+            except (TimeoutError, aetcd.ClientError, OSError) as exc:
+                errors.append(f"{endpoint.host}:{endpoint.port}: {_first_line(exc)}")
+                await _close_quietly(client)
+                continue
+            self._client = client
+            self._set_health(True)
+            return
+        self._set_health(False)
+        raise StoreUnavailable(f"cannot reach etcd ({'; '.join(errors)})")
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await _close_quietly(self._client)
+            self._client = None
+
+    # ----------------------------------------------------------------- session
+
+    async def open_session(self, node: Node) -> None:
+        async with self._lease_lock:
+            saved = self._load_lease_id()
+            if saved is not None and await self._lease_alive(saved):
+                self._lease_id = saved
+                log.info("resumed etcd lease %x", saved)
+            else:
+                await self._new_lease()
+        self._node = node
+        await self._put_node()
+
+    async def _put_node(self) -> None:
+        if self._node is None:
+            return
+        lease_id = self._require_lease()
+        key, value = self._layout.node(self._node.name).encode(), encode(self._node)
+        await self._call("put", lambda: self.client.put(key, value, lease=lease_id))
+
+    async def _lease_alive(self, lease_id: int) -> bool:
+        info = await self._call("lease", lambda: self.client.refresh_lease(lease_id))
+        return int(info.TTL) > 0
+
+    async def _new_lease(self) -> None:
+        lease = await self._call("lease", lambda: self.client.lease(self._config.lease_ttl))
+        self._lease_id = int(lease.id)
+        self._save_lease_id(self._lease_id)
+        log.info("granted etcd lease %x (ttl %ss)", self._lease_id, self._config.lease_ttl)
+
+    async def keep_session(self) -> None:
+        interval = max(self._config.lease_ttl / 3, 0.5)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self._refresh_or_renew()
+            except StoreError as exc:
+                log.warning("lease keepalive failed: %s", exc)
+                # Retry sooner than the regular interval: the lease is ticking.
+                interval = max(self._config.lease_ttl / 6, 0.3)
+            else:
+                interval = max(self._config.lease_ttl / 3, 0.5)
+
+    async def _refresh_or_renew(self) -> None:
+        async with self._lease_lock:
+            if self._lease_id is not None and await self._lease_alive(self._lease_id):
+                return
+            log.warning(
+                "etcd lease %x expired: taking a new one and re-publishing", self._lease_id or 0
+            )
+            await self._new_lease()
+            await self._put_node()
+            for endpoint in list(self._owned.values()):
+                try:
+                    await self.publish_endpoint(endpoint)
+                except AlreadyExists as exc:
+                    log.error("cannot re-publish endpoint %s: %s", endpoint.key, exc)
+
+    async def release_session(self) -> None:
+        if self._lease_id is not None:
+            lease_id = self._lease_id
+            await self._call("lease", lambda: self.client.revoke_lease(lease_id))
+            self._lease_id = None
+            self._owned.clear()
+            self._node = None
+        self._lease_file.unlink(missing_ok=True)
+
+    def _load_lease_id(self) -> int | None:
+        try:
+            return int(self._lease_file.read_text().strip(), 16)
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def _save_lease_id(self, lease_id: int) -> None:
+        self._lease_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._lease_file.with_suffix(".tmp")
+        tmp.write_text(f"{lease_id:x}\n")
+        tmp.replace(self._lease_file)
+
+    def _require_lease(self) -> int:
+        if self._lease_id is None:
+            raise StoreError("no etcd session: open_session() first")
+        return self._lease_id
+
+    # ----------------------------------------------------------------- records
+
+    async def create_network(self, network: Network) -> None:
+        tx = self.client.transactions
+        net_key = self._layout.network(network.name).encode()
+        vni_key = self._layout.vni(network.vni).encode()
+        ok, responses = await self._call(
+            "txn",
+            lambda: self.client.transaction(
+                compare=[tx.create(net_key) == 0, tx.create(vni_key) == 0],
+                success=[
+                    tx.put(net_key, encode(network)),
+                    tx.put(vni_key, network.name.encode()),
+                ],
+                failure=[tx.get(net_key), tx.get(vni_key)],
+            ),
+        )
+        if ok:
+            return
+        if _txn_values(responses, 0):
+            raise AlreadyExists("network name", network.name)
+        holder = _txn_values(responses, 1)
+        raise AlreadyExists("VNI", str(network.vni), holder[0].decode() if holder else None)
+
+    async def delete_network(self, name: str) -> None:
+        net_key = self._layout.network(name).encode()
+        current = await self._call("get", lambda: self.client.get(net_key))
+        if current is None:
+            raise NotFoundError(f"network {name} not found")
+        network = Network.from_dict(json.loads(current.value))
+        tx = self.client.transactions
+        vni_key = self._layout.vni(network.vni).encode()
+        ok, _ = await self._call(
+            "txn",
+            lambda: self.client.transaction(
+                compare=[tx.mod(net_key) == current.mod_revision],
+                success=[tx.delete(net_key), tx.delete(vni_key)],
+                failure=[],
+            ),
+        )
+        if not ok:
+            raise StoreError(f"network {name} changed while being deleted; try again")
+
+    async def create_endpoint(self, endpoint: Endpoint) -> None:
+        lease_id = self._require_lease()
+        tx = self.client.transactions
+        ep_key = self._layout.endpoint(endpoint.network, endpoint.name)
+        ip_key = self._layout.ip_claim(endpoint.network, endpoint.ip)
+        value = encode(endpoint)
+        ok, responses = await self._call(
+            "txn",
+            lambda: self.client.transaction(
+                compare=[tx.create(ep_key.encode()) == 0, tx.create(ip_key.encode()) == 0],
+                success=[
+                    tx.put(ep_key.encode(), value, lease=lease_id),
+                    tx.put(ip_key.encode(), endpoint.key.encode(), lease=lease_id),
+                ],
+                failure=[tx.get(ep_key.encode()), tx.get(ip_key.encode())],
+            ),
+        )
+        if not ok:
+            if _txn_values(responses, 0):
+                raise AlreadyExists("endpoint name", endpoint.key)
+            holder = _txn_values(responses, 1)
+            raise AlreadyExists("IP", str(endpoint.ip), holder[0].decode() if holder else None)
+        self._owned[endpoint.key] = endpoint
+
+    async def publish_endpoint(self, endpoint: Endpoint) -> None:
+        lease_id = self._require_lease()
+        tx = self.client.transactions
+        ep_key = self._layout.endpoint(endpoint.network, endpoint.name).encode()
+        ip_key = self._layout.ip_claim(endpoint.network, endpoint.ip).encode()
+        claim = endpoint.key.encode()
+        puts = [
+            tx.put(ep_key, encode(endpoint), lease=lease_id),
+            tx.put(ip_key, claim, lease=lease_id),
+        ]
+        # The claim is ours if it is free or already names this endpoint; if
+        # another endpoint took the IP while our lease had lapsed, it keeps it.
+        ok, _ = await self._call(
+            "txn",
+            lambda: self.client.transaction(
+                compare=[tx.create(ip_key) == 0], success=puts, failure=[]
+            ),
+        )
+        if not ok:
+            ok, responses = await self._call(
+                "txn",
+                lambda: self.client.transaction(
+                    compare=[tx.value(ip_key) == claim], success=puts, failure=[tx.get(ip_key)]
+                ),
+            )
+            if not ok:
+                holder = _txn_values(responses, 0)
+                raise AlreadyExists("IP", str(endpoint.ip), holder[0].decode() if holder else None)
+        self._owned[endpoint.key] = endpoint
+
+    async def delete_endpoint(self, endpoint: Endpoint) -> None:
+        tx = self.client.transactions
+        ep_key = self._layout.endpoint(endpoint.network, endpoint.name)
+        ip_key = self._layout.ip_claim(endpoint.network, endpoint.ip)
+        # Release the IP only if this endpoint still holds it: never free a
+        # claim that someone else took after ours lapsed.
+        await self._call(
+            "txn",
+            lambda: self.client.transaction(
+                compare=[tx.value(ip_key.encode()) == endpoint.key.encode()],
+                success=[tx.delete(ep_key.encode()), tx.delete(ip_key.encode())],
+                failure=[tx.delete(ep_key.encode())],
+            ),
+        )
+        self._owned.pop(endpoint.key, None)
+
+    # ----------------------------------------------------------------- reading
+
+    async def snapshot(self) -> Snapshot:
+        result = await self._call(
+            "list", lambda: self.client.get_prefix(self._config.prefix.encode())
+        )
+        facts: list[Fact] = []
+        for kv in result:
+            fact = self._decode_put(kv.key.decode(errors="replace"), kv.value)
+            if fact is not None:
+                facts.append(fact)
+        return Snapshot(facts=facts, revision=int(result.header.revision))
+
+    def _decode_put(self, key: str, value: bytes) -> Fact | None:
+        try:
+            return fact_for_put(self._layout, key, value)
+        except InvalidRecord as exc:
+            # Someone else wrote under our prefix: report and skip, never crash the watch.
+            log.warning("skipping invalid record %s", exc)
+            if self._metrics:
+                self._metrics.invalid_records.inc()
+            if self._on_invalid:
+                self._on_invalid(str(exc))
+            return None
+
+    async def watch(self, after_revision: int) -> AsyncIterator[Changes | Snapshot]:
+        revision = after_revision
+        delay = _RETRY_MIN
+        while True:
+            try:
+                stream = await self.client.watch_prefix(
+                    self._config.prefix.encode(), start_revision=revision + 1
+                )
+                async for event in stream:
+                    delay = _RETRY_MIN
+                    self._set_health(True)
+                    revision = int(event.kv.mod_revision)
+                    fact = self._event_fact(event)
+                    if fact is not None:
+                        yield Changes([fact], revision)
+                # The stream ended without an error: treat as a disconnect.
+                raise aetcd.ConnectionFailedError("watch stream ended")
+            except aetcd.RevisionCompactedError:
+                log.warning("etcd history compacted past revision %d: re-listing", revision)
+                snap = await self._retry_snapshot()
+                revision = snap.revision
+                yield snap
+            except (*_UNREACHABLE, StoreUnavailable) as exc:
+                self._set_health(False)
+                log.warning(
+                    "etcd watch interrupted (%s); resuming after revision %d",
+                    _first_line(exc),
+                    revision,
+                )
+                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+                delay = min(delay * 2, _RETRY_MAX)
+
+    async def _retry_snapshot(self) -> Snapshot:
+        delay = _RETRY_MIN
+        while True:
+            try:
+                return await self.snapshot()
+            except StoreUnavailable:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _RETRY_MAX)
+
+    def _event_fact(self, event: Any) -> Fact | None:
+        key = event.kv.key.decode(errors="replace")
+        if event.kind == aetcd.EventKind.DELETE:
+            action, fact = "delete", fact_for_delete(self._layout, key)
+        else:
+            action, fact = "put", self._decode_put(key, event.kv.value)
+        if fact is not None and self._metrics:
+            kind = type(fact).__name__.removesuffix("Put").removesuffix("Deleted").lower()
+            self._metrics.store_watch_events.labels(kind=kind, action=action).inc()
+        return fact
+
+
+def _txn_values(responses: list[Any], index: int) -> list[bytes]:
+    """Values of the index-th `get` in a failed transaction's responses."""
+    try:
+        return [value for value, _meta in responses[index]]
+    except (IndexError, TypeError, ValueError):
+        return []
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+async def _close_quietly(client: aetcd.Client) -> None:
+    try:
+        await client.close()
+    except Exception as exc:  # closing a broken channel must not mask the real error
+        log.debug("closing etcd client: %s", exc)

@@ -1,0 +1,103 @@
+"""Key layout under the store prefix, and decoding of stored values into facts.
+
+Pure: no I/O. Shared by every backend, so all of them store the same bytes.
+
+    <prefix>networks/<name>          Network JSON          permanent
+    <prefix>vni/<vni>                network name          permanent (claim)
+    <prefix>nodes/<name>             Node JSON             owned by the node's lease
+    <prefix>endpoints/<net>/<name>   Endpoint JSON         owned by the owner's lease
+    <prefix>ipam/<net>/<ip>          endpoint key          owned by the owner's lease (claim)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+
+from overlayd.model import Endpoint, Network, Node, ValidationError
+from overlayd.state import (
+    EndpointDeleted,
+    EndpointPut,
+    Fact,
+    NetworkDeleted,
+    NetworkPut,
+    NodeDeleted,
+    NodePut,
+)
+
+
+@dataclass(frozen=True)
+class KeyLayout:
+    prefix: str
+
+    def network(self, name: str) -> str:
+        return f"{self.prefix}networks/{name}"
+
+    def vni(self, vni: int) -> str:
+        return f"{self.prefix}vni/{vni}"
+
+    def node(self, name: str) -> str:
+        return f"{self.prefix}nodes/{name}"
+
+    def endpoint(self, network: str, name: str) -> str:
+        return f"{self.prefix}endpoints/{network}/{name}"
+
+    def ip_claim(self, network: str, ip: IPv4Address) -> str:
+        return f"{self.prefix}ipam/{network}/{ip}"
+
+
+def encode(record: Network | Node | Endpoint) -> bytes:
+    return json.dumps(record.to_dict(), sort_keys=True, separators=(",", ":")).encode()
+
+
+class InvalidRecord(ValueError):
+    """A value under the prefix that is not valid overlayd data."""
+
+
+def fact_for_put(layout: KeyLayout, key: str, value: bytes) -> Fact | None:
+    """Decode a stored value; None for keys that are not records (claims)."""
+    kind, name = _split(layout, key)
+    if kind in ("vni", "ipam") or kind is None:
+        return None
+    try:
+        data = json.loads(value)
+        if kind == "networks":
+            network = Network.from_dict(data)
+            _check_name(key, name, network.name)
+            return NetworkPut(network)
+        if kind == "nodes":
+            node = Node.from_dict(data)
+            _check_name(key, name, node.name)
+            return NodePut(node)
+        if kind == "endpoints":
+            endpoint = Endpoint.from_dict(data)
+            _check_name(key, name, endpoint.key)
+            return EndpointPut(endpoint)
+    except (ValueError, ValidationError, TypeError) as exc:
+        raise InvalidRecord(f"{key}: {exc}") from None
+    raise InvalidRecord(f"{key}: unknown record kind {kind!r}")
+
+
+def fact_for_delete(layout: KeyLayout, key: str) -> Fact | None:
+    kind, name = _split(layout, key)
+    if kind == "networks":
+        return NetworkDeleted(name)
+    if kind == "nodes":
+        return NodeDeleted(name)
+    if kind == "endpoints":
+        return EndpointDeleted(name)
+    return None
+
+
+def _split(layout: KeyLayout, key: str) -> tuple[str | None, str]:
+    if not key.startswith(layout.prefix):
+        return None, ""
+    kind, _, name = key[len(layout.prefix) :].partition("/")
+    return kind, name
+
+
+def _check_name(key: str, name_in_key: str, name_in_value: str) -> None:
+    # A record stored under another record's key would let one writer shadow another.
+    if name_in_key != name_in_value:
+        raise InvalidRecord(f"{key}: value names {name_in_value!r}, key names {name_in_key!r}")
