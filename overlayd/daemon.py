@@ -1,0 +1,613 @@
+"""The overlayd daemon: wires store, view, reconciler and API together.
+
+Start-up order matters for never dropping a live endpoint:
+
+1. the admin and status servers come up first, so an operator can see why
+   the daemon is not ready yet;
+2. the store is connected (retrying while it is down) and the node's lease is
+   resumed or taken, and every endpoint in the local registry is re-published;
+3. the first snapshot of the store becomes the view; only then does the
+   reconciler run, so a daemon that cannot reach the store never mistakes
+   "I know nothing yet" for "delete everything";
+4. the watch applies changes; each change triggers a (coalesced) reconcile.
+
+Shutdown (SIGTERM/SIGINT) has one path: stop tasks, close servers and the
+store client, and leave the kernel alone. The lease is not revoked: a
+restarted daemon resumes it, so no other host ever sees this host's
+endpoints disappear because of a restart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from ipaddress import IPv4Address
+from typing import Any
+
+from overlayd import config as config_mod
+from overlayd.api.admin import start_admin_server
+from overlayd.api.service import JSON, BadRequest, Conflict, NotFound, Unavailable
+from overlayd.api.status import start_status_server
+from overlayd.config import Config, ConfigError
+from overlayd.dataplane.commands import describe
+from overlayd.dataplane.desired import desired_state, overlay_mtu
+from overlayd.dataplane.endpoints import create_local_endpoint, delete_local_endpoint
+from overlayd.dataplane.kernel import Kernel, KernelError, Underlay
+from overlayd.dataplane.kstate import KernelState, bridge_name, veth_name
+from overlayd.metrics import Metrics
+from overlayd.model import (
+    Endpoint,
+    Network,
+    Node,
+    ValidationError,
+    endpoint_key,
+    first_free_ip,
+    parse_ipv4,
+    parse_subnet,
+    random_mac,
+    validate_name,
+)
+from overlayd.reconciler import Reconciler
+from overlayd.registry import LocalRegistry
+from overlayd.state import (
+    ClusterView,
+    EndpointDeleted,
+    EndpointPut,
+    Fact,
+    NetworkDeleted,
+    NetworkPut,
+    NodeDeleted,
+    NodePut,
+)
+from overlayd.store.base import AlreadyExists, NotFoundError, Snapshot, Store, StoreError
+from overlayd.store.etcd import EtcdStore
+from overlayd.tasks import TaskGroup
+
+log = logging.getLogger("overlayd")
+
+# Automatic VNIs start above the range people tend to pick by hand.
+AUTO_VNI_START = 4096
+_ALLOC_ATTEMPTS = 64
+_CONNECT_RETRY_MAX = 5.0
+
+
+class Daemon:
+    """One host's overlayd. Implements `api.service.AdminService`."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.view = ClusterView()
+        self.registry = LocalRegistry(config.state_dir)
+        self.tasks = TaskGroup()
+        self.started_at = time.time()
+        self.underlay: Underlay | None = None
+        self.synced = False
+        self._stop = asyncio.Event()
+        self._mutate = asyncio.Lock()  # one admin change at a time: allocation stays simple
+        self._kernel: Kernel | None = None
+        self._store: Store | None = None
+        self._reconciler: Reconciler | None = None
+        # Remote endpoints heard of but not yet programmed: key -> created_at at the owner.
+        self._unprogrammed: dict[str, float] = {}
+        self._invalid_records: list[str] = []
+
+    # ================================================================ lifecycle
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        closers: list[tuple[str, Any]] = []
+        try:
+            self.registry.load()
+            self._kernel = Kernel(metrics=self.metrics)
+            await self._kernel.__aenter__()
+            closers.append(("kernel", self._kernel.__aexit__(None, None, None)))
+            self.underlay = await self._kernel.underlay(
+                interface=self.config.underlay_interface, address=self.config.vtep_address
+            )
+            log.info(
+                "node %s: VTEP %s on %s (MTU %d)",
+                self.config.node_name,
+                self.underlay.address,
+                self.underlay.ifname,
+                self.underlay.mtu,
+            )
+            self._reconciler = Reconciler(
+                kernel=self._kernel,
+                desired=self._desired,
+                metrics=self.metrics,
+                interval=self.config.reconcile_interval,
+                on_converged=self._record_convergence,
+            )
+            admin = await start_admin_server(self, self.config.admin_socket)
+            closers.append(("admin server", admin.close()))
+            status = await start_status_server(self, self.metrics, self.config.status_listen)
+            closers.append(("status server", status.close()))
+
+            self._store = self._make_store()
+            closers.append(("store", self._store.close()))
+            self.tasks.spawn(self._start_store_and_sync(), name="store-sync")
+            await self._stop.wait()
+            log.info("stopping (dataplane and lease are kept)")
+        finally:
+            await self.tasks.cancel_all()
+            await _close_all(reversed(closers))
+
+    def _make_store(self) -> Store:
+        return EtcdStore(
+            self.config.store,
+            state_dir=self.config.state_dir,
+            metrics=self.metrics,
+            on_invalid=self._invalid_records.append,
+        )
+
+    async def _start_store_and_sync(self) -> None:
+        store = self._require_store()
+        delay = 0.2
+        while True:
+            try:
+                await store.connect()
+                await store.open_session(self._self_node())
+                for endpoint in self.registry.all():
+                    await store.publish_endpoint(endpoint)
+                snapshot = await store.snapshot()
+                break
+            except StoreError as exc:
+                log.warning("store not ready: %s (retrying)", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _CONNECT_RETRY_MAX)
+        self._apply_snapshot(snapshot)
+        self.synced = True
+        log.info(
+            "synced with store at revision %d: %d networks, %d nodes, %d endpoints",
+            snapshot.revision,
+            len(self.view.networks),
+            len(self.view.nodes),
+            len(self.view.endpoints),
+        )
+        reconciler = self._require_reconciler()
+        self.tasks.spawn(store.keep_session(), name="store-session")
+        self.tasks.spawn(self._watch(snapshot.revision), name="store-watch")
+        self.tasks.spawn(reconciler.run(), name="reconciler")
+        await reconciler.first_pass_done.wait()
+        log.info("ready: first reconcile done")
+
+    async def _watch(self, revision: int) -> None:
+        async for batch in self._require_store().watch(revision):
+            if isinstance(batch, Snapshot):
+                changed = self._apply_snapshot(batch)
+            else:
+                changed = False
+                for fact in batch.facts:
+                    changed |= self._apply_fact(fact)
+            self._update_gauges()
+            if changed:
+                self._require_reconciler().trigger()
+
+    def _is_own(self, fact: Fact) -> bool:
+        """Facts about this node's own records: the local registry is their authority."""
+        match fact:
+            case EndpointPut(ep):
+                return ep.owner == self.config.node_name or ep.key in self.registry
+            case EndpointDeleted(key):
+                return key in self.registry
+            case NodePut(node):
+                return node.name == self.config.node_name
+            case NodeDeleted(name):
+                return name == self.config.node_name
+        return False
+
+    def _apply_fact(self, fact: Fact) -> bool:
+        if self._is_own(fact):
+            return False
+        if isinstance(fact, EndpointPut) and fact.endpoint.key not in self.view.endpoints:
+            self._unprogrammed[fact.endpoint.key] = fact.endpoint.created_at
+        elif isinstance(fact, EndpointDeleted):
+            self._unprogrammed.pop(fact.key, None)
+        return self.view.apply(fact)
+
+    def _apply_snapshot(self, snapshot: Snapshot) -> bool:
+        facts = [f for f in snapshot.facts if not self._is_own(f)]
+        facts.append(NodePut(self._self_node()))
+        facts += [EndpointPut(ep) for ep in self.registry.all()]
+        changed = self.view.replace_all(facts)
+        self._update_gauges()
+        return changed
+
+    def _self_node(self) -> Node:
+        assert self.underlay is not None
+        return Node(name=self.config.node_name, vtep=self.underlay.address, started_at=self.started_at)
+
+    def _desired(self) -> KernelState:
+        assert self.underlay is not None
+        return desired_state(
+            self.view,
+            local_node=self.config.node_name,
+            local_vtep=self.underlay.address,
+            underlay_mtu=self.underlay.mtu,
+        )
+
+    def _record_convergence(self, programmed: KernelState) -> None:
+        """Observe creation-to-programmed latency for remote endpoints now in the kernel."""
+        if not self._unprogrammed:
+            return
+        now = time.time()
+        macs = {entry.mac for entry in programmed.fdb}
+        for key, created_at in list(self._unprogrammed.items()):
+            endpoint = self.view.endpoints.get(key)
+            if endpoint is None:
+                del self._unprogrammed[key]
+            elif endpoint.mac in macs:
+                del self._unprogrammed[key]
+                if created_at > 0:
+                    latency = max(now - created_at, 0.0)
+                    self.metrics.convergence_latency.labels(path="kv").observe(latency)
+
+    def _update_gauges(self) -> None:
+        local = sum(1 for ep in self.view.endpoints.values() if ep.owner == self.config.node_name)
+        self.metrics.endpoints_known.labels(locality="local").set(local)
+        self.metrics.endpoints_known.labels(locality="remote").set(len(self.view.endpoints) - local)
+        self.metrics.networks_known.set(len(self.view.networks))
+
+    def _require_store(self) -> Store:
+        assert self._store is not None
+        return self._store
+
+    def _require_reconciler(self) -> Reconciler:
+        assert self._reconciler is not None
+        return self._reconciler
+
+    def _require_kernel(self) -> Kernel:
+        assert self._kernel is not None
+        return self._kernel
+
+    def _require_synced(self) -> Store:
+        if not self.synced:
+            raise Unavailable(f"not connected to the KV store at {self._store_url()} yet; try again")
+        return self._require_store()
+
+    def _store_url(self) -> str:
+        # Only scheme and addresses: credentials never leave the daemon.
+        return self.config.store.url
+
+    # ================================================================ read-only API
+
+    def is_ready(self) -> bool:
+        return self._reconciler is not None and self._reconciler.first_pass_done.is_set()
+
+    def status(self) -> JSON:
+        reconciler = self._reconciler
+        local = [ep for ep in self.view.endpoints.values() if ep.owner == self.config.node_name]
+        return {
+            "node": self.config.node_name,
+            "vtep": str(self.underlay.address) if self.underlay else None,
+            "underlay": (
+                {"interface": self.underlay.ifname, "mtu": self.underlay.mtu} if self.underlay else None
+            ),
+            "ready": self.is_ready(),
+            "started_at": self.started_at,
+            "store": {
+                "url": self._store_url(),
+                "healthy": bool(self._store and self._store.healthy),
+                "synced": self.synced,
+                "invalid_records": self._invalid_records[-10:],
+            },
+            "networks": sorted(self.view.networks),
+            "nodes": len(self.view.nodes),
+            "endpoints": {"local": len(local), "remote": len(self.view.endpoints) - len(local)},
+            "last_reconcile": reconciler.last.to_dict() if reconciler and reconciler.last else None,
+            "errors": list(reconciler.errors)[-20:] if reconciler else [],
+        }
+
+    def peers(self) -> list[JSON]:
+        counts: dict[str, int] = {}
+        for ep in self.view.endpoints.values():
+            counts[ep.owner] = counts.get(ep.owner, 0) + 1
+        return [
+            {
+                "name": node.name,
+                "vtep": str(node.vtep),
+                "started_at": node.started_at,
+                "endpoints": counts.get(node.name, 0),
+                "self": node.name == self.config.node_name,
+            }
+            for node in sorted(self.view.nodes.values(), key=lambda n: n.name)
+        ]
+
+    def network_list(self) -> list[JSON]:
+        out = []
+        for network in sorted(self.view.networks.values(), key=lambda n: n.name):
+            record = network.to_dict()
+            record["endpoints"] = len(self.view.endpoints_in(network.name))
+            out.append(record)
+        return out
+
+    def network_inspect(self, name: str) -> JSON:
+        network = self.view.networks.get(name)
+        if network is None:
+            raise NotFound(f"network {name} not found")
+        record = network.to_dict()
+        if self.underlay:
+            record["host_mtu"] = overlay_mtu(network, self.underlay.mtu)
+        record["endpoints"] = [
+            ep.to_dict() for ep in sorted(self.view.endpoints_in(name), key=lambda e: e.name)
+        ]
+        return record
+
+    def endpoint_list(self, network: str | None = None) -> list[JSON]:
+        endpoints = sorted(self.view.endpoints.values(), key=lambda e: (e.network, e.name))
+        return [ep.to_dict() for ep in endpoints if network is None or ep.network == network]
+
+    async def diff(self) -> list[str]:
+        if not self.synced:
+            raise Unavailable("not synced with the KV store yet: the desired state is unknown")
+        commands = await self._require_reconciler().pending()
+        return [describe(cmd) for cmd in commands]
+
+    # ================================================================ networks
+
+    async def network_create(
+        self,
+        *,
+        name: str,
+        subnet: str,
+        vni: int | None = None,
+        gateway: str | None = None,
+        mtu: int | None = None,
+    ) -> JSON:
+        store = self._require_synced()
+        async with self._mutate:
+            # Validate everything before touching the store (VNI checked with a placeholder).
+            candidate = Network(
+                name=name,
+                vni=1 if vni is None else vni,
+                subnet=parse_subnet(subnet),
+                gateway=parse_ipv4(gateway, "gateway") if gateway is not None else None,
+                mtu=mtu,
+            )
+            if name in self.view.networks:
+                raise Conflict(f"network {name} already exists")
+            if vni is not None:
+                holder = self._vni_holder(vni)
+                if holder:
+                    raise Conflict(f"VNI {vni} is already used by network {holder}")
+                candidates = [vni]
+            else:
+                used = {n.vni for n in self.view.networks.values()}
+                candidates = [
+                    v for v in range(AUTO_VNI_START, AUTO_VNI_START + 4 * _ALLOC_ATTEMPTS) if v not in used
+                ][:_ALLOC_ATTEMPTS]
+            for choice in candidates:
+                network = Network(
+                    name=name, vni=choice, subnet=candidate.subnet, gateway=candidate.gateway, mtu=mtu
+                )
+                try:
+                    await store.create_network(network)
+                except AlreadyExists as exc:
+                    if exc.what == "network name":
+                        raise Conflict(f"network {name} already exists") from None
+                    if vni is not None:
+                        raise Conflict(f"VNI {vni} is already used by network {exc.holder}") from None
+                    continue
+                except StoreError as exc:
+                    raise Unavailable(str(exc)) from None
+                self.view.apply(NetworkPut(network))
+                self._update_gauges()
+                log.info("created network %s (VNI %d, %s)", name, network.vni, network.subnet)
+                return network.to_dict()
+            raise Conflict("could not allocate a free VNI; give one with --vni")
+
+    def _vni_holder(self, vni: int) -> str | None:
+        for network in self.view.networks.values():
+            if network.vni == vni:
+                return network.name
+        return None
+
+    async def network_remove(self, name: str) -> None:
+        store = self._require_synced()
+        async with self._mutate:
+            if name not in self.view.networks:
+                raise NotFound(f"network {name} not found")
+            members = self.view.endpoints_in(name)
+            if members:
+                raise Conflict(f"network {name} still has {len(members)} endpoint(s); remove them first")
+            try:
+                await store.delete_network(name)
+            except NotFoundError:
+                pass
+            except StoreError as exc:
+                raise Unavailable(str(exc)) from None
+            self.view.apply(NetworkDeleted(name))
+            self._update_gauges()
+            self._require_reconciler().trigger()
+            log.info("removed network %s", name)
+
+    # ================================================================ endpoints
+
+    async def endpoint_add(
+        self,
+        *,
+        network: str,
+        name: str,
+        netns: str,
+        ip: str | None = None,
+        ifname: str = "eth0",
+    ) -> JSON:
+        store = self._require_synced()
+        async with self._mutate:
+            net = self.view.networks.get(network)
+            if net is None:
+                raise NotFound(f"network {network} not found")
+            validate_name(name, "endpoint name")
+            _validate_ifname(ifname)
+            netns_path = _netns_path(netns)
+            if not os.path.exists(netns_path):
+                raise BadRequest(f"network namespace {netns} not found ({netns_path})")
+            key = endpoint_key(network, name)
+            if key in self.view.endpoints:
+                raise Conflict(f"endpoint {name} already exists in network {network}")
+            taken = self.view.taken_ips(network)
+            if ip is not None:
+                address = parse_ipv4(ip, "IP")
+                net.check_endpoint_ip(address)
+                if address in taken:
+                    raise Conflict(f"IP {address} is already in use in network {network}")
+            endpoint = await self._claim_endpoint(store, net, name, ip, taken, netns, ifname)
+            try:
+                await self._plumb_endpoint(net, endpoint)
+            except Exception as exc:
+                await self._unclaim_endpoint(store, endpoint)
+                if isinstance(exc, KernelError):
+                    raise BadRequest(str(exc)) from None
+                raise
+            log.info("endpoint %s: %s %s in %s", key, endpoint.ip, endpoint.mac, netns)
+            return endpoint.to_dict()
+
+    async def _claim_endpoint(
+        self,
+        store: Store,
+        net: Network,
+        name: str,
+        ip: str | None,
+        taken: set[IPv4Address],
+        netns: str,
+        ifname: str,
+    ) -> Endpoint:
+        """CAS the endpoint and its IP into the store; with no IP given, take the first free one."""
+        taken = set(taken)
+        for _ in range(_ALLOC_ATTEMPTS):
+            try:
+                address = parse_ipv4(ip, "IP") if ip is not None else first_free_ip(net, taken)
+            except ValidationError as exc:
+                raise Conflict(str(exc)) from None
+            endpoint = Endpoint(
+                network=net.name,
+                name=name,
+                ip=address,
+                mac=random_mac(),
+                owner=self.config.node_name,
+                created_at=time.time(),
+                netns=netns,
+                ifname=ifname,
+            )
+            try:
+                await store.create_endpoint(endpoint)
+            except AlreadyExists as exc:
+                if exc.what == "IP" and ip is None:
+                    taken.add(address)  # someone else won it: try the next one
+                    continue
+                raise Conflict(str(exc)) from None
+            except StoreError as exc:
+                raise Unavailable(str(exc)) from None
+            self.registry.add(endpoint)
+            self.view.apply(EndpointPut(endpoint))
+            self._update_gauges()
+            return endpoint
+        raise Conflict(f"could not allocate an IP in network {net.name}: too many concurrent claims")
+
+    async def _plumb_endpoint(self, net: Network, endpoint: Endpoint) -> None:
+        """Bridge and VXLAN device first (a reconcile pass), then the veth into the namespace."""
+        assert self.underlay is not None
+        report = await self._require_reconciler().reconcile("endpoint-add")
+        bridge = bridge_name(net.vni)
+        await create_local_endpoint(
+            self._require_kernel(),
+            netns=endpoint.netns,
+            ifname=endpoint.ifname,
+            host_ifname=veth_name(endpoint.network, endpoint.name),
+            ip=endpoint.ip,
+            prefixlen=net.subnet.prefixlen,
+            mac=endpoint.mac,
+            mtu=overlay_mtu(net, self.underlay.mtu),
+            gateway=net.gateway,
+            bridge=bridge,
+            network=net.name,
+        )
+        if report.failed:
+            log.warning(
+                "endpoint %s plumbed, but the last reconcile had %d failures", endpoint.key, report.failed
+            )
+        self._require_reconciler().trigger()
+
+    async def _unclaim_endpoint(self, store: Store, endpoint: Endpoint) -> None:
+        """Undo `_claim_endpoint` after a failure, so nothing stays half-created."""
+        try:
+            await store.delete_endpoint(endpoint)
+        except StoreError as exc:
+            log.error("could not release endpoint %s after failure: %s", endpoint.key, exc)
+        self.registry.remove(endpoint.key)
+        self.view.apply(EndpointDeleted(endpoint.key))
+        self._update_gauges()
+        self._require_reconciler().trigger()
+
+    async def endpoint_remove(self, *, network: str, name: str) -> None:
+        store = self._require_synced()
+        async with self._mutate:
+            key = endpoint_key(network, name)
+            endpoint = self.registry.get(key)
+            if endpoint is None:
+                other = self.view.endpoints.get(key)
+                if other is not None:
+                    raise Conflict(f"endpoint {key} is owned by {other.owner}; remove it there")
+                raise NotFound(f"endpoint {key} not found")
+            try:
+                await store.delete_endpoint(endpoint)
+            except StoreError as exc:
+                raise Unavailable(str(exc)) from None
+            await delete_local_endpoint(self._require_kernel(), veth_name(network, name))
+            self.registry.remove(key)
+            self.view.apply(EndpointDeleted(key))
+            self._update_gauges()
+            self._require_reconciler().trigger()
+            log.info("removed endpoint %s", key)
+
+
+def _netns_path(netns: str) -> str:
+    return netns if netns.startswith("/") else f"/run/netns/{netns}"
+
+
+def _validate_ifname(ifname: str) -> None:
+    if not ifname or len(ifname) > 15 or "/" in ifname or any(c.isspace() for c in ifname):
+        raise BadRequest(f"invalid interface name {ifname!r}: 1-15 characters, no '/' or spaces")
+
+
+async def _close_all(closers: Any) -> None:
+    """Close in the given order, collecting errors instead of stopping at the first."""
+    for what, coro in closers:
+        try:
+            await coro
+        except Exception as exc:
+            log.error("error closing %s: %s", what, exc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="overlayd", description="VXLAN overlay control plane daemon")
+    parser.add_argument("--config", default=config_mod.DEFAULT_PATH, help="TOML config file")
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_mod.load(args.config)
+    except ConfigError as exc:
+        print(f"overlayd: config error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=cfg.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        asyncio.run(Daemon(cfg).run())
+    except (KernelError, OSError, RuntimeError) as exc:
+        print(f"overlayd: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
