@@ -55,7 +55,7 @@ _JSON_TYPE_NAMES = {
 }
 
 
-class ServerError(Exception):
+class ServerError(RuntimeError):
     """A server could not start: the message names the address and the reason."""
 
 
