@@ -37,6 +37,9 @@ def desired_state(
     view: ClusterView, *, local_node: str, local_vtep: IPv4Address, underlay_mtu: int
 ) -> KernelState:
     want = KernelState()
+    # One value per kernel key, as the diff compares them: (device, MAC) for
+    # FDB entries, (device, IP) for neighbour entries.
+    fdb: dict[tuple[str, str], IPv4Address] = {}
     neigh: dict[tuple[str, IPv4Address], str] = {}
     for network in view.networks.values():
         members = view.endpoints_in(network.name)
@@ -55,18 +58,22 @@ def desired_state(
         for ep in local:
             port = veth_name(ep.network, ep.name)
             want.ports[port] = PortSpec(ifname=port, network=network.name, bridge=br, mtu=mtu)
-        # Newest endpoint wins an IP: two records can hold one IP for a moment
-        # while a release on one host and a reuse on another cross in flight.
+        # Newest endpoint wins an IP (and a MAC): two records can hold one for
+        # a moment while a release on one host and a reuse on another cross in
+        # flight. Every record claims, including the ones we program nothing
+        # for, so an older record never keeps an IP a newer one has taken.
         for ep in sorted(members, key=lambda e: e.created_at):
-            if ep.owner == local_node:
-                continue
             node = view.nodes.get(ep.owner)
-            if node is None or node.vtep == local_vtep:
-                # Without the owner's node record we do not know where to send;
-                # the entry appears as soon as the record arrives.
+            if ep.owner == local_node or node is None or node.vtep == local_vtep:
+                # Local endpoints need no entry on the VXLAN device. Without the
+                # owner's node record we do not know where to send; the entry
+                # appears as soon as the record arrives.
+                fdb.pop((vx, ep.mac), None)
+                neigh.pop((vx, ep.ip), None)
                 continue
-            want.fdb.add(FdbEntry(vx, ep.mac, node.vtep))
+            fdb[(vx, ep.mac)] = node.vtep
             neigh[(vx, ep.ip)] = ep.mac
             want.flood.add(FloodEntry(vx, node.vtep))
+    want.fdb = {FdbEntry(dev, mac, dst) for (dev, mac), dst in fdb.items()}
     want.neigh = {NeighEntry(dev, ip, mac) for (dev, ip), mac in neigh.items()}
     return want
