@@ -223,6 +223,8 @@ class Endpoint:
         validate_name(self.owner, "owner node name")
         object.__setattr__(self, "ip", parse_ipv4(self.ip, "endpoint IP"))
         object.__setattr__(self, "mac", parse_mac(self.mac))
+        if not _is_number(self.created_at):
+            raise ValidationError(f"invalid created_at {self.created_at!r}")
         if not _is_int(self.version) or self.version < 1:
             raise ValidationError(f"invalid endpoint version {self.version!r}")
 
@@ -246,9 +248,6 @@ class Endpoint:
     @classmethod
     def from_dict(cls, data: object) -> Endpoint:
         d = _as_dict(data, "endpoint")
-        created_at = d.get("created_at", 0.0)
-        if not isinstance(created_at, int | float) or isinstance(created_at, bool):
-            raise ValidationError(f"invalid created_at {created_at!r}")
         return cls(
             network=_require(d, "network", "endpoint"),
             name=_require(d, "name", "endpoint"),
@@ -256,9 +255,9 @@ class Endpoint:
             mac=_require(d, "mac", "endpoint"),
             owner=_require(d, "owner", "endpoint"),
             version=d.get("version", 1),
-            created_at=float(created_at),
-            netns=str(d.get("netns", "")),
-            ifname=str(d.get("ifname", "eth0")),
+            created_at=d.get("created_at", 0.0),
+            netns=str(d.get("netns") or ""),
+            ifname=str(d.get("ifname") or "eth0"),
         )
 
 

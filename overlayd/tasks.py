@@ -35,12 +35,12 @@ class TaskGroup:
             self.failures.append((task.get_name(), exc))
             log.error("task %s died: %s", task.get_name(), exc, exc_info=exc)
 
-    async def cancel_all(self, timeout: float = 5.0) -> None:
+    async def cancel_all(self, grace: float = 5.0) -> None:
         """Cancel every task and wait (bounded) for them to finish."""
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
         if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=timeout)
+            _, pending = await asyncio.wait(tasks, timeout=grace)
             for task in pending:
-                log.warning("task %s did not stop within %.1fs", task.get_name(), timeout)
+                log.warning("task %s did not stop within %.1fs", task.get_name(), grace)

@@ -62,7 +62,7 @@ def desired_state(
         # a moment while a release on one host and a reuse on another cross in
         # flight. Every record claims, including the ones we program nothing
         # for, so an older record never keeps an IP a newer one has taken.
-        for ep in sorted(members, key=lambda e: e.created_at):
+        for ep in sorted(members, key=lambda e: (e.created_at, e.owner, e.name)):
             node = view.nodes.get(ep.owner)
             if ep.owner == local_node or node is None or node.vtep == local_vtep:
                 # Local endpoints need no entry on the VXLAN device. Without the
