@@ -225,6 +225,7 @@ class Endpoint:
         object.__setattr__(self, "mac", parse_mac(self.mac))
         if not _is_number(self.created_at):
             raise ValidationError(f"invalid created_at {self.created_at!r}")
+        object.__setattr__(self, "created_at", float(self.created_at))
         if not _is_int(self.version) or self.version < 1:
             raise ValidationError(f"invalid endpoint version {self.version!r}")
 
