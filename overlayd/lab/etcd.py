@@ -1,0 +1,252 @@
+"""A real single-member etcd server for tests and the lab.
+
+Runs Debian's `etcd` (3.4) with a data directory of its own, on a given
+address and free (or given) ports, optionally inside a network namespace.
+Stopping goes by PID: SIGTERM, a bounded wait, then SIGKILL. `restart()`
+keeps the data; `cleanup()` stops the server and removes its directory.
+
+Sized for tests: a small snapshot interval and backend quota, few kept
+snapshot and WAL files, a short election timeout (one member, so it only
+shortens a restart), and no automatic compaction, so a test decides when the
+history is compacted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from http.client import HTTPConnection
+from pathlib import Path
+from types import TracebackType
+
+from overlayd.lab.admin import NetnsHTTPConnection, request
+from overlayd.lab.netns import exec_argv, free_port
+from overlayd.lab.proc import Proc
+
+ETCD_CANDIDATES = ("/usr/bin/etcd",)
+
+
+class EtcdError(RuntimeError):
+    """etcd could not be started or stopped; the message has the tail of its log."""
+
+
+def find_etcd() -> str:
+    for path in ETCD_CANDIDATES:
+        if os.access(path, os.X_OK):
+            return path
+    found = shutil.which("etcd")
+    if found is None:
+        raise EtcdError("etcd not found: install it with `apt-get install etcd-server`")
+    return found
+
+
+def log_tail(path: Path, lines: int = 30) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return "(no log)"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+class EtcdServer:
+    """One etcd process; `url` is what overlayd's config takes (etcd://host:port)."""
+
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        client_port: int | None = None,
+        peer_port: int | None = None,
+        netns: str | None = None,
+        workdir: Path | None = None,
+        name: str = "default",
+        extra_args: Sequence[str] = (),
+        on_start: Callable[[EtcdServer], None] | None = None,
+    ) -> None:
+        """`workdir` holds `data/` and `etcd.log` (a new temporary directory when None).
+
+        Ports left as None are picked free at each start until the first
+        successful one, then kept, so a restart comes back on the same URL.
+        `on_start` is called after every successful start (the lab records the PID).
+        """
+        self.host = host
+        self.netns = netns
+        self.name = name
+        self.extra_args = list(extra_args)
+        self.on_start = on_start
+        self._given_ports = (client_port, peer_port)
+        self._pick_ports = client_port is None or peer_port is None
+        self.client_port = client_port or 0
+        self.peer_port = peer_port or 0
+        self.workdir = workdir if workdir is not None else Path(tempfile.mkdtemp(prefix="etcd-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.proc: Proc | None = None
+
+    # --- addresses ---
+
+    @property
+    def url(self) -> str:
+        return f"etcd://{self.host}:{self.client_port}"
+
+    @property
+    def client_url(self) -> str:
+        return f"http://{self.host}:{self.client_port}"
+
+    @property
+    def peer_url(self) -> str:
+        return f"http://{self.host}:{self.peer_port}"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.workdir / "data"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "etcd.log"
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    # --- life cycle ---
+
+    def argv(self) -> list[str]:
+        argv = [
+            find_etcd(),
+            f"--name={self.name}",
+            f"--data-dir={self.data_dir}",
+            f"--listen-client-urls={self.client_url}",
+            f"--advertise-client-urls={self.client_url}",
+            f"--listen-peer-urls={self.peer_url}",
+            f"--initial-advertise-peer-urls={self.peer_url}",
+            f"--initial-cluster={self.name}={self.peer_url}",
+            "--initial-cluster-state=new",
+            # One member: a short election timeout only shortens the wait for
+            # a leader after a restart (about 2 s with the default 1 s).
+            "--heartbeat-interval=50",
+            "--election-timeout=400",
+            "--snapshot-count=5000",
+            f"--quota-backend-bytes={256 * 1024 * 1024}",
+            "--auto-compaction-retention=0",
+            "--max-snapshots=2",
+            "--max-wals=2",
+            "--logger=zap",
+            "--log-outputs=stderr",
+            *self.extra_args,
+        ]
+        return exec_argv(self.netns, argv) if self.netns is not None else argv
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.alive()
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start the server and wait until /health says it serves; EtcdError if it cannot."""
+        if self.running():
+            raise EtcdError(f"etcd {self.url} is already running (pid {self.pid})")
+        attempts = 3 if self._pick_ports else 1
+        for attempt in range(attempts):
+            if self._pick_ports:
+                self.client_port = self._given_ports[0] or free_port(self.host, netns=self.netns)
+                self.peer_port = self._given_ports[1] or free_port(self.host, netns=self.netns)
+            try:
+                self._start_once(timeout)
+            except EtcdError as exc:
+                # A free port can be taken between picking and binding it: pick again.
+                if attempt + 1 < attempts and "address already in use" in str(exc):
+                    continue
+                raise
+            break
+        self._pick_ports = False
+        if self.on_start is not None:
+            self.on_start(self)
+
+    def _start_once(self, timeout: float) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ETCD")}
+        self.proc = Proc.spawn(
+            self.argv(),
+            log_path=self.log_path,
+            env=env,
+            banner=f"starting etcd {self.client_url} at {time.strftime('%H:%M:%S')}",
+        )
+        try:
+            self.wait_ready(timeout)
+        except EtcdError:
+            self.proc.stop(timeout=5.0)
+            raise
+
+    def healthy(self) -> bool:
+        """True if the server answers /health with health "true"."""
+        conn: HTTPConnection
+        if self.netns is not None:
+            conn = NetnsHTTPConnection(self.netns, self.host, self.client_port, timeout=2.0)
+        else:
+            conn = HTTPConnection(self.host, self.client_port, timeout=2.0)
+        try:
+            status, body = request(conn, "GET", "/health")
+        except OSError:
+            return False
+        if status != 200:
+            return False
+        try:
+            return bool(json.loads(body).get("health") == "true")
+        except ValueError:
+            return False
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc is None or not self.proc.alive():
+                code = self.proc.returncode() if self.proc is not None else None
+                raise EtcdError(
+                    f"etcd {self.client_url} exited (status {code}) while starting; "
+                    f"log {self.log_path}:\n{log_tail(self.log_path)}"
+                )
+            if self.healthy():
+                return
+            if time.monotonic() >= deadline:
+                raise EtcdError(
+                    f"etcd {self.client_url} not healthy after {timeout:g}s; "
+                    f"log {self.log_path}:\n{log_tail(self.log_path)}"
+                )
+            time.sleep(0.05)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM by PID, wait up to `timeout`, then SIGKILL. No-op when not running."""
+        if self.proc is not None:
+            self.proc.stop(timeout=timeout)
+            self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL by PID, as a crash would."""
+        if self.proc is not None:
+            self.proc.stop(sig=signal.SIGKILL)
+            self.proc = None
+
+    def restart(self, timeout: float = 30.0) -> None:
+        """Stop and start again on the same ports with the same data."""
+        self.stop()
+        self.start(timeout)
+
+    def cleanup(self) -> None:
+        """Stop the server and remove its directory (data and log)."""
+        try:
+            self.stop()
+        finally:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> EtcdServer:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.cleanup()

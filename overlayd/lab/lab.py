@@ -1,0 +1,906 @@
+"""Several overlayd hosts on one machine, each in a network namespace of its own.
+
+Topology of a lab with prefix P (every name carries the prefix, so labs with
+different prefixes live side by side):
+
+    P-ul          underlay: bridge br0 (MTU 1500), one veth port per host and one for P-kv
+    P-kv          the KV server: etcd on 198.18.0.1:2379, reached over `ul0`
+    P-h1..P-hN    hosts: `ul0` = 198.18.0.(10+k)/24, one overlayd each
+    P-<name>      endpoint namespaces (the demo's are P-h1-ep ... P-hN-ep)
+
+Everything lives in those namespaces: nothing is added to the machine's own
+namespace. The lab directory `/run/overlayd-lab/P/` holds `lab.json`, which
+records each namespace before it is made and each process as it starts, so
+`overlayctl lab down` (another process, maybe after a failed `up`) removes
+exactly what was made; per host it holds the daemon's config, log, admin
+socket and state.
+
+`Lab` is what the end-to-end tests use; `lab_up`, `lab_status` and `lab_down`
+are `overlayctl lab up|status|down`.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from ipaddress import IPv4Network
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+from overlayd.lab import netns
+from overlayd.lab.admin import AdminClient, AdminError, NetnsHTTPConnection, request
+from overlayd.lab.etcd import EtcdError, EtcdServer, find_etcd, log_tail
+from overlayd.lab.proc import Proc, stop_all
+
+T = TypeVar("T")
+
+DEFAULT_PREFIX = "overlayd"
+LAB_ROOT = Path("/run/overlayd-lab")
+STORES = ("etcd",)
+MAX_HOSTS = 200
+
+UNDERLAY_SUBNET = IPv4Network("198.18.0.0/24")
+UNDERLAY_MTU = 1500
+UNDERLAY_BRIDGE = "br0"
+UNDERLAY_IFNAME = "ul0"
+KV_ADDRESS = "198.18.0.1"
+ETCD_CLIENT_PORT = 2379
+ETCD_PEER_PORT = 2380
+STATUS_LISTEN = "127.0.0.1:9480"
+
+DEMO_NETWORK = "demo"
+DEMO_SUBNET = "10.100.0.0/24"
+
+_PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{0,15}$")
+
+# Errors of a request to a daemon that just means "not answering (yet)".
+_NOT_ANSWERING = (OSError, http.client.HTTPException, AdminError, ValueError)
+
+
+class LabError(RuntimeError):
+    """The lab could not be built, used or removed; the message says what and why."""
+
+
+def check_prefix(prefix: str) -> str:
+    if not _PREFIX_RE.match(prefix):
+        raise LabError(
+            f"invalid lab prefix {prefix!r}: 1-16 lower-case letters and digits, "
+            "starting with a letter"
+        )
+    return prefix
+
+
+def host_address(k: int) -> str:
+    """Underlay (VTEP) address of host number k (1-based)."""
+    return str(UNDERLAY_SUBNET.network_address + 10 + k)
+
+
+def wait_for(
+    predicate: Callable[[], T | None],
+    timeout: float,
+    what: str,
+    *,
+    interval: float = 0.05,
+    ignore: tuple[type[BaseException], ...] = (),
+) -> T:
+    """Call `predicate` until it returns something truthy, and return that.
+
+    Exceptions of the types in `ignore` count as "not yet"; others propagate.
+    Raises LabError naming `what` (and the last ignored error) on timeout.
+    """
+    deadline = time.monotonic() + timeout
+    last_error: BaseException | None = None
+    while True:
+        try:
+            value = predicate()
+        except ignore as exc:
+            last_error = exc
+        else:
+            if value:
+                return value
+        if time.monotonic() >= deadline:
+            detail = f" (last error: {last_error})" if last_error is not None else ""
+            raise LabError(f"timed out after {timeout:g}s waiting for {what}{detail}")
+        time.sleep(interval)
+
+
+@dataclass
+class Host:
+    name: str
+    netns: str
+    address: str
+    dir: Path
+    proc: Proc | None = None
+
+    @property
+    def config_path(self) -> Path:
+        return self.dir / "overlayd.toml"
+
+    @property
+    def admin_socket(self) -> Path:
+        return self.dir / "overlayd.sock"
+
+    @property
+    def log_path(self) -> Path:
+        return self.dir / "overlayd.log"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.dir / "state"
+
+    @property
+    def status_url(self) -> str:
+        return f"http://{STATUS_LISTEN}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "netns": self.netns,
+            "address": self.address,
+            "dir": str(self.dir),
+            "process": self.proc.to_json() if self.proc is not None else None,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Host:
+        process = data.get("process")
+        return cls(
+            name=data["name"],
+            netns=data["netns"],
+            address=data["address"],
+            dir=Path(data["dir"]),
+            proc=Proc.from_json(process) if process else None,
+        )
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: str
+    network: str
+    name: str
+    netns: str
+    ip: str
+    mac: str
+
+
+@dataclass(frozen=True)
+class PingResult:
+    src: Endpoint
+    dst: Endpoint
+    ok: bool
+    seconds: float  # until the first answer, or until giving up
+    attempts: int
+
+
+@dataclass
+class PingStats:
+    transmitted: int
+    received: int
+    lost_seqs: list[int] = field(default_factory=list)
+
+
+class Pinger:
+    """`ping -i INTERVAL` running in a namespace until `stop()`, for "traffic never stops"."""
+
+    def __init__(self, from_ns: str, ip: str, *, interval: float = 0.1) -> None:
+        argv = ["ping", "-n", "-i", f"{interval:g}", "-W", "1", ip]
+        self._popen = subprocess.Popen(
+            netns.exec_argv(from_ns, argv),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+    def stop(self) -> PingStats:
+        """SIGINT (ping prints its summary), then the count of sent, received and lost."""
+        self._popen.send_signal(signal.SIGINT)
+        try:
+            out, _ = self._popen.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._popen.kill()
+            out, _ = self._popen.communicate()
+        summary = re.search(r"(\d+) packets transmitted, (\d+) received", out)
+        if summary is None:
+            raise LabError(f"ping printed no summary:\n{out[-2000:]}")
+        transmitted, received = int(summary.group(1)), int(summary.group(2))
+        answered = {int(m.group(1)) for m in re.finditer(r"icmp_seq=(\d+) ttl=", out)}
+        lost = [seq for seq in range(1, transmitted + 1) if seq not in answered]
+        return PingStats(transmitted, received, lost)
+
+
+def overlayd_argv() -> list[str]:
+    """How to run the daemon: the `overlayd` script beside this Python, else from PATH."""
+    beside = Path(sys.executable).parent / "overlayd"
+    if os.access(beside, os.X_OK):
+        return [str(beside)]
+    found = shutil.which("overlayd")
+    if found is None:
+        raise LabError("overlayd executable not found beside this Python or on PATH")
+    return [found]
+
+
+class Lab:
+    """A lab: build it with `up()`, remove it with `down()` (or use it as a context manager)."""
+
+    def __init__(
+        self,
+        *,
+        hosts: int = 3,
+        prefix: str = DEFAULT_PREFIX,
+        store: str = "etcd",
+        lease_ttl: int = 10,
+        reconcile_interval: float = 30.0,
+        log_level: str = "info",
+        root: Path = LAB_ROOT,
+        ready_timeout: float = 30.0,
+        progress: Callable[[str], None] | None = None,
+        daemon_env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.prefix = check_prefix(prefix)
+        if not 1 <= hosts <= MAX_HOSTS:
+            raise LabError(f"invalid number of hosts {hosts}: must be 1..{MAX_HOSTS}")
+        if store not in STORES:
+            raise LabError(f"unsupported store {store!r}: supported: {', '.join(STORES)}")
+        self.store = store
+        self.store_prefix = f"/{prefix}/v1/"
+        self.lease_ttl = lease_ttl
+        self.reconcile_interval = reconcile_interval
+        self.log_level = log_level
+        self.ready_timeout = ready_timeout
+        self.dir = root / prefix
+        self.progress = progress
+        self.daemon_env = dict(daemon_env or {})
+        self.underlay_ns = f"{prefix}-ul"
+        self.kv_ns = f"{prefix}-kv"
+        self.hosts = [
+            Host(f"h{k}", f"{prefix}-h{k}", host_address(k), self.dir / f"h{k}")
+            for k in range(1, hosts + 1)
+        ]
+        self.etcd = EtcdServer(
+            host=KV_ADDRESS,
+            client_port=ETCD_CLIENT_PORT,
+            peer_port=ETCD_PEER_PORT,
+            netns=self.kv_ns,
+            workdir=self.dir / "kv",
+            name=prefix,
+            on_start=lambda _server: self._save(),
+        )
+        self.namespaces: list[str] = []  # in the order they were made
+        self.networks: list[dict[str, Any]] = []
+        self.endpoints: list[Endpoint] = []
+        self._lock = threading.RLock()
+
+    # --- the record in lab.json ---
+
+    @property
+    def record_path(self) -> Path:
+        return self.dir / "lab.json"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": 1,
+            "prefix": self.prefix,
+            "dir": str(self.dir),
+            "store": self.store,
+            "store_url": self.etcd.url,
+            "store_prefix": self.store_prefix,
+            "lease_ttl": self.lease_ttl,
+            "reconcile_interval": self.reconcile_interval,
+            "underlay": {
+                "netns": self.underlay_ns,
+                "bridge": UNDERLAY_BRIDGE,
+                "subnet": str(UNDERLAY_SUBNET),
+                "mtu": UNDERLAY_MTU,
+            },
+            "kv": {
+                "netns": self.kv_ns,
+                "address": KV_ADDRESS,
+                "dir": str(self.etcd.workdir),
+                "process": self.etcd.proc.to_json() if self.etcd.proc is not None else None,
+            },
+            "namespaces": list(self.namespaces),
+            "hosts": [host.to_json() for host in self.hosts],
+            "networks": list(self.networks),
+            "endpoints": [asdict(ep) for ep in self.endpoints],
+        }
+
+    def _save(self) -> None:
+        with self._lock:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            tmp = self.record_path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+            tmp.replace(self.record_path)
+
+    @classmethod
+    def load(cls, prefix: str, *, root: Path = LAB_ROOT) -> Lab | None:
+        """The lab recorded under `root/prefix`, or None if there is no record."""
+        path = root / check_prefix(prefix) / "lab.json"
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except ValueError as exc:
+            raise LabError(f"{path}: unreadable lab record: {exc}") from None
+        lab = cls(
+            hosts=max(1, len(data["hosts"])),
+            prefix=prefix,
+            store=data["store"],
+            lease_ttl=data["lease_ttl"],
+            reconcile_interval=data["reconcile_interval"],
+            root=root,
+        )
+        lab.hosts = [Host.from_json(h) for h in data["hosts"]]
+        process = data["kv"]["process"]
+        lab.etcd.proc = Proc.from_json(process) if process else None
+        lab.namespaces = list(data["namespaces"])
+        lab.networks = list(data["networks"])
+        lab.endpoints = [Endpoint(**ep) for ep in data["endpoints"]]
+        return lab
+
+    # --- building ---
+
+    def _say(self, message: str) -> None:
+        if self.progress is not None:
+            self.progress(message)
+
+    def _add_netns(self, name: str) -> None:
+        with self._lock:
+            self.namespaces.append(name)
+            self._save()
+        netns.add_netns(name)
+
+    def _preflight(self, daemons: bool) -> None:
+        if os.geteuid() != 0:
+            raise LabError("the lab needs root: it makes network namespaces")
+        for tool in ("ip", "ping"):
+            if shutil.which(tool) is None:
+                raise LabError(f"{tool} not found: install iproute2 and iputils-ping")
+        try:
+            find_etcd()
+        except EtcdError as exc:
+            raise LabError(str(exc)) from None
+        if daemons:
+            overlayd_argv()
+        present = [
+            ns
+            for ns in (self.underlay_ns, self.kv_ns, *(h.netns for h in self.hosts))
+            if netns.netns_exists(ns)
+        ]
+        if self.record_path.exists() or present:
+            what = f"{self.record_path}" if self.record_path.exists() else ", ".join(present)
+            raise LabError(
+                f"a lab with prefix {self.prefix!r} already exists ({what}); "
+                f"remove it first with `overlayctl lab down --prefix {self.prefix}`"
+            )
+
+    def up(self, *, daemons: bool = True, demo: bool = True) -> Lab:
+        """Build the lab; on any failure remove what was made and raise LabError.
+
+        `daemons=False` builds only the namespaces, the underlay and etcd;
+        `demo=False` skips network `demo` and its endpoints.
+        """
+        self._preflight(daemons)
+        try:
+            self._save()
+            self._build_underlay()
+            self._say(f"starting etcd on {KV_ADDRESS}:{ETCD_CLIENT_PORT} in {self.kv_ns}")
+            self.etcd.start()
+            if daemons:
+                for host in self.hosts:
+                    self.start_daemon(host, wait=False)
+                self._say(f"waiting for {len(self.hosts)} daemon(s) to be ready")
+                self.wait_ready(*self.hosts)
+                if demo:
+                    self._make_demo()
+        except BaseException as exc:
+            self._say(f"lab up failed, removing what was made: {exc}")
+            errors = self.down()
+            if not isinstance(exc, Exception):
+                raise
+            cleanup = "".join(f"\n  cleanup: {err}" for err in errors)
+            if isinstance(exc, LabError):
+                raise LabError(f"{exc}{cleanup}") from exc
+            raise LabError(f"{type(exc).__name__}: {exc}{cleanup}") from exc
+        return self
+
+    def _build_underlay(self) -> None:
+        self._say(f"creating underlay {self.underlay_ns} ({UNDERLAY_SUBNET}, MTU {UNDERLAY_MTU})")
+        self._add_netns(self.underlay_ns)
+        netns.add_bridge(self.underlay_ns, UNDERLAY_BRIDGE, mtu=UNDERLAY_MTU)
+        self._say(f"creating {self.kv_ns} ({KV_ADDRESS})")
+        self._attach(self.kv_ns, "kv", KV_ADDRESS)
+        for host in self.hosts:
+            self._say(f"creating host {host.name}: {host.netns} ({host.address})")
+            self._attach(host.netns, host.name, host.address)
+
+    def _attach(self, ns: str, port: str, address: str) -> None:
+        """Make namespace `ns` and join it to the underlay bridge with `address` on ul0."""
+        self._add_netns(ns)
+        netns.add_veth(self.underlay_ns, port, ns, UNDERLAY_IFNAME, mtu=UNDERLAY_MTU)
+        netns.set_master(self.underlay_ns, port, UNDERLAY_BRIDGE)
+        netns.set_up(self.underlay_ns, port)
+        netns.add_address(ns, UNDERLAY_IFNAME, f"{address}/{UNDERLAY_SUBNET.prefixlen}")
+        netns.set_up(ns, UNDERLAY_IFNAME)
+
+    def _make_demo(self) -> None:
+        self._say(f"creating network {DEMO_NETWORK} ({DEMO_SUBNET})")
+        self.create_network(DEMO_NETWORK, DEMO_SUBNET)
+        for host in self.hosts:
+            ep = self.add_endpoint(host, f"{host.name}-ep")
+            self._say(f"endpoint {ep.name} on {host.name}: {ep.ip} ({ep.mac}) in {ep.netns}")
+
+    # --- hosts and daemons ---
+
+    def host(self, host: str | Host) -> Host:
+        if isinstance(host, Host):
+            return host
+        for candidate in self.hosts:
+            if candidate.name == host:
+                return candidate
+        raise LabError(f"no host {host!r} in lab {self.prefix} (hosts: {self.host_names})")
+
+    @property
+    def host_names(self) -> list[str]:
+        return [host.name for host in self.hosts]
+
+    def config_text(self, host: str | Host) -> str:
+        h = self.host(host)
+
+        def q(value: str) -> str:
+            return json.dumps(value)  # a JSON string is a valid TOML basic string
+
+        return (
+            f"[node]\nname = {q(h.name)}\n"
+            f"[underlay]\ninterface = {q(UNDERLAY_IFNAME)}\naddress = {q(h.address)}\n"
+            f"[store]\nurl = {q(self.etcd.url)}\nprefix = {q(self.store_prefix)}\n"
+            f"lease_ttl = {int(self.lease_ttl)}\n"
+            f"[admin]\nsocket = {q(str(h.admin_socket))}\n"
+            f"[status]\nlisten = {q(STATUS_LISTEN)}\n"
+            f"[state]\ndir = {q(str(h.state_dir))}\n"
+            f"[reconcile]\ninterval = {float(self.reconcile_interval)!r}\n"
+            f"[log]\nlevel = {q(self.log_level)}\n"
+        )
+
+    def start_daemon(self, host: str | Host, *, wait: bool = True) -> Proc:
+        """Start overlayd in the host's namespace (config rewritten first); wait until ready."""
+        h = self.host(host)
+        if h.proc is not None and h.proc.alive():
+            raise LabError(f"overlayd on {h.name} is already running (pid {h.proc.pid})")
+        h.state_dir.mkdir(parents=True, exist_ok=True)
+        h.config_path.write_text(self.config_text(h))
+        argv = netns.exec_argv(h.netns, [*overlayd_argv(), "--config", str(h.config_path)])
+        h.proc = Proc.spawn(
+            argv,
+            log_path=h.log_path,
+            env={**os.environ, **self.daemon_env},
+            banner=f"starting overlayd on {h.name} at {time.strftime('%H:%M:%S')}",
+        )
+        self._save()
+        self._say(f"started overlayd on {h.name} (pid {h.proc.pid}), log {h.log_path}")
+        if wait:
+            self.wait_ready(h)
+        return h.proc
+
+    def stop_daemon(
+        self, host: str | Host, sig: int = signal.SIGTERM, timeout: float = 10.0
+    ) -> int | None:
+        """Send `sig` by PID, wait up to `timeout`, then SIGKILL; the exit status if known."""
+        h = self.host(host)
+        if h.proc is None:
+            return None
+        proc = h.proc
+        proc.stop(timeout=timeout, sig=sig)
+        h.proc = None
+        self._save()
+        return proc.returncode()
+
+    def kill_daemon(self, host: str | Host) -> int | None:
+        """SIGKILL the host's overlayd, as a crash would."""
+        return self.stop_daemon(host, sig=signal.SIGKILL)
+
+    def daemon_alive(self, host: str | Host) -> bool:
+        proc = self.host(host).proc
+        return proc is not None and proc.alive()
+
+    def admin(self, host: str | Host, *, timeout: float = 30.0) -> AdminClient:
+        return AdminClient(str(self.host(host).admin_socket), timeout=timeout)
+
+    def is_ready(self, host: str | Host) -> bool:
+        """True if the host's overlayd answers /v1/status with "ready": true."""
+        try:
+            return self.admin(host, timeout=2.0).status().get("ready") is True
+        except _NOT_ANSWERING:
+            return False
+
+    def wait_ready(self, *hosts: str | Host, timeout: float | None = None) -> None:
+        """Wait until every given host's overlayd is ready; LabError with its log if it
+        exits or is not ready in time."""
+        pending = [self.host(h) for h in hosts]
+        timeout = self.ready_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        while pending:
+            for h in list(pending):
+                if h.proc is None or not h.proc.alive():
+                    code = h.proc.returncode() if h.proc is not None else None
+                    raise LabError(
+                        f"overlayd on {h.name} exited (status {code}) before it was ready; "
+                        f"last lines of {h.log_path}:\n{log_tail(h.log_path)}"
+                    )
+                if self.is_ready(h):
+                    pending.remove(h)
+            if pending and time.monotonic() >= deadline:
+                h = pending[0]
+                raise LabError(
+                    f"overlayd on {h.name} not ready after {timeout:g}s; "
+                    f"last lines of {h.log_path}:\n{log_tail(h.log_path)}"
+                )
+            if pending:
+                time.sleep(0.05)
+
+    def status_get(self, host: str | Host, path: str = "/status") -> tuple[int, bytes]:
+        """GET `path` from the host's status server (inside its namespace)."""
+        h = self.host(host)
+        address, port = STATUS_LISTEN.rsplit(":", 1)
+        return request(NetnsHTTPConnection(h.netns, address, int(port)), "GET", path)
+
+    def log_tail(self, host: str | Host, lines: int = 40) -> str:
+        return log_tail(self.host(host).log_path, lines)
+
+    # --- networks and endpoints ---
+
+    def create_network(
+        self,
+        name: str,
+        subnet: str,
+        *,
+        via: str | Host | None = None,
+        vni: int | None = None,
+        gateway: str | None = None,
+        mtu: int | None = None,
+    ) -> dict[str, Any]:
+        """Create a network through the admin API of `via` (the first host by default)."""
+        client = self.admin(via if via is not None else self.hosts[0])
+        record = client.create_network(name, subnet, vni=vni, gateway=gateway, mtu=mtu)
+        with self._lock:
+            self.networks.append(record)
+            self._save()
+        return record
+
+    def add_endpoint(
+        self,
+        host: str | Host,
+        name: str,
+        ip: str | None = None,
+        *,
+        network: str = DEMO_NETWORK,
+        timeout: float = 15.0,
+    ) -> Endpoint:
+        """Make namespace `<prefix>-<name>` and an endpoint `name` in it on `host`.
+
+        Retries while the host's daemon answers 404, i.e. has not yet learnt
+        of a network created through another host.
+        """
+        h = self.host(host)
+        ns = f"{self.prefix}-{name}"
+        self._add_netns(ns)
+
+        def create() -> dict[str, Any] | None:
+            try:
+                return self.admin(h).create_endpoint(network, name, ns, ip=ip)
+            except AdminError as exc:
+                if exc.status == 404:
+                    return None
+                raise
+
+        record = wait_for(create, timeout, f"endpoint {name} on {h.name} (network {network})")
+        ep = Endpoint(h.name, network, name, ns, str(record["ip"]), str(record["mac"]))
+        with self._lock:
+            self.endpoints.append(ep)
+            self._save()
+        return ep
+
+    def forget_endpoint(self, ep: Endpoint) -> None:
+        """Drop `ep` from the record after a test removed it (its namespace stays recorded)."""
+        with self._lock:
+            self.endpoints.remove(ep)
+            self._save()
+
+    # --- commands and traffic ---
+
+    def exec(
+        self, ns: str, argv: Sequence[str], *, check: bool = True, timeout: float = 30.0
+    ) -> subprocess.CompletedProcess[str]:
+        """Run `argv` inside namespace `ns` (CommandError if it fails and `check`)."""
+        return netns.run_in(ns, argv, check=check, timeout=timeout)
+
+    def ping(self, from_ns: str, ip: str, *, wait: int = 1) -> bool:
+        """One echo request from `from_ns` to `ip`; True if answered within `wait` seconds."""
+        argv = ["ping", "-n", "-q", "-c", "1", "-W", str(wait), ip]
+        return self.exec(from_ns, argv, check=False, timeout=wait + 10).returncode == 0
+
+    def wait_ping(self, from_ns: str, ip: str, timeout: float = 20.0) -> float:
+        """Ping until answered; the seconds it took. LabError on timeout."""
+        start = time.monotonic()
+        wait_for(lambda: self.ping(from_ns, ip), timeout, f"ping {from_ns} -> {ip}", interval=0)
+        return time.monotonic() - start
+
+    def pinger(self, from_ns: str, ip: str, *, interval: float = 0.1) -> Pinger:
+        """Start pinging `ip` from `from_ns` every `interval` seconds until `.stop()`."""
+        return Pinger(from_ns, ip, interval=interval)
+
+    def ping_all(
+        self, endpoints: Sequence[Endpoint] | None = None, timeout: float = 30.0
+    ) -> list[PingResult]:
+        """Every endpoint pings every other, all pairs at once, each retrying until
+        answered or `timeout` (programming is asynchronous)."""
+        eps = list(self.endpoints if endpoints is None else endpoints)
+        pairs = [(src, dst) for src in eps for dst in eps if src is not dst]
+        deadline = time.monotonic() + timeout
+
+        def one(pair: tuple[Endpoint, Endpoint]) -> PingResult:
+            src, dst = pair
+            start = time.monotonic()
+            attempts = 0
+            while True:
+                attempts += 1
+                if self.ping(src.netns, dst.ip):
+                    return PingResult(src, dst, True, time.monotonic() - start, attempts)
+                if time.monotonic() >= deadline:
+                    return PingResult(src, dst, False, time.monotonic() - start, attempts)
+
+        if not pairs:
+            return []
+        with ThreadPoolExecutor(max_workers=min(32, len(pairs))) as pool:
+            return list(pool.map(one, pairs))
+
+    def fdb(self, host: str | Host) -> list[dict[str, Any]]:
+        """`bridge -j fdb show` in the host's namespace."""
+        out = self.exec(self.host(host).netns, ["bridge", "-j", "fdb", "show"]).stdout
+        data: list[dict[str, Any]] = json.loads(out) if out.strip() else []
+        return data
+
+    def neighbours(self, host: str | Host) -> list[dict[str, Any]]:
+        """`ip -j neigh show` in the host's namespace."""
+        return netns.ip_json("neigh", "show", netns=self.host(host).netns)
+
+    # --- teardown ---
+
+    def _owned_namespaces(self) -> list[str]:
+        """Recorded namespaces plus any present with the names `up` gives (for a lost record)."""
+        pattern = re.compile(rf"^{re.escape(self.prefix)}-(ul|kv|h\d+(-ep)?)$")
+        found = [ns for ns in netns.list_netns() if pattern.match(ns)]
+        return list(dict.fromkeys([*self.namespaces, *found]))
+
+    def down(self) -> list[str]:
+        """Remove everything the lab made; the errors met (empty when all went well).
+
+        Order: daemons, etcd, any other process left in the lab's namespaces,
+        the namespaces (their interfaces go with them), the lab directory.
+        Safe to call again and after a failed `up`.
+        """
+        errors: list[str] = []
+
+        def attempt(what: str, action: Callable[[], object]) -> None:
+            try:
+                action()
+            except Exception as exc:
+                errors.append(f"{what}: {exc}")
+
+        daemons = [h.proc for h in self.hosts if h.proc is not None]
+        attempt("stop daemons", lambda: stop_all(daemons, timeout=10.0))
+        for h in self.hosts:
+            h.proc = None
+        attempt("stop etcd", self.etcd.stop)
+        namespaces = self._owned_namespaces()
+
+        def stop_leftovers() -> None:
+            found = (Proc.of_pid(pid) for ns in namespaces for pid in netns.netns_pids(ns))
+            stop_all([proc for proc in found if proc is not None], timeout=5.0)
+
+        attempt("stop processes in the lab's namespaces", stop_leftovers)
+        for ns in reversed(namespaces):
+            attempt(f"delete namespace {ns}", partial(netns.delete_netns, ns))
+        attempt(f"remove {self.dir}", self._remove_dir)
+        self.namespaces = []
+        self.endpoints = []
+        self.networks = []
+        return errors
+
+    def _remove_dir(self) -> None:
+        if self.dir.exists():
+            shutil.rmtree(self.dir)
+
+    def __enter__(self) -> Lab:
+        return self.up()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        errors = self.down()
+        if errors and exc is None:
+            raise LabError("lab down: " + "; ".join(errors))
+
+    # --- reports ---
+
+    def describe(self, *, live: bool = True) -> dict[str, Any]:
+        """What `lab status --json` prints; `live` adds liveness and readiness."""
+        daemons = []
+        for h in self.hosts:
+            alive = h.proc is not None and h.proc.alive()
+            daemons.append(
+                {
+                    "host": h.name,
+                    "pid": h.proc.pid if h.proc is not None else None,
+                    "alive": alive,
+                    "ready": (alive and self.is_ready(h)) if live else None,
+                    "netns": h.netns,
+                    "admin_socket": str(h.admin_socket),
+                    "status_url": h.status_url,
+                    "config": str(h.config_path),
+                    "log": str(h.log_path),
+                }
+            )
+        return {
+            "prefix": self.prefix,
+            "dir": str(self.dir),
+            "underlay": {
+                "netns": self.underlay_ns,
+                "bridge": UNDERLAY_BRIDGE,
+                "subnet": str(UNDERLAY_SUBNET),
+                "mtu": UNDERLAY_MTU,
+            },
+            "store": {
+                "kind": self.store,
+                "url": self.etcd.url,
+                "prefix": self.store_prefix,
+                "netns": self.kv_ns,
+                "pid": self.etcd.pid,
+                "alive": self.etcd.running(),
+                "log": str(self.etcd.log_path),
+            },
+            "hosts": [
+                {"name": h.name, "netns": h.netns, "vtep": h.address, "interface": UNDERLAY_IFNAME}
+                for h in self.hosts
+            ],
+            "daemons": daemons,
+            "networks": self.networks,
+            "endpoints": [asdict(ep) for ep in self.endpoints],
+        }
+
+
+# --- overlayctl lab up | status | down ---------------------------------------------
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    cells = [[str(c) for c in headers], *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    )
+
+
+def _ping_matrix(lab: Lab, results: Sequence[PingResult]) -> str:
+    names = [ep.name for ep in lab.endpoints]
+    by_pair = {(r.src.name, r.dst.name): r for r in results}
+    rows = []
+    for src in names:
+        row: list[object] = [src]
+        for dst in names:
+            r = by_pair.get((src, dst))
+            row.append("-" if r is None else f"ok {r.seconds * 1000:.0f}ms" if r.ok else "FAIL")
+        rows.append(row)
+    return _table(["from \\ to", *names], rows)
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def lab_up(hosts: int, store: str, prefix: str, json_out: bool) -> int:
+    """`overlayctl lab up`: build the lab, show hosts and endpoints, ping all pairs."""
+    try:
+        lab = Lab(hosts=hosts, prefix=prefix, store=store, progress=None if json_out else _stderr)
+        lab.up()
+    except LabError as exc:
+        _stderr(f"overlayctl lab up: {exc}")
+        return 1
+    if not json_out:
+        _stderr(f"pinging all {len(lab.endpoints) * (len(lab.endpoints) - 1)} endpoint pairs")
+    results = lab.ping_all()
+    failed = [r for r in results if not r.ok]
+    if json_out:
+        report = lab.describe(live=False)
+        report["ping"] = [
+            {"from": r.src.name, "to": r.dst.name, "ok": r.ok, "seconds": round(r.seconds, 3)}
+            for r in results
+        ]
+        print(json.dumps(report, indent=2))
+    else:
+        addresses = {h.name: h.address for h in lab.hosts}
+        rows = [(ep.host, addresses[ep.host], ep.name, ep.netns, ep.ip) for ep in lab.endpoints]
+        print(_table(["HOST", "VTEP", "ENDPOINT", "NETNS", "IP"], rows))
+        print()
+        print(_ping_matrix(lab, results))
+        print()
+        if failed:
+            print(f"{len(failed)} of {len(results)} pairs did not answer")
+        else:
+            print(f"all {len(results)} pairs answered")
+        print(f"lab {lab.prefix} is up: `overlayctl lab status --prefix {lab.prefix}`, "
+              f"`overlayctl lab down --prefix {lab.prefix}`")
+    if failed:
+        _stderr(
+            f"overlayctl lab up: {len(failed)} of {len(results)} endpoint pairs did not answer; "
+            f"the lab is left up for inspection (logs in {lab.dir}/h*/overlayd.log)"
+        )
+        return 1
+    return 0
+
+
+def lab_status(prefix: str, json_out: bool) -> int:
+    """`overlayctl lab status`: what the lab is made of and whether its processes live."""
+    try:
+        lab = Lab.load(prefix)
+    except LabError as exc:
+        _stderr(f"overlayctl lab status: {exc}")
+        return 1
+    if lab is None:
+        _stderr(f"overlayctl lab status: no lab with prefix {prefix!r} (no {LAB_ROOT / prefix})")
+        return 1
+    report = lab.describe()
+    if json_out:
+        print(json.dumps(report, indent=2))
+        return 0
+    store = report["store"]
+    print(f"lab {lab.prefix}: {len(lab.hosts)} host(s), underlay {UNDERLAY_SUBNET} "
+          f"in {lab.underlay_ns}, dir {lab.dir}")
+    print(f"store: {store['kind']} {store['url']} in {store['netns']}, pid {store['pid']}, "
+          f"{'alive' if store['alive'] else 'NOT RUNNING'}")
+    print()
+    vteps = {h.name: h.address for h in lab.hosts}
+    print(_table(
+        ["HOST", "NETNS", "VTEP", "PID", "STATE", "ADMIN SOCKET"],
+        [
+            (d["host"], d["netns"], vteps[d["host"]], d["pid"] or "-",
+             "ready" if d["ready"] else "alive" if d["alive"] else "down", d["admin_socket"])
+            for d in report["daemons"]
+        ],
+    ))
+    if lab.endpoints:
+        print()
+        print(_table(
+            ["ENDPOINT", "HOST", "NETWORK", "NETNS", "IP", "MAC"],
+            [(ep.name, ep.host, ep.network, ep.netns, ep.ip, ep.mac) for ep in lab.endpoints],
+        ))
+    return 0
+
+
+def lab_down(prefix: str) -> int:
+    """`overlayctl lab down`: remove the lab; 0 also when there was nothing to remove."""
+    try:
+        lab = Lab.load(prefix) or Lab(prefix=prefix)
+    except LabError as exc:
+        # An unreadable record: remove what carries the lab's names.
+        _stderr(f"overlayctl lab down: {exc}")
+        lab = Lab(prefix=prefix)
+    errors = lab.down()
+    for err in errors:
+        _stderr(f"overlayctl lab down: {err}")
+    return 1 if errors else 0
