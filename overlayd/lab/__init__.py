@@ -5,7 +5,6 @@ the end-to-end tests drive a `Lab` directly. `EtcdServer` runs a real etcd
 for the lab and for the tests; `netns` wraps the iproute2 commands used.
 """
 
-from overlayd.lab.admin import AdminClient, AdminError
 from overlayd.lab.etcd import EtcdError, EtcdServer
 from overlayd.lab.lab import (
     DEFAULT_PREFIX,
@@ -29,8 +28,6 @@ __all__ = [
     "DEFAULT_PREFIX",
     "DEMO_NETWORK",
     "DEMO_SUBNET",
-    "AdminClient",
-    "AdminError",
     "CommandError",
     "Endpoint",
     "EtcdError",

@@ -24,8 +24,8 @@ from http.client import HTTPConnection
 from pathlib import Path
 from types import TracebackType
 
-from overlayd.lab.admin import NetnsHTTPConnection, request
 from overlayd.lab.netns import exec_argv, free_port
+from overlayd.lab.nshttp import NetnsHTTPConnection, request
 from overlayd.lab.proc import Proc
 
 ETCD_CANDIDATES = ("/usr/bin/etcd",)

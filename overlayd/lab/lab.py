@@ -21,7 +21,6 @@ are `overlayctl lab up|status|down`.
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import re
@@ -40,14 +39,15 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
+from overlayd.api.client import AdminClient, ClientError
 from overlayd.lab import netns
-from overlayd.lab.admin import AdminClient, AdminError, NetnsHTTPConnection, request
 from overlayd.lab.etcd import EtcdError, EtcdServer, find_etcd, log_tail
+from overlayd.lab.nshttp import NetnsHTTPConnection, request
 from overlayd.lab.proc import Proc, stop_all
 
 T = TypeVar("T")
 
-DEFAULT_PREFIX = "overlayd"
+DEFAULT_PREFIX = "ovl"
 LAB_ROOT = Path("/run/overlayd-lab")
 STORES = ("etcd",)
 MAX_HOSTS = 200
@@ -66,8 +66,6 @@ DEMO_SUBNET = "10.100.0.0/24"
 
 _PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{0,15}$")
 
-# Errors of a request to a daemon that just means "not answering (yet)".
-_NOT_ANSWERING = (OSError, http.client.HTTPException, AdminError, ValueError)
 
 
 class LabError(RuntimeError):
@@ -516,14 +514,15 @@ class Lab:
         proc = self.host(host).proc
         return proc is not None and proc.alive()
 
-    def admin(self, host: str | Host, *, timeout: float = 30.0) -> AdminClient:
+    def admin(self, host: str | Host, *, timeout: float = 60.0) -> AdminClient:
+        """A client of the host's admin socket (`overlayd.api.client`, as overlayctl uses)."""
         return AdminClient(str(self.host(host).admin_socket), timeout=timeout)
 
     def is_ready(self, host: str | Host) -> bool:
         """True if the host's overlayd answers /v1/status with "ready": true."""
         try:
             return self.admin(host, timeout=2.0).status().get("ready") is True
-        except _NOT_ANSWERING:
+        except ClientError:
             return False
 
     def wait_ready(self, *hosts: str | Host, timeout: float | None = None) -> None:
@@ -574,7 +573,7 @@ class Lab:
     ) -> dict[str, Any]:
         """Create a network through the admin API of `via` (the first host by default)."""
         client = self.admin(via if via is not None else self.hosts[0])
-        record = client.create_network(name, subnet, vni=vni, gateway=gateway, mtu=mtu)
+        record = client.network_create(name=name, subnet=subnet, vni=vni, gateway=gateway, mtu=mtu)
         with self._lock:
             self.networks.append(record)
             self._save()
@@ -600,8 +599,8 @@ class Lab:
 
         def create() -> dict[str, Any] | None:
             try:
-                return self.admin(h).create_endpoint(network, name, ns, ip=ip)
-            except AdminError as exc:
+                return self.admin(h).endpoint_add(network=network, name=name, netns=ns, ip=ip)
+            except ClientError as exc:
                 if exc.status == 404:
                     return None
                 raise

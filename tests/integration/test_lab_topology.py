@@ -14,7 +14,7 @@ import pytest
 
 from overlayd.lab import Lab, LabError, lab_down, lab_status, netns
 from overlayd.lab import lab as labmod
-from overlayd.lab.admin import NetnsHTTPConnection, request
+from overlayd.lab.nshttp import NetnsHTTPConnection, request
 from overlayd.lab.proc import read_start_time
 
 
