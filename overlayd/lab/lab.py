@@ -405,7 +405,7 @@ class Lab:
                 if demo:
                     self._make_demo()
         except BaseException as exc:
-            self._say(f"lab up failed, removing what was made: {exc}")
+            self._say("lab up failed; removing what was made")
             errors = self.down()
             if not isinstance(exc, Exception):
                 raise
@@ -436,10 +436,24 @@ class Lab:
 
     def _make_demo(self) -> None:
         self._say(f"creating network {DEMO_NETWORK} ({DEMO_SUBNET})")
-        self.create_network(DEMO_NETWORK, DEMO_SUBNET)
+        first = self.hosts[0]
+        try:
+            self.create_network(DEMO_NETWORK, DEMO_SUBNET, via=first)
+        except ClientError as exc:
+            raise self._daemon_error(first, f"creating network {DEMO_NETWORK}", exc) from exc
         for host in self.hosts:
-            ep = self.add_endpoint(host, f"{host.name}-ep")
+            try:
+                ep = self.add_endpoint(host, f"{host.name}-ep")
+            except ClientError as exc:
+                raise self._daemon_error(host, f"creating endpoint {host.name}-ep", exc) from exc
             self._say(f"endpoint {ep.name} on {host.name}: {ep.ip} ({ep.mac}) in {ep.netns}")
+
+    def _daemon_error(self, host: Host, what: str, exc: Exception) -> LabError:
+        """A failed admin call, with the end of that daemon's log (removed by the cleanup)."""
+        return LabError(
+            f"{what} on {host.name} failed: {exc}; last lines of {host.log_path}:\n"
+            f"{log_tail(host.log_path)}"
+        )
 
     # --- hosts and daemons ---
 

@@ -1,0 +1,45 @@
+# overlayd: `make lab` builds a 3-host lab on this machine, `make test` runs every check.
+# Both need root (network namespaces) and a Debian-like system (apt-get).
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+LAB_HOSTS ?= 3
+
+.PHONY: setup system-packages lab lab-down test lint
+
+setup: system-packages $(STAMP)
+
+# Installs only what is missing, so it costs nothing once everything is there.
+system-packages:
+	@missing=""; \
+	command -v ip >/dev/null 2>&1 || missing="$$missing iproute2"; \
+	command -v ping >/dev/null 2>&1 || missing="$$missing iputils-ping"; \
+	[ -x /usr/bin/etcd ] || command -v etcd >/dev/null 2>&1 || missing="$$missing etcd-server"; \
+	command -v $(PYTHON) >/dev/null 2>&1 || missing="$$missing python3"; \
+	$(PYTHON) -c 'import ensurepip' >/dev/null 2>&1 || missing="$$missing python3-venv"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing; \
+	fi
+
+# Re-installed only when pyproject.toml changes.
+$(STAMP): pyproject.toml
+	[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+lab: setup
+	$(BIN)/overlayctl lab down
+	$(BIN)/overlayctl lab up --hosts $(LAB_HOSTS)
+
+lab-down: setup
+	$(BIN)/overlayctl lab down
+
+lint: setup
+	$(BIN)/ruff check overlayd tests
+	$(BIN)/mypy overlayd
+
+test: lint
+	$(BIN)/pytest -q
