@@ -561,7 +561,7 @@ class Daemon:
                 await store.delete_endpoint(endpoint)
             except StoreError as exc:
                 raise Unavailable(str(exc)) from None
-            await delete_local_endpoint(self._require_kernel(), veth_name(network, name))
+            await delete_local_endpoint(self._require_kernel(), host_ifname=veth_name(network, name))
             self.registry.remove(key)
             self.view.apply(EndpointDeleted(key))
             self._update_gauges()

@@ -1,6 +1,6 @@
 """Commands the reconciler gives the kernel executor, named as imperatives.
 
-Pure data. The diff produces them; `dataplane.kernel.KernelExecutor` is the
+Pure data. The diff produces them; `dataplane.kernel.Kernel` is the
 only thing that turns them into netlink messages, and it rejects any type it
 does not know.
 """
