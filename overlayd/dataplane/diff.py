@@ -77,17 +77,12 @@ def diff(want: KernelState, have: KernelState) -> list[Command]:
     adds += [ReplaceNeigh(e) for k, e in sorted(want_neigh.items()) if have_neigh.get(k) != e]
 
     removals: list[Command] = []
-    removals += [
-        DeleteNeigh(e) for e in sorted(have_neigh.values()) if (e.device, e.ip) not in want_neigh
-    ]
+    removals += [DeleteNeigh(e) for e in sorted(have_neigh.values()) if (e.device, e.ip) not in want_neigh]
     removals += [DeleteFdb(e) for e in sorted(have_fdb.values()) if (e.device, e.mac) not in want_fdb]
     removals += [DeleteFlood(e) for e in sorted(have_flood - want.flood)]
 
     # VXLAN devices before their bridges.
-    stale_links: list[Command] = [
-        DeleteLink(name) for name in sorted(set(have.vxlans) - set(want.vxlans))
-    ]
+    stale_links: list[Command] = [DeleteLink(name) for name in sorted(set(have.vxlans) - set(want.vxlans))]
     stale_links += [DeleteLink(name) for name in sorted(set(have.bridges) - set(want.bridges))]
 
     return links + adds + removals + stale_links
-

@@ -18,10 +18,9 @@ import os
 import re
 from ipaddress import IPv4Address
 
-from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from overlayd.dataplane.kernel import Kernel, KernelError, LinkInfo, error_text, netns_path
+from overlayd.dataplane.kernel import Kernel, KernelError, LinkInfo, error_text, netns_path, open_iproute
 from overlayd.dataplane.kstate import VETH_PREFIX, link_alias
 
 __all__ = ["create_local_endpoint", "delete_local_endpoint", "port_exists"]
@@ -149,8 +148,7 @@ async def create_local_endpoint(
 async def _configure_inside(
     netns: str, ifname: str, ip: IPv4Address, prefixlen: int, gateway: IPv4Address | None
 ) -> None:
-    # flags=0: a namespace that vanished meanwhile is an error, never created.
-    async with AsyncIPRoute(netns=netns_path(netns), flags=0, groups=0, ext_ack=True) as ns:
+    async with open_iproute(netns) as ns:
         found = await ns.link_lookup(ifname=ifname)
         if not found:
             raise KernelError(f"{ifname} did not appear in netns {netns}")

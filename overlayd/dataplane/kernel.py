@@ -37,7 +37,6 @@ from ipaddress import IPv4Address
 from typing import Any, Final, TypeVar
 
 from pyroute2 import AsyncIPRoute
-from pyroute2 import netns as pyroute2_netns
 from pyroute2.netlink.exceptions import NetlinkError
 
 from overlayd.dataplane.commands import (
@@ -69,6 +68,7 @@ from overlayd.dataplane.kstate import (
     is_ours,
     link_alias,
 )
+from overlayd.dataplane.nsock import netns_path, socket_in_netns
 from overlayd.metrics import Metrics
 
 __all__ = [
@@ -138,9 +138,17 @@ class LinkInfo:
         return role, network
 
 
-def netns_path(netns: str) -> str:
-    """A namespace name means /run/netns/<name>; anything with a slash is a path."""
-    return netns if "/" in netns else os.path.join("/run/netns", netns)
+def open_iproute(netns: str | None) -> Any:
+    """An AsyncIPRoute in `netns` (None: this namespace), without pyroute2's fork.
+
+    groups=0: never subscribe to notifications nobody reads (they would pile
+    up in pyroute2's queue). ext_ack: errors carry the kernel's reason.
+    """
+    if netns is None:
+        return AsyncIPRoute(groups=0, ext_ack=True)
+    # SOCK_DGRAM: pyroute2 hands the socket to asyncio as a datagram transport.
+    sock = socket_in_netns(netns, socket.AF_NETLINK, socket.SOCK_DGRAM, socket.NETLINK_ROUTE)
+    return AsyncIPRoute(fileno=sock.detach(), groups=0, ext_ack=True)
 
 
 # --- netlink constants (linux/netlink.h, rtnetlink.h, neighbour.h, if_link.h) ---
@@ -277,15 +285,7 @@ class _Rtnl:
         if netns is None:
             sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
         else:
-            # pyroute2 forks a child that enters the namespace and hands the
-            # socket back; flags=0 so a missing namespace is an error, not created.
-            sock = pyroute2_netns.create_socket(
-                netns_path(netns),
-                family=socket.AF_NETLINK,
-                socket_type=socket.SOCK_RAW,
-                proto=socket.NETLINK_ROUTE,
-                flags=0,
-            )
+            sock = socket_in_netns(netns, socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
         try:
             for force, plain, size in (
                 (_SO_RCVBUFFORCE, socket.SO_RCVBUF, _RCVBUF),
@@ -400,9 +400,7 @@ class _Rtnl:
             await asyncio.sleep(0)
         return results
 
-    async def _batch_chunk(
-        self, chunk: Sequence[bytes], results: list[tuple[int, str]], base: int
-    ) -> None:
+    async def _batch_chunk(self, chunk: Sequence[bytes], results: list[tuple[int, str]], base: int) -> None:
         buf = bytearray(b"".join(chunk))
         seqs: dict[int, int] = {}  # sequence number -> index in results
         offset = 0
@@ -595,8 +593,7 @@ class Kernel:
         return self
 
     def _open(self) -> None:
-        # Synchronous on purpose: entering a namespace forks a helper that
-        # hands back the socket; it happens once, at startup.
+        # Synchronous on purpose: it happens once, at startup.
         if self._netns is not None and not os.path.exists(netns_path(self._netns)):
             raise KernelError(f"network namespace {self._netns} does not exist")
         try:
@@ -604,7 +601,7 @@ class Kernel:
             # groups=0: never subscribe to notifications nobody reads (they
             # would pile up in pyroute2's queue); flags=0: never create a netns.
             # ext_ack: errors carry the kernel's reason, not just an errno.
-            self._ipr = AsyncIPRoute(netns=self._netns, flags=0, groups=0, ext_ack=True)
+            self._ipr = open_iproute(self._netns)
         except BaseException as exc:
             self._close()
             if isinstance(exc, OSError):
@@ -666,18 +663,14 @@ class Kernel:
             raise KernelError(f"cannot read link {ifname}: {error_text(exc)}") from exc
         return found[0] if found else None
 
-    async def underlay(
-        self, *, interface: str | None, address: IPv4Address | None
-    ) -> Underlay:
+    async def underlay(self, *, interface: str | None, address: IPv4Address | None) -> Underlay:
         """The underlay from an interface name and/or the VTEP address it holds.
 
         With only an interface, the VTEP address is its first IPv4 address;
         with only an address, the interface is the one holding it; with both,
         they must agree. The MTU is the interface's: overlay MTUs derive from it.
         """
-        addrs = await self._dump(
-            _RTM_GETADDR, _IFADDRMSG.pack(_AF_INET, 0, 0, 0, 0), _parse_addr
-        )
+        addrs = await self._dump(_RTM_GETADDR, _IFADDRMSG.pack(_AF_INET, 0, 0, 0, 0), _parse_addr)
         links = {link.index: link for link in await self.links()}
         if interface is None:
             if address is None:
@@ -813,15 +806,11 @@ class Kernel:
                 continue
             if dev is None:
                 # An entry cannot outlive its device: deleting it is done.
-                error = None if isinstance(cmd, _DELETES) else (
-                    f"device {cmd.entry.device} does not exist"
-                )
+                error = None if isinstance(cmd, _DELETES) else (f"device {cmd.entry.device} does not exist")
                 results[i] = OpResult(cmd, error)
                 continue
             if not dev.ours or dev.kind != "vxlan" or not dev.ifname.startswith(VXLAN_PREFIX):
-                results[i] = OpResult(
-                    cmd, f"{dev.ifname} is not an overlayd VXLAN device; not touching it"
-                )
+                results[i] = OpResult(cmd, f"{dev.ifname} is not an overlayd VXLAN device; not touching it")
                 continue
             try:
                 msgs.append(_entry_message(cmd, dev.index))
@@ -906,9 +895,7 @@ class Kernel:
                 spec.ifname, alias, kind="bridge", address=mac, mtu=spec.mtu, br_stp_state=0
             )
             return
-        await self.ipr.link(
-            "set", index=link.index, address=mac, mtu=spec.mtu, ifalias=alias, state="up"
-        )
+        await self.ipr.link("set", index=link.index, address=mac, mtu=spec.mtu, ifalias=alias, state="up")
 
     async def _ensure_vxlan(self, spec: VxlanSpec) -> None:
         alias = link_alias(spec.network, "vxlan")
@@ -937,9 +924,7 @@ class Kernel:
                 f"want vni {spec.vni} local {spec.local} port {spec.port}: "
                 "these cannot change on a live device, delete it first"
             )
-        await self.ipr.link(
-            "set", index=link.index, mtu=spec.mtu, master=master, ifalias=alias, state="up"
-        )
+        await self.ipr.link("set", index=link.index, mtu=spec.mtu, master=master, ifalias=alias, state="up")
 
     async def _set_port(self, spec: PortSpec) -> None:
         master = await self._bridge_index(spec.bridge)
@@ -974,42 +959,116 @@ def _entry_message(cmd: _EntryCommand, ifindex: int) -> bytes:
     match cmd:
         case ReplaceFdb(e):
             return _ENTRY.pack(
-                _ENTRY.size, _RTM_NEWNEIGH, req | _NLM_F_CREATE | _NLM_F_REPLACE, 0, 0,
-                _AF_BRIDGE, ifindex, _NUD_PERMANENT | _NUD_NOARP, _NTF_SELF, 0,
-                10, _NDA_LLADDR, _mac_bytes(e.mac), 8, _NDA_DST, e.dst.packed,
+                _ENTRY.size,
+                _RTM_NEWNEIGH,
+                req | _NLM_F_CREATE | _NLM_F_REPLACE,
+                0,
+                0,
+                _AF_BRIDGE,
+                ifindex,
+                _NUD_PERMANENT | _NUD_NOARP,
+                _NTF_SELF,
+                0,
+                10,
+                _NDA_LLADDR,
+                _mac_bytes(e.mac),
+                8,
+                _NDA_DST,
+                e.dst.packed,
             )
         case DeleteFdb(e):
             # With NDA_DST the kernel removes just this destination.
             return _ENTRY.pack(
-                _ENTRY.size, _RTM_DELNEIGH, req, 0, 0,
-                _AF_BRIDGE, ifindex, _NUD_PERMANENT | _NUD_NOARP, _NTF_SELF, 0,
-                10, _NDA_LLADDR, _mac_bytes(e.mac), 8, _NDA_DST, e.dst.packed,
+                _ENTRY.size,
+                _RTM_DELNEIGH,
+                req,
+                0,
+                0,
+                _AF_BRIDGE,
+                ifindex,
+                _NUD_PERMANENT | _NUD_NOARP,
+                _NTF_SELF,
+                0,
+                10,
+                _NDA_LLADDR,
+                _mac_bytes(e.mac),
+                8,
+                _NDA_DST,
+                e.dst.packed,
             )
         case AppendFlood(e):
             # The all-zero MAC holds a list of VTEPs; APPEND adds one more
             # (`bridge fdb append`) where REPLACE would drop the others.
             return _ENTRY.pack(
-                _ENTRY.size, _RTM_NEWNEIGH, req | _NLM_F_CREATE | _NLM_F_APPEND, 0, 0,
-                _AF_BRIDGE, ifindex, _NUD_PERMANENT | _NUD_NOARP, _NTF_SELF, 0,
-                10, _NDA_LLADDR, _FLOOD_MAC_BYTES, 8, _NDA_DST, e.dst.packed,
+                _ENTRY.size,
+                _RTM_NEWNEIGH,
+                req | _NLM_F_CREATE | _NLM_F_APPEND,
+                0,
+                0,
+                _AF_BRIDGE,
+                ifindex,
+                _NUD_PERMANENT | _NUD_NOARP,
+                _NTF_SELF,
+                0,
+                10,
+                _NDA_LLADDR,
+                _FLOOD_MAC_BYTES,
+                8,
+                _NDA_DST,
+                e.dst.packed,
             )
         case DeleteFlood(e):
             return _ENTRY.pack(
-                _ENTRY.size, _RTM_DELNEIGH, req, 0, 0,
-                _AF_BRIDGE, ifindex, _NUD_PERMANENT | _NUD_NOARP, _NTF_SELF, 0,
-                10, _NDA_LLADDR, _FLOOD_MAC_BYTES, 8, _NDA_DST, e.dst.packed,
+                _ENTRY.size,
+                _RTM_DELNEIGH,
+                req,
+                0,
+                0,
+                _AF_BRIDGE,
+                ifindex,
+                _NUD_PERMANENT | _NUD_NOARP,
+                _NTF_SELF,
+                0,
+                10,
+                _NDA_LLADDR,
+                _FLOOD_MAC_BYTES,
+                8,
+                _NDA_DST,
+                e.dst.packed,
             )
         case ReplaceNeigh(e):
             return _ENTRY.pack(
-                _ENTRY.size, _RTM_NEWNEIGH, req | _NLM_F_CREATE | _NLM_F_REPLACE, 0, 0,
-                _AF_INET, ifindex, _NUD_PERMANENT, 0, 0,
-                10, _NDA_LLADDR, _mac_bytes(e.mac), 8, _NDA_DST, e.ip.packed,
+                _ENTRY.size,
+                _RTM_NEWNEIGH,
+                req | _NLM_F_CREATE | _NLM_F_REPLACE,
+                0,
+                0,
+                _AF_INET,
+                ifindex,
+                _NUD_PERMANENT,
+                0,
+                0,
+                10,
+                _NDA_LLADDR,
+                _mac_bytes(e.mac),
+                8,
+                _NDA_DST,
+                e.ip.packed,
             )
         case DeleteNeigh(e):
             return _ENTRY_NO_LLADDR.pack(
-                _ENTRY_NO_LLADDR.size, _RTM_DELNEIGH, req, 0, 0,
-                _AF_INET, ifindex, 0, 0, 0,
-                8, _NDA_DST, e.ip.packed,
+                _ENTRY_NO_LLADDR.size,
+                _RTM_DELNEIGH,
+                req,
+                0,
+                0,
+                _AF_INET,
+                ifindex,
+                0,
+                0,
+                0,
+                8,
+                _NDA_DST,
+                e.ip.packed,
             )
     raise TypeError(f"not an entry command: {cmd!r}")
-
