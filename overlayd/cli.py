@@ -171,9 +171,7 @@ def _network_summary(net: Record) -> str:
 
 def cmd_network_create(ctx: Context) -> int:
     a = ctx.args
-    net = ctx.client().network_create(
-        name=a.name, subnet=a.subnet, vni=a.vni, gateway=a.gateway, mtu=a.mtu
-    )
+    net = ctx.client().network_create(name=a.name, subnet=a.subnet, vni=a.vni, gateway=a.gateway, mtu=a.mtu)
     if ctx.json_out:
         _print_json(net)
     else:
@@ -220,9 +218,7 @@ def cmd_network_rm(ctx: Context) -> int:
 
 def cmd_endpoint_add(ctx: Context) -> int:
     a = ctx.args
-    ep = ctx.client().endpoint_add(
-        network=a.network, name=a.name, netns=a.netns, ip=a.ip, ifname=a.ifname
-    )
+    ep = ctx.client().endpoint_add(network=a.network, name=a.name, netns=a.netns, ip=a.ip, ifname=a.ifname)
     if ctx.json_out:
         _print_json(ep)
     else:
@@ -360,9 +356,7 @@ def _global_options() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help=f"admin socket of overlayd (default: ${SOCKET_ENV} or {DEFAULT_SOCKET})",
     )
-    options.add_argument(
-        "--json", action="store_true", default=argparse.SUPPRESS, help="print JSON"
-    )
+    options.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
     return options
 
 
@@ -375,9 +369,7 @@ def _add_network_commands(commands: _Commands, common: argparse.ArgumentParser) 
     create.add_argument("--subnet", required=True, type=_cidr, metavar="CIDR")
     create.add_argument("--vni", type=_vni, metavar="N", help="VXLAN ID (default: allocated)")
     create.add_argument("--gateway", type=_ipv4, metavar="IP")
-    create.add_argument(
-        "--mtu", type=_positive_int, metavar="N", help="default: underlay MTU minus 50"
-    )
+    create.add_argument("--mtu", type=_positive_int, metavar="N", help="default: underlay MTU minus 50")
     create.set_defaults(handler=cmd_network_create)
 
     ls = sub.add_parser("ls", aliases=["list"], parents=[common], help="list networks")
@@ -420,9 +412,7 @@ def _add_lab_commands(commands: _Commands, common: argparse.ArgumentParser) -> N
     )
     sub = group.add_subparsers(dest="lab_command", metavar="COMMAND", required=True)
     prefix = argparse.ArgumentParser(add_help=False)
-    prefix.add_argument(
-        "--prefix", default="ovl", metavar="P", help="name prefix of the lab's namespaces"
-    )
+    prefix.add_argument("--prefix", default="ovl", metavar="P", help="name prefix of the lab's namespaces")
 
     up = sub.add_parser("up", parents=[common, prefix], help="build the lab and start overlayd")
     up.add_argument("--hosts", type=_positive_int, default=3, metavar="N")

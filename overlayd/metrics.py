@@ -10,7 +10,20 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Convergence is expected in milliseconds; the tail matters up to a lease TTL.
 _LATENCY_BUCKETS = (
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
 )
 
 
@@ -39,24 +52,24 @@ class Metrics:
             registry=r,
         )
         self.store_errors = Counter(
-            "overlayd_store_errors_total", "KV store operations that failed, by operation.",
-            ["operation"], registry=r,
+            "overlayd_store_errors_total",
+            "KV store operations that failed, by operation.",
+            ["operation"],
+            registry=r,
         )
-        self.store_up = Gauge(
-            "overlayd_store_up", "1 while the KV store answers, else 0.", registry=r
-        )
+        self.store_up = Gauge("overlayd_store_up", "1 while the KV store answers, else 0.", registry=r)
         self.invalid_records = Counter(
             "overlayd_store_invalid_records_total",
             "Values under the prefix that are not valid overlayd data (skipped).",
             registry=r,
         )
         self.endpoints_known = Gauge(
-            "overlayd_endpoints_known", "Endpoints in the cluster view, by locality.",
-            ["locality"], registry=r,
+            "overlayd_endpoints_known",
+            "Endpoints in the cluster view, by locality.",
+            ["locality"],
+            registry=r,
         )
-        self.networks_known = Gauge(
-            "overlayd_networks_known", "Networks in the cluster view.", registry=r
-        )
+        self.networks_known = Gauge("overlayd_networks_known", "Networks in the cluster view.", registry=r)
         self.convergence_latency = Histogram(
             "overlayd_convergence_latency_seconds",
             "From an endpoint record's creation at its owner to its entries programmed here.",

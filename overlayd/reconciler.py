@@ -39,7 +39,7 @@ class PassReport:
     def to_dict(self) -> dict[str, object]:
         return {
             "trigger": self.trigger,
-            "at": self.started_at,
+            "started_at": self.started_at,
             "duration_ms": round(self.duration * 1000, 3),
             "applied": self.applied,
             "failed": self.failed,

@@ -116,9 +116,7 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         # The exception text may carry internals (store URLs, keys); the client
         # gets only its type, the operator gets the traceback in the log.
         log.exception("admin API %s %s failed", request.method, request.path)
-        return error_response(
-            500, f"internal error ({type(exc).__name__}); see the overlayd log for details"
-        )
+        return error_response(500, f"internal error ({type(exc).__name__}); see the overlayd log for details")
 
 
 # --- request bodies -------------------------------------------------------
@@ -280,8 +278,7 @@ async def _clear_socket_path(path: str) -> None:
         raise ServerError(f"cannot use admin socket {path}: it exists and is not a socket")
     if await _socket_answers(path):
         raise ServerError(
-            f"cannot use admin socket {path}: another process is serving on it "
-            "(is overlayd already running?)"
+            f"cannot use admin socket {path}: another process is serving on it (is overlayd already running?)"
         )
     try:
         os.unlink(path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from ipaddress import IPv4Address
 
 from overlayd.dataplane.kstate import (
     BridgeSpec,
@@ -33,6 +34,7 @@ class Op(StrEnum):
     DELETE_FLOOD = "delete_flood"
     REPLACE_NEIGH = "replace_neigh"
     DELETE_NEIGH = "delete_neigh"
+    ANNOUNCE_ARP = "announce_arp"
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,22 @@ class DeleteNeigh:
     op = Op.DELETE_NEIGH
 
 
+@dataclass(frozen=True)
+class AnnounceArp:
+    """Broadcast a gratuitous ARP (ip is at mac) on a bridge's local ports.
+
+    The VXLAN device answers ARP itself (`proxy`) and never forwards it, so a
+    container that cached an address's old MAC (the IP was reused by an
+    endpoint elsewhere) would keep sending into the void until its cache
+    entry expired; the announcement corrects its cache at once.
+    """
+
+    bridge: str
+    ip: IPv4Address
+    mac: str
+    op = Op.ANNOUNCE_ARP
+
+
 Command = (
     EnsureBridge
     | EnsureVxlan
@@ -112,6 +130,7 @@ Command = (
     | DeleteFlood
     | ReplaceNeigh
     | DeleteNeigh
+    | AnnounceArp
 )
 
 
@@ -141,4 +160,6 @@ def describe(cmd: Command) -> str:
             return f"replace neigh {e.ip} lladdr {e.mac} dev {e.device}"
         case DeleteNeigh(e):
             return f"delete neigh {e.ip} lladdr {e.mac} dev {e.device}"
+        case AnnounceArp(bridge, ip, mac):
+            return f"announce arp {ip} is-at {mac} on {bridge}"
     raise TypeError(f"unknown command {cmd!r}")

@@ -11,12 +11,14 @@ replacing it would remove the new one.
 
 Order of the result: links first (entries need their device), then new and
 changed entries (FDB before neighbour, so an answered ARP always has a
-path), then stale entries, then links that are no longer wanted.
+path; each new neighbour followed by an ARP announcement on the local
+bridge), then stale entries, then links that are no longer wanted.
 """
 
 from __future__ import annotations
 
 from overlayd.dataplane.commands import (
+    AnnounceArp,
     AppendFlood,
     Command,
     DeleteFdb,
@@ -74,7 +76,13 @@ def diff(want: KernelState, have: KernelState) -> list[Command]:
     adds: list[Command] = []
     adds += [ReplaceFdb(e) for k, e in sorted(want_fdb.items()) if have_fdb.get(k) != e]
     adds += [AppendFlood(e) for e in sorted(want.flood - have_flood)]
-    adds += [ReplaceNeigh(e) for k, e in sorted(want_neigh.items()) if have_neigh.get(k) != e]
+    for key, entry in sorted(want_neigh.items()):
+        if have_neigh.get(key) != entry:
+            adds.append(ReplaceNeigh(entry))
+            device = want.vxlans.get(entry.device)
+            if device is not None:
+                # Local containers may have cached another MAC for this IP.
+                adds.append(AnnounceArp(device.bridge, entry.ip, entry.mac))
 
     removals: list[Command] = []
     removals += [DeleteNeigh(e) for e in sorted(have_neigh.values()) if (e.device, e.ip) not in want_neigh]

@@ -40,6 +40,7 @@ from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from overlayd.dataplane.commands import (
+    AnnounceArp,
     AppendFlood,
     Command,
     DeleteFdb,
@@ -136,6 +137,17 @@ class LinkInfo:
         if not sep or not network:
             return None
         return role, network
+
+
+_ETH_P_ARP = 0x0806
+
+
+def gratuitous_arp(ip: IPv4Address, mac: str) -> bytes:
+    """A broadcast ARP request for `ip` from `ip` at `mac`: receivers update their caches."""
+    hw = bytes.fromhex(mac.replace(":", ""))
+    frame = b"\xff" * 6 + hw + struct.pack("!H", _ETH_P_ARP)
+    frame += struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1) + hw + ip.packed + b"\x00" * 6 + ip.packed
+    return frame.ljust(60, b"\x00")  # Ethernet minimum frame size without FCS
 
 
 def open_iproute(netns: str | None) -> Any:
@@ -764,11 +776,17 @@ class Kernel:
         ahead of the device it needs.
         """
         for cmd in commands:
-            if not isinstance(cmd, _ENTRY_COMMANDS + _LINK_COMMANDS):
+            if not isinstance(cmd, _ENTRY_COMMANDS + _LINK_COMMANDS + (AnnounceArp,)):
                 raise TypeError(f"the kernel executor does not know {cmd!r}")
         results: list[OpResult] = []
         pending: list[_EntryCommand] = []
+        # Announcements go out after everything else in this call: by then
+        # the entries that make the announced address reachable are in place.
+        announcements: list[AnnounceArp] = []
         for cmd in commands:
+            if isinstance(cmd, AnnounceArp):
+                announcements.append(cmd)
+                continue
             if isinstance(cmd, _ENTRY_COMMANDS):
                 pending.append(cmd)
                 continue
@@ -778,12 +796,55 @@ class Kernel:
             results.append(await self._apply_link(cmd))
         if pending:
             results += await self._apply_entries(pending)
+        results += self._announce(announcements)
         if self._metrics is not None:
             for res in results:
                 self._metrics.kernel_ops.labels(
                     kind=res.command.op.value, result="ok" if res.ok else "error"
                 ).inc()
         return results
+
+    def _announce(self, cmds: Sequence[AnnounceArp]) -> list[OpResult]:
+        """Send one gratuitous ARP per command out of its bridge (to local ports only)."""
+        results: list[OpResult] = []
+        sockets: dict[str, socket.socket | OSError] = {}
+        try:
+            for cmd in cmds:
+                sock = sockets.get(cmd.bridge)
+                if sock is None:
+                    try:
+                        sock = self._packet_socket(cmd.bridge)
+                    except OSError as exc:
+                        sock = exc
+                    sockets[cmd.bridge] = sock
+                if isinstance(sock, OSError):
+                    results.append(OpResult(cmd, f"cannot send on {cmd.bridge}: {error_text(sock)}"))
+                    continue
+                try:
+                    sock.send(gratuitous_arp(cmd.ip, cmd.mac))
+                except OSError as exc:
+                    results.append(OpResult(cmd, f"cannot send on {cmd.bridge}: {error_text(exc)}"))
+                else:
+                    results.append(OpResult(cmd, None))
+        finally:
+            for sock in sockets.values():
+                if isinstance(sock, socket.socket):
+                    sock.close()
+        return results
+
+    def _packet_socket(self, ifname: str) -> socket.socket:
+        proto = socket.htons(_ETH_P_ARP)
+        if self._netns is None:
+            sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, proto)
+        else:
+            sock = socket_in_netns(self._netns, socket.AF_PACKET, socket.SOCK_RAW, proto)
+        try:
+            sock.bind((ifname, 0))
+        except OSError:
+            sock.close()
+            raise
+        sock.setblocking(False)
+        return sock
 
     async def _apply_entries(self, cmds: Sequence[_EntryCommand]) -> list[OpResult]:
         # Resolve each device once: it must be one of our VXLAN devices.

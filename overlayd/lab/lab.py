@@ -67,7 +67,6 @@ DEMO_SUBNET = "10.100.0.0/24"
 _PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{0,15}$")
 
 
-
 class LabError(RuntimeError):
     """The lab could not be built, used or removed; the message says what and why."""
 
@@ -75,8 +74,7 @@ class LabError(RuntimeError):
 def check_prefix(prefix: str) -> str:
     if not _PREFIX_RE.match(prefix):
         raise LabError(
-            f"invalid lab prefix {prefix!r}: 1-16 lower-case letters and digits, "
-            "starting with a letter"
+            f"invalid lab prefix {prefix!r}: 1-16 lower-case letters and digits, starting with a letter"
         )
     return prefix
 
@@ -265,8 +263,7 @@ class Lab:
         self.underlay_ns = f"{prefix}-ul"
         self.kv_ns = f"{prefix}-kv"
         self.hosts = [
-            Host(f"h{k}", f"{prefix}-h{k}", host_address(k), self.dir / f"h{k}")
-            for k in range(1, hosts + 1)
+            Host(f"h{k}", f"{prefix}-h{k}", host_address(k), self.dir / f"h{k}") for k in range(1, hosts + 1)
         ]
         self.etcd = EtcdServer(
             host=KV_ADDRESS,
@@ -451,8 +448,7 @@ class Lab:
     def _daemon_error(self, host: Host, what: str, exc: Exception) -> LabError:
         """A failed admin call, with the end of that daemon's log (removed by the cleanup)."""
         return LabError(
-            f"{what} on {host.name} failed: {exc}; last lines of {host.log_path}:\n"
-            f"{log_tail(host.log_path)}"
+            f"{what} on {host.name} failed: {exc}; last lines of {host.log_path}:\n{log_tail(host.log_path)}"
         )
 
     # --- hosts and daemons ---
@@ -507,9 +503,7 @@ class Lab:
             self.wait_ready(h)
         return h.proc
 
-    def stop_daemon(
-        self, host: str | Host, sig: int = signal.SIGTERM, timeout: float = 10.0
-    ) -> int | None:
+    def stop_daemon(self, host: str | Host, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int | None:
         """Send `sig` by PID, wait up to `timeout`, then SIGKILL; the exit status if known."""
         h = self.host(host)
         if h.proc is None:
@@ -633,6 +627,18 @@ class Lab:
             self._save()
 
     # --- commands and traffic ---
+
+    @staticmethod
+    def wait_for(
+        predicate: Callable[[], T | None],
+        timeout: float,
+        what: str,
+        *,
+        interval: float = 0.05,
+        ignore: tuple[type[BaseException], ...] = (),
+    ) -> T:
+        """The module's `wait_for`, at hand on the lab."""
+        return wait_for(predicate, timeout, what, interval=interval, ignore=ignore)
 
     def exec(
         self, ns: str, argv: Sequence[str], *, check: bool = True, timeout: float = 30.0
@@ -856,8 +862,10 @@ def lab_up(hosts: int, store: str, prefix: str, json_out: bool) -> int:
             print(f"{len(failed)} of {len(results)} pairs did not answer")
         else:
             print(f"all {len(results)} pairs answered")
-        print(f"lab {lab.prefix} is up: `overlayctl lab status --prefix {lab.prefix}`, "
-              f"`overlayctl lab down --prefix {lab.prefix}`")
+        print(
+            f"lab {lab.prefix} is up: `overlayctl lab status --prefix {lab.prefix}`, "
+            f"`overlayctl lab down --prefix {lab.prefix}`"
+        )
     if failed:
         _stderr(
             f"overlayctl lab up: {len(failed)} of {len(results)} endpoint pairs did not answer; "
@@ -882,26 +890,40 @@ def lab_status(prefix: str, json_out: bool) -> int:
         print(json.dumps(report, indent=2))
         return 0
     store = report["store"]
-    print(f"lab {lab.prefix}: {len(lab.hosts)} host(s), underlay {UNDERLAY_SUBNET} "
-          f"in {lab.underlay_ns}, dir {lab.dir}")
-    print(f"store: {store['kind']} {store['url']} in {store['netns']}, pid {store['pid']}, "
-          f"{'alive' if store['alive'] else 'NOT RUNNING'}")
+    print(
+        f"lab {lab.prefix}: {len(lab.hosts)} host(s), underlay {UNDERLAY_SUBNET} "
+        f"in {lab.underlay_ns}, dir {lab.dir}"
+    )
+    print(
+        f"store: {store['kind']} {store['url']} in {store['netns']}, pid {store['pid']}, "
+        f"{'alive' if store['alive'] else 'NOT RUNNING'}"
+    )
     print()
     vteps = {h.name: h.address for h in lab.hosts}
-    print(_table(
-        ["HOST", "NETNS", "VTEP", "PID", "STATE", "ADMIN SOCKET"],
-        [
-            (d["host"], d["netns"], vteps[d["host"]], d["pid"] or "-",
-             "ready" if d["ready"] else "alive" if d["alive"] else "down", d["admin_socket"])
-            for d in report["daemons"]
-        ],
-    ))
+    print(
+        _table(
+            ["HOST", "NETNS", "VTEP", "PID", "STATE", "ADMIN SOCKET"],
+            [
+                (
+                    d["host"],
+                    d["netns"],
+                    vteps[d["host"]],
+                    d["pid"] or "-",
+                    "ready" if d["ready"] else "alive" if d["alive"] else "down",
+                    d["admin_socket"],
+                )
+                for d in report["daemons"]
+            ],
+        )
+    )
     if lab.endpoints:
         print()
-        print(_table(
-            ["ENDPOINT", "HOST", "NETWORK", "NETNS", "IP", "MAC"],
-            [(ep.name, ep.host, ep.network, ep.netns, ep.ip, ep.mac) for ep in lab.endpoints],
-        ))
+        print(
+            _table(
+                ["ENDPOINT", "HOST", "NETWORK", "NETNS", "IP", "MAC"],
+                [(ep.name, ep.host, ep.network, ep.netns, ep.ip, ep.mac) for ep in lab.endpoints],
+            )
+        )
     return 0
 
 

@@ -32,9 +32,7 @@ def read_start_time(pid: int) -> tuple[int, str] | None:
 class Proc:
     """One process: PID plus start time; `popen` when this process started it."""
 
-    def __init__(
-        self, pid: int, start_time: int, popen: subprocess.Popen[bytes] | None = None
-    ) -> None:
+    def __init__(self, pid: int, start_time: int, popen: subprocess.Popen[bytes] | None = None) -> None:
         self.pid = pid
         self.start_time = start_time
         self.popen = popen

@@ -107,9 +107,7 @@ class EtcdStore(Store):
             self._set_health(False)
             if self._metrics:
                 self._metrics.store_errors.labels(operation=operation).inc()
-            raise StoreUnavailable(
-                f"etcd at {self._config.url} is unreachable: {_first_line(exc)}"
-            ) from None
+            raise StoreUnavailable(f"etcd at {self._config.url} is unreachable: {_first_line(exc)}") from None
         except aetcd.ClientError as exc:
             if self._metrics:
                 self._metrics.store_errors.labels(operation=operation).inc()
@@ -192,9 +190,7 @@ class EtcdStore(Store):
         async with self._lease_lock:
             if self._lease_id is not None and await self._lease_alive(self._lease_id):
                 return
-            log.warning(
-                "etcd lease %x expired: taking a new one and re-publishing", self._lease_id or 0
-            )
+            log.warning("etcd lease %x expired: taking a new one and re-publishing", self._lease_id or 0)
             await self._new_lease()
             await self._put_node()
             for endpoint in list(self._owned.values()):
@@ -310,9 +306,7 @@ class EtcdStore(Store):
         # another endpoint took the IP while our lease had lapsed, it keeps it.
         ok, _ = await self._call(
             "txn",
-            lambda: self.client.transaction(
-                compare=[tx.create(ip_key) == 0], success=puts, failure=[]
-            ),
+            lambda: self.client.transaction(compare=[tx.create(ip_key) == 0], success=puts, failure=[]),
         )
         if not ok:
             ok, responses = await self._call(
@@ -345,9 +339,7 @@ class EtcdStore(Store):
     # ----------------------------------------------------------------- reading
 
     async def snapshot(self) -> Snapshot:
-        result = await self._call(
-            "list", lambda: self.client.get_prefix(self._config.prefix.encode())
-        )
+        result = await self._call("list", lambda: self.client.get_prefix(self._config.prefix.encode()))
         facts: list[Fact] = []
         for kv in result:
             fact = self._decode_put(kv.key.decode(errors="replace"), kv.value)
