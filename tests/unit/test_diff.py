@@ -15,6 +15,7 @@ from ipaddress import IPv4Address, IPv4Network
 import pytest
 
 from overlayd.dataplane.commands import (
+    AnnounceArp,
     AppendFlood,
     Command,
     DeleteFdb,
@@ -105,6 +106,11 @@ def vxlan(mtu: int = 1450, local: IPv4Address = VTEP_A) -> VxlanSpec:
 PORT_A1 = veth_name("blue", "a1")
 
 
+def neigh_and_announce(ip: str, mac_n: int, device: str = VX, bridge: str = BR) -> list[Command]:
+    """A new or changed neighbour entry, then the gratuitous ARP for it on the local bridge."""
+    return [ReplaceNeigh(NeighEntry(device, A(ip), mac(mac_n))), AnnounceArp(bridge, A(ip), mac(mac_n))]
+
+
 # --- transcripts ------------------------------------------------------------------------------
 
 
@@ -118,12 +124,12 @@ def test_empty_kernel_to_full() -> None:
         ReplaceFdb(FdbEntry(VX, mac(21), VTEP_C)),
         AppendFlood(FloodEntry(VX, VTEP_B)),
         AppendFlood(FloodEntry(VX, VTEP_C)),
-        ReplaceNeigh(NeighEntry(VX, A("10.1.0.11"), mac(11))),
-        ReplaceNeigh(NeighEntry(VX, A("10.1.0.21"), mac(21))),
+        *neigh_and_announce("10.1.0.11", 11),
+        *neigh_and_announce("10.1.0.21", 21),
     ]
 
 
-def test_empty_kernel_order_is_bridge_vxlan_fdb_flood_neigh() -> None:
+def test_empty_kernel_order_is_bridge_vxlan_fdb_flood_neigh_announce() -> None:
     w = want(base_view(A1, B1, B2, C1))
     ops = [c.op for c in diff(w, KernelState())]
     assert ops == [
@@ -135,8 +141,11 @@ def test_empty_kernel_order_is_bridge_vxlan_fdb_flood_neigh() -> None:
         Op.APPEND_FLOOD,
         Op.APPEND_FLOOD,
         Op.REPLACE_NEIGH,
+        Op.ANNOUNCE_ARP,
         Op.REPLACE_NEIGH,
+        Op.ANNOUNCE_ARP,
         Op.REPLACE_NEIGH,
+        Op.ANNOUNCE_ARP,
     ]
 
 
@@ -167,7 +176,7 @@ def test_new_remote_endpoint_on_known_vtep() -> None:
     after = base_view(A1, B1, B2)
     assert diff(want(after), converged(before)) == [
         ReplaceFdb(FdbEntry(VX, mac(12), VTEP_B)),
-        ReplaceNeigh(NeighEntry(VX, A("10.1.0.12"), mac(12))),
+        *neigh_and_announce("10.1.0.12", 12),
     ]
 
 
@@ -177,7 +186,7 @@ def test_new_remote_endpoint_on_new_vtep() -> None:
     assert diff(want(after), converged(before)) == [
         ReplaceFdb(FdbEntry(VX, mac(21), VTEP_C)),
         AppendFlood(FloodEntry(VX, VTEP_C)),
-        ReplaceNeigh(NeighEntry(VX, A("10.1.0.21"), mac(21))),
+        *neigh_and_announce("10.1.0.21", 21),
     ]
 
 
@@ -227,7 +236,7 @@ def test_ip_reused_with_new_mac_on_another_host() -> None:
     after = base_view(A1, B2, C1, reused)
     assert diff(want(after), converged(before)) == [
         ReplaceFdb(FdbEntry(VX, mac(99), VTEP_C)),
-        ReplaceNeigh(NeighEntry(VX, A("10.1.0.11"), mac(99))),
+        *neigh_and_announce("10.1.0.11", 99),
         DeleteFdb(FdbEntry(VX, mac(11), VTEP_B)),
     ]
 
@@ -242,7 +251,7 @@ def test_ip_reuse_in_flight_then_release() -> None:
     step1 = diff(want(v), kernel)
     assert step1 == [
         ReplaceFdb(FdbEntry(VX, mac(99), VTEP_C)),
-        ReplaceNeigh(NeighEntry(VX, A("10.1.0.11"), mac(99))),
+        *neigh_and_announce("10.1.0.11", 99),
     ]
     kernel = simulate(kernel, step1)
 
@@ -251,6 +260,61 @@ def test_ip_reuse_in_flight_then_release() -> None:
     assert step2 == [DeleteFdb(FdbEntry(VX, mac(11), VTEP_B))]
     kernel = simulate(kernel, step2)
     assert diff(want(v), kernel) == []
+
+
+@pytest.mark.parametrize(
+    "endpoints",
+    [(A1,), (A1, B1), (A1, B1, B2, C1)],
+)
+def test_converged_announces_nothing(endpoints: tuple[Endpoint, ...]) -> None:
+    r1 = ep("r1", "10.2.0.2", LOCAL, 40, network="red")
+    r2 = ep("r2", "10.2.0.3", "host-b", 41, network="red")
+    v = base_view(*endpoints, r1, r2, networks=(BLUE, RED))
+    w = want(v)
+    assert w.neigh  # there is something that could be announced
+    cmds = diff(w, converged(v))
+    assert not [c for c in cmds if isinstance(c, AnnounceArp)]
+    assert cmds == []
+
+
+@pytest.mark.parametrize(
+    "moved",
+    [
+        # Same owner, new MAC (endpoint recreated in place).
+        ep("b1", "10.1.0.11", "host-b", 88, created_at=5.0),
+        # The IP reused by an endpoint on another host.
+        ep("c9", "10.1.0.11", "host-c", 88, created_at=5.0),
+    ],
+)
+def test_ip_moving_to_new_mac_is_replaced_and_announced_once(moved: Endpoint) -> None:
+    before = base_view(A1, B1, B2, C1)
+    after = base_view(A1, B2, C1, moved)
+    cmds = diff(want(after), converged(before))
+    neigh_cmds = [c for c in cmds if isinstance(c, ReplaceNeigh | DeleteNeigh | AnnounceArp)]
+    assert neigh_cmds == [
+        ReplaceNeigh(NeighEntry(VX, A("10.1.0.11"), mac(88))),
+        AnnounceArp(BR, A("10.1.0.11"), mac(88)),
+    ]
+    i = cmds.index(neigh_cmds[0])
+    assert cmds[i + 1] == neigh_cmds[1]
+    simulate(converged(before), cmds)
+
+
+def test_ip_moving_to_new_mac_in_second_network_is_announced_on_its_bridge() -> None:
+    r1 = ep("r1", "10.2.0.2", LOCAL, 40, network="red")
+    r2 = ep("r2", "10.2.0.3", "host-b", 41, network="red")
+    r9 = ep("r9", "10.2.0.3", "host-c", 49, network="red", created_at=5.0)
+    before = base_view(A1, B1, r1, r2, networks=(BLUE, RED))
+    after = base_view(A1, B1, r1, r9, networks=(BLUE, RED))
+    cmds = diff(want(after), converged(before))
+    assert cmds == [
+        ReplaceFdb(FdbEntry("ovvx200", mac(49), VTEP_C)),
+        AppendFlood(FloodEntry("ovvx200", VTEP_C)),
+        *neigh_and_announce("10.2.0.3", 49, device="ovvx200", bridge="ovbr200"),
+        DeleteFdb(FdbEntry("ovvx200", mac(41), VTEP_B)),
+        DeleteFlood(FloodEntry("ovvx200", VTEP_B)),
+    ]
+    simulate(converged(before), cmds)
 
 
 def test_remote_endpoint_removed_vtep_keeps_others() -> None:
@@ -330,8 +394,8 @@ def test_vxlan_with_immutable_change_is_recreated_with_all_entries(changed: dict
         ReplaceFdb(FdbEntry(VX, mac(21), VTEP_C)),
         AppendFlood(FloodEntry(VX, VTEP_B)),
         AppendFlood(FloodEntry(VX, VTEP_C)),
-        ReplaceNeigh(NeighEntry(VX, A("10.1.0.11"), mac(11))),
-        ReplaceNeigh(NeighEntry(VX, A("10.1.0.21"), mac(21))),
+        *neigh_and_announce("10.1.0.11", 11),
+        *neigh_and_announce("10.1.0.21", 21),
     ]
 
 
@@ -343,7 +407,7 @@ def test_local_vtep_address_change_recreates_vxlan_not_bridge() -> None:
         EnsureVxlan(vxlan(local=new_vtep)),
         ReplaceFdb(FdbEntry(VX, mac(11), VTEP_B)),
         AppendFlood(FloodEntry(VX, VTEP_B)),
-        ReplaceNeigh(NeighEntry(VX, A("10.1.0.11"), mac(11))),
+        *neigh_and_announce("10.1.0.11", 11),
     ]
 
 
@@ -443,7 +507,7 @@ def test_wrong_values_are_replaced_not_deleted() -> None:
     have.neigh = {NeighEntry(VX, A("10.1.0.11"), mac(77))}
     assert diff(want(v), have) == [
         ReplaceFdb(FdbEntry(VX, mac(11), VTEP_B)),
-        ReplaceNeigh(NeighEntry(VX, A("10.1.0.11"), mac(11))),
+        *neigh_and_announce("10.1.0.11", 11),
     ]
 
 
@@ -456,7 +520,7 @@ def test_missing_entries_are_repaired() -> None:
     assert diff(want(v), have) == [
         ReplaceFdb(FdbEntry(VX, mac(21), VTEP_C)),
         AppendFlood(FloodEntry(VX, VTEP_B)),
-        ReplaceNeigh(NeighEntry(VX, A("10.1.0.11"), mac(11))),
+        *neigh_and_announce("10.1.0.11", 11),
     ]
 
 
@@ -540,6 +604,10 @@ def test_diff_does_not_mutate_inputs() -> None:
             DeleteNeigh(NeighEntry(VX, A("10.1.0.11"), "02:00:00:00:00:0b")),
             "delete neigh 10.1.0.11 lladdr 02:00:00:00:00:0b dev ovvx100",
         ),
+        (
+            AnnounceArp(BR, A("10.1.0.11"), "02:00:00:00:00:0b"),
+            "announce arp 10.1.0.11 is-at 02:00:00:00:00:0b on ovbr100",
+        ),
     ],
 )
 def test_describe(cmd: Command, line: str) -> None:
@@ -559,10 +627,12 @@ def test_describe_covers_every_op() -> None:
         DeleteFlood: Op.DELETE_FLOOD,
         ReplaceNeigh: Op.REPLACE_NEIGH,
         DeleteNeigh: Op.DELETE_NEIGH,
+        AnnounceArp: Op.ANNOUNCE_ARP,
     }
     assert {cls.op for cls in ops} == set(Op)
     assert all(cls.op is op for cls, op in ops.items())
     assert str(Op.REPLACE_FDB) == "replace_fdb"
+    assert str(Op.ANNOUNCE_ARP) == "announce_arp"
 
 
 def test_describe_rejects_unknown() -> None:
@@ -577,9 +647,27 @@ class KernelRefused(Exception):
     """What the real kernel would answer with an error (ENOENT, EEXIST, ...)."""
 
 
+def announced_by(k: KernelState, cmd: AnnounceArp) -> list[NeighEntry]:
+    """Neighbour entries in `k` the announcement stands for: same (ip, mac), on a VXLAN
+    device whose master is the bridge it goes out of."""
+    return [
+        n
+        for n in k.neigh
+        if (n.ip, n.mac) == (cmd.ip, cmd.mac)
+        and n.device in k.vxlans
+        and k.vxlans[n.device].bridge == cmd.bridge
+    ]
+
+
 def simulate(start: KernelState, cmds: list[Command]) -> KernelState:
-    """Apply commands as the kernel would, strictly: anything it would refuse raises."""
+    """Apply commands as the kernel would, strictly: anything it would refuse raises.
+
+    An announcement changes no state, but it must tell the truth: the bridge exists and
+    the announced (ip, mac) is a neighbour entry on the VXLAN device enslaved to that
+    bridge, both when it is given and after the whole pass.
+    """
     k = copy.deepcopy(start)
+    announcements: list[AnnounceArp] = []
 
     def need_vxlan(dev: str) -> None:
         if dev not in k.vxlans:
@@ -648,8 +736,16 @@ def simulate(start: KernelState, cmds: list[Command]) -> KernelState:
                 if e not in k.neigh:
                     raise KernelRefused(f"no neigh {e}")
                 k.neigh.discard(e)
+            case AnnounceArp(bridge_name, _, _):
+                if bridge_name not in k.bridges:
+                    raise KernelRefused(f"no bridge {bridge_name}")
+                if not announced_by(k, cmd):
+                    raise AssertionError(f"{describe(cmd)}: no such neighbour behind that bridge")
+                announcements.append(cmd)
             case _:
                 raise TypeError(f"unknown command {cmd!r}")
+    for a in announcements:
+        assert announced_by(k, a), f"{describe(a)}: neighbour gone by the end of the pass"
     return k
 
 
@@ -664,6 +760,28 @@ def test_simulator_is_strict() -> None:
     with pytest.raises(KernelRefused):
         simulate(k, [EnsureVxlan(replace(vxlan(), vni=5))])
     assert simulate(k, [DeleteLink(VX)]).entry_count() == 0
+
+
+def test_simulator_checks_announcements() -> None:
+    k = converged(base_view(A1, B1))
+    ok = AnnounceArp(BR, A("10.1.0.11"), mac(11))
+    assert simulate(k, [ok]) == k  # no state change
+    with pytest.raises(KernelRefused):
+        simulate(k, [AnnounceArp("ovbr999", A("10.1.0.11"), mac(11))])
+    for wrong in (
+        AnnounceArp(BR, A("10.1.0.11"), mac(12)),  # stale MAC
+        AnnounceArp(BR, A("10.1.0.99"), mac(11)),  # no such neighbour
+    ):
+        with pytest.raises(AssertionError, match="no such neighbour"):
+            simulate(k, [wrong])
+    # Bridge exists, but the VXLAN device holding the entry is not its slave.
+    k2 = copy.deepcopy(k)
+    k2.bridges["ovbr300"] = BridgeSpec("ovbr300", "other", "02:33:33:33:33:33", 1450)
+    with pytest.raises(AssertionError, match="no such neighbour"):
+        simulate(k2, [AnnounceArp("ovbr300", A("10.1.0.11"), mac(11))])
+    # True when given, false by the end of the pass.
+    with pytest.raises(AssertionError, match="gone by the end"):
+        simulate(k, [ok, DeleteNeigh(NeighEntry(VX, A("10.1.0.11"), mac(11)))])
 
 
 NODES = {
@@ -781,6 +899,15 @@ def check_round(w: KernelState, have: KernelState) -> list[Command]:
     replaced_neigh = {(c.entry.device, c.entry.ip) for c in cmds if isinstance(c, ReplaceNeigh)}
     deleted_neigh = {(c.entry.device, c.entry.ip) for c in cmds if isinstance(c, DeleteNeigh)}
     assert not replaced_neigh & deleted_neigh
+    # Each changed neighbour is announced right after it is written, on its device's
+    # bridge, and nothing else is announced.
+    for i, c in enumerate(cmds):
+        if isinstance(c, ReplaceNeigh):
+            assert cmds[i + 1] == AnnounceArp(w.vxlans[c.entry.device].bridge, c.entry.ip, c.entry.mac)
+        if isinstance(c, AnnounceArp):
+            prev = cmds[i - 1]
+            assert isinstance(prev, ReplaceNeigh)
+            assert (prev.entry.ip, prev.entry.mac) == (c.ip, c.mac)
     return cmds
 
 
