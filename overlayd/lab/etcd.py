@@ -84,7 +84,6 @@ class EtcdServer:
         self.client_port = client_port or 0
         self.peer_port = peer_port or 0
         self.workdir = workdir if workdir is not None else Path(tempfile.mkdtemp(prefix="etcd-"))
-        self.workdir.mkdir(parents=True, exist_ok=True)
         self.proc: Proc | None = None
 
     # --- addresses ---
@@ -167,6 +166,7 @@ class EtcdServer:
 
     def _start_once(self, timeout: float) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("ETCD")}
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.proc = Proc.spawn(
             self.argv(),
             log_path=self.log_path,

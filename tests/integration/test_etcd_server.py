@@ -85,9 +85,7 @@ def test_port_in_use_is_a_clear_error_with_the_log(tmp_path: Path) -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        server = EtcdServer(
-            client_port=port, peer_port=netns.free_port(), workdir=tmp_path / "etcd"
-        )
+        server = EtcdServer(client_port=port, peer_port=netns.free_port(), workdir=tmp_path / "etcd")
         with pytest.raises(EtcdError, match="address already in use"):
             server.start(timeout=10)
         assert server.proc is None or not server.proc.alive()

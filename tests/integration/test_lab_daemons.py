@@ -21,11 +21,7 @@ def gone(pid: int) -> bool:
 
 def fdb_macs(lab: Lab, host: str) -> dict[str, str]:
     """MAC -> remote VTEP of the permanent unicast entries overlayd programmed on `host`."""
-    return {
-        e["mac"]: e["dst"]
-        for e in lab.fdb(host)
-        if "dst" in e and e["mac"] != "00:00:00:00:00:00"
-    }
+    return {e["mac"]: e["dst"] for e in lab.fdb(host) if "dst" in e and e["mac"] != "00:00:00:00:00:00"}
 
 
 def test_lab_up_status_down(lab_prefix: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -201,9 +201,7 @@ def test_underlay_topology_and_down(make_lab: Callable[..., Lab]) -> None:
 
 
 @pytest.mark.root
-def test_lab_status_reports_the_lab(
-    make_lab: Callable[..., Lab], capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_lab_status_reports_the_lab(make_lab: Callable[..., Lab], capsys: pytest.CaptureFixture[str]) -> None:
     lab = make_lab(hosts=2, up=False)
     assert lab_status(lab.prefix, json_out=True) == 1
     assert "no lab" in capsys.readouterr().err
