@@ -12,7 +12,9 @@ from __future__ import annotations
 import itertools
 import os
 import secrets
+import signal
 from collections.abc import Callable, Iterator
+from types import FrameType
 from typing import Any
 
 import pytest
@@ -32,6 +34,16 @@ def is_root() -> bool:
 def new_prefix() -> str:
     """A lab/namespace prefix unique in this run: RUN_PREFIX plus a counter (<= 16 chars)."""
     return f"{RUN_PREFIX}{next(_counter):03x}"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A SIGTERM (CI cancelling, `timeout`) becomes an interrupt, so pytest still runs
+    # the fixtures' teardown and the session's cleanup below instead of dying with
+    # namespaces, daemons and etcd servers left behind.
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
