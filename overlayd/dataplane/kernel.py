@@ -780,12 +780,13 @@ class Kernel:
                 raise TypeError(f"the kernel executor does not know {cmd!r}")
         results: list[OpResult] = []
         pending: list[_EntryCommand] = []
-        # Announcements go out after everything else in this call: by then
-        # the entries that make the announced address reachable are in place.
-        announcements: list[AnnounceArp] = []
+        # Announcements go out after everything else in this call (by then the
+        # entries that make the announced address reachable are in place);
+        # their results still take their own place in the returned list.
+        announcements: list[tuple[int, AnnounceArp]] = []
         for cmd in commands:
             if isinstance(cmd, AnnounceArp):
-                announcements.append(cmd)
+                announcements.append((len(results) + len(pending) + len(announcements), cmd))
                 continue
             if isinstance(cmd, _ENTRY_COMMANDS):
                 pending.append(cmd)
@@ -796,7 +797,9 @@ class Kernel:
             results.append(await self._apply_link(cmd))
         if pending:
             results += await self._apply_entries(pending)
-        results += self._announce(announcements)
+        announced = self._announce([cmd for _, cmd in announcements])
+        for (position, _), result in zip(announcements, announced, strict=True):
+            results.insert(position, result)
         if self._metrics is not None:
             for res in results:
                 self._metrics.kernel_ops.labels(

@@ -160,8 +160,12 @@ def watch_overlay_entries(lab: Lab, host: str) -> Iterator[list[str]]:
 
 
 def _is_overlay_entry(line: str) -> bool:
-    """A monitor line about an entry overlayd manages: on a VXLAN device, not bridge-learnt."""
-    return "ovvx" in line and "master ovbr" not in line
+    """A monitor line about an entry overlayd manages: permanent, on a VXLAN device.
+
+    Bridge-learnt entries (dynamic, "master ovbr...", REACHABLE) come and go
+    with traffic; `ip monitor neigh` shows those too, as bridge-family lines.
+    """
+    return "ovvx" in line and ("dst " in line or "PERMANENT" in line.upper())
 
 
 def test_restart_keeps_every_kernel_entry_and_traffic(make_lab: Callable[..., Lab]) -> None:
