@@ -65,7 +65,7 @@ from overlayd.state import (
     NodePut,
 )
 from overlayd.store.base import AlreadyExists, NotFoundError, Snapshot, Store, StoreError
-from overlayd.store.etcd import EtcdStore
+from overlayd.store.factory import make_store
 from overlayd.tasks import TaskGroup
 
 log = logging.getLogger("overlayd")
@@ -141,7 +141,7 @@ class Daemon:
             await _close_all(reversed(closers))
 
     def _make_store(self) -> Store:
-        return EtcdStore(
+        return make_store(
             self.config.store,
             state_dir=self.config.state_dir,
             metrics=self.metrics,

@@ -1,0 +1,24 @@
+"""Pick the KV backend named by the store URL's scheme."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from overlayd.config import StoreConfig
+from overlayd.metrics import Metrics
+from overlayd.store.base import Store
+
+
+def make_store(
+    config: StoreConfig,
+    *,
+    state_dir: str,
+    metrics: Metrics | None = None,
+    on_invalid: Callable[[str], None] | None = None,
+) -> Store:
+    # Imports are local so a host running one backend never imports the others' clients.
+    if config.scheme == "etcd":
+        from overlayd.store.etcd import EtcdStore
+
+        return EtcdStore(config, state_dir=state_dir, metrics=metrics, on_invalid=on_invalid)
+    raise ValueError(f"store.url: no backend for scheme {config.scheme!r}")
