@@ -1,0 +1,89 @@
+"""Config: every problem is one line naming the key; good files load with defaults."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address
+from pathlib import Path
+
+import pytest
+
+from overlayd import config
+from overlayd.daemon import main as overlayd_main
+
+GOOD = """
+[node]
+name = "h1"
+[underlay]
+interface = "ul0"
+[store]
+url = "etcd://198.18.0.1:2379,198.18.0.2:2379"
+"""
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "overlayd.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_good_file_loads_with_defaults(tmp_path: Path) -> None:
+    cfg = config.load(write(tmp_path, GOOD), env={})
+    assert cfg.node_name == "h1" and cfg.underlay_interface == "ul0" and cfg.vtep_address is None
+    assert [(e.host, e.port) for e in cfg.store.endpoints] == [("198.18.0.1", 2379), ("198.18.0.2", 2379)]
+    assert cfg.store.prefix == "/overlayd/v1/" and cfg.store.lease_ttl == 10
+    assert cfg.admin_socket == "/run/overlayd/overlayd.sock" and cfg.status_listen == "127.0.0.1:9480"
+    assert cfg.reconcile_interval == 30.0
+
+
+def test_example_config_in_deploy_is_valid() -> None:
+    example = Path(__file__).parents[2] / "deploy" / "overlayd.toml"
+    cfg = config.load(str(example), env={})
+    assert cfg.store.url.startswith("etcd://")
+
+
+def test_environment_overrides(tmp_path: Path) -> None:
+    env = {"OVERLAYD_STORE_LEASE_TTL": "4", "OVERLAYD_UNDERLAY_ADDRESS": "198.18.0.11"}
+    cfg = config.load(write(tmp_path, GOOD), env=env)
+    assert cfg.store.lease_ttl == 4 and cfg.vtep_address == IPv4Address("198.18.0.11")
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        (GOOD + "lease_ttl = 0\n", "store.lease_ttl"),
+        (GOOD + 'lease_ttl = "ten"\n', "store.lease_ttl"),
+        (GOOD.replace("etcd://", "redis://"), "store.url"),
+        (GOOD.replace("198.18.0.1:2379,", "198.18.0.1,"), "store.url"),
+        (GOOD.replace('url = "etcd://198.18.0.1:2379,198.18.0.2:2379"', ""), "store.url"),
+        (GOOD.replace('interface = "ul0"', 'address = "not-an-ip"'), "underlay.address"),
+        (GOOD.replace('interface = "ul0"', ""), "underlay"),
+        (GOOD.replace('name = "h1"', 'name = "bad name"'), "node.name"),
+        (GOOD + "[status]\nlisten = \"nowhere\"\n", "status.listen"),
+        (GOOD + "[log]\nlevel = \"loud\"\n", "log.level"),
+        (GOOD + "[store2]\nx = 1\n", "store2.x"),
+        (GOOD + "prefix = \"no-slashes\"\n", "store.prefix"),
+        ("node = 3\n", "node"),
+    ],
+)
+def test_each_problem_is_one_line_naming_the_key(tmp_path: Path, text: str, key: str) -> None:
+    with pytest.raises(config.ConfigError) as info:
+        config.load(write(tmp_path, text), env={})
+    message = str(info.value)
+    assert message.startswith(f"{key}:"), message
+    assert "\n" not in message
+
+
+def test_unreadable_files_are_one_line(tmp_path: Path) -> None:
+    with pytest.raises(config.ConfigError, match="config file not found"):
+        config.load(str(tmp_path / "missing.toml"), env={})
+    with pytest.raises(config.ConfigError, match="invalid TOML"):
+        config.load(write(tmp_path, "[node\n"), env={})
+    with pytest.raises(config.ConfigError, match="OVERLAYD_STORE_LEASE_TTL must be an integer"):
+        config.load(write(tmp_path, GOOD), env={"OVERLAYD_STORE_LEASE_TTL": "x"})
+
+
+def test_daemon_refuses_bad_config_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = overlayd_main(["--config", write(tmp_path, GOOD + "lease_ttl = 1\n")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err == "overlayd: config error: store.lease_ttl: must be >= 2 seconds (got 1)\n"
