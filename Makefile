@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LAB_HOSTS ?= 3
 
-.PHONY: setup system-packages lab lab-down test lint
+.PHONY: setup system-packages test-deps lab lab-down test lint
 
 setup: system-packages $(STAMP)
 
@@ -41,5 +41,9 @@ lint: setup
 	$(BIN)/ruff check overlayd tests
 	$(BIN)/mypy overlayd
 
-test: lint
+# Servers the tests run that Debian 12 does not package (cached; see the script).
+test-deps:
+	scripts/fetch-consul.sh
+
+test: lint test-deps
 	$(BIN)/pytest -q
