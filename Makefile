@@ -17,6 +17,8 @@ system-packages:
 	command -v ip >/dev/null 2>&1 || missing="$$missing iproute2"; \
 	command -v ping >/dev/null 2>&1 || missing="$$missing iputils-ping"; \
 	[ -x /usr/bin/etcd ] || command -v etcd >/dev/null 2>&1 || missing="$$missing etcd-server"; \
+	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
+	command -v docker-compose >/dev/null 2>&1 || missing="$$missing docker-compose"; \
 	command -v $(PYTHON) >/dev/null 2>&1 || missing="$$missing python3"; \
 	$(PYTHON) -c 'import ensurepip' >/dev/null 2>&1 || missing="$$missing python3-venv"; \
 	if [ -n "$$missing" ]; then \

@@ -14,7 +14,13 @@ Start-up order matters for never dropping a live endpoint:
 Shutdown (SIGTERM/SIGINT) has one path: stop tasks, close servers and the
 store client, and leave the kernel alone. The lease is not revoked: a
 restarted daemon resumes it, so no other host ever sees this host's
-endpoints disappear because of a restart.
+endpoints disappear because of a restart. Only `teardown` (the admin API's
+explicit "this host leaves the overlay") removes the kernel objects and gives
+the lease up, and then the daemon exits.
+
+Under systemd (`Type=notify`) the daemon says READY=1 once the first
+reconcile is done, keeps a one-line STATUS= current, sends WATCHDOG=1 while
+its tasks are alive, and STOPPING=1 on the way out (see `sdnotify`).
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from overlayd.dataplane.desired import desired_state, overlay_mtu
 from overlayd.dataplane.endpoints import create_local_endpoint, delete_local_endpoint
 from overlayd.dataplane.kernel import Kernel, KernelError, Underlay
 from overlayd.dataplane.kstate import KernelState, bridge_name, veth_name
+from overlayd.dataplane.teardown import remove_owned_links
 from overlayd.metrics import Metrics
 from overlayd.model import (
     Endpoint,
@@ -54,6 +61,7 @@ from overlayd.model import (
 )
 from overlayd.reconciler import Reconciler
 from overlayd.registry import LocalRegistry
+from overlayd.sdnotify import Notifier
 from overlayd.state import (
     ClusterView,
     EndpointDeleted,
@@ -74,6 +82,10 @@ log = logging.getLogger("overlayd")
 AUTO_VNI_START = 4096
 _ALLOC_ATTEMPTS = 64
 _CONNECT_RETRY_MAX = 5.0
+# STATUS= is re-sent at most this often (and only when the line changed).
+_STATUS_MIN_INTERVAL = 1.0
+# Bounds on the store calls of an explicit teardown and of the doctor's probe.
+_STORE_CALL_TIMEOUT = 5.0
 
 
 class Daemon:
@@ -96,6 +108,15 @@ class Daemon:
         # Remote endpoints heard of but not yet programmed: key -> created_at at the owner.
         self._unprogrammed: dict[str, float] = {}
         self._invalid_records: list[str] = []
+        self.notifier = Notifier()
+        self._ready_notified = False
+        self._store_error: str | None = None
+        self._store_latency: float | None = None
+        self._counts = (0, 0)  # local, remote endpoints, as of the last gauge update
+        # Tasks that keep the overlay in place; teardown cancels them first.
+        self._overlay_tasks: list[asyncio.Task[Any]] = []
+        self._tearing_down = False
+        self._torn_down = False
 
     # ================================================================ lifecycle
 
@@ -133,12 +154,20 @@ class Daemon:
 
             self._store = self._make_store()
             closers.append(("store", self._store.close()))
-            self.tasks.spawn(self._start_store_and_sync(), name="store-sync")
+            self.tasks.spawn(self._notify_status(), name="sd-status")
+            if self.notifier.watchdog_interval is not None:
+                self.tasks.spawn(self._watchdog(self.notifier.watchdog_interval), name="sd-watchdog")
+            self._overlay_tasks.append(self.tasks.spawn(self._start_store_and_sync(), name="store-sync"))
             await self._stop.wait()
-            log.info("stopping (dataplane and lease are kept)")
+            if self._torn_down:
+                log.info("stopping after teardown (dataplane removed, lease released)")
+            else:
+                log.info("stopping (dataplane and lease are kept)")
         finally:
+            self.notifier.stopping("stopping")
             await self.tasks.cancel_all()
             await _close_all(reversed(closers))
+            self.notifier.close()
 
     def _make_store(self) -> Store:
         return make_store(
@@ -161,8 +190,10 @@ class Daemon:
                 break
             except StoreError as exc:
                 log.warning("store not ready: %s (retrying)", exc)
+                self._store_error = str(exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _CONNECT_RETRY_MAX)
+        self._store_error = None
         self._apply_snapshot(snapshot)
         self.synced = True
         log.info(
@@ -173,11 +204,68 @@ class Daemon:
             len(self.view.endpoints),
         )
         reconciler = self._require_reconciler()
-        self.tasks.spawn(store.keep_session(), name="store-session")
-        self.tasks.spawn(self._watch(snapshot.revision), name="store-watch")
-        self.tasks.spawn(reconciler.run(), name="reconciler")
+        self._overlay_tasks += [
+            self.tasks.spawn(store.keep_session(), name="store-session"),
+            self.tasks.spawn(self._watch(snapshot.revision), name="store-watch"),
+            self.tasks.spawn(reconciler.run(), name="reconciler"),
+        ]
         await reconciler.first_pass_done.wait()
         log.info("ready: first reconcile done")
+        self._ready_notified = True
+        self.notifier.ready(self.status_line())
+
+    # ================================================================ service manager
+
+    def status_line(self) -> str:
+        """One line for systemd's STATUS= (and `systemctl status`)."""
+        if self._tearing_down:
+            return "tearing down"
+        if not self.synced:
+            if self._store_error:
+                return f"starting: waiting for the store ({self._store_error})"
+            return f"starting: connecting to the store at {self._store_url()}"
+        if not self._ready_notified:
+            return "starting: first reconcile"
+        local, remote = self._counts
+        line = (
+            f"ready: {_plural(len(self.view.networks), 'network')}, "
+            f"{local} local / {remote} remote endpoints, "
+            f"store {'healthy' if self._store and self._store.healthy else 'UNREACHABLE'}"
+        )
+        last = self._reconciler.last if self._reconciler else None
+        if last is not None and last.failed:
+            line += f", {_plural(last.failed, 'kernel operation')} failing"
+        return line
+
+    async def _notify_status(self) -> None:
+        """Send STATUS= when the line changed, at most once per _STATUS_MIN_INTERVAL."""
+        if not self.notifier.enabled:
+            return
+        sent = None
+        while True:
+            line = self.status_line()
+            if line != sent:
+                self.notifier.status(line)
+                sent = line
+            await asyncio.sleep(_STATUS_MIN_INTERVAL)
+
+    async def _watchdog(self, interval: float) -> None:
+        """WATCHDOG=1 every `interval` while the loop runs and no task has died.
+
+        A blocked event loop stops the pings by itself; a dead task (the
+        reconciler, the watch) leaves a daemon that looks alive but no longer
+        does its job, so it stops them too and lets systemd restart it.
+        """
+        silent = False
+        while True:
+            if self.tasks.failures:
+                if not silent:
+                    names = ", ".join(name for name, _ in self.tasks.failures)
+                    log.error("task(s) %s died: no more watchdog pings, expecting a restart", names)
+                    silent = True
+            else:
+                self.notifier.watchdog()
+            await asyncio.sleep(interval)
 
     async def _watch(self, revision: int) -> None:
         async for batch in self._require_store().watch(revision):
@@ -252,6 +340,7 @@ class Daemon:
 
     def _update_gauges(self) -> None:
         local = sum(1 for ep in self.view.endpoints.values() if ep.owner == self.config.node_name)
+        self._counts = (local, len(self.view.endpoints) - local)
         self.metrics.endpoints_known.labels(locality="local").set(local)
         self.metrics.endpoints_known.labels(locality="remote").set(len(self.view.endpoints) - local)
         self.metrics.networks_known.set(len(self.view.networks))
@@ -269,6 +358,8 @@ class Daemon:
         return self._kernel
 
     def _require_synced(self) -> Store:
+        if self._tearing_down:
+            raise Unavailable("this host's overlay is being torn down; overlayd stops afterwards")
         if not self.synced:
             raise Unavailable(f"not connected to the KV store at {self._store_url()} yet; try again")
         return self._require_store()
@@ -293,10 +384,14 @@ class Daemon:
             ),
             "ready": self.is_ready(),
             "started_at": self.started_at,
+            "pid": os.getpid(),
+            "summary": self.status_line(),
             "store": {
                 "url": self._store_url(),
                 "healthy": bool(self._store and self._store.healthy),
                 "synced": self.synced,
+                # From the last `store_probe` (overlayctl doctor); None before the first.
+                "latency_ms": None if self._store_latency is None else round(self._store_latency * 1e3, 3),
                 "invalid_records": self._invalid_records[-10:],
             },
             "networks": sorted(self.view.networks),
@@ -344,6 +439,27 @@ class Daemon:
     def endpoint_list(self, network: str | None = None) -> list[JSON]:
         endpoints = sorted(self.view.endpoints.values(), key=lambda e: (e.network, e.name))
         return [ep.to_dict() for ep in endpoints if network is None or ep.network == network]
+
+    async def store_probe(self) -> JSON:
+        """Time one full read of the cluster view from the store (bounded)."""
+        store = self._require_store()
+        t0 = time.perf_counter()
+        error = None
+        try:
+            await asyncio.wait_for(store.snapshot(), _STORE_CALL_TIMEOUT)
+        except TimeoutError:
+            error = f"no answer within {_STORE_CALL_TIMEOUT:g}s"
+        except StoreError as exc:
+            error = str(exc)
+        latency = time.perf_counter() - t0
+        if error is None:
+            self._store_latency = latency
+        return {
+            "url": self._store_url(),
+            "ok": error is None,
+            "latency_ms": round(latency * 1e3, 3) if error is None else None,
+            "error": error,
+        }
 
     async def diff(self) -> list[str]:
         if not self.synced:
@@ -567,6 +683,83 @@ class Daemon:
             self._update_gauges()
             self._require_reconciler().trigger()
             log.info("removed endpoint %s", key)
+
+    # ================================================================ teardown
+
+    async def teardown(self) -> JSON:
+        """Take this host out of the overlay, then stop the daemon.
+
+        In order: stop what would put the overlay back (watch, lease
+        keepalive, reconciler); delete every local endpoint (its record, if
+        the store answers, and its veth); give the lease up, so the node
+        record and anything still bound to it vanish at once for every other
+        host; delete every link overlayd owns here. Networks are cluster-wide
+        and stay. Errors are collected and reported, never half-hidden: what
+        could not be released in the store still expires with the lease.
+        """
+        async with self._mutate:
+            if self._tearing_down:
+                raise Conflict("a teardown is already in progress")
+            self._tearing_down = True
+            log.warning("teardown requested: removing this host's overlay")
+            for task in self._overlay_tasks:
+                task.cancel()
+            if self._overlay_tasks:
+                await asyncio.wait(self._overlay_tasks, timeout=_STORE_CALL_TIMEOUT)
+            errors: list[str] = []
+            store = self._require_store()
+            removed_endpoints = []
+            for endpoint in self.registry.all():
+                if store.healthy:
+                    try:
+                        await asyncio.wait_for(store.delete_endpoint(endpoint), _STORE_CALL_TIMEOUT)
+                    except (StoreError, TimeoutError) as exc:
+                        errors.append(f"endpoint {endpoint.key}: store: {_why(exc)}")
+                try:
+                    await delete_local_endpoint(
+                        self._require_kernel(), host_ifname=veth_name(endpoint.network, endpoint.name)
+                    )
+                except KernelError as exc:
+                    errors.append(f"endpoint {endpoint.key}: {exc}")
+                self.registry.remove(endpoint.key)
+                self.view.apply(EndpointDeleted(endpoint.key))
+                removed_endpoints.append(endpoint.key)
+            lease_released = False
+            try:
+                await asyncio.wait_for(store.release_session(), _STORE_CALL_TIMEOUT)
+                lease_released = True
+            except (StoreError, TimeoutError) as exc:
+                ttl = self.config.store.lease_ttl
+                errors.append(f"lease not released ({_why(exc)}); this host's records expire within {ttl}s")
+            links = await remove_owned_links(self._require_kernel())
+            errors += links.errors
+            self._update_gauges()
+            self._torn_down = True
+            log.warning(
+                "teardown: %d endpoints, %d links removed, lease %s, %d errors",
+                len(removed_endpoints),
+                len(links.removed),
+                "released" if lease_released else "NOT released",
+                len(errors),
+            )
+            # Stop once this answer is on its way (the admin server lets it finish).
+            asyncio.get_running_loop().call_soon(self._stop.set)
+            return {
+                "node": self.config.node_name,
+                "endpoints_removed": removed_endpoints,
+                "links_removed": links.removed,
+                "lease_released": lease_released,
+                "errors": errors,
+                "stopping": True,
+            }
+
+
+def _why(exc: BaseException) -> str:
+    return str(exc) or ("timed out" if isinstance(exc, TimeoutError) else type(exc).__name__)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def _netns_path(netns: str) -> str:

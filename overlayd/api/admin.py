@@ -18,6 +18,9 @@ Routes (all JSON; lists are JSON arrays, records JSON objects):
     POST   /v1/endpoints                     create {network, name, netns, ip?, ifname?} -> 201
     DELETE /v1/endpoints/{network}/{name}    remove -> 204
     GET    /v1/diff                          pending reconciler changes, one string each
+    GET    /v1/store/probe                   time one read of the store: {url, ok, latency_ms, error}
+    POST   /v1/teardown                      {node} (must name this node): remove this host's
+                                             overlay, release the lease, then the daemon exits
 """
 
 from __future__ import annotations
@@ -230,6 +233,19 @@ class _AdminHandlers:
     async def diff(self, request: web.Request) -> web.Response:
         return web.json_response(await self._service.diff())
 
+    async def store_probe(self, request: web.Request) -> web.Response:
+        return web.json_response(await self._service.store_probe())
+
+    async def teardown(self, request: web.Request) -> web.Response:
+        # Naming the node is the confirmation: a request meant for another host
+        # (a wrong --socket) cannot tear this one down.
+        body = await _read_object(request, frozenset({"node"}))
+        node = _required_str(body, "node")
+        this = self._service.status().get("node")
+        if node != this:
+            raise BadRequest(f"teardown names node {node!r}, but this is node {this!r}")
+        return web.json_response(await self._service.teardown())
+
 
 def make_admin_app(service: AdminService) -> web.Application:
     h = _AdminHandlers(service)
@@ -244,6 +260,8 @@ def make_admin_app(service: AdminService) -> web.Application:
     app.router.add_post("/v1/endpoints", h.endpoint_add)
     app.router.add_delete("/v1/endpoints/{network}/{name}", h.endpoint_remove)
     app.router.add_get("/v1/diff", h.diff)
+    app.router.add_get("/v1/store/probe", h.store_probe)
+    app.router.add_post("/v1/teardown", h.teardown)
     return app
 
 

@@ -156,6 +156,13 @@ class AdminClient:
             raise ClientError("unexpected answer from overlayd: expected a list of strings")
         return data
 
+    def store_probe(self) -> Record:
+        return _record(self.request("GET", "/v1/store/probe"))
+
+    def teardown(self, node: str) -> Record:
+        """Tear this host's overlay down; `node` must be the daemon's node name (the confirmation)."""
+        return _record(self.request("POST", "/v1/teardown", {"node": node}))
+
 
 def _without_none(**fields: Any) -> Record:
     return {key: value for key, value in fields.items() if value is not None}

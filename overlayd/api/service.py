@@ -93,3 +93,10 @@ class AdminService(Protocol):
     # --- reconciler ---
     async def diff(self) -> list[str]:
         """What the reconciler would change right now, one line per command."""
+
+    # --- operations ---
+    async def store_probe(self) -> JSON:
+        """Time one read of the cluster view from the store: {url, ok, latency_ms, error}."""
+
+    async def teardown(self) -> JSON:
+        """Remove this host's endpoints, links and lease, then stop; returns what was done."""
