@@ -1,0 +1,287 @@
+"""SWIM membership: the member table, its merge rules, suspicion and piggybacked updates.
+
+No I/O and no timers: the node feeds in what it heard (`apply`), what its probes
+found (`suspect`, `record_rtt`) and the time (`expire`), and sends what comes
+out (`piggyback`, `snapshot`). The rules, as in SWIM with incarnations:
+
+- alive(i)   beats anything with a lower incarnation;
+- suspect(i) beats alive(j) for i >= j, and suspect(j) for i > j;
+- dead(i) / left(i) beat alive/suspect(j) for i >= j, and dead/left(j) for i > j;
+- about this node: a suspect/dead claim at incarnation >= ours is refuted by
+  taking the next incarnation and spreading alive(next).
+
+A suspect becomes dead when nobody refutes within the suspicion timeout,
+`suspicion_mult * max(1, log10(N)) * probe_interval`, which grows with the
+cluster because news takes about log(N) rounds to reach everyone. Every change
+is piggybacked on the next `retransmit_mult * ceil(log10(N + 1))` messages.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, replace
+
+from overlayd.gossip.schema import MemberState, MemberUpdate
+
+ALIVE, SUSPECT, DEAD, LEFT = MemberState.ALIVE, MemberState.SUSPECT, MemberState.DEAD, MemberState.LEFT
+_GONE = (DEAD, LEFT)
+
+
+@dataclass(frozen=True)
+class MemberInfo:
+    """A peer as this node sees it (what `overlayctl peers` and /status show)."""
+
+    name: str
+    addr: str
+    port: int
+    state: MemberState
+    incarnation: int
+    rtt: float | None  # smoothed round-trip time of direct probes, seconds
+    since: float  # wall-clock time of the last state change
+
+
+@dataclass
+class _Member:
+    info: MemberInfo
+    suspect_deadline: float | None = None  # monotonic
+
+
+@dataclass(frozen=True)
+class MemberChanged:
+    """A member's state or incarnation changed (an event for the daemon and the metrics)."""
+
+    member: MemberInfo
+    previous: MemberState | None  # None: first heard of
+
+
+class Membership:
+    def __init__(
+        self,
+        name: str,
+        addr: str,
+        port: int,
+        *,
+        incarnation: int = 0,
+        probe_interval: float = 1.0,
+        suspicion_mult: float = 4.0,
+        retransmit_mult: int = 3,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.name = name
+        self.addr = addr
+        self.port = port
+        self.incarnation = incarnation
+        self.leaving = False
+        self.refutations = 0
+        self.probe_interval = probe_interval
+        self.suspicion_mult = suspicion_mult
+        self.retransmit_mult = retransmit_mult
+        self._clock = clock
+        self._wall = wall
+        self._rng = rng or random.Random()
+        self._members: dict[str, _Member] = {}
+        self._queue: dict[str, tuple[MemberUpdate, int]] = {}  # name -> (update, sends left)
+        self._probe_order: list[str] = []
+
+    # --- views ---
+
+    def get(self, name: str) -> MemberInfo | None:
+        m = self._members.get(name)
+        return m.info if m else None
+
+    def members(self) -> list[MemberInfo]:
+        return sorted((m.info for m in self._members.values()), key=lambda i: i.name)
+
+    def counts(self) -> dict[MemberState, int]:
+        out: dict[MemberState, int] = {}
+        for m in self._members.values():
+            out[m.info.state] = out.get(m.info.state, 0) + 1
+        return out
+
+    def live(self) -> list[MemberInfo]:
+        """Members that may be up (alive or suspect): targets for probes and pushes."""
+        return [m.info for m in self._members.values() if m.info.state not in _GONE]
+
+    def gone(self) -> list[MemberInfo]:
+        return [m.info for m in self._members.values() if m.info.state in _GONE]
+
+    def cluster_size(self) -> int:
+        return 1 + len(self.live())
+
+    def self_update(self) -> MemberUpdate:
+        state = LEFT if self.leaving else ALIVE
+        return MemberUpdate(self.name, self.addr, self.port, state, self.incarnation)
+
+    def snapshot(self) -> list[MemberUpdate]:
+        """Everything this node knows, itself first: the payload of a membership sync."""
+        return [self.self_update()] + [_update(m.info) for m in self._members.values()]
+
+    def suspicion_timeout(self) -> float:
+        return self.suspicion_mult * max(1.0, math.log10(self.cluster_size())) * self.probe_interval
+
+    # --- what we hear ---
+
+    def apply(self, u: MemberUpdate) -> MemberChanged | None:
+        """Merge what someone said about a member; the change it made, if any."""
+        if u.name == self.name:
+            self._about_self(u)
+            return None
+        m = self._members.get(u.name)
+        if m is None:
+            if u.state in _GONE:
+                return None  # news of the death of a stranger: nothing to keep
+            return self._set(u.name, u, None)
+        cur = m.info
+        if u.state == ALIVE:
+            accept = u.incarnation > cur.incarnation
+        elif u.state == SUSPECT:
+            accept = (cur.state == ALIVE and u.incarnation >= cur.incarnation) or (
+                cur.state == SUSPECT and u.incarnation > cur.incarnation
+            )
+        elif u.state == LEFT:
+            accept = u.incarnation > cur.incarnation or (
+                u.incarnation == cur.incarnation and cur.state != LEFT
+            )
+        else:  # DEAD
+            accept = u.incarnation > cur.incarnation or (
+                u.incarnation == cur.incarnation and cur.state not in _GONE
+            )
+        if not accept:
+            return None
+        return self._set(u.name, u, cur.state)
+
+    def _about_self(self, u: MemberUpdate) -> None:
+        if self.leaving or u.incarnation < self.incarnation:
+            return
+        if u.state == ALIVE and u.incarnation == self.incarnation:
+            return
+        # Someone believes we are suspect/dead/left, or alive at an incarnation we never
+        # took (a previous life of this name): out-bid it and tell everyone.
+        self.incarnation = u.incarnation + 1
+        if u.state != ALIVE:
+            self.refutations += 1
+        self._enqueue(self.self_update())
+
+    def _set(self, name: str, u: MemberUpdate, previous: MemberState | None) -> MemberChanged:
+        old = self._members.get(name)
+        rtt = old.info.rtt if old else None
+        since = self._wall() if previous != u.state else (old.info.since if old else self._wall())
+        info = MemberInfo(u.name, u.addr, u.port, u.state, u.incarnation, rtt, since)
+        deadline = self._clock() + self.suspicion_timeout() if u.state == SUSPECT else None
+        if old is not None and old.info.state == SUSPECT and u.state == SUSPECT:
+            deadline = old.suspect_deadline  # a repeated suspicion does not extend the first
+        self._members[name] = _Member(info, deadline)
+        if previous is None and u.state not in _GONE:
+            # New members go to a random place in this round's probe order.
+            self._probe_order.insert(self._rng.randint(0, len(self._probe_order)), name)
+        self._enqueue(u)
+        return MemberChanged(info, previous)
+
+    # --- what our probes find ---
+
+    def suspect(self, name: str) -> MemberChanged | None:
+        """A probe of `name` failed, directly and indirectly."""
+        m = self._members.get(name)
+        if m is None or m.info.state != ALIVE:
+            return None
+        i = m.info
+        return self._set(name, MemberUpdate(i.name, i.addr, i.port, SUSPECT, i.incarnation), ALIVE)
+
+    def record_rtt(self, name: str, rtt: float) -> None:
+        m = self._members.get(name)
+        if m is not None:
+            old = m.info.rtt
+            m.info = replace(m.info, rtt=rtt if old is None else 0.8 * old + 0.2 * rtt)
+
+    def expire(self) -> list[MemberChanged]:
+        """Declare dead the suspects whose timeout passed."""
+        now = self._clock()
+        out = []
+        for name, m in list(self._members.items()):
+            if m.info.state == SUSPECT and m.suspect_deadline is not None and m.suspect_deadline <= now:
+                i = m.info
+                out.append(
+                    self._set(name, MemberUpdate(i.name, i.addr, i.port, DEAD, i.incarnation), SUSPECT)
+                )
+        return out
+
+    def reap(self, older_than: float) -> list[str]:
+        """Forget members dead or left for more than `older_than` seconds."""
+        cutoff = self._wall() - older_than
+        gone = [n for n, m in self._members.items() if m.info.state in _GONE and m.info.since <= cutoff]
+        for n in gone:
+            del self._members[n]
+            self._queue.pop(n, None)
+        return gone
+
+    def leave(self) -> MemberUpdate:
+        self.leaving = True
+        update = self.self_update()
+        self._enqueue(update)
+        return update
+
+    def next_probe_target(self) -> MemberInfo | None:
+        """Round-robin over a shuffled list, reshuffled each round (SWIM's bounded detection time)."""
+        for _ in range(2):
+            while self._probe_order:
+                m = self._members.get(self._probe_order.pop())
+                if m is not None and m.info.state not in _GONE:
+                    return m.info
+            self._probe_order = [n for n, m in self._members.items() if m.info.state not in _GONE]
+            self._rng.shuffle(self._probe_order)
+        return None
+
+    def random_live(
+        self, k: int, exclude: Collection[str] = (), alive_only: bool = False
+    ) -> list[MemberInfo]:
+        pool = [
+            m.info
+            for m in self._members.values()
+            if m.info.name not in exclude
+            and (m.info.state == ALIVE if alive_only else m.info.state not in _GONE)
+        ]
+        return self._rng.sample(pool, min(k, len(pool)))
+
+    # --- what we say ---
+
+    def _enqueue(self, u: MemberUpdate) -> None:
+        limit = self.retransmit_mult * math.ceil(math.log10(self.cluster_size() + 1))
+        self._queue[u.name] = (u, max(1, limit))
+
+    def piggyback(self, budget: int, to: str | None = None) -> list[MemberUpdate]:
+        """Updates to ride on a message to `to`, within about `budget` bytes.
+
+        A member we think suspect or dead always hears it from us, so it can refute at once.
+        """
+        out: list[MemberUpdate] = []
+        if to is not None:
+            m = self._members.get(to)
+            if m is not None and m.info.state != ALIVE:
+                out.append(_update(m.info))
+                budget -= _size(out[0])
+        for name, (u, left) in sorted(self._queue.items(), key=lambda kv: -kv[1][1]):
+            if budget < _size(u):
+                break
+            if out and out[0].name == name:
+                continue
+            out.append(u)
+            budget -= _size(u)
+            if left <= 1:
+                del self._queue[name]
+            else:
+                self._queue[name] = (u, left - 1)
+        return out
+
+
+def _update(i: MemberInfo) -> MemberUpdate:
+    return MemberUpdate(i.name, i.addr, i.port, i.state, i.incarnation)
+
+
+def _size(u: MemberUpdate) -> int:
+    # msgpack size of an update, rounded up: strings plus headers and two 64-bit ints.
+    return len(u.name.encode()) + len(u.addr) + 32

@@ -1,0 +1,571 @@
+"""GossipNode: SWIM membership, push dissemination and anti-entropy over one UDP socket.
+
+This is the I/O shell around the pure parts: `framing` seals and opens
+datagrams, `schema` encodes and checks messages, `membership` and `merge` decide.
+Every datagram is one message and fits the configured MTU; nothing larger is
+ever sent, so any amount of state moves as many small datagrams.
+
+Three ways a record travels:
+
+1. push — `publish` sends the new record at once to `fanout` random peers; a
+   peer that learns something new forwards it the same way, `hops` times at
+   most (about log2 N), so news spreads in a few round trips;
+2. anti-entropy — every `anti_entropy_interval` a digest (owner -> watermark,
+   split by owner ranges) goes to one random peer, which sends what the
+   sender lacks and asks for what it lacks itself, one bounded chunk per
+   request; this repairs whatever pushes missed;
+3. membership sync rides the same exchange, so joins and healed partitions
+   find each other.
+
+A malformed, forged, replayed or stale datagram is counted by reason and
+dropped; nothing a peer sends can raise out of the receive path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from overlayd.gossip import schema
+from overlayd.gossip.framing import FrameError, Framer, Keyring
+from overlayd.gossip.membership import MemberChanged, MemberInfo, Membership
+from overlayd.gossip.merge import RecordTable, diff_digests
+from overlayd.gossip.metrics import GossipMetrics
+from overlayd.gossip.schema import (
+    Ack,
+    Digest,
+    Members,
+    MemberState,
+    MemberUpdate,
+    Message,
+    Ping,
+    PingReq,
+    Push,
+    Record,
+    Records,
+    Request,
+    SchemaError,
+    Stamp,
+)
+from overlayd.tasks import TaskGroup
+
+log = logging.getLogger(__name__)
+
+Addr = tuple[str, int]
+OnChange = Callable[[Record], None]
+OnMember = Callable[[MemberInfo], None]
+
+_TYPE = {
+    Ping: "ping",
+    PingReq: "ping-req",
+    Ack: "ack",
+    Push: "push",
+    Digest: "digest",
+    Request: "request",
+    Records: "records",
+    Members: "members",
+}
+# Room for a message's own fields around its list of items (type, seq, owner name, stamps...).
+_ENVELOPE = 64 + schema.MAX_NAME
+
+
+@dataclass(frozen=True)
+class GossipConfig:
+    probe_interval: float = 1.0
+    probe_timeout: float = 0.5  # direct ack wait; the rest of the interval waits for indirect acks
+    indirect_checks: int = 3  # k peers asked to probe on our behalf
+    suspicion_mult: float = 4.0
+    retransmit_mult: int = 3
+    fanout: int = 3
+    push_hops: int | None = None  # None: max(2, ceil(log2(N + 1)))
+    anti_entropy_interval: float = 5.0
+    mtu: int = 1400  # largest datagram sent or accepted (UDP payload bytes)
+    tombstone_ttl: float = 1800.0
+    dead_reap: float = 600.0  # forget dead/left members after this long
+    max_skew: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.probe_timeout < self.probe_interval:
+            raise ValueError("probe_timeout must be positive and below probe_interval")
+        if self.mtu < 576 or self.mtu > schema.MAX_MESSAGE:
+            raise ValueError(f"mtu must be 576..{schema.MAX_MESSAGE}")
+        if self.fanout < 0 or self.indirect_checks < 0:
+            raise ValueError("fanout and indirect_checks must not be negative")
+        if self.anti_entropy_interval <= 0 or self.tombstone_ttl <= 0:
+            raise ValueError("intervals must be positive")
+
+
+class GossipNode:
+    """One member of a gossip cluster.
+
+    `on_change(record)` is called for every record this node learns from a peer
+    that changes its table (a newer put, or a tombstone); the node's own
+    `publish`/`delete` do not call it. `on_member(info)` is called when a
+    member's state or incarnation changes. Callbacks run on the event loop and
+    must not block; their exceptions are logged, never propagated.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        keyring: Keyring,
+        bind: str = "0.0.0.0",
+        port: int = 7946,
+        advertise: str | None = None,
+        seeds: Iterable[Addr] = (),
+        on_change: OnChange | None = None,
+        on_member: OnMember | None = None,
+        metrics: GossipMetrics | None = None,
+        config: GossipConfig = GossipConfig(),
+        incarnation: int | None = None,
+    ) -> None:
+        advertise = advertise or bind
+        if advertise in ("0.0.0.0", "::", ""):
+            raise ValueError("bind is a wildcard address: give the address peers reach this node at")
+        # Name and address must be valid on the wire; fail here, not in every peer.
+        MemberUpdate.from_wire(MemberUpdate(name, advertise, 1, MemberState.ALIVE, 0).to_wire())
+        self.name = name
+        self.config = config
+        self._bind = bind
+        self._port = port
+        self._advertise = advertise
+        self._seeds: set[Addr] = set(seeds)
+        self._on_change = on_change
+        self._on_member = on_member
+        self._metrics = metrics
+        self._framer = Framer(name, keyring, max_skew=config.max_skew)
+        # The records' incarnation: a restarted owner must stamp above its previous life,
+        # so by default it is the start time in milliseconds.
+        self.incarnation = incarnation if incarnation is not None else time.time_ns() // 1_000_000
+        self._version = 0
+        self._table = RecordTable()
+        self._ms = Membership(
+            name,
+            advertise,
+            port,
+            incarnation=self.incarnation,
+            probe_interval=config.probe_interval,
+            suspicion_mult=config.suspicion_mult,
+            retransmit_mult=config.retransmit_mult,
+        )
+        self._seq = itertools.count(1)
+        self._probes: dict[int, tuple[str, asyncio.Future[None]]] = {}
+        self._relays: dict[int, tuple[Addr, int, str]] = {}  # our seq -> (asker, its seq, target)
+        self._transport: asyncio.DatagramTransport | None = None
+        self._tasks = TaskGroup()
+        self._rng = random.Random()
+        self._budget = config.mtu - self._framer.overhead - _ENVELOPE
+
+    # --- public API ---
+
+    @property
+    def port(self) -> int:
+        """The UDP port in use (the one the OS chose when constructed with port 0)."""
+        return self._ms.port
+
+    @property
+    def address(self) -> Addr:
+        return (self._advertise, self._ms.port)
+
+    async def start(self) -> None:
+        if self._framer.keyring.is_insecure:
+            log.warning("gossip runs INSECURE: datagrams are neither encrypted nor authenticated")
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: _Protocol(self), local_addr=(self._bind, self._port)
+        )
+        self._transport = transport
+        self._ms.port = transport.get_extra_info("sockname")[1]
+        self._tasks.spawn(self._probe_loop(), name=f"gossip-probe-{self.name}")
+        self._tasks.spawn(self._anti_entropy_loop(), name=f"gossip-anti-entropy-{self.name}")
+        self._join()
+
+    async def stop(self, *, leave: bool = True) -> None:
+        """Stop; with `leave`, first tell some peers this node is leaving (state `left`)."""
+        if self._transport is None:
+            return
+        if leave:
+            update = self._ms.leave()
+            for m in self._ms.random_live(2 * max(1, self.config.fanout)):
+                self._send((m.addr, m.port), Members(True, (update,)))
+        await self._tasks.cancel_all()
+        for _, fut in self._probes.values():
+            fut.cancel()
+        self._probes.clear()
+        self._transport.close()
+        self._transport = None
+
+    def publish(self, kind: str, key: str, payload: dict[str, Any]) -> Record:
+        """Put a record owned by this node and spread it; the stamped record.
+
+        Raises SchemaError if the record breaks the schema and ValueError if it
+        cannot fit in one datagram.
+        """
+        return self._local(Record(kind, key, self.name, self.incarnation, self._version + 1, payload))
+
+    def delete(self, kind: str, key: str) -> Record:
+        """Delete a record owned by this node: spread a tombstone."""
+        return self._local(
+            Record(kind, key, self.name, self.incarnation, self._version + 1, None, time.time())
+        )
+
+    def records(self, *, tombstones: bool = False) -> list[Record]:
+        return [r for r in self._table.all() if tombstones or not r.tombstone]
+
+    def get(self, owner: str, kind: str, key: str) -> Record | None:
+        return self._table.get((owner, kind, key))
+
+    def members(self) -> list[MemberInfo]:
+        """The peers this node knows (not itself), with state, incarnation and RTT."""
+        return self._ms.members()
+
+    def add_seeds(self, seeds: Iterable[Addr]) -> None:
+        """More addresses to join through (e.g. from the KV store's node records)."""
+        new = set(seeds) - self._seeds
+        self._seeds |= new
+        if self._transport is not None:
+            for addr in new:
+                self._send_members(addr, reply=False)
+
+    # --- local changes ---
+
+    def _local(self, rec: Record) -> Record:
+        rec = rec.normalized()
+        if _size(rec) > self._budget:
+            raise ValueError(f"record {rec.kind}/{rec.key} is {_size(rec)} bytes; at most {self._budget} fit")
+        self._version = rec.version
+        self._table.apply(rec)
+        self._table.set_watermark(self.name, rec.stamp)
+        self._push([rec], self._hops(), exclude=())
+        return rec
+
+    def _hops(self) -> int:
+        if self.config.push_hops is not None:
+            return self.config.push_hops
+        return max(2, math.ceil(math.log2(self._ms.cluster_size() + 1)))
+
+    def _push(self, records: list[Record], hops: int, exclude: Iterable[str]) -> None:
+        if hops <= 0 or not records:
+            return
+        targets = self._ms.random_live(self.config.fanout, exclude=set(exclude))
+        for chunk in _chunks(records, _size, self._budget):
+            msg = Push(hops, tuple(chunk))
+            for m in targets:
+                self._send((m.addr, m.port), msg)
+
+    # --- receiving ---
+
+    def _datagram(self, data: bytes, addr: Addr) -> None:
+        if self._metrics:
+            self._metrics.bytes_received.inc(len(data))
+        if len(data) > self.config.mtu:
+            self._reject("oversized")
+            return
+        try:
+            opened = self._framer.open(data)
+        except FrameError as e:
+            self._reject(e.reason)
+            return
+        if opened.sender == self.name:
+            self._reject("self")
+            return
+        try:
+            msg = schema.decode(opened.body)
+        except SchemaError as e:
+            log.debug("gossip: bad message from %s %s: %s", opened.sender, addr, e)
+            self._reject("schema")
+            return
+        if self._metrics:
+            self._metrics.messages_received.labels(_TYPE[type(msg)]).inc()
+        try:
+            self._handle(opened.sender, addr, msg)
+        except Exception:
+            # A bug of ours, not the peer's: keep serving, but loudly.
+            log.exception("gossip: handling %s from %s failed", _TYPE[type(msg)], opened.sender)
+            self._reject("error")
+
+    def _reject(self, reason: str) -> None:
+        if self._metrics:
+            self._metrics.messages_rejected.labels(reason).inc()
+
+    def _handle(self, sender: str, addr: Addr, msg: Message) -> None:
+        match msg:
+            case Ping(seq, target, updates):
+                self._apply_members(updates)
+                if target == self.name:
+                    self._send(addr, Ack(seq, self.name, self._piggyback(sender)))
+            case PingReq(seq, target, taddr, tport, updates):
+                self._apply_members(updates)
+                ours = next(self._seq)
+                self._relays[ours] = (addr, seq, target)
+                asyncio.get_running_loop().call_later(
+                    self.config.probe_interval, self._relays.pop, ours, None
+                )
+                self._send((taddr, tport), Ping(ours, target, self._piggyback(target)))
+            case Ack(seq, target, updates):
+                self._apply_members(updates)
+                relay = self._relays.pop(seq, None)
+                if relay is not None:
+                    asker, their_seq, expected = relay
+                    if target == expected:
+                        self._send(asker, Ack(their_seq, target, ()))
+                    return
+                probe = self._probes.get(seq)
+                if probe is not None and probe[0] == target and not probe[1].done():
+                    probe[1].set_result(None)
+            case Push(hops, records):
+                learned = [r for r in records if self._merge(r, "push")]
+                self._push(learned, hops - 1, exclude=(sender,))
+            case Digest(lo, hi, entries):
+                if self._metrics:
+                    self._metrics.anti_entropy.labels("responder").inc()
+                diff = diff_digests(self._table.digest(), dict(entries), lo, hi)
+                for owner, mine in diff.ask.items():
+                    self._send(addr, Request(owner, mine))
+                for owner, theirs in diff.send.items():
+                    self._send_records(addr, owner, theirs)
+            case Request(owner, after):
+                self._send_records(addr, owner, after)
+            case Records(owner, after, upto, more, records):
+                before = self._table.watermark(owner)
+                for r in records:
+                    if self._merge(r, "anti_entropy") and self._metrics:
+                        self._metrics.records_repaired.inc()
+                self._table.advance(owner, after, upto)
+                # Ask for the next chunk only while chunks move us on (no loops on a stuck peer).
+                if more and self._table.watermark(owner) > before:
+                    self._send(addr, Request(owner, self._table.watermark(owner)))
+            case Members(reply, updates):
+                self._apply_members(updates)
+                if not reply:
+                    self._send_members(addr, reply=True)
+
+    def _merge(self, rec: Record, path: str) -> bool:
+        if not self._table.apply(rec):
+            return False
+        if self._metrics:
+            self._metrics.records_learned.labels(path).inc()
+        if self._on_change is not None:
+            try:
+                self._on_change(rec)
+            except Exception:
+                log.exception("gossip: on_change failed for %s/%s", rec.kind, rec.key)
+        return True
+
+    def _apply_members(self, updates: Iterable[MemberUpdate]) -> None:
+        refuted = self._ms.refutations
+        for u in updates:
+            change = self._ms.apply(u)
+            if change is not None:
+                self._member_changed(change)
+        if self._ms.refutations != refuted:
+            if self._metrics:
+                self._metrics.refutations.inc(self._ms.refutations - refuted)
+            self._announce_alive()
+
+    def _announce_alive(self) -> None:
+        """Tell a few peers at once that this node is alive (do not wait for piggybacking)."""
+        update = self._ms.self_update()
+        for m in self._ms.random_live(self.config.fanout):
+            self._send((m.addr, m.port), Members(True, (update,)))
+
+    def _member_changed(self, change: MemberChanged) -> None:
+        if self._metrics:
+            if change.member.state == MemberState.SUSPECT and change.previous == MemberState.ALIVE:
+                self._metrics.suspicions.inc()
+            self._metrics.set_peers(self._ms.counts())
+        log.debug(
+            "gossip %s: %s is %s (incarnation %d)",
+            self.name,
+            change.member.name,
+            change.member.state,
+            change.member.incarnation,
+        )
+        if self._on_member is not None:
+            try:
+                self._on_member(change.member)
+            except Exception:
+                log.exception("gossip: on_member failed for %s", change.member.name)
+
+    # --- sending ---
+
+    def _send(self, addr: Addr, msg: Message) -> None:
+        if self._transport is None:
+            return
+        packet = self._framer.seal(schema.encode(msg))
+        if len(packet) > self.config.mtu:
+            # Every sender sizes its message to the MTU; reaching this is a bug of ours.
+            log.error("gossip: %s of %d bytes exceeds the MTU; not sent", _TYPE[type(msg)], len(packet))
+            return
+        self._transport.sendto(packet, addr)
+        if self._metrics:
+            self._metrics.messages_sent.labels(_TYPE[type(msg)]).inc()
+            self._metrics.bytes_sent.inc(len(packet))
+
+    def _piggyback(self, to: str | None) -> tuple[MemberUpdate, ...]:
+        return tuple(self._ms.piggyback(self._budget // 2, to))
+
+    def _send_members(self, addr: Addr, *, reply: bool) -> None:
+        for chunk in _chunks(self._ms.snapshot(), _update_size, self._budget):
+            self._send(addr, Members(reply, tuple(chunk)))
+
+    def _send_records(self, addr: Addr, owner: str, after: Stamp) -> None:
+        """One chunk of `owner`'s records newer than `after`; the peer asks again for more."""
+        chunk: list[Record] = []
+        room = self._budget
+        more = False
+        for rec in self._table.records_after(owner, after):
+            size = _size(rec)
+            if size > room:
+                more = True
+                break
+            chunk.append(rec)
+            room -= size
+        wm = self._table.watermark(owner)
+        # Claim completeness only up to our own watermark: above it we may have gaps.
+        upto = min(chunk[-1].stamp, wm) if more else wm
+        upto = max(upto, after)
+        if chunk or upto > after:
+            self._send(addr, Records(owner, after, upto, more, tuple(chunk)))
+
+    def _send_digest(self, addr: Addr) -> None:
+        entries = sorted(self._table.digest().items())
+        chunks = list(_chunks(entries, _entry_size, self._budget)) or [[]]
+        for i, chunk in enumerate(chunks):
+            lo = "" if i == 0 else chunk[0][0]
+            hi = chunks[i + 1][0][0] if i + 1 < len(chunks) else None
+            self._send(addr, Digest(lo, hi, tuple(chunk)))
+
+    def _join(self) -> None:
+        for addr in self._seeds:
+            if addr != self.address:
+                self._send_members(addr, reply=False)
+
+    # --- loops ---
+
+    async def _probe_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            for change in self._ms.expire():
+                self._member_changed(change)
+            target = self._ms.next_probe_target()
+            if target is None:
+                self._join()
+            else:
+                await self._probe(target)
+            await asyncio.sleep(max(0.0, self.config.probe_interval - (loop.time() - started)))
+
+    async def _probe(self, target: MemberInfo) -> None:
+        loop = asyncio.get_running_loop()
+        cfg = self.config
+        seq = next(self._seq)
+        fut: asyncio.Future[None] = loop.create_future()
+        self._probes[seq] = (target.name, fut)
+        sent = loop.time()
+        try:
+            self._send((target.addr, target.port), Ping(seq, target.name, self._piggyback(target.name)))
+            try:
+                await asyncio.wait_for(asyncio.shield(fut), cfg.probe_timeout)
+                self._ms.record_rtt(target.name, loop.time() - sent)
+                return
+            except TimeoutError:
+                pass
+            helpers = self._ms.random_live(cfg.indirect_checks, exclude={target.name}, alive_only=True)
+            for h in helpers:
+                req = PingReq(seq, target.name, target.addr, target.port, self._piggyback(h.name))
+                self._send((h.addr, h.port), req)
+            try:
+                await asyncio.wait_for(asyncio.shield(fut), cfg.probe_interval - cfg.probe_timeout)
+                return
+            except TimeoutError:
+                pass
+            change = self._ms.suspect(target.name)
+            if change is not None:
+                self._member_changed(change)
+                # Tell the suspect directly: if it is alive it refutes at once.
+                suspect = MemberUpdate(
+                    target.name, target.addr, target.port, MemberState.SUSPECT, change.member.incarnation
+                )
+                self._send((target.addr, target.port), Members(True, (suspect,)))
+        finally:
+            self._probes.pop(seq, None)
+            fut.cancel()
+
+    async def _anti_entropy_loop(self) -> None:
+        interval = self.config.anti_entropy_interval
+        # Start at a random point of the interval so the nodes' exchanges do not bunch up.
+        await asyncio.sleep(self._rng.uniform(0, interval))
+        while True:
+            self._anti_entropy_round()
+            await asyncio.sleep(interval * self._rng.uniform(0.8, 1.2))
+
+    def _anti_entropy_round(self) -> None:
+        now = time.time()
+        self._table.reap(now, self.config.tombstone_ttl)
+        if self._ms.reap(self.config.dead_reap) and self._metrics:
+            self._metrics.set_peers(self._ms.counts())
+        peers = self._ms.random_live(1, alive_only=True)
+        if peers:
+            peer = (peers[0].addr, peers[0].port)
+            if self._metrics:
+                self._metrics.anti_entropy.labels("initiator").inc()
+            self._send_digest(peer)
+            self._send_members(peer, reply=False)
+        else:
+            self._join()
+        # Knock on one dead member's door: after a partition heals, both sides
+        # believe the other dead and would otherwise never talk again.
+        gone = self._ms.gone()
+        if gone:
+            m = self._rng.choice(gone)
+            self._send_members((m.addr, m.port), reply=False)
+
+
+class _Protocol(asyncio.DatagramProtocol):
+    def __init__(self, node: GossipNode) -> None:
+        self._node = node
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        self._node._datagram(data, (str(addr[0]), int(addr[1])))
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP port unreachable from a stopped peer and the like: SWIM notices by itself.
+        log.debug("gossip socket error: %s", exc)
+
+
+def _size(rec: Record) -> int:
+    return len(msgpack.packb(rec.to_wire(), use_bin_type=True))
+
+
+def _update_size(u: MemberUpdate) -> int:
+    return len(msgpack.packb(u.to_wire(), use_bin_type=True))
+
+
+def _entry_size(e: tuple[str, Stamp]) -> int:
+    return len(e[0].encode()) + 24
+
+
+def _chunks(items: Iterable[Any], size: Callable[[Any], int], budget: int) -> Iterator[list[Any]]:
+    """Split `items` into lists whose summed sizes stay within `budget`."""
+    chunk: list[Any] = []
+    room = budget
+    for item in items:
+        s = size(item)
+        if chunk and s > room:
+            yield chunk
+            chunk, room = [], budget
+        chunk.append(item)
+        room -= s
+    if chunk:
+        yield chunk

@@ -1,0 +1,431 @@
+"""The gossip wire schema: typed messages, encoded as msgpack arrays, checked strictly.
+
+Every message is `[SCHEMA_VERSION, type, field...]` with a fixed number of
+fields per type. `decode` either returns a fully validated message or raises
+`SchemaError` (the one error type a receiver counts and drops); it never
+returns something half-checked. msgpack carries only plain data (no pickle,
+extension types are refused), so decoding cannot execute anything.
+
+Records are an opaque typed envelope: the daemon maps its Network / Endpoint /
+Node records into `Record(kind, key, owner, ..., payload)`. `(incarnation,
+version)` is the record's stamp, advanced only by its owner; a deletion is a
+tombstone (payload None) with the owner's wall-clock time of deletion.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import msgpack
+
+SCHEMA_VERSION = 1
+MAX_MESSAGE = 65_507  # the largest UDP payload; nothing legitimate is bigger
+MAX_NAME = 253
+MAX_ITEMS = 4096  # records / updates / digest entries in one message
+MAX_DEPTH = 8  # nesting of a record payload
+_INT64 = 2**63
+
+Stamp = tuple[int, int]  # (incarnation, version)
+
+
+class SchemaError(ValueError):
+    """A message that does not follow the schema; the receiver counts and drops it."""
+
+
+class MemberState(StrEnum):
+    ALIVE = "alive"
+    SUSPECT = "suspect"
+    DEAD = "dead"
+    LEFT = "left"
+
+
+@dataclass(frozen=True)
+class Record:
+    """One gossiped fact, identified by (owner, kind, key); payload None is a tombstone."""
+
+    kind: str
+    key: str
+    owner: str
+    incarnation: int
+    version: int
+    payload: dict[str, Any] | None
+    deleted_at: float | None = None
+
+    @property
+    def stamp(self) -> Stamp:
+        return (self.incarnation, self.version)
+
+    @property
+    def ident(self) -> tuple[str, str, str]:
+        return (self.owner, self.kind, self.key)
+
+    @property
+    def tombstone(self) -> bool:
+        return self.payload is None
+
+    def to_wire(self) -> list[Any]:
+        return [
+            self.kind,
+            self.key,
+            self.owner,
+            self.incarnation,
+            self.version,
+            self.payload,
+            self.deleted_at,
+        ]
+
+    @classmethod
+    def from_wire(cls, v: Any) -> Record:
+        kind, key, owner, inc, ver, payload, deleted_at = _fields(v, 7, "record")
+        rec = cls(
+            _name(kind, "kind"),
+            _text(key, "key"),
+            _name(owner, "owner"),
+            _uint(inc, "incarnation"),
+            _uint(ver, "version"),
+            None,
+            None,
+        )
+        if payload is None:
+            if not _is_float(deleted_at) or not math.isfinite(deleted_at) or deleted_at < 0:
+                raise SchemaError("tombstone needs a finite deleted_at")
+            return Record(rec.kind, rec.key, rec.owner, rec.incarnation, rec.version, None, float(deleted_at))
+        if deleted_at is not None:
+            raise SchemaError("a record with a payload has no deleted_at")
+        if not isinstance(payload, dict):
+            raise SchemaError("record payload must be a map")
+        _check_plain(payload, 0)
+        return Record(rec.kind, rec.key, rec.owner, rec.incarnation, rec.version, payload, None)
+
+    def normalized(self) -> Record:
+        """This record as every receiver will see it (tuples become lists), or SchemaError."""
+        try:
+            wire = msgpack.unpackb(msgpack.packb(self.to_wire(), use_bin_type=True), raw=False)
+        except (TypeError, ValueError) as e:
+            raise SchemaError(f"record cannot be encoded: {e}") from None
+        return Record.from_wire(wire)
+
+
+@dataclass(frozen=True)
+class MemberUpdate:
+    """What one node says about a member: where it is, its state and incarnation."""
+
+    name: str
+    addr: str
+    port: int
+    state: MemberState
+    incarnation: int
+
+    def to_wire(self) -> list[Any]:
+        return [self.name, self.addr, self.port, self.state.value, self.incarnation]
+
+    @classmethod
+    def from_wire(cls, v: Any) -> MemberUpdate:
+        name, addr, port, state, inc = _fields(v, 5, "member update")
+        port = _uint(port, "port")
+        if not 0 < port < 65536:
+            raise SchemaError(f"bad port {port}")
+        try:
+            st = MemberState(state)
+        except ValueError:
+            raise SchemaError(f"bad member state {state!r}") from None
+        return cls(_name(name, "member name"), _name(addr, "address"), port, st, _uint(inc, "incarnation"))
+
+
+# --- messages -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ping:
+    seq: int
+    target: str  # the name the prober expects to answer (guards against reused addresses)
+    updates: tuple[MemberUpdate, ...] = ()
+
+
+@dataclass(frozen=True)
+class PingReq:
+    """Ask the receiver to ping `target` at addr:port on the sender's behalf."""
+
+    seq: int
+    target: str
+    addr: str
+    port: int
+    updates: tuple[MemberUpdate, ...] = ()
+
+
+@dataclass(frozen=True)
+class Ack:
+    seq: int
+    target: str  # the member that was probed (differs from the sender for an indirect ack)
+    updates: tuple[MemberUpdate, ...] = ()
+
+
+@dataclass(frozen=True)
+class Push:
+    """Fresh records; the receiver forwards what was new to it while `hops` > 0."""
+
+    hops: int
+    records: tuple[Record, ...]
+
+
+@dataclass(frozen=True)
+class Digest:
+    """The sender's watermarks (owner -> stamp) for exactly the owners in [lo, hi).
+
+    A digest too big for one datagram is split by owner ranges; an owner inside
+    the range and missing from `entries` is one the sender knows nothing of.
+    `hi` None means no upper bound; `lo` "" means from the first owner.
+    """
+
+    lo: str
+    hi: str | None
+    entries: tuple[tuple[str, Stamp], ...]
+
+
+@dataclass(frozen=True)
+class Request:
+    """Send me `owner`'s records newer than `after`."""
+
+    owner: str
+    after: Stamp
+
+
+@dataclass(frozen=True)
+class Records:
+    """`owner`'s records in (after, upto], ascending; `more` if the sender has more beyond `upto`."""
+
+    owner: str
+    after: Stamp
+    upto: Stamp
+    more: bool
+    records: tuple[Record, ...]
+
+
+@dataclass(frozen=True)
+class Members:
+    """A (part of a) membership snapshot; a non-reply asks for the receiver's snapshot back."""
+
+    reply: bool
+    updates: tuple[MemberUpdate, ...]
+
+
+Message = Ping | PingReq | Ack | Push | Digest | Request | Records | Members
+
+
+def encode(msg: Message) -> bytes:
+    return bytes(msgpack.packb(to_wire(msg), use_bin_type=True))
+
+
+def to_wire(msg: Message) -> list[Any]:
+    v = SCHEMA_VERSION
+    match msg:
+        case Ping(seq, target, updates):
+            return [v, "ping", seq, target, [u.to_wire() for u in updates]]
+        case PingReq(seq, target, addr, port, updates):
+            return [v, "ping-req", seq, target, addr, port, [u.to_wire() for u in updates]]
+        case Ack(seq, target, updates):
+            return [v, "ack", seq, target, [u.to_wire() for u in updates]]
+        case Push(hops, records):
+            return [v, "push", hops, [r.to_wire() for r in records]]
+        case Digest(lo, hi, entries):
+            return [v, "digest", lo, hi, [[o, i, n] for o, (i, n) in entries]]
+        case Request(owner, (inc, ver)):
+            return [v, "request", owner, inc, ver]
+        case Records(owner, after, upto, more, records):
+            return [v, "records", owner, *after, *upto, more, [r.to_wire() for r in records]]
+        case Members(reply, updates):
+            return [v, "members", reply, [u.to_wire() for u in updates]]
+    raise TypeError(f"not a gossip message: {msg!r}")
+
+
+def decode(data: bytes) -> Message:
+    """The message in `data`, fully validated, or SchemaError."""
+    if len(data) > MAX_MESSAGE:
+        raise SchemaError(f"message of {len(data)} bytes is over {MAX_MESSAGE}")
+    try:
+        v = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True, ext_hook=_no_ext)
+    except SchemaError:
+        raise
+    except Exception as e:  # msgpack raises several unrelated types for bad input
+        raise SchemaError(f"not msgpack: {type(e).__name__}") from None
+    if not isinstance(v, list) or len(v) < 2:
+        raise SchemaError("a message is an array [version, type, ...]")
+    version, kind, *rest = v
+    if version != SCHEMA_VERSION or isinstance(version, bool):
+        raise SchemaError(f"unsupported schema version {version!r}")
+    parse = _PARSERS.get(kind) if isinstance(kind, str) else None
+    if parse is None:
+        raise SchemaError(f"unknown message type {kind!r}")
+    try:
+        return parse(rest)
+    except SchemaError:
+        raise
+    except (TypeError, ValueError) as e:  # unpacking the wrong number of fields and the like
+        raise SchemaError(f"bad {kind}: {e}") from None
+
+
+def _no_ext(code: int, data: bytes) -> Any:
+    raise SchemaError(f"msgpack extension type {code} is not allowed")
+
+
+def _p_ping(f: list[Any]) -> Ping:
+    seq, target, updates = _fields(f, 3, "ping")
+    return Ping(_uint(seq, "seq"), _name(target, "target"), _updates(updates))
+
+
+def _p_ping_req(f: list[Any]) -> PingReq:
+    seq, target, addr, port, updates = _fields(f, 5, "ping-req")
+    port = _uint(port, "port")
+    if not 0 < port < 65536:
+        raise SchemaError(f"bad port {port}")
+    return PingReq(
+        _uint(seq, "seq"), _name(target, "target"), _name(addr, "address"), port, _updates(updates)
+    )
+
+
+def _p_ack(f: list[Any]) -> Ack:
+    seq, target, updates = _fields(f, 3, "ack")
+    return Ack(_uint(seq, "seq"), _name(target, "target"), _updates(updates))
+
+
+def _p_push(f: list[Any]) -> Push:
+    hops, records = _fields(f, 2, "push")
+    hops = _uint(hops, "hops")
+    if hops > 64:
+        raise SchemaError(f"hops {hops} is absurd")
+    return Push(hops, _records(records))
+
+
+def _p_digest(f: list[Any]) -> Digest:
+    lo, hi, entries = _fields(f, 3, "digest")
+    if lo != "":
+        lo = _name(lo, "digest lower bound")
+    if hi is not None:
+        hi = _name(hi, "digest upper bound")
+    out = []
+    for e in _list(entries, "digest entries"):
+        owner, inc, ver = _fields(e, 3, "digest entry")
+        owner = _name(owner, "owner")
+        if owner < lo or (hi is not None and owner >= hi):
+            raise SchemaError("digest entry outside its range")
+        out.append((owner, (_uint(inc, "incarnation"), _uint(ver, "version"))))
+    return Digest(lo, hi, tuple(out))
+
+
+def _p_request(f: list[Any]) -> Request:
+    owner, inc, ver = _fields(f, 3, "request")
+    return Request(_name(owner, "owner"), (_uint(inc, "incarnation"), _uint(ver, "version")))
+
+
+def _p_records(f: list[Any]) -> Records:
+    owner, ai, av, ui, uv, more, records = _fields(f, 7, "records")
+    after = (_uint(ai, "incarnation"), _uint(av, "version"))
+    upto = (_uint(ui, "incarnation"), _uint(uv, "version"))
+    if upto < after:
+        raise SchemaError("records: upto is before after")
+    recs = _records(records)
+    owner = _name(owner, "owner")
+    if any(r.owner != owner for r in recs):
+        raise SchemaError("records: a record of another owner")
+    return Records(owner, after, upto, _bool(more, "more"), recs)
+
+
+def _p_members(f: list[Any]) -> Members:
+    reply, updates = _fields(f, 2, "members")
+    return Members(_bool(reply, "reply"), _updates(updates))
+
+
+_PARSERS: dict[str, Callable[[list[Any]], Message]] = {
+    "ping": _p_ping,
+    "ping-req": _p_ping_req,
+    "ack": _p_ack,
+    "push": _p_push,
+    "digest": _p_digest,
+    "request": _p_request,
+    "records": _p_records,
+    "members": _p_members,
+}
+
+
+# --- field checks ---------------------------------------------------------------------------
+
+
+def _fields(v: Any, n: int, what: str) -> list[Any]:
+    if not isinstance(v, list) or len(v) != n:
+        raise SchemaError(f"{what}: expected {n} fields")
+    return v
+
+
+def _list(v: Any, what: str) -> list[Any]:
+    if not isinstance(v, list):
+        raise SchemaError(f"{what} must be an array")
+    if len(v) > MAX_ITEMS:
+        raise SchemaError(f"{what}: {len(v)} items is over {MAX_ITEMS}")
+    return v
+
+
+def _updates(v: Any) -> tuple[MemberUpdate, ...]:
+    return tuple(MemberUpdate.from_wire(u) for u in _list(v, "member updates"))
+
+
+def _records(v: Any) -> tuple[Record, ...]:
+    return tuple(Record.from_wire(r) for r in _list(v, "records"))
+
+
+def _uint(v: Any, what: str) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < _INT64:
+        raise SchemaError(f"{what} must be a non-negative 64-bit integer, got {v!r}")
+    return v
+
+
+def _bool(v: Any, what: str) -> bool:
+    if not isinstance(v, bool):
+        raise SchemaError(f"{what} must be a boolean")
+    return v
+
+
+def _is_float(v: Any) -> bool:
+    return isinstance(v, float | int) and not isinstance(v, bool)
+
+
+def _text(v: Any, what: str) -> str:
+    if not isinstance(v, str) or not 0 < len(v) <= 1024:
+        raise SchemaError(f"{what} must be a string of 1..1024 characters")
+    return v
+
+
+def _name(v: Any, what: str) -> str:
+    if not isinstance(v, str) or not 0 < len(v) <= MAX_NAME or not v.isprintable():
+        raise SchemaError(f"{what} must be a printable string of 1..{MAX_NAME} characters")
+    return v
+
+
+def _check_plain(v: Any, depth: int) -> None:
+    """Payloads hold only JSON-like data (no bytes, no extension types), nested at most MAX_DEPTH."""
+    if depth > MAX_DEPTH:
+        raise SchemaError("record payload nested too deep")
+    if v is None or isinstance(v, bool | str):
+        return
+    if isinstance(v, int):
+        if not -_INT64 <= v < _INT64:
+            raise SchemaError("integer out of range")
+        return
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            raise SchemaError("non-finite number in payload")
+        return
+    if isinstance(v, list):
+        for item in v:
+            _check_plain(item, depth + 1)
+        return
+    if isinstance(v, dict):
+        for k, item in v.items():
+            if not isinstance(k, str):
+                raise SchemaError("payload map keys must be strings")
+            _check_plain(item, depth + 1)
+        return
+    raise SchemaError(f"payload holds a {type(v).__name__}")
