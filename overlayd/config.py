@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 from overlayd.model import ValidationError, parse_ipv4, validate_name
 
 DEFAULT_PATH = "/etc/overlayd/overlayd.toml"
-STORE_SCHEMES = ("etcd",)
+STORE_SCHEMES = ("etcd", "consul")
 
 
 class ConfigError(Exception):
@@ -44,6 +44,8 @@ class StoreConfig:
     lease_ttl: int = 10
     username: str | None = None
     password: str | None = field(default=None, repr=False)
+    # Consul ACL token (sent as X-Consul-Token); never logged.
+    token: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,7 @@ _KEYS: dict[str, type | tuple[type, ...]] = {
     "store.lease_ttl": int,
     "store.username": str,
     "store.password": str,
+    "store.token": str,
     "admin.socket": str,
     "status.listen": str,
     "state.dir": str,
@@ -145,6 +148,7 @@ def from_flat(flat: dict[str, Any]) -> Config:
         lease_ttl=ttl,
         username=flat.get("store.username"),
         password=flat.get("store.password"),
+        token=flat.get("store.token"),
     )
     return Config(
         node_name=node_name,

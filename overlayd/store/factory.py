@@ -21,4 +21,8 @@ def make_store(
         from overlayd.store.etcd import EtcdStore
 
         return EtcdStore(config, state_dir=state_dir, metrics=metrics, on_invalid=on_invalid)
+    if config.scheme == "consul":
+        from overlayd.store.consul import ConsulStore
+
+        return ConsulStore(config, state_dir=state_dir, metrics=metrics, on_invalid=on_invalid)
     raise ValueError(f"store.url: no backend for scheme {config.scheme!r}")

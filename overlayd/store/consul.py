@@ -1,0 +1,682 @@
+"""Consul backend, spoken over Consul's HTTP API with aiohttp.
+
+Why not py-consul: its asyncio client is a thin, little-maintained layer over
+the same HTTP calls, without types and without the transaction and blocking
+query details we need. aiohttp already ships with the daemon (status server),
+so a small typed client of our own costs no new dependency and lets us map
+every status code to our errors ourselves.
+
+What Consul really does, and how this module answers (see BACKENDS.md):
+
+- Owned records (node, endpoints, IP claims) are held by the node's session:
+  TTL (Consul refuses < 10 s, so `lease_ttl` is raised to 10), Behavior
+  "delete", LockDelay "0s" (the default 15 s makes `acquire` fail for a new
+  session after the old one ended) and NodeChecks [] (a pure heartbeat, not
+  tied to gossip health). Renewed every TTL/3; a dead owner's keys go after
+  up to 2x TTL. A renewal answered 404 means the session is gone: we create a
+  new one and re-acquire every owned key (an IP claim only if it is free or
+  still ours).
+- Only keys written with a session lock die with it, and `acquire` cannot be
+  combined with `cas`: every write of owned keys is one `/v1/txn` holding
+  guards (check-not-exists / check-index / delete-cas) and `lock` ops. A
+  failed op rolls the whole transaction back (409) and names its OpIndex.
+- Networks and VNI claims are created together with `cas` index 0 (create
+  only if absent), so two hosts never get the same name or VNI.
+- Watches are blocking queries on the prefix (`?recurse&index=N&wait=`).
+  They return the whole prefix, not events: we diff successive listings by
+  ModifyIndex and yield what changed. Several changes to one key between two
+  listings arrive as the last one. An index that goes backwards (or is 0)
+  means the server lost its state (a dev agent restart drops everything): we
+  yield a Snapshot. An empty prefix answers 404 with a valid index.
+- Keys are stored without the prefix's leading "/" (Consul paths cannot
+  start with one); values are base64 in JSON. Limits: 512 KiB per value, 64
+  operations per transaction.
+- The ACL token (`store.token`) goes in the X-Consul-Token header and is never
+  logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import random
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+
+from overlayd.config import StoreConfig
+from overlayd.metrics import Metrics
+from overlayd.model import Endpoint, Network, Node
+from overlayd.state import Fact
+from overlayd.store.base import (
+    AlreadyExists,
+    Changes,
+    NotFoundError,
+    Snapshot,
+    Store,
+    StoreError,
+    StoreUnavailable,
+)
+from overlayd.store.keys import InvalidRecord, KeyLayout, encode, fact_for_delete, fact_for_put
+
+log = logging.getLogger(__name__)
+
+_REQUEST_TIMEOUT = 5.0
+_WATCH_WAIT = 15  # seconds a blocking query may hang; Consul adds up to wait/16 of jitter
+_RETRY_MIN, _RETRY_MAX = 0.2, 5.0
+_MIN_TTL = 10  # Consul refuses shorter session TTLs
+_MAX_VALUE = 512 * 1024
+_MAX_TXN_OPS = 64
+_CAS_ATTEMPTS = 5  # re-read and retry a guarded write this often when it loses a race
+_BASELINES = 4  # recent snapshots remembered so watch() can diff from their index
+
+# Errors that mean "the server is not reachable right now" rather than "no".
+_UNREACHABLE = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError, OSError)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One key as Consul lists it (key without the leading '/')."""
+
+    key: str
+    value: bytes
+    modify_index: int
+    session: str | None
+
+
+@dataclass(frozen=True)
+class _Response:
+    status: int
+    body: Any
+    index: int
+
+
+class _TxnFailed(Exception):
+    """A transaction rolled back (409): the failed ops' indexes and Consul's reasons."""
+
+    def __init__(self, errors: dict[int, str]) -> None:
+        self.errors = errors
+        super().__init__("; ".join(errors.values()))
+
+
+class ConsulStore(Store):
+    def __init__(
+        self,
+        config: StoreConfig,
+        *,
+        state_dir: str,
+        metrics: Metrics | None = None,
+        on_invalid: Callable[[str], None] | None = None,
+    ) -> None:
+        self._config = config
+        self._layout = KeyLayout(config.prefix)
+        self._session_file = Path(state_dir) / "consul-session"
+        self._metrics = metrics
+        self._on_invalid = on_invalid
+        self._ttl = max(config.lease_ttl, _MIN_TTL)
+        self._http: aiohttp.ClientSession | None = None
+        self._base = ""
+        self._healthy = False
+        self._session_id: str | None = None
+        self._session_lock = asyncio.Lock()
+        # Set when a write finds the session gone: keep_session renews at once.
+        self._session_suspect = asyncio.Event()
+        # Everything this node owns, as last published: re-acquired on a new session.
+        self._node: Node | None = None
+        self._owned: dict[str, Endpoint] = {}
+        # index -> {key: ModifyIndex} of recent snapshots, the base a watch diffs from.
+        self._baselines: OrderedDict[int, dict[str, int]] = OrderedDict()
+
+    # ----------------------------------------------------------------- plumbing
+
+    @property
+    def healthy(self) -> bool:
+        return self._healthy
+
+    def _set_health(self, up: bool) -> None:
+        if up != self._healthy:
+            log.info("consul %s", "reachable" if up else "unreachable")
+        self._healthy = up
+        if self._metrics:
+            self._metrics.store_up.set(1 if up else 0)
+
+    def _count_error(self, operation: str) -> None:
+        if self._metrics:
+            self._metrics.store_errors.labels(operation=operation).inc()
+
+    def _ckey(self, key: str) -> str:
+        """Our key (starts with '/') as Consul stores it."""
+        return key.lstrip("/")
+
+    def _okey(self, ckey: str) -> str:
+        return "/" + ckey
+
+    async def _request(
+        self,
+        operation: str,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, str] | None = None,
+        body: Any = None,
+        timeout: float = _REQUEST_TIMEOUT,
+        expect: tuple[int, ...] = (200,),
+    ) -> _Response:
+        """One HTTP exchange; statuses outside `expect` become StoreError/StoreUnavailable."""
+        if self._http is None:
+            raise StoreUnavailable("consul client is not connected")
+        try:
+            async with self._http.request(
+                method,
+                self._base + path,
+                params=params,
+                data=json.dumps(body) if body is not None else None,
+                timeout=aiohttp.ClientTimeout(total=timeout),
+            ) as response:
+                raw = await response.read()
+                index = _int(response.headers.get("X-Consul-Index"))
+                status = response.status
+                is_json = response.content_type == "application/json"
+        except _UNREACHABLE as exc:
+            self._set_health(False)
+            self._count_error(operation)
+            raise StoreUnavailable(
+                f"consul at {self._config.url} is unreachable: {_first_line(exc)}"
+            ) from None
+        if status in expect:
+            self._set_health(True)
+            parsed: Any = None
+            # Errors Consul expects callers to handle (404, 409, 500) may be plain text.
+            if raw and is_json:
+                try:
+                    parsed = json.loads(raw)
+                except ValueError:
+                    raise StoreError(f"consul {operation}: invalid JSON in the answer") from None
+            return _Response(status, parsed, index)
+        self._count_error(operation)
+        text = _first_line(raw.decode(errors="replace")) or f"HTTP {status}"
+        if status == 403:
+            self._set_health(True)
+            raise StoreError(f"consul {operation} denied: {text} (check store.token)")
+        if status >= 500 and ("leader" in text or "rpc error" in text or status != 500):
+            self._set_health(False)
+            raise StoreUnavailable(f"consul at {self._config.url} cannot serve {operation}: {text}")
+        self._set_health(True)
+        raise StoreError(f"consul {operation} failed: {text}")
+
+    async def connect(self) -> None:
+        headers = {"X-Consul-Token": self._config.token} if self._config.token else {}
+        errors = []
+        for endpoint in self._config.endpoints:
+            http = aiohttp.ClientSession(headers=headers)
+            self._http, self._base = http, f"http://{endpoint.host}:{endpoint.port}"
+            try:
+                leader = await self._request("connect", "GET", "/v1/status/leader")
+                if not leader.body:
+                    raise StoreUnavailable("no cluster leader")
+                # With ACLs on, an unknown token is refused here (403), not at the first write.
+                await self._request(
+                    "connect",
+                    "GET",
+                    self._kv_path(self._config.prefix),
+                    params={"keys": "", "separator": "/"},
+                    expect=(200, 404),
+                )
+            except StoreUnavailable as exc:
+                errors.append(f"{endpoint.host}:{endpoint.port}: {_strip_url(exc)}")
+                await http.close()
+                self._http = None
+                continue
+            except StoreError:
+                await http.close()
+                self._http = None
+                self._set_health(False)
+                raise
+            return
+        self._set_health(False)
+        raise StoreUnavailable(f"cannot reach consul ({'; '.join(errors)})")
+
+    async def close(self) -> None:
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+
+    # ----------------------------------------------------------------- KV helpers
+
+    def _kv_path(self, key: str) -> str:
+        return "/v1/kv/" + quote(self._ckey(key), safe="/")
+
+    async def _get(self, key: str) -> _Entry | None:
+        response = await self._request("get", "GET", self._kv_path(key), expect=(200, 404))
+        if response.status == 404 or not response.body:
+            return None
+        return _entry(response.body[0])
+
+    async def _list(self, *, index: int | None = None) -> tuple[list[_Entry], int]:
+        """Everything under the prefix and its index; blocks while unchanged when `index` is given."""
+        params = {"recurse": ""}
+        timeout = _REQUEST_TIMEOUT
+        if index is not None:
+            params.update(index=str(index), wait=f"{_WATCH_WAIT}s")
+            timeout += _WATCH_WAIT * (1 + 1 / 16)
+        response = await self._request(
+            "list",
+            "GET",
+            self._kv_path(self._config.prefix),
+            params=params,
+            timeout=timeout,
+            expect=(200, 404),
+        )
+        # 404: the prefix is empty; its index is still valid.
+        entries = [_entry(item) for item in response.body or []]
+        return entries, response.index
+
+    async def _txn(self, operation: str, ops: list[dict[str, Any]]) -> None:
+        """Run KV ops atomically; _TxnFailed when Consul rolled them back."""
+        if len(ops) > _MAX_TXN_OPS:
+            raise StoreError(f"consul {operation}: {len(ops)} ops exceed the {_MAX_TXN_OPS} per transaction")
+        response = await self._request(
+            operation, "PUT", "/v1/txn", body=[{"KV": op} for op in ops], expect=(200, 409)
+        )
+        if response.status == 409:
+            errors = (response.body or {}).get("Errors") or []
+            raise _TxnFailed({int(e.get("OpIndex", -1)): str(e.get("What", "")) for e in errors})
+
+    def _value_op(self, verb: str, key: str, value: bytes, **extra: Any) -> dict[str, Any]:
+        if len(value) > _MAX_VALUE:
+            raise StoreError(f"{key}: value of {len(value)} bytes exceeds Consul's {_MAX_VALUE}")
+        return {"Verb": verb, "Key": self._ckey(key), "Value": base64.b64encode(value).decode(), **extra}
+
+    def _op(self, verb: str, key: str, **extra: Any) -> dict[str, Any]:
+        return {"Verb": verb, "Key": self._ckey(key), **extra}
+
+    def _guard(self, key: str, current: _Entry | None) -> dict[str, Any]:
+        """Make sure `key` is as we last read it, and free for our session's lock.
+
+        A key held by another session (our own previous life, after a restart
+        without the saved session) is deleted first, then locked anew.
+        """
+        if current is None:
+            return self._op("check-not-exists", key)
+        if current.session == self._session_id:
+            return self._op("check-index", key, Index=current.modify_index)
+        return self._op("delete-cas", key, Index=current.modify_index)
+
+    def _lock_op(self, key: str, value: bytes) -> dict[str, Any]:
+        return self._value_op("lock", key, value, Session=self._require_session())
+
+    def _lock_failed(self, exc: _TxnFailed, lock_indexes: range) -> StoreError:
+        """A failed `lock`: our session is likely gone. Ask keep_session to look now."""
+        reasons = "; ".join(exc.errors[i] for i in lock_indexes if i in exc.errors)
+        self._session_suspect.set()
+        return StoreError(f"consul session lost ({reasons or exc}); records are re-published when renewed")
+
+    # ----------------------------------------------------------------- session
+
+    async def open_session(self, node: Node) -> None:
+        async with self._session_lock:
+            saved = self._load_session_id()
+            if saved is not None and await self._session_alive(saved):
+                self._session_id = saved
+                log.info("resumed consul session %s", saved)
+            else:
+                await self._new_session(node.name)
+        self._node = node
+        await self._publish_node()
+
+    async def _session_alive(self, session_id: str) -> bool:
+        response = await self._request(
+            "session", "PUT", f"/v1/session/renew/{quote(session_id, safe='')}", expect=(200, 404, 500)
+        )
+        # 500 "Invalid UUID" for a mangled saved id: as good as gone.
+        return response.status == 200
+
+    async def _new_session(self, node_name: str) -> None:
+        response = await self._request(
+            "session",
+            "PUT",
+            "/v1/session/create",
+            body={
+                "Name": f"overlayd {node_name}",
+                "TTL": f"{self._ttl}s",
+                "Behavior": "delete",
+                "LockDelay": "0s",
+                "NodeChecks": [],
+            },
+        )
+        session_id = (response.body or {}).get("ID")
+        if not isinstance(session_id, str):
+            raise StoreError("consul session create: no ID in the answer")
+        self._session_id = session_id
+        self._save_session_id(session_id)
+        log.info("created consul session %s (ttl %ss)", session_id, self._ttl)
+
+    async def _publish_node(self) -> None:
+        if self._node is None:
+            return
+        key = self._layout.node(self._node.name)
+        value = encode(self._node)
+        for _ in range(_CAS_ATTEMPTS):
+            current = await self._get(key)
+            try:
+                await self._txn("put", [self._guard(key, current), self._lock_op(key, value)])
+                return
+            except _TxnFailed as exc:
+                if 1 in exc.errors:
+                    raise self._lock_failed(exc, range(1, 2)) from None
+        raise StoreError(f"node record {self._node.name} kept changing while being published")
+
+    async def keep_session(self) -> None:
+        interval = self._ttl / 3
+        while True:
+            try:
+                await asyncio.wait_for(self._session_suspect.wait(), interval)
+            except TimeoutError:
+                pass
+            self._session_suspect.clear()
+            try:
+                await self._renew_or_replace()
+            except StoreError as exc:
+                log.warning("consul session keepalive failed: %s", exc)
+                # Retry sooner than the regular interval: the session is ticking.
+                interval = self._ttl / 6
+            else:
+                interval = self._ttl / 3
+
+    async def _renew_or_replace(self) -> None:
+        async with self._session_lock:
+            if self._session_id is not None and await self._session_alive(self._session_id):
+                return
+            if self._node is None:
+                return
+            log.warning("consul session %s is gone: creating a new one and re-publishing", self._session_id)
+            await self._new_session(self._node.name)
+            await self._publish_node()
+            for endpoint in list(self._owned.values()):
+                try:
+                    await self.publish_endpoint(endpoint)
+                except AlreadyExists as exc:
+                    log.error("cannot re-publish endpoint %s: %s", endpoint.key, exc)
+
+    async def release_session(self) -> None:
+        if self._session_id is not None:
+            session_id = self._session_id
+            await self._request("session", "PUT", f"/v1/session/destroy/{quote(session_id, safe='')}")
+            self._session_id = None
+            self._owned.clear()
+            self._node = None
+        self._session_file.unlink(missing_ok=True)
+
+    def _load_session_id(self) -> str | None:
+        try:
+            return self._session_file.read_text().strip() or None
+        except FileNotFoundError:
+            return None
+
+    def _save_session_id(self, session_id: str) -> None:
+        self._session_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._session_file.with_suffix(".tmp")
+        tmp.write_text(f"{session_id}\n")
+        tmp.replace(self._session_file)
+
+    def _require_session(self) -> str:
+        if self._session_id is None:
+            raise StoreError("no consul session: open_session() first")
+        return self._session_id
+
+    # ----------------------------------------------------------------- records
+
+    async def create_network(self, network: Network) -> None:
+        net_key = self._layout.network(network.name)
+        vni_key = self._layout.vni(network.vni)
+        try:
+            await self._txn(
+                "txn",
+                [
+                    self._value_op("cas", net_key, encode(network), Index=0),
+                    self._value_op("cas", vni_key, network.name.encode(), Index=0),
+                ],
+            )
+        except _TxnFailed as exc:
+            if 0 in exc.errors:
+                raise AlreadyExists("network name", network.name) from None
+            holder = await self._get(vni_key)
+            raise AlreadyExists(
+                "VNI", str(network.vni), holder.value.decode(errors="replace") if holder else None
+            ) from None
+
+    async def delete_network(self, name: str) -> None:
+        net_key = self._layout.network(name)
+        current = await self._get(net_key)
+        if current is None:
+            raise NotFoundError(f"network {name} not found")
+        ops = [self._op("delete-cas", net_key, Index=current.modify_index)]
+        try:
+            vni_key: str | None = self._layout.vni(Network.from_dict(json.loads(current.value)).vni)
+        except (ValueError, TypeError):
+            vni_key = None  # not a valid record: nothing of ours to release
+        if vni_key is not None:
+            claim = await self._get(vni_key)
+            # Release the VNI only if it still names this network.
+            if claim is not None and claim.value == name.encode():
+                ops.append(self._op("delete-cas", vni_key, Index=claim.modify_index))
+        try:
+            await self._txn("txn", ops)
+        except _TxnFailed:
+            raise StoreError(f"network {name} changed while being deleted; try again") from None
+
+    async def create_endpoint(self, endpoint: Endpoint) -> None:
+        ep_key = self._layout.endpoint(endpoint.network, endpoint.name)
+        ip_key = self._layout.ip_claim(endpoint.network, endpoint.ip)
+        try:
+            await self._txn(
+                "txn",
+                [
+                    self._op("check-not-exists", ep_key),
+                    self._op("check-not-exists", ip_key),
+                    self._lock_op(ep_key, encode(endpoint)),
+                    self._lock_op(ip_key, endpoint.key.encode()),
+                ],
+            )
+        except _TxnFailed as exc:
+            if 0 in exc.errors:
+                raise AlreadyExists("endpoint name", endpoint.key) from None
+            if 1 in exc.errors:
+                holder = await self._get(ip_key)
+                raise AlreadyExists(
+                    "IP", str(endpoint.ip), holder.value.decode(errors="replace") if holder else None
+                ) from None
+            raise self._lock_failed(exc, range(2, 4)) from None
+        self._owned[endpoint.key] = endpoint
+
+    async def publish_endpoint(self, endpoint: Endpoint) -> None:
+        ep_key = self._layout.endpoint(endpoint.network, endpoint.name)
+        ip_key = self._layout.ip_claim(endpoint.network, endpoint.ip)
+        claim = endpoint.key.encode()
+        for _ in range(_CAS_ATTEMPTS):
+            ep_now, ip_now = await self._get(ep_key), await self._get(ip_key)
+            # The claim is ours if it is free or already names this endpoint; if
+            # another endpoint took the IP while our session had lapsed, it keeps it.
+            if ip_now is not None and ip_now.value != claim:
+                raise AlreadyExists("IP", str(endpoint.ip), ip_now.value.decode(errors="replace"))
+            try:
+                await self._txn(
+                    "txn",
+                    [
+                        self._guard(ep_key, ep_now),
+                        self._guard(ip_key, ip_now),
+                        self._lock_op(ep_key, encode(endpoint)),
+                        self._lock_op(ip_key, claim),
+                    ],
+                )
+            except _TxnFailed as exc:
+                if 2 in exc.errors or 3 in exc.errors:
+                    raise self._lock_failed(exc, range(2, 4)) from None
+                continue  # a guard lost a race: read again
+            self._owned[endpoint.key] = endpoint
+            return
+        raise StoreError(f"endpoint {endpoint.key} kept changing while being published")
+
+    async def delete_endpoint(self, endpoint: Endpoint) -> None:
+        ep_key = self._layout.endpoint(endpoint.network, endpoint.name)
+        ip_key = self._layout.ip_claim(endpoint.network, endpoint.ip)
+        for _ in range(_CAS_ATTEMPTS):
+            ops = [self._op("delete", ep_key)]
+            # Release the IP only if this endpoint still holds it: never free a
+            # claim that someone else took after ours lapsed.
+            ip_now = await self._get(ip_key)
+            if ip_now is not None and ip_now.value == endpoint.key.encode():
+                ops.append(self._op("delete-cas", ip_key, Index=ip_now.modify_index))
+            try:
+                await self._txn("txn", ops)
+            except _TxnFailed:
+                continue
+            self._owned.pop(endpoint.key, None)
+            return
+        raise StoreError(f"IP claim of endpoint {endpoint.key} kept changing while being deleted")
+
+    # ----------------------------------------------------------------- reading
+
+    async def snapshot(self) -> Snapshot:
+        entries, index = await self._list()
+        self._remember(index, entries)
+        return Snapshot(facts=self._facts(entries), revision=index)
+
+    def _remember(self, index: int, entries: list[_Entry]) -> None:
+        self._baselines[index] = {e.key: e.modify_index for e in entries}
+        self._baselines.move_to_end(index)
+        while len(self._baselines) > _BASELINES:
+            self._baselines.popitem(last=False)
+
+    def _facts(self, entries: list[_Entry]) -> list[Fact]:
+        facts = []
+        for entry in sorted(entries, key=lambda e: e.modify_index):
+            fact = self._decode_put(self._okey(entry.key), entry.value)
+            if fact is not None:
+                facts.append(fact)
+        return facts
+
+    def _decode_put(self, key: str, value: bytes) -> Fact | None:
+        try:
+            return fact_for_put(self._layout, key, value)
+        except InvalidRecord as exc:
+            # Someone else wrote under our prefix: report and skip, never crash the watch.
+            log.warning("skipping invalid record %s", exc)
+            if self._metrics:
+                self._metrics.invalid_records.inc()
+            if self._on_invalid:
+                self._on_invalid(str(exc))
+            return None
+
+    def _count_event(self, fact: Fact, action: str) -> None:
+        if self._metrics:
+            kind = type(fact).__name__.removesuffix("Put").removesuffix("Deleted").lower()
+            self._metrics.store_watch_events.labels(kind=kind, action=action).inc()
+
+    def _diff(self, known: dict[str, int], entries: list[_Entry]) -> list[Fact]:
+        """What changed from `known` to `entries`: deletions, then puts in write order.
+
+        Deletions carry no index, so they cannot be placed among the puts;
+        they concern other keys than the puts, so the merged view is the same.
+        """
+        current = {e.key for e in entries}
+        facts: list[Fact] = []
+        for key in sorted(known.keys() - current):
+            fact = fact_for_delete(self._layout, self._okey(key))
+            if fact is not None:
+                self._count_event(fact, "delete")
+                facts.append(fact)
+        changed = [e for e in entries if known.get(e.key) != e.modify_index]
+        for entry in sorted(changed, key=lambda e: e.modify_index):
+            fact = self._decode_put(self._okey(entry.key), entry.value)
+            if fact is not None:
+                self._count_event(fact, "put")
+                facts.append(fact)
+        return facts
+
+    async def watch(self, after_revision: int) -> AsyncIterator[Changes | Snapshot]:
+        index = after_revision
+        baseline = self._baselines.get(after_revision)
+        known: dict[str, int]
+        if baseline is not None:
+            known = dict(baseline)
+        else:
+            # Not from one of our snapshots: nothing to diff against unless the
+            # prefix is still exactly at that index.
+            entries, now = await self._retry_list()
+            known = {e.key: e.modify_index for e in entries}
+            if now != after_revision:
+                index = now
+                yield Snapshot(self._facts(entries), now)
+        delay = _RETRY_MIN
+        # After a disconnect, ask without blocking: a restarted server's index
+        # may be far below ours, and a blocking query would wait out `wait`.
+        block = True
+        while True:
+            try:
+                entries, now = await self._list(index=index if block else None)
+            except StoreUnavailable as exc:
+                log.warning("consul watch interrupted (%s); resuming after index %d", _strip_url(exc), index)
+                block = False
+                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+                delay = min(delay * 2, _RETRY_MAX)
+                continue
+            delay, block = _RETRY_MIN, True
+            if now == 0 or now < index:
+                log.warning("consul index went from %d to %d: the server lost its state", index, now)
+                known = {e.key: e.modify_index for e in entries}
+                index = now
+                yield Snapshot(self._facts(entries), now)
+                continue
+            if now == index:
+                continue  # the query timed out, or woke up with nothing new
+            facts = self._diff(known, entries)
+            known = {e.key: e.modify_index for e in entries}
+            index = now
+            if facts:
+                yield Changes(facts, now)
+
+    async def _retry_list(self) -> tuple[list[_Entry], int]:
+        delay = _RETRY_MIN
+        while True:
+            try:
+                return await self._list()
+            except StoreUnavailable:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _RETRY_MAX)
+
+
+def _entry(item: dict[str, Any]) -> _Entry:
+    raw = item.get("Value")
+    return _Entry(
+        key=str(item["Key"]),
+        value=base64.b64decode(raw) if raw else b"",
+        modify_index=int(item.get("ModifyIndex", 0)),
+        session=item.get("Session") or None,
+    )
+
+
+def _int(text: str | None) -> int:
+    try:
+        return int(text) if text is not None else 0
+    except ValueError:
+        return 0
+
+
+def _first_line(exc: BaseException | str) -> str:
+    text = str(exc).strip() or (type(exc).__name__ if isinstance(exc, BaseException) else "")
+    return text.splitlines()[0] if text else ""
+
+
+def _strip_url(exc: BaseException) -> str:
+    """The reason of a StoreUnavailable without the 'consul at URL is unreachable:' lead."""
+    text = str(exc)
+    _, sep, reason = text.partition(" is unreachable: ")
+    return reason if sep else text

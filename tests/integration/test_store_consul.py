@@ -1,0 +1,433 @@
+"""The Consul backend against a real Consul dev agent (started per test on free ports).
+
+The agent is Debian 11's consul 1.8.7, fetched by scripts/fetch-consul.sh;
+the tests are skipped with that hint when it is missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from overlayd.config import StoreConfig, from_flat, parse_store_url
+from overlayd.lab.consul import ConsulError, ConsulServer, find_consul
+from overlayd.metrics import Metrics
+from overlayd.model import Endpoint, Network, Node, random_mac
+from overlayd.state import ClusterView, EndpointDeleted, Fact, NetworkPut
+from overlayd.store.base import AlreadyExists, Changes, Snapshot, StoreError, StoreUnavailable
+from overlayd.store.consul import ConsulStore
+from overlayd.store.factory import make_store as factory_make_store
+
+PREFIX = "/t/v1/"
+TOKEN = "8c6b2f0e-6a1d-4f6e-9c3b-2d9f1e7a5b40"
+
+try:
+    find_consul()
+except ConsulError as exc:
+    pytest.skip(str(exc), allow_module_level=True)
+
+
+def store_config(url: str, ttl: int = 10, token: str | None = None) -> StoreConfig:
+    scheme, endpoints = parse_store_url(url)
+    return StoreConfig(url=url, scheme=scheme, endpoints=endpoints, prefix=PREFIX, lease_ttl=ttl, token=token)
+
+
+@pytest.fixture
+def consul_server() -> Iterator[ConsulServer]:
+    """A started Consul dev agent on 127.0.0.1 with free ports and a temporary dir, removed after."""
+    server = ConsulServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture
+async def make_store(
+    consul_server: ConsulServer, tmp_path: Path
+) -> AsyncIterator[Callable[..., Awaitable[ConsulStore]]]:
+    made: list[ConsulStore] = []
+
+    async def make(node: str = "h1", ttl: int = 10, state: str | None = None) -> ConsulStore:
+        store = ConsulStore(
+            store_config(consul_server.url, ttl),
+            state_dir=str(tmp_path / (state or node)),
+            metrics=Metrics(),
+        )
+        await store.connect()
+        made.append(store)
+        return store
+
+    yield make
+    for store in made:
+        await store.close()
+
+
+async def raw(server: ConsulServer, method: str, path: str, data: bytes | None = None) -> Any:
+    """One request straight to the agent, as another program would make it."""
+    async with aiohttp.ClientSession() as http:
+        async with http.request(method, server.http_url + path, data=data) as response:
+            assert response.status in (200, 404), await response.text()
+            return await response.json() if response.status == 200 else None
+
+
+def node(name: str, last_octet: int = 1) -> Node:
+    return Node(name=name, vtep=IPv4Address(f"198.18.0.{last_octet}"), started_at=time.time())
+
+
+def endpoint(name: str, ip: str, owner: str, network: str = "demo") -> Endpoint:
+    return Endpoint(
+        network=network, name=name, ip=IPv4Address(ip), mac=random_mac(), owner=owner, created_at=time.time()
+    )
+
+
+DEMO = Network(name="demo", vni=42, subnet=IPv4Network("10.1.0.0/24"))
+
+
+def net(name: str, vni: int) -> Network:
+    return Network(name=name, vni=vni, subnet=IPv4Network(f"10.{vni}.0.0/24"))
+
+
+async def poll(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await check():
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+async def view_of(store: ConsulStore) -> ClusterView:
+    view = ClusterView()
+    view.replace_all((await store.snapshot()).facts)
+    return view
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_network_name_and_vni_are_compare_and_set(make_store: Any) -> None:
+    a, b = await make_store("h1"), await make_store("h2")
+    results = await asyncio.gather(a.create_network(DEMO), b.create_network(DEMO), return_exceptions=True)
+    assert sum(r is None for r in results) == 1
+    [lost] = [r for r in results if r is not None]
+    assert isinstance(lost, AlreadyExists) and lost.what == "network name"
+
+    with pytest.raises(AlreadyExists) as info:
+        await b.create_network(Network(name="other", vni=42, subnet=IPv4Network("10.2.0.0/24")))
+    assert info.value.what == "VNI" and info.value.holder == "demo"
+    # The failed transaction left nothing half-made: "other" did not appear.
+    assert list((await view_of(a)).networks) == ["demo"]
+
+    await a.delete_network("demo")
+    await b.create_network(Network(name="other", vni=42, subnet=IPv4Network("10.2.0.0/24")))
+    assert list((await view_of(a)).networks) == ["other"]
+
+
+async def test_ip_claims_never_duplicate_under_concurrency(make_store: Any) -> None:
+    stores = [await make_store(f"h{i}") for i in range(1, 5)]
+    for i, store in enumerate(stores, 1):
+        await store.open_session(node(f"h{i}", i))
+    await stores[0].create_network(DEMO)
+    # 4 clients race for the same 5 addresses with 20 differently named endpoints.
+    attempts = [
+        stores[i % 4].create_endpoint(endpoint(f"ep{i}", f"10.1.0.{10 + i % 5}", f"h{i % 4 + 1}"))
+        for i in range(20)
+    ]
+    results = await asyncio.gather(*attempts, return_exceptions=True)
+    winners = [r for r in results if r is None]
+    assert len(winners) == 5
+    assert all(isinstance(r, AlreadyExists) and r.what == "IP" for r in results if r is not None)
+    view = await view_of(stores[0])
+    ips = [ep.ip for ep in view.endpoints.values()]
+    assert len(ips) == len(set(ips)) == 5
+
+    with pytest.raises(AlreadyExists) as info:
+        await stores[0].create_endpoint(endpoint("ep0", "10.1.0.99", "h1"))
+    assert info.value.what == "endpoint name"
+
+
+async def test_session_expiry_removes_owned_records_only(make_store: Any) -> None:
+    dying, watcher = await make_store("h1", ttl=2), await make_store("h2")
+    await dying.open_session(node("h1", 1))  # TTL raised to Consul's minimum of 10 s
+    await dying.create_network(DEMO)
+    ep = endpoint("web", "10.1.0.5", "h1")
+    await dying.create_endpoint(ep)
+    snap = await watcher.snapshot()
+    assert ep.key in (await view_of(watcher)).endpoints
+    died = time.monotonic()
+    await dying.close()  # no renewal from now on: the session runs out
+
+    seen: list[Fact] = []
+
+    async def collect() -> None:
+        async for batch in watcher.watch(snap.revision):
+            assert isinstance(batch, Changes)
+            seen.extend(batch.facts)
+
+    task = asyncio.create_task(collect())
+    try:
+        # Not before the TTL: a session is never cut short.
+        await asyncio.sleep(0)
+        while time.monotonic() - died < 9:
+            assert ep.key in (await view_of(watcher)).endpoints
+            await asyncio.sleep(1)
+
+        async def gone() -> bool:
+            view = await view_of(watcher)
+            return ep.key not in view.endpoints and "h1" not in view.nodes
+
+        # Consul deletes a dead session's keys within 2x TTL.
+        await poll(gone, 25, "session expiry to delete h1's records")
+        await poll(lambda: _true(EndpointDeleted(ep.key) in seen), 5, "watch delete event")
+    finally:
+        task.cancel()
+    assert "demo" in (await view_of(watcher)).networks  # networks belong to no session
+    # The IP claim went with the session: the address can be taken again.
+    await watcher.open_session(node("h2", 2))
+    await watcher.create_endpoint(endpoint("web2", "10.1.0.5", "h2"))
+
+
+async def test_lost_session_is_replaced_and_records_republished(
+    make_store: Any, consul_server: ConsulServer
+) -> None:
+    store = await make_store("h1")
+    await store.open_session(node("h1", 1))
+    await store.create_network(DEMO)
+    ep = endpoint("phoenix", "10.1.0.30", "h1")
+    await store.create_endpoint(ep)
+    [kv] = await raw(consul_server, "GET", "/v1/kv/t/v1/endpoints/demo/phoenix")
+    # As if the session had expired during an outage: its keys go with it.
+    await raw(consul_server, "PUT", f"/v1/session/destroy/{kv['Session']}")
+    assert ep.key not in (await view_of(store)).endpoints
+    # A write now finds the session gone; it fails clearly and wakes the keeper.
+    with pytest.raises(StoreError, match="session lost"):
+        await store.create_endpoint(endpoint("late", "10.1.0.31", "h1"))
+    keeper = asyncio.create_task(store.keep_session())
+    try:
+
+        async def back() -> bool:
+            view = await view_of(store)
+            return view.endpoints.get(ep.key) == ep and "h1" in view.nodes
+
+        started = time.monotonic()
+        await poll(back, 10, "re-publication under a new session")
+        # The failed write set the keeper going at once, not after TTL/3.
+        assert time.monotonic() - started < 3
+    finally:
+        keeper.cancel()
+    [kv2] = await raw(consul_server, "GET", "/v1/kv/t/v1/ipam/demo/10.1.0.30")
+    assert kv2["Session"] not in (None, kv["Session"])
+
+
+async def test_restarted_daemon_resumes_its_session(make_store: Any, consul_server: ConsulServer) -> None:
+    first = await make_store("h1", state="shared")
+    await first.open_session(node("h1", 1))
+    await first.create_network(DEMO)
+    ep = endpoint("keep", "10.1.0.20", "h1")
+    await first.create_endpoint(ep)
+    [before] = await raw(consul_server, "GET", "/v1/kv/t/v1/endpoints/demo/keep")
+    await first.close()
+
+    second = await make_store("h1", state="shared")
+    await second.open_session(node("h1", 1))
+    await second.publish_endpoint(ep)
+    [after] = await raw(consul_server, "GET", "/v1/kv/t/v1/endpoints/demo/keep")
+    assert after["Session"] == before["Session"]
+    # Same session, so the record was never deleted and re-created.
+    assert after["CreateIndex"] == before["CreateIndex"]
+
+
+async def test_restart_without_saved_session_takes_over_own_records(
+    make_store: Any, consul_server: ConsulServer
+) -> None:
+    first = await make_store("h1", state="lost")
+    await first.open_session(node("h1", 1))
+    await first.create_network(DEMO)
+    ep = endpoint("mine", "10.1.0.21", "h1")
+    await first.create_endpoint(ep)
+    await first.close()
+
+    # State dir gone: a new session, while the old one still holds the keys.
+    second = await make_store("h1", state="fresh")
+    await second.open_session(node("h1", 1))
+    await second.publish_endpoint(ep)
+    [kv] = await raw(consul_server, "GET", "/v1/kv/t/v1/ipam/demo/10.1.0.21")
+    [node_kv] = await raw(consul_server, "GET", "/v1/kv/t/v1/nodes/h1")
+    assert kv["Session"] == node_kv["Session"] == second._session_id
+    # An IP held for another endpoint is not taken over.
+    with pytest.raises(AlreadyExists) as info:
+        await second.publish_endpoint(endpoint("thief", "10.1.0.21", "h1"))
+    assert info.value.what == "IP" and info.value.holder == ep.key
+
+
+async def test_watch_delivers_changes_in_order_across_agent_restart(
+    make_store: Any, consul_server: ConsulServer
+) -> None:
+    writer, watcher = await make_store("h1"), await make_store("h2")
+    await writer.open_session(node("h1", 1))
+    await writer.create_network(DEMO)
+    start = (await watcher.snapshot()).revision
+    batches: list[Changes | Snapshot] = []
+
+    async def collect() -> None:
+        async for batch in watcher.watch(start):
+            batches.append(batch)
+
+    def puts() -> list[str]:
+        return [
+            f.network.name
+            for b in batches
+            if isinstance(b, Changes)
+            for f in b.facts
+            if isinstance(f, NetworkPut)
+        ]
+
+    task = asyncio.create_task(collect())
+    try:
+        ep = endpoint("a", "10.1.0.9", "h1")
+        for i in range(1, 6):
+            await writer.create_network(net(f"n{i}", 100 + i))
+        await writer.create_endpoint(ep)
+        await writer.delete_endpoint(ep)
+        await writer.delete_network("n2")
+        await poll(lambda: _true(any(EndpointDeleted(ep.key) in b.facts for b in batches)), 10, "delete")
+        assert puts() == ["n1", "n2", "n3", "n4", "n5"]  # in order, nothing repeated
+        view = ClusterView()
+        view.replace_all((await watcher.snapshot()).facts)
+        assert sorted(view.networks) == ["demo", "n1", "n3", "n4", "n5"]
+
+        consul_server.restart()  # a dev agent comes back with no data at all
+        await _retry(lambda: writer.create_network(net("after", 77)))
+
+        def restarted() -> bool:
+            snaps = [b for b in batches if isinstance(b, Snapshot)]
+            return bool(snaps) and any(
+                isinstance(f, NetworkPut) and f.network.name == "after"
+                for b in batches[batches.index(snaps[0]) :]
+                for f in b.facts
+            )
+
+        await poll(lambda: _true(restarted()), 20, "a Snapshot after the restart, then 'after'")
+    finally:
+        task.cancel()
+    first_snap = next(b for b in batches if isinstance(b, Snapshot))
+    # The Snapshot replaces the view: everything from before the restart is gone.
+    assert not any(isinstance(f, NetworkPut) and f.network.name == "n1" for f in first_snap.facts)
+
+
+async def _retry(op: Callable[[], Awaitable[None]], timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            await op()
+            return
+        except StoreUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+
+
+async def test_invalid_values_are_reported_and_skipped(make_store: Any, consul_server: ConsulServer) -> None:
+    reported: list[str] = []
+    store = ConsulStore(store_config(consul_server.url), state_dir="/nonexistent", on_invalid=reported.append)
+    await store.connect()
+    try:
+        await store.create_network(DEMO)
+        start = (await store.snapshot()).revision
+        stream = store.watch(start).__aiter__()
+        first = asyncio.ensure_future(stream.__anext__())
+        await raw(consul_server, "PUT", "/v1/kv/t/v1/endpoints/demo/junk", b"{not json")
+        await raw(consul_server, "PUT", "/v1/kv/t/v1/networks/evil", b'{"name": "evil", "vni": 0}')
+        await raw(consul_server, "PUT", "/v1/kv/t/v1/networks/big", b"x" * 65536)
+        await store.create_network(net("fine", 9))
+        # Batches without a valid change are not yielded at all.
+        batch = await asyncio.wait_for(first, 10)
+        assert isinstance(batch, Changes) and batch.facts == [NetworkPut(net("fine", 9))]
+        await stream.aclose()
+        assert len(reported) == 3 and any("networks/evil" in r for r in reported)
+        view = await view_of(store)
+        assert sorted(view.networks) == ["demo", "fine"] and not view.endpoints
+    finally:
+        await store.close()
+
+
+async def test_unreachable_server_is_a_clear_error(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    store = ConsulStore(store_config(f"consul://127.0.0.1:{port}"), state_dir=str(tmp_path))
+    with pytest.raises(StoreUnavailable) as info:
+        await asyncio.wait_for(store.connect(), 15)
+    assert f"127.0.0.1:{port}" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+async def test_acl_token_is_sent_and_a_wrong_one_is_one_clear_line(tmp_path: Path) -> None:
+    server = ConsulServer(acl_master_token=TOKEN)
+    try:
+        server.start()
+        good = ConsulStore(store_config(server.url, token=TOKEN), state_dir=str(tmp_path / "good"))
+        await good.connect()
+        await good.open_session(node("h1", 1))
+        await good.create_network(DEMO)
+        assert "demo" in (await view_of(good)).networks
+        await good.close()
+
+        wrong = "0" * 8 + TOKEN[8:]
+        bad = ConsulStore(store_config(server.url, token=wrong), state_dir=str(tmp_path / "bad"))
+        with pytest.raises(StoreError) as info:
+            await asyncio.wait_for(bad.connect(), 15)
+        message = str(info.value)
+        assert "store.token" in message and "\n" not in message and wrong not in message
+        await bad.close()
+    finally:
+        server.cleanup()
+
+
+async def test_delete_endpoint_releases_ip_and_is_idempotent(make_store: Any) -> None:
+    store = await make_store("h1")
+    await store.open_session(node("h1", 1))
+    await store.create_network(DEMO)
+    ep = endpoint("tmp", "10.1.0.40", "h1")
+    await store.create_endpoint(ep)
+    await store.delete_endpoint(ep)
+    await store.delete_endpoint(ep)
+    reuse = endpoint("tmp2", "10.1.0.40", "h1")
+    await store.create_endpoint(reuse)
+    view = await view_of(store)
+    assert view.endpoints[reuse.key] == reuse and ep.key not in view.endpoints
+
+
+async def test_release_session_removes_owned_records(make_store: Any) -> None:
+    store = await make_store("h1")
+    await store.open_session(node("h1", 1))
+    await store.create_network(DEMO)
+    await store.create_endpoint(endpoint("bye", "10.1.0.41", "h1"))
+    await store.release_session()
+    view = await view_of(store)
+    assert not view.endpoints and not view.nodes and "demo" in view.networks
+
+
+def test_config_takes_consul_urls_and_hides_the_token(tmp_path: Path) -> None:
+    config = from_flat(
+        {
+            "underlay.address": "198.18.0.11",
+            "store.url": "consul://127.0.0.1:8500",
+            "store.token": TOKEN,
+        }
+    )
+    assert config.store.scheme == "consul" and config.store.token == TOKEN
+    assert TOKEN not in repr(config)
+    store = factory_make_store(config.store, state_dir=str(tmp_path))
+    assert isinstance(store, ConsulStore)
