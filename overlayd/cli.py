@@ -5,8 +5,9 @@ and the `lab` commands load `overlayd.lab` only when they run. Output is an
 aligned table (or key: value lines) for people, and the daemon's JSON as-is
 with `--json`.
 
-Exit codes: 0 ok, 1 error (one line on stderr), 2 usage, 3 `diff` found
-pending changes.
+Exit codes: 0 ok, 1 error (one line on stderr; for `doctor`, any FAIL),
+2 usage, 3 `diff` found pending changes. Progress of long operations
+(`teardown`, `lab up`) goes to stderr, so stdout stays the result.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeAlias, cast
 
+from overlayd import completion, doctor
 from overlayd.api.client import DEFAULT_SOCKET, AdminClient, ClientError, Record
 
 PROG = "overlayctl"
@@ -39,6 +41,10 @@ _VNI_MIN, _VNI_MAX = 1, 2**24 - 1
 
 class CommandError(Exception):
     """A failure of the CLI itself (not of the daemon); shown as one line."""
+
+
+class UsageError(CommandError):
+    """The command cannot run as given (exit 2), e.g. a confirmation it cannot ask for."""
 
 
 @dataclass
@@ -262,6 +268,90 @@ def cmd_diff(ctx: Context) -> int:
     return EXIT_NOT_CONVERGED if changes else EXIT_OK
 
 
+# --- operator commands ----------------------------------------------------
+
+
+def _progress(ctx: Context, message: str) -> None:
+    if not ctx.json_out:
+        print(message, file=sys.stderr, flush=True)
+
+
+def cmd_doctor(ctx: Context) -> int:
+    checks = doctor.run_checks(ctx.client(), gossip_port=ctx.args.gossip_port)
+    failed = any(c.result == doctor.FAIL for c in checks)
+    if ctx.json_out:
+        _print_json({"ok": not failed, "checks": [c.to_dict() for c in checks]})
+    else:
+        width = max(len(c.check) for c in checks)
+        for c in checks:
+            print(f"{c.result:<4}  {c.check:<{width}}  {c.message}")
+            if c.hint and c.result != doctor.OK:
+                print(f"{'':<4}  {'':<{width}}  hint: {c.hint}")
+    return EXIT_ERROR if failed else EXIT_OK
+
+
+def _confirm_teardown(node: str, endpoints: int) -> bool:
+    print(
+        f"This takes node {node} out of the overlay: it deletes its {endpoints} local endpoint(s) "
+        f"(their containers lose the network), every bridge, VXLAN device and port overlayd made "
+        f"here, and releases its lease, so every other host drops it at once; then overlayd exits. "
+        f"Networks stay.",
+        file=sys.stderr,
+    )
+    print(f"Type the node name ({node}) to go on: ", end="", file=sys.stderr, flush=True)
+    try:
+        answer = input()
+    except EOFError:
+        return False
+    return answer.strip() == node
+
+
+def cmd_teardown(ctx: Context) -> int:
+    if not ctx.args.yes and not sys.stdin.isatty():
+        raise UsageError("teardown needs confirmation: run it on a terminal, or pass --yes")
+    client = ctx.client()
+    node = str(client.status().get("node"))
+    local = [e for e in client.endpoint_list() if e.get("owner") == node]
+    if not ctx.args.yes and not _confirm_teardown(node, len(local)):
+        raise CommandError("teardown aborted: nothing was changed")
+    # One request per endpoint, so a host with many of them shows its progress;
+    # the daemon's teardown removes whatever is left (or could not go here).
+    removed: list[str] = []
+    for i, ep in enumerate(local, 1):
+        key = f"{ep.get('network')}/{ep.get('name')}"
+        _progress(ctx, f"[{i}/{len(local)}] removing endpoint {key}")
+        try:
+            client.endpoint_remove(network=str(ep.get("network")), name=str(ep.get("name")))
+            removed.append(key)
+        except ClientError as exc:
+            if exc.status != 404:
+                _progress(ctx, f"  {exc.message} (the teardown will remove it locally)")
+    _progress(ctx, f"removing overlay links and releasing the lease of {node}")
+    report = client.teardown(node)
+    report["endpoints_removed"] = removed + list(report.get("endpoints_removed") or [])
+    errors = [str(e) for e in report.get("errors") or []]
+    if ctx.json_out:
+        _print_json(report)
+    else:
+        print(
+            f"tore down node {node}: {len(report['endpoints_removed'])} endpoint(s), "
+            f"{len(report.get('links_removed') or [])} link(s) removed, lease "
+            f"{'released' if report.get('lease_released') else 'NOT released'}; overlayd is stopping"
+        )
+    for err in errors:
+        print(f"{PROG}: teardown: {err}", file=sys.stderr)
+    return EXIT_ERROR if errors else EXIT_OK
+
+
+def cmd_completion(ctx: Context) -> int:
+    text = completion.script(build_parser(), ctx.args.shell)
+    if ctx.json_out:
+        _print_json({"shell": ctx.args.shell, "script": text})
+    else:
+        print(text, end="")
+    return EXIT_OK
+
+
 # --- lab commands ---------------------------------------------------------
 
 
@@ -300,7 +390,10 @@ def cmd_lab_status(ctx: Context) -> int:
 
 
 def cmd_lab_down(ctx: Context) -> int:
-    return _lab().lab_down(prefix=ctx.args.prefix)
+    code = _lab().lab_down(prefix=ctx.args.prefix)
+    if ctx.json_out:
+        _print_json({"prefix": ctx.args.prefix, "removed": code == EXIT_OK})
+    return code
 
 
 # --- arguments ------------------------------------------------------------
@@ -325,6 +418,13 @@ def _positive_int(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"invalid value {text!r}: must be a positive integer")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}: must be 1..65535")
     return value
 
 
@@ -444,8 +544,29 @@ def build_parser() -> argparse.ArgumentParser:
         "diff", parents=[common], help="what the reconciler would change now (exit 3 if anything)"
     )
     diff.set_defaults(handler=cmd_diff)
+    _add_operator_commands(commands, common)
     _add_lab_commands(commands, common)
     return parser
+
+
+def _add_operator_commands(commands: _Commands, common: argparse.ArgumentParser) -> None:
+    doc = commands.add_parser(
+        "doctor", parents=[common], help="check this host and its daemon: OK/WARN/FAIL (exit 1 on FAIL)"
+    )
+    doc.add_argument("--gossip-port", type=_port, metavar="PORT", help="default: the daemon's, else 7946")
+    doc.set_defaults(handler=cmd_doctor)
+
+    teardown = commands.add_parser(
+        "teardown",
+        parents=[common],
+        help="remove this host's overlay (endpoints, links, lease) and stop overlayd",
+    )
+    teardown.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    teardown.set_defaults(handler=cmd_teardown)
+
+    comp = commands.add_parser("completion", parents=[common], help="print a shell completion script")
+    comp.add_argument("shell", choices=completion.SHELLS, metavar="SHELL", help="bash or zsh")
+    comp.set_defaults(handler=cmd_completion)
 
 
 def _exit_code(code: object) -> int:
@@ -468,6 +589,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Handler = args.handler
     try:
         return handler(ctx)
+    except UsageError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except (ClientError, CommandError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
