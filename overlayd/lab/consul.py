@@ -1,15 +1,20 @@
-"""A real Consul agent in dev mode for tests and the lab.
+"""A real single-server Consul agent for tests and the lab.
 
 Runs Consul 1.8.7 from Debian 11 (fetched by `scripts/fetch-consul.sh`, since
-Debian 12 has no consul package) as `consul agent -dev`: one in-memory server
-that is its own leader, bound to one address, on free (or given) ports,
-optionally inside a network namespace. DNS, serf WAN and gRPC are off unless a
-port is given (-1 disables a listener). Stopping goes by PID: SIGTERM, a
-bounded wait, then SIGKILL.
+Debian 12 has no consul package), bound to one address, on free (or given)
+ports, optionally inside a network namespace. DNS, serf WAN and gRPC are off
+unless a port is given (-1 disables a listener). Stopping goes by PID:
+SIGTERM, a bounded wait, then SIGKILL. `cleanup()` stops the agent and
+removes its directory.
 
-A dev agent keeps everything in memory: `restart()` comes back on the same
-ports with NO data and no sessions (what a backend must survive as "the
-server lost its state"). `cleanup()` stops the agent and removes its directory.
+Two modes:
+
+- `dev=True` (default): `consul agent -dev`, in memory, ready in ~0.1 s.
+  `restart()` comes back on the same ports with NO data and no sessions —
+  what a backend must survive as "the server lost its state".
+- `dev=False`: `-server -bootstrap-expect=1` with a data directory, ready in
+  ~1.7 s (its own election); `restart()` keeps keys, sessions and the index,
+  like a production server.
 
 With `acl_master_token` the agent enforces ACLs (default deny) and that token
 is the only one allowed in, so tests can check what a wrong token does.
@@ -72,6 +77,7 @@ class ConsulServer:
         netns: str | None = None,
         workdir: Path | None = None,
         node: str = "overlayd-kv",
+        dev: bool = True,
         acl_master_token: str | None = None,
         extra_args: Sequence[str] = (),
         on_start: Callable[[ConsulServer], None] | None = None,
@@ -85,6 +91,7 @@ class ConsulServer:
         self.host = host
         self.netns = netns
         self.node = node
+        self.dev = dev
         self.acl_master_token = acl_master_token
         self.extra_args = list(extra_args)
         self.on_start = on_start
@@ -130,7 +137,7 @@ class ConsulServer:
         argv = [
             find_consul(),
             "agent",
-            "-dev",
+            *(["-dev"] if self.dev else ["-server", "-bootstrap-expect=1", "-ui=false"]),
             f"-node={self.node}",
             # Random node IDs: several agents on one machine must not collide.
             "-disable-host-node-id",
@@ -151,6 +158,9 @@ class ConsulServer:
 
     def _config(self) -> dict[str, object]:
         config: dict[str, object] = {"disable_update_check": True}
+        if not self.dev:
+            # Raft timing as in dev mode: one server, so this only shortens its election.
+            config["performance"] = {"raft_multiplier": 1}
         if self.acl_master_token is not None:
             config["acl"] = {
                 "enabled": True,
