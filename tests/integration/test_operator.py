@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import socket
 import subprocess
 import sys
@@ -157,3 +158,51 @@ def test_teardown_api_removes_what_is_left(make_lab: Callable[..., Lab]) -> None
     assert not [n for n in netns.link_names(h1.netns) if n.startswith("ov")]
     assert json.loads((h1.state_dir / "endpoints.json").read_text())["endpoints"] == []
     assert not (h1.state_dir / "etcd-lease").exists()
+
+
+def test_teardown_asks_for_the_node_name_on_a_terminal(make_lab: Callable[..., Lab]) -> None:
+    lab = make_lab(1)
+    h1 = lab.host("h1")
+    argv = netns.exec_argv(h1.netns, [OVERLAYCTL, "--socket", str(h1.admin_socket), "teardown"])
+
+    def answer(text: str) -> subprocess.CompletedProcess[str]:
+        controller, terminal = pty.openpty()  # stdin is a terminal, so it asks
+        try:
+            os.write(controller, text.encode())
+            return subprocess.run(
+                argv, stdin=terminal, capture_output=True, text=True, timeout=60, check=False
+            )
+        finally:
+            os.close(controller)
+            os.close(terminal)
+
+    wrong = answer("h2\n")
+    assert wrong.returncode == 1, wrong.stderr
+    assert "Type the node name (h1)" in wrong.stderr and "its 1 local endpoint(s)" in wrong.stderr
+    assert "teardown aborted: nothing was changed" in wrong.stderr
+    assert lab.admin("h1").status()["endpoints"]["local"] == 1 and lab.daemon_alive("h1")
+
+    right = answer("h1\n")
+    assert right.returncode == 0, right.stderr
+    assert right.stdout.startswith("tore down node h1: 1 endpoint(s)")
+
+
+def test_teardown_with_the_store_down_reports_what_it_could_not_do(make_lab: Callable[..., Lab]) -> None:
+    lab = make_lab(1, lease_ttl=5)
+    h1 = lab.host("h1")
+    (ep,) = lab.endpoints
+    proc = h1.proc
+    assert proc is not None
+    lab.etcd.stop()
+
+    result = overlayctl(lab, "h1", "teardown", "--yes", "--json")
+    assert result.returncode == 1
+    report = json.loads(result.stdout)
+    # The kernel side is done all the same; the store side is left to the lease.
+    assert report["lease_released"] is False
+    assert any("expire within 5s" in err for err in report["errors"]), report
+    assert f"demo/{ep.name}" in report["endpoints_removed"]
+    assert "teardown: lease not released" in result.stderr
+    lab.wait_for(lambda: _gone(proc.pid), 10, "overlayd on h1 to exit")
+    assert not [n for n in netns.link_names(h1.netns) if n.startswith("ov")]
+    assert "eth0" not in netns.link_names(ep.netns)
