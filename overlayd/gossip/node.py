@@ -85,7 +85,7 @@ class GossipConfig:
     indirect_checks: int = 3  # k peers asked to probe on our behalf
     suspicion_mult: float = 4.0
     retransmit_mult: int = 3
-    fanout: int = 3
+    fanout: int = 3  # at least this many peers per push (see GossipNode._fanout); 0: no pushes
     push_hops: int | None = None  # None: max(2, ceil(log2(N + 1)))
     anti_entropy_interval: float = 5.0
     mtu: int = 1400  # largest datagram sent or accepted (UDP payload bytes)
@@ -254,10 +254,22 @@ class GossipNode:
             return self.config.push_hops
         return max(2, math.ceil(math.log2(self._ms.cluster_size() + 1)))
 
+    def _fanout(self) -> int:
+        """Peers each push goes to: `fanout`, raised to ln(N) + 4 in larger clusters.
+
+        If every member that learns a record forwards it to f random peers, a
+        member is missed with probability about e^-f; ln(N) + 4 keeps the chance
+        that anyone at all is missed near 2%, so the tail rarely waits for
+        anti-entropy, and each member still sends only O(log N) datagrams.
+        """
+        if self.config.fanout == 0:
+            return 0
+        return max(self.config.fanout, math.ceil(math.log(self._ms.cluster_size()) + 4))
+
     def _push(self, records: list[Record], hops: int, exclude: Iterable[str]) -> None:
         if hops <= 0 or not records:
             return
-        targets = self._ms.random_live(self.config.fanout, exclude=set(exclude))
+        targets = self._ms.random_live(self._fanout(), exclude=set(exclude))
         for chunk in _chunks(records, _size, self._budget):
             msg = Push(hops, tuple(chunk))
             for m in targets:
