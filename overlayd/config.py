@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 from overlayd.model import ValidationError, parse_ipv4, validate_name
 
 DEFAULT_PATH = "/etc/overlayd/overlayd.toml"
-STORE_SCHEMES = ("etcd", "consul")
+STORE_SCHEMES = ("etcd", "consul", "consuls")
 
 
 class ConfigError(Exception):
@@ -46,6 +46,11 @@ class StoreConfig:
     password: str | None = field(default=None, repr=False)
     # Consul ACL token (sent as X-Consul-Token); never logged.
     token: str | None = field(default=None, repr=False)
+    # TLS to the store: CA bundle that signs the server's certificate, and an
+    # optional client certificate and key (both or neither).
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,9 @@ _KEYS: dict[str, type | tuple[type, ...]] = {
     "store.username": str,
     "store.password": str,
     "store.token": str,
+    "store.tls_ca": str,
+    "store.tls_cert": str,
+    "store.tls_key": str,
     "admin.socket": str,
     "status.listen": str,
     "state.dir": str,
@@ -139,6 +147,8 @@ def from_flat(flat: dict[str, Any]) -> Config:
 
     if "store.url" not in flat:
         raise ConfigError("store.url: required, e.g. etcd://127.0.0.1:2379")
+    if ("store.tls_cert" in flat) != ("store.tls_key" in flat):
+        raise ConfigError("store.tls_cert: set together with store.tls_key (a certificate and its key)")
     scheme, endpoints = parse_store_url(flat["store.url"])
     store = StoreConfig(
         url=flat["store.url"],
@@ -149,6 +159,9 @@ def from_flat(flat: dict[str, Any]) -> Config:
         username=flat.get("store.username"),
         password=flat.get("store.password"),
         token=flat.get("store.token"),
+        tls_ca=flat.get("store.tls_ca"),
+        tls_cert=flat.get("store.tls_cert"),
+        tls_key=flat.get("store.tls_key"),
     )
     return Config(
         node_name=node_name,

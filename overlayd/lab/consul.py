@@ -17,7 +17,9 @@ Two modes:
   like a production server.
 
 With `acl_master_token` the agent enforces ACLs (default deny) and that token
-is the only one allowed in, so tests can check what a wrong token does.
+is the only one allowed in, so tests can check what a wrong token does. With
+`tls_cert`/`tls_key` it also serves HTTPS on a port of its own, and `url` is
+then `consuls://host:https_port` (plain HTTP stays on for the readiness check).
 """
 
 from __future__ import annotations
@@ -79,6 +81,8 @@ class ConsulServer:
         node: str = "overlayd-kv",
         dev: bool = True,
         acl_master_token: str | None = None,
+        tls_cert: Path | None = None,
+        tls_key: Path | None = None,
         extra_args: Sequence[str] = (),
         on_start: Callable[[ConsulServer], None] | None = None,
     ) -> None:
@@ -93,6 +97,8 @@ class ConsulServer:
         self.node = node
         self.dev = dev
         self.acl_master_token = acl_master_token
+        self.tls_cert, self.tls_key = tls_cert, tls_key
+        self.https_port = -1
         self.extra_args = list(extra_args)
         self.on_start = on_start
         self.dns_port = dns_port
@@ -109,6 +115,8 @@ class ConsulServer:
 
     @property
     def url(self) -> str:
+        if self.tls_cert is not None:
+            return f"consuls://{self.host}:{self.https_port}"
         return f"consul://{self.host}:{self.http_port}"
 
     @property
@@ -151,6 +159,7 @@ class ConsulServer:
             "-serf-wan-port=-1",
             f"-server-port={self.server_port}",
             f"-grpc-port={self.grpc_port}",
+            f"-https-port={self.https_port}",
             "-log-level=info",
             *self.extra_args,
         ]
@@ -161,6 +170,8 @@ class ConsulServer:
         if not self.dev:
             # Raft timing as in dev mode: one server, so this only shortens its election.
             config["performance"] = {"raft_multiplier": 1}
+        if self.tls_cert is not None and self.tls_key is not None:
+            config.update(cert_file=str(self.tls_cert), key_file=str(self.tls_key))
         if self.acl_master_token is not None:
             config["acl"] = {
                 "enabled": True,
@@ -183,6 +194,8 @@ class ConsulServer:
                 self.http_port = http or free_port(self.host, netns=self.netns)
                 self.serf_lan_port = serf or free_port(self.host, netns=self.netns)
                 self.server_port = server or free_port(self.host, netns=self.netns)
+            if self.tls_cert is not None and (self._pick_ports or self.https_port < 0):
+                self.https_port = free_port(self.host, netns=self.netns)
             try:
                 self._start_once(timeout)
             except ConsulError as exc:

@@ -32,7 +32,10 @@ What Consul really does, and how this module answers (see BACKENDS.md):
   start with one); values are base64 in JSON. Limits: 512 KiB per value, 64
   operations per transaction.
 - The ACL token (`store.token`) goes in the X-Consul-Token header and is never
-  logged.
+  logged. `consuls://` (or `store.tls_ca`) speaks HTTPS, verifying the server
+  against `store.tls_ca` (default: the system's CAs); `store.tls_cert` and
+  `store.tls_key` add a client certificate for `verify_incoming` servers. A
+  TLS failure is a StoreError at once, not "unreachable, retrying".
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import base64
 import json
 import logging
 import random
+import ssl
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -184,6 +188,13 @@ class ConsulStore(Store):
                 index = _int(response.headers.get("X-Consul-Index"))
                 status = response.status
                 is_json = response.content_type == "application/json"
+        except aiohttp.ClientSSLError as exc:
+            # A wrong CA or certificate does not heal by retrying: say so at once.
+            self._set_health(False)
+            self._count_error(operation)
+            raise StoreError(
+                f"consul at {self._config.url}: TLS failed: {_first_line(exc)} (check store.tls_ca)"
+            ) from None
         except _UNREACHABLE as exc:
             self._set_health(False)
             self._count_error(operation)
@@ -213,10 +224,13 @@ class ConsulStore(Store):
 
     async def connect(self) -> None:
         headers = {"X-Consul-Token": self._config.token} if self._config.token else {}
+        context = _ssl_context(self._config)
+        scheme = "https" if context is not None else "http"
         errors = []
         for endpoint in self._config.endpoints:
-            http = aiohttp.ClientSession(headers=headers)
-            self._http, self._base = http, f"http://{endpoint.host}:{endpoint.port}"
+            connector = aiohttp.TCPConnector(ssl=context) if context is not None else None
+            http = aiohttp.ClientSession(headers=headers, connector=connector)
+            self._http, self._base = http, f"{scheme}://{endpoint.host}:{endpoint.port}"
             try:
                 leader = await self._request("connect", "GET", "/v1/status/leader")
                 if not leader.body:
@@ -651,6 +665,25 @@ class ConsulStore(Store):
             except StoreUnavailable:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _RETRY_MAX)
+
+
+def _ssl_context(config: StoreConfig) -> ssl.SSLContext | None:
+    """HTTPS for `consuls://` or when a CA is configured; None for plain HTTP."""
+    if config.scheme != "consuls" and not config.tls_ca and not config.tls_cert:
+        return None
+    try:
+        # No tls_ca: the system's trusted CAs.
+        context = ssl.create_default_context(cafile=config.tls_ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise StoreError(f"store.tls_ca: cannot load {config.tls_ca}: {_first_line(exc)}") from None
+    if config.tls_cert:
+        try:
+            context.load_cert_chain(config.tls_cert, config.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise StoreError(
+                f"store.tls_cert: cannot load {config.tls_cert} with its key: {_first_line(exc)}"
+            ) from None
+    return context
 
 
 def _entry(item: dict[str, Any]) -> _Entry:

@@ -21,7 +21,7 @@ def make_store(
         from overlayd.store.etcd import EtcdStore
 
         return EtcdStore(config, state_dir=state_dir, metrics=metrics, on_invalid=on_invalid)
-    if config.scheme == "consul":
+    if config.scheme in ("consul", "consuls"):
         from overlayd.store.consul import ConsulStore
 
         return ConsulStore(config, state_dir=state_dir, metrics=metrics, on_invalid=on_invalid)

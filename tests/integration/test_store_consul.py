@@ -7,6 +7,7 @@ the tests are skipped with that hint when it is missing.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -373,7 +374,10 @@ async def test_unreachable_server_is_a_clear_error(tmp_path: Path) -> None:
     assert "\n" not in str(info.value)
 
 
-async def test_acl_token_is_sent_and_a_wrong_one_is_one_clear_line(tmp_path: Path) -> None:
+async def test_acl_token_is_sent_and_a_wrong_one_is_one_clear_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
     server = ConsulServer(acl_master_token=TOKEN)
     try:
         server.start()
@@ -391,6 +395,7 @@ async def test_acl_token_is_sent_and_a_wrong_one_is_one_clear_line(tmp_path: Pat
         message = str(info.value)
         assert "store.token" in message and "\n" not in message and wrong not in message
         await bad.close()
+        assert TOKEN not in caplog.text and wrong not in caplog.text  # never logged
     finally:
         server.cleanup()
 
@@ -431,3 +436,88 @@ def test_config_takes_consul_urls_and_hides_the_token(tmp_path: Path) -> None:
     assert TOKEN not in repr(config)
     store = factory_make_store(config.store, state_dir=str(tmp_path))
     assert isinstance(store, ConsulStore)
+
+
+def make_pki(directory: Path, name: str) -> tuple[Path, Path, Path]:
+    """A CA and a server certificate for 127.0.0.1 signed by it: (ca, cert, key) PEM files."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def cert(subject: str, key: Any, issuer: x509.Name, signer: Any, ca: bool) -> x509.Certificate:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(issuer)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if not ca:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.IPAddress(IPv4Address("127.0.0.1"))]), critical=False
+            )
+        return builder.sign(signer, hashes.SHA256())
+
+    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} test CA")])
+    ca_cert = cert(f"{name} test CA", ca_key, ca_name, ca_key, True)
+    server_cert = cert("127.0.0.1", server_key, ca_name, ca_key, False)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = directory / "ca.pem", directory / "server.pem", directory / "server-key.pem"
+    paths[0].write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        server_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return paths
+
+
+async def test_https_with_token_and_a_wrong_ca_is_one_clear_line(tmp_path: Path) -> None:
+    ca, cert, key = make_pki(tmp_path / "pki", "right")
+    other_ca, _, _ = make_pki(tmp_path / "other", "wrong")
+    server = ConsulServer(acl_master_token=TOKEN, tls_cert=cert, tls_key=key, workdir=tmp_path / "consul")
+    try:
+        server.start()
+        assert server.url.startswith("consuls://")
+
+        def config(ca_file: Path) -> StoreConfig:
+            return StoreConfig(
+                url=server.url,
+                scheme="consuls",
+                endpoints=parse_store_url(server.url)[1],
+                prefix=PREFIX,
+                token=TOKEN,
+                tls_ca=str(ca_file),
+            )
+
+        good = ConsulStore(config(ca), state_dir=str(tmp_path / "good"))
+        await good.connect()
+        await good.open_session(node("h1", 1))
+        await good.create_network(DEMO)
+        await good.create_endpoint(endpoint("tls", "10.1.0.7", "h1"))
+        assert "demo/tls" in (await view_of(good)).endpoints
+        await good.close()
+
+        bad = ConsulStore(config(other_ca), state_dir=str(tmp_path / "bad"))
+        with pytest.raises(StoreError) as info:
+            await asyncio.wait_for(bad.connect(), 15)
+        message = str(info.value)
+        assert "TLS" in message and "store.tls_ca" in message and "\n" not in message
+        assert not isinstance(info.value, StoreUnavailable)  # not retried as an outage
+        await bad.close()
+
+        missing = ConsulStore(config(tmp_path / "nope.pem"), state_dir=str(tmp_path / "missing"))
+        with pytest.raises(StoreError, match=r"^store\.tls_ca: cannot load .*nope\.pem"):
+            await missing.connect()
+    finally:
+        server.cleanup()
