@@ -267,8 +267,8 @@ class Membership:
         for name, (u, left) in sorted(self._queue.items(), key=lambda kv: -kv[1][1]):
             if budget < _size(u):
                 break
-            if out and out[0].name == name:
-                continue
+            if name == to:
+                continue  # its own news is no news to it (its state, if not alive, went first)
             out.append(u)
             budget -= _size(u)
             if left <= 1:

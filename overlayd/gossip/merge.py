@@ -105,6 +105,19 @@ class RecordTable:
             # that has since been reaped. Taking it would bring a deleted record back.
             return False
         self._seen(rec.owner, rec.stamp)
+        return self._store(rec)
+
+    def adopt(self, rec: Record) -> bool:
+        """Keep a record of this node's own earlier life that peers still hold.
+
+        Its stamp is below the node's own watermark, so `apply` would refuse it
+        as superseded; but nothing superseded it, the owner simply forgot it on
+        restart. Adopting it lets the owner see it and then re-publish or delete it.
+        """
+        return self._store(rec)
+
+    def _store(self, rec: Record) -> bool:
+        old = self._records.get(rec.ident)
         if not wins(rec, old):
             return False
         if old is not None:
@@ -126,6 +139,10 @@ class RecordTable:
 
     def watermark(self, owner: str) -> Stamp:
         return self._watermarks.get(owner, ZERO)
+
+    def has_gap(self, owner: str) -> bool:
+        """True if stamps of `owner` above the watermark arrived while one below them is missing."""
+        return owner in self._pending
 
     def digest(self) -> dict[str, Stamp]:
         return dict(self._watermarks)

@@ -109,7 +109,10 @@ class GossipNode:
 
     `on_change(record)` is called for every record this node learns from a peer
     that changes its table (a newer put, or a tombstone); the node's own
-    `publish`/`delete` do not call it. `on_member(info)` is called when a
+    `publish`/`delete` do not call it. After a restart it is also called with
+    this node's own records from its previous life (owner == name, an older
+    incarnation) that peers still hold: the daemon re-publishes those it still
+    owns and deletes the others. `on_member(info)` is called when a
     member's state or incarnation changes. Callbacks run on the event loop and
     must not block; their exceptions are logged, never propagated.
     """
@@ -164,6 +167,10 @@ class GossipNode:
         self._transport: asyncio.DatagramTransport | None = None
         self._tasks = TaskGroup()
         self._rng = random.Random()
+        self._gap_pulls: dict[str, float] = {}  # owner -> when we last asked to fill a gap
+        # Anti-entropy rounds left in which we ask the peer for our own records: after a
+        # restart, peers may hold records of our previous life that we must re-publish or delete.
+        self._own_sync_rounds = 2
         self._budget = config.mtu - self._framer.overhead - _ENVELOPE
 
     # --- public API ---
@@ -338,6 +345,9 @@ class GossipNode:
             case Push(hops, records):
                 learned = [r for r in records if self._merge(r, "push")]
                 self._push(learned, hops - 1, exclude=(sender,))
+                for owner in {r.owner for r in records}:
+                    if self._table.has_gap(owner):
+                        self._pull_gap(addr, owner)
             case Digest(lo, hi, entries):
                 if self._metrics:
                     self._metrics.anti_entropy.labels("responder").inc()
@@ -348,6 +358,13 @@ class GossipNode:
                     self._send_records(addr, owner, theirs)
             case Request(owner, after):
                 self._send_records(addr, owner, after)
+            case Records(owner, after, upto, more, records) if owner == self.name:
+                # Our own records as a peer holds them (the sync after a restart): keep
+                # reading while they are from an earlier life.
+                for r in records:
+                    self._merge(r, "anti_entropy")
+                if more and records and records[-1].incarnation < self.incarnation:
+                    self._send(addr, Request(owner, records[-1].stamp))
             case Records(owner, after, upto, more, records):
                 before = self._table.watermark(owner)
                 for r in records:
@@ -363,7 +380,19 @@ class GossipNode:
                     self._send_members(addr, reply=True)
 
     def _merge(self, rec: Record, path: str) -> bool:
-        if not self._table.apply(rec):
+        if rec.owner == self.name and rec.incarnation < self.incarnation:
+            changed = self._table.adopt(rec)  # from our previous life: the daemon decides
+        else:
+            changed = self._table.apply(rec)
+            if changed and rec.owner == self.name:
+                log.warning(
+                    "gossip: a peer holds %s/%s of ours at incarnation %d, above ours (%d)",
+                    rec.kind,
+                    rec.key,
+                    rec.incarnation,
+                    self.incarnation,
+                )
+        if not changed:
             return False
         if self._metrics:
             self._metrics.records_learned.labels(path).inc()
@@ -384,6 +413,15 @@ class GossipNode:
             if self._metrics:
                 self._metrics.refutations.inc(self._ms.refutations - refuted)
             self._announce_alive()
+
+    def _pull_gap(self, addr: Addr, owner: str) -> None:
+        """A push skipped a version of `owner`: ask its sender at once rather than wait for
+        anti-entropy, at most once per probe interval per owner."""
+        now = time.monotonic()
+        if self._gap_pulls.get(owner, 0.0) + self.config.probe_interval > now:
+            return
+        self._gap_pulls[owner] = now
+        self._send(addr, Request(owner, self._table.watermark(owner)))
 
     def _announce_alive(self) -> None:
         """Tell a few peers at once that this node is alive (do not wait for piggybacking)."""
@@ -534,6 +572,9 @@ class GossipNode:
                 self._metrics.anti_entropy.labels("initiator").inc()
             self._send_digest(peer)
             self._send_members(peer, reply=False)
+            if self._own_sync_rounds > 0:
+                self._own_sync_rounds -= 1
+                self._send(peer, Request(self.name, (0, 0)))
         else:
             self._join()
         # Knock on one dead member's door: after a partition heals, both sides

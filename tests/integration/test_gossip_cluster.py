@@ -55,7 +55,13 @@ class Cluster:
         self.members: list[Member] = []
         self.seed: tuple[str, int] | None = None
 
-    async def add(self, name: str, config: GossipConfig | None = None, key: bytes = KEY) -> Member:
+    async def add(
+        self,
+        name: str,
+        config: GossipConfig | None = None,
+        key: bytes = KEY,
+        seed: tuple[str, int] | None = None,
+    ) -> Member:
         registry = CollectorRegistry()
         metrics = GossipMetrics(registry)
         box: list[Member] = []
@@ -71,7 +77,7 @@ class Cluster:
             keyring=Keyring([key]),
             bind="127.0.0.1",
             port=0,
-            seeds=[self.seed] if self.seed else [],
+            seeds=[s for s in (seed or self.seed,) if s],
             on_change=on_change,
             on_member=on_member,
             metrics=metrics,
@@ -360,3 +366,37 @@ async def test_flood_of_random_and_forged_datagrams_changes_nothing() -> None:
         # still working
         rec2 = c.members[3].node.publish("endpoint", "net1/after-flood", {"ip": "10.0.0.2"})
         await until(lambda: all(has(n, rec2) for n in c.nodes()), 10, "record after the flood")
+
+
+async def test_push_that_skips_a_version_pulls_the_gap_at_once() -> None:
+    """No anti-entropy at all: a node that hears version 2 but missed version 1 asks for it."""
+    config = GossipConfig(probe_interval=0.2, probe_timeout=0.1, anti_entropy_interval=3600.0)
+    async with cluster(3, config) as c:
+        owner = c.members[0].node
+        first = owner.publish("endpoint", "net1/first", {"ip": "10.0.0.1"})
+        await until(lambda: all(has(n, first) for n in c.nodes()), 10, "first record")
+        # a node that joins now missed `first`; the next push reveals the gap
+        late = await c.add("late", config)
+        await c.converged()
+        second = owner.publish("endpoint", "net1/second", {"ip": "10.0.0.2"})
+        await until(lambda: has(late.node, second) and has(late.node, first), 10, "gap pulled")
+        assert late.metric("overlayd_gossip_messages_sent_total", {"type": "request"}) >= 1
+
+
+async def test_restarted_node_gets_back_its_previous_records() -> None:
+    """Peers hold records of a node's previous life; the restarted node hears of them and
+    can delete what it no longer owns (its tombstone supersedes the old record everywhere)."""
+    async with cluster(4) as c:
+        old = c.members[-1]
+        kept = old.node.publish("endpoint", "net1/kept", {"ip": "10.0.0.1"})
+        gone = old.node.publish("endpoint", "net1/gone", {"ip": "10.0.0.2"})
+        await until(lambda: all(has(n, kept) and has(n, gone) for n in c.nodes()), 10, "records spread")
+        await old.node.stop(leave=False)
+        c.members.remove(old)
+        new = await c.add(old.node.name, seed=c.members[0].node.address)
+        assert new.node.incarnation > old.node.incarnation
+        await until(lambda: {kept.ident, gone.ident} <= set(new.learned), 10, "own old records heard of")
+        await c.converged()
+        again = new.node.publish("endpoint", "net1/kept", {"ip": "10.0.0.1"})
+        tomb = new.node.delete("endpoint", "net1/gone")
+        await until(lambda: all(has(n, again) and has(n, tomb) for n in c.nodes()), 10, "new life everywhere")

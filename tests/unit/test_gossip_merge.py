@@ -221,3 +221,26 @@ def test_two_tables_converge_through_digest_exchange() -> None:
         pull(b, a, owner)
     assert sorted(map(repr, a.all())) == sorted(map(repr, b.all()))
     assert a.digest() == b.digest()
+
+
+def test_gap_is_visible_until_filled() -> None:
+    t = RecordTable()
+    t.set_watermark("h1", (1, 1))
+    assert not t.has_gap("h1")
+    t.apply(put("c", 1, 3))
+    assert t.has_gap("h1")
+    t.apply(put("b", 1, 2))
+    assert not t.has_gap("h1")
+
+
+def test_adopt_keeps_an_own_record_below_the_watermark() -> None:
+    """A restarted owner (incarnation 2) hears of a record of its first life (incarnation 1)."""
+    t = RecordTable()
+    t.apply(put("new", 2, 1))
+    t.set_watermark("h1", (2, 1))
+    old = put("old", 1, 7)
+    assert not t.apply(old)  # apply takes it for superseded
+    assert t.adopt(old)
+    assert t.get(old.ident) == old
+    assert [r.key for r in t.records_after("h1", ZERO)] == ["old", "new"]
+    assert not t.adopt(put("new", 1, 9))  # the new life's record stays
