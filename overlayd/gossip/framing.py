@@ -7,11 +7,13 @@ A packet on the wire is
 sealed with AES-256-GCM; the version byte and key id are the associated data, so
 neither can be changed without failing authentication. The plaintext is
 
-    timestamp (float64, sender's wall clock) | counter (uint64) | name length (1 byte) | name | body
+    timestamp (float64, sender's wall clock) | session (uint64) | counter (uint64)
+    | name length (1 byte) | name | body
 
-The counter is per sender process and strictly increasing; it starts at the
-sender's start time in microseconds, so a restarted sender continues above its
-previous life's counters and its fresh packets are not mistaken for replays.
+The session is random per sender process and the counter counts its packets,
+so (sender, session, counter) names a packet uniquely: a restarted sender
+starts a new session and is never mistaken for a replay of its previous life,
+whatever its clock did meanwhile.
 
 Order of checks when opening: header, key, authentication, then skew and replay.
 Nothing an unauthenticated packet says is believed, and only packets that pass
@@ -23,12 +25,14 @@ for explicitly with `Keyring.insecure()`; a keyring with keys never accepts it.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import os
 import struct
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
@@ -39,7 +43,7 @@ KEY_SIZE = 32  # AES-256
 NONCE_SIZE = 12
 TAG_SIZE = 16
 _HEADER = struct.Struct("!BI")  # version, key id
-_INNER = struct.Struct("!dQB")  # timestamp, counter, name length
+_INNER = struct.Struct("!dQQB")  # timestamp, session, counter, name length
 INSECURE_KEY_ID = 0
 
 
@@ -80,6 +84,20 @@ class Keyring:
             raise ValueError("a keyring needs at least one key (or use Keyring.insecure() explicitly)")
         if primary is not None:
             self.use(primary)
+
+    @classmethod
+    def from_base64(cls, keys: Sequence[str]) -> Keyring:
+        """Keys as a config file holds them (base64 of 32 bytes each); the first is primary."""
+        raw = []
+        for i, text in enumerate(keys, 1):
+            try:
+                key = base64.b64decode(text, validate=True)
+            except (binascii.Error, ValueError):
+                raise ValueError(f"gossip key #{i} is not base64") from None
+            if len(key) != KEY_SIZE:
+                raise ValueError(f"gossip key #{i} is {len(key)} bytes, must be {KEY_SIZE}")
+            raw.append(key)
+        return cls(raw)
 
     @classmethod
     def insecure(cls) -> Keyring:
@@ -150,7 +168,7 @@ class Opened:
 
 
 class _ReplayWindow:
-    """Highest counter seen from one sender plus a bitmap of the `size` below it."""
+    """Highest counter seen in one sender session plus a bitmap of the `size` below it."""
 
     __slots__ = ("bits", "highest", "size")
 
@@ -179,8 +197,9 @@ class _ReplayWindow:
 class Framer:
     """Seals this node's messages and opens its peers', with replay and skew checks.
 
-    Memory is bounded: one window of `replay_window` bits per sender, for at most
-    `max_senders` senders (least recently heard dropped first).
+    Memory is bounded: one window of `replay_window` bits per sender session, for
+    at most `max_senders` sessions (least recently heard dropped first). A replay
+    of a forgotten session would still have to pass the skew check.
     """
 
     def __init__(
@@ -201,10 +220,11 @@ class Framer:
         self.keyring = keyring
         self.max_skew = max_skew
         self._clock = clock
-        self._counter = int(clock() * 1_000_000)
+        self._session = int.from_bytes(os.urandom(8), "big")
+        self._counter = 0
         self._window_size = replay_window
         self._max_senders = max_senders
-        self._windows: OrderedDict[str, _ReplayWindow] = OrderedDict()
+        self._windows: OrderedDict[tuple[str, int], _ReplayWindow] = OrderedDict()
 
     @property
     def overhead(self) -> int:
@@ -212,7 +232,7 @@ class Framer:
 
     def seal(self, body: bytes) -> bytes:
         self._counter += 1
-        inner = _INNER.pack(self._clock(), self._counter, len(self._name)) + self._name + body
+        inner = _INNER.pack(self._clock(), self._session, self._counter, len(self._name)) + self._name + body
         kid = self.keyring.primary_id
         header = _HEADER.pack(WIRE_VERSION, kid)
         if self.keyring.is_insecure:
@@ -247,7 +267,7 @@ class Framer:
                 raise FrameError("auth", "authentication failed") from None
         if len(inner) < _INNER.size:
             raise FrameError("malformed", "short plaintext")
-        timestamp, counter, name_len = _INNER.unpack_from(inner)
+        timestamp, session, counter, name_len = _INNER.unpack_from(inner)
         end = _INNER.size + name_len
         if name_len == 0 or len(inner) < end:
             raise FrameError("malformed", "bad sender name")
@@ -260,14 +280,15 @@ class Framer:
             raise FrameError("stale", f"{age:.1f}s old")
         if age < -self.max_skew:
             raise FrameError("future", f"{-age:.1f}s ahead")
-        window = self._windows.get(sender)
+        source = (sender, session)
+        window = self._windows.get(source)
         if window is not None and window.seen(counter):
             raise FrameError("replay", f"counter {counter} from {sender}")
         if window is None:
-            window = self._windows[sender] = _ReplayWindow(self._window_size)
+            window = self._windows[source] = _ReplayWindow(self._window_size)
             if len(self._windows) > self._max_senders:
                 self._windows.popitem(last=False)
         else:
-            self._windows.move_to_end(sender)
+            self._windows.move_to_end(source)
         window.mark(counter)
         return Opened(sender, timestamp, counter, inner[end:])

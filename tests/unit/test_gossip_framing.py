@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 
 from overlayd.gossip.framing import FrameError, Framer, Keyring, key_id
@@ -107,7 +109,7 @@ def test_restarted_sender_is_not_a_replay() -> None:
     a, b = pair([K1], [K1], clock)
     for _ in range(100):
         b.open(a.seal(b"x"))
-    clock.t += 1
+    clock.t -= 30  # even if its clock stepped back meanwhile
     again = Framer("h1", Keyring([K1]), clock=clock)  # same name, new process
     assert b.open(again.seal(b"y")).body == b"y"
 
@@ -142,6 +144,15 @@ def test_keyring_rules() -> None:
     with pytest.raises(ValueError, match="primary"):
         ring.remove(K1)
     assert Keyring([K1, K2], primary=K2).primary_id == key_id(K2)
+
+
+def test_keyring_from_config_text() -> None:
+    ring = Keyring.from_base64([base64.b64encode(K2).decode(), base64.b64encode(K1).decode()])
+    assert ring.primary_id == key_id(K2) and set(ring.ids) == {key_id(K1), key_id(K2)}
+    with pytest.raises(ValueError, match="key #2 is not base64"):
+        Keyring.from_base64([base64.b64encode(K1).decode(), "not base64!"])
+    with pytest.raises(ValueError, match="key #1 is 3 bytes"):
+        Keyring.from_base64([base64.b64encode(b"abc").decode()])
 
 
 def test_insecure_only_when_asked_and_never_mixed() -> None:
