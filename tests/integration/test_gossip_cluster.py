@@ -9,10 +9,12 @@ run in seconds; every wait polls with a deadline. Spread latencies are printed
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import random
 import socket
 import statistics
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -438,3 +440,91 @@ async def test_partition_heals() -> None:
         await until(
             lambda: all(has(n, on_island) and has(n, on_main) for n in c.nodes()), 20, "healed records"
         )
+
+
+# One node per process, as in a real cluster: the in-process tests above share one event
+# loop, so their spread is dominated by serialising every node's work on one CPU.
+_CHILD = """
+import asyncio, base64, os, sys, time
+from overlayd.gossip import GossipConfig, GossipNode, Keyring
+
+async def main() -> None:
+    cfg = GossipConfig(probe_interval=0.2, probe_timeout=0.1, anti_entropy_interval=0.5)
+    def on_change(rec):
+        print(f"learned {rec.key} {time.perf_counter()}", flush=True)
+    host, port = os.environ["SEED"].split(":")
+    node = GossipNode(sys.argv[1], keyring=Keyring.from_base64([os.environ["KEY"]]), bind="127.0.0.1",
+                      port=0, seeds=[(host, int(port))], on_change=on_change, config=cfg)
+    await node.start()
+    print(f"port {node.port}", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # until stdin closes
+    await node.stop()
+
+asyncio.run(main())
+"""
+
+
+async def test_spread_between_processes() -> None:
+    n_children, rounds = 9, 30
+    c = Cluster(FAST)
+    procs: list[asyncio.subprocess.Process] = []
+    try:
+        origin = await c.add("p00")
+        env = {
+            **os.environ,
+            "KEY": base64.b64encode(KEY).decode(),
+            "SEED": "{}:{}".format(*origin.node.address),
+        }
+        for i in range(1, n_children + 1):
+            procs.append(
+                await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-c",
+                    _CHILD,
+                    f"p{i:02}",
+                    stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE,
+                    env=env,
+                )
+            )
+        for p in procs:
+            assert p.stdout is not None
+            line = await asyncio.wait_for(p.stdout.readline(), 20)
+            assert line.startswith(b"port "), line
+        await until(
+            lambda: sum(m.state == MemberState.ALIVE for m in origin.node.members()) == n_children,
+            20,
+            "all processes joined",
+        )
+        learned: dict[str, list[float]] = {}
+
+        async def read(p: asyncio.subprocess.Process) -> None:
+            assert p.stdout is not None
+            while line := await p.stdout.readline():
+                _, key, when = line.decode().split()
+                learned.setdefault(key, []).append(float(when))
+
+        readers = [asyncio.create_task(read(p)) for p in procs]
+        await asyncio.sleep(1.0)  # let membership settle everywhere (only the origin was checked)
+        spreads = []
+        for r in range(rounds):
+            t0 = time.perf_counter()
+            origin.node.publish("endpoint", f"net1/p{r}", {"ip": f"10.0.0.{r + 1}"})
+            key = f"net1/p{r}"
+            await until(lambda k=key: len(learned.get(k, ())) == n_children, 10, f"{key} in every process")
+            spreads.append(max(learned[key]) - t0)
+        report(f"{n_children + 1} processes", spreads)
+        for t in readers:
+            t.cancel()
+    finally:
+        for p in procs:
+            if p.returncode is None:
+                assert p.stdin is not None
+                p.stdin.close()
+        for p in procs:
+            try:
+                await asyncio.wait_for(p.wait(), 5)
+            except TimeoutError:
+                p.kill()  # by its own handle (PID), never by name
+                await p.wait()
+        await c.stop()
