@@ -12,9 +12,26 @@ Layers, pure to I/O:
                 that drive the parts above.
 - `metrics`     Prometheus counters, in a registry the caller gives.
 
-The daemon maps its Network/Endpoint/Node records to `Record(kind, key, ...)`,
-calls `GossipNode.publish`/`delete` for what it owns, and gets what peers own
-through `on_change`.
+Wiring into the daemon:
+
+- keys: `Keyring.from_base64(config keys)` (first one seals; all are accepted;
+  rotate by installing, then switching primary, then removing), or
+  `Keyring.insecure()` only when the config says `insecure = true`.
+- `GossipNode(name, keyring=..., bind=..., port=7946, advertise=<underlay IP>,
+  seeds=[(ip, port), ...], on_change=..., on_member=..., metrics=GossipMetrics(registry))`;
+  `await start()`, `await stop()` (leave=True announces a clean leave);
+  `add_seeds()` for addresses learnt later (the KV store's node records).
+- the daemon maps its Network/Endpoint/Node records to
+  `publish(kind, key, payload_dict)` / `delete(kind, key)` for what this node
+  owns; the node stamps them (owner = its name, its incarnation, the next
+  version). Records are identified by (owner, kind, key): two owners claiming
+  one key are two records, and the daemon's own rule picks between them.
+- `on_change(record)` reports what peers own (puts and tombstones); after a
+  restart it also reports this node's own records from its previous life that
+  peers still hold, so the daemon re-publishes or deletes them.
+- `members()` gives state, incarnation and RTT per peer for `overlayctl peers`
+  and /status; `on_member(info)` reports changes (e.g. to start the grace period
+  after which a dead host's endpoints are removed in gossip-only mode).
 """
 
 from overlayd.gossip.framing import FrameError, Keyring
