@@ -76,6 +76,30 @@ def diff_digests(
     return DigestDiff(ask, send)
 
 
+DigestPart = tuple[str, str | None, list[tuple[str, Stamp]]]  # (lo, hi, entries)
+
+
+def split_digest(digest: Mapping[str, Stamp], budget: int) -> list[DigestPart]:
+    """Split a digest into parts of about `budget` bytes, each covering a range [lo, hi) of owners.
+
+    The ranges are contiguous and cover every possible owner name, so a part
+    also says which owners its sender does *not* know (see `diff_digests`).
+    """
+    parts: list[list[tuple[str, Stamp]]] = [[]]
+    room = budget
+    for owner, stamp in sorted(digest.items()):
+        size = len(owner.encode()) + 24  # msgpack: array header, name, two 64-bit ints
+        if parts[-1] and size > room:
+            parts.append([])
+            room = budget
+        parts[-1].append((owner, stamp))
+        room -= size
+    return [
+        ("" if i == 0 else part[0][0], parts[i + 1][0][0] if i + 1 < len(parts) else None, part)
+        for i, part in enumerate(parts)
+    ]
+
+
 @dataclass
 class RecordTable:
     """The records a node holds, and its watermark per owner."""

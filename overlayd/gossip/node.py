@@ -38,7 +38,7 @@ import msgpack
 from overlayd.gossip import schema
 from overlayd.gossip.framing import FrameError, Framer, Keyring
 from overlayd.gossip.membership import MemberChanged, MemberInfo, Membership
-from overlayd.gossip.merge import RecordTable, diff_digests
+from overlayd.gossip.merge import RecordTable, diff_digests, split_digest
 from overlayd.gossip.metrics import GossipMetrics
 from overlayd.gossip.schema import (
     Ack,
@@ -489,12 +489,8 @@ class GossipNode:
             self._send(addr, Records(owner, after, upto, more, tuple(chunk)))
 
     def _send_digest(self, addr: Addr) -> None:
-        entries = sorted(self._table.digest().items())
-        chunks = list(_chunks(entries, _entry_size, self._budget)) or [[]]
-        for i, chunk in enumerate(chunks):
-            lo = "" if i == 0 else chunk[0][0]
-            hi = chunks[i + 1][0][0] if i + 1 < len(chunks) else None
-            self._send(addr, Digest(lo, hi, tuple(chunk)))
+        for lo, hi, entries in split_digest(self._table.digest(), self._budget):
+            self._send(addr, Digest(lo, hi, tuple(entries)))
 
     def _join(self) -> None:
         for addr in self._seeds:
@@ -603,10 +599,6 @@ def _size(rec: Record) -> int:
 
 def _update_size(u: MemberUpdate) -> int:
     return len(msgpack.packb(u.to_wire(), use_bin_type=True))
-
-
-def _entry_size(e: tuple[str, Stamp]) -> int:
-    return len(e[0].encode()) + 24
 
 
 def _chunks(items: Iterable[Any], size: Callable[[Any], int], budget: int) -> Iterator[list[Any]]:

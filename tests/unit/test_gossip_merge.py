@@ -6,8 +6,9 @@ import itertools
 
 import pytest
 
-from overlayd.gossip.merge import ZERO, RecordTable, diff_digests, wins
-from overlayd.gossip.schema import Record
+from overlayd.gossip import schema
+from overlayd.gossip.merge import ZERO, RecordTable, diff_digests, split_digest, wins
+from overlayd.gossip.schema import Digest, Record
 
 
 def put(key: str, inc: int, ver: int, owner: str = "h1", **payload: object) -> Record:
@@ -244,3 +245,34 @@ def test_adopt_keeps_an_own_record_below_the_watermark() -> None:
     assert t.get(old.ident) == old
     assert [r.key for r in t.records_after("h1", ZERO)] == ["old", "new"]
     assert not t.adopt(put("new", 1, 9))  # the new life's record stays
+
+
+def test_split_digest_covers_every_owner_in_contiguous_ranges() -> None:
+    digest = {f"host-{i:04}": (i, i * 7) for i in range(500)}
+    parts = split_digest(digest, budget=1000)
+    assert len(parts) > 5
+    assert parts[0][0] == "" and parts[-1][1] is None
+    for (_, hi, _), (lo, _, _) in itertools.pairwise(parts):
+        assert hi == lo  # no owner falls between two parts
+    assert dict(e for _, _, entries in parts for e in entries) == digest
+    for lo, hi, entries in parts:
+        wire = schema.encode(Digest(lo, hi, tuple(entries)))
+        assert len(wire) <= 1000 + 64
+        assert schema.decode(wire) == Digest(lo, hi, tuple(entries))  # entries inside the range
+
+
+def test_split_digest_parts_drive_diffs_like_the_whole() -> None:
+    mine = {f"h{i:03}": (1, 5) for i in range(0, 300, 2)}
+    theirs = {f"h{i:03}": (1, 3) for i in range(0, 300, 3)}
+    send: dict[str, tuple[int, int]] = {}
+    ask: dict[str, tuple[int, int]] = {}
+    for lo, hi, entries in split_digest(theirs, budget=300):
+        d = diff_digests(mine, dict(entries), lo, hi)
+        send |= d.send
+        ask |= d.ask
+    whole = diff_digests(mine, theirs)
+    assert (send, ask) == (whole.send, whole.ask)
+
+
+def test_empty_digest_is_one_part_covering_everything() -> None:
+    assert split_digest({}, 1000) == [("", None, [])]
