@@ -521,3 +521,32 @@ async def test_https_with_token_and_a_wrong_ca_is_one_clear_line(tmp_path: Path)
             await missing.connect()
     finally:
         server.cleanup()
+
+
+async def test_session_ttl_is_raised_to_consuls_minimum_and_is_a_pure_heartbeat(
+    make_store: Any, consul_server: ConsulServer
+) -> None:
+    store = await make_store("h1", ttl=2)
+    await store.open_session(node("h1", 1))
+    [kv] = await raw(consul_server, "GET", "/v1/kv/t/v1/nodes/h1")
+    [session] = await raw(consul_server, "GET", f"/v1/session/info/{kv['Session']}")
+    assert session["TTL"] == "10s" and session["Behavior"] == "delete"
+    assert session["LockDelay"] == 0 and session["NodeChecks"] == []
+
+
+async def test_watch_from_an_unknown_index_starts_with_a_snapshot(make_store: Any) -> None:
+    writer, watcher = await make_store("h1"), await make_store("h2")
+    await writer.create_network(DEMO)
+    old = (await writer.snapshot()).revision  # the watcher has no listing at this index
+    await writer.create_network(net("later", 9))
+    await writer.delete_network("demo")  # a deletion a watch from `old` could not see
+    stream = watcher.watch(old).__aiter__()
+    try:
+        first = await asyncio.wait_for(stream.__anext__(), 10)
+        assert isinstance(first, Snapshot) and first.revision > old
+        assert [f.network.name for f in first.facts if isinstance(f, NetworkPut)] == ["later"]
+        await writer.create_network(net("next", 10))
+        second = await asyncio.wait_for(stream.__anext__(), 10)
+        assert isinstance(second, Changes) and second.facts == [NetworkPut(net("next", 10))]
+    finally:
+        await stream.aclose()
