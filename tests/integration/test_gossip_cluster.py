@@ -20,9 +20,19 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
+import pytest
 from prometheus_client import CollectorRegistry
 
-from overlayd.gossip import GossipConfig, GossipMetrics, GossipNode, Keyring, MemberState, Record, schema
+from overlayd.gossip import (
+    GossipConfig,
+    GossipMetrics,
+    GossipNode,
+    Keyring,
+    MemberState,
+    Record,
+    SchemaError,
+    schema,
+)
 from overlayd.gossip.framing import Framer
 
 FAST = GossipConfig(probe_interval=0.2, probe_timeout=0.1, anti_entropy_interval=0.5, suspicion_mult=3.0)
@@ -63,6 +73,7 @@ class Cluster:
         config: GossipConfig | None = None,
         key: bytes = KEY,
         seed: tuple[str, int] | None = None,
+        keyring: Keyring | None = None,
     ) -> Member:
         registry = CollectorRegistry()
         metrics = GossipMetrics(registry)
@@ -76,7 +87,7 @@ class Cluster:
 
         node = GossipNode(
             name,
-            keyring=Keyring([key]),
+            keyring=keyring or Keyring([key]),
             bind="127.0.0.1",
             port=0,
             seeds=[s for s in (seed or self.seed,) if s],
@@ -528,3 +539,86 @@ async def test_spread_between_processes() -> None:
                 p.kill()  # by its own handle (PID), never by name
                 await p.wait()
         await c.stop()
+
+
+async def test_key_rotation_while_running() -> None:
+    """Install K2 everywhere, make it primary everywhere, drop K1: records flow throughout."""
+    rings = [Keyring([KEY]) for _ in range(4)]
+    c = Cluster(FAST)
+    try:
+        for i, ring in enumerate(rings):
+            await c.add(f"r{i}", keyring=ring)  # the daemon keeps the ring it passes in, and changes it
+        await c.converged()
+        new_key = Keyring.generate()
+        steps = [
+            lambda r: r.install(new_key),
+            lambda r: r.use(new_key),
+            lambda r: r.remove(KEY),
+        ]
+        for step_no, step in enumerate(steps):
+            for i, ring in enumerate(rings):
+                step(ring)
+                # a record in the middle of every step: half the nodes have moved on
+                rec = c.members[i].node.publish("endpoint", f"net1/s{step_no}-{i}", {"ip": "10.0.0.1"})
+                await until(lambda r=rec: all(has(n, r) for n in c.nodes()), 10, f"record in step {step_no}")
+        assert all(
+            m.metric("overlayd_gossip_messages_rejected_total", {"reason": "unknown_key"}) == 0
+            for m in c.members
+        )
+        await c.converged()
+    finally:
+        await c.stop()
+
+
+async def test_a_node_with_another_key_cannot_join() -> None:
+    async with cluster(3) as c:
+        stranger = await c.add("stranger", key=Keyring.generate())
+        await until(
+            lambda: (
+                sum(
+                    m.metric("overlayd_gossip_messages_rejected_total", {"reason": "unknown_key"})
+                    for m in c.members[:3]
+                )
+                > 0
+            ),
+            10,
+            "the stranger's join rejected",
+        )
+        # its join (and every retry) is refused, so neither side ever lists the other
+        assert stranger.node.members() == []
+        assert all(not any(m.name == "stranger" for m in n.members()) for n in c.nodes()[:3])
+
+
+async def test_insecure_cluster_only_talks_to_insecure_nodes() -> None:
+    c = Cluster(FAST)
+    try:
+        a = await c.add("i0", keyring=Keyring.insecure())
+        b = await c.add("i1", keyring=Keyring.insecure())
+        await c.converged()
+        rec = a.node.publish("endpoint", "net1/plain", {"ip": "10.0.0.1"})
+        await until(lambda: has(b.node, rec), 10, "record between insecure nodes")
+        keyed = await c.add("s0")  # joins through i0 with encrypted packets: refused
+        await until(
+            lambda: a.metric("overlayd_gossip_messages_rejected_total", {"reason": "unknown_key"}) > 0,
+            10,
+            "the keyed node's packets rejected by an insecure one",
+        )
+        assert keyed.node.members() == []
+        assert all(m.name != "s0" for n in (a.node, b.node) for m in n.members())
+    finally:
+        await c.stop()
+
+
+async def test_publish_rejects_what_cannot_travel() -> None:
+    async with cluster(2) as c:
+        node = c.members[0].node
+        with pytest.raises(ValueError, match="fit"):
+            node.publish("endpoint", "net1/huge", {"blob": "x" * 2000})
+        with pytest.raises(SchemaError):
+            node.publish("endpoint", "net1/bytes", {"raw": b"\x00"})
+        with pytest.raises(SchemaError):
+            node.publish("", "net1/x", {})
+        assert node.records() == []
+        ok = node.publish("endpoint", "net1/ok", {"ip": "10.0.0.1"})
+        assert ok.version == 1  # failed attempts used no version: peers see no gap
+        await until(lambda: has(c.members[1].node, ok), 10, "the good record")
