@@ -81,25 +81,25 @@ class Record:
     @classmethod
     def from_wire(cls, v: Any) -> Record:
         kind, key, owner, inc, ver, payload, deleted_at = _fields(v, 7, "record")
-        rec = cls(
+        if payload is None:
+            if not _is_float(deleted_at) or not math.isfinite(deleted_at) or deleted_at < 0:
+                raise SchemaError("tombstone needs a finite deleted_at")
+            deleted_at = float(deleted_at)
+        else:
+            if deleted_at is not None:
+                raise SchemaError("a record with a payload has no deleted_at")
+            if not isinstance(payload, dict):
+                raise SchemaError("record payload must be a map")
+            _check_plain(payload, 0)
+        return cls(
             _name(kind, "kind"),
             _text(key, "key"),
             _name(owner, "owner"),
             _uint(inc, "incarnation"),
-            _uint(ver, "version"),
-            None,
-            None,
+            _version(ver),
+            payload,
+            deleted_at,
         )
-        if payload is None:
-            if not _is_float(deleted_at) or not math.isfinite(deleted_at) or deleted_at < 0:
-                raise SchemaError("tombstone needs a finite deleted_at")
-            return Record(rec.kind, rec.key, rec.owner, rec.incarnation, rec.version, None, float(deleted_at))
-        if deleted_at is not None:
-            raise SchemaError("a record with a payload has no deleted_at")
-        if not isinstance(payload, dict):
-            raise SchemaError("record payload must be a map")
-        _check_plain(payload, 0)
-        return Record(rec.kind, rec.key, rec.owner, rec.incarnation, rec.version, payload, None)
 
     def normalized(self) -> Record:
         """This record as every receiver will see it (tuples become lists), or SchemaError."""
@@ -380,6 +380,14 @@ def _uint(v: Any, what: str) -> int:
     if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < _INT64:
         raise SchemaError(f"{what} must be a non-negative 64-bit integer, got {v!r}")
     return v
+
+
+def _version(v: Any) -> int:
+    # Versions count from 1: (incarnation, 0) is "nothing yet" in a digest.
+    ver = _uint(v, "version")
+    if ver < 1:
+        raise SchemaError("record version must be at least 1")
+    return ver
 
 
 def _bool(v: Any, what: str) -> bool:

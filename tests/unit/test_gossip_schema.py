@@ -87,6 +87,7 @@ MALFORMED = {
     "tombstone NaN time": wire(1, "push", 1, [[*REC[:5], None, float("nan")]]),
     "payload NaN": wire(1, "push", 1, [[*REC[:5], {"x": float("inf")}, None]]),
     "version negative": wire(1, "push", 1, [[*REC[:4], -1, {"a": 1}, None]]),
+    "version zero": wire(1, "push", 1, [[*REC[:4], 0, {"a": 1}, None]]),
     "records of another owner": wire(1, "records", "h9", 1, 0, 1, 5, False, [REC]),
     "records upto before after": wire(1, "records", "h1", 1, 5, 1, 0, False, []),
     "digest entry outside range": wire(1, "digest", "h5", "h9", [["h1", 1, 1]]),
