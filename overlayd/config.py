@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 from overlayd.model import ValidationError, parse_ipv4, validate_name
 
 DEFAULT_PATH = "/etc/overlayd/overlayd.toml"
-STORE_SCHEMES = ("etcd", "consul", "consuls")
+STORE_SCHEMES = ("etcd", "consul", "consuls", "zookeeper")
 
 
 class ConfigError(Exception):
@@ -44,6 +44,8 @@ class StoreConfig:
     lease_ttl: int = 10
     username: str | None = None
     password: str | None = field(default=None, repr=False)
+    # ZooKeeper: the znode every path lives under ("" = the root), from the URL's path.
+    chroot: str = ""
     # Consul ACL token (sent as X-Consul-Token); never logged.
     token: str | None = field(default=None, repr=False)
     # TLS to the store: CA bundle that signs the server's certificate, and an
@@ -158,6 +160,7 @@ def from_flat(flat: dict[str, Any]) -> Config:
         lease_ttl=ttl,
         username=flat.get("store.username"),
         password=flat.get("store.password"),
+        chroot=parse_store_chroot(flat["store.url"]),
         token=flat.get("store.token"),
         tls_ca=flat.get("store.tls_ca"),
         tls_cert=flat.get("store.tls_cert"),
@@ -191,6 +194,16 @@ def parse_store_url(url: str) -> tuple[str, tuple[StoreEndpoint, ...]]:
             raise ConfigError(f"store.url: expected host:port, got {item!r} in {url!r}")
         endpoints.append(StoreEndpoint(host, int(port)))
     return parts.scheme, tuple(endpoints)
+
+
+def parse_store_chroot(url: str) -> str:
+    """`zookeeper://host:port/a/b` -> "/a/b"; "" when the URL has no path."""
+    path = urlsplit(url).path.rstrip("/")
+    if not path:
+        return ""
+    if "//" in path or any(part in (".", "..") for part in path.split("/")[1:]):
+        raise ConfigError(f"store.url: invalid chroot path {path!r} in {url!r}")
+    return path
 
 
 def parse_listen(value: str, *, key: str) -> tuple[str, int]:

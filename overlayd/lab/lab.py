@@ -4,7 +4,8 @@ Topology of a lab with prefix P (every name carries the prefix, so labs with
 different prefixes live side by side):
 
     P-ul          underlay: bridge br0 (MTU 1500), one veth port per host and one for P-kv
-    P-kv          the KV server: etcd on 198.18.0.1:2379, reached over `ul0`
+    P-kv          the KV server: etcd on 198.18.0.1:2379 or ZooKeeper on 198.18.0.1:2181,
+                  reached over `ul0`
     P-h1..P-hN    hosts: `ul0` = 198.18.0.(10+k)/24, one overlayd each
     P-<name>      endpoint namespaces (the demo's are P-h1-ep ... P-hN-ep)
 
@@ -37,19 +38,20 @@ from functools import partial
 from ipaddress import IPv4Network
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from overlayd.api.client import AdminClient, ClientError
 from overlayd.lab import netns
 from overlayd.lab.etcd import EtcdError, EtcdServer, find_etcd, log_tail
 from overlayd.lab.nshttp import NetnsHTTPConnection, request
 from overlayd.lab.proc import Proc, stop_all
+from overlayd.lab.zookeeper import ZooKeeperError, ZooKeeperServer, find_java, find_zookeeper
 
 T = TypeVar("T")
 
 DEFAULT_PREFIX = "ovl"
 LAB_ROOT = Path("/run/overlayd-lab")
-STORES = ("etcd",)
+STORES = ("etcd", "zookeeper")
 MAX_HOSTS = 200
 
 UNDERLAY_SUBNET = IPv4Network("198.18.0.0/24")
@@ -59,6 +61,7 @@ UNDERLAY_IFNAME = "ul0"
 KV_ADDRESS = "198.18.0.1"
 ETCD_CLIENT_PORT = 2379
 ETCD_PEER_PORT = 2380
+ZOOKEEPER_CLIENT_PORT = 2181
 STATUS_LISTEN = "127.0.0.1:9480"
 
 DEMO_NETWORK = "demo"
@@ -229,6 +232,24 @@ def overlayd_argv() -> list[str]:
     return [found]
 
 
+class KvServer(Protocol):
+    """What the lab needs of its KV server (EtcdServer, ZooKeeperServer)."""
+
+    proc: Proc | None
+
+    @property
+    def url(self) -> str: ...
+    @property
+    def workdir(self) -> Path: ...
+    @property
+    def log_path(self) -> Path: ...
+    @property
+    def pid(self) -> int | None: ...
+    def start(self, timeout: float = 30.0) -> None: ...
+    def stop(self, timeout: float = 10.0) -> None: ...
+    def running(self) -> bool: ...
+
+
 class Lab:
     """A lab: build it with `up()`, remove it with `down()` (or use it as a context manager)."""
 
@@ -265,19 +286,35 @@ class Lab:
         self.hosts = [
             Host(f"h{k}", f"{prefix}-h{k}", host_address(k), self.dir / f"h{k}") for k in range(1, hosts + 1)
         ]
-        self.etcd = EtcdServer(
+        self.kv = self._kv_server()
+        self.namespaces: list[str] = []  # in the order they were made
+        self.networks: list[dict[str, Any]] = []
+        self.endpoints: list[Endpoint] = []
+        self._lock = threading.RLock()
+
+    def _kv_server(self) -> KvServer:
+        if self.store == "zookeeper":
+            return ZooKeeperServer(
+                host=KV_ADDRESS,
+                client_port=ZOOKEEPER_CLIENT_PORT,
+                netns=self.kv_ns,
+                workdir=self.dir / "kv",
+                on_start=lambda _server: self._save(),
+            )
+        return EtcdServer(
             host=KV_ADDRESS,
             client_port=ETCD_CLIENT_PORT,
             peer_port=ETCD_PEER_PORT,
             netns=self.kv_ns,
             workdir=self.dir / "kv",
-            name=prefix,
+            name=self.prefix,
             on_start=lambda _server: self._save(),
         )
-        self.namespaces: list[str] = []  # in the order they were made
-        self.networks: list[dict[str, Any]] = []
-        self.endpoints: list[Endpoint] = []
-        self._lock = threading.RLock()
+
+    @property
+    def etcd(self) -> KvServer:
+        """The KV server, whichever kind (its name from when there was only etcd)."""
+        return self.kv
 
     # --- the record in lab.json ---
 
@@ -291,7 +328,7 @@ class Lab:
             "prefix": self.prefix,
             "dir": str(self.dir),
             "store": self.store,
-            "store_url": self.etcd.url,
+            "store_url": self.kv.url,
             "store_prefix": self.store_prefix,
             "lease_ttl": self.lease_ttl,
             "reconcile_interval": self.reconcile_interval,
@@ -304,8 +341,8 @@ class Lab:
             "kv": {
                 "netns": self.kv_ns,
                 "address": KV_ADDRESS,
-                "dir": str(self.etcd.workdir),
-                "process": self.etcd.proc.to_json() if self.etcd.proc is not None else None,
+                "dir": str(self.kv.workdir),
+                "process": self.kv.proc.to_json() if self.kv.proc is not None else None,
             },
             "namespaces": list(self.namespaces),
             "hosts": [host.to_json() for host in self.hosts],
@@ -340,7 +377,7 @@ class Lab:
         )
         lab.hosts = [Host.from_json(h) for h in data["hosts"]]
         process = data["kv"]["process"]
-        lab.etcd.proc = Proc.from_json(process) if process else None
+        lab.kv.proc = Proc.from_json(process) if process else None
         lab.namespaces = list(data["namespaces"])
         lab.networks = list(data["networks"])
         lab.endpoints = [Endpoint(**ep) for ep in data["endpoints"]]
@@ -365,8 +402,12 @@ class Lab:
             if shutil.which(tool) is None:
                 raise LabError(f"{tool} not found: install iproute2 and iputils-ping")
         try:
-            find_etcd()
-        except EtcdError as exc:
+            if self.store == "zookeeper":
+                find_java()
+                find_zookeeper()
+            else:
+                find_etcd()
+        except (EtcdError, ZooKeeperError) as exc:
             raise LabError(str(exc)) from None
         if daemons:
             overlayd_argv()
@@ -385,15 +426,15 @@ class Lab:
     def up(self, *, daemons: bool = True, demo: bool = True) -> Lab:
         """Build the lab; on any failure remove what was made and raise LabError.
 
-        `daemons=False` builds only the namespaces, the underlay and etcd;
+        `daemons=False` builds only the namespaces, the underlay and the KV server;
         `demo=False` skips network `demo` and its endpoints.
         """
         self._preflight(daemons)
         try:
             self._save()
             self._build_underlay()
-            self._say(f"starting etcd on {KV_ADDRESS}:{ETCD_CLIENT_PORT} in {self.kv_ns}")
-            self.etcd.start()
+            self._say(f"starting {self.store} on {self.kv.url} in {self.kv_ns}")
+            self.kv.start()
             if daemons:
                 for host in self.hosts:
                     self.start_daemon(host, wait=False)
@@ -474,7 +515,7 @@ class Lab:
         return (
             f"[node]\nname = {q(h.name)}\n"
             f"[underlay]\ninterface = {q(UNDERLAY_IFNAME)}\naddress = {q(h.address)}\n"
-            f"[store]\nurl = {q(self.etcd.url)}\nprefix = {q(self.store_prefix)}\n"
+            f"[store]\nurl = {q(self.kv.url)}\nprefix = {q(self.store_prefix)}\n"
             f"lease_ttl = {int(self.lease_ttl)}\n"
             f"[admin]\nsocket = {q(str(h.admin_socket))}\n"
             f"[status]\nlisten = {q(STATUS_LISTEN)}\n"
@@ -707,7 +748,7 @@ class Lab:
     def down(self) -> list[str]:
         """Remove everything the lab made; the errors met (empty when all went well).
 
-        Order: daemons, etcd, any other process left in the lab's namespaces,
+        Order: daemons, the KV server, any other process left in the lab's namespaces,
         the namespaces (their interfaces go with them), the lab directory.
         Safe to call again and after a failed `up`.
         """
@@ -723,7 +764,7 @@ class Lab:
         attempt("stop daemons", lambda: stop_all(daemons, timeout=10.0))
         for h in self.hosts:
             h.proc = None
-        attempt("stop etcd", self.etcd.stop)
+        attempt(f"stop {self.store}", self.kv.stop)
         namespaces = self._owned_namespaces()
 
         def stop_leftovers() -> None:
@@ -787,12 +828,12 @@ class Lab:
             },
             "store": {
                 "kind": self.store,
-                "url": self.etcd.url,
+                "url": self.kv.url,
                 "prefix": self.store_prefix,
                 "netns": self.kv_ns,
-                "pid": self.etcd.pid,
-                "alive": self.etcd.running(),
-                "log": str(self.etcd.log_path),
+                "pid": self.kv.pid,
+                "alive": self.kv.running(),
+                "log": str(self.kv.log_path),
             },
             "hosts": [
                 {"name": h.name, "netns": h.netns, "vtep": h.address, "interface": UNDERLAY_IFNAME}

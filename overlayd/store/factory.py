@@ -25,4 +25,8 @@ def make_store(
         from overlayd.store.consul import ConsulStore
 
         return ConsulStore(config, state_dir=state_dir, metrics=metrics, on_invalid=on_invalid)
+    if config.scheme == "zookeeper":
+        from overlayd.store.zookeeper import ZooKeeperStore
+
+        return ZooKeeperStore(config, state_dir=state_dir, metrics=metrics, on_invalid=on_invalid)
     raise ValueError(f"store.url: no backend for scheme {config.scheme!r}")

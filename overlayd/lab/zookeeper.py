@@ -1,0 +1,266 @@
+"""A real standalone ZooKeeper server for tests and the lab.
+
+Runs Debian's `zookeeper` (3.8, `/usr/share/java/zookeeper.jar`, whose
+manifest names its dependencies) with a generated `zoo.cfg` and a data
+directory of its own, on a given address and a free (or given) port,
+optionally inside a network namespace. Stopping goes by PID: SIGTERM, a
+bounded wait, then SIGKILL. `restart()` keeps the data; `cleanup()` stops the
+server and removes its directory.
+
+Ready means `srvr` reports `Mode:`: `ruok` answers `imok` before the server
+accepts sessions. Sized for tests: a 128 MiB heap with the serial collector
+(about 125 MiB resident), a short tick so session timeouts down to 1 s are
+allowed and expiry is noticed promptly, and no admin HTTP server.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+
+from overlayd.lab.netns import exec_argv, free_port, socket_in_netns
+from overlayd.lab.proc import Proc
+
+ZOOKEEPER_JAR = Path("/usr/share/java/zookeeper.jar")
+# A logging backend for slf4j: without one ZooKeeper logs nothing at all.
+SLF4J_BINDING = Path("/usr/share/java/slf4j-simple.jar")
+MAIN_CLASS = "org.apache.zookeeper.server.quorum.QuorumPeerMain"
+TICK_MS = 500
+
+
+class ZooKeeperError(RuntimeError):
+    """ZooKeeper could not be started or stopped; the message has the tail of its log."""
+
+
+def find_java() -> str:
+    found = shutil.which("java")
+    if found is None:
+        raise ZooKeeperError("java not found: install it with `apt-get install default-jre-headless`")
+    return found
+
+
+def find_zookeeper() -> Path:
+    if not ZOOKEEPER_JAR.is_file():
+        raise ZooKeeperError(f"{ZOOKEEPER_JAR} not found: install it with `apt-get install zookeeper`")
+    return ZOOKEEPER_JAR
+
+
+def log_tail(path: Path, lines: int = 30) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return "(no log)"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+class ZooKeeperServer:
+    """One ZooKeeper process; `url` is what overlayd's config takes (zookeeper://host:port)."""
+
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        client_port: int | None = None,
+        netns: str | None = None,
+        workdir: Path | None = None,
+        min_session_timeout_ms: int = 2 * TICK_MS,
+        max_session_timeout_ms: int = 60_000,
+        on_start: Callable[[ZooKeeperServer], None] | None = None,
+    ) -> None:
+        """`workdir` holds `data/`, `zoo.cfg` and `zookeeper.log` (a new temporary directory when None).
+
+        A port left as None is picked free at each start until the first
+        successful one, then kept, so a restart comes back on the same URL.
+        `on_start` is called after every successful start (the lab records the PID).
+        """
+        self.host = host
+        self.netns = netns
+        self.min_session_timeout_ms = min_session_timeout_ms
+        self.max_session_timeout_ms = max_session_timeout_ms
+        self.on_start = on_start
+        self._given_port = client_port
+        self._pick_port = client_port is None
+        self.client_port = client_port or 0
+        self.workdir = workdir if workdir is not None else Path(tempfile.mkdtemp(prefix="zookeeper-"))
+        self.proc: Proc | None = None
+
+    # --- addresses ---
+
+    @property
+    def url(self) -> str:
+        return f"zookeeper://{self.host}:{self.client_port}"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.workdir / "data"
+
+    @property
+    def config_path(self) -> Path:
+        return self.workdir / "zoo.cfg"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "zookeeper.log"
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    # --- life cycle ---
+
+    def config_text(self) -> str:
+        return "\n".join(
+            [
+                f"tickTime={TICK_MS}",
+                f"dataDir={self.data_dir}",
+                f"clientPort={self.client_port}",
+                f"clientPortAddress={self.host}",
+                f"minSessionTimeout={self.min_session_timeout_ms}",
+                f"maxSessionTimeout={self.max_session_timeout_ms}",
+                "admin.enableServer=false",
+                "4lw.commands.whitelist=srvr,ruok",
+                # Keep few snapshots and logs: tests restart servers with their data.
+                "autopurge.snapRetainCount=3",
+                "autopurge.purgeInterval=0",
+                "",
+            ]
+        )
+
+    def argv(self) -> list[str]:
+        classpath = [str(find_zookeeper())]
+        if SLF4J_BINDING.is_file():
+            classpath.append(str(SLF4J_BINDING))
+        argv = [
+            find_java(),
+            "-Xmx128m",
+            "-XX:+UseSerialGC",
+            "-Dorg.slf4j.simpleLogger.showDateTime=true",
+            "-Dzookeeper.jmx.log4j.disable=true",
+            "-cp",
+            ":".join(classpath),
+            MAIN_CLASS,
+            str(self.config_path),
+        ]
+        return exec_argv(self.netns, argv) if self.netns is not None else argv
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.alive()
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start the server and wait until `srvr` reports a mode; ZooKeeperError if it cannot."""
+        if self.running():
+            raise ZooKeeperError(f"zookeeper {self.url} is already running (pid {self.pid})")
+        attempts = 3 if self._pick_port else 1
+        for attempt in range(attempts):
+            if self._pick_port:
+                self.client_port = self._given_port or free_port(self.host, netns=self.netns)
+            try:
+                self._start_once(timeout)
+            except ZooKeeperError as exc:
+                # A free port can be taken between picking and binding it: pick again.
+                if attempt + 1 < attempts and "Address already in use" in str(exc):
+                    continue
+                raise
+            break
+        self._pick_port = False
+        if self.on_start is not None:
+            self.on_start(self)
+
+    def _start_once(self, timeout: float) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.config_path.write_text(self.config_text())
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("ZOO", "JVMFLAGS", "CLASSPATH"))}
+        self.proc = Proc.spawn(
+            self.argv(),
+            log_path=self.log_path,
+            env=env,
+            banner=f"starting zookeeper {self.host}:{self.client_port} at {time.strftime('%H:%M:%S')}",
+        )
+        try:
+            self.wait_ready(timeout)
+        except ZooKeeperError:
+            self.proc.stop(timeout=5.0)
+            raise
+
+    def four_letter(self, command: str, timeout: float = 2.0) -> str:
+        """Send a four-letter command and return the answer ("" if the server does not answer)."""
+        sock = (
+            socket_in_netns(self.netns, socket.AF_INET, socket.SOCK_STREAM)
+            if self.netns is not None
+            else socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        )
+        chunks: list[bytes] = []
+        try:
+            with sock:
+                sock.settimeout(timeout)
+                sock.connect((self.host, self.client_port))
+                sock.sendall(command.encode())
+                while chunk := sock.recv(4096):
+                    chunks.append(chunk)
+        except OSError:
+            return ""
+        return b"".join(chunks).decode(errors="replace")
+
+    def ready(self) -> bool:
+        return "Mode:" in self.four_letter("srvr")
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc is None or not self.proc.alive():
+                code = self.proc.returncode() if self.proc is not None else None
+                raise ZooKeeperError(
+                    f"zookeeper {self.host}:{self.client_port} exited (status {code}) while starting; "
+                    f"log {self.log_path}:\n{log_tail(self.log_path)}"
+                )
+            if self.ready():
+                return
+            if time.monotonic() >= deadline:
+                raise ZooKeeperError(
+                    f"zookeeper {self.host}:{self.client_port} not serving after {timeout:g}s; "
+                    f"log {self.log_path}:\n{log_tail(self.log_path)}"
+                )
+            time.sleep(0.05)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM by PID, wait up to `timeout`, then SIGKILL. No-op when not running."""
+        if self.proc is not None:
+            self.proc.stop(timeout=timeout)
+            self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL by PID, as a crash would."""
+        if self.proc is not None:
+            self.proc.stop(sig=signal.SIGKILL)
+            self.proc = None
+
+    def restart(self, timeout: float = 30.0) -> None:
+        """Stop and start again on the same port with the same data."""
+        self.stop()
+        self.start(timeout)
+
+    def cleanup(self) -> None:
+        """Stop the server and remove its directory (data, config and log)."""
+        try:
+            self.stop()
+        finally:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> ZooKeeperServer:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.cleanup()

@@ -1,0 +1,817 @@
+"""ZooKeeper backend (kazoo).
+
+The key layout of `keys.py` maps one to one onto znode paths under the URL's
+chroot: `zookeeper://h1:2181,h2:2181/ovl` with prefix `/overlayd/v1/` keeps
+`/ovl/overlayd/v1/networks/demo`. Records a node owns (its node record, its
+endpoints and their IP claims) are ephemeral znodes of the node's session;
+compare-and-set is "create fails if the znode exists" inside a transaction,
+or a version check.
+
+What ZooKeeper and kazoo really do, and how this module answers (BACKENDS.md):
+
+- kazoo runs its connection and callbacks on threads of its own. Requests go
+  through its `*_async` calls; completions and watch events are handed to the
+  event loop with `call_soon_threadsafe`. Requests are refused at once while
+  disconnected (kazoo would queue them until reconnected).
+- SUSPENDED (disconnected, session alive) changes nothing we own. LOST
+  (session expired) means the server deleted our ephemeral znodes: kazoo
+  reconnects with a new session and `keep_session` re-publishes the node and
+  its endpoints (an IP claim only if it is free or already names ours).
+- The session id and password are saved in the state directory; a restarted
+  daemon resumes the session, so its znodes never blink out. `close()` drops
+  the connection without ending the session for the same reason.
+- kazoo 2.11 has only one-shot watches, dropped on disconnect. `watch()`
+  keeps a mirror of every record znode: each event re-reads the znode or
+  directory it names (re-arming its watch) and the difference to the mirror
+  becomes facts, ordered by zxid (the revision). After a reconnect the whole
+  tree is re-read and diffed the same way, so changes made while the watch
+  was away are delivered too. Several changes to one znode between two reads
+  arrive as one.
+- Data over about 1 MiB makes the server drop the connection without a word:
+  sizes are checked before writing.
+- Digest auth: credentials go in `auth_data` and every znode we create gets a
+  digest ACL for that user, so nothing else can change them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kazoo.client import KazooClient, KazooState
+from kazoo.exceptions import (
+    BadVersionError,
+    ConnectionClosedError,
+    ConnectionLoss,
+    KazooException,
+    NoAuthError,
+    NodeExistsError,
+    NoNodeError,
+    NotEmptyError,
+    OperationTimeoutError,
+    RolledBackError,
+    SessionExpiredError,
+)
+from kazoo.handlers.threading import KazooTimeoutError
+from kazoo.protocol.states import EventType, WatchedEvent, ZnodeStat
+from kazoo.retry import KazooRetry
+from kazoo.security import make_digest_acl
+
+from overlayd.config import StoreConfig
+from overlayd.metrics import Metrics
+from overlayd.model import Endpoint, Network, Node
+from overlayd.state import Fact, NetworkPut
+from overlayd.store.base import (
+    AlreadyExists,
+    Changes,
+    NotFoundError,
+    Snapshot,
+    Store,
+    StoreError,
+    StoreUnavailable,
+)
+from overlayd.store.keys import InvalidRecord, KeyLayout, encode, fact_for_delete, fact_for_put
+
+log = logging.getLogger(__name__)
+
+_REQUEST_TIMEOUT = 5.0
+_CONNECT_TIMEOUT = 5.0
+_RETRY_MIN, _RETRY_MAX = 0.2, 5.0
+# jute.maxbuffer is 1 MiB for a whole request; a larger one makes the server
+# drop the connection. Leave room for the path and the rest of a transaction.
+MAX_VALUE_BYTES = 1_000_000
+_UNREACHABLE = (
+    ConnectionLoss,
+    SessionExpiredError,
+    ConnectionClosedError,
+    OperationTimeoutError,
+    KazooTimeoutError,
+    TimeoutError,
+)
+# kazoo's own log, filtered: its lowest level ("BLATHER") dumps whole requests, credentials included.
+_kazoo_log = logging.getLogger(f"{__name__}.kazoo")
+_kazoo_log.setLevel(logging.INFO)
+
+
+@dataclass(frozen=True)
+class _Rec:
+    """A record znode as last read: its modification zxid and data."""
+
+    zxid: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class _Tree:
+    records: dict[str, _Rec]
+    revision: int
+
+
+class ZooKeeperStore(Store):
+    def __init__(
+        self,
+        config: StoreConfig,
+        *,
+        state_dir: str,
+        metrics: Metrics | None = None,
+        on_invalid: Callable[[str], None] | None = None,
+    ) -> None:
+        self._config = config
+        self._layout = KeyLayout(config.chroot + config.prefix)
+        self._base = (config.chroot + config.prefix).rstrip("/")
+        self._session_file = Path(state_dir) / "zookeeper-session"
+        self._metrics = metrics
+        self._on_invalid = on_invalid
+        self._hosts = ",".join(f"{e.host}:{e.port}" for e in config.endpoints)
+        self._client: KazooClient | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._healthy = False
+        self._connected = asyncio.Event()
+        # Set when the server gave us a new session: owned records must be re-published.
+        self._session_replaced = asyncio.Event()
+        self._session_id: int | None = None
+        self._owns_session = False  # resumed or opened: close() must not end it
+        self._node: Node | None = None
+        self._owned: dict[str, Endpoint] = {}
+        self._session_lock = asyncio.Lock()
+        self._acl: list[Any] | None = None
+        if config.username is not None:
+            self._acl = [make_digest_acl(config.username, config.password or "", all=True)]
+        # Trees read by snapshot(), by revision: watch(revision) diffs against the one it names.
+        self._snapshots: dict[int, dict[str, _Rec]] = {}
+
+    # ----------------------------------------------------------------- plumbing
+
+    @property
+    def healthy(self) -> bool:
+        return self._healthy
+
+    def _set_health(self, up: bool) -> None:
+        if up != self._healthy:
+            log.info("zookeeper %s", "reachable" if up else "unreachable")
+        self._healthy = up
+        if self._metrics:
+            self._metrics.store_up.set(1 if up else 0)
+
+    @property
+    def client(self) -> KazooClient:
+        if self._client is None:
+            raise StoreUnavailable("zookeeper client is not connected")
+        return self._client
+
+    def _count_error(self, operation: str) -> None:
+        if self._metrics:
+            self._metrics.store_errors.labels(operation=operation).inc()
+
+    async def _call(
+        self,
+        operation: str,
+        start: Callable[[KazooClient], Any],
+        expect: tuple[type[KazooException], ...] = (),
+    ) -> Any:
+        """Run one kazoo async request; errors in `expect` pass through, others become StoreErrors."""
+        client = self.client
+        if not self._connected.is_set():
+            self._count_error(operation)
+            raise StoreUnavailable(f"zookeeper at {self._hosts} is unreachable (reconnecting)")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+
+        def done(result: Any) -> None:  # on a kazoo thread
+            if result.successful():
+                _threadsafe(loop, _resolve, future, result.value, None)
+            else:
+                _threadsafe(loop, _resolve, future, None, result.exception)
+
+        try:
+            start(client).rawlink(done)
+            return await asyncio.wait_for(future, _REQUEST_TIMEOUT)
+        except expect:
+            raise
+        except _UNREACHABLE as exc:
+            self._count_error(operation)
+            raise StoreUnavailable(f"zookeeper at {self._hosts} is unreachable: {_describe(exc)}") from None
+        except NoAuthError:
+            self._count_error(operation)
+            raise StoreError(
+                f"zookeeper {operation} refused: no permission (check store.username and store.password)"
+            ) from None
+        except KazooException as exc:
+            self._count_error(operation)
+            raise StoreError(f"zookeeper {operation} failed: {_describe(exc)}") from None
+
+    async def _get(self, path: str, watch: Callable[[WatchedEvent], None] | None = None) -> _Rec | None:
+        try:
+            data, stat = await self._call("get", lambda c: c.get_async(path, watch=watch), (NoNodeError,))
+        except NoNodeError:
+            return None
+        return _Rec(int(stat.mzxid), bytes(data or b""))
+
+    async def _get_stat(self, path: str) -> tuple[bytes, ZnodeStat] | None:
+        try:
+            data, stat = await self._call("get", lambda c: c.get_async(path), (NoNodeError,))
+        except NoNodeError:
+            return None
+        return bytes(data or b""), stat
+
+    async def _commit(self, operation: str, build: Callable[[Any], None]) -> list[Any]:
+        """Commit a transaction; the per-operation results (exceptions in place of failures)."""
+
+        def start(client: KazooClient) -> Any:
+            txn = client.transaction()
+            build(txn)
+            return txn.commit_async()
+
+        results: list[Any] = await self._call(operation, start)
+        return results
+
+    # ----------------------------------------------------------------- connection
+
+    async def connect(self) -> None:
+        if self._client is not None:
+            # Called again (the daemon retries until everything worked): keep a live client.
+            if self._connected.is_set():
+                await self._ensure_dirs()
+                return
+            await self.close()
+        self._loop = asyncio.get_running_loop()
+        saved = self._load_session()
+        auth = None
+        if self._config.username is not None:
+            auth = [("digest", f"{self._config.username}:{self._config.password or ''}")]
+        client = KazooClient(
+            hosts=self._hosts,
+            timeout=float(self._config.lease_ttl),
+            client_id=saved,
+            auth_data=auth,
+            default_acl=self._acl,
+            # Reconnect forever, quickly: the session is ticking while we are away.
+            connection_retry=KazooRetry(max_tries=-1, delay=0.1, max_delay=1.0),
+            logger=_kazoo_log,
+        )
+        client.add_listener(self._listener)
+        try:
+            await asyncio.to_thread(client.start, _CONNECT_TIMEOUT)
+        except (KazooTimeoutError, KazooException, OSError) as exc:
+            self._set_health(False)
+            raise StoreUnavailable(f"cannot reach zookeeper at {self._hosts} ({_describe(exc)})") from None
+        self._client = client
+        session_id = client.client_id[0]
+        self._session_id = session_id
+        self._connected.set()
+        self._set_health(True)
+        if saved is not None and saved[0] == session_id:
+            self._owns_session = True
+            log.info("resumed zookeeper session %x", session_id)
+        try:
+            await self._ensure_dirs()
+        except StoreError:
+            await self.close()
+            raise
+
+    async def _ensure_dirs(self) -> None:
+        for kind in ("networks", "vni", "nodes", "endpoints", "ipam"):
+            path = f"{self._base}/{kind}"
+            await self._ensure_path(path)
+            # ensure_path succeeds on a znode it may not read: check we may.
+            await self._children(path)
+
+    async def _ensure_path(self, path: str) -> None:
+        await self._call("create", lambda c: c.ensure_path_async(path, acl=self._acl))
+
+    async def _delete_if(self, path: str, version: int = -1) -> None:
+        """Delete `path` at `version`; quietly nothing if it is gone, changed or not empty."""
+        try:
+            await self._call(
+                "delete",
+                lambda c: c.delete_async(path, version=version),
+                (NoNodeError, NotEmptyError, BadVersionError),
+            )
+        except (NoNodeError, NotEmptyError, BadVersionError):
+            pass
+
+    def _listener(self, state: str) -> None:  # on a kazoo thread: must not block
+        if self._loop is not None:
+            _threadsafe(self._loop, self._on_state, state)
+
+    def _on_state(self, state: str) -> None:
+        if state == KazooState.CONNECTED:
+            client = self._client
+            if client is None:
+                return
+            session_id = client.client_id[0] if client.client_id else None
+            if self._session_id is not None and session_id != self._session_id and self._owns_session:
+                self._session_replaced.set()
+            self._session_id = session_id
+            self._connected.set()
+            self._set_health(True)
+        else:
+            self._connected.clear()
+            self._set_health(False)
+            if state == KazooState.LOST and self._owns_session:
+                log.warning("zookeeper session %x expired", self._session_id or 0)
+                self._session_replaced.set()
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        self._connected.clear()
+        if client is None:
+            return
+        try:
+            if self._owns_session:
+                await asyncio.to_thread(_drop_connection, client)
+            else:
+                await asyncio.to_thread(client.stop)
+                await asyncio.to_thread(client.close)
+        except Exception as exc:  # closing a broken connection must not mask the real error
+            log.debug("closing zookeeper client: %s", exc)
+
+    # ----------------------------------------------------------------- session
+
+    async def open_session(self, node: Node) -> None:
+        async with self._session_lock:
+            client = self.client
+            self._owns_session = True
+            self._save_session(client.client_id)
+            self._node = node
+            await self._put_owned(self._layout.node(node.name), encode(node))
+
+    async def keep_session(self) -> None:
+        # kazoo pings by itself; this only answers a lost session.
+        delay = _RETRY_MIN
+        while True:
+            await self._session_replaced.wait()
+            await self._connected.wait()
+            self._session_replaced.clear()
+            try:
+                await self._republish()
+            except StoreError as exc:
+                log.warning("re-publishing after a new zookeeper session failed: %s", exc)
+                self._session_replaced.set()
+                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+                delay = min(delay * 2, _RETRY_MAX)
+            else:
+                delay = _RETRY_MIN
+
+    async def _republish(self) -> None:
+        async with self._session_lock:
+            client = self.client
+            log.warning("new zookeeper session %x: re-publishing owned records", client.client_id[0])
+            self._save_session(client.client_id)
+            if self._node is not None:
+                await self._put_owned(self._layout.node(self._node.name), encode(self._node))
+            for endpoint in list(self._owned.values()):
+                try:
+                    await self.publish_endpoint(endpoint)
+                except AlreadyExists as exc:
+                    log.error("cannot re-publish endpoint %s: %s", endpoint.key, exc)
+
+    async def release_session(self) -> None:
+        client = self.client
+        self._owns_session = False
+        self._owned.clear()
+        self._node = None
+        self._session_file.unlink(missing_ok=True)
+        # Ending the session deletes every ephemeral znode at once; then start a fresh one.
+        self._connected.clear()
+        try:
+            await asyncio.to_thread(client.restart)
+        except (KazooTimeoutError, KazooException, OSError) as exc:
+            raise StoreUnavailable(f"zookeeper at {self._hosts}: {_describe(exc)}") from None
+        self._session_id = client.client_id[0]
+        self._connected.set()
+
+    def _load_session(self) -> tuple[int, bytes] | None:
+        try:
+            sid, passwd = self._session_file.read_text().split()
+            return int(sid, 16), bytes.fromhex(passwd)
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def _save_session(self, client_id: tuple[int, bytes]) -> None:
+        self._session_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._session_file.with_suffix(".tmp")
+        tmp.touch(mode=0o600)
+        tmp.write_text(f"{client_id[0]:x} {client_id[1].hex()}\n")
+        tmp.replace(self._session_file)
+
+    def _require_session(self) -> int:
+        if not self._owns_session or self._session_id is None:
+            raise StoreError("no zookeeper session: open_session() first")
+        return self._session_id
+
+    # ----------------------------------------------------------------- records
+
+    async def create_network(self, network: Network) -> None:
+        net_path, vni_path = self._layout.network(network.name), self._layout.vni(network.vni)
+        value = _checked(encode(network), net_path)
+
+        def build(txn: Any) -> None:
+            txn.create(net_path, value)
+            txn.create(vni_path, network.name.encode())
+
+        results = await self._commit("txn", build)
+        if _ok(results):
+            return
+        if isinstance(results[0], NodeExistsError):
+            raise AlreadyExists("network name", network.name)
+        if isinstance(results[1], NodeExistsError):
+            holder = await self._get(vni_path)
+            raise AlreadyExists("VNI", str(network.vni), holder.data.decode() if holder else None)
+        raise StoreError(f"creating network {network.name} failed: {_first_failure(results)}")
+
+    async def delete_network(self, name: str) -> None:
+        net_path = self._layout.network(name)
+        current = await self._get_stat(net_path)
+        if current is None:
+            raise NotFoundError(f"network {name} not found")
+        data, stat = current
+        vni_path = None
+        fact = self._decode(net_path, data)
+        if isinstance(fact, NetworkPut):
+            vni_path = self._layout.vni(fact.network.vni)
+            claim = await self._get_stat(vni_path)
+            if claim is None or claim[0] != name.encode():
+                vni_path = None  # not ours to release
+
+        def build(txn: Any) -> None:
+            txn.delete(net_path, version=stat.version)
+            if vni_path is not None:
+                txn.delete(vni_path)
+
+        results = await self._commit("txn", build)
+        if not _ok(results):
+            raise StoreError(f"network {name} changed while being deleted; try again")
+        # The per-network directories go too once empty; a live endpoint keeps its own.
+        for kind in ("endpoints", "ipam"):
+            await self._delete_if(f"{self._base}/{kind}/{name}")
+
+    async def _ensure_network_dirs(self, network: str) -> None:
+        for kind in ("endpoints", "ipam"):
+            await self._ensure_path(f"{self._base}/{kind}/{network}")
+
+    async def create_endpoint(self, endpoint: Endpoint) -> None:
+        self._require_session()
+        ep_path = self._layout.endpoint(endpoint.network, endpoint.name)
+        ip_path = self._layout.ip_claim(endpoint.network, endpoint.ip)
+        value = _checked(encode(endpoint), ep_path)
+
+        def build(txn: Any) -> None:
+            txn.create(ep_path, value, ephemeral=True)
+            txn.create(ip_path, endpoint.key.encode(), ephemeral=True)
+
+        for _attempt in range(3):
+            await self._ensure_network_dirs(endpoint.network)
+            results = await self._commit("txn", build)
+            if _ok(results):
+                self._owned[endpoint.key] = endpoint
+                return
+            if isinstance(results[0], NodeExistsError):
+                raise AlreadyExists("endpoint name", endpoint.key)
+            if isinstance(results[1], NodeExistsError):
+                holder = await self._get(ip_path)
+                raise AlreadyExists("IP", str(endpoint.ip), holder.data.decode() if holder else None)
+            if not any(isinstance(r, NoNodeError) for r in results):
+                break
+            # The network's directory was removed meanwhile (network deleted and re-created): again.
+        raise StoreError(f"creating endpoint {endpoint.key} failed: {_first_failure(results)}")
+
+    async def publish_endpoint(self, endpoint: Endpoint) -> None:
+        self._require_session()
+        ep_path = self._layout.endpoint(endpoint.network, endpoint.name)
+        ip_path = self._layout.ip_claim(endpoint.network, endpoint.ip)
+        await self._ensure_network_dirs(endpoint.network)
+        await self._put_owned(
+            ep_path,
+            _checked(encode(endpoint), ep_path),
+            claim=(ip_path, endpoint.key.encode(), str(endpoint.ip)),
+        )
+        self._owned[endpoint.key] = endpoint
+
+    async def _put_owned(self, path: str, value: bytes, claim: tuple[str, bytes, str] | None = None) -> None:
+        """Make `path` hold `value` as an ephemeral znode of our session, with its IP claim.
+
+        A znode left by an older session of ours (a restart that could not
+        resume it) is replaced. The claim is taken if free or already naming
+        this endpoint; if another endpoint took the IP meanwhile, it keeps it.
+        Reads and one transaction with version checks; a race retries.
+        """
+        results: list[Any] = []
+        for _attempt in range(5):
+            session = self._require_session()
+            ops: list[tuple[str, str, bytes, int]] = []
+            if claim is not None:
+                claim_path, claim_value, ip = claim
+                held = await self._get_stat(claim_path)
+                if held is None:
+                    ops.append(("create", claim_path, claim_value, -1))
+                elif held[0] != claim_value:
+                    raise AlreadyExists("IP", ip, held[0].decode(errors="replace"))
+                elif held[1].ephemeralOwner != session:
+                    ops.append(("delete", claim_path, b"", held[1].version))
+                    ops.append(("create", claim_path, claim_value, -1))
+                else:
+                    ops.append(("check", claim_path, b"", held[1].version))
+            current = await self._get_stat(path)
+            if current is None:
+                ops.append(("create", path, value, -1))
+            elif current[1].ephemeralOwner != session:
+                ops += [("delete", path, b"", current[1].version), ("create", path, value, -1)]
+            elif current[0] != value:
+                ops.append(("set", path, value, current[1].version))
+
+            def build(txn: Any, ops: list[tuple[str, str, bytes, int]] = ops) -> None:
+                for op, p, v, version in ops:
+                    if op == "create":
+                        txn.create(p, v, ephemeral=True)
+                    elif op == "delete":
+                        txn.delete(p, version=version)
+                    elif op == "set":
+                        txn.set_data(p, v, version=version)
+                    else:
+                        txn.check(p, version)
+
+            results = await self._commit("txn", build)
+            if _ok(results):
+                return
+            if not any(isinstance(r, (NodeExistsError, NoNodeError, BadVersionError)) for r in results):
+                break
+        raise StoreError(f"publishing {path} failed: {_first_failure(results)}")
+
+    async def delete_endpoint(self, endpoint: Endpoint) -> None:
+        ep_path = self._layout.endpoint(endpoint.network, endpoint.name)
+        ip_path = self._layout.ip_claim(endpoint.network, endpoint.ip)
+        # Record first, then the claim: the IP is never free while the record exists.
+        await self._delete_if(ep_path)
+        # Release the IP only if this endpoint still holds it: never free a
+        # claim that someone else took after ours lapsed.
+        held = await self._get_stat(ip_path)
+        if held is not None and held[0] == endpoint.key.encode():
+            await self._delete_if(ip_path, held[1].version)
+        self._owned.pop(endpoint.key, None)
+
+    # ----------------------------------------------------------------- reading
+
+    async def _children(
+        self, path: str, watch: Callable[[WatchedEvent], None] | None = None
+    ) -> tuple[list[str], int] | None:
+        """Children of `path` and its pzxid, or None if it does not exist."""
+        try:
+            children, stat = await self._call(
+                "list",
+                lambda c: c.get_children_async(path, watch=watch, include_data=True),
+                (NoNodeError,),
+            )
+        except NoNodeError:
+            return None
+        return list(children), int(stat.pzxid)
+
+    def _record_dirs(self) -> tuple[str, str, str]:
+        return f"{self._base}/networks", f"{self._base}/nodes", f"{self._base}/endpoints"
+
+    async def _read_tree(self, watch: Callable[[WatchedEvent], None] | None = None) -> _Tree:
+        """Every record znode with its zxid; arms `watch` on every directory and record read."""
+        networks, nodes, endpoints = self._record_dirs()
+        revision = 0
+        dirs: list[str] = []
+        for top in (networks, nodes):
+            dirs.append(top)
+        listed = await self._children(endpoints, watch)
+        if listed is not None:
+            revision = max(revision, listed[1])
+            dirs += [f"{endpoints}/{name}" for name in listed[0]]
+        records: dict[str, _Rec] = {}
+        listings = await asyncio.gather(*(self._children(d, watch) for d in dirs))
+        paths: list[str] = []
+        for d, found in zip(dirs, listings, strict=True):
+            if found is not None:
+                revision = max(revision, found[1])
+                paths += [f"{d}/{name}" for name in found[0]]
+        got = await asyncio.gather(*(self._get(p, watch) for p in paths))
+        for path, rec in zip(paths, got, strict=True):
+            if rec is not None:
+                records[path] = rec
+                revision = max(revision, rec.zxid)
+        return _Tree(records, revision)
+
+    async def snapshot(self) -> Snapshot:
+        tree = await self._read_tree()
+        facts = [f for path, rec in sorted(tree.records.items()) if (f := self._decode(path, rec.data))]
+        # Remember what the caller was given, so watch(revision) can diff against it.
+        self._snapshots[tree.revision] = tree.records
+        while len(self._snapshots) > 2:
+            del self._snapshots[next(iter(self._snapshots))]
+        return Snapshot(facts=facts, revision=tree.revision)
+
+    def _decode(self, path: str, data: bytes) -> Fact | None:
+        try:
+            return fact_for_put(self._layout, path, data)
+        except InvalidRecord as exc:
+            # Someone else wrote under our prefix: report and skip, never crash the watch.
+            log.warning("skipping invalid record %s", _shorten(str(exc)))
+            if self._metrics:
+                self._metrics.invalid_records.inc()
+            if self._on_invalid:
+                self._on_invalid(str(exc))
+            return None
+
+    async def watch(self, after_revision: int) -> AsyncIterator[Changes | Snapshot]:
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[WatchedEvent] = asyncio.Queue()
+
+        def on_event(event: WatchedEvent) -> None:  # on a kazoo thread
+            _threadsafe(loop, events.put_nowait, event)
+
+        baseline = self._snapshots.pop(after_revision, None)
+        mirror = _Mirror(dict(baseline) if baseline is not None else {}, after_revision)
+        full = True
+        first = baseline is None
+        delay = _RETRY_MIN
+        while True:
+            try:
+                if full:
+                    await self._connected.wait()
+                    tree = await self._read_tree(on_event)
+                    full = False
+                    if first or tree.revision < mirror.revision:
+                        # Unknown starting point, or the server lost its state: start over.
+                        first = False
+                        mirror = _Mirror(dict(tree.records), tree.revision)
+                        yield self._snapshot_of(mirror)
+                    elif batch := self._diff(mirror, tree.records, tree.revision):
+                        yield batch
+                    delay = _RETRY_MIN
+                dirty = [await events.get()]
+                while not events.empty():
+                    dirty.append(events.get_nowait())
+                if any(e.type == EventType.NONE or e.path is None for e in dirty):
+                    full = True  # the connection dropped and took every watch with it
+                    continue
+                if batch := await self._refresh(mirror, {e.path for e in dirty}, on_event):
+                    yield batch
+            except StoreUnavailable as exc:
+                log.warning("zookeeper watch interrupted (%s); re-reading after reconnect", exc)
+                full = True
+                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+                delay = min(delay * 2, _RETRY_MAX)
+
+    def _snapshot_of(self, mirror: _Mirror) -> Snapshot:
+        facts = [f for path, rec in sorted(mirror.records.items()) if (f := self._decode(path, rec.data))]
+        return Snapshot(facts=facts, revision=mirror.revision)
+
+    def _diff(self, mirror: _Mirror, current: dict[str, _Rec], revision: int) -> Changes | None:
+        """Make `mirror` hold `current`; the changes as facts in zxid order."""
+        found: list[tuple[int, Fact]] = []
+        for path in list(mirror.records):
+            if path not in current:
+                found += self._deleted(mirror, path, revision)
+        for path, rec in current.items():
+            found += self._put(mirror, path, rec)
+        return mirror.advance(found, revision)
+
+    def _deleted(self, mirror: _Mirror, path: str, zxid: int) -> list[tuple[int, Fact]]:
+        if mirror.records.pop(path, None) is None:
+            return []
+        fact = fact_for_delete(self._layout, path)
+        self._count_event(fact, "delete")
+        return [(zxid, fact)] if fact is not None else []
+
+    def _put(self, mirror: _Mirror, path: str, rec: _Rec) -> list[tuple[int, Fact]]:
+        old = mirror.records.get(path)
+        if old is not None and old.zxid >= rec.zxid:
+            return []
+        mirror.records[path] = rec
+        fact = self._decode(path, rec.data)
+        self._count_event(fact, "put")
+        return [(rec.zxid, fact)] if fact is not None else []
+
+    def _count_event(self, fact: Fact | None, action: str) -> None:
+        if fact is not None and self._metrics:
+            kind = type(fact).__name__.removesuffix("Put").removesuffix("Deleted").lower()
+            self._metrics.store_watch_events.labels(kind=kind, action=action).inc()
+
+    async def _refresh(
+        self, mirror: _Mirror, paths: Iterable[str], watch: Callable[[WatchedEvent], None]
+    ) -> Changes | None:
+        """Re-read the znodes events named (re-arming their watches); the differences as facts."""
+        networks, nodes, endpoints = self._record_dirs()
+        dirs: set[str] = set()
+        records: set[str] = set()
+        for path in paths:
+            parent = path.rpartition("/")[0]
+            if path == endpoints or path in (networks, nodes) or parent == endpoints:
+                dirs.add(path)
+            elif parent in (networks, nodes) or parent.rpartition("/")[0] == endpoints:
+                records.add(path)
+        found: list[tuple[int, Fact]] = []
+        revision = mirror.revision
+        if endpoints in dirs:
+            dirs.discard(endpoints)
+            listed = await self._children(endpoints, watch)
+            names = set(listed[0]) if listed is not None else set()
+            known = {p.split("/")[-2] for p in mirror.records if p.startswith(endpoints + "/")}
+            # New network directories are read below; vanished ones lose their records.
+            dirs |= {f"{endpoints}/{name}" for name in names - known}
+            if listed is not None:
+                revision = max(revision, listed[1])
+            for name in known - names:
+                for path in [p for p in mirror.records if p.startswith(f"{endpoints}/{name}/")]:
+                    found += self._deleted(mirror, path, revision)
+        for d in sorted(dirs):
+            listed = await self._children(d, watch)
+            children = set(listed[0]) if listed is not None else set()
+            zxid = listed[1] if listed is not None else revision
+            revision = max(revision, zxid)
+            present = {p for p in mirror.records if p.rpartition("/")[0] == d}
+            for path in present - {f"{d}/{c}" for c in children}:
+                found += self._deleted(mirror, path, zxid)
+            # New children are read (arming their data watch); known ones have theirs armed.
+            records |= {f"{d}/{c}" for c in children} - present
+        paths_list = sorted(records)
+        got = await asyncio.gather(*(self._get(p, watch) for p in paths_list))
+        for path, rec in zip(paths_list, got, strict=True):
+            if rec is not None:
+                found += self._put(mirror, path, rec)
+            # Gone: the parent's child watch fires too and its listing deletes the record.
+        return mirror.advance(found, revision)
+
+
+class _Mirror:
+    """What one watch stream has told its caller: record znodes and the last revision."""
+
+    def __init__(self, records: dict[str, _Rec], revision: int) -> None:
+        self.records = records
+        self.revision = revision
+
+    def advance(self, found: list[tuple[int, Fact]], revision: int) -> Changes | None:
+        if found:
+            revision = max(revision, *(zxid for zxid, _ in found))
+        self.revision = max(self.revision, revision)
+        if not found:
+            return None
+        found.sort(key=lambda item: item[0])
+        return Changes([fact for _, fact in found], self.revision)
+
+
+def _checked(value: bytes, path: str) -> bytes:
+    if len(value) > MAX_VALUE_BYTES:
+        raise StoreError(f"{path}: record is {len(value)} bytes, zookeeper takes at most {MAX_VALUE_BYTES}")
+    return value
+
+
+def _ok(results: list[Any]) -> bool:
+    return not any(isinstance(r, Exception) for r in results)
+
+
+def _first_failure(results: list[Any]) -> str:
+    for r in results:
+        if isinstance(r, Exception) and not isinstance(r, RolledBackError):
+            return _describe(r)
+    return "transaction failed"
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def _shorten(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _resolve(future: asyncio.Future[Any], value: Any, exc: BaseException | None) -> None:
+    if future.done():
+        return  # the caller gave up (timeout, cancellation)
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(value)
+
+
+def _threadsafe(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> None:
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:
+        pass  # the loop is closed: nobody is waiting any more
+
+
+def _drop_connection(client: KazooClient) -> None:
+    """Stop the client WITHOUT ending its session, so a restarted daemon can resume it.
+
+    `KazooClient.stop()` sends a close-session request, which deletes every
+    ephemeral znode at once. Instead mark the client stopped (so it does not
+    reconnect) and drop the socket, using the hook kazoo's own tests use.
+    """
+    from kazoo.protocol.connection import _CONNECTION_DROP
+
+    client._stopped.set()
+    client._queue.append((_CONNECTION_DROP, None))
+    client._connection._write_sock.send(b"\0")
+    client._connection.stop(10)
+    client.handler.stop()
+    client.close()

@@ -1,0 +1,204 @@
+"""ZooKeeper-only behaviour: the server runner, the chroot, digest auth and ACLs.
+
+What every backend must do is in the conformance suite (tests/store).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator, Iterator
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+
+import pytest
+from kazoo.client import KazooClient
+from kazoo.exceptions import NoAuthError
+from kazoo.security import make_digest_acl_credential
+
+from overlayd.config import from_flat
+from overlayd.lab.proc import read_start_time
+from overlayd.lab.zookeeper import ZooKeeperError, ZooKeeperServer
+from overlayd.model import Endpoint, Network, Node, random_mac
+from overlayd.store.base import StoreError
+from overlayd.store.zookeeper import ZooKeeperStore
+
+PASSWORD = "s3cret-digest-pw"
+DEMO = Network(name="demo", vni=42, subnet=IPv4Network("10.1.0.0/24"))
+
+
+def node(name: str, last_octet: int = 1) -> Node:
+    return Node(name=name, vtep=IPv4Address(f"198.18.0.{last_octet}"), started_at=time.time())
+
+
+def endpoint(name: str, ip: str, owner: str, netns: str = "") -> Endpoint:
+    return Endpoint(network="demo", name=name, ip=IPv4Address(ip), mac=random_mac(), owner=owner, netns=netns)
+
+
+def gone(pid: int) -> bool:
+    found = read_start_time(pid)
+    return found is None or found[1] == "Z"
+
+
+@pytest.fixture
+def zk_server() -> Iterator[ZooKeeperServer]:
+    server = ZooKeeperServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.cleanup()
+
+
+def raw_client(server: ZooKeeperServer, auth: tuple[str, str] | None = None) -> KazooClient:
+    client = KazooClient(
+        hosts=f"127.0.0.1:{server.client_port}",
+        auth_data=[("digest", f"{auth[0]}:{auth[1]}")] if auth else None,
+    )
+    client.start(10)
+    return client
+
+
+def stop(client: KazooClient) -> None:
+    client.stop()
+    client.close()
+
+
+def make(server: ZooKeeperServer, tmp_path: Path, **extra: str) -> ZooKeeperStore:
+    flat = {
+        "node.name": "h1",
+        "underlay.address": "198.18.0.1",
+        "store.url": f"{server.url}/lab/one",
+        "store.prefix": "/t/v1/",
+        **extra,
+    }
+    return ZooKeeperStore(from_flat(flat).store, state_dir=str(tmp_path / "state"))
+
+
+@pytest.fixture
+async def closing() -> AsyncIterator[list[ZooKeeperStore]]:
+    stores: list[ZooKeeperStore] = []
+    yield stores
+    for store in stores:
+        await store.close()
+
+
+def test_runner_restart_keeps_data_and_cleanup_leaves_nothing() -> None:
+    server = ZooKeeperServer()
+    server.start()
+    try:
+        assert "Mode: standalone" in server.four_letter("srvr")
+        client = raw_client(server)
+        client.create("/kept", b"v1")
+        stop(client)
+        old_pid = server.pid
+        assert old_pid is not None
+        server.restart()
+        assert server.pid != old_pid and gone(old_pid)
+        client = raw_client(server)
+        assert client.get("/kept")[0] == b"v1"
+        stop(client)
+        pid = server.pid
+        assert pid is not None
+        server.kill()
+        assert gone(pid) and not server.ready()
+    finally:
+        server.cleanup()
+    assert not server.workdir.exists()
+    server.cleanup()  # idempotent
+
+
+def test_port_in_use_is_a_clear_error_with_the_log(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        server = ZooKeeperServer(client_port=port, workdir=tmp_path / "zk")
+        with pytest.raises(ZooKeeperError) as info:
+            server.start(timeout=20)
+    assert str(port) in str(info.value)
+    assert not server.running()
+
+
+async def test_records_live_under_the_chroot(
+    zk_server: ZooKeeperServer, tmp_path: Path, closing: list[ZooKeeperStore]
+) -> None:
+    store = make(zk_server, tmp_path)
+    closing.append(store)
+    await store.connect()
+    await store.open_session(node("h1", 1))
+    await store.create_network(DEMO)
+    await store.create_endpoint(endpoint("web", "10.1.0.5", "h1"))
+    client = raw_client(zk_server)
+    try:
+        assert client.get_children("/lab/one/t/v1/networks") == ["demo"]
+        assert client.get("/lab/one/t/v1/vni/42")[0] == b"demo"
+        _data, stat = client.get("/lab/one/t/v1/endpoints/demo/web")
+        assert stat.ephemeralOwner == store.client.client_id[0]
+        assert client.get("/lab/one/t/v1/ipam/demo/10.1.0.5")[0] == b"demo/web"
+        assert client.exists("/t") is None  # nothing outside the chroot
+    finally:
+        stop(client)
+
+
+async def test_digest_auth_protects_znodes_and_never_logs_the_password(
+    zk_server: ZooKeeperServer,
+    tmp_path: Path,
+    closing: list[ZooKeeperStore],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    store = make(zk_server, tmp_path, **{"store.username": "ovl", "store.password": PASSWORD})
+    closing.append(store)
+    await store.connect()
+    await store.open_session(node("h1", 1))
+    await store.create_network(DEMO)
+
+    def outsiders() -> tuple[str, list[object]]:
+        anonymous = raw_client(zk_server)
+        try:
+            try:
+                anonymous.get("/lab/one/t/v1/networks/demo")
+                read = "allowed"
+            except NoAuthError:
+                read = "refused"
+        finally:
+            stop(anonymous)
+        admin = raw_client(zk_server, ("ovl", PASSWORD))
+        try:
+            acls = admin.get_acls("/lab/one/t/v1/networks/demo")[0]
+        finally:
+            stop(admin)
+        return read, acls
+
+    read, acls = await asyncio.to_thread(outsiders)
+    assert read == "refused"
+    assert [acl.id.id for acl in acls] == [make_digest_acl_credential("ovl", PASSWORD)]
+
+    wrong = make(zk_server, tmp_path, **{"store.username": "ovl", "store.password": "wrong"})
+    closing.append(wrong)
+    with pytest.raises(StoreError) as info:
+        await wrong.connect()
+    assert "\n" not in str(info.value) and "permission" in str(info.value)
+    assert PASSWORD not in str(info.value) and "wrong" not in str(info.value)
+    # (This test's own raw clients log their requests through kazoo.client; ours must not.)
+    ours = [r.getMessage() for r in caplog.records if r.name.startswith("overlayd")]
+    assert ours and not any(PASSWORD in line for line in ours)
+    assert PASSWORD not in repr(store._config)
+
+
+async def test_too_big_for_zookeeper_is_refused_before_sending(
+    zk_server: ZooKeeperServer, tmp_path: Path, closing: list[ZooKeeperStore]
+) -> None:
+    store = make(zk_server, tmp_path)
+    closing.append(store)
+    await store.connect()
+    await store.open_session(node("h1", 1))
+    await store.create_network(DEMO)
+    # Between ZooKeeper's 1 MiB and etcd's 1.5 MiB: the server would just drop the connection.
+    with pytest.raises(StoreError) as info:
+        await store.create_endpoint(endpoint("big", "10.1.0.5", "h1", netns="x" * 1_200_000))
+    assert "at most" in str(info.value)
+    assert store.healthy

@@ -1,0 +1,110 @@
+"""Conformance: owned records live exactly as long as their owner's lease/session."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from support import DEMO, Collector, Stores, endpoint, node, poll, view_of
+
+from overlayd.state import EndpointDeleted, NodeDeleted
+
+
+async def test_owned_records_expire_after_the_owner_dies_and_not_before(stores: Stores) -> None:
+    ttl = stores.backend.min_ttl
+    owner, watcher = await stores.make("h1", ttl=ttl), await stores.make("h2")
+    await owner.open_session(node("h1", 1))
+    await owner.create_network(DEMO)
+    ep = endpoint("web", "10.1.0.5", "h1")
+    await owner.create_endpoint(ep)
+    keeper = asyncio.create_task(owner.keep_session())
+    snap = await watcher.snapshot()
+    seen = Collector(watcher, snap.revision)
+    try:
+        # Alive: its records stay well past the TTL.
+        deadline = time.monotonic() + 2.5 * ttl
+        while time.monotonic() < deadline:
+            view = await view_of(watcher)
+            assert ep.key in view.endpoints and "h1" in view.nodes
+            await asyncio.sleep(0.25)
+        keeper.cancel()
+        await owner.close()  # dies: no keepalive, no goodbye
+        died = time.monotonic()
+        view = await view_of(watcher)
+        assert ep.key in view.endpoints, "owned records vanished the moment the owner went quiet"
+
+        async def gone() -> bool:
+            view = await view_of(watcher)
+            return ep.key not in view.endpoints and "h1" not in view.nodes
+
+        await poll(gone, 4 * ttl + 5, "the owner's records to expire")
+        expired_after = time.monotonic() - died
+        await seen.wait(
+            lambda: EndpointDeleted(ep.key) in seen.facts and NodeDeleted("h1") in seen.facts,
+            10,
+            "the watch to report the expiry",
+        )
+    finally:
+        keeper.cancel()
+        await seen.stop()
+    assert expired_after > 0.5
+    assert "demo" in (await view_of(watcher)).networks  # networks belong to no lease
+    # The IP claim went with the owner: the address can be taken again.
+    await watcher.open_session(node("h2", 2))
+    await watcher.create_endpoint(endpoint("web2", "10.1.0.5", "h2"))
+
+
+async def test_restarted_daemon_resumes_its_session(stores: Stores) -> None:
+    ttl = stores.backend.min_ttl
+    first = await stores.make("h1", ttl=ttl, state="shared")
+    await first.open_session(node("h1", 1))
+    await first.create_network(DEMO)
+    ep = endpoint("keep", "10.1.0.20", "h1")
+    await first.create_endpoint(ep)
+    await first.close()
+
+    second = await stores.make("h1", ttl=ttl, state="shared")
+    await second.open_session(node("h1", 1))
+    await second.publish_endpoint(ep)  # what a restarted daemon does for what it hosts
+    keeper = asyncio.create_task(second.keep_session())
+    watcher = await stores.make("h2")
+    snap = await watcher.snapshot()
+    seen = Collector(watcher, snap.revision)
+    try:
+        # Well past the first session's TTL: the records never blink out.
+        deadline = time.monotonic() + 3 * ttl
+        while time.monotonic() < deadline:
+            view = await view_of(watcher)
+            assert view.endpoints.get(ep.key) == ep and "h1" in view.nodes
+            await asyncio.sleep(0.25)
+        assert seen.check_alive()
+    finally:
+        keeper.cancel()
+        await seen.stop()
+    assert EndpointDeleted(ep.key) not in seen.facts and NodeDeleted("h1") not in seen.facts
+
+
+async def test_lost_session_is_replaced_and_records_republished(stores: Stores) -> None:
+    ttl = stores.backend.min_ttl
+    store = await stores.make("h1", ttl=ttl)
+    await store.open_session(node("h1", 1))
+    await store.create_network(DEMO)
+    ep = endpoint("phoenix", "10.1.0.30", "h1")
+    await store.create_endpoint(ep)
+    keeper = asyncio.create_task(store.keep_session())
+    try:
+        await stores.expire(store)  # as if an outage had outlasted the lease
+
+        async def back() -> bool:
+            try:
+                view = await view_of(store)
+            except Exception:
+                return False
+            return view.endpoints.get(ep.key) == ep and "h1" in view.nodes
+
+        await poll(back, 15, "re-publication under a new lease/session")
+        # Still owned: the new lease is kept alive too.
+        await asyncio.sleep(1.5 * ttl)
+        assert await back()
+    finally:
+        keeper.cancel()

@@ -1,0 +1,105 @@
+"""Conformance: the watch — every change, in order, across a server restart; junk skipped."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from support import DEMO, Collector, Stores, endpoint, network, node, retry, view_of
+
+from overlayd.state import EndpointDeleted, EndpointPut, NetworkDeleted, NetworkPut, NodePut
+from overlayd.store.base import Store
+
+MakeStore = Callable[..., Awaitable[Store]]
+
+
+def net_puts(facts: list[Any]) -> list[str]:
+    return [f.network.name for f in facts if isinstance(f, NetworkPut)]
+
+
+async def test_watch_delivers_every_change_in_order(make_store: MakeStore) -> None:
+    writer, watcher = await make_store("h1"), await make_store("h2")
+    await writer.open_session(node("h1", 1))
+    await writer.create_network(DEMO)
+    snap = await watcher.snapshot()
+    seen = Collector(watcher, snap.revision)
+    try:
+        names = [f"n{i}" for i in range(8)]
+        for i, name in enumerate(names):
+            await writer.create_network(network(name, 100 + i))
+        ep = endpoint("web", "10.1.0.5", "h1")
+        await writer.create_endpoint(ep)
+        # A backend may fold several changes of ONE key between two reads of
+        # it into the latest (ZooKeeper does); so the next change of this key
+        # waits until the watch has seen the previous one.
+        await seen.wait(lambda: EndpointPut(ep) in seen.facts, 10, "the endpoint")
+        await writer.delete_endpoint(ep)
+        await writer.delete_network("n3")
+        await seen.wait(lambda: NetworkDeleted("n3") in seen.facts, 10, "the network deletion")
+        await seen.wait(lambda: EndpointDeleted(ep.key) in seen.facts, 10, "the endpoint deletion")
+    finally:
+        await seen.stop()
+    assert seen.snapshots == 0
+    assert net_puts(seen.facts) == names  # in order, each once
+    assert seen.facts.index(EndpointPut(ep)) < seen.facts.index(EndpointDeleted(ep.key))
+    assert seen.revisions == sorted(seen.revisions)
+    # The watch started from the snapshot and what it delivered builds today's view.
+    view = await view_of(watcher)
+    start = await view_of(watcher)
+    start.replace_all(snap.facts)
+    for fact in seen.facts:
+        start.apply(fact)
+    assert (start.networks, start.endpoints) == (view.networks, view.endpoints)
+
+
+async def test_watch_resumes_after_server_restart(stores: Stores) -> None:
+    writer, watcher = await stores.make("h1"), await stores.make("h2")
+    await writer.open_session(node("h1", 1))
+    await writer.create_network(DEMO)
+    await writer.create_endpoint(endpoint("stay", "10.1.0.5", "h1"))
+    doomed = endpoint("doomed", "10.1.0.6", "h1")
+    await writer.create_endpoint(doomed)
+    snap = await watcher.snapshot()
+    seen = Collector(watcher, snap.revision)
+    try:
+        await writer.create_network(network("before", 7))
+        await seen.wait(lambda: "before" in net_puts(seen.facts), 10, "the change before the restart")
+        stores.server.restart()
+        # Written as soon as the server is back, most likely before the watch has reconnected.
+        await retry(lambda: writer.create_network(network("after", 8)))
+        await retry(lambda: writer.delete_endpoint(doomed))
+        await retry(lambda: writer.create_network(network("later", 9)))
+        await seen.wait(lambda: "later" in net_puts(seen.facts), 30, "the changes after the restart")
+        await seen.wait(lambda: EndpointDeleted(doomed.key) in seen.facts, 10, "the deletion")
+    finally:
+        await seen.stop()
+    assert net_puts(seen.facts) == ["before", "after", "later"]  # in order, nothing lost or repeated
+    assert seen.snapshots == 0
+    # The writer's session survived the restart: its records are all still there.
+    view = await view_of(watcher)
+    assert "demo/stay" in view.endpoints and "h1" in view.nodes
+
+
+async def test_invalid_values_are_reported_and_skipped(stores: Stores) -> None:
+    store = await stores.make("h1")
+    await store.create_network(DEMO)
+    snap = await store.snapshot()
+    seen = Collector(store, snap.revision)
+    try:
+        await stores.raw_put("endpoints/demo/junk", b"{not json")
+        await stores.raw_put("networks/evil", b'{"name": "evil", "vni": 0}')
+        await stores.raw_put("networks/big", b"x" * 65536)
+        await stores.raw_put("nodes/liar", b'{"name": "other", "vtep": "198.18.0.9"}')
+        fine = network("fine", 9)
+        await store.create_network(fine)
+        await seen.wait(lambda: NetworkPut(fine) in seen.facts, 10, "the valid record after the junk")
+        await seen.wait(lambda: len(stores.invalid) >= 4, 10, "the junk to be reported")
+    finally:
+        await seen.stop()
+    assert seen.facts == [NetworkPut(fine)]
+    reported = "\n".join(stores.invalid)
+    for key in ("endpoints/demo/junk", "networks/evil", "networks/big", "nodes/liar"):
+        assert key in reported
+    view = await view_of(store)
+    assert sorted(view.networks) == ["demo", "fine"] and not view.endpoints and not view.nodes
+    assert not any(isinstance(f, NodePut) for f in (await store.snapshot()).facts)
