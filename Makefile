@@ -16,6 +16,7 @@ system-packages:
 	@missing=""; \
 	command -v ip >/dev/null 2>&1 || missing="$$missing iproute2"; \
 	command -v ping >/dev/null 2>&1 || missing="$$missing iputils-ping"; \
+	command -v nft >/dev/null 2>&1 || missing="$$missing nftables"; \
 	[ -x /usr/bin/etcd ] || command -v etcd >/dev/null 2>&1 || missing="$$missing etcd-server"; \
 	[ -f /usr/share/java/zookeeper.jar ] || missing="$$missing zookeeper"; \
 	command -v java >/dev/null 2>&1 || missing="$$missing default-jre-headless"; \

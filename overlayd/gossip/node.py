@@ -28,6 +28,7 @@ import itertools
 import logging
 import math
 import random
+import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -131,7 +132,12 @@ class GossipNode:
         metrics: GossipMetrics | None = None,
         config: GossipConfig = GossipConfig(),
         incarnation: int | None = None,
+        sock: socket.socket | None = None,
     ) -> None:
+        """`sock`: an already bound UDP socket to use instead of binding bind:port
+        (one made in another network namespace, or handed over by systemd)."""
+        if sock is not None:
+            bind, port = sock.getsockname()[:2]
         advertise = advertise or bind
         if advertise in ("0.0.0.0", "::", ""):
             raise ValueError("bind is a wildcard address: give the address peers reach this node at")
@@ -141,6 +147,7 @@ class GossipNode:
         self.config = config
         self._bind = bind
         self._port = port
+        self._sock = sock
         self._advertise = advertise
         self._seeds: set[Addr] = set(seeds)
         self._on_change = on_change
@@ -188,9 +195,12 @@ class GossipNode:
         if self._framer.keyring.is_insecure:
             log.warning("gossip runs INSECURE: datagrams are neither encrypted nor authenticated")
         loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_datagram_endpoint(
-            lambda: _Protocol(self), local_addr=(self._bind, self._port)
-        )
+        if self._sock is not None:
+            transport, _ = await loop.create_datagram_endpoint(lambda: _Protocol(self), sock=self._sock)
+        else:
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: _Protocol(self), local_addr=(self._bind, self._port)
+            )
         self._transport = transport
         self._ms.port = transport.get_extra_info("sockname")[1]
         self._tasks.spawn(self._probe_loop(), name=f"gossip-probe-{self.name}")

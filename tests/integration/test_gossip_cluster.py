@@ -34,6 +34,7 @@ from overlayd.gossip import (
     schema,
 )
 from overlayd.gossip.framing import Framer
+from overlayd.lab import netns
 
 FAST = GossipConfig(probe_interval=0.2, probe_timeout=0.1, anti_entropy_interval=0.5, suspicion_mult=3.0)
 KEY = Keyring.generate()
@@ -74,6 +75,7 @@ class Cluster:
         key: bytes = KEY,
         seed: tuple[str, int] | None = None,
         keyring: Keyring | None = None,
+        sock: socket.socket | None = None,
     ) -> Member:
         registry = CollectorRegistry()
         metrics = GossipMetrics(registry)
@@ -95,6 +97,7 @@ class Cluster:
             on_member=on_member,
             metrics=metrics,
             config=config or self.config,
+            sock=sock,
         )
         member = Member(node, metrics, registry)
         box.append(member)
@@ -622,3 +625,59 @@ async def test_publish_rejects_what_cannot_travel() -> None:
         ok = node.publish("endpoint", "net1/ok", {"ip": "10.0.0.1"})
         assert ok.version == 1  # failed attempts used no version: peers see no gap
         await until(lambda: has(c.members[1].node, ok), 10, "the good record")
+
+
+_DROP_20_PERCENT = """
+table inet gossiploss {
+    chain out {
+        type filter hook output priority 0;
+        udp dport 1-65535 numgen random mod 100 < 20 drop
+    }
+}
+"""
+
+
+@pytest.mark.root
+async def test_converges_with_20_percent_packet_loss(lab_prefix: str) -> None:
+    """Five nodes on the loopback of a namespace of our own, which drops 20% of packets."""
+    ns = lab_prefix + "gl"
+    netns.add_netns(ns)
+    c = Cluster(FAST)
+    try:
+        # (nftables rather than tc netem, which not every kernel has)
+        netns.run_in(ns, ["nft", "-f", "-"], input=_DROP_20_PERCENT)
+        for i in range(5):
+            sock = netns.socket_in_netns(ns, socket.AF_INET, socket.SOCK_DGRAM)
+            sock.bind(("127.0.0.1", 0))
+            await c.add(f"l{i}", sock=sock)
+        await c.converged(timeout=30)
+        rng = random.Random(11)
+        spreads = []
+        for i in range(30):
+            src = rng.choice(c.members)
+            t0 = time.perf_counter()
+            rec = src.node.publish("endpoint", f"net1/l{i}", {"ip": f"10.0.0.{i + 1}"})
+            await until(lambda r=rec: all(has(n, r) for n in c.nodes()), 30, f"record {i} despite loss")
+            spreads.append(max(m.learned[rec.ident] for m in c.members if m is not src) - t0)
+        report("5 nodes, 20% loss", spreads)
+        # let SWIM run a while under loss: every node sends 25 more probes
+        pings = [m.metric("overlayd_gossip_messages_sent_total", {"type": "ping"}) for m in c.members]
+        await until(
+            lambda: all(
+                m.metric("overlayd_gossip_messages_sent_total", {"type": "ping"}) >= p + 25
+                for m, p in zip(c.members, pings, strict=True)
+            ),
+            30,
+            "25 probe rounds under loss",
+        )
+        sent = sum(m.metric("overlayd_gossip_sent_bytes_total") for m in c.members)
+        received = sum(m.metric("overlayd_gossip_received_bytes_total") for m in c.members)
+        print(f"5 nodes, 20% loss: {received / sent:.0%} of the bytes sent arrived")
+        assert received / sent < 0.9  # the loss is real
+        false_deaths = sum(s == MemberState.DEAD for m in c.members for _, s in m.states)
+        suspicions = sum(m.metric("overlayd_gossip_suspicions_total") for m in c.members)
+        print(f"5 nodes, 20% loss: {suspicions:.0f} suspicions, {false_deaths} dead declarations (all false)")
+        await c.converged(timeout=30)  # whatever was suspected or declared dead came back
+    finally:
+        await c.stop()
+        netns.delete_netns(ns)
