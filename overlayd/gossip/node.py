@@ -589,6 +589,12 @@ class GossipNode:
         if gone:
             m = self._rng.choice(gone)
             self._send_members((m.addr, m.port), reply=False)
+        # And on one seed that is not a live member: dead members are forgotten after
+        # `dead_reap`, seeds never are, so even a long partition heals through them.
+        live = {(m.addr, m.port) for m in self._ms.live()}
+        others = sorted(self._seeds - live - {self.address})
+        if others and peers:
+            self._send_members(self._rng.choice(others), reply=False)
 
 
 class _Protocol(asyncio.DatagramProtocol):
