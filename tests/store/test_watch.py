@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from support import DEMO, Collector, Stores, endpoint, network, node, retry, view_of
 
-from overlayd.state import EndpointDeleted, EndpointPut, NetworkDeleted, NetworkPut, NodePut
+from overlayd.state import ClusterView, EndpointDeleted, EndpointPut, NetworkDeleted, NetworkPut, NodePut
 from overlayd.store.base import Store
 
 MakeStore = Callable[..., Awaitable[Store]]
@@ -103,3 +104,35 @@ async def test_invalid_values_are_reported_and_skipped(stores: Stores) -> None:
     view = await view_of(store)
     assert sorted(view.networks) == ["demo", "fine"] and not view.endpoints and not view.nodes
     assert not any(isinstance(f, NodePut) for f in (await store.snapshot()).facts)
+
+
+async def test_watch_follows_a_burst_of_concurrent_writers(make_store: MakeStore) -> None:
+    writers = [await make_store(f"h{i}") for i in range(1, 4)]
+    watcher = await make_store("w")
+    for i, store in enumerate(writers, 1):
+        await store.open_session(node(f"h{i}", i))
+    await writers[0].create_network(DEMO)
+    snap = await watcher.snapshot()
+    start = ClusterView()
+    start.replace_all(snap.facts)
+    seen = Collector(watcher, snap.revision, start)
+    try:
+        await writers[1].create_network(network("burst", 77))
+        eps = [endpoint(f"e{i}", f"10.1.0.{10 + i}", f"h{i % 3 + 1}") for i in range(30)]
+        await asyncio.gather(*(writers[i % 3].create_endpoint(ep) for i, ep in enumerate(eps)))
+        await asyncio.gather(*(writers[i % 3].delete_endpoint(ep) for i, ep in enumerate(eps) if i % 2))
+        await writers[2].create_endpoint(endpoint("x", "10.77.0.5", "h3", network="burst"))
+        await writers[1].delete_network("burst")
+        final = await view_of(watcher)
+        await seen.wait(
+            lambda: (
+                (seen.view.networks, seen.view.endpoints, seen.view.nodes)
+                == (final.networks, final.endpoints, final.nodes)
+            ),
+            15,
+            "the watch's view to match the store",
+        )
+    finally:
+        await seen.stop()
+    assert len(seen.view.endpoints) == 16  # 15 survivors of the burst + "x" (its network is gone)
+    assert seen.revisions == sorted(seen.revisions)
