@@ -21,7 +21,7 @@ What ZooKeeper and kazoo really do, and how this module answers (BACKENDS.md):
   daemon resumes the session, so its znodes never blink out. `close()` drops
   the connection without ending the session for the same reason.
 - kazoo 2.11 has only one-shot watches, dropped on disconnect. `watch()`
-  keeps a mirror of every record znode: each event re-reads the znode or
+  keeps a mirror of every record znode (`zktree.py`, pure): each event re-reads the znode or
   directory it names (re-arming its watch) and the difference to the mirror
   becomes facts, ordered by zxid (the revision). After a reconnect the whole
   tree is re-read and diffed the same way, so changes made while the watch
@@ -76,6 +76,7 @@ from overlayd.store.base import (
     StoreUnavailable,
 )
 from overlayd.store.keys import InvalidRecord, KeyLayout, encode, fact_for_delete, fact_for_put
+from overlayd.store.zktree import Change, Dirs, Gone, Mirror, Rec
 
 log = logging.getLogger(__name__)
 
@@ -99,16 +100,8 @@ _kazoo_log.setLevel(logging.INFO)
 
 
 @dataclass(frozen=True)
-class _Rec:
-    """A record znode as last read: its modification zxid and data."""
-
-    zxid: int
-    data: bytes
-
-
-@dataclass(frozen=True)
 class _Tree:
-    records: dict[str, _Rec]
+    records: dict[str, Rec]
     revision: int
 
 
@@ -124,6 +117,7 @@ class ZooKeeperStore(Store):
         self._config = config
         self._layout = KeyLayout(config.chroot + config.prefix)
         self._base = (config.chroot + config.prefix).rstrip("/")
+        self._dirs = Dirs(self._base)
         self._session_file = Path(state_dir) / "zookeeper-session"
         self._metrics = metrics
         self._on_invalid = on_invalid
@@ -143,7 +137,7 @@ class ZooKeeperStore(Store):
         if config.username is not None:
             self._acl = [make_digest_acl(config.username, config.password or "", all=True)]
         # Trees read by snapshot(), by revision: watch(revision) diffs against the one it names.
-        self._snapshots: dict[int, dict[str, _Rec]] = {}
+        self._snapshots: dict[int, dict[str, Rec]] = {}
 
     # ----------------------------------------------------------------- plumbing
 
@@ -205,12 +199,12 @@ class ZooKeeperStore(Store):
             self._count_error(operation)
             raise StoreError(f"zookeeper {operation} failed: {_describe(exc)}") from None
 
-    async def _get(self, path: str, watch: Callable[[WatchedEvent], None] | None = None) -> _Rec | None:
+    async def _get(self, path: str, watch: Callable[[WatchedEvent], None] | None = None) -> Rec | None:
         try:
             data, stat = await self._call("get", lambda c: c.get_async(path, watch=watch), (NoNodeError,))
         except NoNodeError:
             return None
-        return _Rec(int(stat.mzxid), bytes(data or b""))
+        return Rec(int(stat.mzxid), bytes(data or b""))
 
     async def _get_stat(self, path: str) -> tuple[bytes, ZnodeStat] | None:
         try:
@@ -571,21 +565,15 @@ class ZooKeeperStore(Store):
             return None
         return list(children), int(stat.pzxid)
 
-    def _record_dirs(self) -> tuple[str, str, str]:
-        return f"{self._base}/networks", f"{self._base}/nodes", f"{self._base}/endpoints"
-
     async def _read_tree(self, watch: Callable[[WatchedEvent], None] | None = None) -> _Tree:
         """Every record znode with its zxid; arms `watch` on every directory and record read."""
-        networks, nodes, endpoints = self._record_dirs()
         revision = 0
-        dirs: list[str] = []
-        for top in (networks, nodes):
-            dirs.append(top)
-        listed = await self._children(endpoints, watch)
+        dirs = [self._dirs.networks, self._dirs.nodes]
+        listed = await self._children(self._dirs.endpoints, watch)
         if listed is not None:
             revision = max(revision, listed[1])
-            dirs += [f"{endpoints}/{name}" for name in listed[0]]
-        records: dict[str, _Rec] = {}
+            dirs += [f"{self._dirs.endpoints}/{name}" for name in listed[0]]
+        records: dict[str, Rec] = {}
         listings = await asyncio.gather(*(self._children(d, watch) for d in dirs))
         paths: list[str] = []
         for d, found in zip(dirs, listings, strict=True):
@@ -628,7 +616,7 @@ class ZooKeeperStore(Store):
             _threadsafe(loop, events.put_nowait, event)
 
         baseline = self._snapshots.pop(after_revision, None)
-        mirror = _Mirror(dict(baseline) if baseline is not None else {}, after_revision)
+        mirror = Mirror(baseline, after_revision)
         full = True
         first = baseline is None
         delay = _RETRY_MIN
@@ -641,10 +629,12 @@ class ZooKeeperStore(Store):
                     if first or tree.revision < mirror.revision:
                         # Unknown starting point, or the server lost its state: start over.
                         first = False
-                        mirror = _Mirror(dict(tree.records), tree.revision)
+                        mirror = Mirror(tree.records, tree.revision)
                         yield self._snapshot_of(mirror)
-                    elif batch := self._diff(mirror, tree.records, tree.revision):
-                        yield batch
+                    else:
+                        changes = mirror.replace(tree.records, tree.revision)
+                        if batch := self._changes(mirror, changes, tree.revision):
+                            yield batch
                     delay = _RETRY_MIN
                 dirty = [await events.get()]
                 while not events.empty():
@@ -660,102 +650,59 @@ class ZooKeeperStore(Store):
                 await asyncio.sleep(delay * random.uniform(0.8, 1.2))
                 delay = min(delay * 2, _RETRY_MAX)
 
-    def _snapshot_of(self, mirror: _Mirror) -> Snapshot:
+    def _snapshot_of(self, mirror: Mirror) -> Snapshot:
         facts = [f for path, rec in sorted(mirror.records.items()) if (f := self._decode(path, rec.data))]
         return Snapshot(facts=facts, revision=mirror.revision)
 
-    def _diff(self, mirror: _Mirror, current: dict[str, _Rec], revision: int) -> Changes | None:
-        """Make `mirror` hold `current`; the changes as facts in zxid order."""
-        found: list[tuple[int, Fact]] = []
-        for path in list(mirror.records):
-            if path not in current:
-                found += self._deleted(mirror, path, revision)
-        for path, rec in current.items():
-            found += self._put(mirror, path, rec)
-        return mirror.advance(found, revision)
-
-    def _deleted(self, mirror: _Mirror, path: str, zxid: int) -> list[tuple[int, Fact]]:
-        if mirror.records.pop(path, None) is None:
-            return []
-        fact = fact_for_delete(self._layout, path)
-        self._count_event(fact, "delete")
-        return [(zxid, fact)] if fact is not None else []
-
-    def _put(self, mirror: _Mirror, path: str, rec: _Rec) -> list[tuple[int, Fact]]:
-        old = mirror.records.get(path)
-        if old is not None and old.zxid >= rec.zxid:
-            return []
-        mirror.records[path] = rec
-        fact = self._decode(path, rec.data)
-        self._count_event(fact, "put")
-        return [(rec.zxid, fact)] if fact is not None else []
-
-    def _count_event(self, fact: Fact | None, action: str) -> None:
-        if fact is not None and self._metrics:
-            kind = type(fact).__name__.removesuffix("Put").removesuffix("Deleted").lower()
-            self._metrics.store_watch_events.labels(kind=kind, action=action).inc()
+    def _changes(self, mirror: Mirror, changes: list[Change], revision: int) -> Changes | None:
+        """The mirror's changes as facts in zxid order (None if none is a fact)."""
+        facts: list[Fact] = []
+        for change in mirror.advance(changes, revision):
+            if isinstance(change, Gone):
+                action, fact = "delete", fact_for_delete(self._layout, change.path)
+            else:
+                action, fact = "put", self._decode(change.path, change.rec.data)
+            if fact is not None:
+                facts.append(fact)
+                if self._metrics:
+                    kind = type(fact).__name__.removesuffix("Put").removesuffix("Deleted").lower()
+                    self._metrics.store_watch_events.labels(kind=kind, action=action).inc()
+        return Changes(facts, mirror.revision) if facts else None
 
     async def _refresh(
-        self, mirror: _Mirror, paths: Iterable[str], watch: Callable[[WatchedEvent], None]
+        self, mirror: Mirror, paths: Iterable[str], watch: Callable[[WatchedEvent], None]
     ) -> Changes | None:
         """Re-read the znodes events named (re-arming their watches); the differences as facts."""
-        networks, nodes, endpoints = self._record_dirs()
-        dirs: set[str] = set()
-        records: set[str] = set()
-        for path in paths:
-            parent = path.rpartition("/")[0]
-            if path == endpoints or path in (networks, nodes) or parent == endpoints:
-                dirs.add(path)
-            elif parent in (networks, nodes) or parent.rpartition("/")[0] == endpoints:
-                records.add(path)
-        found: list[tuple[int, Fact]] = []
+        dirs_of = self._dirs
+        top, dirs, records = dirs_of.classify(paths)
+        changes: list[Change] = []
         revision = mirror.revision
-        if endpoints in dirs:
-            dirs.discard(endpoints)
-            listed = await self._children(endpoints, watch)
+        if top:
+            listed = await self._children(dirs_of.endpoints, watch)
             names = set(listed[0]) if listed is not None else set()
-            known = {p.split("/")[-2] for p in mirror.records if p.startswith(endpoints + "/")}
-            # New network directories are read below; vanished ones lose their records.
-            dirs |= {f"{endpoints}/{name}" for name in names - known}
-            if listed is not None:
-                revision = max(revision, listed[1])
+            revision = max(revision, listed[1] if listed is not None else 0)
+            known = mirror.subdirs(dirs_of.endpoints)
+            # New network directories are listed below; vanished ones take their records along.
+            dirs |= {f"{dirs_of.endpoints}/{name}" for name in names - known}
             for name in known - names:
-                for path in [p for p in mirror.records if p.startswith(f"{endpoints}/{name}/")]:
-                    found += self._deleted(mirror, path, revision)
-        for d in sorted(dirs):
-            listed = await self._children(d, watch)
-            children = set(listed[0]) if listed is not None else set()
-            zxid = listed[1] if listed is not None else revision
-            revision = max(revision, zxid)
-            present = {p for p in mirror.records if p.rpartition("/")[0] == d}
-            for path in present - {f"{d}/{c}" for c in children}:
-                found += self._deleted(mirror, path, zxid)
+                changes += mirror.drop_dir(f"{dirs_of.endpoints}/{name}", revision)
+        for directory in sorted(dirs):
+            listed = await self._children(directory, watch)
+            if listed is None:
+                changes += mirror.drop_dir(directory, revision)
+                continue
+            revision = max(revision, listed[1])
+            gone, new = mirror.sync_dir(directory, listed[0], listed[1])
+            changes += gone
             # New children are read (arming their data watch); known ones have theirs armed.
-            records |= {f"{d}/{c}" for c in children} - present
+            records |= new
         paths_list = sorted(records)
         got = await asyncio.gather(*(self._get(p, watch) for p in paths_list))
         for path, rec in zip(paths_list, got, strict=True):
-            if rec is not None:
-                found += self._put(mirror, path, rec)
-            # Gone: the parent's child watch fires too and its listing deletes the record.
-        return mirror.advance(found, revision)
-
-
-class _Mirror:
-    """What one watch stream has told its caller: record znodes and the last revision."""
-
-    def __init__(self, records: dict[str, _Rec], revision: int) -> None:
-        self.records = records
-        self.revision = revision
-
-    def advance(self, found: list[tuple[int, Fact]], revision: int) -> Changes | None:
-        if found:
-            revision = max(revision, *(zxid for zxid, _ in found))
-        self.revision = max(self.revision, revision)
-        if not found:
-            return None
-        found.sort(key=lambda item: item[0])
-        return Changes([fact for _, fact in found], self.revision)
+            if rec is not None and (put := mirror.put(path, rec)) is not None:
+                changes.append(put)
+            # Gone: the parent's child watch fires too and its listing reports the deletion.
+        return self._changes(mirror, changes, revision)
 
 
 def _checked(value: bytes, path: str) -> bytes:
