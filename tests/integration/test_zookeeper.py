@@ -202,3 +202,46 @@ async def test_too_big_for_zookeeper_is_refused_before_sending(
         await store.create_endpoint(endpoint("big", "10.1.0.5", "h1", netns="x" * 1_200_000))
     assert "at most" in str(info.value)
     assert store.healthy
+
+
+async def test_new_session_takes_over_znodes_of_an_older_one(
+    zk_server: ZooKeeperServer, tmp_path: Path, closing: list[ZooKeeperStore]
+) -> None:
+    """A restart that lost its saved session: the old session's znodes are replaced, not an error."""
+    flat = {
+        "node.name": "h1",
+        "underlay.address": "198.18.0.1",
+        "store.url": zk_server.url,
+        "store.prefix": "/t/v1/",
+        "store.lease_ttl": 2,
+    }
+    config = from_flat(flat).store
+    first = ZooKeeperStore(config, state_dir=str(tmp_path / "first"))
+    closing.append(first)
+    await first.connect()
+    await first.open_session(node("h1", 1))
+    await first.create_network(DEMO)
+    ep = endpoint("web", "10.1.0.5", "h1")
+    await first.create_endpoint(ep)
+    old_session = first.client.client_id[0]
+    await first.close()  # the old session lives on until it times out
+
+    second = ZooKeeperStore(config, state_dir=str(tmp_path / "second"))
+    closing.append(second)
+    await second.connect()
+    await second.open_session(node("h1", 1))
+    await second.publish_endpoint(ep)
+    new_session = second.client.client_id[0]
+    assert new_session != old_session
+    client = raw_client(zk_server)
+    try:
+        for path in ("/t/v1/nodes/h1", "/t/v1/endpoints/demo/web", "/t/v1/ipam/demo/10.1.0.5"):
+            assert client.get(path)[1].ephemeralOwner == new_session, path
+    finally:
+        stop(client)
+    # Until well past the old session's timeout: nothing of ours goes with it.
+    deadline = time.monotonic() + 3 * 2
+    while time.monotonic() < deadline:
+        snap = await second.snapshot()
+        assert {type(f).__name__ for f in snap.facts} == {"NetworkPut", "NodePut", "EndpointPut"}
+        await asyncio.sleep(0.25)
