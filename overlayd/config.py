@@ -56,11 +56,29 @@ class StoreConfig:
 
 
 @dataclass(frozen=True)
+class GossipSettings:
+    """Direct peer-to-peer dissemination (see overlayd.gossip)."""
+
+    port: int = 7946
+    bind: str | None = None  # None: the VTEP address
+    keys: tuple[str, ...] = field(default=(), repr=False)  # base64 AES-256 keys, first = primary
+    insecure: bool = False
+    peers: tuple[tuple[str, int], ...] = ()
+    probe_interval: float = 1.0
+    anti_entropy_interval: float = 5.0
+    # Gossip-only mode: how long a member confirmed dead keeps its endpoints.
+    dead_grace: float = 30.0
+    tombstone_ttl: float = 1800.0
+    mtu: int = 1400
+
+
+@dataclass(frozen=True)
 class Config:
     node_name: str
     underlay_interface: str | None
     vtep_address: IPv4Address | None
-    store: StoreConfig
+    store: StoreConfig | None  # None: gossip-only (the embedded mode)
+    gossip: GossipSettings | None = None
     admin_socket: str = "/run/overlayd/overlayd.sock"
     status_listen: str = "127.0.0.1:9480"
     state_dir: str = "/var/lib/overlayd"
@@ -87,7 +105,20 @@ _KEYS: dict[str, type | tuple[type, ...]] = {
     "state.dir": str,
     "reconcile.interval": (int, float),
     "log.level": str,
+    "gossip.enabled": bool,
+    "gossip.port": int,
+    "gossip.bind": str,
+    "gossip.keys": list,
+    "gossip.key_file": str,
+    "gossip.insecure": bool,
+    "gossip.peers": list,
+    "gossip.probe_interval": (int, float),
+    "gossip.anti_entropy_interval": (int, float),
+    "gossip.dead_grace": (int, float),
+    "gossip.tombstone_ttl": (int, float),
+    "gossip.mtu": int,
 }
+GOSSIP_STORE = "gossip"
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -112,7 +143,13 @@ def from_flat(flat: dict[str, Any]) -> Config:
         if key not in _KEYS:
             raise ConfigError(f"{key}: unknown key")
         expected = _KEYS[key]
-        if isinstance(value, bool) or not isinstance(value, expected):
+        if expected is bool:
+            if not isinstance(value, bool):
+                raise ConfigError(f"{key}: must be true or false (got {value!r})")
+        elif expected is list:
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{key}: must be a list of strings (got {value!r})")
+        elif isinstance(value, bool) or not isinstance(value, expected):
             kind = expected.__name__ if isinstance(expected, type) else "number"
             raise ConfigError(f"{key}: must be a {kind} (got {value!r})")
 
@@ -148,7 +185,29 @@ def from_flat(flat: dict[str, Any]) -> Config:
         raise ConfigError(f"store.prefix: must start and end with '/' (got {prefix!r})")
 
     if "store.url" not in flat:
-        raise ConfigError("store.url: required, e.g. etcd://127.0.0.1:2379")
+        raise ConfigError('store.url: required, e.g. etcd://127.0.0.1:2379 or "gossip"')
+    gossip = _gossip_settings(flat)
+    store: StoreConfig | None = None
+    if flat["store.url"] in (GOSSIP_STORE, GOSSIP_STORE + "://"):
+        if gossip is None:
+            raise ConfigError('store.url: "gossip" (no KV store) needs gossip; remove gossip.enabled = false')
+    else:
+        store = _store_config(flat, prefix, ttl)
+    return Config(
+        node_name=node_name,
+        underlay_interface=interface,
+        vtep_address=address,
+        store=store,
+        gossip=gossip,
+        admin_socket=flat.get("admin.socket", "/run/overlayd/overlayd.sock"),
+        status_listen=listen,
+        state_dir=flat.get("state.dir", "/var/lib/overlayd"),
+        reconcile_interval=interval,
+        log_level=level,
+    )
+
+
+def _store_config(flat: dict[str, Any], prefix: str, ttl: int) -> StoreConfig:
     if ("store.tls_cert" in flat) != ("store.tls_key" in flat):
         raise ConfigError("store.tls_cert: set together with store.tls_key (a certificate and its key)")
     scheme, endpoints = parse_store_url(flat["store.url"])
@@ -166,16 +225,78 @@ def from_flat(flat: dict[str, Any]) -> Config:
         tls_cert=flat.get("store.tls_cert"),
         tls_key=flat.get("store.tls_key"),
     )
-    return Config(
-        node_name=node_name,
-        underlay_interface=interface,
-        vtep_address=address,
-        store=store,
-        admin_socket=flat.get("admin.socket", "/run/overlayd/overlayd.sock"),
-        status_listen=listen,
-        state_dir=flat.get("state.dir", "/var/lib/overlayd"),
-        reconcile_interval=interval,
-        log_level=level,
+    return store
+
+
+def _gossip_settings(flat: dict[str, Any]) -> GossipSettings | None:
+    """Gossip is on when the store is "gossip" or any gossip key is set, unless enabled = false."""
+    keys_given = [k for k in flat if k.startswith("gossip.") and k != "gossip.enabled"]
+    gossip_store = flat.get("store.url") in (GOSSIP_STORE, GOSSIP_STORE + "://")
+    if not flat.get("gossip.enabled", bool(keys_given) or gossip_store):
+        return None
+    keys = list(flat.get("gossip.keys", []))
+    if "gossip.key_file" in flat:
+        path = Path(flat["gossip.key_file"])
+        try:
+            keys += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        except OSError as exc:
+            raise ConfigError(f"gossip.key_file: cannot read {path}: {exc.strerror}") from None
+    insecure = flat.get("gossip.insecure", False)
+    if not keys and not insecure:
+        raise ConfigError(
+            "gossip.keys: gossip needs a key (gossip.keys or gossip.key_file; "
+            "`overlayctl gossip keygen` makes one), or gossip.insecure = true to run without one"
+        )
+    if keys:
+        from overlayd.gossip.framing import Keyring  # only hosts that gossip import cryptography
+
+        try:
+            Keyring.from_base64(keys)
+        except ValueError as exc:
+            raise ConfigError(f"gossip.keys: {exc}") from None
+    port = flat.get("gossip.port", 7946)
+    if not 0 < port < 65536:
+        raise ConfigError(f"gossip.port: must be 1..65535 (got {port})")
+    peers = []
+    for item in flat.get("gossip.peers", []):
+        host, sep, peer_port = item.rpartition(":")
+        if not sep:
+            host, peer_port = item, str(port)
+        try:
+            parse_ipv4(host, "peer address")
+        except ValidationError:
+            raise ConfigError(f"gossip.peers: expected IPv4[:port], got {item!r}") from None
+        if not peer_port.isdigit() or not 0 < int(peer_port) < 65536:
+            raise ConfigError(f"gossip.peers: bad port in {item!r}")
+        peers.append((host, int(peer_port)))
+    numbers = {}
+    for name, default in (
+        ("probe_interval", 1.0),
+        ("anti_entropy_interval", 5.0),
+        ("dead_grace", 30.0),
+        ("tombstone_ttl", 1800.0),
+    ):
+        value = float(flat.get(f"gossip.{name}", default))
+        if value <= 0:
+            raise ConfigError(f"gossip.{name}: must be > 0 seconds (got {value})")
+        numbers[name] = value
+    mtu = flat.get("gossip.mtu", 1400)
+    if not 576 <= mtu <= 9000:
+        raise ConfigError(f"gossip.mtu: must be 576..9000 (got {mtu})")
+    bind = flat.get("gossip.bind")
+    if bind is not None:
+        try:
+            parse_ipv4(bind, "gossip bind address")
+        except ValidationError as exc:
+            raise ConfigError(f"gossip.bind: {exc}") from None
+    return GossipSettings(
+        port=port,
+        bind=bind,
+        keys=tuple(keys),
+        insecure=insecure,
+        peers=tuple(peers),
+        mtu=mtu,
+        **numbers,
     )
 
 
@@ -241,6 +362,12 @@ def _env_overrides(env: dict[str, str] | os._Environ[str]) -> dict[str, Any]:
                 out[key] = float(text)
             except ValueError:
                 raise ConfigError(f"{key}: {var} must be a number (got {text!r})") from None
+        elif expected is bool:
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ConfigError(f"{key}: {var} must be true or false (got {text!r})")
+            out[key] = text.lower() in ("true", "1", "yes")
+        elif expected is list:
+            out[key] = [item.strip() for item in text.split(",") if item.strip()]
         else:
             out[key] = text
     return out

@@ -74,6 +74,7 @@ from overlayd.state import (
 )
 from overlayd.store.base import AlreadyExists, NotFoundError, Snapshot, Store, StoreError
 from overlayd.store.factory import make_store
+from overlayd.store.gossip import GossipStore
 from overlayd.tasks import TaskGroup
 
 log = logging.getLogger("overlayd")
@@ -170,6 +171,11 @@ class Daemon:
             self.notifier.close()
 
     def _make_store(self) -> Store:
+        if self.config.store is None:
+            assert self.config.gossip is not None  # config guarantees it
+            return GossipStore(
+                self.config.gossip, registry=self.metrics.registry, node_name=self.config.node_name
+            )
         return make_store(
             self.config.store,
             state_dir=self.config.state_dir,
@@ -366,7 +372,7 @@ class Daemon:
 
     def _store_url(self) -> str:
         # Only scheme and addresses: credentials never leave the daemon.
-        return self.config.store.url
+        return self.config.store.url if self.config.store else "gossip"
 
     # ================================================================ read-only API
 
@@ -729,8 +735,11 @@ class Daemon:
                 await asyncio.wait_for(store.release_session(), _STORE_CALL_TIMEOUT)
                 lease_released = True
             except (StoreError, TimeoutError) as exc:
-                ttl = self.config.store.lease_ttl
-                errors.append(f"lease not released ({_why(exc)}); this host's records expire within {ttl}s")
+                if self.config.store is not None:
+                    ttl = f"within {self.config.store.lease_ttl}s"
+                else:
+                    ttl = "once peers declare this host dead"
+                errors.append(f"lease not released ({_why(exc)}); this host's records expire {ttl}")
             links = await remove_owned_links(self._require_kernel())
             errors += links.errors
             self._update_gauges()

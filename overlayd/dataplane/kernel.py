@@ -595,6 +595,7 @@ class Kernel:
         self._netns = netns
         self._ipr: Any = None
         self._rtnl: _Rtnl | None = None
+        self._packet: socket.socket | None = None
 
     @property
     def netns(self) -> str | None:
@@ -625,6 +626,9 @@ class Kernel:
         self._close()
 
     def _close(self) -> None:
+        if self._packet is not None:
+            self._packet.close()
+            self._packet = None
         if self._ipr is not None:
             self._ipr.close()
             self._ipr = None
@@ -810,44 +814,30 @@ class Kernel:
     def _announce(self, cmds: Sequence[AnnounceArp]) -> list[OpResult]:
         """Send one gratuitous ARP per command out of its bridge (to local ports only)."""
         results: list[OpResult] = []
-        sockets: dict[str, socket.socket | OSError] = {}
-        try:
-            for cmd in cmds:
-                sock = sockets.get(cmd.bridge)
-                if sock is None:
-                    try:
-                        sock = self._packet_socket(cmd.bridge)
-                    except OSError as exc:
-                        sock = exc
-                    sockets[cmd.bridge] = sock
-                if isinstance(sock, OSError):
-                    results.append(OpResult(cmd, f"cannot send on {cmd.bridge}: {error_text(sock)}"))
-                    continue
-                try:
-                    sock.send(gratuitous_arp(cmd.ip, cmd.mac))
-                except OSError as exc:
-                    results.append(OpResult(cmd, f"cannot send on {cmd.bridge}: {error_text(exc)}"))
-                else:
-                    results.append(OpResult(cmd, None))
-        finally:
-            for sock in sockets.values():
-                if isinstance(sock, socket.socket):
-                    sock.close()
+        for cmd in cmds:
+            try:
+                self._packet_sender().sendto(gratuitous_arp(cmd.ip, cmd.mac), (cmd.bridge, 0))
+            except OSError as exc:
+                results.append(OpResult(cmd, f"cannot send on {cmd.bridge}: {error_text(exc)}"))
+            else:
+                results.append(OpResult(cmd, None))
         return results
 
-    def _packet_socket(self, ifname: str) -> socket.socket:
-        proto = socket.htons(_ETH_P_ARP)
-        if self._netns is None:
-            sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, proto)
-        else:
-            sock = socket_in_netns(self._netns, socket.AF_PACKET, socket.SOCK_RAW, proto)
-        try:
-            sock.bind((ifname, 0))
-        except OSError:
-            sock.close()
-            raise
-        sock.setblocking(False)
-        return sock
+    def _packet_sender(self) -> socket.socket:
+        """One send-only packet socket, kept for the Kernel's life.
+
+        Protocol 0: the socket receives nothing, so the kernel attaches no
+        packet hook; binding and closing a receiving packet socket each cost
+        an RCU grace period (~10-20 ms), far more than the send.
+        """
+        if self._packet is None:
+            if self._netns is None:
+                sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+            else:
+                sock = socket_in_netns(self._netns, socket.AF_PACKET, socket.SOCK_RAW, 0)
+            sock.setblocking(False)
+            self._packet = sock
+        return self._packet
 
     async def _apply_entries(self, cmds: Sequence[_EntryCommand]) -> list[OpResult]:
         # Resolve each device once: it must be one of our VXLAN devices.

@@ -22,6 +22,7 @@ are `overlayctl lab up|status|down`.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -51,7 +52,8 @@ T = TypeVar("T")
 
 DEFAULT_PREFIX = "ovl"
 LAB_ROOT = Path("/run/overlayd-lab")
-STORES = ("etcd", "zookeeper")
+STORES = ("gossip", "etcd", "zookeeper")
+GOSSIP_PORT = 7946
 MAX_HOSTS = 200
 
 UNDERLAY_SUBNET = IPv4Network("198.18.0.0/24")
@@ -286,7 +288,9 @@ class Lab:
         self.hosts = [
             Host(f"h{k}", f"{prefix}-h{k}", host_address(k), self.dir / f"h{k}") for k in range(1, hosts + 1)
         ]
-        self.kv = self._kv_server()
+        self.kv: KvServer | None = None if store == "gossip" else self._kv_server()
+        # Gossip-only labs share one cluster key, kept in the lab record (root-only /run).
+        self.gossip_key = base64.b64encode(os.urandom(32)).decode() if store == "gossip" else ""
         self.namespaces: list[str] = []  # in the order they were made
         self.networks: list[dict[str, Any]] = []
         self.endpoints: list[Endpoint] = []
@@ -314,7 +318,13 @@ class Lab:
     @property
     def etcd(self) -> KvServer:
         """The KV server, whichever kind (its name from when there was only etcd)."""
+        if self.kv is None:
+            raise LabError(f"lab {self.prefix} runs gossip-only: it has no KV server")
         return self.kv
+
+    @property
+    def store_url(self) -> str:
+        return self.kv.url if self.kv is not None else "gossip"
 
     # --- the record in lab.json ---
 
@@ -328,7 +338,8 @@ class Lab:
             "prefix": self.prefix,
             "dir": str(self.dir),
             "store": self.store,
-            "store_url": self.kv.url,
+            "store_url": self.store_url,
+            "gossip_key": self.gossip_key,
             "store_prefix": self.store_prefix,
             "lease_ttl": self.lease_ttl,
             "reconcile_interval": self.reconcile_interval,
@@ -338,7 +349,9 @@ class Lab:
                 "subnet": str(UNDERLAY_SUBNET),
                 "mtu": UNDERLAY_MTU,
             },
-            "kv": {
+            "kv": None
+            if self.kv is None
+            else {
                 "netns": self.kv_ns,
                 "address": KV_ADDRESS,
                 "dir": str(self.kv.workdir),
@@ -376,8 +389,10 @@ class Lab:
             root=root,
         )
         lab.hosts = [Host.from_json(h) for h in data["hosts"]]
-        process = data["kv"]["process"]
-        lab.kv.proc = Proc.from_json(process) if process else None
+        lab.gossip_key = data.get("gossip_key", "")
+        if lab.kv is not None and data.get("kv"):
+            process = data["kv"]["process"]
+            lab.kv.proc = Proc.from_json(process) if process else None
         lab.namespaces = list(data["namespaces"])
         lab.networks = list(data["networks"])
         lab.endpoints = [Endpoint(**ep) for ep in data["endpoints"]]
@@ -405,7 +420,7 @@ class Lab:
             if self.store == "zookeeper":
                 find_java()
                 find_zookeeper()
-            else:
+            elif self.store == "etcd":
                 find_etcd()
         except (EtcdError, ZooKeeperError) as exc:
             raise LabError(str(exc)) from None
@@ -433,8 +448,9 @@ class Lab:
         try:
             self._save()
             self._build_underlay()
-            self._say(f"starting {self.store} on {self.kv.url} in {self.kv_ns}")
-            self.kv.start()
+            if self.kv is not None:
+                self._say(f"starting {self.store} on {self.kv.url} in {self.kv_ns}")
+                self.kv.start()
             if daemons:
                 for host in self.hosts:
                     self.start_daemon(host, wait=False)
@@ -457,8 +473,9 @@ class Lab:
         self._say(f"creating underlay {self.underlay_ns} ({UNDERLAY_SUBNET}, MTU {UNDERLAY_MTU})")
         self._add_netns(self.underlay_ns)
         netns.add_bridge(self.underlay_ns, UNDERLAY_BRIDGE, mtu=UNDERLAY_MTU)
-        self._say(f"creating {self.kv_ns} ({KV_ADDRESS})")
-        self._attach(self.kv_ns, "kv", KV_ADDRESS)
+        if self.kv is not None:
+            self._say(f"creating {self.kv_ns} ({KV_ADDRESS})")
+            self._attach(self.kv_ns, "kv", KV_ADDRESS)
         for host in self.hosts:
             self._say(f"creating host {host.name}: {host.netns} ({host.address})")
             self._attach(host.netns, host.name, host.address)
@@ -515,13 +532,27 @@ class Lab:
         return (
             f"[node]\nname = {q(h.name)}\n"
             f"[underlay]\ninterface = {q(UNDERLAY_IFNAME)}\naddress = {q(h.address)}\n"
-            f"[store]\nurl = {q(self.kv.url)}\nprefix = {q(self.store_prefix)}\n"
-            f"lease_ttl = {int(self.lease_ttl)}\n"
-            f"[admin]\nsocket = {q(str(h.admin_socket))}\n"
+            + self._store_config(q)
+            + f"[admin]\nsocket = {q(str(h.admin_socket))}\n"
             f"[status]\nlisten = {q(STATUS_LISTEN)}\n"
             f"[state]\ndir = {q(str(h.state_dir))}\n"
             f"[reconcile]\ninterval = {float(self.reconcile_interval)!r}\n"
             f"[log]\nlevel = {q(self.log_level)}\n"
+        )
+
+    def _store_config(self, q: Callable[[str], str]) -> str:
+        if self.kv is not None:
+            return (
+                f"[store]\nurl = {q(self.kv.url)}\nprefix = {q(self.store_prefix)}\n"
+                f"lease_ttl = {int(self.lease_ttl)}\n"
+            )
+        # Gossip-only: every host knows every other as a seed; the lease TTL
+        # becomes the grace a dead host's endpoints get.
+        peers = ", ".join(q(f"{h.address}:{GOSSIP_PORT}") for h in self.hosts)
+        return (
+            f'[store]\nurl = "gossip"\n'
+            f"[gossip]\nport = {GOSSIP_PORT}\nkeys = [{q(self.gossip_key)}]\npeers = [{peers}]\n"
+            f"dead_grace = {float(self.lease_ttl)!r}\nprobe_interval = 0.5\nanti_entropy_interval = 2.0\n"
         )
 
     def start_daemon(self, host: str | Host, *, wait: bool = True) -> Proc:
@@ -764,7 +795,8 @@ class Lab:
         attempt("stop daemons", lambda: stop_all(daemons, timeout=10.0))
         for h in self.hosts:
             h.proc = None
-        attempt(f"stop {self.store}", self.kv.stop)
+        if self.kv is not None:
+            attempt(f"stop {self.store}", self.kv.stop)
         namespaces = self._owned_namespaces()
 
         def stop_leftovers() -> None:
@@ -826,7 +858,9 @@ class Lab:
                 "subnet": str(UNDERLAY_SUBNET),
                 "mtu": UNDERLAY_MTU,
             },
-            "store": {
+            "store": {"kind": "gossip", "url": "gossip"}
+            if self.kv is None
+            else {
                 "kind": self.store,
                 "url": self.kv.url,
                 "prefix": self.store_prefix,

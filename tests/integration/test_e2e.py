@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -117,13 +118,22 @@ def test_killed_host_expires_while_other_traffic_flows(make_lab: Callable[..., L
 def watch_overlay_entries(lab: Lab, host: str) -> Iterator[list[str]]:
     """Collect every FDB/neighbour change on overlayd's VXLAN devices in `host`'s kernel."""
     ns = lab.host(host).netns
-    procs = [
-        subprocess.Popen(
-            nsutil.exec_argv(ns, argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        for argv in (["bridge", "monitor", "fdb"], ["ip", "monitor", "neigh"])
-    ]
+    seen: list[list[str]] = []
+    procs: list[subprocess.Popen[str]] = []
+    readers: list[threading.Thread] = []
+    lines: list[str] = []
     try:
+        for argv in (["bridge", "monitor", "fdb"], ["ip", "monitor", "neigh"]):
+            proc = subprocess.Popen(
+                nsutil.exec_argv(ns, argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+            procs.append(proc)
+            out: list[str] = []
+            seen.append(out)
+            # A reader thread per monitor: the test polls what it read, with a deadline.
+            reader = threading.Thread(target=lambda p=proc, o=out: o.extend(p.stdout or ()), daemon=True)
+            reader.start()
+            readers.append(reader)
         # Prove both monitors are listening before the test acts: a sentinel
         # entry on the underlay interface must show up in each.
         lab.exec(ns, ["bridge", "fdb", "add", "02:5e:00:00:00:01", "dev", "ul0"])
@@ -142,19 +152,19 @@ def watch_overlay_entries(lab: Lab, host: str) -> Iterator[list[str]]:
                 "permanent",
             ],
         )
-        for proc, sentinel in zip(procs, ("02:5e:00:00:00:01", "198.18.0.250"), strict=True):
-            assert proc.stdout is not None
-            deadline = time.monotonic() + 10
-            while sentinel not in (proc.stdout.readline() or ""):
-                assert time.monotonic() < deadline, f"monitor in {ns} never showed {sentinel}"
-        lines: list[str] = []
+        for out, sentinel in zip(seen, ("02:5e:00:00:00:01", "198.18.0.250"), strict=True):
+            wait_until(
+                lambda o=out, m=sentinel: any(m in line for line in o), 10, f"monitor shows {sentinel}"
+            )
         yield lines
     finally:
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
         for proc in procs:
-            out, _ = proc.communicate(timeout=10)
-            lines += [line for line in (out or "").splitlines() if _is_overlay_entry(line)]
+            proc.wait(timeout=10)
+        for reader in readers:
+            reader.join(timeout=10)
+        lines += [line for out in seen for line in out if _is_overlay_entry(line)]
         lab.exec(ns, ["bridge", "fdb", "del", "02:5e:00:00:00:01", "dev", "ul0"], check=False)
         lab.exec(ns, ["ip", "neigh", "del", "198.18.0.250", "dev", "ul0"], check=False)
 
