@@ -516,7 +516,12 @@ def _add_lab_commands(commands: _Commands, common: argparse.ArgumentParser) -> N
 
     up = sub.add_parser("up", parents=[common, prefix], help="build the lab and start overlayd")
     up.add_argument("--hosts", type=_positive_int, default=3, metavar="N")
-    up.add_argument("--store", default="etcd", metavar="KIND", help="KV store (default: etcd)")
+    up.add_argument(
+        "--store",
+        default="gossip",
+        metavar="KIND",
+        help="gossip (no KV server; the default), etcd, zookeeper or consul",
+    )
     up.set_defaults(handler=cmd_lab_up)
 
     status = sub.add_parser("status", parents=[common, prefix], help="describe the running lab")

@@ -46,6 +46,7 @@ from overlayd.dataplane.endpoints import create_local_endpoint, delete_local_end
 from overlayd.dataplane.kernel import Kernel, KernelError, Underlay
 from overlayd.dataplane.kstate import KernelState, bridge_name, veth_name
 from overlayd.dataplane.teardown import remove_owned_links
+from overlayd.gossip import MemberInfo
 from overlayd.metrics import Metrics
 from overlayd.model import (
     Endpoint,
@@ -109,6 +110,8 @@ class Daemon:
         # Remote endpoints heard of but not yet programmed: key -> created_at at the owner.
         self._unprogrammed: dict[str, float] = {}
         self._invalid_records: list[str] = []
+        # Which path facts about remote records arrive by (the latency histogram's label).
+        self._fact_path = "kv" if config.store is not None else "gossip"
         self.notifier = Notifier()
         self._ready_notified = False
         self._store_error: str | None = None
@@ -342,7 +345,7 @@ class Daemon:
                 del self._unprogrammed[key]
                 if created_at > 0:
                     latency = max(now - created_at, 0.0)
-                    self.metrics.convergence_latency.labels(path="kv").observe(latency)
+                    self.metrics.convergence_latency.labels(path=self._fact_path).observe(latency)
 
     def _update_gauges(self) -> None:
         local = sum(1 for ep in self.view.endpoints.values() if ep.owner == self.config.node_name)
@@ -400,6 +403,7 @@ class Daemon:
                 "latency_ms": None if self._store_latency is None else round(self._store_latency * 1e3, 3),
                 "invalid_records": self._invalid_records[-10:],
             },
+            "gossip": self._gossip_status(),
             "networks": sorted(self.view.networks),
             "nodes": len(self.view.nodes),
             "endpoints": {"local": len(local), "remote": len(self.view.endpoints) - len(local)},
@@ -407,20 +411,51 @@ class Daemon:
             "errors": list(reconciler.errors)[-20:] if reconciler else [],
         }
 
+    def _members(self) -> dict[str, MemberInfo]:
+        peering = self._store.peering if isinstance(self._store, GossipStore) else None
+        return {m.name: m for m in peering.members()} if peering is not None else {}
+
     def peers(self) -> list[JSON]:
         counts: dict[str, int] = {}
         for ep in self.view.endpoints.values():
             counts[ep.owner] = counts.get(ep.owner, 0) + 1
-        return [
-            {
+        members = self._members()
+        out: list[JSON] = []
+        for node in sorted(self.view.nodes.values(), key=lambda n: n.name):
+            record: JSON = {
                 "name": node.name,
                 "vtep": str(node.vtep),
                 "started_at": node.started_at,
                 "endpoints": counts.get(node.name, 0),
                 "self": node.name == self.config.node_name,
             }
-            for node in sorted(self.view.nodes.values(), key=lambda n: n.name)
-        ]
+            member = members.pop(node.name, None)
+            if self.config.gossip is not None:
+                record["state"] = "alive" if record["self"] else (member.state.value if member else "unknown")
+                record["rtt_ms"] = round(member.rtt * 1e3, 3) if member and member.rtt is not None else None
+            out.append(record)
+        # Members gossip knows that have no node record in the view (dead past grace, joining).
+        for member in sorted(members.values(), key=lambda m: m.name):
+            out.append(
+                {
+                    "name": member.name,
+                    "vtep": member.addr,
+                    "started_at": None,
+                    "endpoints": 0,
+                    "self": False,
+                    "state": member.state.value,
+                    "rtt_ms": round(member.rtt * 1e3, 3) if member.rtt is not None else None,
+                }
+            )
+        return out
+
+    def _gossip_status(self) -> JSON | None:
+        if self.config.gossip is None:
+            return None
+        states: dict[str, int] = {}
+        for member in self._members().values():
+            states[member.state.value] = states.get(member.state.value, 0) + 1
+        return {"port": self.config.gossip.port, "members": states, "insecure": not self.config.gossip.keys}
 
     def network_list(self) -> list[JSON]:
         out = []
