@@ -514,8 +514,8 @@ async def test_lab_commands_dispatch_to_overlayd_lab(
     assert (await overlayctl(capsys, "lab", "status", "--json")).code == 0
     assert (await overlayctl(capsys, "lab", "down", "--prefix", "t1")).code == 1
     assert calls == [
-        ("up", {"hosts": 3, "store": "etcd", "prefix": "ovl", "json_out": False}),
-        ("up", {"hosts": 5, "store": "etcd", "prefix": "t1", "json_out": True}),
+        ("up", {"hosts": 3, "store": "gossip", "prefix": "ovl", "json_out": False}),
+        ("up", {"hosts": 5, "store": "gossip", "prefix": "t1", "json_out": True}),
         ("status", {"prefix": "ovl", "json_out": True}),
         ("down", {"prefix": "t1"}),
     ]
