@@ -39,14 +39,14 @@ from overlayd import config as config_mod
 from overlayd.api.admin import start_admin_server
 from overlayd.api.service import JSON, BadRequest, Conflict, NotFound, Unavailable
 from overlayd.api.status import start_status_server
-from overlayd.config import Config, ConfigError
+from overlayd.config import Config, ConfigError, GossipSettings
 from overlayd.dataplane.commands import describe
 from overlayd.dataplane.desired import desired_state, overlay_mtu
 from overlayd.dataplane.endpoints import create_local_endpoint, delete_local_endpoint
 from overlayd.dataplane.kernel import Kernel, KernelError, Underlay
 from overlayd.dataplane.kstate import KernelState, bridge_name, veth_name
 from overlayd.dataplane.teardown import remove_owned_links
-from overlayd.gossip import MemberInfo
+from overlayd.gossip import MemberInfo, Record
 from overlayd.metrics import Metrics
 from overlayd.model import (
     Endpoint,
@@ -60,6 +60,7 @@ from overlayd.model import (
     random_mac,
     validate_name,
 )
+from overlayd.peering import ENDPOINT, Peering
 from overlayd.reconciler import Reconciler
 from overlayd.registry import LocalRegistry
 from overlayd.sdnotify import Notifier
@@ -73,7 +74,14 @@ from overlayd.state import (
     NodeDeleted,
     NodePut,
 )
-from overlayd.store.base import AlreadyExists, NotFoundError, Snapshot, Store, StoreError
+from overlayd.store.base import (
+    AlreadyExists,
+    NotFoundError,
+    Snapshot,
+    Store,
+    StoreError,
+    StoreUnavailable,
+)
 from overlayd.store.factory import make_store
 from overlayd.store.gossip import GossipStore
 from overlayd.tasks import TaskGroup
@@ -107,8 +115,14 @@ class Daemon:
         self._kernel: Kernel | None = None
         self._store: Store | None = None
         self._reconciler: Reconciler | None = None
-        # Remote endpoints heard of but not yet programmed: key -> created_at at the owner.
-        self._unprogrammed: dict[str, float] = {}
+        # Remote endpoints heard of but not yet programmed: key -> (created_at at the owner, path).
+        self._unprogrammed: dict[str, tuple[float, str]] = {}
+        # With a KV store: gossip carries changes ahead of the watch (None: no gossip).
+        self._peering: Peering | None = None
+        self._early_gossip: list[Record] = []
+        # Own writes the KV store missed while unreachable, replayed when it returns.
+        self._pending_kv: dict[str, Endpoint] = {}
+        self._pending_kv_delete: dict[str, Endpoint] = {}
         self._invalid_records: list[str] = []
         # Which path facts about remote records arrive by (the latency histogram's label).
         self._fact_path = "kv" if config.store is not None else "gossip"
@@ -158,6 +172,9 @@ class Daemon:
 
             self._store = self._make_store()
             closers.append(("store", self._store.close()))
+            if self.config.store is not None and self.config.gossip is not None:
+                self._peering = await self._start_peering(self.config.gossip)
+                closers.append(("gossip", self._peering.stop(leave=False)))
             self.tasks.spawn(self._notify_status(), name="sd-status")
             if self.notifier.watchdog_interval is not None:
                 self.tasks.spawn(self._watchdog(self.notifier.watchdog_interval), name="sd-watchdog")
@@ -172,6 +189,109 @@ class Daemon:
             await self.tasks.cancel_all()
             await _close_all(reversed(closers))
             self.notifier.close()
+
+    async def _start_peering(self, settings: GossipSettings) -> Peering:
+        """Gossip beside the KV store: changes reach peers in milliseconds, also while it is down."""
+        assert self.underlay is not None
+        peering = Peering(
+            node_name=self.config.node_name,
+            settings=settings,
+            advertise=self.underlay.address,
+            registry=self.metrics.registry,
+            on_record=self._on_gossip_record,
+        )
+        try:
+            await peering.start()
+        except OSError as exc:
+            raise RuntimeError(f"cannot start gossip on port {settings.port}: {exc}") from None
+        peering.publish_node(self._self_node())
+        for endpoint in self.registry.all():
+            peering.publish_endpoint(endpoint)
+        return peering
+
+    def _on_gossip_record(self, record: Record) -> None:
+        if not self.synced:
+            # Until the first snapshot, the KV store has not said what exists.
+            self._early_gossip.append(record)
+            return
+        fact = self._gossip_fact(record)
+        if fact is not None and self._apply_fact(fact, path="gossip"):
+            self._update_gauges()
+            self._require_reconciler().trigger()
+
+    def _gossip_fact(self, record: Record) -> Fact | None:
+        """What a gossip record may change in a KV-backed view.
+
+        The KV store stays the authority for deletion: gossip removes an
+        endpoint only when its owner said so (a tombstone), never because a
+        peer went quiet. Networks come from the store alone.
+        """
+        peering = self._peering
+        assert peering is not None
+        if record.owner == self.config.node_name:
+            # Our own endpoint from before a restart that we no longer have: withdraw it.
+            if (
+                record.kind == ENDPOINT
+                and record.payload is not None
+                and record.key not in self.registry
+                and record.incarnation < peering.node.incarnation
+            ):
+                peering.delete_endpoint(record.key)
+            return None
+        if record.payload is None:
+            current = self.view.endpoints.get(record.key) if record.kind == ENDPOINT else None
+            if current is not None and current.owner == record.owner:
+                return EndpointDeleted(record.key)
+            return None
+        fact = peering.to_fact(record)
+        match fact:
+            case EndpointPut(endpoint):
+                current = self.view.endpoints.get(endpoint.key)
+                if current is None or (current != endpoint and endpoint.created_at >= current.created_at):
+                    return fact
+            case NodePut(node) if node.name not in self.view.nodes:
+                return fact
+        return None
+
+    def _merge_gossip_into_view(self) -> bool:
+        """After a KV snapshot: keep what gossip knows that the store has not caught up with."""
+        if self._peering is None:
+            return False
+        changed = False
+        for record in [*self._early_gossip, *self._peering.node.records()]:
+            fact = self._gossip_fact(record)
+            if fact is not None and not isinstance(fact, EndpointDeleted):
+                changed |= self._apply_fact(fact, path="gossip")
+        self._early_gossip.clear()
+        return changed
+
+    async def _flush_pending_kv(self) -> None:
+        """Write what the store missed while unreachable, once it answers again."""
+        store = self._require_store()
+        while True:
+            await asyncio.sleep(1.0)
+            if not (self._pending_kv or self._pending_kv_delete):
+                continue
+            async with self._mutate:
+                for key, endpoint in list(self._pending_kv.items()):
+                    try:
+                        await store.create_endpoint(endpoint)
+                    except AlreadyExists as exc:
+                        if exc.what != "endpoint name" and exc.holder != key:
+                            # Someone took the IP or name in the store meanwhile: loud, not silent.
+                            message = f"endpoint {key} created during a store outage conflicts: {exc}"
+                            log.error(message)
+                            self._invalid_records.append(message)
+                    except StoreError:
+                        break  # still down: try again later
+                    self._pending_kv.pop(key, None)
+                    log.info("endpoint %s written to the store after the outage", key)
+                for key, endpoint in list(self._pending_kv_delete.items()):
+                    try:
+                        await store.delete_endpoint(endpoint)
+                    except StoreError:
+                        break
+                    self._pending_kv_delete.pop(key, None)
 
     def _make_store(self) -> Store:
         if self.config.store is None:
@@ -213,6 +333,9 @@ class Daemon:
             len(self.view.endpoints),
         )
         reconciler = self._require_reconciler()
+        if self._peering is not None:
+            self._merge_gossip_into_view()
+            self._overlay_tasks.append(self.tasks.spawn(self._flush_pending_kv(), name="kv-replay"))
         self._overlay_tasks += [
             self.tasks.spawn(store.keep_session(), name="store-session"),
             self.tasks.spawn(self._watch(snapshot.revision), name="store-watch"),
@@ -301,11 +424,11 @@ class Daemon:
                 return name == self.config.node_name
         return False
 
-    def _apply_fact(self, fact: Fact) -> bool:
+    def _apply_fact(self, fact: Fact, *, path: str | None = None) -> bool:
         if self._is_own(fact):
             return False
         if isinstance(fact, EndpointPut) and fact.endpoint.key not in self.view.endpoints:
-            self._unprogrammed[fact.endpoint.key] = fact.endpoint.created_at
+            self._unprogrammed[fact.endpoint.key] = (fact.endpoint.created_at, path or self._fact_path)
         elif isinstance(fact, EndpointDeleted):
             self._unprogrammed.pop(fact.key, None)
         return self.view.apply(fact)
@@ -315,6 +438,8 @@ class Daemon:
         facts.append(NodePut(self._self_node()))
         facts += [EndpointPut(ep) for ep in self.registry.all()]
         changed = self.view.replace_all(facts)
+        if self.synced or self._early_gossip:
+            changed |= self._merge_gossip_into_view()
         self._update_gauges()
         return changed
 
@@ -337,7 +462,7 @@ class Daemon:
             return
         now = time.time()
         macs = {entry.mac for entry in programmed.fdb}
-        for key, created_at in list(self._unprogrammed.items()):
+        for key, (created_at, path) in list(self._unprogrammed.items()):
             endpoint = self.view.endpoints.get(key)
             if endpoint is None:
                 del self._unprogrammed[key]
@@ -345,7 +470,7 @@ class Daemon:
                 del self._unprogrammed[key]
                 if created_at > 0:
                     latency = max(now - created_at, 0.0)
-                    self.metrics.convergence_latency.labels(path=self._fact_path).observe(latency)
+                    self.metrics.convergence_latency.labels(path=path).observe(latency)
 
     def _update_gauges(self) -> None:
         local = sum(1 for ep in self.view.endpoints.values() if ep.owner == self.config.node_name)
@@ -402,6 +527,8 @@ class Daemon:
                 # From the last `store_probe` (overlayctl doctor); None before the first.
                 "latency_ms": None if self._store_latency is None else round(self._store_latency * 1e3, 3),
                 "invalid_records": self._invalid_records[-10:],
+                # Own changes made while the store was unreachable, not yet written to it.
+                "pending_writes": len(self._pending_kv) + len(self._pending_kv_delete),
             },
             "gossip": self._gossip_status(),
             "networks": sorted(self.view.networks),
@@ -661,10 +788,18 @@ class Daemon:
                     taken.add(address)  # someone else won it: try the next one
                     continue
                 raise Conflict(str(exc)) from None
+            except StoreUnavailable as exc:
+                if self._peering is None:
+                    raise Unavailable(str(exc)) from None
+                # Gossip carries it now; the store gets it (compare-and-set) when it returns.
+                log.warning("%s: endpoint %s goes out by gossip, stored later", exc, endpoint.key)
+                self._pending_kv[endpoint.key] = endpoint
             except StoreError as exc:
                 raise Unavailable(str(exc)) from None
             self.registry.add(endpoint)
             self.view.apply(EndpointPut(endpoint))
+            if self._peering is not None:
+                self._peering.publish_endpoint(endpoint)
             self._update_gauges()
             return endpoint
         raise Conflict(f"could not allocate an IP in network {net.name}: too many concurrent claims")
@@ -695,10 +830,13 @@ class Daemon:
 
     async def _unclaim_endpoint(self, store: Store, endpoint: Endpoint) -> None:
         """Undo `_claim_endpoint` after a failure, so nothing stays half-created."""
-        try:
-            await store.delete_endpoint(endpoint)
-        except StoreError as exc:
-            log.error("could not release endpoint %s after failure: %s", endpoint.key, exc)
+        if self._pending_kv.pop(endpoint.key, None) is None:
+            try:
+                await store.delete_endpoint(endpoint)
+            except StoreError as exc:
+                log.error("could not release endpoint %s after failure: %s", endpoint.key, exc)
+        if self._peering is not None:
+            self._peering.delete_endpoint(endpoint.key)
         self.registry.remove(endpoint.key)
         self.view.apply(EndpointDeleted(endpoint.key))
         self._update_gauges()
@@ -714,10 +852,18 @@ class Daemon:
                 if other is not None:
                     raise Conflict(f"endpoint {key} is owned by {other.owner}; remove it there")
                 raise NotFound(f"endpoint {key} not found")
-            try:
-                await store.delete_endpoint(endpoint)
-            except StoreError as exc:
-                raise Unavailable(str(exc)) from None
+            if self._pending_kv.pop(key, None) is None:
+                try:
+                    await store.delete_endpoint(endpoint)
+                except StoreUnavailable as exc:
+                    if self._peering is None:
+                        raise Unavailable(str(exc)) from None
+                    log.warning("%s: removal of %s goes out by gossip, stored later", exc, key)
+                    self._pending_kv_delete[key] = endpoint
+                except StoreError as exc:
+                    raise Unavailable(str(exc)) from None
+            if self._peering is not None:
+                self._peering.delete_endpoint(key)
             await delete_local_endpoint(self._require_kernel(), host_ifname=veth_name(network, name))
             self.registry.remove(key)
             self.view.apply(EndpointDeleted(key))

@@ -268,7 +268,9 @@ class Lab:
         ready_timeout: float = 30.0,
         progress: Callable[[str], None] | None = None,
         daemon_env: Mapping[str, str] | None = None,
+        gossip: bool | None = None,
     ) -> None:
+        """`gossip`: run gossip beside a KV store too (always on in gossip-only mode)."""
         self.prefix = check_prefix(prefix)
         if not 1 <= hosts <= MAX_HOSTS:
             raise LabError(f"invalid number of hosts {hosts}: must be 1..{MAX_HOSTS}")
@@ -289,8 +291,9 @@ class Lab:
             Host(f"h{k}", f"{prefix}-h{k}", host_address(k), self.dir / f"h{k}") for k in range(1, hosts + 1)
         ]
         self.kv: KvServer | None = None if store == "gossip" else self._kv_server()
-        # Gossip-only labs share one cluster key, kept in the lab record (root-only /run).
-        self.gossip_key = base64.b64encode(os.urandom(32)).decode() if store == "gossip" else ""
+        self.gossip = store == "gossip" or bool(gossip)
+        # The lab's daemons share one cluster key, kept in the lab record (root-only /run).
+        self.gossip_key = base64.b64encode(os.urandom(32)).decode() if self.gossip else ""
         self.namespaces: list[str] = []  # in the order they were made
         self.networks: list[dict[str, Any]] = []
         self.endpoints: list[Endpoint] = []
@@ -339,6 +342,7 @@ class Lab:
             "dir": str(self.dir),
             "store": self.store,
             "store_url": self.store_url,
+            "gossip": self.gossip,
             "gossip_key": self.gossip_key,
             "store_prefix": self.store_prefix,
             "lease_ttl": self.lease_ttl,
@@ -384,6 +388,7 @@ class Lab:
             hosts=max(1, len(data["hosts"])),
             prefix=prefix,
             store=data["store"],
+            gossip=data.get("gossip", False),
             lease_ttl=data["lease_ttl"],
             reconcile_interval=data["reconcile_interval"],
             root=root,
@@ -542,15 +547,18 @@ class Lab:
 
     def _store_config(self, q: Callable[[str], str]) -> str:
         if self.kv is not None:
-            return (
+            text = (
                 f"[store]\nurl = {q(self.kv.url)}\nprefix = {q(self.store_prefix)}\n"
                 f"lease_ttl = {int(self.lease_ttl)}\n"
             )
-        # Gossip-only: every host knows every other as a seed; the lease TTL
-        # becomes the grace a dead host's endpoints get.
+        else:
+            text = '[store]\nurl = "gossip"\n'
+        if not self.gossip:
+            return text
+        # Every host knows every other as a seed; in gossip-only mode the lease
+        # TTL becomes the grace a dead host's endpoints get.
         peers = ", ".join(q(f"{h.address}:{GOSSIP_PORT}") for h in self.hosts)
-        return (
-            f'[store]\nurl = "gossip"\n'
+        return text + (
             f"[gossip]\nport = {GOSSIP_PORT}\nkeys = [{q(self.gossip_key)}]\npeers = [{peers}]\n"
             f"dead_grace = {float(self.lease_ttl)!r}\nprobe_interval = 0.5\nanti_entropy_interval = 2.0\n"
         )
@@ -910,7 +918,10 @@ def _stderr(message: str) -> None:
 def lab_up(hosts: int, store: str, prefix: str, json_out: bool) -> int:
     """`overlayctl lab up`: build the lab, show hosts and endpoints, ping all pairs."""
     try:
-        lab = Lab(hosts=hosts, prefix=prefix, store=store, progress=None if json_out else _stderr)
+        # KV-backed labs gossip too: changes reach peers without waiting for the watch.
+        lab = Lab(
+            hosts=hosts, prefix=prefix, store=store, gossip=True, progress=None if json_out else _stderr
+        )
         lab.up()
     except LabError as exc:
         _stderr(f"overlayctl lab up: {exc}")

@@ -7,6 +7,8 @@ machine's kernel has no netem); all of it lives in namespaces the lab made.
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -202,3 +204,48 @@ def test_concurrent_network_creation_resolves_deterministically(gossip_lab: Lab)
         "one race network everywhere",
     )
     assert json.dumps(lab.admin("h1").network_inspect("race")["vni"]) == "5000"
+
+
+def test_etcd_outage_endpoint_spreads_by_gossip_and_is_stored_after(make_lab: Callable[..., Lab]) -> None:
+    lab = make_lab(3, store="etcd", gossip=True)
+    assert all(r.ok for r in lab.ping_all())
+    before = {h.name: fdb_macs(lab, h.name) for h in lab.hosts}
+    monitors = {h: watch_deletions(lab, h) for h in ("h1", "h2", "h3")}
+    try:
+        lab.etcd.stop()
+        wait_until(lambda: lab.admin("h1").status()["store"]["healthy"] is False, 20, "h1 sees etcd down")
+        outage = lab.add_endpoint("h1", "outage")
+        wait_until(lambda: programmed_everywhere(lab, lab.endpoints), 15, "outage endpoint everywhere")
+        for ep in lab.endpoints:
+            if ep.host != "h1":
+                lab.wait_ping(ep.netns, outage.ip, timeout=10)
+        assert lab.admin("h1").status()["store"]["pending_writes"] == 1
+        lab.etcd.start()
+        wait_until(lambda: lab.admin("h1").status()["store"]["pending_writes"] == 0, 30, "replayed to etcd")
+    finally:
+        deleted = {h: stop_monitor(p) for h, p in monitors.items()}
+    # The endpoint is in the store now: a daemon that knows nothing but the store sees it.
+    lab.stop_daemon("h3")
+    lab.start_daemon("h3")
+    assert "outage" in {e["name"] for e in lab.admin("h3").endpoint_list()}
+    # Nothing that was programmed before the outage was removed from any kernel meanwhile.
+    assert deleted == {"h1": [], "h2": [], "h3": []}, deleted
+    for host, macs in before.items():
+        assert macs.items() <= fdb_macs(lab, host).items()
+
+
+def watch_deletions(lab: Lab, host: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        nsutil.exec_argv(lab.host(host).netns, ["bridge", "monitor", "fdb"]),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def stop_monitor(proc: subprocess.Popen[str]) -> list[str]:
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=10)
+    return [
+        line for line in out.splitlines() if line.startswith("Deleted") and "ovvx" in line and "dst" in line
+    ]
