@@ -13,10 +13,12 @@ Exit codes: 0 ok, 1 error (one line on stderr; for `doctor`, any FAIL),
 from __future__ import annotations
 
 import argparse
+import base64
 import importlib
 import ipaddress
 import json
 import os
+import secrets
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -343,6 +345,16 @@ def cmd_teardown(ctx: Context) -> int:
     return EXIT_ERROR if errors else EXIT_OK
 
 
+def cmd_gossip_keygen(ctx: Context) -> int:
+    """A new cluster key for `[gossip] keys` (base64 of 32 random bytes, AES-256)."""
+    key = base64.b64encode(secrets.token_bytes(32)).decode()
+    if ctx.json_out:
+        _print_json({"key": key})
+    else:
+        print(key)
+    return EXIT_OK
+
+
 def cmd_completion(ctx: Context) -> int:
     text = completion.script(build_parser(), ctx.args.shell)
     if ctx.json_out:
@@ -568,6 +580,13 @@ def _add_operator_commands(commands: _Commands, common: argparse.ArgumentParser)
     )
     teardown.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     teardown.set_defaults(handler=cmd_teardown)
+
+    gossip = commands.add_parser("gossip", parents=[common], help="gossip helpers")
+    gossip_commands = gossip.add_subparsers(dest="gossip_command", metavar="COMMAND", required=True)
+    keygen = gossip_commands.add_parser(
+        "keygen", parents=[common], help="print a new cluster key for [gossip] keys"
+    )
+    keygen.set_defaults(handler=cmd_gossip_keygen)
 
     comp = commands.add_parser("completion", parents=[common], help="print a shell completion script")
     comp.add_argument("shell", choices=completion.SHELLS, metavar="SHELL", help="bash or zsh")

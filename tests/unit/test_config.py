@@ -58,10 +58,10 @@ def test_environment_overrides(tmp_path: Path) -> None:
         (GOOD.replace('interface = "ul0"', 'address = "not-an-ip"'), "underlay.address"),
         (GOOD.replace('interface = "ul0"', ""), "underlay"),
         (GOOD.replace('name = "h1"', 'name = "bad name"'), "node.name"),
-        (GOOD + "[status]\nlisten = \"nowhere\"\n", "status.listen"),
-        (GOOD + "[log]\nlevel = \"loud\"\n", "log.level"),
+        (GOOD + '[status]\nlisten = "nowhere"\n', "status.listen"),
+        (GOOD + '[log]\nlevel = "loud"\n', "log.level"),
         (GOOD + "[store2]\nx = 1\n", "store2.x"),
-        (GOOD + "prefix = \"no-slashes\"\n", "store.prefix"),
+        (GOOD + 'prefix = "no-slashes"\n', "store.prefix"),
         ("node = 3\n", "node"),
     ],
 )
@@ -87,3 +87,58 @@ def test_daemon_refuses_bad_config_with_one_line(tmp_path: Path, capsys: pytest.
     err = capsys.readouterr().err
     assert code == 2
     assert err == "overlayd: config error: store.lease_ttl: must be >= 2 seconds (got 1)\n"
+
+
+GOSSIP_ONLY = """
+[node]
+name = "h1"
+[underlay]
+address = "198.18.0.11"
+[store]
+url = "gossip"
+[gossip]
+keys = ["{key}"]
+peers = ["198.18.0.12", "198.18.0.13:8000"]
+dead_grace = 5
+"""
+
+
+def test_gossip_only_config(tmp_path: Path) -> None:
+    import base64
+    import os
+
+    key = base64.b64encode(os.urandom(32)).decode()
+    cfg = config.load(write(tmp_path, GOSSIP_ONLY.replace("{key}", key)), env={})
+    assert cfg.store is None and cfg.gossip is not None
+    assert cfg.gossip.peers == (("198.18.0.12", 7946), ("198.18.0.13", 8000))
+    assert cfg.gossip.keys == (key,) and cfg.gossip.dead_grace == 5.0 and not cfg.gossip.insecure
+    assert key not in repr(cfg)  # keys never show up in logs of the config
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        (GOSSIP_ONLY.replace('keys = ["{key}"]', ""), "gossip.keys"),
+        (GOSSIP_ONLY.replace("{key}", "bm90LWEta2V5"), "gossip.keys"),
+        (GOSSIP_ONLY.replace('"198.18.0.12"', '"somewhere"').replace("{key}", "x" * 44), "gossip.keys"),
+        (
+            GOSSIP_ONLY.replace('keys = ["{key}"]', "insecure = true").replace('"198.18.0.12"', '"h2"'),
+            "gossip.peers",
+        ),
+        (GOSSIP_ONLY.replace('keys = ["{key}"]', 'insecure = "yes"'), "gossip.insecure"),
+        (GOSSIP_ONLY.replace('keys = ["{key}"]', "insecure = true\nenabled = false"), "store.url"),
+    ],
+)
+def test_gossip_config_errors_name_the_key(tmp_path: Path, text: str, key: str) -> None:
+    with pytest.raises(config.ConfigError) as info:
+        config.load(write(tmp_path, text), env={})
+    assert str(info.value).startswith(f"{key}:"), str(info.value)
+
+
+def test_keygen_makes_a_usable_key(capsys: pytest.CaptureFixture[str]) -> None:
+    from overlayd.cli import main as overlayctl
+    from overlayd.gossip import Keyring
+
+    assert overlayctl(["gossip", "keygen"]) == 0
+    key = capsys.readouterr().out.strip()
+    Keyring.from_base64([key])  # raises if it is not a 32-byte base64 key
