@@ -11,10 +11,14 @@ How the parts fit, from pure to I/O:
                what overlayd owns, executes commands in batches.
 - `reconciler` level-triggered loop: observe, diff, execute; after changes,
                periodically, and at start-up (adopting what is already right).
-- `store`      KV backends (etcd) behind one async interface: the authority,
-               with leases binding a node's records to its liveness.
+- `store`      backends behind one async interface: etcd, ZooKeeper, Consul
+               (the authority, leases/sessions binding a node's records to its
+               liveness) and `store.gossip`, the embedded mode with no server.
+- `gossip`     SWIM membership, AEAD framing, push + anti-entropy (a library);
+               `peering` speaks overlayd's records over it, beside a KV store
+               (changes arrive before the watch) or as the store itself.
 - `api`        admin API on a unix socket, HTTP status/metrics server.
 - `daemon`     wires the parts, owns the tasks and the one shutdown path.
-- `cli`        overlayctl, a thin client of the admin API; `lab` builds a
-               multi-host lab out of network namespaces on one machine.
+- `cli`/`cni`  overlayctl and the CNI plugin: thin clients of the admin API;
+               `lab` builds a multi-host lab out of network namespaces.
 """
