@@ -53,6 +53,7 @@ lint: setup
 # Servers the tests run that Debian 12 does not package (cached; see the script).
 test-deps:
 	scripts/fetch-consul.sh
+	scripts/fetch-zookeeper.sh
 
 test: lint test-deps
 	$(BIN)/pytest -q

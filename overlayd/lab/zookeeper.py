@@ -1,7 +1,9 @@
 """A real standalone ZooKeeper server for tests and the lab.
 
 Runs Debian's `zookeeper` (3.8, `/usr/share/java/zookeeper.jar`, whose
-manifest names its dependencies) with a generated `zoo.cfg` and a data
+manifest names its dependencies) — or the jars of another release unpacked
+in `jar_dir` (Debian 13's 3.9, see scripts/fetch-zookeeper.sh), which then
+come first on the class path — with a generated `zoo.cfg` and a data
 directory of its own, on a given address and a free (or given) port,
 optionally inside a network namespace. Stopping goes by PID: SIGTERM, a
 bounded wait, then SIGKILL. `restart()` keeps the data; `cleanup()` stops the
@@ -46,10 +48,17 @@ def find_java() -> str:
     return found
 
 
-def find_zookeeper() -> Path:
-    if not ZOOKEEPER_JAR.is_file():
-        raise ZooKeeperError(f"{ZOOKEEPER_JAR} not found: install it with `apt-get install zookeeper`")
-    return ZOOKEEPER_JAR
+def find_zookeeper(jar_dir: Path | None = None) -> list[Path]:
+    """The server's jars, to go first on the class path (their manifests name the rest)."""
+    if jar_dir is None:
+        if not ZOOKEEPER_JAR.is_file():
+            raise ZooKeeperError(f"{ZOOKEEPER_JAR} not found: install it with `apt-get install zookeeper`")
+        return [ZOOKEEPER_JAR]
+    jars = [jar_dir / "zookeeper-jute.jar", jar_dir / "zookeeper.jar"]
+    missing = [str(jar) for jar in jars if not jar.is_file()]
+    if missing:
+        raise ZooKeeperError(f"{', '.join(missing)} not found (scripts/fetch-zookeeper.sh fetches them)")
+    return jars
 
 
 def log_tail(path: Path, lines: int = 30) -> str:
@@ -72,6 +81,7 @@ class ZooKeeperServer:
         workdir: Path | None = None,
         min_session_timeout_ms: int = 2 * TICK_MS,
         max_session_timeout_ms: int = 60_000,
+        jar_dir: Path | None = None,
         on_start: Callable[[ZooKeeperServer], None] | None = None,
     ) -> None:
         """`workdir` holds `data/`, `zoo.cfg` and `zookeeper.log` (a new temporary directory when None).
@@ -84,6 +94,7 @@ class ZooKeeperServer:
         self.netns = netns
         self.min_session_timeout_ms = min_session_timeout_ms
         self.max_session_timeout_ms = max_session_timeout_ms
+        self.jar_dir = jar_dir
         self.on_start = on_start
         self._given_port = client_port
         self._pick_port = client_port is None
@@ -134,7 +145,7 @@ class ZooKeeperServer:
         )
 
     def argv(self) -> list[str]:
-        classpath = [str(find_zookeeper())]
+        classpath = [str(jar) for jar in find_zookeeper(self.jar_dir)]
         if SLF4J_BINDING.is_file():
             classpath.append(str(SLF4J_BINDING))
         argv = [
@@ -210,6 +221,13 @@ class ZooKeeperServer:
 
     def ready(self) -> bool:
         return "Mode:" in self.four_letter("srvr")
+
+    def version(self) -> str:
+        """The running server's version ("3.8.0"), or "" if it does not answer."""
+        for line in self.four_letter("srvr").splitlines():
+            if line.startswith("Zookeeper version:"):
+                return line.split(":", 1)[1].strip().split("-")[0].split(",")[0]
+        return ""
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout

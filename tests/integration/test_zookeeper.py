@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -90,6 +91,7 @@ def test_runner_restart_keeps_data_and_cleanup_leaves_nothing() -> None:
     server.start()
     try:
         assert "Mode: standalone" in server.four_letter("srvr")
+        assert server.version().startswith("3.8")  # Debian 12's
         client = raw_client(server)
         client.create("/kept", b"v1")
         stop(client)
@@ -245,3 +247,14 @@ async def test_new_session_takes_over_znodes_of_an_older_one(
         snap = await second.snapshot()
         assert {type(f).__name__ for f in snap.facts} == {"NetworkPut", "NodePut", "EndpointPut"}
         await asyncio.sleep(0.25)
+
+
+def test_fetched_release_runs_from_its_own_jars() -> None:
+    jars = (
+        Path(os.environ.get("OVERLAYD_TEST_CACHE", "/var/cache/overlayd-test"))
+        / "zookeeper-3.9/usr/share/java"
+    )
+    if not (jars / "zookeeper.jar").is_file():
+        pytest.skip("ZooKeeper 3.9 not fetched (scripts/fetch-zookeeper.sh)")
+    with ZooKeeperServer(jar_dir=jars) as server:
+        assert server.version().startswith("3.9")

@@ -15,6 +15,7 @@ Adding a backend: a server class with `start()`, `restart()`, `cleanup()` and
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,10 +28,10 @@ from support import Backend, Stores
 
 from overlayd.lab import EtcdServer
 from overlayd.lab.consul import ConsulServer
-from overlayd.lab.zookeeper import ZooKeeperServer
+from overlayd.lab.zookeeper import ZooKeeperError, ZooKeeperServer, find_zookeeper
 from overlayd.store.base import Store
 
-BACKENDS = ["etcd", "zookeeper", "consul"]
+BACKENDS = ["etcd", "zookeeper", "zookeeper-3.9", "consul"]
 
 
 # --- etcd ---------------------------------------------------------------------
@@ -57,6 +58,17 @@ async def _etcd_expire(server: EtcdServer, store: Store) -> None:
 # --- ZooKeeper ----------------------------------------------------------------
 
 ZK_CHROOT = "/ovt"
+# Debian 13's ZooKeeper 3.9, unpacked by scripts/fetch-zookeeper.sh (`make test` and CI run it).
+TEST_CACHE = Path(os.environ.get("OVERLAYD_TEST_CACHE", "/var/cache/overlayd-test"))
+ZK39_JARS = TEST_CACHE / "zookeeper-3.9/usr/share/java"
+
+
+def _zk39_server() -> ZooKeeperServer:
+    try:
+        find_zookeeper(ZK39_JARS)
+    except ZooKeeperError as exc:
+        pytest.skip(str(exc))
+    return ZooKeeperServer(jar_dir=ZK39_JARS)
 
 
 def _zk_hosts(server: ZooKeeperServer) -> str:
@@ -117,6 +129,9 @@ async def _consul_expire(server: ConsulServer, store: Store) -> None:
 KINDS: dict[str, Backend] = {
     "etcd": Backend("etcd", EtcdServer, _etcd_raw_put, _etcd_expire),
     "zookeeper": Backend("zookeeper", ZooKeeperServer, _zk_raw_put, _zk_expire, url_path=ZK_CHROOT),
+    "zookeeper-3.9": Backend(
+        "zookeeper-3.9", _zk39_server, _zk_raw_put, _zk_expire, url_path=ZK_CHROOT, variant_of="zookeeper"
+    ),
     "consul": Backend(
         "consul", _consul_server, _consul_raw_put, _consul_expire, min_ttl=10
     ),  # Consul refuses session TTLs under 10 s

@@ -121,6 +121,7 @@ class Backend:
     expire: Callable[[Any, Store], Awaitable[None]]
     url_path: str = ""  # appended to the server's URL (ZooKeeper: the chroot)
     min_ttl: int = 2  # the shortest lease/session TTL (seconds) the backend accepts
+    variant_of: str | None = None  # another server version for the same client
 
 
 @dataclass
