@@ -456,6 +456,77 @@ async def test_partition_heals() -> None:
         )
 
 
+def cut(c: Cluster, side: list[Member]) -> Callable[[], None]:
+    """Drop every datagram between `side` and the rest, both ways; returns the heal.
+
+    Each node sends from its own socket, so the source port says who sent a datagram.
+    """
+    ports = {m.node.port for m in side}
+    nodes = c.nodes()
+    for node in nodes:
+        inside = node.port in ports
+        deliver = node._datagram
+
+        def filtered(
+            data: bytes,
+            addr: tuple[str, int],
+            deliver: Callable[[bytes, tuple[str, int]], None] = deliver,
+            inside: bool = inside,
+        ) -> None:
+            if (addr[1] in ports) == inside:
+                deliver(data, addr)
+
+        node._datagram = filtered  # type: ignore[method-assign]
+
+    def heal() -> None:
+        for node in nodes:
+            del node._datagram
+
+    return heal
+
+
+async def test_records_made_on_both_sides_of_a_partition_reach_everyone() -> None:
+    """The lab's partition, record by record: the first records of each side are pushed
+    at the cut (and lost), more are made, and one deleted, once each side declares the other
+    dead; after the heal every node holds the same table."""
+    async with cluster(5) as c:
+        island, mainland = c.members[-1], c.members[:-1]
+        name = island.node.name
+        for m in c.members:
+            m.node.publish("endpoint", f"net1/{m.node.name}-before", {"ip": "10.0.0.1"})
+        await until(lambda: all(len(n.records()) == 5 for n in c.nodes()), 10, "baseline")
+        heal = cut(c, [island])
+        try:
+            made = [
+                island.node.publish("endpoint", "net1/island-at-cut", {"ip": "10.0.1.1"}),
+                mainland[0].node.publish("endpoint", "net1/main-at-cut", {"ip": "10.0.1.2"}),
+            ]
+
+            def split() -> bool:
+                return all(m.state == MemberState.DEAD for m in island.node.members()) and all(
+                    any(m.name == name and m.state == MemberState.DEAD for m in o.node.members())
+                    for o in mainland
+                )
+
+            await until(split, 20, "both sides of the partition declare the other dead")
+            made += [
+                island.node.publish("endpoint", "net1/island-while-dead", {"ip": "10.0.1.3"}),
+                island.node.delete("endpoint", f"net1/{name}-before"),
+                mainland[1].node.publish("endpoint", "net1/main-while-dead", {"ip": "10.0.1.4"}),
+            ]
+        finally:
+            heal()
+        await until(lambda: c.alive_views({n.name for n in c.nodes()}), 20, "healed membership")
+        await until(lambda: all(has(n, r) for n in c.nodes() for r in made), 20, "every record everywhere")
+
+        def table(n: GossipNode) -> list[str]:
+            return sorted(map(repr, n.records(tombstones=True)))
+
+        await until(lambda: all(table(n) == table(island.node) for n in c.nodes()), 10, "one table")
+        digests = [n._table.digest() for n in c.nodes()]
+        assert all(d == digests[0] for d in digests), digests
+
+
 # One node per process, as in a real cluster: the in-process tests above share one event
 # loop, so their spread is dominated by serialising every node's work on one CPU.
 _CHILD = """
