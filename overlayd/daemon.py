@@ -42,7 +42,11 @@ from overlayd.api.status import start_status_server
 from overlayd.config import Config, ConfigError, GossipSettings
 from overlayd.dataplane.commands import describe
 from overlayd.dataplane.desired import desired_state, overlay_mtu
-from overlayd.dataplane.endpoints import create_local_endpoint, delete_local_endpoint
+from overlayd.dataplane.endpoints import (
+    create_local_endpoint,
+    delete_local_endpoint,
+    quarantine_local_endpoint,
+)
 from overlayd.dataplane.kernel import Kernel, KernelError, Underlay
 from overlayd.dataplane.kstate import KernelState, bridge_name, veth_name
 from overlayd.dataplane.teardown import remove_owned_links
@@ -123,6 +127,8 @@ class Daemon:
         # Own writes the KV store missed while unreachable, replayed when it returns.
         self._pending_kv: dict[str, Endpoint] = {}
         self._pending_kv_delete: dict[str, Endpoint] = {}
+        # Own endpoints withdrawn after losing a clash: key -> (endpoint, why), until removed.
+        self._conflicts: dict[str, tuple[Endpoint, str]] = {}
         self._invalid_records: list[str] = []
         # Which path facts about remote records arrive by (the latency histogram's label).
         self._fact_path = "kv" if config.store is not None else "gossip"
@@ -265,6 +271,31 @@ class Daemon:
         self._early_gossip.clear()
         return changed
 
+    def _endpoint_conflict(self, key: str, why: str) -> None:
+        """An own endpoint lost a clash found late (claims made on both sides of a partition).
+
+        It leaves the overlay: out of the view, its veth off the bridge and
+        down, so it cannot answer for an address that is another endpoint's
+        now. The veth stays, and the endpoint is listed with the reason, until
+        the operator removes it.
+        """
+        endpoint = self.registry.get(key)
+        if endpoint is None:
+            return
+        self._conflicts[key] = (endpoint, why)
+        self._invalid_records.append(f"endpoint {key} withdrawn: {why}")
+        self.registry.remove(key)
+        self.view.apply(EndpointDeleted(key))
+        self._update_gauges()
+        self.tasks.spawn(self._quarantine(endpoint), name=f"quarantine-{key}")
+
+    async def _quarantine(self, endpoint: Endpoint) -> None:
+        async with self._mutate:
+            await quarantine_local_endpoint(
+                self._require_kernel(), host_ifname=veth_name(endpoint.network, endpoint.name)
+            )
+        self._require_reconciler().trigger()
+
     async def _flush_pending_kv(self) -> None:
         """Write what the store missed while unreachable, once it answers again."""
         store = self._require_store()
@@ -297,7 +328,10 @@ class Daemon:
         if self.config.store is None:
             assert self.config.gossip is not None  # config guarantees it
             return GossipStore(
-                self.config.gossip, registry=self.metrics.registry, node_name=self.config.node_name
+                self.config.gossip,
+                registry=self.metrics.registry,
+                node_name=self.config.node_name,
+                on_conflict=self._endpoint_conflict,
             )
         return make_store(
             self.config.store,
@@ -605,8 +639,16 @@ class Daemon:
         return record
 
     def endpoint_list(self, network: str | None = None) -> list[JSON]:
-        endpoints = sorted(self.view.endpoints.values(), key=lambda e: (e.network, e.name))
-        return [ep.to_dict() for ep in endpoints if network is None or ep.network == network]
+        listed: list[tuple[Endpoint, str | None]] = [(ep, None) for ep in self.view.endpoints.values()]
+        listed += [(ep, why) for ep, why in self._conflicts.values()]
+        out = []
+        for ep, why in sorted(listed, key=lambda item: (item[0].network, item[0].name)):
+            if network is None or ep.network == network:
+                record = ep.to_dict()
+                if why is not None:
+                    record["conflict"] = why
+                out.append(record)
+        return out
 
     async def store_probe(self) -> JSON:
         """Time one full read of the cluster view from the store (bounded)."""
@@ -846,6 +888,12 @@ class Daemon:
         store = self._require_synced()
         async with self._mutate:
             key = endpoint_key(network, name)
+            if key in self._conflicts:
+                # Withdrawn already (lost a clash): only its veth is left.
+                await delete_local_endpoint(self._require_kernel(), host_ifname=veth_name(network, name))
+                del self._conflicts[key]
+                log.info("removed withdrawn endpoint %s", key)
+                return
             endpoint = self.registry.get(key)
             if endpoint is None:
                 other = self.view.endpoints.get(key)

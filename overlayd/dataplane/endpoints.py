@@ -179,3 +179,20 @@ async def delete_local_endpoint(kernel: Kernel, *, host_ifname: str) -> None:
     except NetlinkError as exc:
         if exc.code != errno.ENODEV:
             raise KernelError(f"cannot delete {host_ifname}: {error_text(exc)}") from exc
+
+
+async def quarantine_local_endpoint(kernel: Kernel, *, host_ifname: str) -> None:
+    """Take an endpoint's veth off its bridge and down, keeping it for the operator to inspect.
+
+    For an endpoint that lost an address clash: left on the bridge it would
+    answer for an IP that belongs to another host's endpoint now.
+    """
+    link = await kernel.link(host_ifname)
+    if link is None:
+        return
+    if not _is_port(link):
+        raise KernelError(f"refusing to touch {host_ifname}: not an overlayd endpoint port")
+    try:
+        await kernel.ipr.link("set", index=link.index, master=0, state="down")
+    except NetlinkError as exc:
+        raise KernelError(f"cannot quarantine {host_ifname}: {error_text(exc)}") from exc

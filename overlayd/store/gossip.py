@@ -19,13 +19,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from overlayd.config import GossipSettings
 from overlayd.gossip import MemberInfo, MemberState, Record
 from overlayd.model import Endpoint, Network, Node
-from overlayd.peering import ENDPOINT, NETWORK, Peering
+from overlayd.peering import ENDPOINT, NETWORK, Derived, Peering
 from overlayd.state import (
     ClusterView,
     EndpointDeleted,
@@ -45,7 +45,14 @@ SETTLE_SECONDS = 0.3
 
 
 class GossipStore(Store):
-    def __init__(self, settings: GossipSettings, *, registry: Any, node_name: str) -> None:
+    def __init__(
+        self,
+        settings: GossipSettings,
+        *,
+        registry: Any,
+        node_name: str,
+        on_conflict: Callable[[str, str], None] | None = None,
+    ) -> None:
         self._settings = settings
         self._registry = registry
         self._name = node_name
@@ -57,6 +64,8 @@ class GossipStore(Store):
         self._published: dict[str, Endpoint] = {}
         self._created: dict[str, float] = {}  # networks this host created: name -> created_at
         self._adopted: list[Record] = []
+        self._on_conflict = on_conflict
+        self._settling: set[str] = set()  # endpoints inside create_endpoint's settle wait
 
     # ----------------------------------------------------------------- session
 
@@ -203,7 +212,11 @@ class GossipStore(Store):
                 raise AlreadyExists("IP", str(endpoint.ip), other.key)
         peering.publish_endpoint(endpoint)
         self._published[endpoint.key] = endpoint
-        await asyncio.sleep(SETTLE_SECONDS)
+        self._settling.add(endpoint.key)
+        try:
+            await asyncio.sleep(SETTLE_SECONDS)
+        finally:
+            self._settling.discard(endpoint.key)
         why = peering.derive(excluded=self._excluded).lost_endpoints.get(f"{self._name}/{endpoint.key}")
         if why is not None:
             peering.delete_endpoint(endpoint.key)
@@ -227,12 +240,32 @@ class GossipStore(Store):
         self._revision += 1
         return Snapshot(facts=_facts(self.view()), revision=self._revision)
 
+    def _withdraw_losers(self, derived: Derived) -> None:
+        """Own endpoints that lost a clash found late (claims made on both sides of a
+        partition): withdraw them from the overlay and say so, loudly.
+
+        The veth stays: removing it would cut the container off without anyone
+        asking. The operator removes or re-creates the endpoint.
+        """
+        peering = self._require()
+        for key in list(self._published):
+            why = derived.lost_endpoints.get(f"{self._name}/{key}")
+            if why is None or key in self._settling:
+                continue
+            peering.delete_endpoint(key)
+            del self._published[key]
+            log.error("endpoint %s withdrawn from the overlay: %s", key, why)
+            if self._on_conflict is not None:
+                self._on_conflict(key, why)
+
     async def watch(self, after_revision: int) -> AsyncIterator[Changes | Snapshot]:
         last = self.view()
         while True:
             await self._wake.wait()
             self._wake.clear()
-            current = self.view()
+            derived = self._require().derive(excluded=self._excluded)
+            self._withdraw_losers(derived)
+            current = derived.view
             facts = _difference(last, current)
             last = current
             if facts:

@@ -49,8 +49,12 @@ def programmed_everywhere(lab: Lab, endpoints: list[Endpoint]) -> bool:
 
 
 def views(lab: Lab) -> list[list[tuple[str, str, str]]]:
+    """Each host's endpoint list (its own endpoints withdrawn after a clash left out)."""
     return [
-        sorted((e["name"], e["ip"], e["owner"]) for e in lab.admin(h.name).endpoint_list()) for h in lab.hosts
+        sorted(
+            (e["name"], e["ip"], e["owner"]) for e in lab.admin(h.name).endpoint_list() if "conflict" not in e
+        )
+        for h in lab.hosts
     ]
 
 
@@ -104,6 +108,32 @@ def test_converges_under_packet_loss(gossip_lab: Lab) -> None:
         wait_until(lambda: programmed_everywhere(lab, lab.endpoints), 60, "convergence under 20% loss")
         wait_until(lambda: same_view_everywhere(lab, 10), 30, "identical views under loss")
     assert all(r.ok for r in lab.ping_all())
+
+
+def test_partition_and_heal_converge_to_one_state(gossip_lab: Lab) -> None:
+    lab = gossip_lab
+    h5 = lab.host("h5").address
+    with underlay_filter(lab, f"ip saddr {h5} drop", f"ip daddr {h5} drop"):
+        lab.add_endpoint("h1", "during-a", ip="10.100.0.50")
+        cut_off = lab.add_endpoint("h5", "during-b", ip="10.100.0.51")
+        # Both sides take the same free address: a clash only the heal reveals.
+        lab.add_endpoint("h1", "clash-a", ip="10.100.0.77")
+        clash = lab.add_endpoint("h5", "clash-b", ip="10.100.0.77")
+        lab.forget_endpoint(clash)
+        # h1's side never hears of h5's new endpoints while the partition lasts.
+        time_limit = time.monotonic() + 2
+        while time.monotonic() < time_limit:
+            assert cut_off.mac not in fdb_macs(lab, "h1")
+            time.sleep(0.2)
+    wait_until(lambda: same_view_everywhere(lab, 8), 60, "one view everywhere after the heal")
+    wait_until(lambda: programmed_everywhere(lab, lab.endpoints), 30, "kernels agree after the heal")
+    # The older claim won everywhere; h5 withdrew its endpoint and says why.
+    [loser] = [e for e in lab.admin("h5").endpoint_list() if e["name"] == "clash-b"]
+    assert "10.100.0.77" in loser["conflict"], loser
+    assert clash.mac not in fdb_macs(lab, "h1")
+    assert any("clash-b" in line for line in lab.admin("h5").status()["store"]["invalid_records"])
+    failed = [(r.src.name, r.dst.name) for r in lab.ping_all() if not r.ok]
+    assert failed == []
 
 
 def test_killed_daemon_endpoints_removed_after_grace(gossip_lab: Lab) -> None:
