@@ -461,6 +461,9 @@ class Daemon:
     def _apply_fact(self, fact: Fact, *, path: str | None = None) -> bool:
         if self._is_own(fact):
             return False
+        if isinstance(fact, NodePut) and self._peering is not None and self.config.gossip is not None:
+            # Membership is seeded from the store's node records too (same port cluster-wide).
+            self._peering.add_seeds([(str(fact.node.vtep), self.config.gossip.port)])
         if isinstance(fact, EndpointPut) and fact.endpoint.key not in self.view.endpoints:
             self._unprogrammed[fact.endpoint.key] = (fact.endpoint.created_at, path or self._fact_path)
         elif isinstance(fact, EndpointDeleted):
@@ -472,6 +475,10 @@ class Daemon:
         facts.append(NodePut(self._self_node()))
         facts += [EndpointPut(ep) for ep in self.registry.all()]
         changed = self.view.replace_all(facts)
+        if self._peering is not None and self.config.gossip is not None:
+            port = self.config.gossip.port
+            others = [n for n in self.view.nodes.values() if n.name != self.config.node_name]
+            self._peering.add_seeds([(str(n.vtep), port) for n in others])
         if self.synced or self._early_gossip:
             changed |= self._merge_gossip_into_view()
         self._update_gauges()
@@ -572,8 +579,14 @@ class Daemon:
             "errors": list(reconciler.errors)[-20:] if reconciler else [],
         }
 
+    def _current_peering(self) -> Peering | None:
+        """The gossip layer, whether it runs beside a KV store or is the store."""
+        if isinstance(self._store, GossipStore):
+            return self._store.peering
+        return self._peering
+
     def _members(self) -> dict[str, MemberInfo]:
-        peering = self._store.peering if isinstance(self._store, GossipStore) else None
+        peering = self._current_peering()
         return {m.name: m for m in peering.members()} if peering is not None else {}
 
     def peers(self) -> list[JSON]:
