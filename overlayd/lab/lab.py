@@ -4,8 +4,8 @@ Topology of a lab with prefix P (every name carries the prefix, so labs with
 different prefixes live side by side):
 
     P-ul          underlay: bridge br0 (MTU 1500), one veth port per host and one for P-kv
-    P-kv          the KV server: etcd on 198.18.0.1:2379 or ZooKeeper on 198.18.0.1:2181,
-                  reached over `ul0`
+    P-kv          the KV server: etcd on 198.18.0.1:2379, ZooKeeper on 198.18.0.1:2181
+                  or Consul on 198.18.0.1:8500, reached over `ul0`
     P-h1..P-hN    hosts: `ul0` = 198.18.0.(10+k)/24, one overlayd each
     P-<name>      endpoint namespaces (the demo's are P-h1-ep ... P-hN-ep)
 
@@ -43,6 +43,7 @@ from typing import Any, Protocol, TypeVar
 
 from overlayd.api.client import AdminClient, ClientError
 from overlayd.lab import netns
+from overlayd.lab.consul import ConsulError, ConsulServer, find_consul
 from overlayd.lab.etcd import EtcdError, EtcdServer, find_etcd, log_tail
 from overlayd.lab.nshttp import NetnsHTTPConnection, request
 from overlayd.lab.proc import Proc, stop_all
@@ -52,7 +53,7 @@ T = TypeVar("T")
 
 DEFAULT_PREFIX = "ovl"
 LAB_ROOT = Path("/run/overlayd-lab")
-STORES = ("gossip", "etcd", "zookeeper")
+STORES = ("gossip", "etcd", "zookeeper", "consul")
 GOSSIP_PORT = 7946
 MAX_HOSTS = 200
 
@@ -64,6 +65,7 @@ KV_ADDRESS = "198.18.0.1"
 ETCD_CLIENT_PORT = 2379
 ETCD_PEER_PORT = 2380
 ZOOKEEPER_CLIENT_PORT = 2181
+CONSUL_HTTP_PORT, CONSUL_SERF_LAN_PORT, CONSUL_SERVER_PORT = 8500, 8301, 8300
 STATUS_LISTEN = "127.0.0.1:9480"
 
 DEMO_NETWORK = "demo"
@@ -300,6 +302,19 @@ class Lab:
         self._lock = threading.RLock()
 
     def _kv_server(self) -> KvServer:
+        if self.store == "consul":
+            # A persistent server, not a dev agent: restarting it keeps the cluster's data.
+            return ConsulServer(
+                host=KV_ADDRESS,
+                http_port=CONSUL_HTTP_PORT,
+                serf_lan_port=CONSUL_SERF_LAN_PORT,
+                server_port=CONSUL_SERVER_PORT,
+                netns=self.kv_ns,
+                workdir=self.dir / "kv",
+                node=self.prefix,
+                dev=False,
+                on_start=lambda _server: self._save(),
+            )
         if self.store == "zookeeper":
             return ZooKeeperServer(
                 host=KV_ADDRESS,
@@ -425,9 +440,11 @@ class Lab:
             if self.store == "zookeeper":
                 find_java()
                 find_zookeeper()
+            elif self.store == "consul":
+                find_consul()
             elif self.store == "etcd":
                 find_etcd()
-        except (EtcdError, ZooKeeperError) as exc:
+        except (EtcdError, ZooKeeperError, ConsulError) as exc:
             raise LabError(str(exc)) from None
         if daemons:
             overlayd_argv()

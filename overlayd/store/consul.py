@@ -22,9 +22,10 @@ What Consul really does, and how this module answers (see BACKENDS.md):
   failed op rolls the whole transaction back (409) and names its OpIndex.
 - Networks and VNI claims are created together with `cas` index 0 (create
   only if absent), so two hosts never get the same name or VNI.
-- Watches are blocking queries on the prefix (`?recurse&index=N&wait=`).
-  They return the whole prefix, not events: we diff successive listings by
-  ModifyIndex and yield what changed. Several changes to one key between two
+- Watches are blocking queries on the prefix (`?index=N&wait=`), asked for
+  its first level of keys only, so an idle watch costs a few bytes; when the
+  index moves we list the prefix (`?recurse`). Consul has no change feed: we
+  diff successive listings by ModifyIndex and yield what changed. Several changes to one key between two
   listings arrive as the last one. An index that goes backwards (or is 0)
   means the server lost its state (a dev agent restart drops everything): we
   yield a Snapshot. An empty prefix answers 404 with a valid index.
@@ -73,7 +74,10 @@ from overlayd.store.keys import InvalidRecord, KeyLayout, encode, fact_for_delet
 log = logging.getLogger(__name__)
 
 _REQUEST_TIMEOUT = 5.0
-_WATCH_WAIT = 15  # seconds a blocking query may hang; Consul adds up to wait/16 of jitter
+# Seconds a blocking query may hang (Consul adds up to wait/16 of jitter). It
+# also bounds how long a watch can miss a server that restarted empty between
+# two queries: such a server holds a query for an index it never reached.
+_WATCH_WAIT = 5
 _RETRY_MIN, _RETRY_MAX = 0.2, 5.0
 _MIN_TTL = 10  # Consul refuses shorter session TTLs
 _MAX_VALUE = 512 * 1024
@@ -273,24 +277,35 @@ class ConsulStore(Store):
             return None
         return _entry(response.body[0])
 
-    async def _list(self, *, index: int | None = None) -> tuple[list[_Entry], int]:
-        """Everything under the prefix and its index; blocks while unchanged when `index` is given."""
-        params = {"recurse": ""}
-        timeout = _REQUEST_TIMEOUT
-        if index is not None:
-            params.update(index=str(index), wait=f"{_WATCH_WAIT}s")
-            timeout += _WATCH_WAIT * (1 + 1 / 16)
+    async def _list(self) -> tuple[list[_Entry], int]:
+        """Everything under the prefix and its index."""
         response = await self._request(
             "list",
             "GET",
             self._kv_path(self._config.prefix),
-            params=params,
-            timeout=timeout,
+            params={"recurse": ""},
             expect=(200, 404),
         )
         # 404: the prefix is empty; its index is still valid.
         entries = [_entry(item) for item in response.body or []]
         return entries, response.index
+
+    async def _wait_index(self, index: int) -> int:
+        """Block until the prefix's index passes `index` (or `wait` runs out); the index then.
+
+        Asks for the prefix's first level of keys only (a few bytes): the
+        index is the same as the full listing's, and an idle watch does not
+        move the whole prefix every `wait`.
+        """
+        response = await self._request(
+            "watch",
+            "GET",
+            self._kv_path(self._config.prefix),
+            params={"keys": "", "separator": "/", "index": str(index), "wait": f"{_WATCH_WAIT}s"},
+            timeout=_REQUEST_TIMEOUT + _WATCH_WAIT * (1 + 1 / 16),
+            expect=(200, 404),
+        )
+        return response.index
 
     async def _txn(self, operation: str, ops: list[dict[str, Any]]) -> None:
         """Run KV ops atomically; _TxnFailed when Consul rolled them back."""
@@ -630,12 +645,14 @@ class ConsulStore(Store):
                 index = now
                 yield Snapshot(self._facts(entries), now)
         delay = _RETRY_MIN
-        # After a disconnect, ask without blocking: a restarted server's index
-        # may be far below ours, and a blocking query would wait out `wait`.
+        # After a disconnect, list without blocking first: a restarted server's
+        # index may be below ours, and it would hold a blocking query all `wait`.
         block = True
         while True:
             try:
-                entries, now = await self._list(index=index if block else None)
+                if block and await self._wait_index(index) == index:
+                    continue  # `wait` ran out, or woke up with nothing new
+                entries, now = await self._list()
             except StoreUnavailable as exc:
                 log.warning("consul watch interrupted (%s); resuming after index %d", _strip_url(exc), index)
                 block = False

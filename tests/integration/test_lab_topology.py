@@ -56,7 +56,7 @@ def test_prefix_and_host_count_are_checked() -> None:
     with pytest.raises(LabError, match="number of hosts"):
         Lab(hosts=0, prefix="x")
     with pytest.raises(LabError, match="unsupported store"):
-        Lab(prefix="x", store="consul")
+        Lab(prefix="x", store="redis")
 
 
 def test_config_file_format(tmp_path: Path) -> None:

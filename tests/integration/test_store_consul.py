@@ -1,14 +1,16 @@
-"""The Consul backend against a real Consul dev agent (started per test on free ports).
+"""Consul-only behaviour of the Consul backend, against a real Consul agent.
 
-The agent is Debian 11's consul 1.8.7, fetched by scripts/fetch-consul.sh;
-the tests are skipped with that hint when it is missing.
+What every backend must do is in the conformance suite (tests/store, which
+runs it on Consul too); this file keeps what only Consul has: sessions and
+their lock takeover, a dev agent that forgets everything on restart, ACL
+tokens, HTTPS. The agent is Debian 11's consul 1.8.7, fetched by
+scripts/fetch-consul.sh; the tests are skipped with that hint when it is missing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from ipaddress import IPv4Address, IPv4Network
@@ -22,7 +24,7 @@ from overlayd.config import StoreConfig, from_flat, parse_store_url
 from overlayd.lab.consul import ConsulError, ConsulServer, find_consul
 from overlayd.metrics import Metrics
 from overlayd.model import Endpoint, Network, Node, random_mac
-from overlayd.state import ClusterView, EndpointDeleted, Fact, NetworkPut
+from overlayd.state import ClusterView, EndpointDeleted, NetworkPut
 from overlayd.store.base import AlreadyExists, Changes, Snapshot, StoreError, StoreUnavailable
 from overlayd.store.consul import ConsulStore
 from overlayd.store.factory import make_store as factory_make_store
@@ -115,88 +117,6 @@ async def view_of(store: ConsulStore) -> ClusterView:
 
 async def _true(value: bool) -> bool:
     return value
-
-
-async def test_network_name_and_vni_are_compare_and_set(make_store: Any) -> None:
-    a, b = await make_store("h1"), await make_store("h2")
-    results = await asyncio.gather(a.create_network(DEMO), b.create_network(DEMO), return_exceptions=True)
-    assert sum(r is None for r in results) == 1
-    [lost] = [r for r in results if r is not None]
-    assert isinstance(lost, AlreadyExists) and lost.what == "network name"
-
-    with pytest.raises(AlreadyExists) as info:
-        await b.create_network(Network(name="other", vni=42, subnet=IPv4Network("10.2.0.0/24")))
-    assert info.value.what == "VNI" and info.value.holder == "demo"
-    # The failed transaction left nothing half-made: "other" did not appear.
-    assert list((await view_of(a)).networks) == ["demo"]
-
-    await a.delete_network("demo")
-    await b.create_network(Network(name="other", vni=42, subnet=IPv4Network("10.2.0.0/24")))
-    assert list((await view_of(a)).networks) == ["other"]
-
-
-async def test_ip_claims_never_duplicate_under_concurrency(make_store: Any) -> None:
-    stores = [await make_store(f"h{i}") for i in range(1, 5)]
-    for i, store in enumerate(stores, 1):
-        await store.open_session(node(f"h{i}", i))
-    await stores[0].create_network(DEMO)
-    # 4 clients race for the same 5 addresses with 20 differently named endpoints.
-    attempts = [
-        stores[i % 4].create_endpoint(endpoint(f"ep{i}", f"10.1.0.{10 + i % 5}", f"h{i % 4 + 1}"))
-        for i in range(20)
-    ]
-    results = await asyncio.gather(*attempts, return_exceptions=True)
-    winners = [r for r in results if r is None]
-    assert len(winners) == 5
-    assert all(isinstance(r, AlreadyExists) and r.what == "IP" for r in results if r is not None)
-    view = await view_of(stores[0])
-    ips = [ep.ip for ep in view.endpoints.values()]
-    assert len(ips) == len(set(ips)) == 5
-
-    with pytest.raises(AlreadyExists) as info:
-        await stores[0].create_endpoint(endpoint("ep0", "10.1.0.99", "h1"))
-    assert info.value.what == "endpoint name"
-
-
-async def test_session_expiry_removes_owned_records_only(make_store: Any) -> None:
-    dying, watcher = await make_store("h1", ttl=2), await make_store("h2")
-    await dying.open_session(node("h1", 1))  # TTL raised to Consul's minimum of 10 s
-    await dying.create_network(DEMO)
-    ep = endpoint("web", "10.1.0.5", "h1")
-    await dying.create_endpoint(ep)
-    snap = await watcher.snapshot()
-    assert ep.key in (await view_of(watcher)).endpoints
-    died = time.monotonic()
-    await dying.close()  # no renewal from now on: the session runs out
-
-    seen: list[Fact] = []
-
-    async def collect() -> None:
-        async for batch in watcher.watch(snap.revision):
-            assert isinstance(batch, Changes)
-            seen.extend(batch.facts)
-
-    task = asyncio.create_task(collect())
-    try:
-        # Not before the TTL: a session is never cut short.
-        await asyncio.sleep(0)
-        while time.monotonic() - died < 9:
-            assert ep.key in (await view_of(watcher)).endpoints
-            await asyncio.sleep(1)
-
-        async def gone() -> bool:
-            view = await view_of(watcher)
-            return ep.key not in view.endpoints and "h1" not in view.nodes
-
-        # Consul deletes a dead session's keys within 2x TTL.
-        await poll(gone, 25, "session expiry to delete h1's records")
-        await poll(lambda: _true(EndpointDeleted(ep.key) in seen), 5, "watch delete event")
-    finally:
-        task.cancel()
-    assert "demo" in (await view_of(watcher)).networks  # networks belong to no session
-    # The IP claim went with the session: the address can be taken again.
-    await watcher.open_session(node("h2", 2))
-    await watcher.create_endpoint(endpoint("web2", "10.1.0.5", "h2"))
 
 
 async def test_lost_session_is_replaced_and_records_republished(
@@ -339,41 +259,6 @@ async def _retry(op: Callable[[], Awaitable[None]], timeout: float = 15) -> None
             await asyncio.sleep(0.2)
 
 
-async def test_invalid_values_are_reported_and_skipped(make_store: Any, consul_server: ConsulServer) -> None:
-    reported: list[str] = []
-    store = ConsulStore(store_config(consul_server.url), state_dir="/nonexistent", on_invalid=reported.append)
-    await store.connect()
-    try:
-        await store.create_network(DEMO)
-        start = (await store.snapshot()).revision
-        stream = store.watch(start).__aiter__()
-        first = asyncio.ensure_future(stream.__anext__())
-        await raw(consul_server, "PUT", "/v1/kv/t/v1/endpoints/demo/junk", b"{not json")
-        await raw(consul_server, "PUT", "/v1/kv/t/v1/networks/evil", b'{"name": "evil", "vni": 0}')
-        await raw(consul_server, "PUT", "/v1/kv/t/v1/networks/big", b"x" * 65536)
-        await store.create_network(net("fine", 9))
-        # Batches without a valid change are not yielded at all.
-        batch = await asyncio.wait_for(first, 10)
-        assert isinstance(batch, Changes) and batch.facts == [NetworkPut(net("fine", 9))]
-        await stream.aclose()
-        assert len(reported) == 3 and any("networks/evil" in r for r in reported)
-        view = await view_of(store)
-        assert sorted(view.networks) == ["demo", "fine"] and not view.endpoints
-    finally:
-        await store.close()
-
-
-async def test_unreachable_server_is_a_clear_error(tmp_path: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    store = ConsulStore(store_config(f"consul://127.0.0.1:{port}"), state_dir=str(tmp_path))
-    with pytest.raises(StoreUnavailable) as info:
-        await asyncio.wait_for(store.connect(), 15)
-    assert f"127.0.0.1:{port}" in str(info.value)
-    assert "\n" not in str(info.value)
-
-
 async def test_acl_token_is_sent_and_a_wrong_one_is_one_clear_line(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -398,20 +283,6 @@ async def test_acl_token_is_sent_and_a_wrong_one_is_one_clear_line(
         assert TOKEN not in caplog.text and wrong not in caplog.text  # never logged
     finally:
         server.cleanup()
-
-
-async def test_delete_endpoint_releases_ip_and_is_idempotent(make_store: Any) -> None:
-    store = await make_store("h1")
-    await store.open_session(node("h1", 1))
-    await store.create_network(DEMO)
-    ep = endpoint("tmp", "10.1.0.40", "h1")
-    await store.create_endpoint(ep)
-    await store.delete_endpoint(ep)
-    await store.delete_endpoint(ep)
-    reuse = endpoint("tmp2", "10.1.0.40", "h1")
-    await store.create_endpoint(reuse)
-    view = await view_of(store)
-    assert view.endpoints[reuse.key] == reuse and ep.key not in view.endpoints
 
 
 async def test_release_session_removes_owned_records(make_store: Any) -> None:
