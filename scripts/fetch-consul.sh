@@ -80,6 +80,8 @@ if [[ -z $found ]]; then
 fi
 uri=${found%%$'\t'*}
 signed_by=${found#*$'\t'}
+# Only a keyring file can be passed on (deb822 also allows an inline key block).
+[[ -f $signed_by ]] || signed_by=""
 
 work=$(mktemp -d /tmp/fetch-consul.XXXXXX)
 trap 'rm -rf "$work"' EXIT
