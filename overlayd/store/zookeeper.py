@@ -255,7 +255,7 @@ class ZooKeeperStore(Store):
             self._set_health(False)
             raise StoreUnavailable(f"cannot reach zookeeper at {self._hosts} ({_describe(exc)})") from None
         self._client = client
-        session_id = client.client_id[0]
+        session_id = _client_id(client)[0]
         self._session_id = session_id
         self._connected.set()
         self._set_health(True)
@@ -331,7 +331,7 @@ class ZooKeeperStore(Store):
         async with self._session_lock:
             client = self.client
             self._owns_session = True
-            self._save_session(client.client_id)
+            self._save_session(_client_id(client))
             self._node = node
             await self._put_owned(self._layout.node(node.name), encode(node))
 
@@ -355,8 +355,9 @@ class ZooKeeperStore(Store):
     async def _republish(self) -> None:
         async with self._session_lock:
             client = self.client
-            log.warning("new zookeeper session %x: re-publishing owned records", client.client_id[0])
-            self._save_session(client.client_id)
+            client_id = _client_id(client)
+            log.warning("new zookeeper session %x: re-publishing owned records", client_id[0])
+            self._save_session(client_id)
             if self._node is not None:
                 await self._put_owned(self._layout.node(self._node.name), encode(self._node))
             for endpoint in list(self._owned.values()):
@@ -377,7 +378,7 @@ class ZooKeeperStore(Store):
             await asyncio.to_thread(client.restart)
         except (KazooTimeoutError, KazooException, OSError) as exc:
             raise StoreUnavailable(f"zookeeper at {self._hosts}: {_describe(exc)}") from None
-        self._session_id = client.client_id[0]
+        self._session_id = _client_id(client)[0]
         self._connected.set()
 
     def _load_session(self) -> tuple[int, bytes] | None:
@@ -703,6 +704,14 @@ class ZooKeeperStore(Store):
                 changes.append(put)
             # Gone: the parent's child watch fires too and its listing reports the deletion.
         return self._changes(mirror, changes, revision)
+
+
+def _client_id(client: KazooClient) -> tuple[int, bytes]:
+    """(session id, password) of the live session; StoreUnavailable while there is none."""
+    client_id = client.client_id
+    if client_id is None:
+        raise StoreUnavailable("zookeeper session is not established (reconnecting)")
+    return int(client_id[0]), bytes(client_id[1])
 
 
 def _checked(value: bytes, path: str) -> bytes:

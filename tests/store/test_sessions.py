@@ -22,7 +22,7 @@ async def test_owned_records_expire_after_the_owner_dies_and_not_before(stores: 
     seen = Collector(watcher, snap.revision)
     try:
         # Alive: its records stay well past the TTL.
-        deadline = time.monotonic() + 2.5 * ttl
+        deadline = time.monotonic() + 1.5 * ttl
         while time.monotonic() < deadline:
             view = await view_of(watcher)
             assert ep.key in view.endpoints and "h1" in view.nodes
@@ -72,7 +72,7 @@ async def test_restarted_daemon_resumes_its_session(stores: Stores) -> None:
     seen = Collector(watcher, snap.revision)
     try:
         # Well past the first session's TTL: the records never blink out.
-        deadline = time.monotonic() + 3 * ttl
+        deadline = time.monotonic() + 2 * ttl
         while time.monotonic() < deadline:
             view = await view_of(watcher)
             assert view.endpoints.get(ep.key) == ep and "h1" in view.nodes
