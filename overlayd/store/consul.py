@@ -46,6 +46,7 @@ import base64
 import json
 import logging
 import random
+import re
 import ssl
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
@@ -84,6 +85,7 @@ _MAX_VALUE = 512 * 1024
 _MAX_TXN_OPS = 64
 _CAS_ATTEMPTS = 5  # re-read and retry a guarded write this often when it loses a race
 _BASELINES = 4  # recent snapshots remembered so watch() can diff from their index
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 # Errors that mean "the server is not reachable right now" rather than "no".
 _UNREACHABLE = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError, OSError)
@@ -361,10 +363,11 @@ class ConsulStore(Store):
         await self._publish_node()
 
     async def _session_alive(self, session_id: str) -> bool:
+        # 404: gone. Any other failure (no leader, servers unreachable) raises:
+        # the session may well be alive, and replacing it would churn every owned key.
         response = await self._request(
-            "session", "PUT", f"/v1/session/renew/{quote(session_id, safe='')}", expect=(200, 404, 500)
+            "session", "PUT", f"/v1/session/renew/{quote(session_id, safe='')}", expect=(200, 404)
         )
-        # 500 "Invalid UUID" for a mangled saved id: as good as gone.
         return response.status == 200
 
     async def _new_session(self, node_name: str) -> None:
@@ -445,9 +448,11 @@ class ConsulStore(Store):
 
     def _load_session_id(self) -> str | None:
         try:
-            return self._session_file.read_text().strip() or None
+            text = self._session_file.read_text().strip()
         except FileNotFoundError:
             return None
+        # Consul answers a malformed ID with 500, not 404: do not even ask.
+        return text if _UUID.fullmatch(text) else None
 
     def _save_session_id(self, session_id: str) -> None:
         self._session_file.parent.mkdir(parents=True, exist_ok=True)

@@ -421,3 +421,12 @@ async def test_watch_from_an_unknown_index_starts_with_a_snapshot(make_store: An
         assert isinstance(second, Changes) and second.facts == [NetworkPut(net("next", 10))]
     finally:
         await stream.aclose()
+
+
+async def test_a_mangled_saved_session_is_replaced(make_store: Any, tmp_path: Path) -> None:
+    (tmp_path / "h1").mkdir()
+    (tmp_path / "h1" / "consul-session").write_text("not-a-session-id\n")
+    store = await make_store("h1")
+    await store.open_session(node("h1", 1))
+    assert "h1" in (await view_of(store)).nodes
+    assert (tmp_path / "h1" / "consul-session").read_text().strip() == store._session_id
