@@ -18,6 +18,7 @@ system-packages:
 	command -v ping >/dev/null 2>&1 || missing="$$missing iputils-ping"; \
 	command -v nft >/dev/null 2>&1 || missing="$$missing nftables"; \
 	[ -x /usr/bin/etcd ] || command -v etcd >/dev/null 2>&1 || missing="$$missing etcd-server"; \
+	command -v etcdctl >/dev/null 2>&1 || missing="$$missing etcd-client"; \
 	[ -f /usr/share/java/zookeeper.jar ] || missing="$$missing zookeeper"; \
 	command -v java >/dev/null 2>&1 || missing="$$missing default-jre-headless"; \
 	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \

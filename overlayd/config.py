@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 from overlayd.model import ValidationError, parse_ipv4, validate_name
 
 DEFAULT_PATH = "/etc/overlayd/overlayd.toml"
-STORE_SCHEMES = ("etcd", "consul", "consuls", "zookeeper")
+STORE_SCHEMES = ("etcd", "etcds", "consul", "consuls", "zookeeper")
 
 
 class ConfigError(Exception):

@@ -141,6 +141,7 @@ class Daemon:
         self._overlay_tasks: list[asyncio.Task[Any]] = []
         self._tearing_down = False
         self._torn_down = False
+        self._fatal: str | None = None  # why the daemon had to stop (main prints it, exit 1)
 
     # ================================================================ lifecycle
 
@@ -195,6 +196,8 @@ class Daemon:
             await self.tasks.cancel_all()
             await _close_all(reversed(closers))
             self.notifier.close()
+        if self._fatal is not None:
+            raise RuntimeError(self._fatal)
 
     async def _start_peering(self, settings: GossipSettings) -> Peering:
         """Gossip beside the KV store: changes reach peers in milliseconds, also while it is down."""
@@ -345,10 +348,24 @@ class Daemon:
         delay = 0.2
         while True:
             try:
-                await store.connect()
+                try:
+                    await store.connect()
+                except StoreUnavailable:
+                    raise
+                except StoreError as exc:
+                    # Wrong credentials or TLS settings: retrying cannot help. One line, then exit.
+                    self._fatal = f"cannot use the store: {exc}"
+                    log.error("%s", self._fatal)
+                    self._stop.set()
+                    return
                 await store.open_session(self._self_node())
                 for endpoint in self.registry.all():
-                    await store.publish_endpoint(endpoint)
+                    try:
+                        await store.publish_endpoint(endpoint)
+                    except AlreadyExists as exc:
+                        message = f"endpoint {endpoint.key} cannot be re-published: {exc}"
+                        log.error("%s", message)
+                        self._invalid_records.append(message)
                 snapshot = await store.snapshot()
                 break
             except StoreError as exc:

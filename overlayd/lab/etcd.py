@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -24,7 +25,7 @@ from http.client import HTTPConnection
 from pathlib import Path
 from types import TracebackType
 
-from overlayd.lab.netns import exec_argv, free_port
+from overlayd.lab.netns import exec_argv, free_port, socket_in_netns
 from overlayd.lab.nshttp import NetnsHTTPConnection, request
 from overlayd.lab.proc import Proc
 
@@ -67,6 +68,9 @@ class EtcdServer:
         name: str = "default",
         extra_args: Sequence[str] = (),
         on_start: Callable[[EtcdServer], None] | None = None,
+        tls_cert: Path | None = None,
+        tls_key: Path | None = None,
+        client_ca: Path | None = None,
     ) -> None:
         """`workdir` holds `data/` and `etcd.log` (a new temporary directory when None).
 
@@ -85,6 +89,9 @@ class EtcdServer:
         self.peer_port = peer_port or 0
         self.workdir = workdir if workdir is not None else Path(tempfile.mkdtemp(prefix="etcd-"))
         self.proc: Proc | None = None
+        # TLS on the client port (certificate and key), and client certificates
+        # required and checked against `client_ca` when that is given.
+        self.tls_cert, self.tls_key, self.client_ca = tls_cert, tls_key, client_ca
 
     # --- addresses ---
 
@@ -94,7 +101,8 @@ class EtcdServer:
 
     @property
     def client_url(self) -> str:
-        return f"http://{self.host}:{self.client_port}"
+        scheme = "https" if self.tls_cert is not None else "http"
+        return f"{scheme}://{self.host}:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
@@ -136,6 +144,7 @@ class EtcdServer:
             "--max-wals=2",
             "--logger=zap",
             "--log-outputs=stderr",
+            *self._tls_args(),
             *self.extra_args,
         ]
         return exec_argv(self.netns, argv) if self.netns is not None else argv
@@ -179,8 +188,18 @@ class EtcdServer:
             self.proc.stop(timeout=5.0)
             raise
 
+    def _tls_args(self) -> list[str]:
+        if self.tls_cert is None or self.tls_key is None:
+            return []
+        args = [f"--cert-file={self.tls_cert}", f"--key-file={self.tls_key}"]
+        if self.client_ca is not None:
+            args += ["--client-cert-auth", f"--trusted-ca-file={self.client_ca}"]
+        return args
+
     def healthy(self) -> bool:
-        """True if the server answers /health with health "true"."""
+        """True if the server answers /health with health "true" (TLS: accepts connections)."""
+        if self.tls_cert is not None:
+            return self._accepts_connections()
         conn: HTTPConnection
         if self.netns is not None:
             conn = NetnsHTTPConnection(self.netns, self.host, self.client_port, timeout=2.0)
@@ -195,6 +214,21 @@ class EtcdServer:
         try:
             return bool(json.loads(body).get("health") == "true")
         except ValueError:
+            return False
+
+    def _accepts_connections(self) -> bool:
+        # The health endpoint would need the client certificate; a TLS server
+        # that accepts TCP connections on its client port has finished starting.
+        try:
+            if self.netns is not None:
+                sock = socket_in_netns(self.netns, socket.AF_INET, socket.SOCK_STREAM)
+            else:
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            with sock:
+                sock.settimeout(2.0)
+                sock.connect((self.host, self.client_port))
+            return True
+        except OSError:
             return False
 
     def wait_ready(self, timeout: float = 30.0) -> None:

@@ -7,19 +7,18 @@ namespaces are those of `ip netns` (files under /run/netns).
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import shlex
 import socket
 import subprocess
-import threading
 from collections.abc import Sequence
 from typing import Any
 
+from overlayd.dataplane.nsock import socket_in_netns as _socket_in_netns
+
 NETNS_DIR = "/run/netns"
 IFNAMSIZ = 16  # including the terminating NUL: names are at most 15 characters
-_CLONE_NEWNET = 0x40000000
 
 
 class CommandError(RuntimeError):
@@ -207,42 +206,12 @@ def tc(netns: str | None, *args: str) -> str:
 
 # --- sockets inside a namespace ---------------------------------------------------
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
 
 def socket_in_netns(
-    netns: str,
-    family: int = socket.AF_INET,
-    type: int = socket.SOCK_STREAM,
+    netns: str, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM
 ) -> socket.socket:
-    """A socket that lives in `netns`, usable from any thread of this process.
-
-    A socket belongs to the namespace of the thread that created it, so a
-    short-lived thread enters `netns` (setns(2) moves only that thread),
-    creates the socket and ends; this process's other threads stay where they are.
-    """
-    result: list[socket.socket | BaseException] = []
-
-    def create() -> None:
-        try:
-            fd = os.open(os.path.join(NETNS_DIR, netns), os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                if _libc.setns(fd, _CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"setns into {netns}: {os.strerror(err)}")
-            finally:
-                os.close(fd)
-            result.append(socket.socket(family, type))
-        except BaseException as exc:
-            result.append(exc)
-
-    thread = threading.Thread(target=create, name=f"netns-socket-{netns}")
-    thread.start()
-    thread.join()
-    outcome = result[0]
-    if isinstance(outcome, BaseException):
-        raise outcome
-    return outcome
+    """A socket that lives in `netns`, usable from any thread of this process."""
+    return _socket_in_netns(netns, family, type)
 
 
 def free_port(host: str = "127.0.0.1", *, netns: str | None = None) -> int:

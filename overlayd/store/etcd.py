@@ -27,6 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import aetcd
+import aetcd.watcher
+import grpc
+import grpc.aio
 
 from overlayd.config import StoreConfig
 from overlayd.metrics import Metrics
@@ -102,7 +105,14 @@ class EtcdStore(Store):
     async def _call(self, operation: str, fn: Callable[[], Any]) -> Any:
         """Run one request, translating client errors to StoreError and tracking health."""
         try:
-            result = await fn()
+            try:
+                result = await fn()
+            except aetcd.exceptions.UnauthenticatedError:
+                # etcd's auth tokens expire (5 min by default) and aetcd does not
+                # renew them: authenticate again, once, and retry.
+                log.info("etcd auth token expired: authenticating again")
+                await self._reconnect()
+                result = await fn()
         except _UNREACHABLE as exc:
             self._set_health(False)
             if self._metrics:
@@ -117,20 +127,38 @@ class EtcdStore(Store):
 
     async def connect(self) -> None:
         errors = []
+        credentials = _tls_credentials(self._config)
         for endpoint in self._config.endpoints:
-            client = aetcd.Client(
-                host=endpoint.host,
-                port=endpoint.port,
-                username=self._config.username,
-                password=self._config.password,
-                timeout=_REQUEST_TIMEOUT,
-            )
+            kwargs: dict[str, Any] = {
+                "host": endpoint.host,
+                "port": endpoint.port,
+                "username": self._config.username,
+                "password": self._config.password,
+                "timeout": _REQUEST_TIMEOUT,
+            }
+            client = aetcd.Client(**kwargs) if credentials is None else _TlsClient(credentials, **kwargs)
+            where = f"{endpoint.host}:{endpoint.port}"
             try:
                 await client.connect()
                 await client.get(b"\0overlayd-ping")  # connect() alone does not reach the server
-            except (TimeoutError, aetcd.ClientError, OSError) as exc:
-                errors.append(f"{endpoint.host}:{endpoint.port}: {_first_line(exc)}")
+            except aetcd.exceptions.UnauthenticatedError as exc:
                 await _close_quietly(client)
+                raise StoreError(
+                    f"etcd at {where} refused the credentials of user {self._config.username!r}: "
+                    f"{_first_line(exc)} (check store.username and store.password)"
+                ) from None
+            except (TimeoutError, aetcd.ClientError, OSError) as exc:
+                await _close_quietly(client)
+                text = _first_line(exc)
+                if credentials is not None and _looks_like_tls(text):
+                    raise StoreError(
+                        f"TLS with etcd at {where} failed: {text} (check store.tls_ca, tls_cert, tls_key)"
+                    ) from None
+                if "user name is empty" in text or "authentication is enabled" in text.lower():
+                    raise StoreError(
+                        f"etcd at {where} requires authentication: {text} (set store.username/password)"
+                    ) from None
+                errors.append(f"{where}: {text}")
                 continue
             self._client = client
             self._set_health(True)
@@ -142,6 +170,10 @@ class EtcdStore(Store):
         if self._client is not None:
             await _close_quietly(self._client)
             self._client = None
+
+    async def _reconnect(self) -> None:
+        await self.close()
+        await self.connect()
 
     # ----------------------------------------------------------------- session
 
@@ -381,6 +413,14 @@ class EtcdStore(Store):
                 snap = await self._retry_snapshot()
                 revision = snap.revision
                 yield snap
+            except aetcd.exceptions.UnauthenticatedError:
+                log.info("etcd auth token expired: authenticating again")
+                try:
+                    await self._reconnect()
+                except StoreError as exc:
+                    log.warning("etcd watch: %s", exc)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, _RETRY_MAX)
             except (*_UNREACHABLE, StoreUnavailable) as exc:
                 self._set_health(False)
                 log.warning(
@@ -410,6 +450,71 @@ class EtcdStore(Store):
             kind = type(fact).__name__.removesuffix("Put").removesuffix("Deleted").lower()
             self._metrics.store_watch_events.labels(kind=kind, action=action).inc()
         return fact
+
+
+class _TlsClient(aetcd.Client):  # type: ignore[misc]
+    """aetcd over TLS: aetcd itself only builds plaintext gRPC channels.
+
+    Same steps as aetcd's own connect (channel, optional authentication,
+    stubs, watcher), with a secure channel. Pinned to aetcd 1.0's attributes.
+    """
+
+    def __init__(self, credentials: grpc.ChannelCredentials, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._credentials = credentials
+
+    async def connect(self) -> None:
+        if self._connected.is_set():
+            return
+        self.channel = grpc.aio.secure_channel(
+            f"{self._host}:{self._port}", self._credentials, options=list(self._options.items())
+        )
+        rpc = aetcd.rpc
+        if self._username is not None and self._password is not None:
+            self.auth_stub = rpc.AuthStub(self.channel)
+            request = rpc.AuthenticateRequest(name=self._username, password=self._password)
+            try:
+                response = await self.auth_stub.Authenticate(request, timeout=self._timeout)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    raise aetcd.exceptions.UnauthenticatedError(exc.details()) from None
+                if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise aetcd.ConnectionFailedError(exc.details()) from None
+                raise aetcd.ClientError(exc.details()) from None
+            self.metadata = (("token", response.token),)
+        self.kvstub = rpc.KVStub(self.channel)
+        self.clusterstub = rpc.ClusterStub(self.channel)
+        self.leasestub = rpc.LeaseStub(self.channel)
+        self.maintenancestub = rpc.MaintenanceStub(self.channel)
+        self._watcher = aetcd.watcher.Watcher(
+            rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata
+        )
+        self._connected.set()
+
+
+def _tls_credentials(config: StoreConfig) -> grpc.ChannelCredentials | None:
+    """TLS credentials from store.tls_ca / tls_cert / tls_key, or None for plaintext."""
+    if config.scheme != "etcds" and not config.tls_ca and not config.tls_cert:
+        return None
+
+    def read(path: str | None, key: str) -> bytes | None:
+        if path is None:
+            return None
+        try:
+            return Path(path).read_bytes()
+        except OSError as exc:
+            raise StoreError(f"{key}: cannot read {path}: {exc.strerror}") from None
+
+    return grpc.ssl_channel_credentials(
+        root_certificates=read(config.tls_ca, "store.tls_ca"),
+        private_key=read(config.tls_key, "store.tls_key"),
+        certificate_chain=read(config.tls_cert, "store.tls_cert"),
+    )
+
+
+def _looks_like_tls(text: str) -> bool:
+    lowered = text.lower()
+    return any(word in lowered for word in ("ssl", "tls", "handshake", "certificate", "tsi_"))
 
 
 def _txn_values(responses: list[Any], index: int) -> list[bytes]:

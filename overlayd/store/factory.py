@@ -17,7 +17,7 @@ def make_store(
     on_invalid: Callable[[str], None] | None = None,
 ) -> Store:
     # Imports are local so a host running one backend never imports the others' clients.
-    if config.scheme == "etcd":
+    if config.scheme in ("etcd", "etcds"):
         from overlayd.store.etcd import EtcdStore
 
         return EtcdStore(config, state_dir=state_dir, metrics=metrics, on_invalid=on_invalid)
