@@ -156,17 +156,22 @@ def cmd_peers(ctx: Context) -> int:
     if ctx.json_out:
         _print_json(peers)
         return EXIT_OK
-    rows = (
-        [
+    # With gossip on, each peer also has a SWIM state and a round-trip time.
+    gossip = any("state" in p for p in peers)
+    rows = []
+    for p in peers:
+        row = [
             format_cell(p.get("name")),
             format_cell(p.get("vtep")),
             format_cell(p.get("endpoints")),
             format_cell(p.get("started_at"), "started_at"),
             "yes" if p.get("self") else "",
         ]
-        for p in peers
-    )
-    print(format_table(["NAME", "VTEP", "ENDPOINTS", "STARTED", "SELF"], rows))
+        if gossip:
+            row += [format_cell(p.get("state")), format_cell(p.get("rtt_ms"))]
+        rows.append(row)
+    header = ["NAME", "VTEP", "ENDPOINTS", "STARTED", "SELF"] + (["STATE", "RTT MS"] if gossip else [])
+    print(format_table(header, rows))
     return EXIT_OK
 
 
