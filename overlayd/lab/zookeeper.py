@@ -9,6 +9,11 @@ optionally inside a network namespace. Stopping goes by PID: SIGTERM, a
 bounded wait, then SIGKILL. `restart()` keeps the data; `cleanup()` stops the
 server and removes its directory.
 
+With `tls=(cert, key)` it also serves TLS on a second port (`secure_port`,
+what `url` then names) through the Netty connection factory, reading PEM
+files directly; `client_ca` makes it require client certificates signed by
+that CA. `srvr` keeps using the plain port.
+
 Ready means `srvr` reports `Mode:`: `ruok` answers `imok` before the server
 accepts sessions. Sized for tests: a 128 MiB heap with the serial collector
 (about 125 MiB resident), a short tick so session timeouts down to 1 s are
@@ -33,6 +38,7 @@ from overlayd.lab.proc import Proc
 ZOOKEEPER_JAR = Path("/usr/share/java/zookeeper.jar")
 # A logging backend for slf4j: without one ZooKeeper logs nothing at all.
 SLF4J_BINDING = Path("/usr/share/java/slf4j-simple.jar")
+NETTY_DIR = Path("/usr/share/java")
 MAIN_CLASS = "org.apache.zookeeper.server.quorum.QuorumPeerMain"
 TICK_MS = 500
 
@@ -82,6 +88,8 @@ class ZooKeeperServer:
         min_session_timeout_ms: int = 2 * TICK_MS,
         max_session_timeout_ms: int = 60_000,
         jar_dir: Path | None = None,
+        tls: tuple[Path, Path] | None = None,
+        client_ca: Path | None = None,
         on_start: Callable[[ZooKeeperServer], None] | None = None,
     ) -> None:
         """`workdir` holds `data/`, `zoo.cfg` and `zookeeper.log` (a new temporary directory when None).
@@ -95,6 +103,9 @@ class ZooKeeperServer:
         self.min_session_timeout_ms = min_session_timeout_ms
         self.max_session_timeout_ms = max_session_timeout_ms
         self.jar_dir = jar_dir
+        self.tls = tls
+        self.client_ca = client_ca
+        self.secure_port = 0
         self.on_start = on_start
         self._given_port = client_port
         self._pick_port = client_port is None
@@ -106,7 +117,8 @@ class ZooKeeperServer:
 
     @property
     def url(self) -> str:
-        return f"zookeeper://{self.host}:{self.client_port}"
+        port = self.secure_port if self.tls is not None else self.client_port
+        return f"zookeeper://{self.host}:{port}"
 
     @property
     def data_dir(self) -> Path:
@@ -126,9 +138,14 @@ class ZooKeeperServer:
 
     # --- life cycle ---
 
+    @property
+    def keystore_path(self) -> Path:
+        return self.workdir / "server.pem"
+
     def config_text(self) -> str:
         return "\n".join(
             [
+                *self._tls_lines(),
                 f"tickTime={TICK_MS}",
                 f"dataDir={self.data_dir}",
                 f"clientPort={self.client_port}",
@@ -144,8 +161,30 @@ class ZooKeeperServer:
             ]
         )
 
+    def _tls_lines(self) -> list[str]:
+        if self.tls is None:
+            return []
+        lines = [
+            f"secureClientPort={self.secure_port}",
+            f"secureClientPortAddress={self.host}",
+            "serverCnxnFactory=org.apache.zookeeper.server.NettyServerCnxnFactory",
+            f"ssl.keyStore.location={self.keystore_path}",
+            "ssl.keyStore.type=PEM",
+        ]
+        if self.client_ca is None:
+            return [*lines, "ssl.clientAuth=none"]
+        return [
+            *lines,
+            f"ssl.trustStore.location={self.client_ca}",
+            "ssl.trustStore.type=PEM",
+            "ssl.clientAuth=need",
+        ]
+
     def argv(self) -> list[str]:
         classpath = [str(jar) for jar in find_zookeeper(self.jar_dir)]
+        if self.tls is not None:
+            # Netty's TLS needs its codec and resolver, which the jar's manifest leaves out.
+            classpath += [str(NETTY_DIR / "netty-codec.jar"), str(NETTY_DIR / "netty-resolver.jar")]
         if SLF4J_BINDING.is_file():
             classpath.append(str(SLF4J_BINDING))
         argv = [
@@ -172,6 +211,8 @@ class ZooKeeperServer:
         for attempt in range(attempts):
             if self._pick_port:
                 self.client_port = self._given_port or free_port(self.host, netns=self.netns)
+            if self.tls is not None and (self._pick_port or not self.secure_port):
+                self.secure_port = free_port(self.host, netns=self.netns)
             try:
                 self._start_once(timeout)
             except ZooKeeperError as exc:
@@ -186,6 +227,11 @@ class ZooKeeperServer:
 
     def _start_once(self, timeout: float) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self.tls is not None:
+            # One PEM file with the key and the certificate chain: ZooKeeper's PEM keystore.
+            cert, key = self.tls
+            self.keystore_path.write_bytes(key.read_bytes() + cert.read_bytes())
+            self.keystore_path.chmod(0o600)
         self.config_path.write_text(self.config_text())
         env = {k: v for k, v in os.environ.items() if not k.startswith(("ZOO", "JVMFLAGS", "CLASSPATH"))}
         self.proc = Proc.spawn(

@@ -31,6 +31,9 @@ What ZooKeeper and kazoo really do, and how this module answers (BACKENDS.md):
   sizes are checked before writing.
 - Digest auth: credentials go in `auth_data` and every znode we create gets a
   digest ACL for that user, so nothing else can change them.
+- TLS when `store.tls_ca` or `store.tls_cert` is set (kazoo's `use_ssl`,
+  verifying the certificate and host name). kazoo retries a failed handshake
+  until the connect times out, so one direct handshake then says why.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import socket
+import ssl
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,6 +141,7 @@ class ZooKeeperStore(Store):
         self._acl: list[Any] | None = None
         if config.username is not None:
             self._acl = [make_digest_acl(config.username, config.password or "", all=True)]
+        self._tls_context: ssl.SSLContext | None = None
         # Trees read by snapshot(), by revision: watch(revision) diffs against the one it names.
         self._snapshots: dict[int, dict[str, Rec]] = {}
 
@@ -170,7 +176,10 @@ class ZooKeeperStore(Store):
     ) -> Any:
         """Run one kazoo async request; errors in `expect` pass through, others become StoreErrors."""
         client = self.client
-        if not self._connected.is_set():
+        # kazoo queues a request made while it reconnects and sends it later: one that
+        # timed out here could still land. Refuse at once instead; kazoo's own flag is
+        # the fresher one (ours follows it through the event loop).
+        if not self._connected.is_set() or not client.connected:
             self._count_error(operation)
             raise StoreUnavailable(f"zookeeper at {self._hosts} is unreachable (reconnecting)")
         loop = asyncio.get_running_loop()
@@ -234,6 +243,7 @@ class ZooKeeperStore(Store):
                 return
             await self.close()
         self._loop = asyncio.get_running_loop()
+        self._tls_context = _tls_context(self._config)
         saved = self._load_session()
         auth = None
         if self._config.username is not None:
@@ -247,12 +257,18 @@ class ZooKeeperStore(Store):
             # Reconnect forever, quickly: the session is ticking while we are away.
             connection_retry=KazooRetry(max_tries=-1, delay=0.1, max_delay=1.0),
             logger=_kazoo_log,
+            **self._tls_options(),
         )
         client.add_listener(self._listener)
         try:
             await asyncio.to_thread(client.start, _CONNECT_TIMEOUT)
         except (KazooTimeoutError, KazooException, OSError) as exc:
             self._set_health(False)
+            if self._tls_context is not None:
+                # kazoo retries a failed handshake until it times out: ask once more to say why.
+                tls_failure = await asyncio.to_thread(self._tls_probe)
+                if tls_failure is not None:
+                    raise StoreError(f"zookeeper at {self._hosts}: {tls_failure}") from None
             raise StoreUnavailable(f"cannot reach zookeeper at {self._hosts} ({_describe(exc)})") from None
         self._client = client
         session_id = _client_id(client)[0]
@@ -267,6 +283,33 @@ class ZooKeeperStore(Store):
         except StoreError:
             await self.close()
             raise
+
+    def _tls_options(self) -> dict[str, Any]:
+        """kazoo's TLS arguments: TLS when store.tls_ca or store.tls_cert is set."""
+        config = self._config
+        if self._tls_context is None:
+            return {}
+        return {
+            "use_ssl": True,
+            "ca": config.tls_ca,
+            "certfile": config.tls_cert,
+            "keyfile": config.tls_key,
+            "verify_certs": True,
+            "check_hostname": True,
+        }
+
+    def _tls_probe(self) -> str | None:
+        """One TLS handshake with the first server; the reason it fails, or None."""
+        assert self._tls_context is not None
+        endpoint = self._config.endpoints[0]
+        try:
+            with socket.create_connection((endpoint.host, endpoint.port), timeout=3) as sock:
+                with self._tls_context.wrap_socket(sock, server_hostname=endpoint.host):
+                    return None
+        except ssl.SSLError as exc:
+            return f"TLS failed: {_describe(exc)}; check store.tls_ca, store.tls_cert and store.tls_key"
+        except OSError:
+            return None
 
     async def _ensure_dirs(self) -> None:
         for kind in ("networks", "vni", "nodes", "endpoints", "ipam"):
@@ -704,6 +747,24 @@ class ZooKeeperStore(Store):
                 changes.append(put)
             # Gone: the parent's child watch fires too and its listing reports the deletion.
         return self._changes(mirror, changes, revision)
+
+
+def _tls_context(config: StoreConfig) -> ssl.SSLContext | None:
+    """The client's TLS settings, checked now so a bad file is one clear error at start."""
+    if config.tls_ca is None and config.tls_cert is None:
+        return None
+    try:
+        context = ssl.create_default_context(cafile=config.tls_ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise StoreError(f"store.tls_ca: cannot load {config.tls_ca}: {_describe(exc)}") from None
+    if config.tls_cert is not None:
+        try:
+            context.load_cert_chain(config.tls_cert, config.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise StoreError(
+                f"store.tls_cert: cannot load {config.tls_cert} with its key: {_describe(exc)}"
+            ) from None
+    return context
 
 
 def _client_id(client: KazooClient) -> tuple[int, bytes]:

@@ -6,6 +6,7 @@ What every backend must do is in the conformance suite (tests/store).
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 import os
 import socket
@@ -15,6 +16,10 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from kazoo.client import KazooClient
 from kazoo.exceptions import NoAuthError
 from kazoo.security import make_digest_acl_credential
@@ -23,6 +28,7 @@ from overlayd.config import from_flat
 from overlayd.lab.proc import read_start_time
 from overlayd.lab.zookeeper import ZooKeeperError, ZooKeeperServer
 from overlayd.model import Endpoint, Network, Node, random_mac
+from overlayd.state import NetworkPut
 from overlayd.store.base import StoreError
 from overlayd.store.zookeeper import ZooKeeperStore
 
@@ -258,3 +264,77 @@ def test_fetched_release_runs_from_its_own_jars() -> None:
         pytest.skip("ZooKeeper 3.9 not fetched (scripts/fetch-zookeeper.sh)")
     with ZooKeeperServer(jar_dir=jars) as server:
         assert server.version().startswith("3.9")
+
+
+def make_pki(directory: Path, name: str) -> dict[str, Path]:
+    """A CA plus a server (127.0.0.1) and a client certificate it signed, as PEM files."""
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} CA")])
+
+    def issue(common_name: str, key: ec.EllipticCurvePrivateKey, ca: bool) -> x509.Certificate:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if not ca:
+            san = x509.SubjectAlternativeName([x509.IPAddress(IPv4Address("127.0.0.1"))])
+            builder = builder.add_extension(san, critical=False)
+        return builder.sign(ca_key, hashes.SHA256())
+
+    def write(file: str, data: bytes) -> Path:
+        path = directory / f"{name}-{file}"
+        path.write_bytes(data)
+        return path
+
+    def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+        return key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+
+    files = {
+        "ca": write("ca.pem", issue(f"{name} CA", ca_key, True).public_bytes(serialization.Encoding.PEM))
+    }
+    for role in ("server", "client"):
+        key = ec.generate_private_key(ec.SECP256R1())
+        files[f"{role}_key"] = write(f"{role}.key", key_pem(key))
+        files[f"{role}_cert"] = write(
+            f"{role}.pem", issue(role, key, False).public_bytes(serialization.Encoding.PEM)
+        )
+    return files
+
+
+async def test_tls_with_client_certificates_and_a_wrong_ca_is_one_clear_error(
+    tmp_path: Path, closing: list[ZooKeeperStore]
+) -> None:
+    pki, other = make_pki(tmp_path, "good"), make_pki(tmp_path, "other")
+    server = ZooKeeperServer(tls=(pki["server_cert"], pki["server_key"]), client_ca=pki["ca"])
+    try:
+        server.start()
+        assert server.url == f"zookeeper://127.0.0.1:{server.secure_port}"
+        tls = {"store.tls_cert": str(pki["client_cert"]), "store.tls_key": str(pki["client_key"])}
+        good = make(server, tmp_path, **tls, **{"store.tls_ca": str(pki["ca"])})
+        closing.append(good)
+        await good.connect()
+        await good.open_session(node("h1", 1))
+        await good.create_network(DEMO)
+        assert NetworkPut(DEMO) in (await good.snapshot()).facts
+
+        wrong = make(server, tmp_path / "w", **tls, **{"store.tls_ca": str(other["ca"])})
+        closing.append(wrong)
+        with pytest.raises(StoreError) as info:
+            await asyncio.wait_for(wrong.connect(), 20)
+        message = str(info.value)
+        assert "TLS failed" in message and "store.tls_ca" in message and "\n" not in message
+
+        missing = make(server, tmp_path / "m", **tls, **{"store.tls_ca": str(tmp_path / "nope.pem")})
+        with pytest.raises(StoreError, match=r"^store\.tls_ca: cannot load .*nope\.pem"):
+            await missing.connect()
+    finally:
+        server.cleanup()

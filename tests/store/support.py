@@ -14,7 +14,7 @@ from overlayd.config import from_flat
 from overlayd.metrics import Metrics
 from overlayd.model import Endpoint, Network, Node, random_mac
 from overlayd.state import ClusterView, Fact
-from overlayd.store.base import Changes, Snapshot, Store, StoreUnavailable
+from overlayd.store.base import AlreadyExists, Changes, Snapshot, Store, StoreUnavailable
 from overlayd.store.factory import make_store as factory_make_store
 
 PREFIX = "/t/v1/"
@@ -59,13 +59,24 @@ async def poll(check: Callable[[], Awaitable[bool] | bool], timeout: float, what
 
 
 async def retry(op: Callable[[], Awaitable[None]], timeout: float = 20) -> None:
-    """Run `op` until the server answers (it may still be coming back)."""
+    """Run `op` until the server answers (it may still be coming back).
+
+    A write that failed as "unreachable" may still have landed (any backend:
+    the answer, not the request, was lost), so a retry that finds its own
+    write already there counts as done.
+    """
     deadline = time.monotonic() + timeout
+    failed = False
     while True:
         try:
             await op()
             return
+        except AlreadyExists:
+            if not failed:
+                raise
+            return
         except StoreUnavailable:
+            failed = True
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.1)
