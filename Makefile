@@ -55,6 +55,7 @@ lint: setup
 test-deps:
 	scripts/fetch-consul.sh
 	scripts/fetch-zookeeper.sh
+	scripts/fetch-etcd.sh
 
 test: lint test-deps
 	$(BIN)/pytest -q

@@ -71,6 +71,7 @@ class EtcdServer:
         tls_cert: Path | None = None,
         tls_key: Path | None = None,
         client_ca: Path | None = None,
+        binary: str | None = None,
     ) -> None:
         """`workdir` holds `data/` and `etcd.log` (a new temporary directory when None).
 
@@ -92,6 +93,7 @@ class EtcdServer:
         # TLS on the client port (certificate and key), and client certificates
         # required and checked against `client_ca` when that is given.
         self.tls_cert, self.tls_key, self.client_ca = tls_cert, tls_key, client_ca
+        self.binary = binary  # another etcd build (e.g. Debian 13's 3.5); None: the installed one
 
     # --- addresses ---
 
@@ -124,7 +126,7 @@ class EtcdServer:
 
     def argv(self) -> list[str]:
         argv = [
-            find_etcd(),
+            self.binary or find_etcd(),
             f"--name={self.name}",
             f"--data-dir={self.data_dir}",
             f"--listen-client-urls={self.client_url}",

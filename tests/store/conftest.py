@@ -31,7 +31,7 @@ from overlayd.lab.consul import ConsulServer
 from overlayd.lab.zookeeper import ZooKeeperError, ZooKeeperServer, find_zookeeper
 from overlayd.store.base import Store
 
-BACKENDS = ["etcd", "zookeeper", "zookeeper-3.9", "consul"]
+BACKENDS = ["etcd", "etcd-3.5", "zookeeper", "zookeeper-3.9", "consul"]
 
 
 # --- etcd ---------------------------------------------------------------------
@@ -55,11 +55,21 @@ async def _etcd_expire(server: EtcdServer, store: Store) -> None:
         await client.close()
 
 
+# Servers Debian 12 does not have, unpacked by scripts/fetch-*.sh (`make test` and CI run them).
+TEST_CACHE = Path(os.environ.get("OVERLAYD_TEST_CACHE", "/var/cache/overlayd-test"))
+ETCD35_BINARY = TEST_CACHE / "etcd-3.5/usr/bin/etcd"  # Debian 13's etcd 3.5
+
+
+def _etcd35_server() -> EtcdServer:
+    if not os.access(ETCD35_BINARY, os.X_OK):
+        pytest.skip(f"etcd 3.5 not fetched ({ETCD35_BINARY}): run scripts/fetch-etcd.sh")
+    return EtcdServer(binary=str(ETCD35_BINARY))
+
+
 # --- ZooKeeper ----------------------------------------------------------------
 
 ZK_CHROOT = "/ovt"
-# Debian 13's ZooKeeper 3.9, unpacked by scripts/fetch-zookeeper.sh (`make test` and CI run it).
-TEST_CACHE = Path(os.environ.get("OVERLAYD_TEST_CACHE", "/var/cache/overlayd-test"))
+# Debian 13's ZooKeeper 3.9.
 ZK39_JARS = TEST_CACHE / "zookeeper-3.9/usr/share/java"
 
 
@@ -128,6 +138,7 @@ async def _consul_expire(server: ConsulServer, store: Store) -> None:
 
 KINDS: dict[str, Backend] = {
     "etcd": Backend("etcd", EtcdServer, _etcd_raw_put, _etcd_expire),
+    "etcd-3.5": Backend("etcd-3.5", _etcd35_server, _etcd_raw_put, _etcd_expire, variant_of="etcd"),
     "zookeeper": Backend("zookeeper", ZooKeeperServer, _zk_raw_put, _zk_expire, url_path=ZK_CHROOT),
     "zookeeper-3.9": Backend(
         "zookeeper-3.9", _zk39_server, _zk_raw_put, _zk_expire, url_path=ZK_CHROOT, variant_of="zookeeper"
