@@ -207,6 +207,18 @@ class Pinger:
             stderr=subprocess.STDOUT,
             text=True,
         )
+        # ping prints its "PING ..." header once its signal handlers are set:
+        # a SIGINT before that would kill it without the summary `stop` reads.
+        # Read it byte by byte from the pipe itself: a buffered readline would
+        # swallow what follows, which `communicate` (reading the pipe) never sees.
+        assert self._popen.stdout is not None
+        fd, head = self._popen.stdout.fileno(), b""
+        while not head.endswith(b"\n"):
+            byte = os.read(fd, 1)
+            if not byte:
+                break
+            head += byte
+        self._head = head.decode(errors="replace")
 
     def stop(self) -> PingStats:
         """SIGINT (ping prints its summary), then the count of sent, received and lost."""
@@ -216,6 +228,7 @@ class Pinger:
         except subprocess.TimeoutExpired:
             self._popen.kill()
             out, _ = self._popen.communicate()
+        out = self._head + out
         summary = re.search(r"(\d+) packets transmitted, (\d+) received", out)
         if summary is None:
             raise LabError(f"ping printed no summary:\n{out[-2000:]}")
