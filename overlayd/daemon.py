@@ -50,7 +50,7 @@ from overlayd.dataplane.endpoints import (
 from overlayd.dataplane.kernel import Kernel, KernelError, Underlay
 from overlayd.dataplane.kstate import KernelState, bridge_name, veth_name
 from overlayd.dataplane.teardown import remove_owned_links
-from overlayd.gossip import MemberInfo, Record
+from overlayd.gossip import MemberInfo, MemberState, Record
 from overlayd.metrics import Metrics
 from overlayd.model import (
     Endpoint,
@@ -256,11 +256,21 @@ class Daemon:
         match fact:
             case EndpointPut(endpoint):
                 current = self.view.endpoints.get(endpoint.key)
-                if current is None or (current != endpoint and endpoint.created_at >= current.created_at):
+                if current is None:
+                    # Ahead of the store only for a member gossip sees alive: peers keep
+                    # a dead host's records (its lease, not a tombstone, ended them), and
+                    # they must not come back from there.
+                    if self._gossip_alive(record.owner):
+                        return fact
+                elif current != endpoint and endpoint.created_at >= current.created_at:
                     return fact
             case NodePut(node) if node.name not in self.view.nodes:
                 return fact
         return None
+
+    def _gossip_alive(self, name: str) -> bool:
+        member = self._members().get(name)
+        return member is not None and member.state in (MemberState.ALIVE, MemberState.SUSPECT)
 
     def _merge_gossip_into_view(self) -> bool:
         """After a KV snapshot: keep what gossip knows that the store has not caught up with."""

@@ -279,3 +279,21 @@ def stop_monitor(proc: subprocess.Popen[str]) -> list[str]:
     return [
         line for line in out.splitlines() if line.startswith("Deleted") and "ovvx" in line and "dst" in line
     ]
+
+
+def test_kv_expired_endpoint_never_comes_back_through_gossip(make_lab: Callable[..., Lab]) -> None:
+    """Peers keep a dead host's gossip records; the KV store's expiry still wins everywhere."""
+    lab = make_lab(3, store="etcd", gossip=True, lease_ttl=3)
+    assert all(r.ok for r in lab.ping_all())
+    dead = next(ep for ep in lab.endpoints if ep.host == "h2")
+    lab.kill_daemon("h2")
+    for host in ("h1", "h3"):
+        wait_until(lambda h=host: dead.mac not in fdb_macs(lab, h), 20, f"h2's endpoint expired on {host}")
+    # A daemon that starts now learns h2's old records from its peers' gossip tables.
+    lab.stop_daemon("h3")
+    lab.start_daemon("h3")
+    deadline = time.monotonic() + 5  # a few anti-entropy rounds (2 s each in the lab)
+    while time.monotonic() < deadline:
+        assert dead.name not in {e["name"] for e in lab.admin("h3").endpoint_list()}
+        assert dead.mac not in fdb_macs(lab, "h3")
+        time.sleep(0.2)
