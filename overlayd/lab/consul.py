@@ -27,18 +27,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from http.client import HTTPConnection
 from pathlib import Path
-from types import TracebackType
 
-from overlayd.lab.etcd import log_tail
 from overlayd.lab.netns import exec_argv, free_port
 from overlayd.lab.nshttp import NetnsHTTPConnection
 from overlayd.lab.proc import Proc
+from overlayd.lab.server import ServerProcess
 
 # Where scripts/fetch-consul.sh unpacks the package; OVERLAYD_CONSUL_BIN overrides.
 CONSUL_CACHE = Path("/var/cache/overlayd-test/consul")
@@ -64,7 +62,7 @@ def find_consul() -> str:
     return found
 
 
-class ConsulServer:
+class ConsulServer(ServerProcess):
     """One dev-mode Consul agent; `url` is what overlayd's config takes (consul://host:port)."""
 
     def __init__(
@@ -256,56 +254,11 @@ class ConsulServer:
         except (OSError, ValueError):
             return False
 
-    def wait_ready(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc is None or not self.proc.alive():
-                code = self.proc.returncode() if self.proc is not None else None
-                raise ConsulError(
-                    f"consul {self.http_url} exited (status {code}) while starting; "
-                    f"log {self.log_path}:\n{log_tail(self.log_path)}"
-                )
-            if self.healthy():
-                return
-            if time.monotonic() >= deadline:
-                raise ConsulError(
-                    f"consul {self.http_url} not ready after {timeout:g}s; "
-                    f"log {self.log_path}:\n{log_tail(self.log_path)}"
-                )
-            time.sleep(0.05)
+    error = ConsulError
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM by PID, wait up to `timeout`, then SIGKILL. No-op when not running."""
-        if self.proc is not None:
-            self.proc.stop(timeout=timeout)
-            self.proc = None
+    @property
+    def label(self) -> str:
+        return f"consul {self.http_url}"
 
-    def kill(self) -> None:
-        """SIGKILL by PID, as a crash would."""
-        if self.proc is not None:
-            self.proc.stop(sig=signal.SIGKILL)
-            self.proc = None
-
-    def restart(self, timeout: float = 30.0) -> None:
-        """Stop and start again on the same ports. A dev agent comes back EMPTY."""
-        self.stop()
-        self.start(timeout)
-
-    def cleanup(self) -> None:
-        """Stop the agent and remove its directory (data, config and log)."""
-        try:
-            self.stop()
-        finally:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def __enter__(self) -> ConsulServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.cleanup()
+    def is_ready(self) -> bool:
+        return self.healthy()

@@ -16,18 +16,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from http.client import HTTPConnection
 from pathlib import Path
-from types import TracebackType
 
 from overlayd.lab.netns import exec_argv, free_port, socket_in_netns
 from overlayd.lab.nshttp import NetnsHTTPConnection, request
 from overlayd.lab.proc import Proc
+from overlayd.lab.server import ServerProcess
 
 ETCD_CANDIDATES = ("/usr/bin/etcd",)
 
@@ -46,15 +45,7 @@ def find_etcd() -> str:
     return found
 
 
-def log_tail(path: Path, lines: int = 30) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except FileNotFoundError:
-        return "(no log)"
-    return "\n".join(text.splitlines()[-lines:])
-
-
-class EtcdServer:
+class EtcdServer(ServerProcess):
     """One etcd process; `url` is what overlayd's config takes (etcd://host:port)."""
 
     def __init__(
@@ -233,56 +224,11 @@ class EtcdServer:
         except OSError:
             return False
 
-    def wait_ready(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc is None or not self.proc.alive():
-                code = self.proc.returncode() if self.proc is not None else None
-                raise EtcdError(
-                    f"etcd {self.client_url} exited (status {code}) while starting; "
-                    f"log {self.log_path}:\n{log_tail(self.log_path)}"
-                )
-            if self.healthy():
-                return
-            if time.monotonic() >= deadline:
-                raise EtcdError(
-                    f"etcd {self.client_url} not healthy after {timeout:g}s; "
-                    f"log {self.log_path}:\n{log_tail(self.log_path)}"
-                )
-            time.sleep(0.05)
+    error = EtcdError
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM by PID, wait up to `timeout`, then SIGKILL. No-op when not running."""
-        if self.proc is not None:
-            self.proc.stop(timeout=timeout)
-            self.proc = None
+    @property
+    def label(self) -> str:
+        return f"etcd {self.client_url}"
 
-    def kill(self) -> None:
-        """SIGKILL by PID, as a crash would."""
-        if self.proc is not None:
-            self.proc.stop(sig=signal.SIGKILL)
-            self.proc = None
-
-    def restart(self, timeout: float = 30.0) -> None:
-        """Stop and start again on the same ports with the same data."""
-        self.stop()
-        self.start(timeout)
-
-    def cleanup(self) -> None:
-        """Stop the server and remove its directory (data and log)."""
-        try:
-            self.stop()
-        finally:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def __enter__(self) -> EtcdServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.cleanup()
+    def is_ready(self) -> bool:
+        return self.healthy()

@@ -44,9 +44,10 @@ from typing import Any, Protocol, TypeVar
 from overlayd.api.client import AdminClient, ClientError
 from overlayd.lab import netns
 from overlayd.lab.consul import ConsulError, ConsulServer, find_consul
-from overlayd.lab.etcd import EtcdError, EtcdServer, find_etcd, log_tail
+from overlayd.lab.etcd import EtcdError, EtcdServer, find_etcd
 from overlayd.lab.nshttp import NetnsHTTPConnection, request
 from overlayd.lab.proc import Proc, stop_all
+from overlayd.lab.server import log_tail
 from overlayd.lab.zookeeper import ZooKeeperError, ZooKeeperServer, find_java, find_zookeeper
 
 T = TypeVar("T")

@@ -24,16 +24,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
 
 from overlayd.lab.netns import exec_argv, free_port, socket_in_netns
 from overlayd.lab.proc import Proc
+from overlayd.lab.server import ServerProcess
 
 ZOOKEEPER_JAR = Path("/usr/share/java/zookeeper.jar")
 # A logging backend for slf4j: without one ZooKeeper logs nothing at all.
@@ -67,15 +66,7 @@ def find_zookeeper(jar_dir: Path | None = None) -> list[Path]:
     return jars
 
 
-def log_tail(path: Path, lines: int = 30) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except FileNotFoundError:
-        return "(no log)"
-    return "\n".join(text.splitlines()[-lines:])
-
-
-class ZooKeeperServer:
+class ZooKeeperServer(ServerProcess):
     """One ZooKeeper process; `url` is what overlayd's config takes (zookeeper://host:port)."""
 
     def __init__(
@@ -275,56 +266,11 @@ class ZooKeeperServer:
                 return line.split(":", 1)[1].strip().split("-")[0].split(",")[0]
         return ""
 
-    def wait_ready(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc is None or not self.proc.alive():
-                code = self.proc.returncode() if self.proc is not None else None
-                raise ZooKeeperError(
-                    f"zookeeper {self.host}:{self.client_port} exited (status {code}) while starting; "
-                    f"log {self.log_path}:\n{log_tail(self.log_path)}"
-                )
-            if self.ready():
-                return
-            if time.monotonic() >= deadline:
-                raise ZooKeeperError(
-                    f"zookeeper {self.host}:{self.client_port} not serving after {timeout:g}s; "
-                    f"log {self.log_path}:\n{log_tail(self.log_path)}"
-                )
-            time.sleep(0.05)
+    error = ZooKeeperError
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM by PID, wait up to `timeout`, then SIGKILL. No-op when not running."""
-        if self.proc is not None:
-            self.proc.stop(timeout=timeout)
-            self.proc = None
+    @property
+    def label(self) -> str:
+        return f"zookeeper {self.host}:{self.client_port}"
 
-    def kill(self) -> None:
-        """SIGKILL by PID, as a crash would."""
-        if self.proc is not None:
-            self.proc.stop(sig=signal.SIGKILL)
-            self.proc = None
-
-    def restart(self, timeout: float = 30.0) -> None:
-        """Stop and start again on the same port with the same data."""
-        self.stop()
-        self.start(timeout)
-
-    def cleanup(self) -> None:
-        """Stop the server and remove its directory (data, config and log)."""
-        try:
-            self.stop()
-        finally:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def __enter__(self) -> ZooKeeperServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.cleanup()
+    def is_ready(self) -> bool:
+        return self.ready()
