@@ -1,7 +1,11 @@
 """Desired vs observed kernel state -> the commands that close the gap.
 
-Pure: no I/O. `diff(want, have)` returns nothing when the kernel is already
-right, so a restarted daemon adopts what it finds instead of flushing it.
+Pure: no I/O. `plan(want, have, dirty)` compares only the keys in `dirty`
+(the ones a view change or a kernel notification touched), so a change
+costs O(change); `diff(want, have)` is the same comparison over every key,
+for a full verify and for `overlayctl diff`. Both return nothing when the
+kernel is already right, so a restarted daemon adopts what it finds instead
+of flushing it.
 
 Entries are compared by their kernel key, not by their whole value: an FDB
 entry is (device, MAC) and a neighbour entry is (device, IP). When only the
@@ -13,9 +17,15 @@ Order of the result: links first (entries need their device), then new and
 changed entries (FDB before neighbour, so an answered ARP always has a
 path; each new neighbour followed by an ARP announcement on the local
 bridge), then stale entries, then links that are no longer wanted.
+
+With `hold_deletions` (a restarted daemon whose view is not complete yet)
+nothing is removed: stale entries and links are counted in `Plan.held`
+instead, and compared again once the hold ends.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 from overlayd.dataplane.commands import (
     AnnounceArp,
@@ -31,18 +41,47 @@ from overlayd.dataplane.commands import (
     ReplaceNeigh,
     SetPort,
 )
-from overlayd.dataplane.kstate import KernelState
+from overlayd.dataplane.kstate import (
+    Dirty,
+    FdbEntry,
+    FloodEntry,
+    KernelState,
+    NeighEntry,
+    Tables,
+)
+
+
+@dataclass
+class Plan:
+    commands: list[Command] = field(default_factory=list)
+    held: int = 0  # deletions left out because of `hold_deletions`
 
 
 def diff(want: KernelState, have: KernelState) -> list[Command]:
+    """Every command that makes `have` into `want` (a full compare)."""
+    w, h = Tables.of(want), Tables.of(have)
+    everything = Dirty()
+    everything.add_tables(w)
+    everything.add_tables(h)
+    return plan(w, h, everything).commands
+
+
+def plan(want: Tables, have: Tables, dirty: Dirty, *, hold_deletions: bool = False) -> Plan:
+    """The commands that make the keys in `dirty` in `have` what they are in `want`."""
+    out = Plan()
     links: list[Command] = []
     recreated: set[str] = set()
 
-    for name, bridge in sorted(want.bridges.items()):
-        if have.bridges.get(name) != bridge:
+    dirty_links = sorted(dirty.links)
+    for name in dirty_links:
+        bridge = want.bridges.get(name)
+        if bridge is not None and have.bridges.get(name) != bridge:
             links.append(EnsureBridge(bridge))
 
-    for name, vxlan in sorted(want.vxlans.items()):
+    for name in dirty_links:
+        vxlan = want.vxlans.get(name)
+        if vxlan is None:
+            continue
         current = have.vxlans.get(name)
         if current == vxlan:
             continue
@@ -56,41 +95,75 @@ def diff(want: KernelState, have: KernelState) -> list[Command]:
             recreated.add(name)
         links.append(EnsureVxlan(vxlan))
 
-    for name, port in sorted(want.ports.items()):
+    for name in dirty_links:
+        port = want.ports.get(name)
         current_port = have.ports.get(name)
         # A missing port is not ours to create: only the admin API can build a
         # veth into a namespace. The reconciler reports it instead.
-        if current_port is not None and current_port != port:
+        if port is not None and current_port is not None and current_port != port:
             links.append(SetPort(port))
 
     # Entries on a device that is about to be deleted or recreated are gone
     # with it: never delete them one by one, and re-add everything wanted.
-    gone = recreated | (set(have.vxlans) - set(want.vxlans))
-
-    have_fdb = {(e.device, e.mac): e for e in have.fdb if e.device not in gone}
-    want_fdb = {(e.device, e.mac): e for e in want.fdb}
-    have_neigh = {(e.device, e.ip): e for e in have.neigh if e.device not in gone}
-    want_neigh = {(e.device, e.ip): e for e in want.neigh}
-    have_flood = {e for e in have.flood if e.device not in gone}
+    gone = recreated | (have.vxlans.keys() - want.vxlans.keys())
 
     adds: list[Command] = []
-    # Sort only what changed: a converged pass over 10k entries must stay cheap.
-    adds += [ReplaceFdb(e) for e in sorted(e for k, e in want_fdb.items() if have_fdb.get(k) != e)]
-    adds += [AppendFlood(e) for e in sorted(want.flood - have_flood)]
-    for entry in sorted(e for k, e in want_neigh.items() if have_neigh.get(k) != e):
+    removals: list[Command] = []
+    fdb_adds: list[FdbEntry] = []
+    fdb_dels: list[FdbEntry] = []
+    for fkey in dirty.fdb:
+        dst = want.fdb.get(fkey)
+        current_dst = None if fkey[0] in gone else have.fdb.get(fkey)
+        if dst is not None:
+            if dst != current_dst:
+                fdb_adds.append(FdbEntry(fkey[0], fkey[1], dst))
+        elif current_dst is not None:
+            fdb_dels.append(FdbEntry(fkey[0], fkey[1], current_dst))
+
+    flood_adds: list[FloodEntry] = []
+    flood_dels: list[FloodEntry] = []
+    for flood in dirty.flood:
+        wanted = flood in want.flood
+        present = flood[0] not in gone and flood in have.flood
+        if wanted and not present:
+            flood_adds.append(FloodEntry(*flood))
+        elif present and not wanted:
+            flood_dels.append(FloodEntry(*flood))
+
+    neigh_adds: list[NeighEntry] = []
+    neigh_dels: list[NeighEntry] = []
+    for nkey in dirty.neigh:
+        mac = want.neigh.get(nkey)
+        current_mac = None if nkey[0] in gone else have.neigh.get(nkey)
+        if mac is not None:
+            if mac != current_mac:
+                neigh_adds.append(NeighEntry(nkey[0], nkey[1], mac))
+        elif current_mac is not None:
+            neigh_dels.append(NeighEntry(nkey[0], nkey[1], current_mac))
+
+    adds += [ReplaceFdb(e) for e in sorted(fdb_adds)]
+    adds += [AppendFlood(e) for e in sorted(flood_adds)]
+    for entry in sorted(neigh_adds):
         adds.append(ReplaceNeigh(entry))
         device = want.vxlans.get(entry.device)
         if device is not None:
             # Local containers may have cached another MAC for this IP.
             adds.append(AnnounceArp(device.bridge, entry.ip, entry.mac))
 
-    removals: list[Command] = []
-    removals += [DeleteNeigh(e) for e in sorted(e for k, e in have_neigh.items() if k not in want_neigh)]
-    removals += [DeleteFdb(e) for e in sorted(e for k, e in have_fdb.items() if k not in want_fdb)]
-    removals += [DeleteFlood(e) for e in sorted(have_flood - want.flood)]
+    removals += [DeleteNeigh(e) for e in sorted(neigh_dels)]
+    removals += [DeleteFdb(e) for e in sorted(fdb_dels)]
+    removals += [DeleteFlood(e) for e in sorted(flood_dels)]
 
     # VXLAN devices before their bridges.
-    stale_links: list[Command] = [DeleteLink(name) for name in sorted(set(have.vxlans) - set(want.vxlans))]
-    stale_links += [DeleteLink(name) for name in sorted(set(have.bridges) - set(want.bridges))]
+    stale_links: list[Command] = [
+        DeleteLink(name) for name in dirty_links if name in have.vxlans and name not in want.vxlans
+    ]
+    stale_links += [
+        DeleteLink(name) for name in dirty_links if name in have.bridges and name not in want.bridges
+    ]
 
-    return links + adds + removals + stale_links
+    if hold_deletions:
+        out.held = len(removals) + len(stale_links)
+        removals, stale_links = [], []
+    out.commands = links + adds + removals + stale_links
+    return out

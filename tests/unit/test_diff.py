@@ -14,6 +14,7 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
+from overlayd.admission import Admission
 from overlayd.dataplane.commands import (
     AnnounceArp,
     AppendFlood,
@@ -30,8 +31,8 @@ from overlayd.dataplane.commands import (
     SetPort,
     describe,
 )
-from overlayd.dataplane.desired import desired_state
-from overlayd.dataplane.diff import diff
+from overlayd.dataplane.desired import DesiredState, desired_state
+from overlayd.dataplane.diff import diff, plan
 from overlayd.dataplane.kstate import (
     BridgeSpec,
     FdbEntry,
@@ -39,11 +40,21 @@ from overlayd.dataplane.kstate import (
     KernelState,
     NeighEntry,
     PortSpec,
+    Tables,
     VxlanSpec,
     veth_name,
 )
 from overlayd.model import Endpoint, Network, Node
-from overlayd.state import ClusterView, EndpointDeleted, EndpointPut, NetworkPut, NodePut
+from overlayd.state import (
+    ClusterView,
+    EndpointDeleted,
+    EndpointPut,
+    Fact,
+    NetworkDeleted,
+    NetworkPut,
+    NodeDeleted,
+    NodePut,
+)
 
 A = IPv4Address
 
@@ -243,22 +254,32 @@ def test_ip_reused_with_new_mac_on_another_host() -> None:
 
 def test_ip_reuse_in_flight_then_release() -> None:
     """Transcript: the reuse arrives before the release; no neighbour flaps back."""
-    v = base_view(A1, replace(B1, created_at=1.0), B2, C1)
+    admission = Admission(node=LOCAL, authority=True)
+    admission.from_own([EndpointPut(A1), NodePut(Node(name=LOCAL, vtep=VTEP_A, started_at=0.0))])
+    admission.from_store(
+        [
+            NetworkPut(BLUE),
+            NodePut(Node(name="host-b", vtep=VTEP_B, started_at=0.0)),
+            NodePut(Node(name="host-c", vtep=VTEP_C, started_at=0.0)),
+            EndpointPut(replace(B1, created_at=1.0)),
+            EndpointPut(B2),
+            EndpointPut(C1),
+        ]
+    )
+    v = admission.view
     kernel = converged(v)
     reused = ep("c9", "10.1.0.11", "host-c", 99, created_at=5.0)
 
-    v.apply(EndpointPut(reused))
+    admission.from_store([EndpointPut(reused)])
     step1 = diff(want(v), kernel)
     assert step1 == [
         ReplaceFdb(FdbEntry(VX, mac(99), VTEP_C)),
         *neigh_and_announce("10.1.0.11", 99),
+        DeleteFdb(FdbEntry(VX, mac(11), VTEP_B)),
     ]
     kernel = simulate(kernel, step1)
 
-    v.apply(EndpointDeleted("blue/b1"))
-    step2 = diff(want(v), kernel)
-    assert step2 == [DeleteFdb(FdbEntry(VX, mac(11), VTEP_B))]
-    kernel = simulate(kernel, step2)
+    admission.from_store([EndpointDeleted("blue/b1")])
     assert diff(want(v), kernel) == []
 
 
@@ -944,3 +965,70 @@ def test_property_sequence_of_views_converges_step_by_step() -> None:
             check_round(w, kernel)
             kernel = simulate(kernel, diff(w, kernel))
             assert diff(w, kernel) == []
+
+
+def test_property_incremental_desired_and_dirty_plan_track_the_view() -> None:
+    """The path a daemon runs: facts -> admission -> view deltas -> desired deltas -> a plan over
+    the dirty keys only. After every step the kernel equals what a from-scratch computation of
+    the same view wants, and the incremental desired state equals the from-scratch one."""
+    rng = random.Random(11)
+    for _ in range(40):
+        admission = Admission(node=LOCAL, authority=True)
+        admission.from_own([NodePut(Node(name=LOCAL, vtep=VTEP_A, started_at=0.0))])
+        v = admission.view
+        desired = DesiredState(v, local_node=LOCAL, local_vtep=VTEP_A, underlay_mtu=1500)
+        kernel = KernelState()
+        for step in range(60):
+            facts: list[Fact] = []
+            r = rng.random()
+            if r < 0.1:
+                n = rng.choice(NETWORKS)
+                facts.append(NetworkPut(n) if rng.random() < 0.7 else NetworkDeleted(n.name))
+            elif r < 0.2:
+                name = rng.choice(["host-b", "host-c", "host-d"])
+                vtep = rng.choice([VTEP_B, VTEP_C, VTEP_D, VTEP_A])
+                facts.append(
+                    NodePut(Node(name=name, vtep=vtep, started_at=0.0))
+                    if rng.random() < 0.8
+                    else NodeDeleted(name)
+                )
+            else:
+                n = rng.choice(NETWORKS)
+                owner = rng.choice([LOCAL, "host-b", "host-c", "host-d", "ghost"])
+                record = Endpoint(
+                    network=n.name,
+                    name=f"e{rng.randrange(10)}",
+                    ip=A(f"10.{n.vni // 100}.0.{rng.randrange(2, 8)}"),
+                    mac=mac(rng.randrange(1, 12)),
+                    owner=owner,
+                    created_at=float(step),
+                )
+                put = rng.random() < 0.75
+                if owner == LOCAL:
+                    outcome = admission.from_own(
+                        [EndpointPut(record) if put else EndpointDeleted(record.key)]
+                    )
+                    desired.apply(outcome.deltas)
+                    facts = []
+                else:
+                    facts.append(EndpointPut(record) if put else EndpointDeleted(record.key))
+            if facts:
+                desired.apply(admission.from_store(facts).deltas)
+            scratch = desired_state(v, local_node=LOCAL, local_vtep=VTEP_A, underlay_mtu=1500)
+            assert desired.tables.state() == scratch
+            # The API makes local ports before the reconciler sees them.
+            for name, port in desired.tables.ports.items():
+                kernel.ports.setdefault(name, replace(port, bridge=""))
+            steps = plan(desired.tables, Tables.of(kernel), desired.dirty.take()).commands
+            kernel = simulate(kernel, steps)
+            for name in [p for p in kernel.ports if p not in scratch.ports]:
+                del kernel.ports[name]  # the API removed it
+            expected = copy.deepcopy(scratch)
+            assert (kernel.bridges, kernel.vxlans, kernel.fdb, kernel.neigh, kernel.flood) == (
+                expected.bridges,
+                expected.vxlans,
+                expected.fdb,
+                expected.neigh,
+                expected.flood,
+            )
+            assert diff(scratch, kernel) == []
