@@ -51,7 +51,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from enum import IntEnum
+from enum import IntEnum, StrEnum
 from ipaddress import IPv4Address
 
 from overlayd.model import Endpoint, Network, Node
@@ -148,12 +148,22 @@ GossipFact = (
 # --- what comes out -------------------------------------------------------------
 
 
+class Contested(StrEnum):
+    """What a lost claim lost: its name (key), its IP, its MAC, or its VNI."""
+
+    NAME = "name"
+    IP = "IP"
+    MAC = "MAC"
+    VNI = "VNI"
+
+
 @dataclass(frozen=True, slots=True)
 class Conflict:
     """A claim of this host's lost to another one: `kind` "endpoint" or "network"."""
 
     kind: str
     key: str
+    lost: Contested
     why: str
 
 
@@ -179,7 +189,7 @@ def _groups(ep: Endpoint) -> tuple[_Group, _Group]:
     return (("ip", ep.network, ep.ip), ("mac", ep.network, ep.mac))
 
 
-def _rank(tier: Tier, created_at: float, owner: str, name: str) -> tuple[int, float, str, str]:
+def rank(tier: Tier, created_at: float, owner: str, name: str) -> tuple[int, float, str, str]:
     """Sort key of a claim: the smallest wins (see the module docstring)."""
     order = created_at if tier == Tier.GOSSIP else -created_at
     return (-tier, order, owner, name)
@@ -187,7 +197,7 @@ def _rank(tier: Tier, created_at: float, owner: str, name: str) -> tuple[int, fl
 
 def _endpoint_rank(claim: _Claim) -> tuple[int, float, str, str]:
     tier, ep = claim
-    return _rank(tier, ep.created_at, ep.owner, ep.name)
+    return rank(tier, ep.created_at, ep.owner, ep.name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,7 +208,7 @@ class _NetworkClaim:
     created_at: float
 
     def rank(self) -> tuple[int, float, str, str]:
-        return _rank(self.tier, self.created_at, self.owner, self.network.name)
+        return rank(self.tier, self.created_at, self.owner, self.network.name)
 
 
 class Admission:
@@ -224,12 +234,12 @@ class Admission:
         # The winning claim per key, and the keys whose winners claim each address.
         self._winner: dict[str, _Claim] = {}
         self._by_addr: dict[_Group, dict[str, None]] = {}
-        self._lost: dict[str, str] = {}  # own endpoint key -> why it is not in the view
+        self._lost: dict[str, Conflict] = {}  # own endpoint key -> why it is not in the view
         # Networks and nodes: few, recomputed per event.
         self._net_store: dict[str, Network] = {}
         self._net_gossip: dict[tuple[str, str], _NetworkClaim] = {}  # (owner, name)
         self._net_removed: dict[str, float] = {}
-        self._net_lost: dict[str, str] = {}  # own network name -> why
+        self._net_lost: dict[str, Conflict] = {}  # own network name -> why
         self._node_own: Node | None = None
         self._node_store: dict[str, Node] = {}
         self._node_gossip: dict[str, Node] = {}
@@ -395,11 +405,11 @@ class Admission:
             return True
         return self._admissible.get(owner, self.admit_unknown)
 
-    def lost(self, key: str) -> str | None:
+    def lost(self, key: str) -> Conflict | None:
         """Why this host's own endpoint `key` is not in the view, or None if it is (or is not ours)."""
         return self._lost.get(key)
 
-    def network_lost(self, name: str) -> str | None:
+    def network_lost(self, name: str) -> Conflict | None:
         return self._net_lost.get(name)
 
     def claims_of(self, owner: str) -> set[str]:
@@ -500,19 +510,24 @@ class Admission:
             return
         claim = self._winner.get(key)
         if claim is not None and claim[1] is not mine:
-            why = f"endpoint {key} already exists (held by {claim[1].owner})"
+            conflict = Conflict(
+                "endpoint", key, Contested.NAME, f"endpoint {key} already exists (held by {claim[1].owner})"
+            )
         else:
-            why = f"endpoint {key} lost its address"
+            conflict = Conflict("endpoint", key, Contested.IP, f"endpoint {key} lost its address")
             for group in _groups(mine):
                 holder = self._group_winner(group)
                 if holder is not None and holder != key:
                     held = self._winner[holder][1]
-                    what = f"IP {mine.ip}" if group[0] == "ip" else f"MAC {mine.mac}"
-                    why = f"{what} is already taken in network {mine.network} (by {held.owner}'s {holder})"
+                    lost = Contested.IP if group[0] == "ip" else Contested.MAC
+                    value = mine.ip if lost == Contested.IP else mine.mac
+                    why = f"{lost} {value} is already taken in network {mine.network} "
+                    why += f"(by {held.owner}'s {holder})"
+                    conflict = Conflict("endpoint", key, lost, why)
                     break
-        if self._lost.get(key) != why:
-            self._lost[key] = why
-            out.conflicts.append(Conflict("endpoint", key, why))
+        if self._lost.get(key) != conflict:
+            self._lost[key] = conflict
+            out.conflicts.append(conflict)
 
     # ------------------------------------------------------------------ nodes
 
@@ -539,26 +554,28 @@ class Admission:
         ]
         winners: dict[str, Network] = {}
         by_vni: dict[int, str] = {}
-        lost: dict[str, str] = {}
+        lost: dict[str, Conflict] = {}
         for claim in sorted(claims, key=_NetworkClaim.rank):
             name = claim.network.name
             if name in winners:
-                why = f"network {name} already exists"
+                conflict = Conflict("network", name, Contested.NAME, f"network {name} already exists")
             elif claim.network.vni in by_vni:
-                why = f"VNI {claim.network.vni} is already used by network {by_vni[claim.network.vni]}"
+                holder = by_vni[claim.network.vni]
+                why = f"VNI {claim.network.vni} is already used by network {holder}"
+                conflict = Conflict("network", name, Contested.VNI, why)
             else:
                 winners[name] = claim.network
                 by_vni[claim.network.vni] = name
                 continue
             if claim.tier == Tier.GOSSIP and claim.owner == self.node:
-                lost[name] = why
+                lost[name] = conflict
         for network in winners.values():
             if (d := self.view.put_network(network)) is not None:
                 out.deltas.append(d)
         for name in [n for n in self.view.networks if n not in winners]:
             if (r := self.view.remove_network(name)) is not None:
                 out.deltas.append(r)
-        for name, why in lost.items():
-            if self._net_lost.get(name) != why:
-                out.conflicts.append(Conflict("network", name, why))
+        for name, conflict in lost.items():
+            if self._net_lost.get(name) != conflict:
+                out.conflicts.append(conflict)
         self._net_lost = lost

@@ -1,15 +1,26 @@
-"""The overlayd daemon: wires store, view, reconciler and API together.
+"""The overlayd daemon: builds the parts, runs them, and stops them.
+
+Wiring and lifecycle only; every decision lives in a module of its own:
+`admission` (which claim wins), `engine` (a change's path to the kernel),
+`reconciler` (kernel mirror and batches), `operations` (the admin API's
+changes), `report` (what the daemon says about itself), `claims` and
+`store.gossip` (claiming names and addresses), `feeds` (store watch and
+gossip into the engine).
 
 Start-up order matters for never dropping a live endpoint:
 
 1. the admin and status servers come up first, so an operator can see why
    the daemon is not ready yet;
-2. the store is connected (retrying while it is down) and the node's lease is
-   resumed or taken, and every endpoint in the local registry is re-published;
-3. the first snapshot of the store becomes the view; only then does the
-   reconciler run, so a daemon that cannot reach the store never mistakes
-   "I know nothing yet" for "delete everything";
-4. the watch applies changes; each change triggers a (coalesced) reconcile.
+2. this host's own records (its node, the endpoints in its local registry)
+   enter the view, and the store is connected (retrying while it is down)
+   and the node's lease resumed or taken, or, in gossip-only mode, gossip
+   starts; own records are re-published;
+3. the first read of the cluster view is applied; only then does the
+   reconciler run, and it removes nothing from the kernel until the view is
+   complete (the store's first snapshot; gossip-only: after hearing the
+   live peers), so a restart never turns "I know nothing yet" into "delete
+   everything";
+4. the watch and gossip apply changes as they come, each one O(change).
 
 Shutdown (SIGTERM/SIGINT) has one path: stop tasks, close servers and the
 store client, and leave the kernel alone. The lease is not revoked: a
@@ -28,120 +39,97 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import signal
 import sys
 import time
-from ipaddress import IPv4Address
+from collections.abc import Awaitable
 from typing import Any
 
 from overlayd import config as config_mod
+from overlayd.admission import Conflict as LostClaim
 from overlayd.api.admin import start_admin_server
-from overlayd.api.service import JSON, BadRequest, Conflict, NotFound, Unavailable
+from overlayd.api.service import JSON, Unavailable
 from overlayd.api.status import start_status_server
+from overlayd.claims import Claims, KvClaims, WriteBehind
 from overlayd.config import Config, ConfigError, GossipSettings
-from overlayd.dataplane.commands import describe
-from overlayd.dataplane.desired import desired_state, overlay_mtu
-from overlayd.dataplane.endpoints import (
-    create_local_endpoint,
-    delete_local_endpoint,
-    quarantine_local_endpoint,
-)
+from overlayd.dataplane.desired import DesiredState
 from overlayd.dataplane.kernel import Kernel, KernelError, Underlay
-from overlayd.dataplane.kstate import KernelState, bridge_name, veth_name
-from overlayd.dataplane.teardown import remove_owned_links
-from overlayd.gossip import MemberInfo, MemberState, Record
+from overlayd.engine import Engine
+from overlayd.feeds import GossipFeed, follow_store
+from overlayd.ipam import AddressBook, BlockTable
 from overlayd.metrics import Metrics
-from overlayd.model import (
-    Endpoint,
-    Network,
-    Node,
-    ValidationError,
-    endpoint_key,
-    first_free_ip,
-    parse_ipv4,
-    parse_subnet,
-    random_mac,
-    validate_name,
-)
-from overlayd.peering import ENDPOINT, Peering
+from overlayd.model import Node
+from overlayd.operations import Operations
+from overlayd.peering import Peering
 from overlayd.reconciler import Reconciler
 from overlayd.registry import LocalRegistry
+from overlayd.report import Report
+from overlayd.runstate import RunState
 from overlayd.sdnotify import Notifier
-from overlayd.state import (
-    ClusterView,
-    EndpointDeleted,
-    EndpointPut,
-    Fact,
-    NetworkDeleted,
-    NetworkPut,
-    NodeDeleted,
-    NodePut,
-)
-from overlayd.store.base import (
-    AlreadyExists,
-    NotFoundError,
-    Snapshot,
-    Store,
-    StoreError,
-    StoreUnavailable,
-)
+from overlayd.state import EndpointPut, NodePut
+from overlayd.store.base import AlreadyExists, Store, StoreError, StoreUnavailable
 from overlayd.store.factory import make_store
-from overlayd.store.gossip import GossipStore
+from overlayd.store.gossip import GossipClaims
 from overlayd.tasks import TaskGroup
 
 log = logging.getLogger("overlayd")
 
-# Automatic VNIs start above the range people tend to pick by hand.
-AUTO_VNI_START = 4096
-_ALLOC_ATTEMPTS = 64
 _CONNECT_RETRY_MAX = 5.0
 # STATUS= is re-sent at most this often (and only when the line changed).
 _STATUS_MIN_INTERVAL = 1.0
-# Bounds on the store calls of an explicit teardown and of the doctor's probe.
-_STORE_CALL_TIMEOUT = 5.0
 
 
 class Daemon:
-    """One host's overlayd. Implements `api.service.AdminService`."""
+    """One host's overlayd."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
         self.metrics = Metrics()
-        self.view = ClusterView()
+        self.state = RunState()
         self.registry = LocalRegistry(config.state_dir)
         self.tasks = TaskGroup()
         self.started_at = time.time()
-        self.underlay: Underlay | None = None
-        self.synced = False
-        self._stop = asyncio.Event()
-        self._mutate = asyncio.Lock()  # one admin change at a time: allocation stays simple
-        self._kernel: Kernel | None = None
-        self._store: Store | None = None
-        self._reconciler: Reconciler | None = None
-        # Remote endpoints heard of but not yet programmed: key -> (created_at at the owner, path).
-        self._unprogrammed: dict[str, tuple[float, str]] = {}
-        # With a KV store: gossip carries changes ahead of the watch (None: no gossip).
-        self._peering: Peering | None = None
-        self._early_gossip: list[Record] = []
-        # Own writes the KV store missed while unreachable, replayed when it returns.
-        self._pending_kv: dict[str, Endpoint] = {}
-        self._pending_kv_delete: dict[str, Endpoint] = {}
-        # Own endpoints withdrawn after losing a clash: key -> (endpoint, why), until removed.
-        self._conflicts: dict[str, tuple[Endpoint, str]] = {}
-        self._invalid_records: list[str] = []
-        # Which path facts about remote records arrive by (the latency histogram's label).
-        self._fact_path = "kv" if config.store is not None else "gossip"
         self.notifier = Notifier()
-        self._ready_notified = False
-        self._store_error: str | None = None
-        self._store_latency: float | None = None
-        self._counts = (0, 0)  # local, remote endpoints, as of the last gauge update
+        self.underlay: Underlay | None = None
+        self.engine = Engine(
+            node=config.node_name,
+            authority=config.store is not None,
+            metrics=self.metrics,
+            on_conflict=self._lost,
+            on_node=self._seed,
+        )
+        self._stop = asyncio.Event()
+        self._kernel: Kernel | None = None
+        self._reconciler: Reconciler | None = None
+        self._store: Store | None = None
+        self._peering: Peering | None = None
+        self._write_behind: WriteBehind | None = None
+        self._blocks = BlockTable(config.node_name)
+        self._addresses = AddressBook(self.engine.view)
+        self._feed = GossipFeed(
+            node=config.node_name,
+            engine=self.engine,
+            registry=self.registry,
+            authority=config.store is not None,
+            dead_grace=config.gossip.dead_grace if config.gossip else 30.0,
+            blocks=self._blocks if config.store is None else None,
+        )
+        self.ops: Operations | None = None
         # Tasks that keep the overlay in place; teardown cancels them first.
         self._overlay_tasks: list[asyncio.Task[Any]] = []
-        self._tearing_down = False
-        self._torn_down = False
-        self._fatal: str | None = None  # why the daemon had to stop (main prints it, exit 1)
+        self._ready_notified = False
+        self.report = Report(
+            config=config,
+            state=self.state,
+            engine=self.engine,
+            started_at=self.started_at,
+            underlay=lambda: self.underlay,
+            reconciler=lambda: self._reconciler,
+            store=lambda: self._store,
+            peering=lambda: self._peering,
+            pending_writes=lambda: len(self._write_behind) if self._write_behind is not None else 0,
+        )
+        self.service = LocalService(self)
 
     # ================================================================ lifecycle
 
@@ -149,211 +137,152 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
-        closers: list[tuple[str, Any]] = []
+        closers: list[tuple[str, Awaitable[Any]]] = []
         try:
             self.registry.load()
-            self._kernel = Kernel(metrics=self.metrics)
-            await self._kernel.__aenter__()
-            closers.append(("kernel", self._kernel.__aexit__(None, None, None)))
-            self.underlay = await self._kernel.underlay(
+            kernel = Kernel(metrics=self.metrics)
+            await kernel.__aenter__()
+            self._kernel = kernel
+            closers.append(("kernel", kernel.__aexit__(None, None, None)))
+            underlay = await kernel.underlay(
                 interface=self.config.underlay_interface, address=self.config.vtep_address
             )
+            self.underlay = underlay
             log.info(
                 "node %s: VTEP %s on %s (MTU %d)",
                 self.config.node_name,
-                self.underlay.address,
-                self.underlay.ifname,
-                self.underlay.mtu,
+                underlay.address,
+                underlay.ifname,
+                underlay.mtu,
             )
-            self._reconciler = Reconciler(
-                kernel=self._kernel,
-                desired=self._desired,
+            desired = DesiredState(
+                self.engine.view,
+                local_node=self.config.node_name,
+                local_vtep=underlay.address,
+                underlay_mtu=underlay.mtu,
+            )
+            reconciler = Reconciler(
+                kernel=kernel,
+                desired=desired,
                 metrics=self.metrics,
-                interval=self.config.reconcile_interval,
-                on_converged=self._record_convergence,
+                verify_interval=self.config.reconcile_interval,
+                on_applied=self.engine.applied,
+                # Until the view is complete, nothing it merely lacks is deleted.
+                hold_deletions=True,
             )
-            admin = await start_admin_server(self, self.config.admin_socket)
+            self._reconciler = reconciler
+            self.engine.attach(desired, reconciler)
+            self.engine.from_own(
+                [NodePut(self._self_node()), *(EndpointPut(ep) for ep in self.registry.all())]
+            )
+
+            admin = await start_admin_server(self.service, self.config.admin_socket)
             closers.append(("admin server", admin.close()))
-            status = await start_status_server(self, self.metrics, self.config.status_listen)
+            status = await start_status_server(self.report, self.metrics, self.config.status_listen)
             closers.append(("status server", status.close()))
 
-            self._store = self._make_store()
-            closers.append(("store", self._store.close()))
-            if self.config.store is not None and self.config.gossip is not None:
-                self._peering = await self._start_peering(self.config.gossip)
-                closers.append(("gossip", self._peering.stop(leave=False)))
+            claims = await self._start_mode(closers)
+            self.ops = Operations(
+                node=self.config.node_name,
+                state=self.state,
+                engine=self.engine,
+                registry=self.registry,
+                claims=claims,
+                kernel=kernel,
+                reconciler=reconciler,
+                underlay=underlay,
+                addresses=self._addresses,
+                lease_ttl=(
+                    f"within {self.config.store.lease_ttl}s"
+                    if self.config.store is not None
+                    else "once peers declare this host dead"
+                ),
+                stop=self._stop.set,
+                overlay_tasks=lambda: self._overlay_tasks,
+                tasks=self.tasks,
+            )
             self.tasks.spawn(self._notify_status(), name="sd-status")
             if self.notifier.watchdog_interval is not None:
                 self.tasks.spawn(self._watchdog(self.notifier.watchdog_interval), name="sd-watchdog")
-            self._overlay_tasks.append(self.tasks.spawn(self._start_store_and_sync(), name="store-sync"))
+            sync = self._sync_store() if self.config.store is not None else self._sync_gossip()
+            self._overlay_tasks.append(self.tasks.spawn(sync, name="sync"))
             await self._stop.wait()
-            if self._torn_down:
+            if self.state.torn_down:
                 log.info("stopping after teardown (dataplane removed, lease released)")
             else:
                 log.info("stopping (dataplane and lease are kept)")
         finally:
             self.notifier.stopping("stopping")
             await self.tasks.cancel_all()
+            if self._reconciler is not None:
+                self._reconciler.close()
             await _close_all(reversed(closers))
             self.notifier.close()
-        if self._fatal is not None:
-            raise RuntimeError(self._fatal)
+        if self.state.fatal is not None:
+            raise RuntimeError(self.state.fatal)
+
+    async def _start_mode(self, closers: list[tuple[str, Awaitable[Any]]]) -> Claims:
+        """The store (and gossip beside it), or gossip alone; how this host claims things."""
+        gossip = self.config.gossip
+        if self.config.store is None:
+            assert gossip is not None  # config guarantees it
+            peering = await self._start_peering(gossip)
+            closers.append(("gossip", peering.stop(leave=False)))
+            claims = GossipClaims(
+                node=self.config.node_name,
+                peering=peering,
+                engine=self.engine,
+                blocks=self._blocks,
+                addresses=self._addresses,
+            )
+            self._feed.claims = claims
+            return claims
+        store = make_store(
+            self.config.store,
+            state_dir=self.config.state_dir,
+            metrics=self.metrics,
+            on_invalid=self.state.report_invalid,
+        )
+        self._store = store
+        closers.append(("store", store.close()))
+        beside: Peering | None = None
+        if gossip is not None:
+            beside = await self._start_peering(gossip)
+            closers.append(("gossip", beside.stop(leave=False)))
+        self._write_behind = WriteBehind(store, self.state)
+        return KvClaims(
+            store=store,
+            engine=self.engine,
+            node=self.config.node_name,
+            peering=beside,
+            pending=self._write_behind,
+        )
 
     async def _start_peering(self, settings: GossipSettings) -> Peering:
-        """Gossip beside the KV store: changes reach peers in milliseconds, also while it is down."""
+        """Gossip: changes reach peers in milliseconds (beside a store, also while it is down)."""
         assert self.underlay is not None
         peering = Peering(
             node_name=self.config.node_name,
             settings=settings,
             advertise=self.underlay.address,
             registry=self.metrics.registry,
-            on_record=self._on_gossip_record,
+            on_record=self._feed.record,
+            on_member=self._feed.member,
         )
         try:
             await peering.start()
         except OSError as exc:
             raise RuntimeError(f"cannot start gossip on port {settings.port}: {exc}") from None
+        self._peering = peering
+        self._feed.peering = peering
+        # This life's own records go out before anything a peer says is settled.
         peering.publish_node(self._self_node())
         for endpoint in self.registry.all():
             peering.publish_endpoint(endpoint)
+        self._overlay_tasks.append(self.tasks.spawn(self._feed.run(), name="gossip-feed"))
         return peering
 
-    def _on_gossip_record(self, record: Record) -> None:
-        if not self.synced:
-            # Until the first snapshot, the KV store has not said what exists.
-            self._early_gossip.append(record)
-            return
-        fact = self._gossip_fact(record)
-        if fact is not None and self._apply_fact(fact, path="gossip"):
-            self._update_gauges()
-            self._require_reconciler().trigger()
-
-    def _gossip_fact(self, record: Record) -> Fact | None:
-        """What a gossip record may change in a KV-backed view.
-
-        The KV store stays the authority for deletion: gossip removes an
-        endpoint only when its owner said so (a tombstone), never because a
-        peer went quiet. Networks come from the store alone.
-        """
-        peering = self._peering
-        assert peering is not None
-        if record.owner == self.config.node_name:
-            # Our own endpoint from before a restart that we no longer have: withdraw it.
-            if (
-                record.kind == ENDPOINT
-                and record.payload is not None
-                and record.key not in self.registry
-                and record.incarnation < peering.node.incarnation
-            ):
-                peering.delete_endpoint(record.key)
-            return None
-        if record.payload is None:
-            current = self.view.endpoints.get(record.key) if record.kind == ENDPOINT else None
-            if current is not None and current.owner == record.owner:
-                return EndpointDeleted(record.key)
-            return None
-        fact = peering.to_fact(record)
-        match fact:
-            case EndpointPut(endpoint):
-                current = self.view.endpoints.get(endpoint.key)
-                if current is None:
-                    # Ahead of the store only for a member gossip sees alive: peers keep
-                    # a dead host's records (its lease, not a tombstone, ended them), and
-                    # they must not come back from there.
-                    if self._gossip_alive(record.owner):
-                        return fact
-                elif current != endpoint and endpoint.created_at >= current.created_at:
-                    return fact
-            case NodePut(node) if node.name not in self.view.nodes:
-                return fact
-        return None
-
-    def _gossip_alive(self, name: str) -> bool:
-        member = self._members().get(name)
-        return member is not None and member.state in (MemberState.ALIVE, MemberState.SUSPECT)
-
-    def _merge_gossip_into_view(self) -> bool:
-        """After a KV snapshot: keep what gossip knows that the store has not caught up with."""
-        if self._peering is None:
-            return False
-        changed = False
-        for record in [*self._early_gossip, *self._peering.node.records()]:
-            fact = self._gossip_fact(record)
-            if fact is not None and not isinstance(fact, EndpointDeleted):
-                changed |= self._apply_fact(fact, path="gossip")
-        self._early_gossip.clear()
-        return changed
-
-    def _endpoint_conflict(self, key: str, why: str) -> None:
-        """An own endpoint lost a clash found late (claims made on both sides of a partition).
-
-        It leaves the overlay: out of the view, its veth off the bridge and
-        down, so it cannot answer for an address that is another endpoint's
-        now. The veth stays, and the endpoint is listed with the reason, until
-        the operator removes it.
-        """
-        endpoint = self.registry.get(key)
-        if endpoint is None:
-            return
-        self._conflicts[key] = (endpoint, why)
-        self._invalid_records.append(f"endpoint {key} withdrawn: {why}")
-        self.registry.remove(key)
-        self.view.apply(EndpointDeleted(key))
-        self._update_gauges()
-        self.tasks.spawn(self._quarantine(endpoint), name=f"quarantine-{key}")
-
-    async def _quarantine(self, endpoint: Endpoint) -> None:
-        async with self._mutate:
-            await quarantine_local_endpoint(
-                self._require_kernel(), host_ifname=veth_name(endpoint.network, endpoint.name)
-            )
-        self._require_reconciler().trigger()
-
-    async def _flush_pending_kv(self) -> None:
-        """Write what the store missed while unreachable, once it answers again."""
-        store = self._require_store()
-        while True:
-            await asyncio.sleep(1.0)
-            if not (self._pending_kv or self._pending_kv_delete):
-                continue
-            async with self._mutate:
-                for key, endpoint in list(self._pending_kv.items()):
-                    try:
-                        await store.create_endpoint(endpoint)
-                    except AlreadyExists as exc:
-                        if exc.what != "endpoint name" and exc.holder != key:
-                            # Someone took the IP or name in the store meanwhile: loud, not silent.
-                            message = f"endpoint {key} created during a store outage conflicts: {exc}"
-                            log.error(message)
-                            self._invalid_records.append(message)
-                    except StoreError:
-                        break  # still down: try again later
-                    self._pending_kv.pop(key, None)
-                    log.info("endpoint %s written to the store after the outage", key)
-                for key, endpoint in list(self._pending_kv_delete.items()):
-                    try:
-                        await store.delete_endpoint(endpoint)
-                    except StoreError:
-                        break
-                    self._pending_kv_delete.pop(key, None)
-
-    def _make_store(self) -> Store:
-        if self.config.store is None:
-            assert self.config.gossip is not None  # config guarantees it
-            return GossipStore(
-                self.config.gossip,
-                registry=self.metrics.registry,
-                node_name=self.config.node_name,
-                on_conflict=self._endpoint_conflict,
-            )
-        return make_store(
-            self.config.store,
-            state_dir=self.config.state_dir,
-            metrics=self.metrics,
-            on_invalid=self._invalid_records.append,
-        )
-
-    async def _start_store_and_sync(self) -> None:
+    async def _sync_store(self) -> None:
         store = self._require_store()
         delay = 0.2
         while True:
@@ -364,8 +293,8 @@ class Daemon:
                     raise
                 except StoreError as exc:
                     # Wrong credentials or TLS settings: retrying cannot help. One line, then exit.
-                    self._fatal = f"cannot use the store: {exc}"
-                    log.error("%s", self._fatal)
+                    self.state.fatal = f"cannot use the store: {exc}"
+                    log.error("%s", self.state.fatal)
                     self._stop.set()
                     return
                 await store.open_session(self._self_node())
@@ -375,60 +304,74 @@ class Daemon:
                     except AlreadyExists as exc:
                         message = f"endpoint {endpoint.key} cannot be re-published: {exc}"
                         log.error("%s", message)
-                        self._invalid_records.append(message)
+                        self.state.report_invalid(message)
                 snapshot = await store.snapshot()
                 break
             except StoreError as exc:
                 log.warning("store not ready: %s (retrying)", exc)
-                self._store_error = str(exc)
+                self.state.store_error = str(exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _CONNECT_RETRY_MAX)
-        self._store_error = None
-        self._apply_snapshot(snapshot)
-        self.synced = True
+        self.state.store_error = None
+        self.engine.store_snapshot(snapshot.facts)
+        self.state.synced = True
+        view = self.engine.view
         log.info(
             "synced with store at revision %d: %d networks, %d nodes, %d endpoints",
             snapshot.revision,
-            len(self.view.networks),
-            len(self.view.nodes),
-            len(self.view.endpoints),
+            len(view.networks),
+            len(view.nodes),
+            len(view.endpoints),
         )
+        # The store's whole content is in: the view is complete.
+        self._view_complete()
         reconciler = self._require_reconciler()
-        if self._peering is not None:
-            self._merge_gossip_into_view()
-            self._overlay_tasks.append(self.tasks.spawn(self._flush_pending_kv(), name="kv-replay"))
         self._overlay_tasks += [
             self.tasks.spawn(store.keep_session(), name="store-session"),
-            self.tasks.spawn(self._watch(snapshot.revision), name="store-watch"),
+            self.tasks.spawn(follow_store(store, self.engine, snapshot.revision), name="store-watch"),
             self.tasks.spawn(reconciler.run(), name="reconciler"),
         ]
+        if self._write_behind is not None and self._peering is not None:
+            self._overlay_tasks.append(self.tasks.spawn(self._write_behind.run(), name="kv-replay"))
+        await self._ready(reconciler)
+
+    async def _sync_gossip(self) -> None:
+        """Gossip-only: the view fills as peers are heard; deletions wait until it is complete."""
+        assert self.config.gossip is not None
+        self.state.synced = True
+        reconciler = self._require_reconciler()
+        self._overlay_tasks.append(self.tasks.spawn(reconciler.run(), name="reconciler"))
+        await self._ready(reconciler)
+        # Two anti-entropy rounds and a probe: every live peer has been heard by then.
+        settings = self.config.gossip
+        await asyncio.sleep(2 * settings.anti_entropy_interval + settings.probe_interval)
+        self._view_complete()
+
+    def _view_complete(self) -> None:
+        self.state.view_complete = True
+        self.state.view_complete_at = time.time()
+        self._require_reconciler().release_hold()
+
+    async def _ready(self, reconciler: Reconciler) -> None:
         await reconciler.first_pass_done.wait()
         log.info("ready: first reconcile done")
         self._ready_notified = True
-        self.notifier.ready(self.status_line())
+        self.notifier.ready(self.report.status_line())
+
+    def _self_node(self) -> Node:
+        assert self.underlay is not None
+        return Node(name=self.config.node_name, vtep=self.underlay.address, started_at=self.started_at)
+
+    def _seed(self, node: Node) -> None:
+        """Beside a store, gossip membership is seeded from the store's node records too."""
+        if self._peering is not None and self.config.gossip is not None and self.config.store is not None:
+            self._peering.add_seeds([(str(node.vtep), self.config.gossip.port)])
+
+    def _lost(self, conflict: LostClaim) -> None:
+        if self.ops is not None:
+            self.ops.lost(conflict)
 
     # ================================================================ service manager
-
-    def status_line(self) -> str:
-        """One line for systemd's STATUS= (and `systemctl status`)."""
-        if self._tearing_down:
-            return "tearing down"
-        if not self.synced:
-            if self._store_error:
-                return f"starting: waiting for the store ({self._store_error})"
-            return f"starting: connecting to the store at {self._store_url()}"
-        if not self._ready_notified:
-            return "starting: first reconcile"
-        local, remote = self._counts
-        line = (
-            f"ready: {_plural(len(self.view.networks), 'network')}, "
-            f"{local} local / {remote} remote endpoints, "
-            f"store {'healthy' if self._store and self._store.healthy else 'UNREACHABLE'}"
-        )
-        last = self._reconciler.last if self._reconciler else None
-        if last is not None and last.failed:
-            line += f", {_plural(last.failed, 'kernel operation')} failing"
-        return line
 
     async def _notify_status(self) -> None:
         """Send STATUS= when the line changed, at most once per _STATUS_MIN_INTERVAL."""
@@ -436,7 +379,7 @@ class Daemon:
             return
         sent = None
         while True:
-            line = self.status_line()
+            line = self.report.status_line()
             if line != sent:
                 self.notifier.status(line)
                 sent = line
@@ -460,92 +403,7 @@ class Daemon:
                 self.notifier.watchdog()
             await asyncio.sleep(interval)
 
-    async def _watch(self, revision: int) -> None:
-        async for batch in self._require_store().watch(revision):
-            if isinstance(batch, Snapshot):
-                changed = self._apply_snapshot(batch)
-            else:
-                changed = False
-                for fact in batch.facts:
-                    changed |= self._apply_fact(fact)
-            self._update_gauges()
-            if changed:
-                self._require_reconciler().trigger()
-
-    def _is_own(self, fact: Fact) -> bool:
-        """Facts about this node's own records: the local registry is their authority."""
-        match fact:
-            case EndpointPut(ep):
-                return ep.owner == self.config.node_name or ep.key in self.registry
-            case EndpointDeleted(key):
-                return key in self.registry
-            case NodePut(node):
-                return node.name == self.config.node_name
-            case NodeDeleted(name):
-                return name == self.config.node_name
-        return False
-
-    def _apply_fact(self, fact: Fact, *, path: str | None = None) -> bool:
-        if self._is_own(fact):
-            return False
-        if isinstance(fact, NodePut) and self._peering is not None and self.config.gossip is not None:
-            # Membership is seeded from the store's node records too (same port cluster-wide).
-            self._peering.add_seeds([(str(fact.node.vtep), self.config.gossip.port)])
-        if isinstance(fact, EndpointPut) and fact.endpoint.key not in self.view.endpoints:
-            self._unprogrammed[fact.endpoint.key] = (fact.endpoint.created_at, path or self._fact_path)
-        elif isinstance(fact, EndpointDeleted):
-            self._unprogrammed.pop(fact.key, None)
-        return self.view.apply(fact)
-
-    def _apply_snapshot(self, snapshot: Snapshot) -> bool:
-        facts = [f for f in snapshot.facts if not self._is_own(f)]
-        facts.append(NodePut(self._self_node()))
-        facts += [EndpointPut(ep) for ep in self.registry.all()]
-        changed = self.view.replace_all(facts)
-        if self._peering is not None and self.config.gossip is not None:
-            port = self.config.gossip.port
-            others = [n for n in self.view.nodes.values() if n.name != self.config.node_name]
-            self._peering.add_seeds([(str(n.vtep), port) for n in others])
-        if self.synced or self._early_gossip:
-            changed |= self._merge_gossip_into_view()
-        self._update_gauges()
-        return changed
-
-    def _self_node(self) -> Node:
-        assert self.underlay is not None
-        return Node(name=self.config.node_name, vtep=self.underlay.address, started_at=self.started_at)
-
-    def _desired(self) -> KernelState:
-        assert self.underlay is not None
-        return desired_state(
-            self.view,
-            local_node=self.config.node_name,
-            local_vtep=self.underlay.address,
-            underlay_mtu=self.underlay.mtu,
-        )
-
-    def _record_convergence(self, programmed: KernelState) -> None:
-        """Observe creation-to-programmed latency for remote endpoints now in the kernel."""
-        if not self._unprogrammed:
-            return
-        now = time.time()
-        macs = {entry.mac for entry in programmed.fdb}
-        for key, (created_at, path) in list(self._unprogrammed.items()):
-            endpoint = self.view.endpoints.get(key)
-            if endpoint is None:
-                del self._unprogrammed[key]
-            elif endpoint.mac in macs:
-                del self._unprogrammed[key]
-                if created_at > 0:
-                    latency = max(now - created_at, 0.0)
-                    self.metrics.convergence_latency.labels(path=path).observe(latency)
-
-    def _update_gauges(self) -> None:
-        local = sum(1 for ep in self.view.endpoints.values() if ep.owner == self.config.node_name)
-        self._counts = (local, len(self.view.endpoints) - local)
-        self.metrics.endpoints_known.labels(locality="local").set(local)
-        self.metrics.endpoints_known.labels(locality="remote").set(len(self.view.endpoints) - local)
-        self.metrics.networks_known.set(len(self.view.networks))
+    # ================================================================ helpers
 
     def _require_store(self) -> Store:
         assert self._store is not None
@@ -555,169 +413,43 @@ class Daemon:
         assert self._reconciler is not None
         return self._reconciler
 
-    def _require_kernel(self) -> Kernel:
-        assert self._kernel is not None
-        return self._kernel
+    def require_ops(self) -> Operations:
+        if self.ops is None:
+            raise Unavailable("overlayd is still starting; try again")
+        return self.ops
 
-    def _require_synced(self) -> Store:
-        if self._tearing_down:
-            raise Unavailable("this host's overlay is being torn down; overlayd stops afterwards")
-        if not self.synced:
-            raise Unavailable(f"not connected to the KV store at {self._store_url()} yet; try again")
-        return self._require_store()
 
-    def _store_url(self) -> str:
-        # Only scheme and addresses: credentials never leave the daemon.
-        return self.config.store.url if self.config.store else "gossip"
+class LocalService:
+    """The admin API's answers (`api.service.AdminService`): reads from `Report`, changes through
+    `Operations`."""
 
-    # ================================================================ read-only API
-
-    def is_ready(self) -> bool:
-        return self._reconciler is not None and self._reconciler.first_pass_done.is_set()
+    def __init__(self, daemon: Daemon) -> None:
+        self._daemon = daemon
+        self._report = daemon.report
 
     def status(self) -> JSON:
-        reconciler = self._reconciler
-        local = [ep for ep in self.view.endpoints.values() if ep.owner == self.config.node_name]
-        return {
-            "node": self.config.node_name,
-            "vtep": str(self.underlay.address) if self.underlay else None,
-            "underlay": (
-                {"interface": self.underlay.ifname, "mtu": self.underlay.mtu} if self.underlay else None
-            ),
-            "ready": self.is_ready(),
-            "started_at": self.started_at,
-            "pid": os.getpid(),
-            "summary": self.status_line(),
-            "store": {
-                "url": self._store_url(),
-                "healthy": bool(self._store and self._store.healthy),
-                "synced": self.synced,
-                # From the last `store_probe` (overlayctl doctor); None before the first.
-                "latency_ms": None if self._store_latency is None else round(self._store_latency * 1e3, 3),
-                "invalid_records": self._invalid_records[-10:],
-                # Own changes made while the store was unreachable, not yet written to it.
-                "pending_writes": len(self._pending_kv) + len(self._pending_kv_delete),
-            },
-            "gossip": self._gossip_status(),
-            "networks": sorted(self.view.networks),
-            "nodes": len(self.view.nodes),
-            "endpoints": {"local": len(local), "remote": len(self.view.endpoints) - len(local)},
-            "last_reconcile": reconciler.last.to_dict() if reconciler and reconciler.last else None,
-            "errors": list(reconciler.errors)[-20:] if reconciler else [],
-        }
+        return self._report.status()
 
-    def _current_peering(self) -> Peering | None:
-        """The gossip layer, whether it runs beside a KV store or is the store."""
-        if isinstance(self._store, GossipStore):
-            return self._store.peering
-        return self._peering
-
-    def _members(self) -> dict[str, MemberInfo]:
-        peering = self._current_peering()
-        return {m.name: m for m in peering.members()} if peering is not None else {}
+    def is_ready(self) -> bool:
+        return self._report.is_ready()
 
     def peers(self) -> list[JSON]:
-        counts: dict[str, int] = {}
-        for ep in self.view.endpoints.values():
-            counts[ep.owner] = counts.get(ep.owner, 0) + 1
-        members = self._members()
-        out: list[JSON] = []
-        for node in sorted(self.view.nodes.values(), key=lambda n: n.name):
-            record: JSON = {
-                "name": node.name,
-                "vtep": str(node.vtep),
-                "started_at": node.started_at,
-                "endpoints": counts.get(node.name, 0),
-                "self": node.name == self.config.node_name,
-            }
-            member = members.pop(node.name, None)
-            if self.config.gossip is not None:
-                record["state"] = "alive" if record["self"] else (member.state.value if member else "unknown")
-                record["rtt_ms"] = round(member.rtt * 1e3, 3) if member and member.rtt is not None else None
-            out.append(record)
-        # Members gossip knows that have no node record in the view (dead past grace, joining).
-        for member in sorted(members.values(), key=lambda m: m.name):
-            out.append(
-                {
-                    "name": member.name,
-                    "vtep": member.addr,
-                    "started_at": None,
-                    "endpoints": 0,
-                    "self": False,
-                    "state": member.state.value,
-                    "rtt_ms": round(member.rtt * 1e3, 3) if member.rtt is not None else None,
-                }
-            )
-        return out
-
-    def _gossip_status(self) -> JSON | None:
-        if self.config.gossip is None:
-            return None
-        states: dict[str, int] = {}
-        for member in self._members().values():
-            states[member.state.value] = states.get(member.state.value, 0) + 1
-        return {"port": self.config.gossip.port, "members": states, "insecure": not self.config.gossip.keys}
+        return self._report.peers()
 
     def network_list(self) -> list[JSON]:
-        out = []
-        for network in sorted(self.view.networks.values(), key=lambda n: n.name):
-            record = network.to_dict()
-            record["endpoints"] = len(self.view.endpoints_in(network.name))
-            out.append(record)
-        return out
+        return self._report.network_list()
 
     def network_inspect(self, name: str) -> JSON:
-        network = self.view.networks.get(name)
-        if network is None:
-            raise NotFound(f"network {name} not found")
-        record = network.to_dict()
-        if self.underlay:
-            record["host_mtu"] = overlay_mtu(network, self.underlay.mtu)
-        record["endpoints"] = [
-            ep.to_dict() for ep in sorted(self.view.endpoints_in(name), key=lambda e: e.name)
-        ]
-        return record
+        return self._report.network_inspect(name)
 
     def endpoint_list(self, network: str | None = None) -> list[JSON]:
-        listed: list[tuple[Endpoint, str | None]] = [(ep, None) for ep in self.view.endpoints.values()]
-        listed += [(ep, why) for ep, why in self._conflicts.values()]
-        out = []
-        for ep, why in sorted(listed, key=lambda item: (item[0].network, item[0].name)):
-            if network is None or ep.network == network:
-                record = ep.to_dict()
-                if why is not None:
-                    record["conflict"] = why
-                out.append(record)
-        return out
-
-    async def store_probe(self) -> JSON:
-        """Time one full read of the cluster view from the store (bounded)."""
-        store = self._require_store()
-        t0 = time.perf_counter()
-        error = None
-        try:
-            await asyncio.wait_for(store.snapshot(), _STORE_CALL_TIMEOUT)
-        except TimeoutError:
-            error = f"no answer within {_STORE_CALL_TIMEOUT:g}s"
-        except StoreError as exc:
-            error = str(exc)
-        latency = time.perf_counter() - t0
-        if error is None:
-            self._store_latency = latency
-        return {
-            "url": self._store_url(),
-            "ok": error is None,
-            "latency_ms": round(latency * 1e3, 3) if error is None else None,
-            "error": error,
-        }
+        return self._report.endpoint_list(network)
 
     async def diff(self) -> list[str]:
-        if not self.synced:
-            raise Unavailable("not synced with the KV store yet: the desired state is unknown")
-        commands = await self._require_reconciler().pending()
-        return [describe(cmd) for cmd in commands]
+        return await self._report.diff()
 
-    # ================================================================ networks
+    async def store_probe(self) -> JSON:
+        return await self._report.store_probe()
 
     async def network_create(
         self,
@@ -728,74 +460,12 @@ class Daemon:
         gateway: str | None = None,
         mtu: int | None = None,
     ) -> JSON:
-        store = self._require_synced()
-        async with self._mutate:
-            # Validate everything before touching the store (VNI checked with a placeholder).
-            candidate = Network(
-                name=name,
-                vni=1 if vni is None else vni,
-                subnet=parse_subnet(subnet),
-                gateway=parse_ipv4(gateway, "gateway") if gateway is not None else None,
-                mtu=mtu,
-            )
-            if name in self.view.networks:
-                raise Conflict(f"network {name} already exists")
-            if vni is not None:
-                holder = self._vni_holder(vni)
-                if holder:
-                    raise Conflict(f"VNI {vni} is already used by network {holder}")
-                candidates = [vni]
-            else:
-                used = {n.vni for n in self.view.networks.values()}
-                candidates = [
-                    v for v in range(AUTO_VNI_START, AUTO_VNI_START + 4 * _ALLOC_ATTEMPTS) if v not in used
-                ][:_ALLOC_ATTEMPTS]
-            for choice in candidates:
-                network = Network(
-                    name=name, vni=choice, subnet=candidate.subnet, gateway=candidate.gateway, mtu=mtu
-                )
-                try:
-                    await store.create_network(network)
-                except AlreadyExists as exc:
-                    if exc.what == "network name":
-                        raise Conflict(f"network {name} already exists") from None
-                    if vni is not None:
-                        raise Conflict(f"VNI {vni} is already used by network {exc.holder}") from None
-                    continue
-                except StoreError as exc:
-                    raise Unavailable(str(exc)) from None
-                self.view.apply(NetworkPut(network))
-                self._update_gauges()
-                log.info("created network %s (VNI %d, %s)", name, network.vni, network.subnet)
-                return network.to_dict()
-            raise Conflict("could not allocate a free VNI; give one with --vni")
-
-    def _vni_holder(self, vni: int) -> str | None:
-        for network in self.view.networks.values():
-            if network.vni == vni:
-                return network.name
-        return None
+        return await self._daemon.require_ops().network_create(
+            name=name, subnet=subnet, vni=vni, gateway=gateway, mtu=mtu
+        )
 
     async def network_remove(self, name: str) -> None:
-        store = self._require_synced()
-        async with self._mutate:
-            if name not in self.view.networks:
-                raise NotFound(f"network {name} not found")
-            members = self.view.endpoints_in(name)
-            if members:
-                raise Conflict(f"network {name} still has {len(members)} endpoint(s); remove them first")
-            try:
-                await store.delete_network(name)
-            except NotFoundError:
-                pass
-            except StoreError as exc:
-                raise Unavailable(str(exc)) from None
-            self.view.apply(NetworkDeleted(name))
-            self._update_gauges()
-            self._require_reconciler().trigger()
-            log.info("removed network %s", name)
-
-    # ================================================================ endpoints
+        await self._daemon.require_ops().network_remove(name)
 
     async def endpoint_add(
         self,
@@ -806,247 +476,15 @@ class Daemon:
         ip: str | None = None,
         ifname: str = "eth0",
     ) -> JSON:
-        store = self._require_synced()
-        async with self._mutate:
-            net = self.view.networks.get(network)
-            if net is None:
-                raise NotFound(f"network {network} not found")
-            validate_name(name, "endpoint name")
-            _validate_ifname(ifname)
-            netns_path = _netns_path(netns)
-            if not os.path.exists(netns_path):  # noqa: ASYNC240 (a stat of /run/netns, never blocks)
-                raise BadRequest(f"network namespace {netns} not found ({netns_path})")
-            key = endpoint_key(network, name)
-            if key in self.view.endpoints:
-                raise Conflict(f"endpoint {name} already exists in network {network}")
-            taken = self.view.taken_ips(network)
-            if ip is not None:
-                address = parse_ipv4(ip, "IP")
-                net.check_endpoint_ip(address)
-                if address in taken:
-                    raise Conflict(f"IP {address} is already in use in network {network}")
-            endpoint = await self._claim_endpoint(store, net, name, ip, taken, netns, ifname)
-            try:
-                await self._plumb_endpoint(net, endpoint)
-            except Exception as exc:
-                await self._unclaim_endpoint(store, endpoint)
-                if isinstance(exc, KernelError):
-                    raise BadRequest(str(exc)) from None
-                raise
-            log.info("endpoint %s: %s %s in %s", key, endpoint.ip, endpoint.mac, netns)
-            return endpoint.to_dict()
-
-    async def _claim_endpoint(
-        self,
-        store: Store,
-        net: Network,
-        name: str,
-        ip: str | None,
-        taken: set[IPv4Address],
-        netns: str,
-        ifname: str,
-    ) -> Endpoint:
-        """CAS the endpoint and its IP into the store; with no IP given, take the first free one."""
-        taken = set(taken)
-        for _ in range(_ALLOC_ATTEMPTS):
-            try:
-                address = parse_ipv4(ip, "IP") if ip is not None else first_free_ip(net, taken)
-            except ValidationError as exc:
-                raise Conflict(str(exc)) from None
-            endpoint = Endpoint(
-                network=net.name,
-                name=name,
-                ip=address,
-                mac=random_mac(),
-                owner=self.config.node_name,
-                created_at=time.time(),
-                netns=netns,
-                ifname=ifname,
-            )
-            try:
-                await store.create_endpoint(endpoint)
-            except AlreadyExists as exc:
-                if exc.what == "IP" and ip is None:
-                    taken.add(address)  # someone else won it: try the next one
-                    continue
-                raise Conflict(str(exc)) from None
-            except StoreUnavailable as exc:
-                if self._peering is None:
-                    raise Unavailable(str(exc)) from None
-                # Gossip carries it now; the store gets it (compare-and-set) when it returns.
-                log.warning("%s: endpoint %s goes out by gossip, stored later", exc, endpoint.key)
-                self._pending_kv[endpoint.key] = endpoint
-            except StoreError as exc:
-                raise Unavailable(str(exc)) from None
-            self.registry.add(endpoint)
-            self.view.apply(EndpointPut(endpoint))
-            if self._peering is not None:
-                self._peering.publish_endpoint(endpoint)
-            self._update_gauges()
-            return endpoint
-        raise Conflict(f"could not allocate an IP in network {net.name}: too many concurrent claims")
-
-    async def _plumb_endpoint(self, net: Network, endpoint: Endpoint) -> None:
-        """Bridge and VXLAN device first (a reconcile pass), then the veth into the namespace."""
-        assert self.underlay is not None
-        report = await self._require_reconciler().reconcile("endpoint-add")
-        bridge = bridge_name(net.vni)
-        await create_local_endpoint(
-            self._require_kernel(),
-            netns=endpoint.netns,
-            ifname=endpoint.ifname,
-            host_ifname=veth_name(endpoint.network, endpoint.name),
-            ip=endpoint.ip,
-            prefixlen=net.subnet.prefixlen,
-            mac=endpoint.mac,
-            mtu=overlay_mtu(net, self.underlay.mtu),
-            gateway=net.gateway,
-            bridge=bridge,
-            network=net.name,
+        return await self._daemon.require_ops().endpoint_add(
+            network=network, name=name, netns=netns, ip=ip, ifname=ifname
         )
-        if report.failed:
-            log.warning(
-                "endpoint %s plumbed, but the last reconcile had %d failures", endpoint.key, report.failed
-            )
-        self._require_reconciler().trigger()
-
-    async def _unclaim_endpoint(self, store: Store, endpoint: Endpoint) -> None:
-        """Undo `_claim_endpoint` after a failure, so nothing stays half-created."""
-        if self._pending_kv.pop(endpoint.key, None) is None:
-            try:
-                await store.delete_endpoint(endpoint)
-            except StoreError as exc:
-                log.error("could not release endpoint %s after failure: %s", endpoint.key, exc)
-        if self._peering is not None:
-            self._peering.delete_endpoint(endpoint.key)
-        self.registry.remove(endpoint.key)
-        self.view.apply(EndpointDeleted(endpoint.key))
-        self._update_gauges()
-        self._require_reconciler().trigger()
 
     async def endpoint_remove(self, *, network: str, name: str) -> None:
-        store = self._require_synced()
-        async with self._mutate:
-            key = endpoint_key(network, name)
-            if key in self._conflicts:
-                # Withdrawn already (lost a clash): only its veth is left.
-                await delete_local_endpoint(self._require_kernel(), host_ifname=veth_name(network, name))
-                del self._conflicts[key]
-                log.info("removed withdrawn endpoint %s", key)
-                return
-            endpoint = self.registry.get(key)
-            if endpoint is None:
-                other = self.view.endpoints.get(key)
-                if other is not None:
-                    raise Conflict(f"endpoint {key} is owned by {other.owner}; remove it there")
-                raise NotFound(f"endpoint {key} not found")
-            if self._pending_kv.pop(key, None) is None:
-                try:
-                    await store.delete_endpoint(endpoint)
-                except StoreUnavailable as exc:
-                    if self._peering is None:
-                        raise Unavailable(str(exc)) from None
-                    log.warning("%s: removal of %s goes out by gossip, stored later", exc, key)
-                    self._pending_kv_delete[key] = endpoint
-                except StoreError as exc:
-                    raise Unavailable(str(exc)) from None
-            if self._peering is not None:
-                self._peering.delete_endpoint(key)
-            await delete_local_endpoint(self._require_kernel(), host_ifname=veth_name(network, name))
-            self.registry.remove(key)
-            self.view.apply(EndpointDeleted(key))
-            self._update_gauges()
-            self._require_reconciler().trigger()
-            log.info("removed endpoint %s", key)
-
-    # ================================================================ teardown
+        await self._daemon.require_ops().endpoint_remove(network=network, name=name)
 
     async def teardown(self) -> JSON:
-        """Take this host out of the overlay, then stop the daemon.
-
-        In order: stop what would put the overlay back (watch, lease
-        keepalive, reconciler); delete every local endpoint (its record, if
-        the store answers, and its veth); give the lease up, so the node
-        record and anything still bound to it vanish at once for every other
-        host; delete every link overlayd owns here. Networks are cluster-wide
-        and stay. Errors are collected and reported, never half-hidden: what
-        could not be released in the store still expires with the lease.
-        """
-        async with self._mutate:
-            if self._tearing_down:
-                raise Conflict("a teardown is already in progress")
-            self._tearing_down = True
-            log.warning("teardown requested: removing this host's overlay")
-            for task in self._overlay_tasks:
-                task.cancel()
-            if self._overlay_tasks:
-                await asyncio.wait(self._overlay_tasks, timeout=_STORE_CALL_TIMEOUT)
-            errors: list[str] = []
-            store = self._require_store()
-            removed_endpoints = []
-            for endpoint in self.registry.all():
-                if store.healthy:
-                    try:
-                        await asyncio.wait_for(store.delete_endpoint(endpoint), _STORE_CALL_TIMEOUT)
-                    except (StoreError, TimeoutError) as exc:
-                        errors.append(f"endpoint {endpoint.key}: store: {_why(exc)}")
-                try:
-                    await delete_local_endpoint(
-                        self._require_kernel(), host_ifname=veth_name(endpoint.network, endpoint.name)
-                    )
-                except KernelError as exc:
-                    errors.append(f"endpoint {endpoint.key}: {exc}")
-                self.registry.remove(endpoint.key)
-                self.view.apply(EndpointDeleted(endpoint.key))
-                removed_endpoints.append(endpoint.key)
-            lease_released = False
-            try:
-                await asyncio.wait_for(store.release_session(), _STORE_CALL_TIMEOUT)
-                lease_released = True
-            except (StoreError, TimeoutError) as exc:
-                if self.config.store is not None:
-                    ttl = f"within {self.config.store.lease_ttl}s"
-                else:
-                    ttl = "once peers declare this host dead"
-                errors.append(f"lease not released ({_why(exc)}); this host's records expire {ttl}")
-            links = await remove_owned_links(self._require_kernel())
-            errors += links.errors
-            self._update_gauges()
-            self._torn_down = True
-            log.warning(
-                "teardown: %d endpoints, %d links removed, lease %s, %d errors",
-                len(removed_endpoints),
-                len(links.removed),
-                "released" if lease_released else "NOT released",
-                len(errors),
-            )
-            # Stop once this answer is on its way (the admin server lets it finish).
-            asyncio.get_running_loop().call_soon(self._stop.set)
-            return {
-                "node": self.config.node_name,
-                "endpoints_removed": removed_endpoints,
-                "links_removed": links.removed,
-                "lease_released": lease_released,
-                "errors": errors,
-                "stopping": True,
-            }
-
-
-def _why(exc: BaseException) -> str:
-    return str(exc) or ("timed out" if isinstance(exc, TimeoutError) else type(exc).__name__)
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
-
-
-def _netns_path(netns: str) -> str:
-    return netns if netns.startswith("/") else f"/run/netns/{netns}"
-
-
-def _validate_ifname(ifname: str) -> None:
-    if not ifname or len(ifname) > 15 or "/" in ifname or any(c.isspace() for c in ifname):
-        raise BadRequest(f"invalid interface name {ifname!r}: 1-15 characters, no '/' or spaces")
+        return await self._daemon.require_ops().teardown()
 
 
 async def _close_all(closers: Any) -> None:

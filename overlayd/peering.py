@@ -1,47 +1,63 @@
 """overlayd's records over the gossip layer.
 
 `Peering` owns this daemon's `GossipNode` and speaks Network/Node/Endpoint:
-it publishes what this host owns, and turns what peers say into the same
-facts the KV watch produces. What a peer may say is checked: a node record
+it publishes what this host owns, and turns each record a peer publishes
+into one gossip fact for the admission (`overlayd.admission`), which alone
+decides what enters the view. What a peer may say is checked: a node record
 must be the sender's own, an endpoint must be owned by its publisher, every
 payload goes through the model's validation. Anything else is counted and
 dropped.
 
-`derive()` computes the cluster view as gossip tells it, with the rules that
-make concurrent, uncoordinated writers agree without a KV store:
-
-- several records for one network name, or one VNI: the oldest
-  (created_at, owner, name) wins everywhere;
-- a `network-removed` marker hides a network created at or before it;
-- several endpoints for one key or one IP in a network: the oldest wins;
-- records of an owner in `excluded` (dead past its grace period) are left out.
+Record kinds: `node`, `endpoint`, `network` (with the claim's created_at),
+`network-removed` (a marker hiding every claim of a name up to a time) and
+`ipam-block` (an address block a host allocates in, gossip-only mode).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from ipaddress import IPv4Address
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
+from overlayd.admission import (
+    EndpointClaimed,
+    EndpointReleased,
+    GossipFact,
+    NetworkClaimed,
+    NetworkReleased,
+    NetworkRemovedMark,
+    NodeGone,
+    NodeHeard,
+)
 from overlayd.config import GossipSettings
 from overlayd.gossip import GossipConfig, GossipMetrics, GossipNode, Keyring, MemberInfo, Record
-from overlayd.model import Endpoint, Network, Node, ValidationError
-from overlayd.state import ClusterView, EndpointPut, Fact, NetworkPut, NodePut
+from overlayd.model import Endpoint, Network, Node, ValidationError, validate_name
 
 log = logging.getLogger(__name__)
 
 NODE, NETWORK, NETWORK_REMOVED, ENDPOINT = "node", "network", "network-removed", "endpoint"
+BLOCK = "ipam-block"
 
 
-@dataclass
-class Derived:
-    """The view gossip gives, plus what lost a conflict (to tell the losers)."""
+@dataclass(frozen=True, slots=True)
+class BlockClaim:
+    """`owner` allocates addresses in `block` of `network` (gossip-only IPAM), or gave it up."""
 
-    view: ClusterView = field(default_factory=ClusterView)
-    lost_networks: dict[str, str] = field(default_factory=dict)  # "owner/name" -> why
-    lost_endpoints: dict[str, str] = field(default_factory=dict)  # "owner/net/name" -> why
+    owner: str
+    network: str
+    block: IPv4Network
+    created_at: float
+    released: bool = False
+
+    @property
+    def key(self) -> str:
+        return block_key(self.network, self.block)
+
+
+def block_key(network: str, block: IPv4Network) -> str:
+    return f"{network}/{block}"
 
 
 class Peering:
@@ -59,7 +75,6 @@ class Peering:
         self.settings = settings
         keyring = Keyring.from_base64(list(settings.keys)) if settings.keys else Keyring.insecure()
         self.metrics = GossipMetrics(registry)
-        self._on_record = on_record
         self.invalid = 0
         self.node = GossipNode(
             node_name,
@@ -68,7 +83,7 @@ class Peering:
             port=settings.port,
             advertise=settings.bind or str(advertise),
             seeds=settings.peers,
-            on_change=self._changed,
+            on_change=on_record,
             on_member=on_member,
             metrics=self.metrics,
             config=GossipConfig(
@@ -85,9 +100,6 @@ class Peering:
 
     async def stop(self, *, leave: bool) -> None:
         await self.node.stop(leave=leave)
-
-    def _changed(self, record: Record) -> None:
-        self._on_record(record)
 
     # --- what this host says ---
 
@@ -110,96 +122,79 @@ class Peering:
         """Hide every record of network `name` created at or before `created_at`, whoever owns it."""
         self.node.publish(NETWORK_REMOVED, name, {"name": name, "created_at": created_at})
 
+    def publish_block(self, claim: BlockClaim) -> None:
+        payload = {"network": claim.network, "block": str(claim.block), "created_at": claim.created_at}
+        self.node.publish(BLOCK, claim.key, payload)
+
+    def delete_block(self, key: str) -> None:
+        self.node.delete(BLOCK, key)
+
     def add_seeds(self, addrs: Iterable[tuple[str, int]]) -> None:
         self.node.add_seeds(addrs)
 
     def members(self) -> list[MemberInfo]:
         return self.node.members()
 
+    def own(self, kind: str, key: str) -> Record | None:
+        """This host's current record of (kind, key), tombstones included."""
+        return self.node.get(self.name, kind, key)
+
     # --- what gossip says ---
 
-    def to_fact(self, record: Record) -> Fact | None:
-        """A live record as a fact, or None (tombstone, marker, or invalid: counted)."""
-        if record.payload is None:
-            return None
+    def to_fact(self, record: Record) -> GossipFact | BlockClaim | None:
+        """One record as what it claims, or None (invalid: counted and logged)."""
         try:
-            if record.kind == NODE:
-                node = Node.from_dict(record.payload)
-                _check(node.name == record.owner == record.key, "node record not its sender's own")
-                return NodePut(node)
-            if record.kind == ENDPOINT:
-                endpoint = Endpoint.from_dict(record.payload)
-                _check(endpoint.owner == record.owner, "endpoint not owned by its publisher")
-                _check(endpoint.key == record.key, "endpoint key mismatch")
-                return EndpointPut(endpoint)
-            if record.kind == NETWORK:
-                network = Network.from_dict(record.payload)
-                _check(network.name == record.key, "network key mismatch")
-                return NetworkPut(network)
-            if record.kind == NETWORK_REMOVED:
-                return None
-        except (ValidationError, ValueError, TypeError) as exc:
+            return _fact(record)
+        except (ValidationError, ValueError, TypeError, KeyError) as exc:
             self.invalid += 1
             log.warning(
                 "gossip: dropping invalid %s record %s from %s: %s",
-                record.kind,
-                record.key,
-                record.owner,
-                exc,
+                *(record.kind, record.key, record.owner, exc),
             )
             return None
-        self.invalid += 1
-        log.warning("gossip: dropping record of unknown kind %r from %s", record.kind, record.owner)
-        return None
 
-    def derive(
-        self, *, excluded: frozenset[str] | set[str] = frozenset(), with_networks: bool = True
-    ) -> Derived:
-        out = Derived()
-        removed: dict[str, float] = {}
-        networks: list[tuple[tuple[float, str, str], Network, str]] = []
-        endpoints: list[tuple[tuple[float, str, str], Endpoint]] = []
-        for record in self.node.records():
-            if record.owner in excluded:
-                continue
-            if record.kind == NETWORK_REMOVED and record.payload is not None:
-                at = _float(record.payload.get("created_at"))
-                removed[record.key] = max(removed.get(record.key, 0.0), at)
-                continue
+    def facts(self, records: Iterable[Record]) -> list[GossipFact]:
+        out: list[GossipFact] = []
+        for record in records:
             fact = self.to_fact(record)
-            match fact:
-                case NodePut(node):
-                    out.view.nodes[node.name] = node
-                case NetworkPut(network) if with_networks:
-                    at = _float(record.payload.get("created_at") if record.payload else 0.0)
-                    networks.append(((at, record.owner, network.name), network, record.owner))
-                case EndpointPut(endpoint):
-                    endpoints.append(((endpoint.created_at, endpoint.owner, endpoint.name), endpoint))
-        by_vni: dict[int, str] = {}
-        for (at, owner, name), network, _ in sorted(networks, key=lambda item: item[0]):
-            if at <= removed.get(name, -1.0):
-                continue
-            if name in out.view.networks:
-                out.lost_networks[f"{owner}/{name}"] = f"network {name} already exists"
-            elif network.vni in by_vni:
-                out.lost_networks[f"{owner}/{name}"] = (
-                    f"VNI {network.vni} is already used by network {by_vni[network.vni]}"
-                )
-            else:
-                out.view.networks[name] = network
-                by_vni[network.vni] = name
-        taken: dict[tuple[str, IPv4Address], str] = {}
-        for _, endpoint in sorted(endpoints, key=lambda item: item[0]):
-            ident = f"{endpoint.owner}/{endpoint.key}"
-            if endpoint.key in out.view.endpoints:
-                out.lost_endpoints[ident] = f"endpoint {endpoint.key} already exists"
-            elif (endpoint.network, endpoint.ip) in taken:
-                holder = taken[(endpoint.network, endpoint.ip)]
-                out.lost_endpoints[ident] = f"IP {endpoint.ip} is already taken (held by {holder})"
-            else:
-                out.view.endpoints[endpoint.key] = endpoint
-                taken[(endpoint.network, endpoint.ip)] = endpoint.key
+            if fact is not None and not isinstance(fact, BlockClaim):
+                out.append(fact)
         return out
+
+
+def _fact(record: Record) -> GossipFact | BlockClaim:
+    payload = record.payload
+    if record.kind == NODE:
+        if payload is None:
+            return NodeGone(record.key)
+        node = Node.from_dict(payload)
+        _check(node.name == record.owner == record.key, "node record not its sender's own")
+        return NodeHeard(node)
+    if record.kind == ENDPOINT:
+        if payload is None:
+            return EndpointReleased(record.owner, record.key)
+        endpoint = Endpoint.from_dict(payload)
+        _check(endpoint.owner == record.owner, "endpoint not owned by its publisher")
+        _check(endpoint.key == record.key, "endpoint key mismatch")
+        return EndpointClaimed(endpoint)
+    if record.kind == NETWORK:
+        if payload is None:
+            return NetworkReleased(record.owner, record.key)
+        network = Network.from_dict(payload)
+        _check(network.name == record.key, "network key mismatch")
+        return NetworkClaimed(record.owner, network, _float(payload.get("created_at")))
+    if record.kind == NETWORK_REMOVED:
+        validate_name(record.key, "network name")
+        at = _float(payload.get("created_at")) if payload is not None else float("-inf")
+        return NetworkRemovedMark(record.key, at)
+    if record.kind == BLOCK:
+        net_name, _, cidr = record.key.partition("/")
+        validate_name(net_name, "network name")
+        block = IPv4Network(cidr, strict=True)
+        if payload is None:
+            return BlockClaim(record.owner, net_name, block, 0.0, released=True)
+        return BlockClaim(record.owner, net_name, block, _float(payload.get("created_at")))
+    raise ValueError(f"unknown record kind {record.kind!r}")
 
 
 def _check(ok: bool, why: str) -> None:

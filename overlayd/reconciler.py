@@ -1,10 +1,25 @@
-"""The level-triggered reconcile loop: observe the kernel, diff, apply the difference.
+"""The reconcile loop: desired state against the kernel mirror, one batch of dirty keys at a time.
 
-Triggers are coalesced: any number of `trigger()` calls while a pass runs
-lead to exactly one more pass. A pass also runs every `interval` seconds to
-repair drift. A failed kernel operation is never dropped: it is counted,
-kept in `errors` for /status, and the pass is retried with backoff until the
-kernel matches.
+Two things mark keys dirty: desired state (a view change touched them) and
+the kernel mirror (a notification showed them change: our own write's echo,
+which compares equal and costs nothing more, or someone else's change,
+which is repaired at once). A pass takes every dirty key, plans the commands
+for exactly those (`dataplane.diff.plan`), and executes them as one batch;
+whatever becomes dirty while a batch is written goes into the next one. A
+pass with nothing dirty does nothing.
+
+A full read of the kernel (dump, load the mirror, compare every key) runs
+at start-up — adopting what is already right instead of flushing it — then
+every `verify_interval` as a safety net, and at once after a netlink
+overrun (the mirror missed notifications).
+
+A failed kernel operation is never dropped: it is counted, kept in
+`errors` for /status, and its keys are compared again after a backoff
+(0.2 s doubling to 10 s) until the kernel matches.
+
+While `hold_deletions` is set (a restarted daemon whose view is not
+complete yet) nothing is removed from the kernel; `release_hold()` compares
+everything again once the view is whole.
 """
 
 from __future__ import annotations
@@ -13,13 +28,30 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from overlayd.dataplane.commands import Command, describe
-from overlayd.dataplane.diff import diff
-from overlayd.dataplane.kernel import Kernel
-from overlayd.dataplane.kstate import KernelState
+from overlayd.dataplane.commands import (
+    AnnounceArp,
+    AppendFlood,
+    Command,
+    DeleteFdb,
+    DeleteFlood,
+    DeleteLink,
+    DeleteNeigh,
+    EnsureBridge,
+    EnsureVxlan,
+    ReplaceFdb,
+    ReplaceNeigh,
+    SetPort,
+    describe,
+)
+from overlayd.dataplane.desired import DesiredState
+from overlayd.dataplane.diff import diff, plan
+from overlayd.dataplane.kernel import Kernel, OpResult
+from overlayd.dataplane.kstate import Dirty
+from overlayd.dataplane.mirror import Mirror
+from overlayd.dataplane.monitor import RCVBUF, Monitor
 from overlayd.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -34,15 +66,19 @@ class PassReport:
     duration: float
     applied: int
     failed: int
+    kind: str = "incremental"  # or "full": the whole kernel was read and compared
+    held: int = 0
     errors: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, object]:
         return {
             "trigger": self.trigger,
+            "kind": self.kind,
             "started_at": self.started_at,
             "duration_ms": round(self.duration * 1000, 3),
             "applied": self.applied,
             "failed": self.failed,
+            "held_deletions": self.held,
         }
 
 
@@ -51,81 +87,262 @@ class Reconciler:
         self,
         *,
         kernel: Kernel,
-        desired: Callable[[], KernelState],
+        desired: DesiredState,
         metrics: Metrics,
-        interval: float,
-        on_converged: Callable[[KernelState], None] | None = None,
+        verify_interval: float,
+        on_applied: Callable[[Sequence[Command]], None] | None = None,
+        hold_deletions: bool = False,
+        monitor_rcvbuf: int = RCVBUF,
     ) -> None:
         self._kernel = kernel
-        self._desired = desired
+        self.desired = desired
+        self.mirror = Mirror()
         self._metrics = metrics
-        self._interval = interval
-        self._on_converged = on_converged
+        self._verify_interval = verify_interval
+        self._on_applied = on_applied
+        self.hold_deletions = hold_deletions
+        self._monitor = Monitor(
+            netns=kernel.netns,
+            on_datagram=self._notified,
+            on_overrun=self.request_full,
+            rcvbuf=monitor_rcvbuf,
+        )
+        self._buffer: list[bytes] | None = None  # notifications held back during a dump
         self._wake = asyncio.Event()
+        self._full_requested = "startup"
+        self._retry = Dirty()
+        self._retry_delay = _RETRY_MIN
+        self._retry_at: float | None = None
+        self._full_at = 0.0  # loop time of the last full pass
         self._lock = asyncio.Lock()
+        self._passed = asyncio.Event()  # pulsed after every pass
         self.first_pass_done = asyncio.Event()
         self.last: PassReport | None = None
+        self.last_full: PassReport | None = None
         self.errors: deque[str] = deque(maxlen=50)
+        self.passes = 0
+
+    # --- telling it ---
+
+    @property
+    def overruns(self) -> int:
+        """Netlink overruns seen (each forced a full re-read)."""
+        return self._monitor.overruns
 
     def trigger(self) -> None:
         self._wake.set()
 
+    def request_full(self, reason: str = "overrun") -> None:
+        """Read and compare everything at the next pass (e.g. after a netlink overrun)."""
+        if reason == "overrun":
+            self._metrics.netlink_overruns.inc()
+        self._full_requested = reason
+        self._wake.set()
+
+    def release_hold(self) -> None:
+        """The view is complete: deletions held since start-up may go now."""
+        if self.hold_deletions:
+            self.hold_deletions = False
+            log.info("view complete: comparing everything, held deletions may go")
+            self.request_full("hold-released")
+
+    def _notified(self, data: bytes) -> None:
+        if self._buffer is not None:
+            self._buffer.append(data)
+            return
+        self.mirror.apply_datagram(data)
+        if self.mirror.dirty:
+            self._wake.set()
+
+    # --- running ---
+
+    def start_monitor(self) -> None:
+        """Subscribe to notifications (before the first dump, so nothing falls between)."""
+        self._monitor.start()
+
+    def close(self) -> None:
+        self._monitor.close()
+
     async def run(self) -> None:
-        """Run forever: a pass now, then after each trigger, periodically, and on failure."""
-        trigger = "startup"
-        retry = _RETRY_MIN
-        while True:
-            self._wake.clear()
-            report = await self.reconcile(trigger)
-            if report.failed:
-                timeout = retry
-                retry = min(retry * 2, _RETRY_MAX)
-            else:
-                timeout = self._interval
-                retry = _RETRY_MIN
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout)
-                trigger = "change"
-            except TimeoutError:
-                trigger = "retry" if report.failed else "periodic"
+        """Run forever: a full pass now, then a pass whenever something is dirty."""
+        self.start_monitor()
+        try:
+            while True:
+                full = self._full_requested
+                if full:
+                    self._full_requested = ""
+                    await self.reconcile_full(full)
+                else:
+                    await self.reconcile("change")
+                await self._sleep()
+        finally:
+            self.close()
+
+    async def _sleep(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        deadline = self._full_at + self._verify_interval
+        if self._retry_at is not None:
+            deadline = min(deadline, self._retry_at)
+        self._wake.clear()
+        if self._has_work():
+            return
+        try:
+            await asyncio.wait_for(self._wake.wait(), max(0.0, deadline - now))
+        except TimeoutError:
+            pass
+        now = loop.time()
+        if self._retry_at is not None and now >= self._retry_at:
+            self._retry_at = None
+            self.desired.dirty.update(self._retry.take())
+        if now >= self._full_at + self._verify_interval and not self._full_requested:
+            self._full_requested = "periodic"
+
+    def _has_work(self) -> bool:
+        return bool(self._full_requested or self.desired.dirty or self.mirror.dirty)
 
     async def reconcile(self, trigger: str) -> PassReport:
-        """One pass. Passes never overlap (the admin API may ask for one directly)."""
+        """One incremental pass over what is dirty. Passes never overlap."""
         async with self._lock:
+            self._monitor.drain()
+            dirty = self.desired.dirty.take()
+            dirty.update(self.mirror.dirty.take())
+            return await self._apply(trigger, "incremental", dirty)
+
+    async def reconcile_full(self, trigger: str) -> PassReport:
+        """Read the whole kernel into the mirror and compare every key."""
+        async with self._lock:
+            self._monitor.drain()
+            self._buffer = []
             started, t0 = time.time(), time.perf_counter()
-            want = self._desired()
-            errors: list[str] = []
-            applied = 0
             try:
-                have = await self._kernel.observe()
-                commands = diff(want, have)
-                if commands:
-                    results = await self._kernel.execute(commands)
-                    for result in results:
-                        if result.error is None:
-                            applied += 1
-                        else:
-                            errors.append(f"{describe(result.command)}: {result.error}")
-            except Exception as exc:  # a failed read must not kill the loop: retry
-                log.exception("reconcile pass failed")
-                errors.append(f"reconcile: {exc}")
-            duration = time.perf_counter() - t0
-            self._metrics.reconcile_duration.observe(duration)
-            self._metrics.reconciles.labels(trigger=trigger).inc()
-            report = PassReport(trigger, started, duration, applied, len(errors), errors)
-            self.last = report
-            for line in errors:
-                log.warning("kernel op failed (will retry): %s", line)
-                self.errors.append(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}")
-            if applied:
-                log.info("reconcile (%s): applied %d changes in %.1f ms", trigger, applied, duration * 1e3)
-            if not errors:
-                self.first_pass_done.set()
-                if self._on_converged:
-                    self._on_converged(want)
+                dump = await self._kernel.dump()
+            except Exception as exc:
+                buffered, self._buffer = self._buffer, None
+                for data in buffered:
+                    self.mirror.apply_datagram(data)
+                log.exception("reading the kernel failed")
+                return self._report(trigger, "full", started, t0, 0, [f"dump: {exc}"], 0)
+            # Notifications that arrived during the dump are newer than parts of it:
+            # replaying them in order leaves each key as its last event says.
+            self.mirror.load(*dump)
+            buffered, self._buffer = self._buffer, None
+            for data in buffered:
+                self.mirror.apply_datagram(data)
+            dirty = self.mirror.dirty.take()
+            dirty.update(self.desired.dirty.take())
+            dirty.add_tables(self.desired.tables)
+            self._full_at = asyncio.get_running_loop().time()
+            report = await self._apply(trigger, "full", dirty, started=started, t0=t0)
+            self.last_full = report
             return report
 
+    async def _apply(
+        self, trigger: str, kind: str, dirty: Dirty, *, started: float | None = None, t0: float | None = None
+    ) -> PassReport:
+        if started is None or t0 is None:
+            started, t0 = time.time(), time.perf_counter()
+        errors: list[str] = []
+        applied = 0
+        held = 0
+        if dirty:
+            result = plan(self.desired.tables, self.mirror.tables, dirty, hold_deletions=self.hold_deletions)
+            held = result.held
+            if result.commands:
+                try:
+                    outcomes = await self._kernel.execute(result.commands)
+                except Exception as exc:  # a failed write must not kill the loop: retry
+                    log.exception("kernel write failed")
+                    outcomes = [OpResult(cmd, f"{exc}") for cmd in result.commands]
+                done: list[Command] = []
+                for outcome in outcomes:
+                    if outcome.error is None:
+                        applied += 1
+                        self.mirror.assume(outcome.command)
+                        done.append(outcome.command)
+                    else:
+                        errors.append(f"{describe(outcome.command)}: {outcome.error}")
+                        _mark(self._retry, outcome.command)
+                if done and self._on_applied is not None:
+                    self._on_applied(done)
+        if errors:
+            loop = asyncio.get_running_loop()
+            self._retry_at = loop.time() + self._retry_delay
+            self._retry_delay = min(self._retry_delay * 2, _RETRY_MAX)
+        elif not self._retry:
+            self._retry_delay = _RETRY_MIN
+        return self._report(trigger, kind, started, t0, applied, errors, held)
+
+    def _report(
+        self, trigger: str, kind: str, started: float, t0: float, applied: int, errors: list[str], held: int
+    ) -> PassReport:
+        duration = time.perf_counter() - t0
+        self._metrics.reconcile_duration.labels(kind=kind).observe(duration)
+        self._metrics.reconciles.labels(trigger=trigger).inc()
+        report = PassReport(trigger, started, duration, applied, len(errors), kind, held, errors)
+        self.passes += 1
+        if applied or errors or kind == "full":
+            self.last = report
+        for line in errors:
+            log.warning("kernel op failed (will retry): %s", line)
+            self.errors.append(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}")
+        if applied:
+            log.info("reconcile (%s): applied %d changes in %.1f ms", trigger, applied, duration * 1e3)
+        if not errors:
+            self.first_pass_done.set()
+        self._passed.set()
+        self._passed = asyncio.Event()
+        return report
+
+    # --- asking ---
+
     async def pending(self) -> list[Command]:
-        """What a pass would change right now, without changing anything."""
+        """What a full pass would change right now (a fresh read), without changing anything."""
         async with self._lock:
-            return diff(self._desired(), await self._kernel.observe())
+            return diff(self.desired.tables.state(), await self._kernel.observe())
+
+    def converged_links(self, names: Iterable[str]) -> bool:
+        t, m = self.desired.tables, self.mirror.tables
+        for name in names:
+            if name in t.bridges:
+                if m.bridges.get(name) != t.bridges[name]:
+                    return False
+            elif name in t.vxlans:
+                if m.vxlans.get(name) != t.vxlans[name]:
+                    return False
+            else:
+                return False
+        return True
+
+    async def wait_links(self, names: Iterable[str], timeout: float = 10.0) -> None:
+        """Until the kernel holds `names` (our bridges/VXLAN devices) as desired."""
+        wanted = list(names)
+        async with asyncio.timeout(timeout):
+            while True:
+                self._monitor.drain()
+                if self.converged_links(wanted):
+                    return
+                passed = self._passed
+                self.trigger()
+                await passed.wait()
+
+
+def _mark(dirty: Dirty, cmd: Command) -> None:
+    """Mark the key a failed command was for, to compare it again later."""
+    match cmd:
+        case ReplaceFdb(e) | DeleteFdb(e):
+            dirty.fdb.add((e.device, e.mac))
+        case AppendFlood(f) | DeleteFlood(f):
+            dirty.flood.add((f.device, f.dst))
+        case ReplaceNeigh(n) | DeleteNeigh(n):
+            dirty.neigh.add((n.device, n.ip))
+        case EnsureBridge(b):
+            dirty.links.add(b.ifname)
+        case EnsureVxlan(v):
+            dirty.links.add(v.ifname)
+        case SetPort(p):
+            dirty.links.add(p.ifname)
+        case DeleteLink(ifname):
+            dirty.links.add(ifname)
+        case AnnounceArp():
+            pass  # the neighbour it announces is in place; nothing to compare again

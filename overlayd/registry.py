@@ -2,12 +2,20 @@
 
 The local registry, not the store, is the truth about which endpoints live on
 this host: after a restart, or after the lease lapsed while the store was
-unreachable, the daemon re-publishes from here. Written atomically (temp file
-plus rename) so a crash never leaves half a file.
+unreachable, the daemon re-publishes from here.
+
+On disk: `endpoints.json` (a snapshot, replaced atomically: temp file,
+fsync, rename) and `endpoints.journal` (one JSON line per change since the
+snapshot, appended and fsynced). A change costs one appended line, not a
+rewrite of every endpoint, and changes made at the same time share one
+fsync (group commit), in a thread so the event loop never waits on the disk.
+The journal is folded into a new snapshot once it is longer than the
+snapshot itself. A torn last line (a crash mid-append) is ignored on load.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -17,26 +25,55 @@ from overlayd.model import Endpoint, ValidationError
 
 log = logging.getLogger(__name__)
 
+_MIN_COMPACT = 256
+
 
 class LocalRegistry:
     def __init__(self, state_dir: str) -> None:
-        self._path = Path(state_dir) / "endpoints.json"
+        self._dir = Path(state_dir)
+        self._path = self._dir / "endpoints.json"
+        self._journal = self._dir / "endpoints.journal"
         self._endpoints: dict[str, Endpoint] = {}
+        self._journal_lines = 0
+        self._pending: list[str] = []
+        self._lock = asyncio.Lock()
 
     def load(self) -> None:
         try:
             raw = json.loads(self._path.read_text())
         except FileNotFoundError:
-            return
+            raw = {}
         except (OSError, ValueError) as exc:
             raise RuntimeError(f"{self._path}: cannot read local endpoint registry: {exc}") from None
         for item in raw.get("endpoints", []):
+            self._load_one(item)
+        try:
+            lines = self._journal.read_text().splitlines()
+        except FileNotFoundError:
+            lines = []
+        except OSError as exc:
+            raise RuntimeError(f"{self._journal}: cannot read local endpoint registry: {exc}") from None
+        for number, line in enumerate(lines, 1):
             try:
-                endpoint = Endpoint.from_dict(item)
-            except ValidationError as exc:
-                log.error("%s: skipping invalid entry: %s", self._path, exc)
-                continue
-            self._endpoints[endpoint.key] = endpoint
+                change = json.loads(line)
+            except ValueError:
+                if number == len(lines):
+                    log.warning("%s: ignoring a torn last line (a crash while writing)", self._journal)
+                    break
+                raise RuntimeError(f"{self._journal}:{number}: not a registry change") from None
+            if "put" in change:
+                self._load_one(change["put"])
+            elif "remove" in change:
+                self._endpoints.pop(str(change["remove"]), None)
+        self._journal_lines = len(lines)
+
+    def _load_one(self, item: object) -> None:
+        try:
+            endpoint = Endpoint.from_dict(item)
+        except ValidationError as exc:
+            log.error("%s: skipping invalid entry: %s", self._path, exc)
+            return
+        self._endpoints[endpoint.key] = endpoint
 
     def all(self) -> list[Endpoint]:
         return list(self._endpoints.values())
@@ -47,20 +84,52 @@ class LocalRegistry:
     def __contains__(self, key: str) -> bool:
         return key in self._endpoints
 
-    def add(self, endpoint: Endpoint) -> None:
+    def __len__(self) -> int:
+        return len(self._endpoints)
+
+    async def add(self, endpoint: Endpoint) -> None:
+        """Record `endpoint`; returns once it is on disk."""
         self._endpoints[endpoint.key] = endpoint
-        self._save()
+        await self._persist(json.dumps({"put": endpoint.to_dict()}, sort_keys=True))
 
-    def remove(self, key: str) -> None:
+    async def remove(self, key: str) -> None:
         if self._endpoints.pop(key, None) is not None:
-            self._save()
+            await self._persist(json.dumps({"remove": key}))
 
-    def _save(self) -> None:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self._path.with_suffix(".tmp")
-        data = {"endpoints": [ep.to_dict() for ep in self._endpoints.values()]}
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
+    async def compact(self) -> None:
+        """Fold the journal into the snapshot now (e.g. after a teardown emptied the registry)."""
+        async with self._lock:
+            snapshot = [ep.to_dict() for ep in self._endpoints.values()]
+            batch, self._pending = self._pending, []
+            await asyncio.to_thread(self._write, batch, snapshot)
+
+    async def _persist(self, line: str) -> None:
+        self._pending.append(line)
+        async with self._lock:
+            if not self._pending:
+                return  # an earlier writer took our line with its batch
+            batch, self._pending = self._pending, []
+            snapshot = None
+            if self._journal_lines + len(batch) > max(_MIN_COMPACT, 2 * len(self._endpoints)):
+                snapshot = [ep.to_dict() for ep in self._endpoints.values()]
+            await asyncio.to_thread(self._write, batch, snapshot)
+
+    def _write(self, batch: list[str], snapshot: list[dict[str, object]] | None) -> None:
+        self._dir.mkdir(parents=True, exist_ok=True)
+        if snapshot is not None:
+            # The snapshot holds every change up to now, the batch included.
+            tmp = self._path.with_suffix(".tmp")
+            with open(tmp, "w") as f:
+                json.dump({"endpoints": snapshot}, f, indent=1, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            tmp.replace(self._path)
+            with open(self._journal, "w") as f:
+                os.fsync(f.fileno())
+            self._journal_lines = 0
+            return
+        with open(self._journal, "a") as f:
+            f.write("".join(line + "\n" for line in batch))
             f.flush()
             os.fsync(f.fileno())
-        tmp.replace(self._path)
+        self._journal_lines += len(batch)

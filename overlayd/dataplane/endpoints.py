@@ -20,8 +20,10 @@ from ipaddress import IPv4Address
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from overlayd.dataplane.kernel import Kernel, KernelError, LinkInfo, error_text, netns_path, open_iproute
+from overlayd.dataplane import netlink as nl
+from overlayd.dataplane.kernel import Kernel, KernelError, LinkInfo, error_code_text, error_text, netns_path
 from overlayd.dataplane.kstate import VETH_PREFIX, link_alias
+from overlayd.dataplane.rtnl import Rtnl
 
 __all__ = ["create_local_endpoint", "delete_local_endpoint", "port_exists"]
 
@@ -69,11 +71,18 @@ async def create_local_endpoint(
     gateway: IPv4Address | None,
     bridge: str,
     network: str,
+    bridge_index: int | None = None,
 ) -> None:
     """Wire namespace `netns` (a name under /run/netns, or a path) to `bridge`.
 
     The bridge must exist already (the reconciler creates it from desired
-    state). Raises `KernelError` and leaves nothing behind on any failure.
+    state; pass its ifindex if known, to save a lookup). Raises
+    `KernelError` and leaves nothing behind on any failure.
+
+    Four netlink round trips: the veth pair is created with its host side
+    up on the bridge and its peer born inside the namespace, named, with
+    its MAC and MTU; the host side gets its ifalias; inside, the peer's index
+    is read, then address, link up, loopback up and default route go in one batch.
     """
     _check_name(ifname, "interface name")
     _check_name(host_ifname, "host interface name")
@@ -86,58 +95,45 @@ async def create_local_endpoint(
         raise KernelError(f"invalid MAC address {mac!r}")
     if not 0 < prefixlen <= 32:
         raise KernelError(f"invalid prefix length {prefixlen}")
-
-    if await kernel.link(host_ifname) is not None:
-        raise KernelError(f"host interface {host_ifname} already exists")
-    br = await kernel.link(bridge)
-    br_role = br.role() if br is not None else None
-    if br is None or br.kind != "bridge" or br_role is None or br_role[0] != "bridge":
-        raise KernelError(f"bridge {bridge} does not exist (or is not overlayd's)")
+    if bridge_index is None:
+        br = await kernel.link(bridge)
+        br_role = br.role() if br is not None else None
+        if br is None or br.kind != "bridge" or br_role is None or br_role[0] != "bridge":
+            raise KernelError(f"bridge {bridge} does not exist (or is not overlayd's)")
+        bridge_index = br.index
 
     fd = _open_netns(netns)
     try:
-        # The peer is born inside the target namespace under its final name,
-        # so a name clash there fails the whole create and nothing is left.
-        await kernel.ipr.link(
-            "add",
+        request = nl.create_veth(
             ifname=host_ifname,
-            kind="veth",
             mtu=mtu,
-            peer={"ifname": ifname, "net_ns_fd": fd, "address": mac, "mtu": mtu},
+            master=bridge_index,
+            peer=ifname,
+            peer_netns_fd=fd,
+            peer_mac=nl.mac_bytes(mac),
         )
-    except NetlinkError as exc:
-        if exc.code == errno.EEXIST:
-            raise KernelError(
-                f"cannot create the endpoint: {ifname} already exists in netns {netns} "
-                f"(or {host_ifname} appeared on the host meanwhile)"
-            ) from exc
-        raise KernelError(f"cannot create veth {host_ifname}: {error_text(exc)}") from exc
-    except OSError as exc:
-        raise KernelError(f"cannot create veth {host_ifname}: {exc}") from exc
+        ((code, text),) = await kernel.rtnl.batch([request])
     finally:
         os.close(fd)
-
-    host = await kernel.link(host_ifname)
-    if host is None:
-        raise KernelError(f"veth {host_ifname} vanished right after it was created")
-    try:
-        await kernel.ipr.link(
-            "set",
-            index=host.index,
-            ifalias=link_alias(network, "port"),
-            master=br.index,
-            state="up",
+    if code == errno.EEXIST:
+        raise KernelError(
+            f"cannot create the endpoint: {ifname} already exists in netns {netns} "
+            f"(or {host_ifname} exists on the host)"
         )
+    if code:
+        raise KernelError(f"cannot create veth {host_ifname}: {error_code_text(code, text)}")
+    try:
+        ((code, text),) = await kernel.rtnl.batch([nl.set_alias(host_ifname, link_alias(network, "port"))])
+        if code:
+            raise KernelError(f"cannot mark {host_ifname} as overlayd's: {error_code_text(code, text)}")
         await _configure_inside(netns, ifname, ip, prefixlen, gateway)
     except BaseException as exc:
         # All or nothing, also when cancelled: the container side goes with
         # the host side.
         note = ""
-        try:
-            await kernel.ipr.link("del", index=host.index)
-        except NetlinkError as cleanup:
-            if cleanup.code != errno.ENODEV:
-                note = f" (and removing {host_ifname} again failed: {error_text(cleanup)})"
+        ((code, text),) = await kernel.rtnl.batch([nl.delete_link_by_name(host_ifname)])
+        if code and code != errno.ENODEV:
+            note = f" (and removing {host_ifname} again failed: {error_code_text(code, text)})"
         if isinstance(exc, NetlinkError | OSError | KernelError):
             raise KernelError(
                 f"cannot set up endpoint {ifname} in netns {netns}: {error_text(exc)}{note}"
@@ -148,20 +144,30 @@ async def create_local_endpoint(
 async def _configure_inside(
     netns: str, ifname: str, ip: IPv4Address, prefixlen: int, gateway: IPv4Address | None
 ) -> None:
-    async with open_iproute(netns) as ns:
-        found = await ns.link_lookup(ifname=ifname)
+    try:
+        inside = Rtnl.open(netns)
+    except OSError as exc:
+        raise KernelError(f"cannot open netlink in netns {netns}: {exc}") from exc
+    try:
+        try:
+            found = await inside.query(nl.RTM_GETLINK, nl.get_link_request(ifname), nl.parse_link, dump=False)
+        except NetlinkError as exc:
+            raise KernelError(f"{ifname} did not appear in netns {netns}: {error_text(exc)}") from exc
         if not found:
             raise KernelError(f"{ifname} did not appear in netns {netns}")
-        index = found[0]
-        await ns.addr("add", index=index, address=str(ip), prefixlen=prefixlen)
-        await ns.link("set", index=index, state="up")
-        loopback = await ns.link_lookup(ifname="lo")
-        if loopback:
-            await ns.link("set", index=loopback[0], state="up")
+        index = found[0].index
+        requests = [nl.add_address(index, ip, prefixlen), nl.set_up(index), nl.set_up(nl.LOOPBACK_INDEX)]
+        what = [f"address {ip}/{prefixlen}", f"{ifname} up", "loopback up"]
         if gateway is not None:
             # "add", not "replace": a namespace that already routes its
             # default elsewhere is a conflict to report, not to overwrite.
-            await ns.route("add", dst="0.0.0.0/0", gateway=str(gateway), oif=index)
+            requests.append(nl.add_default_route(index, gateway))
+            what.append(f"default route via {gateway}")
+        for (code, text), item in zip(await inside.batch(requests), what, strict=True):
+            if code:
+                raise KernelError(f"{item}: {error_code_text(code, text)}")
+    finally:
+        inside.close()
 
 
 async def delete_local_endpoint(kernel: Kernel, *, host_ifname: str) -> None:

@@ -1,17 +1,21 @@
-"""The embedded mode: no KV server, the cluster view lives in gossip alone.
+"""The embedded mode's claims: no KV server, the cluster agrees through gossip alone.
 
-Implements the same `Store` interface as etcd/ZooKeeper/Consul, so the daemon
-does not know the difference. What the KV servers give, gossip approximates:
+What the KV servers give, gossip approximates:
 
-- "compare-and-set": a write is published, then checked after a short settle
+- compare-and-set: a claim is published, then checked after a short settle
   time (several gossip round trips) against what other hosts published
-  meanwhile; `Peering.derive` picks the same winner on every host (the
-  oldest), and a loser withdraws its record and gets `AlreadyExists` —
-  the operator is told, never silently overruled;
-- "lease expiry": a member SWIM confirms dead (or that left) keeps its
-  endpoints for `dead_grace` seconds, then they drop out of the view; if
-  it comes back, its records come back with it;
-- "watch": every change re-derives the view and yields the difference.
+  meanwhile; the admission picks the same winner on every host (the first
+  claim), and a loser withdraws its record and gets `AlreadyExists` — the
+  operator is told, never silently overruled. Networks and address blocks
+  pay this settle time; endpoints do not:
+- addresses: each host claims blocks of a network's subnet (`ipam`), once,
+  and allocates inside its own blocks without waiting for anyone. The next
+  block is claimed in the background as soon as the last one starts to be
+  used, so adds rarely wait even for that. Only an address the user names
+  outside this host's blocks (or one borrowed when no block is free) is
+  contested and settles like a network;
+- lease expiry: a member SWIM confirms dead (or that left) keeps its
+  endpoints for `dead_grace` seconds (`feeds.GossipFeed`).
 """
 
 from __future__ import annotations
@@ -19,274 +23,187 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+import zlib
+from ipaddress import IPv4Address, IPv4Network
 
-from overlayd.config import GossipSettings
-from overlayd.gossip import MemberInfo, MemberState, Record
-from overlayd.model import Endpoint, Network, Node
-from overlayd.peering import ENDPOINT, NETWORK, Derived, Peering
-from overlayd.state import (
-    ClusterView,
-    EndpointDeleted,
-    EndpointPut,
-    Fact,
-    NetworkDeleted,
-    NetworkPut,
-    NodeDeleted,
-    NodePut,
-)
-from overlayd.store.base import AlreadyExists, Changes, NotFoundError, Snapshot, Store, StoreError
+from overlayd.admission import Contested, NetworkClaimed, NetworkRemovedMark
+from overlayd.engine import Engine
+from overlayd.ipam import AddressBook, BlockTable, SubnetFull, block_of, blocks_of
+from overlayd.model import Endpoint, Network
+from overlayd.peering import BlockClaim, Peering
+from overlayd.state import EndpointDeleted, EndpointPut, NetworkDeleted
+from overlayd.store.base import AlreadyExists, NotFoundError
 
 log = logging.getLogger(__name__)
 
-# How long a write waits for concurrent writers elsewhere to be heard.
+# How long a contested claim waits for concurrent writers elsewhere to be heard.
 SETTLE_SECONDS = 0.3
+_BLOCK_ATTEMPTS = 8
 
 
-class GossipStore(Store):
+class GossipClaims:
     def __init__(
         self,
-        settings: GossipSettings,
         *,
-        registry: Any,
-        node_name: str,
-        on_conflict: Callable[[str, str], None] | None = None,
+        node: str,
+        peering: Peering,
+        engine: Engine,
+        blocks: BlockTable,
+        addresses: AddressBook,
+        settle: float = SETTLE_SECONDS,
     ) -> None:
-        self._settings = settings
-        self._registry = registry
-        self._name = node_name
-        self.peering: Peering | None = None
-        self._wake = asyncio.Event()
-        self._revision = 0
-        self._dead_since: dict[str, float] = {}  # member -> monotonic time it went dead/left
-        self._excluded: set[str] = set()
-        self._published: dict[str, Endpoint] = {}
-        self._created: dict[str, float] = {}  # networks this host created: name -> created_at
-        self._adopted: list[Record] = []
-        self._on_conflict = on_conflict
-        self._settling: set[str] = set()  # endpoints inside create_endpoint's settle wait
+        self._node = node
+        self._peering = peering
+        self._engine = engine
+        self._admission = engine.admission
+        self.blocks = blocks
+        self._addresses = addresses
+        self._settle = settle
+        self.settling: set[str] = set()  # own endpoints inside their settle wait
+        self._block_claims: dict[str, asyncio.Task[IPv4Network | None]] = {}  # network -> claim in flight
 
-    # ----------------------------------------------------------------- session
-
-    @property
-    def healthy(self) -> bool:
-        return self.peering is not None
-
-    async def connect(self) -> None:
-        """Nothing to reach: gossip starts with the session, once the VTEP is known."""
-
-    async def open_session(self, node: Node) -> None:
-        if self.peering is None:
-            self.peering = Peering(
-                node_name=self._name,
-                settings=self._settings,
-                advertise=node.vtep,
-                registry=self._registry,
-                on_record=self._on_record,
-                on_member=self._on_member,
-            )
-            try:
-                await self.peering.start()
-            except OSError as exc:
-                self.peering = None
-                raise StoreError(f"cannot start gossip on port {self._settings.port}: {exc}") from None
-        self.peering.publish_node(node)
-
-    def _require(self) -> Peering:
-        if self.peering is None:
-            raise StoreError("gossip is not running: open_session() first")
-        return self.peering
-
-    async def keep_session(self) -> None:
-        """Expire members dead past their grace; settle our records from an earlier life."""
-        while True:
-            await asyncio.sleep(min(1.0, self._settings.dead_grace / 4))
-            self._expire_dead()
-            self._settle_adopted()
-
-    def _expire_dead(self) -> None:
-        now = time.monotonic()
-        expired = {m for m, since in self._dead_since.items() if now - since >= self._settings.dead_grace}
-        if expired != self._excluded:
-            for member in expired - self._excluded:
-                log.warning(
-                    "gossip: %s dead for %.0fs: dropping its endpoints", member, self._settings.dead_grace
-                )
-            self._excluded = expired
-            self._wake.set()
-
-    def _on_member(self, info: MemberInfo) -> None:
-        if info.state in (MemberState.DEAD, MemberState.LEFT):
-            self._dead_since.setdefault(info.name, time.monotonic())
-        else:
-            if self._dead_since.pop(info.name, None) is not None:
-                log.info("gossip: %s is back (%s)", info.name, info.state)
-            if info.name in self._excluded:
-                self._excluded.discard(info.name)
-                self._wake.set()
-
-    def _on_record(self, record: Record) -> None:
-        if record.owner == self._name:
-            # Our own record from before a restart, as peers kept it: decided in keep_session,
-            # once this life's own records are published.
-            self._adopted.append(record)
-        self._wake.set()
-
-    def _settle_adopted(self) -> None:
-        peering = self._require()
-        adopted, self._adopted = self._adopted, []
-        for record in adopted:
-            if record.payload is None:
-                continue
-            current = peering.node.get(self._name, record.kind, record.key)
-            if current is not None and current.incarnation >= peering.node.incarnation:
-                continue  # already re-published in this life
-            if record.kind == NETWORK:
-                # Networks outlive their creator's restarts: take them over again.
-                at = float(record.payload.get("created_at", 0.0))
-                fact = peering.to_fact(record)
-                if isinstance(fact, NetworkPut):
-                    peering.publish_network(fact.network, at)
-                    self._created[fact.network.name] = at
-            elif record.kind == ENDPOINT and record.key not in self._published:
-                peering.delete_endpoint(record.key)  # gone while we were down
-
-    async def release_session(self) -> None:
-        if self.peering is None:
-            return
-        for key in list(self._published):
-            self.peering.delete_endpoint(key)
-        self._published.clear()
-        await self.peering.stop(leave=True)
-        self.peering = None
-
-    async def close(self) -> None:
-        # A plain stop (restart) does not announce a leave: peers keep our endpoints
-        # while SWIM notices, and we are back long before the grace period ends.
-        if self.peering is not None:
-            await self.peering.stop(leave=False)
-            self.peering = None
-
-    # ----------------------------------------------------------------- records
-
-    def view(self) -> ClusterView:
-        return self._require().derive(excluded=self._excluded).view
+    # --- networks ---
 
     async def create_network(self, network: Network) -> None:
-        peering = self._require()
-        view = self.view()
+        view = self._engine.view
         if network.name in view.networks:
             raise AlreadyExists("network name", network.name)
         for other in view.networks.values():
             if other.vni == network.vni:
                 raise AlreadyExists("VNI", str(network.vni), other.name)
         created_at = time.time()
-        peering.publish_network(network, created_at)
-        await asyncio.sleep(SETTLE_SECONDS)
-        why = peering.derive(excluded=self._excluded).lost_networks.get(f"{self._name}/{network.name}")
-        if why is not None:
-            peering.delete_network(network.name)
-            log.warning("network %s: another host created a conflicting one first: %s", network.name, why)
-            what = "network name" if why.startswith("network ") else "VNI"
-            raise AlreadyExists(what, network.name if what == "network name" else str(network.vni))
-        self._created[network.name] = created_at
+        self._peering.publish_network(network, created_at)
+        self._engine.from_own([NetworkClaimed(self._node, network, created_at)])
+        await asyncio.sleep(self._settle)
+        lost = self._admission.network_lost(network.name)
+        if lost is not None:
+            self._peering.delete_network(network.name)
+            self._engine.from_own([NetworkDeleted(network.name)])
+            log.warning(
+                "network %s: another host created a conflicting one first: %s", network.name, lost.why
+            )
+            if lost.lost == Contested.VNI:
+                raise AlreadyExists("VNI", str(network.vni))
+            raise AlreadyExists("network name", network.name)
 
     async def delete_network(self, name: str) -> None:
-        peering = self._require()
-        if name not in self.view().networks:
+        if name not in self._engine.view.networks:
             raise NotFoundError(f"network {name} not found")
-        # Hide every record of this name up to now, whoever created it.
-        peering.remove_network(name, time.time())
-        if name in self._created:
-            peering.delete_network(name)
-            del self._created[name]
+        # Hide every claim of this name up to now, whoever made it.
+        at = time.time()
+        self._peering.remove_network(name, at)
+        self._engine.from_gossip([NetworkRemovedMark(name, at)])
+        own = self._peering.own("network", name)
+        if own is not None and own.payload is not None:
+            self._peering.delete_network(name)
+        self._engine.from_own([NetworkDeleted(name)])
+        for net, block in self.blocks.claims_of(self._node):
+            if net == name:
+                self.release_block(net, block)
 
-    async def create_endpoint(self, endpoint: Endpoint) -> None:
-        peering = self._require()
-        view = self.view()
+    # --- endpoints ---
+
+    async def create_endpoint(self, endpoint: Endpoint, *, contested: bool) -> None:
+        view = self._engine.view
         if endpoint.key in view.endpoints:
             raise AlreadyExists("endpoint name", endpoint.key)
-        for other in view.endpoints_in(endpoint.network):
-            if other.ip == endpoint.ip:
-                raise AlreadyExists("IP", str(endpoint.ip), other.key)
-        peering.publish_endpoint(endpoint)
-        self._published[endpoint.key] = endpoint
-        self._settling.add(endpoint.key)
+        holder = view.ip_holder(endpoint.network, endpoint.ip)
+        if holder is not None:
+            raise AlreadyExists("IP", str(endpoint.ip), holder)
+        self._peering.publish_endpoint(endpoint)
+        if not contested:
+            self._engine.from_own([EndpointPut(endpoint)])
+            return
+        self.settling.add(endpoint.key)
         try:
-            await asyncio.sleep(SETTLE_SECONDS)
+            self._engine.from_own([EndpointPut(endpoint)])
+            await asyncio.sleep(self._settle)
         finally:
-            self._settling.discard(endpoint.key)
-        why = peering.derive(excluded=self._excluded).lost_endpoints.get(f"{self._name}/{endpoint.key}")
-        if why is not None:
-            peering.delete_endpoint(endpoint.key)
-            del self._published[endpoint.key]
-            log.warning("endpoint %s: lost to a concurrent claim: %s", endpoint.key, why)
-            if why.startswith("IP "):
-                raise AlreadyExists("IP", str(endpoint.ip))
-            raise AlreadyExists("endpoint name", endpoint.key)
-
-    async def publish_endpoint(self, endpoint: Endpoint) -> None:
-        self._require().publish_endpoint(endpoint)
-        self._published[endpoint.key] = endpoint
+            self.settling.discard(endpoint.key)
+        lost = self._admission.lost(endpoint.key)
+        if lost is not None:
+            self._peering.delete_endpoint(endpoint.key)
+            self._engine.from_own([EndpointDeleted(endpoint.key)])
+            log.warning("endpoint %s: lost to a concurrent claim: %s", endpoint.key, lost.why)
+            if lost.lost == Contested.NAME:
+                raise AlreadyExists("endpoint name", endpoint.key)
+            raise AlreadyExists("IP", str(endpoint.ip))
 
     async def delete_endpoint(self, endpoint: Endpoint) -> None:
-        self._require().delete_endpoint(endpoint.key)
-        self._published.pop(endpoint.key, None)
+        self._peering.delete_endpoint(endpoint.key)
+        self._engine.from_own([EndpointDeleted(endpoint.key)])
 
-    # ----------------------------------------------------------------- reading
+    async def release(self) -> None:
+        """Teardown: tombstones for every own record, then a clean leave."""
+        for ep in self._engine.view.owned_by(self._node):
+            self._peering.delete_endpoint(ep.key)
+        for net, block in self.blocks.claims_of(self._node):
+            self.release_block(net, block)
+        await self._peering.stop(leave=True)
 
-    async def snapshot(self) -> Snapshot:
-        self._revision += 1
-        return Snapshot(facts=_facts(self.view()), revision=self._revision)
+    # --- addresses ---
 
-    def _withdraw_losers(self, derived: Derived) -> None:
-        """Own endpoints that lost a clash found late (claims made on both sides of a
-        partition): withdraw them from the overlay and say so, loudly.
+    def contested(self, network: Network, ip: IPv4Address) -> bool:
+        """Whether a named address needs settling: it is outside this host's own blocks."""
+        return self.blocks.holder(network.name, block_of(network.subnet, ip)) != self._node
 
-        The veth stays: removing it would cut the container off without anyone
-        asking. The operator removes or re-creates the endpoint.
-        """
-        peering = self._require()
-        for key in list(self._published):
-            why = derived.lost_endpoints.get(f"{self._name}/{key}")
-            if why is None or key in self._settling:
-                continue
-            peering.delete_endpoint(key)
-            del self._published[key]
-            log.error("endpoint %s withdrawn from the overlay: %s", key, why)
-            if self._on_conflict is not None:
-                self._on_conflict(key, why)
+    async def take_address(self, network: Network) -> tuple[IPv4Address, bool]:
+        """A free address (reserved in the address book) and whether claiming it is contested."""
+        mine = self.blocks.mine(network.name)
+        try:
+            ip = self._addresses.take(network, within=mine)
+        except SubnetFull:
+            pass
+        else:
+            if block_of(network.subnet, ip) == mine[-1]:
+                # The last block is in use: have the next one ready before anyone waits for it.
+                self._claim_block_soon(network).add_done_callback(_log_failure)
+            return ip, False
+        block = await self._claim_block_soon(network)
+        if block is not None:
+            try:
+                return self._addresses.take(network, within=[block]), False
+            except SubnetFull:
+                pass  # taken by concurrent adds meanwhile: borrow
+        # No block is free: borrow any free address, and settle for it.
+        return self._addresses.take(network), True
 
-    async def watch(self, after_revision: int) -> AsyncIterator[Changes | Snapshot]:
-        last = self.view()
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            derived = self._require().derive(excluded=self._excluded)
-            self._withdraw_losers(derived)
-            current = derived.view
-            facts = _difference(last, current)
-            last = current
-            if facts:
-                self._revision += 1
-                yield Changes(facts, self._revision)
+    def _claim_block_soon(self, network: Network) -> asyncio.Task[IPv4Network | None]:
+        task = self._block_claims.get(network.name)
+        if task is None or task.done():
+            task = asyncio.get_running_loop().create_task(
+                self._claim_block(network), name=f"ipam-block-{network.name}"
+            )
+            self._block_claims[network.name] = task
+        return task
+
+    async def _claim_block(self, network: Network) -> IPv4Network | None:
+        # Hosts start looking at different blocks, so they rarely race for one.
+        start = zlib.crc32(self._node.encode()) % max(1, sum(1 for _ in blocks_of(network.subnet)))
+        for _ in range(_BLOCK_ATTEMPTS):
+            block = self.blocks.free_block(network, start=start)
+            if block is None:
+                return None
+            claim = BlockClaim(self._node, network.name, block, time.time())
+            self._peering.publish_block(claim)
+            self.blocks.claim(self._node, network.name, block, claim.created_at)
+            await asyncio.sleep(self._settle)
+            if self.blocks.holder(network.name, block) == self._node:
+                log.info("claimed address block %s of network %s", block, network.name)
+                return block
+            self.release_block(network.name, block)
+        return None
+
+    def release_block(self, network: str, block: IPv4Network) -> None:
+        self.blocks.release(self._node, network, block)
+        self._peering.delete_block(BlockClaim(self._node, network, block, 0.0).key)
+
+    def adopt_block(self, network: str, block: IPv4Network, created_at: float) -> None:
+        """A block this host held before a restart: keep it (with its original time) if in use."""
+        self.blocks.claim(self._node, network, block, created_at)
+        self._peering.publish_block(BlockClaim(self._node, network, block, created_at))
 
 
-def _facts(view: ClusterView) -> list[Fact]:
-    facts: list[Fact] = [NetworkPut(n) for n in view.networks.values()]
-    facts += [NodePut(n) for n in view.nodes.values()]
-    facts += [EndpointPut(e) for e in view.endpoints.values()]
-    return facts
-
-
-def _difference(old: ClusterView, new: ClusterView) -> list[Fact]:
-    """Facts that turn `old` into `new`: puts before deletes, networks first."""
-    facts: list[Fact] = []
-    facts += [NetworkPut(n) for name, n in new.networks.items() if old.networks.get(name) != n]
-    facts += [NodePut(n) for name, n in new.nodes.items() if old.nodes.get(name) != n]
-    facts += [EndpointPut(e) for key, e in new.endpoints.items() if old.endpoints.get(key) != e]
-    facts += [EndpointDeleted(key) for key in old.endpoints if key not in new.endpoints]
-    facts += [NodeDeleted(name) for name in old.nodes if name not in new.nodes]
-    facts += [NetworkDeleted(name) for name in old.networks if name not in new.networks]
-    return facts
+def _log_failure(task: asyncio.Task[IPv4Network | None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("claiming an address block failed: %s", task.exception())

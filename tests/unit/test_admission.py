@@ -305,7 +305,8 @@ def test_networks_from_gossip_oldest_claim_per_name_and_vni() -> None:
     a.from_own([NetworkClaimed(ME, BLUE, 200.0)])
     out = a.from_gossip([NetworkClaimed("hb", Network(name="blue", vni=7, subnet=BLUE.subnet), 100.0)])
     assert lines(out) == ["~net blue", "! blue: network blue already exists"]
-    assert a.network_lost("blue") == "network blue already exists"
+    lost = a.network_lost("blue")
+    assert lost is not None and lost.why == "network blue already exists"
     red = Network(name="red", vni=7, subnet=IPv4Network("10.2.0.0/24"))
     out = a.from_gossip([NetworkClaimed("hc", red, 300.0)])
     assert lines(out) == []  # VNI 7 is blue's (hb's) already

@@ -1,0 +1,443 @@
+"""The rtnetlink wire format overlayd speaks: constants, packing and parsing. Pure: no sockets.
+
+pyroute2 builds and parses every message as a Python object tree, which
+costs 100-200 us per entry; the hot paths (FDB and neighbour batches, table
+dumps, notifications, a new endpoint's handful of link/address/route
+messages) are packed and parsed here by hand with `struct`, a few us each.
+Every request is built with sequence number 0; the socket code stamps it.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+from typing import Final
+
+from overlayd.dataplane.kstate import ALIAS_PREFIX, FLOOD_MAC, is_ours
+
+# --- constants (linux/netlink.h, rtnetlink.h, neighbour.h, if_link.h, veth.h) ----
+
+NLMSG_NOOP: Final = 1
+NLMSG_ERROR: Final = 2
+NLMSG_DONE: Final = 3
+NLMSG_OVERRUN: Final = 4
+
+NLM_F_REQUEST: Final = 0x1
+NLM_F_MULTI: Final = 0x2
+NLM_F_ACK: Final = 0x4
+NLM_F_DUMP_INTR: Final = 0x10
+NLM_F_REPLACE: Final = 0x100
+NLM_F_EXCL: Final = 0x200
+NLM_F_ACK_TLVS: Final = 0x200  # on NLMSG_ERROR: extended-ack TLVs follow
+NLM_F_DUMP: Final = 0x300
+NLM_F_CREATE: Final = 0x400
+NLM_F_APPEND: Final = 0x800
+
+RTM_NEWLINK: Final = 16
+RTM_DELLINK: Final = 17
+RTM_GETLINK: Final = 18
+RTM_NEWADDR: Final = 20
+RTM_GETADDR: Final = 22
+RTM_NEWROUTE: Final = 24
+RTM_NEWNEIGH: Final = 28
+RTM_DELNEIGH: Final = 29
+RTM_GETNEIGH: Final = 30
+
+# Multicast groups (bit masks for bind): link and neighbour changes.
+RTMGRP_LINK: Final = 0x1
+RTMGRP_NEIGH: Final = 0x4
+
+AF_INET: Final = socket.AF_INET
+AF_BRIDGE: Final = 7
+
+NUD_NOARP: Final = 0x40
+NUD_PERMANENT: Final = 0x80
+NTF_SELF: Final = 0x02
+
+NDA_DST: Final = 1
+NDA_LLADDR: Final = 2
+
+IFA_ADDRESS: Final = 1
+IFA_LOCAL: Final = 2
+
+IFF_UP: Final = 0x1
+IFLA_ADDRESS: Final = 1
+IFLA_IFNAME: Final = 3
+IFLA_MTU: Final = 4
+IFLA_MASTER: Final = 10
+IFLA_LINKINFO: Final = 18
+IFLA_IFALIAS: Final = 20
+IFLA_NET_NS_FD: Final = 28
+IFLA_INFO_KIND: Final = 1
+IFLA_INFO_DATA: Final = 2
+IFLA_VXLAN_ID: Final = 1
+IFLA_VXLAN_LOCAL: Final = 4
+IFLA_VXLAN_PORT: Final = 15
+VETH_INFO_PEER: Final = 1
+NLA_F_NESTED: Final = 0x8000
+
+RTA_OIF: Final = 4
+RTA_GATEWAY: Final = 5
+RT_TABLE_MAIN: Final = 254
+RTPROT_BOOT: Final = 3
+RT_SCOPE_UNIVERSE: Final = 0
+RTN_UNICAST: Final = 1
+
+SOL_NETLINK: Final = 270
+NETLINK_CAP_ACK: Final = 10
+NETLINK_EXT_ACK: Final = 11
+NLMSGERR_ATTR_MSG: Final = 1
+
+NLA_TYPE_MASK: Final = 0x3FFF
+IFNAMSIZ: Final = 15  # without the terminating NUL
+LOOPBACK_INDEX: Final = 1  # "lo" has ifindex 1 in every network namespace
+
+HDR = struct.Struct("=IHHII")  # nlmsghdr: len, type, flags, seq, pid
+NDMSG = struct.Struct("=BxxxiHBB")  # family, ifindex, state, flags, type
+IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
+IFADDRMSG = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
+RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst_len, src_len, tos, table, protocol, scope, type, flags
+NLA = struct.Struct("=HH")
+U32 = struct.Struct("=I")
+I32 = struct.Struct("=i")
+BE16 = struct.Struct("!H")
+
+# A whole FDB or neighbour request in one fixed layout: header, ndmsg, then
+# NDA_LLADDR (6 bytes + 2 pad) and NDA_DST (IPv4). One pack per entry.
+_ENTRY = struct.Struct("=IHHII BxxxiHBB HH6sxx HH4s")
+_ENTRY_NO_LLADDR = struct.Struct("=IHHII BxxxiHBB HH4s")
+
+
+# --- attributes -------------------------------------------------------------------
+
+Attrs = dict[int, bytes]
+
+
+def attrs(data: bytes, start: int, end: int) -> Attrs:
+    """Netlink attributes in data[start:end] by type (nested ones undecoded)."""
+    out: Attrs = {}
+    while start + 4 <= end:
+        length, kind = NLA.unpack_from(data, start)
+        if length < 4:
+            break
+        out[kind & NLA_TYPE_MASK] = data[start + 4 : start + length]
+        start += (length + 3) & ~3
+    return out
+
+
+def cstr(value: bytes | None) -> str | None:
+    if value is None:
+        return None
+    return value.split(b"\0", 1)[0].decode(errors="replace")
+
+
+def nla(kind: int, payload: bytes) -> bytes:
+    """One attribute, padded to 4 bytes."""
+    length = NLA.size + len(payload)
+    return NLA.pack(length, kind) + payload + bytes(-length % 4)
+
+
+def nla_str(kind: int, value: str) -> bytes:
+    return nla(kind, value.encode() + b"\0")
+
+
+def nla_u32(kind: int, value: int) -> bytes:
+    return nla(kind, U32.pack(value))
+
+
+def message(msg_type: int, flags: int, body: bytes) -> bytes:
+    """A request with sequence number 0 (stamped when sent)."""
+    return HDR.pack(HDR.size + len(body), msg_type, NLM_F_REQUEST | flags, 0, 0) + body
+
+
+def extack_msg(data: bytes, offset: int, end: int, flags: int) -> str:
+    """The kernel's extended-ack text of an NLMSG_ERROR, or ''."""
+    if not flags & NLM_F_ACK_TLVS:
+        return ""
+    # nlmsghdr, int error, the echoed request header (CAP_ACK: header only).
+    start = offset + HDR.size + 4 + HDR.size
+    return cstr(attrs(data, start, end).get(NLMSGERR_ATTR_MSG)) or ""
+
+
+def mac_bytes(mac: str) -> bytes:
+    try:
+        raw = bytes.fromhex(mac.replace(":", ""))
+    except ValueError:
+        raw = b""
+    if len(raw) != 6:
+        raise ValueError(f"not a MAC address: {mac!r}")
+    return raw
+
+
+FLOOD_MAC_BYTES: Final = mac_bytes(FLOOD_MAC)
+
+
+# --- links --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LinkInfo:
+    """One link as the kernel reports it (only the fields overlayd looks at)."""
+
+    index: int
+    ifname: str
+    kind: str | None
+    alias: str | None
+    mac: str | None
+    mtu: int
+    master: int  # ifindex of the master device, 0 for none
+    up: bool
+    # VXLAN devices only; None elsewhere.
+    vni: int | None = None
+    local: IPv4Address | None = None
+    port: int | None = None
+
+    @property
+    def ours(self) -> bool:
+        return is_ours(self.ifname, self.alias)
+
+    def role(self) -> tuple[str, str] | None:
+        """(role, network) from an overlayd alias `overlayd:<role>:<network>`, else None."""
+        if not self.ours or self.alias is None:
+            return None
+        role, sep, network = self.alias[len(ALIAS_PREFIX) :].partition(":")
+        if not sep or not network:
+            return None
+        return role, network
+
+
+def parse_link(data: bytes, start: int, end: int) -> LinkInfo | None:
+    _family, _type, index, flags, _change = IFINFOMSG.unpack_from(data, start)
+    a = attrs(data, start + IFINFOMSG.size, end)
+    name = cstr(a.get(IFLA_IFNAME))
+    if name is None:
+        return None
+    mac_raw = a.get(IFLA_ADDRESS)
+    kind: str | None = None
+    vni = local = port = None
+    linkinfo = a.get(IFLA_LINKINFO)
+    if linkinfo is not None:
+        info = attrs(linkinfo, 0, len(linkinfo))
+        kind = cstr(info.get(IFLA_INFO_KIND))
+        info_data = info.get(IFLA_INFO_DATA)
+        if kind == "vxlan" and info_data is not None:
+            vx = attrs(info_data, 0, len(info_data))
+            if (raw := vx.get(IFLA_VXLAN_ID)) is not None:
+                vni = U32.unpack(raw[:4])[0]
+            if (raw := vx.get(IFLA_VXLAN_LOCAL)) is not None and len(raw) == 4:
+                local = IPv4Address(raw)
+            if (raw := vx.get(IFLA_VXLAN_PORT)) is not None:
+                port = BE16.unpack(raw[:2])[0]
+    mtu_raw = a.get(IFLA_MTU)
+    master_raw = a.get(IFLA_MASTER)
+    return LinkInfo(
+        index=index,
+        ifname=name,
+        kind=kind,
+        alias=cstr(a.get(IFLA_IFALIAS)) or None,
+        mac=mac_raw.hex(":") if mac_raw and len(mac_raw) == 6 else None,
+        mtu=U32.unpack(mtu_raw[:4])[0] if mtu_raw else 0,
+        master=U32.unpack(master_raw[:4])[0] if master_raw else 0,
+        up=bool(flags & IFF_UP),
+        vni=vni,
+        local=local,
+        port=port,
+    )
+
+
+def link_index_of(data: bytes, start: int) -> int:
+    """The ifindex of a link message (RTM_NEWLINK/RTM_DELLINK) at payload `start`."""
+    return int(IFINFOMSG.unpack_from(data, start)[2])
+
+
+def parse_addr(data: bytes, start: int, end: int) -> tuple[int, IPv4Address] | None:
+    family, _plen, _flags, _scope, index = IFADDRMSG.unpack_from(data, start)
+    if family != AF_INET:
+        return None
+    a = attrs(data, start + IFADDRMSG.size, end)
+    raw = a.get(IFA_LOCAL) or a.get(IFA_ADDRESS)
+    if raw is None or len(raw) != 4:
+        return None
+    return index, IPv4Address(raw)
+
+
+def get_link_request(ifname: str) -> bytes:
+    """The body of an RTM_GETLINK for one link by name."""
+    return IFINFOMSG.pack(0, 0, 0, 0, 0) + nla_str(IFLA_IFNAME, ifname)
+
+
+def create_veth(
+    *, ifname: str, mtu: int, master: int, peer: str, peer_netns_fd: int, peer_mac: bytes
+) -> bytes:
+    """RTM_NEWLINK: a veth pair, the host side up on `master`, the peer born in another
+    namespace under its final name, with its MAC and MTU (down: a veth cannot be opened
+    before its pair is complete, the kernel answers ENOTCONN)."""
+    peer_info = IFINFOMSG.pack(0, 0, 0, 0, 0) + b"".join(
+        (
+            nla_str(IFLA_IFNAME, peer),
+            nla_u32(IFLA_NET_NS_FD, peer_netns_fd),
+            nla(IFLA_ADDRESS, peer_mac),
+            nla_u32(IFLA_MTU, mtu),
+        )
+    )
+    linkinfo = nla_str(IFLA_INFO_KIND, "veth") + nla(
+        IFLA_INFO_DATA | NLA_F_NESTED, nla(VETH_INFO_PEER | NLA_F_NESTED, peer_info)
+    )
+    body = IFINFOMSG.pack(0, 0, 0, IFF_UP, IFF_UP) + b"".join(
+        (
+            nla_str(IFLA_IFNAME, ifname),
+            nla_u32(IFLA_MTU, mtu),
+            nla_u32(IFLA_MASTER, master),
+            nla(IFLA_LINKINFO | NLA_F_NESTED, linkinfo),
+        )
+    )
+    return message(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, body)
+
+
+def set_alias(ifname: str, alias: str) -> bytes:
+    """RTM_NEWLINK on an existing link by name: set its ifalias (a create request ignores it)."""
+    body = IFINFOMSG.pack(0, 0, 0, 0, 0) + nla_str(IFLA_IFNAME, ifname) + nla_str(IFLA_IFALIAS, alias)
+    return message(RTM_NEWLINK, 0, body)
+
+
+def delete_link_by_name(ifname: str) -> bytes:
+    body = IFINFOMSG.pack(0, 0, 0, 0, 0) + nla_str(IFLA_IFNAME, ifname)
+    return message(RTM_DELLINK, 0, body)
+
+
+def set_up(index: int) -> bytes:
+    return message(RTM_NEWLINK, 0, IFINFOMSG.pack(0, 0, index, IFF_UP, IFF_UP))
+
+
+def add_address(index: int, ip: IPv4Address, prefixlen: int) -> bytes:
+    body = IFADDRMSG.pack(AF_INET, prefixlen, 0, RT_SCOPE_UNIVERSE, index)
+    body += nla(IFA_LOCAL, ip.packed) + nla(IFA_ADDRESS, ip.packed)
+    return message(RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL, body)
+
+
+def add_default_route(index: int, gateway: IPv4Address) -> bytes:
+    """`ip route add default via GATEWAY dev INDEX` ("add": an existing default is a conflict)."""
+    body = RTMSG.pack(AF_INET, 0, 0, 0, RT_TABLE_MAIN, RTPROT_BOOT, RT_SCOPE_UNIVERSE, RTN_UNICAST, 0)
+    body += nla(RTA_GATEWAY, gateway.packed) + nla_u32(RTA_OIF, index)
+    return message(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, body)
+
+
+# --- FDB and neighbour entries ---------------------------------------------------
+
+# (ifindex, flags, state, mac bytes, dst bytes) straight off the wire; mapped
+# to kstate tuples only for our devices, which keeps the dump loop cheap.
+RawNeigh = tuple[int, int, int, bytes, bytes]
+
+
+def parse_neigh(data: bytes, start: int, end: int) -> RawNeigh | None:
+    # The hot loop of dumps and notifications (two messages per remote
+    # endpoint): scan for the two attributes inline instead of building a
+    # dict per message.
+    _family, index, state, flags, _type = NDMSG.unpack_from(data, start)
+    mac = dst = b""
+    pos = start + NDMSG.size
+    unpack = NLA.unpack_from
+    while pos + 4 <= end:
+        length, kind = unpack(data, pos)
+        if length < 4:
+            break
+        kind &= NLA_TYPE_MASK
+        if kind == NDA_LLADDR:
+            mac = data[pos + 4 : pos + length]
+        elif kind == NDA_DST:
+            dst = data[pos + 4 : pos + length]
+        pos += (length + 3) & ~3
+    if len(mac) != 6 or len(dst) != 4:
+        return None
+    return index, flags, state, mac, dst
+
+
+def neigh_family(data: bytes, start: int) -> int:
+    return data[start]
+
+
+# How each entry operation goes on the wire: (message type, extra flags, family, NUD state, ndm flags).
+_BRIDGE_STATE = NUD_PERMANENT | NUD_NOARP
+ENTRY_OPS: Final[dict[str, tuple[int, int, int, int, int]]] = {
+    "replace_fdb": (RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_REPLACE, AF_BRIDGE, _BRIDGE_STATE, NTF_SELF),
+    # With NDA_DST the kernel removes just this destination.
+    "delete_fdb": (RTM_DELNEIGH, 0, AF_BRIDGE, _BRIDGE_STATE, NTF_SELF),
+    # The all-zero MAC holds a list of VTEPs; APPEND adds one more (`bridge fdb
+    # append`) where REPLACE would drop the others.
+    "append_flood": (RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_APPEND, AF_BRIDGE, _BRIDGE_STATE, NTF_SELF),
+    "delete_flood": (RTM_DELNEIGH, 0, AF_BRIDGE, _BRIDGE_STATE, NTF_SELF),
+    "replace_neigh": (RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_REPLACE, AF_INET, NUD_PERMANENT, 0),
+}
+
+
+def entry_message(op: str, ifindex: int, mac: bytes, dst: IPv4Address) -> bytes:
+    """The request for one FDB, flood or neighbour write (`op` a key of ENTRY_OPS)."""
+    msg_type, flags, family, state, ndm_flags = ENTRY_OPS[op]
+    return _ENTRY.pack(
+        _ENTRY.size,
+        msg_type,
+        NLM_F_REQUEST | flags,
+        0,
+        0,
+        family,
+        ifindex,
+        state,
+        ndm_flags,
+        0,
+        10,
+        NDA_LLADDR,
+        mac,
+        8,
+        NDA_DST,
+        dst.packed,
+    )
+
+
+def delete_neigh_message(ifindex: int, ip: IPv4Address) -> bytes:
+    """A neighbour entry is keyed by its IP alone: no link-layer address in the request."""
+    return _ENTRY_NO_LLADDR.pack(
+        _ENTRY_NO_LLADDR.size,
+        RTM_DELNEIGH,
+        NLM_F_REQUEST,
+        0,
+        0,
+        AF_INET,
+        ifindex,
+        0,
+        0,
+        0,
+        8,
+        NDA_DST,
+        ip.packed,
+    )
+
+
+# --- frames -------------------------------------------------------------------------
+
+_ETH_P_ARP = 0x0806
+
+
+def gratuitous_arp(ip: IPv4Address, mac: str) -> bytes:
+    """A broadcast ARP request for `ip` from `ip` at `mac`: receivers update their caches."""
+    hw = bytes.fromhex(mac.replace(":", ""))
+    frame = b"\xff" * 6 + hw + struct.pack("!H", _ETH_P_ARP)
+    frame += struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1) + hw + ip.packed + b"\x00" * 6 + ip.packed
+    return frame.ljust(60, b"\x00")  # Ethernet minimum frame size without FCS
+
+
+# --- walking a datagram ------------------------------------------------------------------
+
+
+def messages(data: bytes) -> Iterator[tuple[int, int, int, int, int]]:
+    """(type, flags, seq, payload start, end) of each message in one datagram."""
+    offset = 0
+    size = len(data)
+    while offset + HDR.size <= size:
+        length, kind, flags, seq, _pid = HDR.unpack_from(data, offset)
+        if length < HDR.size or offset + length > size:
+            return
+        yield kind, flags, seq, offset + HDR.size, offset + length
+        offset = (offset + length + 3) & ~3

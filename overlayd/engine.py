@@ -1,0 +1,131 @@
+"""The path of one change, from a source to the kernel, each step O(change).
+
+    facts (store watch, gossip, this host's own records)
+      -> admission (pure: which claim wins)        -> view deltas, conflicts
+      -> desired state (pure: entries they touch)  -> dirty keys
+      -> reconciler (mirror, plan, batched netlink) -> kernel
+
+`Engine` holds the admission and the desired state, follows every outcome
+with the gauges and the convergence clock, and wakes the reconciler. It
+does no I/O itself; the daemon wires the reconciler in once the underlay is
+known (desired state needs the local VTEP and MTU).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+
+from overlayd.admission import Admission, Conflict, GossipFact, NetworkClaimed, Outcome
+from overlayd.dataplane.commands import Command, ReplaceFdb
+from overlayd.dataplane.desired import DesiredState
+from overlayd.metrics import Metrics
+from overlayd.model import Endpoint, Node
+from overlayd.reconciler import Reconciler
+from overlayd.state import ClusterView, EndpointChanged, Fact, NetworkChanged, NodeChanged
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    def __init__(
+        self,
+        *,
+        node: str,
+        authority: bool,
+        metrics: Metrics,
+        on_conflict: Callable[[Conflict], None] | None = None,
+        on_node: Callable[[Node], None] | None = None,
+    ) -> None:
+        self.node = node
+        self.admission = Admission(node=node, authority=authority)
+        self.view: ClusterView = self.admission.view
+        self._metrics = metrics
+        self._on_conflict = on_conflict
+        self._on_node = on_node
+        self.desired: DesiredState | None = None
+        self.reconciler: Reconciler | None = None
+        self.local = 0
+        self.remote = 0
+        # Remote endpoints heard of but not yet programmed: key -> (created_at at the owner, path).
+        self._unprogrammed: dict[str, tuple[float, str]] = {}
+
+    def attach(self, desired: DesiredState, reconciler: Reconciler) -> None:
+        """Connect the kernel side; desired state starts from the view as it stands."""
+        self.desired = desired
+        self.reconciler = reconciler
+        reconciler.trigger()
+
+    # --- facts in ---
+
+    def from_own(self, facts: Iterable[Fact | NetworkClaimed]) -> Outcome:
+        return self._follow(self.admission.from_own(facts), "own")
+
+    def from_store(self, facts: Iterable[Fact]) -> Outcome:
+        return self._follow(self.admission.from_store(facts), "kv")
+
+    def store_snapshot(self, facts: Iterable[Fact]) -> Outcome:
+        return self._follow(self.admission.store_snapshot(facts), "kv")
+
+    def from_gossip(self, facts: Iterable[GossipFact]) -> Outcome:
+        return self._follow(self.admission.from_gossip(facts), "gossip")
+
+    # --- following an outcome ---
+
+    def _follow(self, outcome: Outcome, path: str) -> Outcome:
+        if not outcome:
+            return outcome
+        networks_changed = False
+        for delta in outcome.deltas:
+            match delta:
+                case EndpointChanged(old, new):
+                    self._count(old, -1)
+                    self._count(new, +1)
+                    if new is not None and new.owner != self.node:
+                        if old is None or (old.mac, old.owner) != (new.mac, new.owner):
+                            self._unprogrammed[new.key] = (new.created_at, path)
+                    elif new is None:
+                        self._unprogrammed.pop(delta.key, None)
+                case NetworkChanged():
+                    networks_changed = True
+                case NodeChanged(_, new):
+                    if new is not None and new.name != self.node and self._on_node is not None:
+                        self._on_node(new)
+        self._metrics.endpoints_known.labels(locality="local").set(self.local)
+        self._metrics.endpoints_known.labels(locality="remote").set(self.remote)
+        if networks_changed:
+            self._metrics.networks_known.set(len(self.view.networks))
+        if self.desired is not None:
+            self.desired.apply(outcome.deltas)
+            if self.reconciler is not None and self.desired.dirty:
+                self.reconciler.trigger()
+        if self._on_conflict is not None:
+            for conflict in outcome.conflicts:
+                self._on_conflict(conflict)
+        return outcome
+
+    def _count(self, ep: Endpoint | None, step: int) -> None:
+        if ep is None:
+            return
+        if ep.owner == self.node:
+            self.local += step
+        else:
+            self.remote += step
+
+    # --- the kernel said ---
+
+    def applied(self, commands: Sequence[Command]) -> None:
+        """Entries the kernel took: observe creation-to-programmed latency for remote endpoints."""
+        if not self._unprogrammed or self.desired is None:
+            return
+        now = time.time()
+        for cmd in commands:
+            if not isinstance(cmd, ReplaceFdb):
+                continue
+            key = self.desired.holder_of_mac(cmd.entry.device, cmd.entry.mac)
+            if key is None:
+                continue
+            pending = self._unprogrammed.pop(key, None)
+            if pending is not None and pending[0] > 0:
+                self._metrics.convergence_latency.labels(path=pending[1]).observe(max(now - pending[0], 0.0))

@@ -1,0 +1,151 @@
+"""Choosing addresses for new endpoints. Pure: no I/O, no clock.
+
+`AddressBook` picks the next free address of a network without scanning the
+subnet for every add: a cursor per network walks forward past addresses the
+view holds or that an add still in flight has reserved, so concurrent adds
+on one host never pick the same address and N adds cost O(N), not O(N^2).
+
+`BlockTable` is the gossip-only half (no compare-and-set to lean on): each
+host claims address blocks of a network once and allocates inside its own
+blocks without asking anyone, as Calico's IPAM does. A block's first claim
+wins, the same rule the admission applies to every gossip claim
+(`admission.rank`), so every host agrees on who holds a block; only a block
+claim waits to hear of concurrent ones, never an endpoint inside it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from ipaddress import IPv4Address, IPv4Network
+
+from overlayd.admission import Tier, rank
+from overlayd.model import Network
+from overlayd.state import ClusterView
+
+
+class SubnetFull(Exception):
+    """No free address is left where the caller asked."""
+
+
+def block_prefixlen(subnet: IPv4Network) -> int:
+    """The size of one allocation block: at least 16 blocks a subnet, at most 64 addresses a block."""
+    p = subnet.prefixlen
+    return min(30, max(p + 4, 26 if p <= 20 else 28))
+
+
+def blocks_of(subnet: IPv4Network) -> Iterator[IPv4Network]:
+    return subnet.subnets(new_prefix=block_prefixlen(subnet))
+
+
+def block_of(subnet: IPv4Network, ip: IPv4Address) -> IPv4Network:
+    return IPv4Network((int(ip), block_prefixlen(subnet)), strict=False)
+
+
+class AddressBook:
+    def __init__(self, view: ClusterView) -> None:
+        self._view = view
+        self._cursor: dict[str, int] = {}  # network -> next offset to try
+        self._reserved: dict[str, set[IPv4Address]] = {}
+
+    def is_free(self, network: Network, ip: IPv4Address) -> bool:
+        return (
+            self._view.ip_holder(network.name, ip) is None
+            and ip not in self._reserved.get(network.name, ())
+            and network.is_host_address(ip)
+            and ip != network.gateway
+        )
+
+    def reserve(self, network: str, ip: IPv4Address) -> None:
+        """Hold `ip` for an add in flight (until `release`)."""
+        self._reserved.setdefault(network, set()).add(ip)
+
+    def release(self, network: str, ip: IPv4Address) -> None:
+        reserved = self._reserved.get(network)
+        if reserved is not None:
+            reserved.discard(ip)
+            if not reserved:
+                del self._reserved[network]
+
+    def take(self, network: Network, within: Sequence[IPv4Network] | None = None) -> IPv4Address:
+        """Reserve and return the next free address (in `within` blocks, else anywhere in the subnet)."""
+        if within is None:
+            ip = self._next_in(network, network.subnet, key=network.name)
+        else:
+            ip = None
+            for block in within:
+                ip = self._next_in(network, block, key=f"{network.name}/{block}")
+                if ip is not None:
+                    break
+        if ip is None:
+            where = network.subnet if within is None else ", ".join(map(str, within)) or "no blocks"
+            raise SubnetFull(f"network {network.name} has no free address in {where}")
+        self.reserve(network.name, ip)
+        return ip
+
+    def _next_in(self, network: Network, block: IPv4Network, *, key: str) -> IPv4Address | None:
+        first, size = int(block.network_address), block.num_addresses
+        start = self._cursor.get(key, 0)
+        for step in range(size):
+            offset = (start + step) % size
+            ip = IPv4Address(first + offset)
+            if self.is_free(network, ip):
+                self._cursor[key] = offset + 1
+                return ip
+        return None
+
+
+class BlockTable:
+    """Who allocates in which block, per network: the first claim of a block holds it."""
+
+    def __init__(self, node: str) -> None:
+        self.node = node
+        # (network, block) -> owner -> created_at of its claim
+        self._claims: dict[tuple[str, IPv4Network], dict[str, float]] = {}
+        self._excluded: set[str] = set()
+
+    def claim(self, owner: str, network: str, block: IPv4Network, created_at: float) -> None:
+        self._claims.setdefault((network, block), {})[owner] = created_at
+
+    def release(self, owner: str, network: str, block: IPv4Network) -> None:
+        claims = self._claims.get((network, block))
+        if claims is not None:
+            claims.pop(owner, None)
+            if not claims:
+                del self._claims[(network, block)]
+
+    def set_admissible(self, owner: str, admissible: bool) -> None:
+        """A member dead past its grace period frees its blocks (they come back with it)."""
+        if admissible:
+            self._excluded.discard(owner)
+        else:
+            self._excluded.add(owner)
+
+    def holder(self, network: str, block: IPv4Network) -> str | None:
+        claims = self._claims.get((network, block), {})
+        live = [(o, at) for o, at in claims.items() if o == self.node or o not in self._excluded]
+        if not live:
+            return None
+        return min(live, key=lambda c: rank(Tier.GOSSIP, c[1], c[0], str(block)))[0]
+
+    def claimed_at(self, network: str, block: IPv4Network, owner: str) -> float | None:
+        return self._claims.get((network, block), {}).get(owner)
+
+    def mine(self, network: str) -> list[IPv4Network]:
+        """The blocks this host holds in `network`, in address order."""
+        return sorted(
+            block
+            for (net, block), claims in self._claims.items()
+            if net == network and self.node in claims and self.holder(net, block) == self.node
+        )
+
+    def free_block(self, network: Network, *, start: int = 0) -> IPv4Network | None:
+        """An unclaimed block of `network`, searching from block number `start` (spreads hosts out)."""
+        blocks = list(blocks_of(network.subnet))
+        for step in range(len(blocks)):
+            block = blocks[(start + step) % len(blocks)]
+            if self.holder(network.name, block) is None:
+                return block
+        return None
+
+    def claims_of(self, owner: str) -> list[tuple[str, IPv4Network]]:
+        return [key for key, claims in self._claims.items() if owner in claims]

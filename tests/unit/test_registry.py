@@ -1,0 +1,84 @@
+"""The local registry (overlayd.registry): journal, snapshot, group commit, crash leftovers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from ipaddress import IPv4Address
+from pathlib import Path
+
+import pytest
+
+from overlayd.model import Endpoint
+from overlayd.registry import LocalRegistry
+
+
+def ep(name: str, n: int) -> Endpoint:
+    return Endpoint(
+        network="blue", name=name, ip=IPv4Address(f"10.1.0.{n}"), mac=f"02:00:00:00:00:{n:02x}", owner="h1"
+    )
+
+
+def reopened(path: Path) -> LocalRegistry:
+    registry = LocalRegistry(str(path))
+    registry.load()
+    return registry
+
+
+async def test_changes_survive_a_restart(tmp_path: Path) -> None:
+    registry = LocalRegistry(str(tmp_path))
+    registry.load()
+    await registry.add(ep("a", 2))
+    await registry.add(ep("b", 3))
+    await registry.remove("blue/a")
+    assert [e.key for e in reopened(tmp_path).all()] == ["blue/b"]
+
+
+async def test_concurrent_changes_share_writes_and_all_land(tmp_path: Path) -> None:
+    registry = LocalRegistry(str(tmp_path))
+    registry.load()
+    await asyncio.gather(*(registry.add(ep(f"e{i}", i + 2)) for i in range(100)))
+    lines = (tmp_path / "endpoints.journal").read_text().splitlines()
+    assert len(lines) == 100
+    assert len(reopened(tmp_path).all()) == 100
+
+
+async def test_journal_is_folded_into_the_snapshot(tmp_path: Path) -> None:
+    registry = LocalRegistry(str(tmp_path))
+    registry.load()
+    for i in range(300):
+        await registry.add(ep("same", 2 + i % 200))
+    journal = (tmp_path / "endpoints.journal").read_text().splitlines()
+    assert len(journal) < 300  # compacted at least once
+    again = reopened(tmp_path)
+    assert [e.ip for e in again.all()] == [IPv4Address(f"10.1.0.{2 + 299 % 200}")]
+
+
+async def test_compact_leaves_only_the_snapshot(tmp_path: Path) -> None:
+    registry = LocalRegistry(str(tmp_path))
+    registry.load()
+    await registry.add(ep("a", 2))
+    await registry.remove("blue/a")
+    await registry.compact()
+    assert json.loads((tmp_path / "endpoints.json").read_text())["endpoints"] == []
+    assert (tmp_path / "endpoints.journal").read_text() == ""
+
+
+async def test_a_torn_last_line_is_ignored(tmp_path: Path) -> None:
+    registry = LocalRegistry(str(tmp_path))
+    registry.load()
+    await registry.add(ep("a", 2))
+    journal = tmp_path / "endpoints.journal"
+    journal.write_text(journal.read_text() + '{"put": {"network": "blue", "na')
+    assert [e.key for e in reopened(tmp_path).all()] == ["blue/a"]
+
+
+def test_a_corrupt_line_in_the_middle_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "endpoints.journal").write_text('garbage\n{"remove": "blue/a"}\n')
+    with pytest.raises(RuntimeError, match=r"endpoints\.journal:1"):
+        reopened(tmp_path)
+
+
+def test_the_snapshot_of_an_older_version_still_loads(tmp_path: Path) -> None:
+    (tmp_path / "endpoints.json").write_text(json.dumps({"endpoints": [ep("old", 9).to_dict()]}))
+    assert [e.key for e in reopened(tmp_path).all()] == ["blue/old"]
