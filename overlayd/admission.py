@@ -446,31 +446,52 @@ class Admission:
             if self.is_admissible(owner):
                 yield (Tier.GOSSIP, ep)
 
+    def _best(self, key: str) -> _Claim | None:
+        gossip = self._gossip.get(key)
+        if gossip is None:  # the common case: one source, nothing to rank
+            own = self._own.get(key)
+            if own is not None:
+                return (Tier.CONFIRMED, own)
+            stored = self._store.get(key)
+            return (Tier.STORE, stored) if stored is not None else None
+        return min(self._claims(key), key=_endpoint_rank, default=None)
+
     def _settle(self, key: str, out: Outcome) -> None:
         """Re-decide key `key` (and whoever shares an address with it); record what changed."""
         old = self._winner.get(key)
-        new = min(self._claims(key), key=_endpoint_rank, default=None)
+        new = self._best(key)
+        if old is new:
+            return
+        if old is not None and new is not None and old == new:
+            self._winner[key] = new  # the same claim heard again: nothing changes
+            return
         groups: list[_Group] = []
-        if old != new:
-            if old is not None:
-                for group in _groups(old[1]):
-                    holders = self._by_addr.get(group)
-                    if holders is not None:
-                        holders.pop(key, None)
-                        if not holders:
-                            del self._by_addr[group]
+        if old is not None:
+            for group in _groups(old[1]):
+                holders = self._by_addr.get(group)
+                if holders is not None:
+                    holders.pop(key, None)
+                    if not holders:
+                        del self._by_addr[group]
+                groups.append(group)
+        if new is None:
+            self._winner.pop(key, None)
+        else:
+            self._winner[key] = new
+            for group in _groups(new[1]):
+                self._by_addr.setdefault(group, {})[key] = None
+                if group not in groups:
                     groups.append(group)
-            if new is None:
-                self._winner.pop(key, None)
-            else:
-                self._winner[key] = new
-                for group in _groups(new[1]):
-                    self._by_addr.setdefault(group, {})[key] = None
-                    if group not in groups:
-                        groups.append(group)
         affected = {key}
         for group in groups:
             affected.update(self._by_addr.get(group, ()))
+        if len(affected) == 1:  # nobody shares its addresses: the common case
+            ep = self._shown(key)
+            delta = self.view.put_endpoint(ep) if ep is not None else self.view.remove_endpoint(key)
+            if delta is not None:
+                out.deltas.append(delta)
+            self._check_own(key, ep, out)
+            return
         # Removals first: the view never holds two endpoints on one address, not even
         # between two deltas of one outcome (followers may rely on that).
         shown = {k: self._shown(k) for k in sorted(affected)}

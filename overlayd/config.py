@@ -82,7 +82,7 @@ class Config:
     admin_socket: str = "/run/overlayd/overlayd.sock"
     status_listen: str = "127.0.0.1:9480"
     state_dir: str = "/var/lib/overlayd"
-    reconcile_interval: float = 30.0
+    reconcile_interval: float = 300.0
     log_level: str = "info"
 
 
@@ -172,7 +172,7 @@ def from_flat(flat: dict[str, Any]) -> Config:
     ttl = flat.get("store.lease_ttl", 10)
     if ttl < 2:
         raise ConfigError(f"store.lease_ttl: must be >= 2 seconds (got {ttl})")
-    interval = float(flat.get("reconcile.interval", 30.0))
+    interval = float(flat.get("reconcile.interval", 300.0))
     if interval <= 0:
         raise ConfigError(f"reconcile.interval: must be > 0 seconds (got {interval})")
     level = flat.get("log.level", "info").lower()

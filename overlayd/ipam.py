@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from ipaddress import IPv4Address, IPv4Network
 
 from overlayd.admission import Tier, rank
-from overlayd.model import Network
+from overlayd.model import Ip4, Network
 from overlayd.state import ClusterView
 
 
@@ -87,7 +87,7 @@ class AddressBook:
         start = self._cursor.get(key, 0)
         for step in range(size):
             offset = (start + step) % size
-            ip = IPv4Address(first + offset)
+            ip = Ip4(first + offset)
             if self.is_free(network, ip):
                 self._cursor[key] = offset + 1
                 return ip

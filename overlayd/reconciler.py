@@ -49,7 +49,7 @@ from overlayd.dataplane.commands import (
 from overlayd.dataplane.desired import DesiredState
 from overlayd.dataplane.diff import diff, plan
 from overlayd.dataplane.kernel import Kernel, OpResult
-from overlayd.dataplane.kstate import Dirty
+from overlayd.dataplane.kstate import Dirty, Tables
 from overlayd.dataplane.mirror import Mirror
 from overlayd.dataplane.monitor import RCVBUF, Monitor
 from overlayd.metrics import Metrics
@@ -225,13 +225,13 @@ class Reconciler:
                 return self._report(trigger, "full", started, t0, 0, [f"dump: {exc}"], 0)
             # Notifications that arrived during the dump are newer than parts of it:
             # replaying them in order leaves each key as its last event says.
-            self.mirror.load(*dump)
+            self.mirror.load(*dump, mark=False)
             buffered, self._buffer = self._buffer, None
             for data in buffered:
                 self.mirror.apply_datagram(data)
             dirty = self.mirror.dirty.take()
             dirty.update(self.desired.dirty.take())
-            dirty.add_tables(self.desired.tables)
+            dirty.update(differences(self.desired.tables, self.mirror.tables))
             self._full_at = asyncio.get_running_loop().time()
             report = await self._apply(trigger, "full", dirty, started=started, t0=t0)
             self.last_full = report
@@ -325,6 +325,22 @@ class Reconciler:
                 passed = self._passed
                 self.trigger()
                 await passed.wait()
+
+
+def differences(want: Tables, have: Tables) -> Dirty:
+    """The keys whose values differ between two tables, and every link (links are few).
+
+    Whole dictionaries compare at C speed: a full verify of a converged
+    kernel with 20,000 entries costs a few milliseconds here.
+    """
+    out = Dirty(links=want.links() | have.links())
+    if want.fdb != have.fdb:
+        out.fdb = {key for key, _ in want.fdb.items() ^ have.fdb.items()}
+    if want.neigh != have.neigh:
+        out.neigh = {key for key, _ in want.neigh.items() ^ have.neigh.items()}
+    if want.flood != have.flood:
+        out.flood = want.flood ^ have.flood
+    return out
 
 
 def _mark(dirty: Dirty, cmd: Command) -> None:

@@ -143,14 +143,14 @@ def plan(want: Tables, have: Tables, dirty: Dirty, *, hold_deletions: bool = Fal
 
     adds += [ReplaceFdb(e) for e in sorted(fdb_adds)]
     adds += [AppendFlood(e) for e in sorted(flood_adds)]
-    for entry in sorted(neigh_adds):
+    for entry in sorted(neigh_adds, key=_neigh_order):
         adds.append(ReplaceNeigh(entry))
         device = want.vxlans.get(entry.device)
         if device is not None:
             # Local containers may have cached another MAC for this IP.
             adds.append(AnnounceArp(device.bridge, entry.ip, entry.mac))
 
-    removals += [DeleteNeigh(e) for e in sorted(neigh_dels)]
+    removals += [DeleteNeigh(e) for e in sorted(neigh_dels, key=_neigh_order)]
     removals += [DeleteFdb(e) for e in sorted(fdb_dels)]
     removals += [DeleteFlood(e) for e in sorted(flood_dels)]
 
@@ -167,3 +167,9 @@ def plan(want: Tables, have: Tables, dirty: Dirty, *, hold_deletions: bool = Fal
         removals, stale_links = [], []
     out.commands = links + adds + removals + stale_links
     return out
+
+
+def _neigh_order(entry: NeighEntry) -> tuple[str, int]:
+    # The order of sorted(entries), without IPv4Address's comparisons in Python (a 10,000-entry
+    # batch makes ~140,000 of them).
+    return (entry.device, int(entry.ip))

@@ -27,10 +27,11 @@ from __future__ import annotations
 import errno
 import os
 import socket
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -87,8 +88,7 @@ class Underlay:
     mtu: int
 
 
-@dataclass(frozen=True)
-class OpResult:
+class OpResult(NamedTuple):
     """Outcome of one command: `error` is None when the kernel applied it."""
 
     command: Command
@@ -293,51 +293,52 @@ class Kernel:
 
         Consecutive entry commands go to the kernel as one batch; link
         commands run one at a time between batches, so an entry never goes
-        ahead of the device it needs.
+        ahead of the device it needs. Announcements go out after everything
+        else in this call: by then the entries that make the announced
+        address reachable are in place.
         """
         for cmd in commands:
-            if not isinstance(cmd, _ENTRY_COMMANDS + _LINK_COMMANDS + (AnnounceArp,)):
+            if not isinstance(cmd, _KNOWN_COMMANDS):
                 raise TypeError(f"the kernel executor does not know {cmd!r}")
-        results: list[OpResult] = []
-        pending: list[_EntryCommand] = []
-        # Announcements go out after everything else in this call (by then the
-        # entries that make the announced address reachable are in place);
-        # their results still take their own place in the returned list.
-        announcements: list[tuple[int, AnnounceArp]] = []
-        for cmd in commands:
+        results: list[OpResult | None] = [None] * len(commands)
+        pending: list[int] = []  # positions of entry commands waiting for their batch
+        announcements: list[int] = []
+        for i, cmd in enumerate(commands):
             if isinstance(cmd, AnnounceArp):
-                announcements.append((len(results) + len(pending) + len(announcements), cmd))
-                continue
-            if isinstance(cmd, _ENTRY_COMMANDS):
-                pending.append(cmd)
-                continue
-            if pending:
-                results += await self._apply_entries(pending)
-                pending = []
-            results.append(await self._apply_link(cmd))
-        if pending:
-            results += await self._apply_entries(pending)
-        announced = self._announce([cmd for _, cmd in announcements])
-        for (position, _), result in zip(announcements, announced, strict=True):
-            results.insert(position, result)
-        if self._metrics is not None:
-            for res in results:
-                self._metrics.kernel_ops.labels(
-                    kind=res.command.op.value, result="ok" if res.ok else "error"
-                ).inc()
-        return results
-
-    def _announce(self, cmds: Sequence[AnnounceArp]) -> list[OpResult]:
-        """Send one gratuitous ARP per command out of its bridge (to local ports only)."""
-        results: list[OpResult] = []
-        for cmd in cmds:
-            try:
-                self._packet_sender().sendto(gratuitous_arp(cmd.ip, cmd.mac), (cmd.bridge, 0))
-            except OSError as exc:
-                results.append(OpResult(cmd, f"cannot send on {cmd.bridge}: {error_text(exc)}"))
+                announcements.append(i)
+            elif isinstance(cmd, _ENTRY_COMMANDS):
+                pending.append(i)
             else:
-                results.append(OpResult(cmd, None))
-        return results
+                if pending:
+                    await self._apply_batch(commands, pending, results)
+                    pending = []
+                results[i] = await self._apply_link(cmd)
+        if pending:
+            await self._apply_batch(commands, pending, results)
+        for i in announcements:
+            results[i] = self._announce(commands[i])  # type: ignore[arg-type]
+        done = [r for r in results if r is not None]
+        if self._metrics is not None:
+            # One counter update per (kind, result), not per command: labels() costs microseconds.
+            tally = Counter((r.command.op.value, r.error is None) for r in done)
+            for (kind, ok), count in tally.items():
+                self._metrics.kernel_ops.labels(kind=kind, result="ok" if ok else "error").inc(count)
+        return done
+
+    async def _apply_batch(
+        self, commands: Sequence[Command], positions: list[int], results: list[OpResult | None]
+    ) -> None:
+        batch: list[_EntryCommand] = [commands[i] for i in positions]  # type: ignore[misc]
+        for i, result in zip(positions, await self._apply_entries(batch), strict=True):
+            results[i] = result
+
+    def _announce(self, cmd: AnnounceArp) -> OpResult:
+        """Send one gratuitous ARP out of the bridge (to local ports only)."""
+        try:
+            self._packet_sender().sendto(gratuitous_arp(cmd.ip, cmd.mac), (cmd.bridge, 0))
+        except OSError as exc:
+            return OpResult(cmd, f"cannot send on {cmd.bridge}: {error_text(exc)}")
+        return OpResult(cmd, None)
 
     def _packet_sender(self) -> socket.socket:
         """One send-only packet socket, kept for the Kernel's life.
@@ -527,6 +528,7 @@ _ENTRY_COMMANDS = (ReplaceFdb, DeleteFdb, AppendFlood, DeleteFlood, ReplaceNeigh
 _LINK_COMMANDS = (EnsureBridge, EnsureVxlan, SetPort, DeleteLink)
 _EntryCommand = ReplaceFdb | DeleteFdb | AppendFlood | DeleteFlood | ReplaceNeigh | DeleteNeigh
 _DELETES = (DeleteFdb, DeleteFlood, DeleteNeigh)
+_KNOWN_COMMANDS = (*_ENTRY_COMMANDS, *_LINK_COMMANDS, AnnounceArp)
 
 
 def entry_message(cmd: _EntryCommand, ifindex: int) -> bytes:

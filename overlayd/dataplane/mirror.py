@@ -45,6 +45,9 @@ from overlayd.dataplane.kstate import (
     VxlanSpec,
 )
 from overlayd.dataplane.netlink import LinkInfo, RawNeigh
+from overlayd.model import Ip4
+
+_ADDRESS_CACHE = 1 << 17
 
 
 class Mirror:
@@ -56,26 +59,55 @@ class Mirror:
         self._index_of: dict[str, int] = {}  # our mirrored links: name -> ifindex
         self._vxlan_name: dict[int, str] = {}
         self._vteps: dict[bytes, IPv4Address] = {}  # few VTEPs, many entries: parse each once
+        self._addresses: dict[bytes, IPv4Address] = {}
         self.notifications = 0
         self.overruns = 0
 
     # --- full reads ---
 
-    def load(self, links: list[LinkInfo], fdb: list[RawNeigh], neigh: list[RawNeigh]) -> None:
-        """Replace everything with a dump; every key that was or is now present is marked."""
-        self.dirty.add_tables(self.tables)
+    def load(
+        self, links: list[LinkInfo], fdb: list[RawNeigh], neigh: list[RawNeigh], *, mark: bool = True
+    ) -> None:
+        """Replace everything with a dump.
+
+        With `mark`, every key that was or is now present is marked dirty;
+        without, the caller compares the tables itself (a full verify
+        compares whole dictionaries at C speed and marks only what differs).
+        """
+        if mark:
+            self.dirty.add_tables(self.tables)
         self.tables = Tables()
         self._names = {link.index: link.ifname for link in links}
         self._ours.clear()
         self._index_of.clear()
         self._vxlan_name.clear()
+        links_dirty = set(self.dirty.links)
         for link in links:
             self._link(link)
-        for raw in fdb:
-            self._fdb(raw, present=True)
-        for raw in neigh:
-            self._neigh(raw, present=True)
-        self.dirty.add_tables(self.tables)
+        if not mark:
+            self.dirty.links = links_dirty  # _link marks what it loads: not wanted here
+        # The entry loops are the hot part of a full verify (two messages per remote
+        # endpoint): locals only, no method call per entry.
+        t = self.tables
+        devices = self._vxlan_name
+        vtep_of = self._vtep
+        flood_mac = nl.FLOOD_MAC_BYTES
+        for index, flags, _state, mac, dst in fdb:
+            device = devices.get(index)
+            if device is None or not flags & nl.NTF_SELF:
+                continue
+            if mac == flood_mac:
+                t.flood.add((device, vtep_of(dst)))
+            else:
+                t.fdb[(device, mac.hex(":"))] = vtep_of(dst)
+        address_of = self._address
+        permanent = nl.NUD_PERMANENT
+        for index, _flags, state, mac, dst in neigh:
+            device = devices.get(index)
+            if device is not None and state & permanent:
+                t.neigh[(device, address_of(dst))] = mac.hex(":")
+        if mark:
+            self.dirty.add_tables(self.tables)
 
     def link_index(self, name: str) -> int | None:
         """The ifindex of our link `name` (bridge, VXLAN device or port), if the kernel has it."""
@@ -178,8 +210,17 @@ class Mirror:
     def _vtep(self, raw: bytes) -> IPv4Address:
         vtep = self._vteps.get(raw)
         if vtep is None:
-            vtep = self._vteps[raw] = IPv4Address(raw)
+            vtep = self._vteps[raw] = Ip4(raw)
         return vtep
+
+    def _address(self, raw: bytes) -> IPv4Address:
+        """An endpoint address from the wire; the same few thousand repeat in every dump."""
+        ip = self._addresses.get(raw)
+        if ip is None:
+            if len(self._addresses) >= _ADDRESS_CACHE:
+                self._addresses.clear()
+            ip = self._addresses[raw] = Ip4(raw)
+        return ip
 
     def _fdb(self, raw: RawNeigh, *, present: bool) -> None:
         index, flags, _state, mac, dst = raw
@@ -212,7 +253,7 @@ class Mirror:
         if device is None:
             return
         t = self.tables
-        key = (device, IPv4Address(dst))
+        key = (device, self._address(dst))
         if present and state & nl.NUD_PERMANENT:
             value = mac.hex(":")
             if t.neigh.get(key) != value:

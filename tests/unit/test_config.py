@@ -32,7 +32,7 @@ def test_good_file_loads_with_defaults(tmp_path: Path) -> None:
     assert [(e.host, e.port) for e in cfg.store.endpoints] == [("198.18.0.1", 2379), ("198.18.0.2", 2379)]
     assert cfg.store.prefix == "/overlayd/v1/" and cfg.store.lease_ttl == 10
     assert cfg.admin_socket == "/run/overlayd/overlayd.sock" and cfg.status_listen == "127.0.0.1:9480"
-    assert cfg.reconcile_interval == 30.0
+    assert cfg.reconcile_interval == 300.0
 
 
 def test_example_config_in_deploy_is_valid() -> None:
