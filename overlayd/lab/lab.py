@@ -1006,15 +1006,11 @@ def lab_status(prefix: str, json_out: bool) -> int:
     if json_out:
         print(json.dumps(report, indent=2))
         return 0
-    store = report["store"]
     print(
         f"lab {lab.prefix}: {len(lab.hosts)} host(s), underlay {UNDERLAY_SUBNET} "
         f"in {lab.underlay_ns}, dir {lab.dir}"
     )
-    print(
-        f"store: {store['kind']} {store['url']} in {store['netns']}, pid {store['pid']}, "
-        f"{'alive' if store['alive'] else 'NOT RUNNING'}"
-    )
+    print(_store_line(lab))
     print()
     vteps = {h.name: h.address for h in lab.hosts}
     print(
@@ -1042,6 +1038,14 @@ def lab_status(prefix: str, json_out: bool) -> int:
             )
         )
     return 0
+
+
+def _store_line(lab: Lab) -> str:
+    """What holds the lab's cluster view: a KV server in its own namespace, or gossip alone."""
+    if lab.kv is None:
+        return f"store: gossip only (no KV server; the daemons gossip on UDP {GOSSIP_PORT})"
+    state = "alive" if lab.kv.running() else "NOT RUNNING"
+    return f"store: {lab.store} {lab.kv.url} in {lab.kv_ns}, pid {lab.kv.pid}, {state}"
 
 
 def lab_down(prefix: str) -> int:
