@@ -118,6 +118,14 @@ _KEYS: dict[str, type | tuple[type, ...]] = {
     "gossip.tombstone_ttl": (int, float),
     "gossip.mtu": int,
 }
+# How a type error names what was expected, for every type _KEYS uses.
+_EXPECTED: dict[type | tuple[type, ...], str] = {
+    str: "a string",
+    int: "an integer",
+    (int, float): "a number",
+    bool: "true or false",
+    list: "a list of strings",
+}
 GOSSIP_STORE = "gossip"
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -143,15 +151,8 @@ def from_flat(flat: dict[str, Any]) -> Config:
         if key not in _KEYS:
             raise ConfigError(f"{key}: unknown key")
         expected = _KEYS[key]
-        if expected is bool:
-            if not isinstance(value, bool):
-                raise ConfigError(f"{key}: must be true or false (got {value!r})")
-        elif expected is list:
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise ConfigError(f"{key}: must be a list of strings (got {value!r})")
-        elif isinstance(value, bool) or not isinstance(value, expected):
-            kind = expected.__name__ if isinstance(expected, type) else "number"
-            raise ConfigError(f"{key}: must be a {kind} (got {value!r})")
+        if not _has_type(value, expected):
+            raise ConfigError(f"{key}: must be {_EXPECTED[expected]} (got {value!r})")
 
     node_name = flat.get("node.name") or socket.gethostname().split(".")[0]
     try:
@@ -205,6 +206,15 @@ def from_flat(flat: dict[str, Any]) -> Config:
         reconcile_interval=interval,
         log_level=level,
     )
+
+
+def _has_type(value: object, expected: type | tuple[type, ...]) -> bool:
+    if expected is bool:
+        return isinstance(value, bool)
+    if expected is list:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    # bool is an int in Python, but `true` is never a port or a TTL.
+    return not isinstance(value, bool) and isinstance(value, expected)
 
 
 def _store_config(flat: dict[str, Any], prefix: str, ttl: int) -> StoreConfig:

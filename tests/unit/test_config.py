@@ -142,3 +142,38 @@ def test_keygen_makes_a_usable_key(capsys: pytest.CaptureFixture[str]) -> None:
     assert overlayctl(["gossip", "keygen"]) == 0
     key = capsys.readouterr().out.strip()
     Keyring.from_base64([key])  # raises if it is not a 32-byte base64 key
+
+
+def _wrong_value(expected: type | tuple[type, ...]) -> object:
+    # A string is wrong for every type but str; a number is wrong for str.
+    return 3 if expected is str else "x"
+
+
+@pytest.mark.parametrize("key", sorted(config._KEYS))
+def test_type_errors_name_the_type_in_plain_words(key: str) -> None:
+    flat = {"node.name": "h1", "underlay.interface": "ul0", "store.url": "gossip", "gossip.insecure": True}
+    flat[key] = _wrong_value(config._KEYS[key])
+    with pytest.raises(config.ConfigError) as info:
+        config.from_flat(flat)
+    wording = ("a string", "an integer", "a number", "true or false", "a list of strings")
+    assert any(str(info.value).startswith(f"{key}: must be {w} (got ") for w in wording), str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (GOOD + 'lease_ttl = "ten"\n', "store.lease_ttl: must be an integer (got 'ten')"),
+        (GOOD + "lease_ttl = true\n", "store.lease_ttl: must be an integer (got True)"),
+        (GOOD + '[reconcile]\ninterval = "soon"\n', "reconcile.interval: must be a number (got 'soon')"),
+        (GOOD.replace('name = "h1"', "name = 7"), "node.name: must be a string (got 7)"),
+        (GOOD + "[gossip]\ninsecure = 1\n", "gossip.insecure: must be true or false (got 1)"),
+        (
+            GOOD + '[gossip]\npeers = "198.18.0.2"\n',
+            "gossip.peers: must be a list of strings (got '198.18.0.2')",
+        ),
+    ],
+)
+def test_type_error_wording(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(config.ConfigError) as info:
+        config.load(write(tmp_path, text), env={})
+    assert str(info.value) == message
