@@ -13,19 +13,17 @@ Exit codes: 0 ok, 1 error (one line on stderr; for `doctor`, any FAIL),
 from __future__ import annotations
 
 import argparse
-import base64
 import importlib
 import ipaddress
 import json
 import os
-import secrets
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeAlias, cast
 
-from overlayd import completion, doctor
+from overlayd import clusterkey, completion, doctor
 from overlayd.api.client import DEFAULT_SOCKET, AdminClient, ClientError, Record
 
 PROG = "overlayctl"
@@ -352,7 +350,7 @@ def cmd_teardown(ctx: Context) -> int:
 
 def cmd_gossip_keygen(ctx: Context) -> int:
     """A new cluster key for `[gossip] keys` (base64 of 32 random bytes, AES-256)."""
-    key = base64.b64encode(secrets.token_bytes(32)).decode()
+    key = clusterkey.new_key()
     if ctx.json_out:
         _print_json({"key": key})
     else:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from overlayd.clusterkey import decode_keys
 from overlayd.model import ValidationError, parse_ipv4, validate_name
 
 DEFAULT_PATH = "/etc/overlayd/overlayd.toml"
@@ -257,13 +258,10 @@ def _gossip_settings(flat: dict[str, Any]) -> GossipSettings | None:
             "gossip.keys: gossip needs a key (gossip.keys or gossip.key_file; "
             "`overlayctl gossip keygen` makes one), or gossip.insecure = true to run without one"
         )
-    if keys:
-        from overlayd.gossip.framing import Keyring  # only hosts that gossip import cryptography
-
-        try:
-            Keyring.from_base64(keys)
-        except ValueError as exc:
-            raise ConfigError(f"gossip.keys: {exc}") from None
+    try:
+        decode_keys(keys)
+    except ValueError as exc:
+        raise ConfigError(f"gossip.keys: {exc}") from None
     port = flat.get("gossip.port", 7946)
     if not 0 < port < 65536:
         raise ConfigError(f"gossip.port: must be 1..65535 (got {port})")

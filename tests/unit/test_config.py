@@ -177,3 +177,36 @@ def test_type_error_wording(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(config.ConfigError) as info:
         config.load(write(tmp_path, text), env={})
     assert str(info.value) == message
+
+
+@pytest.mark.parametrize("text", ["", "bm90LWEta2V5", "x" * 44, "not base64!", "A" * 43 + "="])
+def test_key_check_agrees_with_the_gossip_keyring(text: str) -> None:
+    """The config checks keys without the crypto module, exactly as gossip will take them."""
+    from overlayd import clusterkey
+    from overlayd.gossip import Keyring
+
+    outcomes = []
+    for check in (clusterkey.decode_keys, Keyring.from_base64):
+        try:
+            check([text])
+            outcomes.append("ok")
+        except ValueError as exc:
+            outcomes.append(str(exc))
+    assert outcomes[0] == outcomes[1]
+    assert clusterkey.decode_keys([clusterkey.new_key()])
+
+
+def test_loading_a_gossip_config_imports_no_crypto_or_gossip(tmp_path: Path) -> None:
+    import base64
+    import os
+    import subprocess
+    import sys
+
+    key = base64.b64encode(os.urandom(32)).decode()
+    path = write(tmp_path, GOSSIP_ONLY.replace("{key}", key))
+    probe = (
+        "import sys; from overlayd import config; config.load(sys.argv[1], env={}); "
+        "print(sorted(m for m in sys.modules if m.startswith(('cryptography', 'overlayd.gossip'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe, path], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
