@@ -47,6 +47,7 @@ from overlayd.dataplane.endpoints import (
     delete_local_endpoint,
     quarantine_local_endpoint,
 )
+from overlayd.dataplane.inspect import inspect_endpoint
 from overlayd.dataplane.kernel import Kernel, KernelError, Underlay
 from overlayd.dataplane.kstate import KernelState, bridge_name, veth_name
 from overlayd.dataplane.teardown import remove_owned_links
@@ -958,6 +959,13 @@ class Daemon:
             self._update_gauges()
             self._require_reconciler().trigger()
             log.info("removed endpoint %s", key)
+
+    async def endpoint_check(self, *, network: str, name: str) -> JSON:
+        """The CNI plugin's CHECK: what this host's endpoint's namespace holds now."""
+        endpoint = self.registry.get(endpoint_key(network, name))
+        if endpoint is None:
+            raise NotFound(f"endpoint {network}/{name} is not on this host")
+        return (await inspect_endpoint(endpoint)).to_json()
 
     # ================================================================ teardown
 

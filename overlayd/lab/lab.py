@@ -41,6 +41,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol, TypeVar
 
+from overlayd.api import schema
 from overlayd.api.client import AdminClient, ClientError
 from overlayd.lab import netns
 from overlayd.lab.consul import ConsulError, ConsulServer, find_consul
@@ -640,7 +641,7 @@ class Lab:
     def is_ready(self, host: str | Host) -> bool:
         """True if the host's overlayd answers /v1/status with "ready": true."""
         try:
-            return self.admin(host, timeout=2.0).status().get("ready") is True
+            return self.admin(host, timeout=2.0).status().ready
         except ClientError:
             return False
 
@@ -689,12 +690,12 @@ class Lab:
         vni: int | None = None,
         gateway: str | None = None,
         mtu: int | None = None,
-    ) -> dict[str, Any]:
+    ) -> schema.NetworkInfo:
         """Create a network through the admin API of `via` (the first host by default)."""
         client = self.admin(via if via is not None else self.hosts[0])
         record = client.network_create(name=name, subnet=subnet, vni=vni, gateway=gateway, mtu=mtu)
         with self._lock:
-            self.networks.append(record)
+            self.networks.append(record.to_json())
             self._save()
         return record
 
@@ -716,7 +717,7 @@ class Lab:
         ns = f"{self.prefix}-{name}"
         self._add_netns(ns)
 
-        def create() -> dict[str, Any] | None:
+        def create() -> schema.EndpointInfo | None:
             try:
                 return self.admin(h).endpoint_add(network=network, name=name, netns=ns, ip=ip)
             except ClientError as exc:
@@ -725,7 +726,7 @@ class Lab:
                 raise
 
         record = wait_for(create, timeout, f"endpoint {name} on {h.name} (network {network})")
-        ep = Endpoint(h.name, network, name, ns, str(record["ip"]), str(record["mac"]))
+        ep = Endpoint(h.name, network, name, ns, str(record.ip), record.mac)
         with self._lock:
             self.endpoints.append(ep)
             self._save()

@@ -80,7 +80,7 @@ def test_all_pairs_ping_and_delete_propagates_and_reused_ip_goes_to_new_host(
     lab.forget_endpoint(old)
     for host in ("h2", "h3"):
         wait_until(lambda h=host: forgot(lab, h, old), 10, f"{old.name} gone from {host}")
-    assert old.ip not in {ep["ip"] for ep in lab.admin("h2").endpoint_list()}
+    assert old.ip not in {str(ep.ip) for ep in lab.admin("h2").endpoint_list()}
 
     # The released IP is taken by a new endpoint on h3: h2 must send to h3 now.
     reused = lab.add_endpoint("h3", "reuse", ip=old.ip)
@@ -105,7 +105,7 @@ def test_killed_host_expires_while_other_traffic_flows(make_lab: Callable[..., L
         lab.kill_daemon("h2")
         for host in ("h1", "h3"):
             wait_until(lambda h=host: forgot(lab, h, h2), 20, f"h2's endpoint to expire on {host}")
-        wait_until(lambda: "h2" not in {p["name"] for p in lab.admin("h1").peers()}, 10, "h2 peer gone")
+        wait_until(lambda: "h2" not in {p.name for p in lab.admin("h1").peers()}, 10, "h2 peer gone")
     finally:
         stats = pinger.stop()
     assert stats.transmitted > 20
@@ -199,7 +199,7 @@ def test_restart_keeps_every_kernel_entry_and_traffic(make_lab: Callable[..., La
     after = {host: (vxlan_fdb(lab, host), vxlan_neigh(lab, host)) for host in ("h1", "h2")}
     assert after == before
     assert set(stats.lost_seqs) <= {stats.transmitted}, stats
-    assert lab.admin("h1").status()["last_reconcile"] is not None
+    assert lab.admin("h1").status().last_reconcile is not None
 
 
 def cli(socket: str, *args: str) -> tuple[int, str, str]:

@@ -6,7 +6,6 @@ machine's kernel has no netem); all of it lives in namespaces the lab made.
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import time
@@ -52,7 +51,7 @@ def views(lab: Lab) -> list[list[tuple[str, str, str]]]:
     """Each host's endpoint list (its own endpoints withdrawn after a clash left out)."""
     return [
         sorted(
-            (e["name"], e["ip"], e["owner"]) for e in lab.admin(h.name).endpoint_list() if "conflict" not in e
+            (e.name, str(e.ip), e.owner) for e in lab.admin(h.name).endpoint_list() if e.conflict is None
         )
         for h in lab.hosts
     ]
@@ -88,9 +87,10 @@ def test_five_hosts_converge_and_ping(gossip_lab: Lab) -> None:
     assert all(r.ok for r in results), [(r.src.name, r.dst.name) for r in results if not r.ok]
     assert programmed_everywhere(lab, lab.endpoints)
     status = lab.admin("h1").status()
-    assert status["store"]["url"] == "gossip" and status["gossip"]["members"] == {"alive": 4}
+    assert status.store.url == "gossip"
+    assert status.gossip is not None and status.gossip.members == {"alive": 4}
     peers = lab.admin("h1").peers()
-    assert {p["name"]: p["state"] for p in peers} == {f"h{k}": "alive" for k in range(1, 6)}
+    assert {p.name: p.state for p in peers} == {f"h{k}": "alive" for k in range(1, 6)}
 
     # A new endpoint on h1 is programmed on h2..h5.
     new = lab.add_endpoint("h1", "late")
@@ -128,10 +128,10 @@ def test_partition_and_heal_converge_to_one_state(gossip_lab: Lab) -> None:
     wait_until(lambda: same_view_everywhere(lab, 8), 60, "one view everywhere after the heal")
     wait_until(lambda: programmed_everywhere(lab, lab.endpoints), 30, "kernels agree after the heal")
     # The older claim won everywhere; h5 withdrew its endpoint and says why.
-    [loser] = [e for e in lab.admin("h5").endpoint_list() if e["name"] == "clash-b"]
-    assert "10.100.0.77" in loser["conflict"], loser
+    [loser] = [e for e in lab.admin("h5").endpoint_list() if e.name == "clash-b"]
+    assert loser.conflict is not None and "10.100.0.77" in loser.conflict, loser
     assert clash.mac not in fdb_macs(lab, "h1")
-    assert any("clash-b" in line for line in lab.admin("h5").status()["store"]["invalid_records"])
+    assert any("clash-b" in line for line in lab.admin("h5").status().store.invalid_records)
     failed = [(r.src.name, r.dst.name) for r in lab.ping_all() if not r.ok]
     assert failed == []
 
@@ -149,7 +149,7 @@ def test_killed_daemon_endpoints_removed_after_grace(gossip_lab: Lab) -> None:
         for host in survivors:
             wait_until(lambda h=host: victim.mac not in fdb_macs(lab, h), 30, f"h2's endpoint gone on {host}")
         wait_until(
-            lambda: {p["name"]: p["state"] for p in lab.admin("h1").peers()}.get("h2") in ("dead", None),
+            lambda: {p.name: p.state for p in lab.admin("h1").peers()}.get("h2") in ("dead", None),
             10,
             "h2 dead in h1's peers",
         )
@@ -189,7 +189,7 @@ def test_flood_of_random_and_forged_datagrams_changes_nothing(gossip_lab: Lab) -
             assert "sent 1000" in out
         # Every host still serves, and still learns new things.
         for host in lab.hosts:
-            assert lab.admin(host.name).status()["ready"] is True
+            assert lab.admin(host.name).status().ready is True
         assert views(lab) == before
         lab.add_endpoint("h3", "after-flood")
         wait_until(lambda: programmed_everywhere(lab, lab.endpoints), 15, "new endpoint after the flood")
@@ -228,12 +228,12 @@ def test_concurrent_network_creation_resolves_deterministically(gossip_lab: Lab)
     assert len(losers) == 1 and "already" in str(losers[0]), outcomes
     wait_until(
         lambda: all(
-            [n["name"] for n in lab.admin(h.name).network_list()].count("race") == 1 for h in lab.hosts
+            [n.name for n in lab.admin(h.name).network_list()].count("race") == 1 for h in lab.hosts
         ),
         10,
         "one race network everywhere",
     )
-    assert json.dumps(lab.admin("h1").network_inspect("race")["vni"]) == "5000"
+    assert lab.admin("h1").network_inspect("race").vni == 5000
 
 
 def test_etcd_outage_endpoint_spreads_by_gossip_and_is_stored_after(make_lab: Callable[..., Lab]) -> None:
@@ -243,21 +243,21 @@ def test_etcd_outage_endpoint_spreads_by_gossip_and_is_stored_after(make_lab: Ca
     monitors = {h: watch_deletions(lab, h) for h in ("h1", "h2", "h3")}
     try:
         lab.etcd.stop()
-        wait_until(lambda: lab.admin("h1").status()["store"]["healthy"] is False, 20, "h1 sees etcd down")
+        wait_until(lambda: lab.admin("h1").status().store.healthy is False, 20, "h1 sees etcd down")
         outage = lab.add_endpoint("h1", "outage")
         wait_until(lambda: programmed_everywhere(lab, lab.endpoints), 15, "outage endpoint everywhere")
         for ep in lab.endpoints:
             if ep.host != "h1":
                 lab.wait_ping(ep.netns, outage.ip, timeout=10)
-        assert lab.admin("h1").status()["store"]["pending_writes"] == 1
+        assert lab.admin("h1").status().store.pending_writes == 1
         lab.etcd.start()
-        wait_until(lambda: lab.admin("h1").status()["store"]["pending_writes"] == 0, 30, "replayed to etcd")
+        wait_until(lambda: lab.admin("h1").status().store.pending_writes == 0, 30, "replayed to etcd")
     finally:
         deleted = {h: stop_monitor(p) for h, p in monitors.items()}
     # The endpoint is in the store now: a daemon that knows nothing but the store sees it.
     lab.stop_daemon("h3")
     lab.start_daemon("h3")
-    assert "outage" in {e["name"] for e in lab.admin("h3").endpoint_list()}
+    assert "outage" in {e.name for e in lab.admin("h3").endpoint_list()}
     # Nothing that was programmed before the outage was removed from any kernel meanwhile.
     assert deleted == {"h1": [], "h2": [], "h3": []}, deleted
     for host, macs in before.items():
@@ -294,6 +294,6 @@ def test_kv_expired_endpoint_never_comes_back_through_gossip(make_lab: Callable[
     lab.start_daemon("h3")
     deadline = time.monotonic() + 5  # a few anti-entropy rounds (2 s each in the lab)
     while time.monotonic() < deadline:
-        assert dead.name not in {e["name"] for e in lab.admin("h3").endpoint_list()}
+        assert dead.name not in {e.name for e in lab.admin("h3").endpoint_list()}
         assert dead.mac not in fdb_macs(lab, "h3")
         time.sleep(0.2)

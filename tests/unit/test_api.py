@@ -24,6 +24,7 @@ from ipaddress import IPv4Address
 from typing import Any
 
 import aiohttp
+import answers
 import pytest
 
 from overlayd import cli
@@ -46,14 +47,12 @@ class FakeService:
     endpoints: dict[tuple[str, str], Endpoint] = field(default_factory=dict)
 
     def status(self) -> JSON:
-        return {
-            "node": self.node,
-            "store": {"kind": "etcd", "healthy": True},
-            "networks": len(self.networks),
-            "endpoints": {"local": len(self.endpoints), "remote": 0},
-            "last_reconcile_at": 1_700_000_000.0,
-            "errors": [],
-        }
+        return answers.status_json(
+            node=self.node,
+            ready=self.ready,
+            networks=sorted(self.networks),
+            endpoints={"local": len(self.endpoints), "remote": 0},
+        )
 
     def is_ready(self) -> bool:
         return self.ready
@@ -82,7 +81,10 @@ class FakeService:
         return net.to_dict()
 
     def network_list(self) -> list[JSON]:
-        return [n.to_dict() for n in self.networks.values()]
+        return [{**n.to_dict(), "endpoints": self._members(n.name)} for n in self.networks.values()]
+
+    def _members(self, network: str) -> int:
+        return sum(1 for n, _ in self.endpoints if n == network)
 
     def _network(self, name: str) -> Network:
         if name == "boom":
@@ -124,6 +126,13 @@ class FakeService:
         if (network, name) not in self.endpoints:
             raise NotFound(f"endpoint {network}/{name} not found")
         del self.endpoints[(network, name)]
+
+    async def endpoint_check(self, *, network: str, name: str) -> JSON:
+        ep = self.endpoints.get((network, name))
+        if ep is None:
+            raise NotFound(f"endpoint {network}/{name} is not on this host")
+        return {"network": network, "name": name, "netns": ep.netns, "ifname": ep.ifname,
+                "found": True, "mac": ep.mac, "up": True, "addresses": [f"{ep.ip}/24"], "error": None}
 
     async def diff(self) -> list[str]:
         if self.changes == ["bad"]:
@@ -223,7 +232,7 @@ async def test_stale_socket_is_replaced(short_dir: str) -> None:
     server = await start_admin_server(FakeService(), path)
     try:
         status = await asyncio.to_thread(AdminClient(path).status)
-        assert status["node"] == "h1"
+        assert status.node == "h1"
     finally:
         await server.close()
 
@@ -231,7 +240,7 @@ async def test_stale_socket_is_replaced(short_dir: str) -> None:
 async def test_live_socket_is_not_stolen(admin: Admin) -> None:
     with pytest.raises(ServerError, match="another process is serving"):
         await start_admin_server(FakeService(), admin.path)
-    assert (await asyncio.to_thread(AdminClient(admin.path).status))["node"] == "h1"
+    assert (await asyncio.to_thread(AdminClient(admin.path).status)).node == "h1"
 
 
 async def test_non_socket_path_is_left_alone(short_dir: str) -> None:
@@ -278,7 +287,7 @@ async def test_json_before_and_after_the_command(
     before = await overlayctl(capsys, "--json", "--socket", admin.path, "network", "ls")
     after = await overlayctl(capsys, "network", "ls", "--socket", admin.path, "--json")
     assert before.code == after.code == 0
-    assert before.json() == after.json() == [admin.service.networks["demo"].to_dict()]
+    assert before.json() == after.json() == [{**admin.service.networks["demo"].to_dict(), "endpoints": 0}]
 
 
 async def test_socket_from_environment(
@@ -294,9 +303,9 @@ async def test_status_and_peers(admin: Admin, capsys: pytest.CaptureFixture[str]
     run = await ctl(admin, capsys, "status")
     assert run.code == 0
     lines = run.out.splitlines()
-    assert "node:              h1" in lines
-    assert "store.healthy:     yes" in lines
-    assert "last_reconcile_at: 2023-11-14T22:13:20Z" in lines
+    assert "node:                       h1" in lines
+    assert "store.healthy:              yes" in lines
+    assert "last_reconcile.started_at:  2023-11-14T22:13:30Z" in lines
 
     run = await ctl(admin, capsys, "peers")
     assert run.code == 0
@@ -435,6 +444,62 @@ async def test_diff_exit_codes(admin: Admin, capsys: pytest.CaptureFixture[str])
     assert (run.code, run.err) == (1, "overlayctl: error: diff refused\n")
 
 
+async def test_json_output_is_exactly_what_the_daemon_sent(
+    admin: Admin, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--json prints the schema record's to_json(): the daemon's answer, same keys, same order."""
+    await create_demo(admin, capsys)
+    assert (await ctl(admin, capsys, "endpoint", "add", "demo", "web", "--netns", "ns")).code == 0
+    gossip_peers = [
+        {"name": "h1", "vtep": "198.18.0.1", "started_at": 1_700_000_000.0, "endpoints": 1,
+         "self": True, "state": "alive", "rtt_ms": None},
+        {"name": "h3", "vtep": "198.18.0.3", "started_at": None, "endpoints": 0, "self": False,
+         "state": "suspect", "rtt_ms": 0.42},
+    ]
+    admin.service.peers = lambda: gossip_peers  # type: ignore[method-assign]
+    withdrawn = {**admin.service.endpoint_list()[0], "conflict": "IP 10.10.0.2 is h2's (older claim)"}
+    admin.service.endpoint_list = lambda network=None: [withdrawn]  # type: ignore[method-assign]
+    cases: list[tuple[list[str], Any]] = [
+        (["status"], admin.service.status()),
+        (["peers"], gossip_peers),
+        (["network", "ls"], admin.service.network_list()),
+        (["network", "inspect", "demo"], admin.service.network_inspect("demo")),
+        (["endpoint", "ls"], [withdrawn]),
+    ]
+    for argv, answer in cases:
+        run = await ctl(admin, capsys, "--json", *argv)
+        assert run.code == 0, (argv, run.err)
+        assert run.out == json.dumps(answer, indent=2) + "\n", argv
+    table = await ctl(admin, capsys, "peers")
+    assert table.out.splitlines()[0].split() == ["NAME", "VTEP", "ENDPOINTS", "STARTED", "SELF", "STATE",
+                                                 "RTT", "MS"]
+
+
+async def test_an_answer_of_the_wrong_shape_is_one_line(
+    admin: Admin, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken = answers.status_json(store=answers.store_json(healthy="yes"))
+    admin.service.status = lambda: broken  # type: ignore[method-assign]
+    run = await ctl(admin, capsys, "status")
+    assert run.code == 1
+    assert run.err == (
+        "overlayctl: error: unexpected answer from overlayd: "
+        "status.store.healthy: must be true or false, got a string\n"
+    )
+    with pytest.raises(ClientError, match="missing field 'ready'"):
+        admin.service.status = lambda: {k: v for k, v in broken.items() if k != "ready"}  # type: ignore
+        await asyncio.to_thread(AdminClient(admin.path).status)
+
+
+async def test_endpoint_check_route(admin: Admin, capsys: pytest.CaptureFixture[str]) -> None:
+    await create_demo(admin, capsys)
+    status, data = await raw(admin, "GET", "/v1/endpoints/demo/web/check")
+    assert (status, data) == (404, {"error": "endpoint demo/web is not on this host"})
+    assert (await ctl(admin, capsys, "endpoint", "add", "demo", "web", "--netns", "ns")).code == 0
+    status, data = await raw(admin, "GET", "/v1/endpoints/demo/web/check")
+    assert status == 200 and data["found"] is True and data["netns"] == "ns"
+
+
 # --- the wire: what only a hand-made request can reach ----------------------
 
 
@@ -473,20 +538,22 @@ async def test_client_methods(admin: Admin) -> None:
     net = await asyncio.to_thread(
         lambda: client.network_create(name="demo", subnet="10.10.0.0/24", mtu=1400)
     )
-    assert net == {"name": "demo", "vni": 4096, "subnet": "10.10.0.0/24", "gateway": None,
-                   "mtu": 1400}
+    assert net.to_json() == {"name": "demo", "vni": 4096, "subnet": "10.10.0.0/24", "gateway": None,
+                             "mtu": 1400}
     ep = await asyncio.to_thread(
         lambda: client.endpoint_add(network="demo", name="a", netns="/run/netns/a")
     )
-    assert ep["netns"] == "/run/netns/a"
-    assert [e["name"] for e in await asyncio.to_thread(client.endpoint_list, "demo")] == ["a"]
+    assert ep.netns == "/run/netns/a" and ep.ip == IPv4Address("10.10.0.1")
+    assert [e.name for e in await asyncio.to_thread(client.endpoint_list, "demo")] == ["a"]
+    check = await asyncio.to_thread(lambda: client.endpoint_check(network="demo", name="a"))
+    assert check.found and str(check.addresses[0]) == "10.10.0.1/24"
     with pytest.raises(ClientError) as info:
         await asyncio.to_thread(client.network_inspect, "missing")
     assert (info.value.status, info.value.message) == (404, "network 'missing' not found")
     await asyncio.to_thread(lambda: client.endpoint_remove(network="demo", name="a"))
     await asyncio.to_thread(client.network_remove, "demo")
-    assert await asyncio.to_thread(client.network_list) == []
-    assert await asyncio.to_thread(client.diff) == []
+    assert await asyncio.to_thread(client.network_list) == ()
+    assert (await asyncio.to_thread(client.diff)).changes == ()
 
 
 # --- lab dispatch -----------------------------------------------------------

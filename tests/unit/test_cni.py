@@ -3,8 +3,9 @@
 `cni.main` runs in a worker thread with the CNI environment and a network
 config on stdin; it talks over a temporary unix socket to the real admin
 server (`start_admin_server`) in the test's loop, fronting `Service`: a small
-in-memory stand-in for the daemon's side of `AdminService`. CHECK looks at a
-real interface: loopback in the test's own namespace, which needs no privilege.
+in-memory stand-in for the daemon's side of `AdminService`. CHECK asks the
+daemon, whose stand-in reads a real interface with the daemon's own
+`inspect_endpoint`: loopback in the test's own namespace, which needs no privilege.
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
+import answers
 import pytest
 
 from overlayd import cni
 from overlayd.api.admin import RunningServer, start_admin_server
 from overlayd.api.service import JSON, BadRequest, Conflict, NotFound
+from overlayd.dataplane.inspect import inspect_interface
 
 CONTAINER = "3f1c0ffee0ddba11" + "ab" * 24
 OWN_NETNS = "/proc/self/ns/net"
@@ -41,7 +44,7 @@ class Service:
     calls: list[str] = field(default_factory=list)
 
     def status(self) -> JSON:
-        return {"node": self.node, "ready": True}
+        return answers.status_json(node=self.node)
 
     def is_ready(self) -> bool:
         return True
@@ -81,7 +84,8 @@ class Service:
         hosts = IPv4Network(self.networks[network]["subnet"]).hosts()
         address = ip or next(str(a) for a in hosts if str(a) not in taken and str(a) != "10.10.0.1")
         record = {"network": network, "name": name, "ip": address, "mac": next(self.macs),
-                  "owner": self.node, "version": 1, "netns": netns, "ifname": ifname}
+                  "owner": self.node, "version": 1, "created_at": 1_700_000_000.0,
+                  "netns": netns, "ifname": ifname}
         self.endpoints[(network, name)] = record
         return record
 
@@ -93,6 +97,15 @@ class Service:
         if (network, name) not in self.endpoints:
             raise NotFound(f"endpoint {network}/{name} not found")
         del self.endpoints[(network, name)]
+
+    async def endpoint_check(self, *, network: str, name: str) -> JSON:
+        self.calls.append(f"check {network}/{name}")
+        if (network, name) not in self.endpoints:
+            raise NotFound(f"endpoint {network}/{name} is not on this host")
+        record = self.endpoints[(network, name)]
+        found = await inspect_interface(network=network, name=name, netns=record["netns"],
+                                        ifname=record["ifname"])
+        return found.to_json()
 
     async def diff(self) -> list[str]:
         return []
@@ -332,6 +345,31 @@ async def test_check_looks_at_the_interface_and_the_daemon(daemon: Daemon) -> No
     other_if = cni_env("CHECK", OWN_NETNS, ifname="nosuch0")
     assert (await plugin(cni_env("ADD", OWN_NETNS, ifname="nosuch0"), conf(daemon))).code == 0
     assert_error(await plugin(other_if, conf(daemon)), cni.ERR_OVERLAYD, "no interface nosuch0")
+
+
+async def test_check_reports_a_namespace_that_is_gone_or_another(daemon: Daemon, netns_path: str) -> None:
+    assert (await plugin(cni_env("ADD", netns_path), conf(daemon))).code == 0
+    elsewhere = os.path.join(os.path.dirname(netns_path), "netns-2")
+    assert_error(await plugin(cni_env("CHECK", elsewhere), conf(daemon)), cni.ERR_OVERLAYD,
+                 f"is in netns {netns_path}, not in {elsewhere}")
+    os.unlink(netns_path)  # the container's namespace went away
+    assert_error(await plugin(cni_env("CHECK", netns_path), conf(daemon)), cni.ERR_INVALID_ENV,
+                 f"CNI_NETNS={netns_path}", "does not exist")
+    name = cni.endpoint_name(CONTAINER, "eth0")
+    assert daemon.service.calls.count(f"check demo/{name}") == 1  # the daemon looked, not the plugin
+
+
+def test_the_plugin_imports_no_netlink_and_nothing_of_the_daemon() -> None:
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, overlayd.cni; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'pyroute2' or m.startswith("
+        "('overlayd.dataplane', 'overlayd.store', 'overlayd.gossip', 'overlayd.daemon', 'aiohttp'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 # --- errors -------------------------------------------------------------------
