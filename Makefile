@@ -44,6 +44,7 @@ lab-down: setup-lab
 lint: setup
 	$(BIN)/ruff check overlayd tests
 	$(BIN)/mypy overlayd
+	$(BIN)/lint-imports
 
 # Servers the tests run that Debian 12 does not package (cached; see the script).
 test-deps:
