@@ -17,8 +17,11 @@ How the parts fit, from pure to I/O:
 - `gossip`     SWIM membership, AEAD framing, push + anti-entropy (a library);
                `peering` speaks overlayd's records over it, beside a KV store
                (changes arrive before the watch) or as the store itself.
-- `api`        admin API on a unix socket, HTTP status/metrics server.
+- `api`        admin API on a unix socket, HTTP status/metrics server;
+               `api.schema` types every answer (pure), `api.client` reads them.
 - `daemon`     wires the parts, owns the tasks and the one shutdown path.
 - `cli`/`cni`  overlayctl and the CNI plugin: thin clients of the admin API;
                `lab` builds a multi-host lab out of network namespaces.
+
+These layers are import contracts in pyproject.toml, checked by `make lint`.
 """
