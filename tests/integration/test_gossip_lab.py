@@ -260,8 +260,8 @@ def test_concurrent_network_creation_resolves_deterministically(gossip_lab: Lab)
         t.start()
     for t in threads:
         t.join()
-    winners = [h for h, o in outcomes.items() if isinstance(o, dict)]
-    losers = [o for o in outcomes.values() if not isinstance(o, dict)]
+    winners = [h for h, o in outcomes.items() if not isinstance(o, Exception)]
+    losers = [o for o in outcomes.values() if isinstance(o, Exception)]
     assert len(winners) == 1, outcomes
     assert len(losers) == 1 and "already" in str(losers[0]), outcomes
     wait_until(
