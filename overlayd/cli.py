@@ -204,11 +204,11 @@ def cmd_network_ls(ctx: Context) -> int:
 
 
 def cmd_network_inspect(ctx: Context) -> int:
-    net = ctx.client().network_inspect(ctx.args.name).to_json()
+    net = ctx.client().network_inspect(ctx.args.name)
     if ctx.json_out:
-        _print_json(net)
+        _print_json(net.to_json())
     else:
-        print(format_fields({**net, "mtu": _mtu_cell(net["mtu"])}))
+        print(format_fields({**net.to_json(), "mtu": _mtu_cell(net.mtu)}))
     return EXIT_OK
 
 
