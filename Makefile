@@ -4,52 +4,47 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# The lab needs the package alone; the tests add its test extras (pytest, mypy, ...).
+LAB_STAMP := $(VENV)/.installed-lab
 STAMP := $(VENV)/.installed
 LAB_HOSTS ?= 3
 
-.PHONY: setup system-packages test-deps lab lab-down test lint
+.PHONY: setup setup-lab system-packages lab-packages test-deps lab lab-down test lint
+
+# What the lab needs (iproute2, ping, Python's venv) and nothing of the test toolchain.
+setup-lab: lab-packages $(LAB_STAMP)
 
 setup: system-packages $(STAMP)
 
-# Installs only what is missing, so it costs nothing once everything is there.
-system-packages:
-	@missing=""; \
-	command -v ip >/dev/null 2>&1 || missing="$$missing iproute2"; \
-	command -v ping >/dev/null 2>&1 || missing="$$missing iputils-ping"; \
-	command -v nft >/dev/null 2>&1 || missing="$$missing nftables"; \
-	[ -x /usr/bin/etcd ] || command -v etcd >/dev/null 2>&1 || missing="$$missing etcd-server"; \
-	command -v etcdctl >/dev/null 2>&1 || missing="$$missing etcd-client"; \
-	[ -f /usr/share/java/zookeeper.jar ] || missing="$$missing zookeeper"; \
-	command -v java >/dev/null 2>&1 || missing="$$missing default-jre-headless"; \
-	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
-	command -v docker-compose >/dev/null 2>&1 || missing="$$missing docker-compose"; \
-	command -v podman >/dev/null 2>&1 || missing="$$missing podman"; \
-	command -v runc >/dev/null 2>&1 || missing="$$missing runc"; \
-	dpkg -s busybox-static >/dev/null 2>&1 || missing="$$missing busybox-static"; \
-	dpkg -s containernetworking-plugins >/dev/null 2>&1 || missing="$$missing containernetworking-plugins"; \
-	command -v $(PYTHON) >/dev/null 2>&1 || missing="$$missing python3"; \
-	$(PYTHON) -c 'import ensurepip' >/dev/null 2>&1 || missing="$$missing python3-venv"; \
-	if [ -n "$$missing" ]; then \
-		echo "installing:$$missing"; \
-		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing; \
-	fi
+# Both install only what is missing (the table is in the script), so they cost nothing once it is there.
+lab-packages:
+	@PYTHON=$(PYTHON) scripts/system-packages.sh lab
 
-# Re-installed only when pyproject.toml changes.
+system-packages:
+	@PYTHON=$(PYTHON) scripts/system-packages.sh test
+
+# Re-installed only when pyproject.toml changes. The test install includes the lab's.
+$(LAB_STAMP): pyproject.toml
+	[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
 $(STAMP): pyproject.toml
 	[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet -e '.[test]'
-	touch $@
+	touch $(LAB_STAMP) $@
 
-lab: setup
+lab: setup-lab
 	$(BIN)/overlayctl lab down
 	$(BIN)/overlayctl lab up --hosts $(LAB_HOSTS)
 
-lab-down: setup
+lab-down: setup-lab
 	$(BIN)/overlayctl lab down
 
 lint: setup
 	$(BIN)/ruff check overlayd tests
 	$(BIN)/mypy overlayd
+	$(BIN)/lint-imports
 
 # Servers the tests run that Debian 12 does not package (cached; see the script).
 test-deps:

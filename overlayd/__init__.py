@@ -32,7 +32,8 @@ The parts, pure to I/O:
 - `claims` / `operations` / `report`
                claiming cluster-wide (compare-and-set or gossip), the admin API's
                changes, and what the daemon says about itself.
-- `api`        admin API on a unix socket, HTTP status/metrics server.
+- `api`        admin API on a unix socket, HTTP status/metrics server;
+               `api.schema` types every answer (pure), `api.client` reads them.
 - `daemon`     wires the parts, owns the tasks and the one shutdown path.
 - `cli`/`cni`  overlayctl and the CNI plugin: thin clients of the admin API;
                `lab` builds a multi-host lab out of network namespaces.

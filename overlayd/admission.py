@@ -53,6 +53,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
 from ipaddress import IPv4Address
+from typing import Protocol
 
 from overlayd.model import Endpoint, Network, Node
 from overlayd.state import (
@@ -600,3 +601,20 @@ class Admission:
             if self._net_lost.get(name) != conflict:
                 out.conflicts.append(conflict)
         self._net_lost = lost
+
+
+class FactSink(Protocol):
+    """Where claims go once made: the engine (`overlayd.engine.Engine`) in the daemon.
+
+    Claiming code (`claims`, `store.gossip`) sees only this, not the kernel side behind it.
+    """
+
+    @property
+    def view(self) -> ClusterView: ...
+
+    @property
+    def admission(self) -> Admission: ...
+
+    def from_own(self, facts: Iterable[Fact | NetworkClaimed]) -> Outcome: ...
+
+    def from_gossip(self, facts: Iterable[GossipFact]) -> Outcome: ...

@@ -1,9 +1,10 @@
 """overlayctl: the operator's command line, a thin client of the admin socket.
 
 It imports nothing of the daemon: requests go through `overlayd.api.client`,
-and the `lab` commands load `overlayd.lab` only when they run. Output is an
-aligned table (or key: value lines) for people, and the daemon's JSON as-is
-with `--json`.
+answers are the typed records of `overlayd.api.schema`, and the `lab`
+commands load `overlayd.lab` only when they run. Output is an aligned table
+(or key: value lines) for people, and the daemon's JSON (the record's
+`to_json()`, exactly what the daemon sent) with `--json`.
 
 Exit codes: 0 ok, 1 error (one line on stderr; for `doctor`, any FAIL),
 2 usage, 3 `diff` found pending changes. Progress of long operations
@@ -13,20 +14,19 @@ Exit codes: 0 ok, 1 error (one line on stderr; for `doctor`, any FAIL),
 from __future__ import annotations
 
 import argparse
-import base64
 import importlib
 import ipaddress
 import json
 import os
-import secrets
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeAlias, cast
 
-from overlayd import completion, doctor
-from overlayd.api.client import DEFAULT_SOCKET, AdminClient, ClientError, Record
+from overlayd import clusterkey, completion, doctor
+from overlayd.api import schema
+from overlayd.api.client import DEFAULT_SOCKET, AdminClient, ClientError
 
 PROG = "overlayctl"
 SOCKET_ENV = "OVERLAYD_SOCKET"
@@ -143,7 +143,7 @@ def _mtu_cell(value: object) -> str:
 
 
 def cmd_status(ctx: Context) -> int:
-    status = ctx.client().status()
+    status = ctx.client().status().to_json()
     if ctx.json_out:
         _print_json(status)
     else:
@@ -154,31 +154,30 @@ def cmd_status(ctx: Context) -> int:
 def cmd_peers(ctx: Context) -> int:
     peers = ctx.client().peers()
     if ctx.json_out:
-        _print_json(peers)
+        _print_json([p.to_json() for p in peers])
         return EXIT_OK
     # With gossip on, each peer also has a SWIM state and a round-trip time.
-    gossip = any("state" in p for p in peers)
+    gossip = any(p.state is not None for p in peers)
     rows = []
     for p in peers:
         row = [
-            format_cell(p.get("name")),
-            format_cell(p.get("vtep")),
-            format_cell(p.get("endpoints")),
-            format_cell(p.get("started_at"), "started_at"),
-            "yes" if p.get("self") else "",
+            format_cell(p.name),
+            format_cell(p.vtep),
+            format_cell(p.endpoints),
+            format_cell(p.started_at, "started_at"),
+            "yes" if p.self else "",
         ]
         if gossip:
-            row += [format_cell(p.get("state")), format_cell(p.get("rtt_ms"))]
+            row += [format_cell(p.state), format_cell(p.rtt_ms)]
         rows.append(row)
     header = ["NAME", "VTEP", "ENDPOINTS", "STARTED", "SELF"] + (["STATE", "RTT MS"] if gossip else [])
     print(format_table(header, rows))
     return EXIT_OK
 
 
-def _network_summary(net: Record) -> str:
+def _network_summary(net: schema.NetworkInfo) -> str:
     return (
-        f"VNI {format_cell(net.get('vni'))}, subnet {format_cell(net.get('subnet'))}, "
-        f"gateway {format_cell(net.get('gateway'))}, MTU {_mtu_cell(net.get('mtu'))}"
+        f"VNI {net.vni}, subnet {net.subnet}, gateway {format_cell(net.gateway)}, MTU {_mtu_cell(net.mtu)}"
     )
 
 
@@ -186,26 +185,19 @@ def cmd_network_create(ctx: Context) -> int:
     a = ctx.args
     net = ctx.client().network_create(name=a.name, subnet=a.subnet, vni=a.vni, gateway=a.gateway, mtu=a.mtu)
     if ctx.json_out:
-        _print_json(net)
+        _print_json(net.to_json())
     else:
-        print(f"created network {net.get('name', a.name)}: {_network_summary(net)}")
+        print(f"created network {net.name}: {_network_summary(net)}")
     return EXIT_OK
 
 
 def cmd_network_ls(ctx: Context) -> int:
     networks = ctx.client().network_list()
     if ctx.json_out:
-        _print_json(networks)
+        _print_json([n.to_json() for n in networks])
         return EXIT_OK
     rows = (
-        [
-            format_cell(n.get("name")),
-            format_cell(n.get("vni")),
-            format_cell(n.get("subnet")),
-            format_cell(n.get("gateway")),
-            _mtu_cell(n.get("mtu")),
-        ]
-        for n in networks
+        [n.name, str(n.vni), str(n.subnet), format_cell(n.gateway), _mtu_cell(n.mtu)] for n in networks
     )
     print(format_table(["NAME", "VNI", "SUBNET", "GATEWAY", "MTU"], rows))
     return EXIT_OK
@@ -214,9 +206,9 @@ def cmd_network_ls(ctx: Context) -> int:
 def cmd_network_inspect(ctx: Context) -> int:
     net = ctx.client().network_inspect(ctx.args.name)
     if ctx.json_out:
-        _print_json(net)
+        _print_json(net.to_json())
     else:
-        print(format_fields({**net, "mtu": _mtu_cell(net.get("mtu"))}))
+        print(format_fields({**net.to_json(), "mtu": _mtu_cell(net.mtu)}))
     return EXIT_OK
 
 
@@ -233,12 +225,11 @@ def cmd_endpoint_add(ctx: Context) -> int:
     a = ctx.args
     ep = ctx.client().endpoint_add(network=a.network, name=a.name, netns=a.netns, ip=a.ip, ifname=a.ifname)
     if ctx.json_out:
-        _print_json(ep)
+        _print_json(ep.to_json())
     else:
         print(
-            f"created endpoint {a.network}/{a.name}: IP {format_cell(ep.get('ip'))}, "
-            f"MAC {format_cell(ep.get('mac'))}, netns {format_cell(ep.get('netns', a.netns))}, "
-            f"interface {format_cell(ep.get('ifname'))}"
+            f"created endpoint {a.network}/{a.name}: IP {ep.ip}, MAC {ep.mac}, "
+            f"netns {format_cell(ep.netns or a.netns)}, interface {format_cell(ep.ifname)}"
         )
     return EXIT_OK
 
@@ -246,11 +237,12 @@ def cmd_endpoint_add(ctx: Context) -> int:
 def cmd_endpoint_ls(ctx: Context) -> int:
     endpoints = ctx.client().endpoint_list(ctx.args.network)
     if ctx.json_out:
-        _print_json(endpoints)
+        _print_json([e.to_json() for e in endpoints])
         return EXIT_OK
-    columns = ["network", "name", "ip", "mac", "owner", "netns"]
-    rows = ([format_cell(e.get(c) or None) for c in columns] for e in endpoints)
-    print(format_table([c.upper() for c in columns], rows))
+    rows = (
+        [e.network, e.name, str(e.ip), e.mac, e.owner, format_cell(e.netns or None)] for e in endpoints
+    )
+    print(format_table(["NETWORK", "NAME", "IP", "MAC", "OWNER", "NETNS"], rows))
     return EXIT_OK
 
 
@@ -265,9 +257,9 @@ def cmd_endpoint_rm(ctx: Context) -> int:
 
 
 def cmd_diff(ctx: Context) -> int:
-    changes = ctx.client().diff()
+    changes = ctx.client().diff().changes
     if ctx.json_out:
-        _print_json(changes)
+        _print_json(list(changes))
     else:
         # Like diff(1): silence when there is nothing to do, the exit code says it.
         for line in changes:
@@ -317,34 +309,33 @@ def cmd_teardown(ctx: Context) -> int:
     if not ctx.args.yes and not sys.stdin.isatty():
         raise UsageError("teardown needs confirmation: run it on a terminal, or pass --yes")
     client = ctx.client()
-    node = str(client.status().get("node"))
-    local = [e for e in client.endpoint_list() if e.get("owner") == node]
+    node = client.status().node
+    local = [e for e in client.endpoint_list() if e.owner == node]
     if not ctx.args.yes and not _confirm_teardown(node, len(local)):
         raise CommandError("teardown aborted: nothing was changed")
     # One request per endpoint, so a host with many of them shows its progress;
     # the daemon's teardown removes whatever is left (or could not go here).
     removed: list[str] = []
     for i, ep in enumerate(local, 1):
-        key = f"{ep.get('network')}/{ep.get('name')}"
-        _progress(ctx, f"[{i}/{len(local)}] removing endpoint {key}")
+        _progress(ctx, f"[{i}/{len(local)}] removing endpoint {ep.key}")
         try:
-            client.endpoint_remove(network=str(ep.get("network")), name=str(ep.get("name")))
-            removed.append(key)
+            client.endpoint_remove(network=ep.network, name=ep.name)
+            removed.append(ep.key)
         except ClientError as exc:
             if exc.status != 404:
                 _progress(ctx, f"  {exc.message} (the teardown will remove it locally)")
     _progress(ctx, f"removing overlay links and releasing the lease of {node}")
-    report = client.teardown(node)
-    report["endpoints_removed"] = removed + list(report.get("endpoints_removed") or [])
-    errors = [str(e) for e in report.get("errors") or []]
+    answer = client.teardown(node)
+    report = replace(answer, endpoints_removed=(*removed, *answer.endpoints_removed))
     if ctx.json_out:
-        _print_json(report)
+        _print_json(report.to_json())
     else:
         print(
-            f"tore down node {node}: {len(report['endpoints_removed'])} endpoint(s), "
-            f"{len(report.get('links_removed') or [])} link(s) removed, lease "
-            f"{'released' if report.get('lease_released') else 'NOT released'}; overlayd is stopping"
+            f"tore down node {node}: {len(report.endpoints_removed)} endpoint(s), "
+            f"{len(report.links_removed)} link(s) removed, lease "
+            f"{'released' if report.lease_released else 'NOT released'}; overlayd is stopping"
         )
+    errors = report.errors
     for err in errors:
         print(f"{PROG}: teardown: {err}", file=sys.stderr)
     return EXIT_ERROR if errors else EXIT_OK
@@ -352,7 +343,7 @@ def cmd_teardown(ctx: Context) -> int:
 
 def cmd_gossip_keygen(ctx: Context) -> int:
     """A new cluster key for `[gossip] keys` (base64 of 32 random bytes, AES-256)."""
-    key = base64.b64encode(secrets.token_bytes(32)).decode()
+    key = clusterkey.new_key()
     if ctx.json_out:
         _print_json({"key": key})
     else:

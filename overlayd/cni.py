@@ -9,7 +9,8 @@ other `CNI_*` variables in the environment and the network config on stdin:
     DEL      remove it; succeeds when there is nothing to remove (netns gone,
              endpoint never created, network gone)
     CHECK    the daemon still owns the endpoint, and the interface in the
-             namespace has its MAC and address
+             namespace has its MAC and address (the daemon looks, over the
+             admin API: the plugin never enters the namespace itself)
     VERSION  the spec versions supported; needs no network config
 
 Plugin keys in the config (besides cniVersion, name, type):
@@ -24,24 +25,24 @@ find it again from the same environment. A static IP arrives from podman in
 
 Every failure is printed on stdout in the CNI error format with a one-line
 `msg`, and the exit status is 1. Nothing of the daemon is imported: the admin
-API's JSON is the whole contract (`overlayd.api.client`).
+API, read through its schema (`overlayd.api.client`, `overlayd.api.schema`),
+is the whole contract.
 """
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import os
 import re
 import sys
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, ip_address
 from typing import Any, TextIO
 
 from overlayd.api.client import DEFAULT_SOCKET, AdminClient, ClientError
+from overlayd.api.schema import EndpointInfo
 
 SPEC_VERSION = "1.0.0"
 # 0.3.x and 0.4.0 share one result format (IPs carry "version": "4"); 1.0.0 drops it.
@@ -63,7 +64,6 @@ ERR_OVERLAYD = 999
 _CONTAINER_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _IFNAME_BAD = re.compile(r"[/:\s]")
 _NAME_SAFE = re.compile(r"[^A-Za-z0-9_.-]")
-_CLONE_NEWNET = 0x40000000
 
 
 class CniError(Exception):
@@ -255,17 +255,12 @@ def _network(client: AdminClient, conf: NetConf) -> tuple[IPv4Network, IPv4Addre
                 "or fix the config's 'network')",
             ) from None
         raise _daemon_error(exc, f"looking up network {conf.network}") from None
-    try:
-        subnet = IPv4Network(record["subnet"])
-        gateway = record.get("gateway")
-        return subnet, IPv4Address(gateway) if gateway else None
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CniError(ERR_OVERLAYD, f"unexpected network record from overlayd: {exc}") from None
+    return record.subnet, record.gateway
 
 
-def _find_endpoint(client: AdminClient, network: str, name: str) -> dict[str, Any] | None:
+def _find_endpoint(client: AdminClient, network: str, name: str) -> EndpointInfo | None:
     for record in client.endpoint_list(network):
-        if record.get("name") == name:
+        if record.name == name:
             return record
     return None
 
@@ -276,11 +271,11 @@ def _find_endpoint(client: AdminClient, network: str, name: str) -> dict[str, An
 def make_result(
     conf: NetConf,
     env: Env,
-    endpoint: Mapping[str, Any],
+    endpoint: EndpointInfo,
     subnet: IPv4Network,
     gateway: IPv4Address | None,
 ) -> dict[str, Any]:
-    address = IPv4Interface(f"{endpoint['ip']}/{subnet.prefixlen}")
+    address = IPv4Interface(f"{endpoint.ip}/{subnet.prefixlen}")
     ip: dict[str, Any] = {"address": str(address), "interface": 0}
     if conf.cni_version in _LEGACY_RESULT:
         ip["version"] = "4"
@@ -290,7 +285,7 @@ def make_result(
         "cniVersion": conf.cni_version,
         # Only the container side: the host side is the daemon's business and
         # no runtime needs its name.
-        "interfaces": [{"name": env.ifname, "mac": str(endpoint["mac"]), "sandbox": env.netns}],
+        "interfaces": [{"name": env.ifname, "mac": endpoint.mac, "sandbox": env.netns}],
         "ips": [ip],
         # The daemon installs the default route exactly when the network has a gateway.
         "routes": [{"dst": "0.0.0.0/0", "gw": str(gateway)}] if gateway is not None else [],
@@ -324,7 +319,7 @@ def cmd_add(conf: NetConf, env: Env, client: AdminClient) -> dict[str, Any]:
             raise _daemon_error(exc, f"creating endpoint {name} in {conf.network}") from None
         # A repeated ADD for the same attachment (a runtime retrying) gets the same answer.
         existing = _find_endpoint(client, conf.network, name)
-        if existing is None or existing.get("netns") != env.netns or existing.get("ifname") != env.ifname:
+        if existing is None or existing.netns != env.netns or existing.ifname != env.ifname:
             raise _daemon_error(exc, f"creating endpoint {name} in {conf.network}") from None
         record = existing
     return make_result(conf, env, record, subnet, gateway)
@@ -338,61 +333,6 @@ def cmd_del(conf: NetConf, env: Env, client: AdminClient) -> None:
         if exc.status == 404:
             return  # never created, or removed already: DEL is idempotent
         raise _daemon_error(exc, f"removing endpoint {name} from {conf.network}") from None
-
-
-@contextmanager
-def _in_netns(path: str) -> Iterator[None]:
-    """Run the body with this thread in the network namespace at `path`.
-
-    Sockets opened inside stay there after we switch back. Entering our own
-    namespace is skipped, so that needs no privilege.
-    """
-    try:
-        target = os.open(path, os.O_RDONLY)
-    except OSError as exc:
-        raise CniError(ERR_INVALID_ENV, f"CNI_NETNS={path}: {exc.strerror}") from None
-    own = os.open("/proc/self/ns/net", os.O_RDONLY)
-    try:
-        t, o = os.fstat(target), os.fstat(own)
-        if (t.st_dev, t.st_ino) == (o.st_dev, o.st_ino):
-            yield
-            return
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.setns(target, _CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise CniError(ERR_IO, f"cannot enter network namespace {path}: {os.strerror(err)}")
-        try:
-            yield
-        finally:
-            if libc.setns(own, _CLONE_NEWNET) != 0:
-                # Carrying on in the container's namespace would be wrong for anything that follows.
-                err = ctypes.get_errno()
-                raise SystemExit(f"overlayd-cni: cannot return to own network namespace: {os.strerror(err)}")
-    finally:
-        os.close(target)
-        os.close(own)
-
-
-def interface_in_netns(netns: str, ifname: str) -> tuple[str, list[IPv4Interface]] | None:
-    """The MAC and IPv4 addresses of `ifname` in `netns`; None if there is no such interface."""
-    # pyroute2 costs ~0.2 s to import: only CHECK pays it.
-    from pyroute2 import IPRoute
-
-    with _in_netns(netns):
-        ipr = IPRoute()  # its netlink socket belongs to the namespace it was opened in
-    try:
-        links = ipr.link_lookup(ifname=ifname)
-        if not links:
-            return None
-        index = links[0]
-        mac = str(ipr.get_links(index)[0].get("IFLA_ADDRESS"))
-        addresses = [
-            IPv4Interface(f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}")
-            for a in ipr.get_addr(family=2, index=index)
-        ]
-    finally:
-        ipr.close()
-    return mac, addresses
 
 
 def _prev_result_ip(conf: NetConf, ifname: str) -> IPv4Interface | None:
@@ -419,29 +359,32 @@ def cmd_check(conf: NetConf, env: Env, client: AdminClient) -> None:
     subnet, _ = _network(client, conf)
     try:
         record = _find_endpoint(client, conf.network, name)
-        node = client.status().get("node")
+        node = client.status().node
     except ClientError as exc:
         raise _daemon_error(exc, f"looking up endpoint {name}") from None
     if record is None:
         raise CniError(ERR_OVERLAYD, f"overlayd does not know endpoint {name} in network {conf.network}")
-    if record.get("owner") != node:
-        raise CniError(
-            ERR_OVERLAYD, f"endpoint {name} is owned by {record.get('owner')}, not by this host ({node})"
-        )
-    expected = IPv4Interface(f"{record['ip']}/{subnet.prefixlen}")
+    if record.owner != node:
+        raise CniError(ERR_OVERLAYD, f"endpoint {name} is owned by {record.owner}, not by this host ({node})")
+    if record.netns != env.netns:
+        raise CniError(ERR_OVERLAYD, f"endpoint {name} is in netns {record.netns}, not in {env.netns}")
+    expected = IPv4Interface(f"{record.ip}/{subnet.prefixlen}")
     previous = _prev_result_ip(conf, env.ifname)
     if previous is not None and previous != expected:
         raise CniError(ERR_OVERLAYD, f"prevResult gave {env.ifname} {previous}, overlayd has {expected}")
-    found = interface_in_netns(env.netns, env.ifname)
-    if found is None:
+    try:
+        found = client.endpoint_check(network=conf.network, name=name)
+    except ClientError as exc:
+        raise _daemon_error(exc, f"checking endpoint {name}") from None
+    if found.error is not None:
+        raise CniError(ERR_INVALID_ENV, f"CNI_NETNS={env.netns}: {found.error}")
+    if not found.found:
         raise CniError(ERR_OVERLAYD, f"no interface {env.ifname} in {env.netns}")
-    mac, addresses = found
-    if mac.lower() != str(record["mac"]).lower():
-        raise CniError(
-            ERR_OVERLAYD, f"{env.ifname} in {env.netns} has MAC {mac}, overlayd has {record['mac']}"
-        )
-    if expected not in addresses:
-        have = ", ".join(str(a) for a in addresses) or "none"
+    if (found.mac or "").lower() != record.mac.lower():
+        have = f"{env.ifname} in {env.netns} has MAC {found.mac}"
+        raise CniError(ERR_OVERLAYD, f"{have}, overlayd has {record.mac}")
+    if expected not in found.addresses:
+        have = ", ".join(str(a) for a in found.addresses) or "none"
         raise CniError(ERR_OVERLAYD, f"{env.ifname} in {env.netns} lacks {expected} (has: {have})")
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from overlayd.clusterkey import decode_keys
 from overlayd.model import ValidationError, parse_ipv4, validate_name
 
 DEFAULT_PATH = "/etc/overlayd/overlayd.toml"
@@ -118,6 +119,14 @@ _KEYS: dict[str, type | tuple[type, ...]] = {
     "gossip.tombstone_ttl": (int, float),
     "gossip.mtu": int,
 }
+# How a type error names what was expected, for every type _KEYS uses.
+_EXPECTED: dict[type | tuple[type, ...], str] = {
+    str: "a string",
+    int: "an integer",
+    (int, float): "a number",
+    bool: "true or false",
+    list: "a list of strings",
+}
 GOSSIP_STORE = "gossip"
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -143,15 +152,8 @@ def from_flat(flat: dict[str, Any]) -> Config:
         if key not in _KEYS:
             raise ConfigError(f"{key}: unknown key")
         expected = _KEYS[key]
-        if expected is bool:
-            if not isinstance(value, bool):
-                raise ConfigError(f"{key}: must be true or false (got {value!r})")
-        elif expected is list:
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise ConfigError(f"{key}: must be a list of strings (got {value!r})")
-        elif isinstance(value, bool) or not isinstance(value, expected):
-            kind = expected.__name__ if isinstance(expected, type) else "number"
-            raise ConfigError(f"{key}: must be a {kind} (got {value!r})")
+        if not _has_type(value, expected):
+            raise ConfigError(f"{key}: must be {_EXPECTED[expected]} (got {value!r})")
 
     node_name = flat.get("node.name") or socket.gethostname().split(".")[0]
     try:
@@ -207,6 +209,15 @@ def from_flat(flat: dict[str, Any]) -> Config:
     )
 
 
+def _has_type(value: object, expected: type | tuple[type, ...]) -> bool:
+    if expected is bool:
+        return isinstance(value, bool)
+    if expected is list:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    # bool is an int in Python, but `true` is never a port or a TTL.
+    return not isinstance(value, bool) and isinstance(value, expected)
+
+
 def _store_config(flat: dict[str, Any], prefix: str, ttl: int) -> StoreConfig:
     if ("store.tls_cert" in flat) != ("store.tls_key" in flat):
         raise ConfigError("store.tls_cert: set together with store.tls_key (a certificate and its key)")
@@ -247,13 +258,10 @@ def _gossip_settings(flat: dict[str, Any]) -> GossipSettings | None:
             "gossip.keys: gossip needs a key (gossip.keys or gossip.key_file; "
             "`overlayctl gossip keygen` makes one), or gossip.insecure = true to run without one"
         )
-    if keys:
-        from overlayd.gossip.framing import Keyring  # only hosts that gossip import cryptography
-
-        try:
-            Keyring.from_base64(keys)
-        except ValueError as exc:
-            raise ConfigError(f"gossip.keys: {exc}") from None
+    try:
+        decode_keys(keys)
+    except ValueError as exc:
+        raise ConfigError(f"gossip.keys: {exc}") from None
     port = flat.get("gossip.port", 7946)
     if not 0 < port < 65536:
         raise ConfigError(f"gossip.port: must be 1..65535 (got {port})")

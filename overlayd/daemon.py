@@ -49,17 +49,18 @@ from typing import Any
 from overlayd import config as config_mod
 from overlayd.admission import Conflict as LostClaim
 from overlayd.api.admin import start_admin_server
-from overlayd.api.service import JSON, Unavailable
+from overlayd.api.service import JSON, NotFound, Unavailable
 from overlayd.api.status import start_status_server
 from overlayd.claims import Claims, KvClaims, WriteBehind
 from overlayd.config import Config, ConfigError, GossipSettings
 from overlayd.dataplane.desired import DesiredState
+from overlayd.dataplane.inspect import inspect_endpoint
 from overlayd.dataplane.kernel import Kernel, KernelError, Underlay
 from overlayd.engine import Engine
 from overlayd.feeds import GossipFeed, follow_store
 from overlayd.ipam import AddressBook, BlockTable
 from overlayd.metrics import Metrics
-from overlayd.model import Node
+from overlayd.model import Node, endpoint_key
 from overlayd.operations import Operations
 from overlayd.peering import Peering
 from overlayd.reconciler import Reconciler
@@ -486,6 +487,13 @@ class LocalService:
 
     async def endpoint_remove(self, *, network: str, name: str) -> None:
         await self._daemon.require_ops().endpoint_remove(network=network, name=name)
+
+    async def endpoint_check(self, *, network: str, name: str) -> JSON:
+        """The CNI plugin's CHECK: what this host's endpoint's namespace holds now."""
+        endpoint = self._daemon.registry.get(endpoint_key(network, name))
+        if endpoint is None:
+            raise NotFound(f"endpoint {network}/{name} is not on this host")
+        return (await inspect_endpoint(endpoint)).to_json()
 
     async def teardown(self) -> JSON:
         return await self._daemon.require_ops().teardown()

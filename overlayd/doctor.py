@@ -16,12 +16,13 @@ import shutil
 import stat
 import subprocess
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from overlayd.api.client import AdminClient, ClientError, Record
+from overlayd.api import schema
+from overlayd.api.client import AdminClient, ClientError
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 
@@ -244,33 +245,30 @@ def check_gossip_port(port: int, daemon_pid: int | None, configured: bool) -> Ch
 # --- what the daemon knows --------------------------------------------------
 
 
-def check_daemon(status: Record | None, error: str | None) -> Check:
+def check_daemon(status: schema.Status | None, error: str | None) -> Check:
     if status is None:
         return Check(
             "daemon", FAIL, error or "no answer", "`systemctl status overlayd`; `journalctl -u overlayd`"
         )
-    summary = status.get("summary") or ""
-    if status.get("ready"):
-        return Check("daemon", OK, f"node {status.get('node')}: {summary or 'ready'}")
+    if status.ready:
+        return Check("daemon", OK, f"node {status.node}: {status.summary or 'ready'}")
     return Check(
         "daemon",
         WARN,
-        f"node {status.get('node')} not ready yet: {summary or 'first reconcile pending'}",
+        f"node {status.node} not ready yet: {status.summary or 'first reconcile pending'}",
         "it becomes ready after its first reconcile against the store",
     )
 
 
-def check_mtu(status: Record, networks: list[Record]) -> Check:
+def check_mtu(status: schema.Status, networks: Sequence[schema.NetworkListItem]) -> Check:
     name = "mtu"
-    underlay = status.get("underlay") or {}
-    mtu = underlay.get("mtu")
-    if not isinstance(mtu, int):
+    underlay = status.underlay
+    if underlay is None:
         return Check(name, WARN, "underlay MTU unknown (daemon has no underlay yet)")
+    mtu = underlay.mtu
     room = mtu - VXLAN_OVERHEAD
-    too_big = {
-        str(n.get("name")): n["mtu"] for n in networks if isinstance(n.get("mtu"), int) and n["mtu"] > room
-    }
-    where = f"underlay {underlay.get('interface')} MTU {mtu}"
+    too_big = {n.name: n.mtu for n in networks if n.mtu is not None and n.mtu > room}
+    where = f"underlay {underlay.interface} MTU {mtu}"
     if too_big:
         asked = ", ".join(f"{net} ({value})" for net, value in sorted(too_big.items()))
         return Check(
@@ -285,12 +283,12 @@ def check_mtu(status: Record, networks: list[Record]) -> Check:
     return Check(name, OK, f"{where}: networks get {room} (or their own, smaller MTU)")
 
 
-def check_clock(peers: list[Record], now: float) -> Check:
+def check_clock(peers: Sequence[schema.Peer], now: float) -> Check:
     name = "clock skew"
-    others = [p for p in peers if not p.get("self")]
+    others = [p for p in peers if not p.self]
     if not others:
         return Check(name, OK, "no peers to compare with")
-    offsets = {p["name"]: p["clock_offset"] for p in others if isinstance(p.get("clock_offset"), int | float)}
+    offsets = {p.name: p.clock_offset for p in others if p.clock_offset is not None}
     if offsets:
         worst = max(offsets, key=lambda k: abs(offsets[k]))
         skew = offsets[worst]
@@ -303,9 +301,9 @@ def check_clock(peers: list[Record], now: float) -> Check:
         )
     # Without heartbeats, a peer that started "in the future" still proves its clock is ahead.
     ahead = {
-        p["name"]: p["started_at"] - now
+        p.name: p.started_at - now
         for p in others
-        if isinstance(p.get("started_at"), int | float) and p["started_at"] - now > _SKEW_FAIL
+        if p.started_at is not None and p.started_at - now > _SKEW_FAIL
     }
     if ahead:
         worst = max(ahead, key=lambda k: ahead[k])
@@ -318,32 +316,31 @@ def check_clock(peers: list[Record], now: float) -> Check:
     return Check(name, WARN, "not available until gossip (peers' heartbeats carry their clocks)")
 
 
-def check_store(status: Record, probe: Record | None, error: str | None) -> Check:
-    store = status.get("store") or {}
-    url = store.get("url", "?")
+def check_store(status: schema.Status, probe: schema.StoreProbe | None, error: str | None) -> Check:
+    url = status.store.url
     name = "kv store"
     hint = f"is the store at {url} running and reachable from this host? (store.url in the config)"
     if probe is None:
         return Check(name, FAIL, f"{url}: probe failed: {error}", hint)
-    if not probe.get("ok"):
-        return Check(name, FAIL, f"{url}: {probe.get('error')}", hint)
-    latency = float(probe.get("latency_ms") or 0.0)
+    if not probe.ok:
+        return Check(name, FAIL, f"{url}: {probe.error}", hint)
+    latency = probe.latency_ms or 0.0
     message = f"{url} answers: reading the cluster view took {latency:.1f} ms"
     if latency > _STORE_SLOW * 1000:
         return Check(name, WARN, message, "a slow store delays every change; check its disk and network")
     return Check(name, OK, message)
 
 
-def check_reconcile(status: Record, diff: list[str] | None, error: str | None) -> Check:
+def check_reconcile(status: schema.Status, diff: schema.Diff | None, error: str | None) -> Check:
     name = "reconcile"
     if diff is None:
         return Check(name, WARN, f"cannot compare kernel and desired state: {error}")
-    last = status.get("last_reconcile") or {}
-    if diff:
+    failed = status.last_reconcile.failed if status.last_reconcile is not None else 0
+    if diff.changes:
         return Check(
             name,
             WARN,
-            f"{len(diff)} change(s) pending (last pass: {last.get('failed', 0)} failed)",
+            f"{len(diff.changes)} change(s) pending (last pass: {failed} failed)",
             "`overlayctl diff` lists them; `overlayctl status` shows the kernel's errors",
         )
     return Check(name, OK, "the kernel matches the desired state")
@@ -355,7 +352,6 @@ def check_reconcile(status: Record, diff: list[str] | None, error: str | None) -
 def run_checks(client: AdminClient, *, gossip_port: int | None = None) -> list[Check]:
     """Every check, in the order an operator would look (never raises ClientError)."""
     checks = [check_vxlan(), check_vxlan_port(), check_socket(client.socket_path)]
-    status: Record | None = None
     try:
         status = client.status()
     except ClientError as exc:
@@ -364,10 +360,9 @@ def run_checks(client: AdminClient, *, gossip_port: int | None = None) -> list[C
         checks.append(check_gossip_port(gossip, None, configured=False))
         return checks
     checks.append(check_daemon(status, None))
-    gossip_info = status.get("gossip") if isinstance(status.get("gossip"), dict) else None
-    port = gossip_port or (gossip_info or {}).get("port") or DEFAULT_GOSSIP_PORT
-    daemon_pid = status.get("pid") if isinstance(status.get("pid"), int) else None
-    checks.append(check_gossip_port(int(port), daemon_pid, configured=gossip_info is not None))
+    gossiping = status.gossip
+    port = gossip_port or (gossiping.port if gossiping is not None else DEFAULT_GOSSIP_PORT)
+    checks.append(check_gossip_port(port, status.pid, configured=gossiping is not None))
     try:
         checks.append(check_mtu(status, client.network_list()))
     except ClientError as exc:

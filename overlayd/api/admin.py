@@ -17,6 +17,8 @@ Routes (all JSON; lists are JSON arrays, records JSON objects):
     GET    /v1/endpoints[?network=N]         list endpoints
     POST   /v1/endpoints                     create {network, name, netns, ip?, ifname?} -> 201
     DELETE /v1/endpoints/{network}/{name}    remove -> 204
+    GET    /v1/endpoints/{network}/{name}/check  what this host's endpoint's namespace holds
+                                             now: interface, MAC, state, addresses (CNI CHECK)
     GET    /v1/diff                          pending reconciler changes, one string each
     GET    /v1/store/probe                   time one read of the store: {url, ok, latency_ms, error}
     POST   /v1/teardown                      {node} (must name this node): remove this host's
@@ -230,6 +232,13 @@ class _AdminHandlers:
         )
         return web.Response(status=204)
 
+    async def endpoint_check(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            await self._service.endpoint_check(
+                network=request.match_info["network"], name=request.match_info["name"]
+            )
+        )
+
     async def diff(self, request: web.Request) -> web.Response:
         return web.json_response(await self._service.diff())
 
@@ -259,6 +268,7 @@ def make_admin_app(service: AdminService) -> web.Application:
     app.router.add_get("/v1/endpoints", h.endpoint_list)
     app.router.add_post("/v1/endpoints", h.endpoint_add)
     app.router.add_delete("/v1/endpoints/{network}/{name}", h.endpoint_remove)
+    app.router.add_get("/v1/endpoints/{network}/{name}/check", h.endpoint_check)
     app.router.add_get("/v1/diff", h.diff)
     app.router.add_get("/v1/store/probe", h.store_probe)
     app.router.add_post("/v1/teardown", h.teardown)

@@ -1,9 +1,11 @@
 """A small synchronous client of the admin socket, for overlayctl and the CNI plugin.
 
-Standard library only, and nothing of the daemon: a CNI plugin is exec'd for
-every container, so importing it must be cheap, and the admin API's JSON is
-the whole contract between the two sides. Every failure surfaces as one
-`ClientError` whose message is a single line fit to show an operator.
+Standard library and the API's schema only, nothing of the daemon: a CNI
+plugin is exec'd for every container, so importing it must be cheap, and the
+admin API's JSON, described by `api.schema`, is the whole contract between
+the two sides. Each method returns the answer as its schema record. Every
+failure, an answer of the wrong shape included, surfaces as one `ClientError`
+whose message is a single line fit to show an operator.
 """
 
 from __future__ import annotations
@@ -11,14 +13,18 @@ from __future__ import annotations
 import http.client
 import json
 import socket
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 from urllib.parse import quote, urlencode
+
+from overlayd.api import schema
 
 DEFAULT_SOCKET = "/run/overlayd/overlayd.sock"
 # Creating an endpoint waits on the KV store and the kernel; still, never hang forever.
 DEFAULT_TIMEOUT = 60.0
 
 Record = dict[str, Any]
+T = TypeVar("T")
 
 
 class ClientError(Exception):
@@ -104,11 +110,11 @@ class AdminClient:
 
     # --- the API ----------------------------------------------------------
 
-    def status(self) -> Record:
-        return _record(self.request("GET", "/v1/status"))
+    def status(self) -> schema.Status:
+        return _answer(schema.Status.from_json, self.request("GET", "/v1/status"))
 
-    def peers(self) -> list[Record]:
-        return _records(self.request("GET", "/v1/peers"))
+    def peers(self) -> tuple[schema.Peer, ...]:
+        return _answer(schema.Peer.list_from_json, self.request("GET", "/v1/peers"))
 
     def network_create(
         self,
@@ -118,15 +124,16 @@ class AdminClient:
         vni: int | None = None,
         gateway: str | None = None,
         mtu: int | None = None,
-    ) -> Record:
+    ) -> schema.NetworkInfo:
         body = _without_none(name=name, subnet=subnet, vni=vni, gateway=gateway, mtu=mtu)
-        return _record(self.request("POST", "/v1/networks", body))
+        return _answer(schema.NetworkInfo.from_json, self.request("POST", "/v1/networks", body))
 
-    def network_list(self) -> list[Record]:
-        return _records(self.request("GET", "/v1/networks"))
+    def network_list(self) -> tuple[schema.NetworkListItem, ...]:
+        return _answer(schema.NetworkListItem.list_from_json, self.request("GET", "/v1/networks"))
 
-    def network_inspect(self, name: str) -> Record:
-        return _record(self.request("GET", f"/v1/networks/{_segment(name)}"))
+    def network_inspect(self, name: str) -> schema.NetworkInspect:
+        answer = self.request("GET", f"/v1/networks/{_segment(name)}")
+        return _answer(schema.NetworkInspect.from_json, answer)
 
     def network_remove(self, name: str) -> None:
         self.request("DELETE", f"/v1/networks/{_segment(name)}")
@@ -139,42 +146,41 @@ class AdminClient:
         netns: str,
         ip: str | None = None,
         ifname: str | None = None,
-    ) -> Record:
+    ) -> schema.EndpointInfo:
         body = _without_none(network=network, name=name, netns=netns, ip=ip, ifname=ifname)
-        return _record(self.request("POST", "/v1/endpoints", body))
+        return _answer(schema.EndpointInfo.from_json, self.request("POST", "/v1/endpoints", body))
 
-    def endpoint_list(self, network: str | None = None) -> list[Record]:
+    def endpoint_list(self, network: str | None = None) -> tuple[schema.EndpointInfo, ...]:
         query = f"?{urlencode({'network': network})}" if network else ""
-        return _records(self.request("GET", f"/v1/endpoints{query}"))
+        return _answer(schema.EndpointInfo.list_from_json, self.request("GET", f"/v1/endpoints{query}"))
 
     def endpoint_remove(self, *, network: str, name: str) -> None:
         self.request("DELETE", f"/v1/endpoints/{_segment(network)}/{_segment(name)}")
 
-    def diff(self) -> list[str]:
-        data = self.request("GET", "/v1/diff")
-        if not isinstance(data, list) or not all(isinstance(line, str) for line in data):
-            raise ClientError("unexpected answer from overlayd: expected a list of strings")
-        return data
+    def endpoint_check(self, *, network: str, name: str) -> schema.EndpointCheck:
+        """What the daemon finds in a local endpoint's namespace now (the CNI plugin's CHECK)."""
+        path = f"/v1/endpoints/{_segment(network)}/{_segment(name)}/check"
+        return _answer(schema.EndpointCheck.from_json, self.request("GET", path))
 
-    def store_probe(self) -> Record:
-        return _record(self.request("GET", "/v1/store/probe"))
+    def diff(self) -> schema.Diff:
+        return _answer(schema.Diff.from_json, self.request("GET", "/v1/diff"))
 
-    def teardown(self, node: str) -> Record:
+    def store_probe(self) -> schema.StoreProbe:
+        return _answer(schema.StoreProbe.from_json, self.request("GET", "/v1/store/probe"))
+
+    def teardown(self, node: str) -> schema.TeardownResult:
         """Tear this host's overlay down; `node` must be the daemon's node name (the confirmation)."""
-        return _record(self.request("POST", "/v1/teardown", {"node": node}))
+        answer = self.request("POST", "/v1/teardown", {"node": node})
+        return _answer(schema.TeardownResult.from_json, answer)
 
 
 def _without_none(**fields: Any) -> Record:
     return {key: value for key, value in fields.items() if value is not None}
 
 
-def _record(data: Any) -> Record:
-    if not isinstance(data, dict):
-        raise ClientError("unexpected answer from overlayd: expected a JSON object")
-    return data
-
-
-def _records(data: Any) -> list[Record]:
-    if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
-        raise ClientError("unexpected answer from overlayd: expected a list of objects")
-    return data
+def _answer(parse: Callable[[object], T], data: Any) -> T:
+    """The daemon's answer read through its schema; a mismatch is one ClientError line."""
+    try:
+        return parse(data)
+    except schema.SchemaError as exc:
+        raise ClientError(f"unexpected answer from overlayd: {exc}") from None

@@ -90,6 +90,9 @@ class AdminService(Protocol):
     async def endpoint_remove(self, *, network: str, name: str) -> None:
         """Delete a local endpoint (veth and record, releasing its IP)."""
 
+    async def endpoint_check(self, *, network: str, name: str) -> JSON:
+        """What a local endpoint's namespace holds now (`schema.EndpointCheck`); NotFound if not local."""
+
     # --- reconciler ---
     async def diff(self) -> list[str]:
         """What the reconciler would change right now, one line per command."""

@@ -1,55 +1,7 @@
-"""Netlink sockets inside another network namespace, without forking.
-
-pyroute2 enters a namespace by forking a helper process that hands the socket
-back. In the daemon that fork happens in a process that also runs gRPC's
-threads (the etcd client), and the child dies with SIGSEGV in gRPC's fork
-handlers. A socket belongs to the namespace of the thread that creates it,
-and setns(2) switches only the calling thread, so we create the socket in a
-short-lived thread that enters the namespace and then exits.
-"""
+"""Kept for the dataplane modules that import from here; the helpers live in `overlayd.nsutil`."""
 
 from __future__ import annotations
 
-import ctypes
-import os
-import socket
-import threading
+from overlayd.nsutil import netns_path, socket_in_netns
 
-_CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def netns_path(netns: str) -> str:
-    """A namespace name means /run/netns/<name>; anything with a slash is a path."""
-    return netns if "/" in netns else os.path.join("/run/netns", netns)
-
-
-def socket_in_netns(netns: str, family: int, kind: int, proto: int = 0) -> socket.socket:
-    """A new socket that lives in namespace `netns` (name or path). Raises OSError."""
-    result: list[socket.socket | OSError] = []
-
-    def enter_and_create() -> None:
-        try:
-            fd = os.open(netns_path(netns), os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            result.append(exc)
-            return
-        try:
-            if _libc.setns(fd, _CLONE_NEWNET) != 0:
-                err = ctypes.get_errno()
-                result.append(OSError(err, f"setns({netns}): {os.strerror(err)}"))
-                return
-            result.append(socket.socket(family, kind, proto))
-        except OSError as exc:
-            result.append(exc)
-        finally:
-            os.close(fd)
-        # The thread ends here, and its namespace switch with it.
-
-    thread = threading.Thread(target=enter_and_create, name=f"netns-{netns}", daemon=True)
-    thread.start()
-    thread.join()
-    outcome = result[0]
-    if isinstance(outcome, OSError):
-        raise outcome
-    return outcome
+__all__ = ["netns_path", "socket_in_netns"]

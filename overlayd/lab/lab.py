@@ -41,6 +41,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol, TypeVar
 
+from overlayd.api import schema
 from overlayd.api.client import AdminClient, ClientError
 from overlayd.lab import netns
 from overlayd.lab.consul import ConsulError, ConsulServer, find_consul
@@ -640,7 +641,7 @@ class Lab:
     def is_ready(self, host: str | Host) -> bool:
         """True if the host's overlayd answers /v1/status with "ready": true."""
         try:
-            return self.admin(host, timeout=2.0).status().get("ready") is True
+            return self.admin(host, timeout=2.0).status().ready
         except ClientError:
             return False
 
@@ -689,12 +690,12 @@ class Lab:
         vni: int | None = None,
         gateway: str | None = None,
         mtu: int | None = None,
-    ) -> dict[str, Any]:
+    ) -> schema.NetworkInfo:
         """Create a network through the admin API of `via` (the first host by default)."""
         client = self.admin(via if via is not None else self.hosts[0])
         record = client.network_create(name=name, subnet=subnet, vni=vni, gateway=gateway, mtu=mtu)
         with self._lock:
-            self.networks.append(record)
+            self.networks.append(record.to_json())
             self._save()
         return record
 
@@ -716,7 +717,7 @@ class Lab:
         ns = f"{self.prefix}-{name}"
         self._add_netns(ns)
 
-        def create() -> dict[str, Any] | None:
+        def create() -> schema.EndpointInfo | None:
             try:
                 return self.admin(h).endpoint_add(network=network, name=name, netns=ns, ip=ip)
             except ClientError as exc:
@@ -725,7 +726,7 @@ class Lab:
                 raise
 
         record = wait_for(create, timeout, f"endpoint {name} on {h.name} (network {network})")
-        ep = Endpoint(h.name, network, name, ns, str(record["ip"]), str(record["mac"]))
+        ep = Endpoint(h.name, network, name, ns, str(record.ip), record.mac)
         with self._lock:
             self.endpoints.append(ep)
             self._save()
@@ -1006,15 +1007,11 @@ def lab_status(prefix: str, json_out: bool) -> int:
     if json_out:
         print(json.dumps(report, indent=2))
         return 0
-    store = report["store"]
     print(
         f"lab {lab.prefix}: {len(lab.hosts)} host(s), underlay {UNDERLAY_SUBNET} "
         f"in {lab.underlay_ns}, dir {lab.dir}"
     )
-    print(
-        f"store: {store['kind']} {store['url']} in {store['netns']}, pid {store['pid']}, "
-        f"{'alive' if store['alive'] else 'NOT RUNNING'}"
-    )
+    print(_store_line(lab))
     print()
     vteps = {h.name: h.address for h in lab.hosts}
     print(
@@ -1042,6 +1039,14 @@ def lab_status(prefix: str, json_out: bool) -> int:
             )
         )
     return 0
+
+
+def _store_line(lab: Lab) -> str:
+    """What holds the lab's cluster view: a KV server in its own namespace, or gossip alone."""
+    if lab.kv is None:
+        return f"store: gossip only (no KV server; the daemons gossip on UDP {GOSSIP_PORT})"
+    state = "alive" if lab.kv.running() else "NOT RUNNING"
+    return f"store: {lab.store} {lab.kv.url} in {lab.kv_ns}, pid {lab.kv.pid}, {state}"
 
 
 def lab_down(prefix: str) -> int:

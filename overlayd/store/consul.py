@@ -45,13 +45,11 @@ import asyncio
 import base64
 import json
 import logging
-import random
 import re
 import ssl
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -70,16 +68,25 @@ from overlayd.store.base import (
     StoreError,
     StoreUnavailable,
 )
-from overlayd.store.keys import InvalidRecord, KeyLayout, encode, fact_for_delete, fact_for_put
+from overlayd.store.common import (
+    REQUEST_TIMEOUT,
+    Backoff,
+    Health,
+    RecordDecoder,
+    SessionFile,
+    first_line,
+    renew_interval,
+    republish,
+    retry_while_unavailable,
+)
+from overlayd.store.keys import KeyLayout, encode, fact_for_delete
 
 log = logging.getLogger(__name__)
 
-_REQUEST_TIMEOUT = 5.0
 # Seconds a blocking query may hang (Consul adds up to wait/16 of jitter). It
 # also bounds how long a watch can miss a server that restarted empty between
 # two queries: such a server holds a query for an index it never reached.
 _WATCH_WAIT = 5
-_RETRY_MIN, _RETRY_MAX = 0.2, 5.0
 _MIN_TTL = 10  # Consul refuses shorter session TTLs
 _MAX_VALUE = 512 * 1024
 _MAX_TXN_OPS = 64
@@ -127,13 +134,12 @@ class ConsulStore(Store):
     ) -> None:
         self._config = config
         self._layout = KeyLayout(config.prefix)
-        self._session_file = Path(state_dir) / "consul-session"
-        self._metrics = metrics
-        self._on_invalid = on_invalid
+        self._session_file = SessionFile(state_dir, "consul-session")
+        self._health = Health("consul", metrics=metrics, log=log)
+        self._decoder = RecordDecoder(self._layout, metrics=metrics, on_invalid=on_invalid, log=log)
         self._ttl = max(config.lease_ttl, _MIN_TTL)
         self._http: aiohttp.ClientSession | None = None
         self._base = ""
-        self._healthy = False
         self._session_id: str | None = None
         self._session_lock = asyncio.Lock()
         # Set when a write finds the session gone: keep_session renews at once.
@@ -148,18 +154,7 @@ class ConsulStore(Store):
 
     @property
     def healthy(self) -> bool:
-        return self._healthy
-
-    def _set_health(self, up: bool) -> None:
-        if up != self._healthy:
-            log.info("consul %s", "reachable" if up else "unreachable")
-        self._healthy = up
-        if self._metrics:
-            self._metrics.store_up.set(1 if up else 0)
-
-    def _count_error(self, operation: str) -> None:
-        if self._metrics:
-            self._metrics.store_errors.labels(operation=operation).inc()
+        return self._health.up
 
     def _ckey(self, key: str) -> str:
         """Our key (starts with '/') as Consul stores it."""
@@ -176,7 +171,7 @@ class ConsulStore(Store):
         *,
         params: dict[str, str] | None = None,
         body: Any = None,
-        timeout: float = _REQUEST_TIMEOUT,
+        timeout: float = REQUEST_TIMEOUT,
         expect: tuple[int, ...] = (200,),
     ) -> _Response:
         """One HTTP exchange; statuses outside `expect` become StoreError/StoreUnavailable."""
@@ -196,19 +191,19 @@ class ConsulStore(Store):
                 is_json = response.content_type == "application/json"
         except aiohttp.ClientSSLError as exc:
             # A wrong CA or certificate does not heal by retrying: say so at once.
-            self._set_health(False)
-            self._count_error(operation)
+            self._health.set(False)
+            self._health.count_error(operation)
             raise StoreError(
-                f"consul at {self._config.url}: TLS failed: {_first_line(exc)} (check store.tls_ca)"
+                f"consul at {self._config.url}: TLS failed: {first_line(exc)} (check store.tls_ca)"
             ) from None
         except _UNREACHABLE as exc:
-            self._set_health(False)
-            self._count_error(operation)
+            self._health.set(False)
+            self._health.count_error(operation)
             raise StoreUnavailable(
-                f"consul at {self._config.url} is unreachable: {_first_line(exc)}"
+                f"consul at {self._config.url} is unreachable: {first_line(exc)}"
             ) from None
         if status in expect:
-            self._set_health(True)
+            self._health.set(True)
             parsed: Any = None
             # Errors Consul expects callers to handle (404, 409, 500) may be plain text.
             if raw and is_json:
@@ -217,15 +212,15 @@ class ConsulStore(Store):
                 except ValueError:
                     raise StoreError(f"consul {operation}: invalid JSON in the answer") from None
             return _Response(status, parsed, index)
-        self._count_error(operation)
-        text = _first_line(raw.decode(errors="replace")) or f"HTTP {status}"
+        self._health.count_error(operation)
+        text = first_line(raw.decode(errors="replace")) or f"HTTP {status}"
         if status == 403:
-            self._set_health(True)
+            self._health.set(True)
             raise StoreError(f"consul {operation} denied: {text} (check store.token)")
         if status >= 500 and ("leader" in text or "rpc error" in text or status != 500):
-            self._set_health(False)
+            self._health.set(False)
             raise StoreUnavailable(f"consul at {self._config.url} cannot serve {operation}: {text}")
-        self._set_health(True)
+        self._health.set(True)
         raise StoreError(f"consul {operation} failed: {text}")
 
     async def connect(self) -> None:
@@ -257,10 +252,10 @@ class ConsulStore(Store):
             except StoreError:
                 await http.close()
                 self._http = None
-                self._set_health(False)
+                self._health.set(False)
                 raise
             return
-        self._set_health(False)
+        self._health.set(False)
         raise StoreUnavailable(f"cannot reach consul ({'; '.join(errors)})")
 
     async def close(self) -> None:
@@ -304,7 +299,7 @@ class ConsulStore(Store):
             "GET",
             self._kv_path(self._config.prefix),
             params={"keys": "", "separator": "/", "index": str(index), "wait": f"{_WATCH_WAIT}s"},
-            timeout=_REQUEST_TIMEOUT + _WATCH_WAIT * (1 + 1 / 16),
+            timeout=REQUEST_TIMEOUT + _WATCH_WAIT * (1 + 1 / 16),
             expect=(200, 404),
         )
         return response.index
@@ -406,7 +401,7 @@ class ConsulStore(Store):
         raise StoreError(f"node record {self._node.name} kept changing while being published")
 
     async def keep_session(self) -> None:
-        interval = self._ttl / 3
+        interval = renew_interval(self._ttl)
         while True:
             try:
                 await asyncio.wait_for(self._session_suspect.wait(), interval)
@@ -417,10 +412,9 @@ class ConsulStore(Store):
                 await self._renew_or_replace()
             except StoreError as exc:
                 log.warning("consul session keepalive failed: %s", exc)
-                # Retry sooner than the regular interval: the session is ticking.
-                interval = self._ttl / 6
+                interval = renew_interval(self._ttl, failing=True)
             else:
-                interval = self._ttl / 3
+                interval = renew_interval(self._ttl)
 
     async def _renew_or_replace(self) -> None:
         async with self._session_lock:
@@ -431,11 +425,7 @@ class ConsulStore(Store):
             log.warning("consul session %s is gone: creating a new one and re-publishing", self._session_id)
             await self._new_session(self._node.name)
             await self._publish_node()
-            for endpoint in list(self._owned.values()):
-                try:
-                    await self.publish_endpoint(endpoint)
-                except AlreadyExists as exc:
-                    log.error("cannot re-publish endpoint %s: %s", endpoint.key, exc)
+            await republish(self._owned.values(), self.publish_endpoint, log=log)
 
     async def release_session(self) -> None:
         if self._session_id is not None:
@@ -444,21 +434,15 @@ class ConsulStore(Store):
             self._session_id = None
             self._owned.clear()
             self._node = None
-        self._session_file.unlink(missing_ok=True)
+        self._session_file.remove()
 
     def _load_session_id(self) -> str | None:
-        try:
-            text = self._session_file.read_text().strip()
-        except FileNotFoundError:
-            return None
+        text = self._session_file.load()
         # Consul answers a malformed ID with 500, not 404: do not even ask.
-        return text if _UUID.fullmatch(text) else None
+        return text if text is not None and _UUID.fullmatch(text) else None
 
     def _save_session_id(self, session_id: str) -> None:
-        self._session_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self._session_file.with_suffix(".tmp")
-        tmp.write_text(f"{session_id}\n")
-        tmp.replace(self._session_file)
+        self._session_file.save(session_id)
 
     def _require_session(self) -> str:
         if self._session_id is None:
@@ -592,27 +576,10 @@ class ConsulStore(Store):
     def _facts(self, entries: list[_Entry]) -> list[Fact]:
         facts = []
         for entry in sorted(entries, key=lambda e: e.modify_index):
-            fact = self._decode_put(self._okey(entry.key), entry.value)
+            fact = self._decoder.put(self._okey(entry.key), entry.value)
             if fact is not None:
                 facts.append(fact)
         return facts
-
-    def _decode_put(self, key: str, value: bytes) -> Fact | None:
-        try:
-            return fact_for_put(self._layout, key, value)
-        except InvalidRecord as exc:
-            # Someone else wrote under our prefix: report and skip, never crash the watch.
-            log.warning("skipping invalid record %s", exc)
-            if self._metrics:
-                self._metrics.invalid_records.inc()
-            if self._on_invalid:
-                self._on_invalid(str(exc))
-            return None
-
-    def _count_event(self, fact: Fact, action: str) -> None:
-        if self._metrics:
-            kind = type(fact).__name__.removesuffix("Put").removesuffix("Deleted").lower()
-            self._metrics.store_watch_events.labels(kind=kind, action=action).inc()
 
     def _diff(self, known: dict[str, int], entries: list[_Entry]) -> list[Fact]:
         """What changed from `known` to `entries`: deletions, then puts in write order.
@@ -625,13 +592,13 @@ class ConsulStore(Store):
         for key in sorted(known.keys() - current):
             fact = fact_for_delete(self._layout, self._okey(key))
             if fact is not None:
-                self._count_event(fact, "delete")
+                self._health.count_event(fact, "delete")
                 facts.append(fact)
         changed = [e for e in entries if known.get(e.key) != e.modify_index]
         for entry in sorted(changed, key=lambda e: e.modify_index):
-            fact = self._decode_put(self._okey(entry.key), entry.value)
+            fact = self._decoder.put(self._okey(entry.key), entry.value)
             if fact is not None:
-                self._count_event(fact, "put")
+                self._health.count_event(fact, "put")
                 facts.append(fact)
         return facts
 
@@ -644,12 +611,12 @@ class ConsulStore(Store):
         else:
             # Not from one of our snapshots: nothing to diff against unless the
             # prefix is still exactly at that index.
-            entries, now = await self._retry_list()
+            entries, now = await retry_while_unavailable(self._list)
             known = {e.key: e.modify_index for e in entries}
             if now != after_revision:
                 index = now
                 yield Snapshot(self._facts(entries), now)
-        delay = _RETRY_MIN
+        backoff = Backoff()
         # After a disconnect, list without blocking first: a restarted server's
         # index may be below ours, and it would hold a blocking query all `wait`.
         block = True
@@ -661,10 +628,10 @@ class ConsulStore(Store):
             except StoreUnavailable as exc:
                 log.warning("consul watch interrupted (%s); resuming after index %d", _strip_url(exc), index)
                 block = False
-                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-                delay = min(delay * 2, _RETRY_MAX)
+                await backoff.wait()
                 continue
-            delay, block = _RETRY_MIN, True
+            backoff.reset()
+            block = True
             if now == 0 or now < index:
                 log.warning("consul index went from %d to %d: the server lost its state", index, now)
                 known = {e.key: e.modify_index for e in entries}
@@ -679,15 +646,6 @@ class ConsulStore(Store):
             if facts:
                 yield Changes(facts, now)
 
-    async def _retry_list(self) -> tuple[list[_Entry], int]:
-        delay = _RETRY_MIN
-        while True:
-            try:
-                return await self._list()
-            except StoreUnavailable:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, _RETRY_MAX)
-
 
 def _ssl_context(config: StoreConfig) -> ssl.SSLContext | None:
     """HTTPS for `consuls://` or when a CA is configured; None for plain HTTP."""
@@ -697,13 +655,13 @@ def _ssl_context(config: StoreConfig) -> ssl.SSLContext | None:
         # No tls_ca: the system's trusted CAs.
         context = ssl.create_default_context(cafile=config.tls_ca)
     except (OSError, ssl.SSLError) as exc:
-        raise StoreError(f"store.tls_ca: cannot load {config.tls_ca}: {_first_line(exc)}") from None
+        raise StoreError(f"store.tls_ca: cannot load {config.tls_ca}: {first_line(exc)}") from None
     if config.tls_cert:
         try:
             context.load_cert_chain(config.tls_cert, config.tls_key)
         except (OSError, ssl.SSLError) as exc:
             raise StoreError(
-                f"store.tls_cert: cannot load {config.tls_cert} with its key: {_first_line(exc)}"
+                f"store.tls_cert: cannot load {config.tls_cert} with its key: {first_line(exc)}"
             ) from None
     return context
 
@@ -723,11 +681,6 @@ def _int(text: str | None) -> int:
         return int(text) if text is not None else 0
     except ValueError:
         return 0
-
-
-def _first_line(exc: BaseException | str) -> str:
-    text = str(exc).strip() or (type(exc).__name__ if isinstance(exc, BaseException) else "")
-    return text.splitlines()[0] if text else ""
 
 
 def _strip_url(exc: BaseException) -> str:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -44,12 +43,20 @@ from overlayd.store.base import (
     StoreError,
     StoreUnavailable,
 )
-from overlayd.store.keys import InvalidRecord, KeyLayout, encode, fact_for_delete, fact_for_put
+from overlayd.store.common import (
+    REQUEST_TIMEOUT,
+    Backoff,
+    Health,
+    RecordDecoder,
+    SessionFile,
+    first_line,
+    renew_interval,
+    republish,
+    retry_while_unavailable,
+)
+from overlayd.store.keys import KeyLayout, encode, fact_for_delete
 
 log = logging.getLogger(__name__)
-
-_REQUEST_TIMEOUT = 5
-_RETRY_MIN, _RETRY_MAX = 0.2, 5.0
 
 # Errors that mean "the server is not reachable right now" rather than "no".
 _UNREACHABLE = (
@@ -72,12 +79,11 @@ class EtcdStore(Store):
     ) -> None:
         self._config = config
         self._layout = KeyLayout(config.prefix)
-        self._lease_file = Path(state_dir) / "etcd-lease"
-        self._metrics = metrics
-        self._on_invalid = on_invalid
+        self._lease_file = SessionFile(state_dir, "etcd-lease")
+        self._health = Health("etcd", metrics=metrics, log=log)
+        self._decoder = RecordDecoder(self._layout, metrics=metrics, on_invalid=on_invalid, log=log)
         self._client: aetcd.Client | None = None
         self._lease_id: int | None = None
-        self._healthy = False
         # Everything this node owns, as last published: re-put on a new lease.
         self._node: Node | None = None
         self._owned: dict[str, Endpoint] = {}
@@ -87,14 +93,7 @@ class EtcdStore(Store):
 
     @property
     def healthy(self) -> bool:
-        return self._healthy
-
-    def _set_health(self, up: bool) -> None:
-        if up != self._healthy:
-            log.info("etcd %s", "reachable" if up else "unreachable")
-        self._healthy = up
-        if self._metrics:
-            self._metrics.store_up.set(1 if up else 0)
+        return self._health.up
 
     @property
     def client(self) -> aetcd.Client:
@@ -114,15 +113,13 @@ class EtcdStore(Store):
                 await self._reconnect()
                 result = await fn()
         except _UNREACHABLE as exc:
-            self._set_health(False)
-            if self._metrics:
-                self._metrics.store_errors.labels(operation=operation).inc()
-            raise StoreUnavailable(f"etcd at {self._config.url} is unreachable: {_first_line(exc)}") from None
+            self._health.set(False)
+            self._health.count_error(operation)
+            raise StoreUnavailable(f"etcd at {self._config.url} is unreachable: {first_line(exc)}") from None
         except aetcd.ClientError as exc:
-            if self._metrics:
-                self._metrics.store_errors.labels(operation=operation).inc()
-            raise StoreError(f"etcd {operation} failed: {_first_line(exc)}") from None
-        self._set_health(True)
+            self._health.count_error(operation)
+            raise StoreError(f"etcd {operation} failed: {first_line(exc)}") from None
+        self._health.set(True)
         return result
 
     async def connect(self) -> None:
@@ -134,7 +131,7 @@ class EtcdStore(Store):
                 "port": endpoint.port,
                 "username": self._config.username,
                 "password": self._config.password,
-                "timeout": _REQUEST_TIMEOUT,
+                "timeout": REQUEST_TIMEOUT,
             }
             client = aetcd.Client(**kwargs) if credentials is None else _TlsClient(credentials, **kwargs)
             where = f"{endpoint.host}:{endpoint.port}"
@@ -145,11 +142,11 @@ class EtcdStore(Store):
                 await _close_quietly(client)
                 raise StoreError(
                     f"etcd at {where} refused the credentials of user {self._config.username!r}: "
-                    f"{_first_line(exc)} (check store.username and store.password)"
+                    f"{first_line(exc)} (check store.username and store.password)"
                 ) from None
             except (TimeoutError, aetcd.ClientError, OSError) as exc:
                 await _close_quietly(client)
-                text = _first_line(exc)
+                text = first_line(exc)
                 if credentials is not None and _looks_like_tls(text):
                     raise StoreError(
                         f"TLS with etcd at {where} failed: {text} (check store.tls_ca, tls_cert, tls_key)"
@@ -161,9 +158,9 @@ class EtcdStore(Store):
                 errors.append(f"{where}: {text}")
                 continue
             self._client = client
-            self._set_health(True)
+            self._health.set(True)
             return
-        self._set_health(False)
+        self._health.set(False)
         raise StoreUnavailable(f"cannot reach etcd ({'; '.join(errors)})")
 
     async def close(self) -> None:
@@ -206,17 +203,16 @@ class EtcdStore(Store):
         log.info("granted etcd lease %x (ttl %ss)", self._lease_id, self._config.lease_ttl)
 
     async def keep_session(self) -> None:
-        interval = max(self._config.lease_ttl / 3, 0.5)
+        interval = renew_interval(self._config.lease_ttl)
         while True:
             await asyncio.sleep(interval)
             try:
                 await self._refresh_or_renew()
             except StoreError as exc:
                 log.warning("lease keepalive failed: %s", exc)
-                # Retry sooner than the regular interval: the lease is ticking.
-                interval = max(self._config.lease_ttl / 6, 0.3)
+                interval = renew_interval(self._config.lease_ttl, failing=True)
             else:
-                interval = max(self._config.lease_ttl / 3, 0.5)
+                interval = renew_interval(self._config.lease_ttl)
 
     async def _refresh_or_renew(self) -> None:
         async with self._lease_lock:
@@ -225,11 +221,7 @@ class EtcdStore(Store):
             log.warning("etcd lease %x expired: taking a new one and re-publishing", self._lease_id or 0)
             await self._new_lease()
             await self._put_node()
-            for endpoint in list(self._owned.values()):
-                try:
-                    await self.publish_endpoint(endpoint)
-                except AlreadyExists as exc:
-                    log.error("cannot re-publish endpoint %s: %s", endpoint.key, exc)
+            await republish(self._owned.values(), self.publish_endpoint, log=log)
 
     async def release_session(self) -> None:
         if self._lease_id is not None:
@@ -238,19 +230,17 @@ class EtcdStore(Store):
             self._lease_id = None
             self._owned.clear()
             self._node = None
-        self._lease_file.unlink(missing_ok=True)
+        self._lease_file.remove()
 
     def _load_lease_id(self) -> int | None:
+        text = self._lease_file.load()
         try:
-            return int(self._lease_file.read_text().strip(), 16)
-        except (FileNotFoundError, ValueError):
+            return int(text, 16) if text is not None else None
+        except ValueError:
             return None
 
     def _save_lease_id(self, lease_id: int) -> None:
-        self._lease_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self._lease_file.with_suffix(".tmp")
-        tmp.write_text(f"{lease_id:x}\n")
-        tmp.replace(self._lease_file)
+        self._lease_file.save(f"{lease_id:x}")
 
     def _require_lease(self) -> int:
         if self._lease_id is None:
@@ -374,34 +364,22 @@ class EtcdStore(Store):
         result = await self._call("list", lambda: self.client.get_prefix(self._config.prefix.encode()))
         facts: list[Fact] = []
         for kv in result:
-            fact = self._decode_put(kv.key.decode(errors="replace"), kv.value)
+            fact = self._decoder.put(kv.key.decode(errors="replace"), kv.value)
             if fact is not None:
                 facts.append(fact)
         return Snapshot(facts=facts, revision=int(result.header.revision))
 
-    def _decode_put(self, key: str, value: bytes) -> Fact | None:
-        try:
-            return fact_for_put(self._layout, key, value)
-        except InvalidRecord as exc:
-            # Someone else wrote under our prefix: report and skip, never crash the watch.
-            log.warning("skipping invalid record %s", exc)
-            if self._metrics:
-                self._metrics.invalid_records.inc()
-            if self._on_invalid:
-                self._on_invalid(str(exc))
-            return None
-
     async def watch(self, after_revision: int) -> AsyncIterator[Changes | Snapshot]:
         revision = after_revision
-        delay = _RETRY_MIN
+        backoff = Backoff()
         while True:
             try:
                 stream = await self.client.watch_prefix(
                     self._config.prefix.encode(), start_revision=revision + 1
                 )
                 async for event in stream:
-                    delay = _RETRY_MIN
-                    self._set_health(True)
+                    backoff.reset()
+                    self._health.set(True)
                     revision = int(event.kv.mod_revision)
                     fact = self._event_fact(event)
                     if fact is not None:
@@ -410,7 +388,7 @@ class EtcdStore(Store):
                 raise aetcd.ConnectionFailedError("watch stream ended")
             except aetcd.RevisionCompactedError:
                 log.warning("etcd history compacted past revision %d: re-listing", revision)
-                snap = await self._retry_snapshot()
+                snap = await retry_while_unavailable(self.snapshot)
                 revision = snap.revision
                 yield snap
             except aetcd.exceptions.UnauthenticatedError:
@@ -419,36 +397,24 @@ class EtcdStore(Store):
                     await self._reconnect()
                 except StoreError as exc:
                     log.warning("etcd watch: %s", exc)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, _RETRY_MAX)
+                    await backoff.wait()
             except (*_UNREACHABLE, StoreUnavailable) as exc:
-                self._set_health(False)
+                self._health.set(False)
                 log.warning(
                     "etcd watch interrupted (%s); resuming after revision %d",
-                    _first_line(exc),
+                    first_line(exc),
                     revision,
                 )
-                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-                delay = min(delay * 2, _RETRY_MAX)
-
-    async def _retry_snapshot(self) -> Snapshot:
-        delay = _RETRY_MIN
-        while True:
-            try:
-                return await self.snapshot()
-            except StoreUnavailable:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, _RETRY_MAX)
+                await backoff.wait()
 
     def _event_fact(self, event: Any) -> Fact | None:
         key = event.kv.key.decode(errors="replace")
         if event.kind == aetcd.EventKind.DELETE:
             action, fact = "delete", fact_for_delete(self._layout, key)
         else:
-            action, fact = "put", self._decode_put(key, event.kv.value)
-        if fact is not None and self._metrics:
-            kind = type(fact).__name__.removesuffix("Put").removesuffix("Deleted").lower()
-            self._metrics.store_watch_events.labels(kind=kind, action=action).inc()
+            action, fact = "put", self._decoder.put(key, event.kv.value)
+        if fact is not None:
+            self._health.count_event(fact, action)
         return fact
 
 
@@ -523,11 +489,6 @@ def _txn_values(responses: list[Any], index: int) -> list[bytes]:
         return [value for value, _meta in responses[index]]
     except (IndexError, TypeError, ValueError):
         return []
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
 
 
 async def _close_quietly(client: aetcd.Client) -> None:

@@ -26,8 +26,7 @@ import time
 import zlib
 from ipaddress import IPv4Address, IPv4Network
 
-from overlayd.admission import Contested, NetworkClaimed, NetworkRemovedMark
-from overlayd.engine import Engine
+from overlayd.admission import Contested, FactSink, NetworkClaimed, NetworkRemovedMark
 from overlayd.ipam import AddressBook, BlockTable, SubnetFull, block_of, blocks_of
 from overlayd.model import Endpoint, Network
 from overlayd.peering import BlockClaim, Peering
@@ -47,7 +46,7 @@ class GossipClaims:
         *,
         node: str,
         peering: Peering,
-        engine: Engine,
+        engine: FactSink,
         blocks: BlockTable,
         addresses: AddressBook,
         settle: float = SETTLE_SECONDS,

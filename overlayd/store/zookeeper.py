@@ -40,12 +40,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import socket
 import ssl
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from kazoo.client import KazooClient, KazooState
@@ -80,14 +78,21 @@ from overlayd.store.base import (
     StoreError,
     StoreUnavailable,
 )
-from overlayd.store.keys import InvalidRecord, KeyLayout, encode, fact_for_delete, fact_for_put
+from overlayd.store.common import (
+    REQUEST_TIMEOUT,
+    Backoff,
+    Health,
+    RecordDecoder,
+    SessionFile,
+    first_line,
+    republish,
+)
+from overlayd.store.keys import KeyLayout, encode, fact_for_delete
 from overlayd.store.zktree import Change, Dirs, Gone, Mirror, Rec
 
 log = logging.getLogger(__name__)
 
-_REQUEST_TIMEOUT = 5.0
 _CONNECT_TIMEOUT = 5.0
-_RETRY_MIN, _RETRY_MAX = 0.2, 5.0
 # jute.maxbuffer is 1 MiB for a whole request; a larger one makes the server
 # drop the connection. Leave room for the path and the rest of a transaction.
 MAX_VALUE_BYTES = 1_000_000
@@ -123,13 +128,13 @@ class ZooKeeperStore(Store):
         self._layout = KeyLayout(config.chroot + config.prefix)
         self._base = (config.chroot + config.prefix).rstrip("/")
         self._dirs = Dirs(self._base)
-        self._session_file = Path(state_dir) / "zookeeper-session"
-        self._metrics = metrics
-        self._on_invalid = on_invalid
+        # Holds the session's password: readable by root only.
+        self._session_file = SessionFile(state_dir, "zookeeper-session", private=True)
+        self._health = Health("zookeeper", metrics=metrics, log=log)
+        self._decoder = RecordDecoder(self._layout, metrics=metrics, on_invalid=on_invalid, log=log)
         self._hosts = ",".join(f"{e.host}:{e.port}" for e in config.endpoints)
         self._client: KazooClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._healthy = False
         self._connected = asyncio.Event()
         # Set when the server gave us a new session: owned records must be re-published.
         self._session_replaced = asyncio.Event()
@@ -149,24 +154,13 @@ class ZooKeeperStore(Store):
 
     @property
     def healthy(self) -> bool:
-        return self._healthy
-
-    def _set_health(self, up: bool) -> None:
-        if up != self._healthy:
-            log.info("zookeeper %s", "reachable" if up else "unreachable")
-        self._healthy = up
-        if self._metrics:
-            self._metrics.store_up.set(1 if up else 0)
+        return self._health.up
 
     @property
     def client(self) -> KazooClient:
         if self._client is None:
             raise StoreUnavailable("zookeeper client is not connected")
         return self._client
-
-    def _count_error(self, operation: str) -> None:
-        if self._metrics:
-            self._metrics.store_errors.labels(operation=operation).inc()
 
     async def _call(
         self,
@@ -180,7 +174,7 @@ class ZooKeeperStore(Store):
         # timed out here could still land. Refuse at once instead; kazoo's own flag is
         # the fresher one (ours follows it through the event loop).
         if not self._connected.is_set() or not client.connected:
-            self._count_error(operation)
+            self._health.count_error(operation)
             raise StoreUnavailable(f"zookeeper at {self._hosts} is unreachable (reconnecting)")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
@@ -193,20 +187,20 @@ class ZooKeeperStore(Store):
 
         try:
             start(client).rawlink(done)
-            return await asyncio.wait_for(future, _REQUEST_TIMEOUT)
+            return await asyncio.wait_for(future, REQUEST_TIMEOUT)
         except expect:
             raise
         except _UNREACHABLE as exc:
-            self._count_error(operation)
-            raise StoreUnavailable(f"zookeeper at {self._hosts} is unreachable: {_describe(exc)}") from None
+            self._health.count_error(operation)
+            raise StoreUnavailable(f"zookeeper at {self._hosts} is unreachable: {first_line(exc)}") from None
         except NoAuthError:
-            self._count_error(operation)
+            self._health.count_error(operation)
             raise StoreError(
                 f"zookeeper {operation} refused: no permission (check store.username and store.password)"
             ) from None
         except KazooException as exc:
-            self._count_error(operation)
-            raise StoreError(f"zookeeper {operation} failed: {_describe(exc)}") from None
+            self._health.count_error(operation)
+            raise StoreError(f"zookeeper {operation} failed: {first_line(exc)}") from None
 
     async def _get(self, path: str, watch: Callable[[WatchedEvent], None] | None = None) -> Rec | None:
         try:
@@ -263,18 +257,18 @@ class ZooKeeperStore(Store):
         try:
             await asyncio.to_thread(client.start, _CONNECT_TIMEOUT)
         except (KazooTimeoutError, KazooException, OSError) as exc:
-            self._set_health(False)
+            self._health.set(False)
             if self._tls_context is not None:
                 # kazoo retries a failed handshake until it times out: ask once more to say why.
                 tls_failure = await asyncio.to_thread(self._tls_probe)
                 if tls_failure is not None:
                     raise StoreError(f"zookeeper at {self._hosts}: {tls_failure}") from None
-            raise StoreUnavailable(f"cannot reach zookeeper at {self._hosts} ({_describe(exc)})") from None
+            raise StoreUnavailable(f"cannot reach zookeeper at {self._hosts} ({first_line(exc)})") from None
         self._client = client
         session_id = _client_id(client)[0]
         self._session_id = session_id
         self._connected.set()
-        self._set_health(True)
+        self._health.set(True)
         if saved is not None and saved[0] == session_id:
             self._owns_session = True
             log.info("resumed zookeeper session %x", session_id)
@@ -307,7 +301,7 @@ class ZooKeeperStore(Store):
                 with self._tls_context.wrap_socket(sock, server_hostname=endpoint.host):
                     return None
         except ssl.SSLError as exc:
-            return f"TLS failed: {_describe(exc)}; check store.tls_ca, store.tls_cert and store.tls_key"
+            return f"TLS failed: {first_line(exc)}; check store.tls_ca, store.tls_cert and store.tls_key"
         except OSError:
             return None
 
@@ -346,10 +340,10 @@ class ZooKeeperStore(Store):
                 self._session_replaced.set()
             self._session_id = session_id
             self._connected.set()
-            self._set_health(True)
+            self._health.set(True)
         else:
             self._connected.clear()
-            self._set_health(False)
+            self._health.set(False)
             if state == KazooState.LOST and self._owns_session:
                 log.warning("zookeeper session %x expired", self._session_id or 0)
                 self._session_replaced.set()
@@ -380,7 +374,7 @@ class ZooKeeperStore(Store):
 
     async def keep_session(self) -> None:
         # kazoo pings by itself; this only answers a lost session.
-        delay = _RETRY_MIN
+        backoff = Backoff()
         while True:
             await self._session_replaced.wait()
             await self._connected.wait()
@@ -390,10 +384,9 @@ class ZooKeeperStore(Store):
             except StoreError as exc:
                 log.warning("re-publishing after a new zookeeper session failed: %s", exc)
                 self._session_replaced.set()
-                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-                delay = min(delay * 2, _RETRY_MAX)
+                await backoff.wait()
             else:
-                delay = _RETRY_MIN
+                backoff.reset()
 
     async def _republish(self) -> None:
         async with self._session_lock:
@@ -403,40 +396,33 @@ class ZooKeeperStore(Store):
             self._save_session(client_id)
             if self._node is not None:
                 await self._put_owned(self._layout.node(self._node.name), encode(self._node))
-            for endpoint in list(self._owned.values()):
-                try:
-                    await self.publish_endpoint(endpoint)
-                except AlreadyExists as exc:
-                    log.error("cannot re-publish endpoint %s: %s", endpoint.key, exc)
+            await republish(self._owned.values(), self.publish_endpoint, log=log)
 
     async def release_session(self) -> None:
         client = self.client
         self._owns_session = False
         self._owned.clear()
         self._node = None
-        self._session_file.unlink(missing_ok=True)
+        self._session_file.remove()
         # Ending the session deletes every ephemeral znode at once; then start a fresh one.
         self._connected.clear()
         try:
             await asyncio.to_thread(client.restart)
         except (KazooTimeoutError, KazooException, OSError) as exc:
-            raise StoreUnavailable(f"zookeeper at {self._hosts}: {_describe(exc)}") from None
+            raise StoreUnavailable(f"zookeeper at {self._hosts}: {first_line(exc)}") from None
         self._session_id = _client_id(client)[0]
         self._connected.set()
 
     def _load_session(self) -> tuple[int, bytes] | None:
+        text = self._session_file.load()
         try:
-            sid, passwd = self._session_file.read_text().split()
+            sid, passwd = (text or "").split()
             return int(sid, 16), bytes.fromhex(passwd)
-        except (FileNotFoundError, ValueError):
+        except ValueError:
             return None
 
     def _save_session(self, client_id: tuple[int, bytes]) -> None:
-        self._session_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self._session_file.with_suffix(".tmp")
-        tmp.touch(mode=0o600)
-        tmp.write_text(f"{client_id[0]:x} {client_id[1].hex()}\n")
-        tmp.replace(self._session_file)
+        self._session_file.save(f"{client_id[0]:x} {client_id[1].hex()}")
 
     def _require_session(self) -> int:
         if not self._owns_session or self._session_id is None:
@@ -641,16 +627,7 @@ class ZooKeeperStore(Store):
         return Snapshot(facts=facts, revision=tree.revision)
 
     def _decode(self, path: str, data: bytes) -> Fact | None:
-        try:
-            return fact_for_put(self._layout, path, data)
-        except InvalidRecord as exc:
-            # Someone else wrote under our prefix: report and skip, never crash the watch.
-            log.warning("skipping invalid record %s", _shorten(str(exc)))
-            if self._metrics:
-                self._metrics.invalid_records.inc()
-            if self._on_invalid:
-                self._on_invalid(str(exc))
-            return None
+        return self._decoder.put(path, data)
 
     async def watch(self, after_revision: int) -> AsyncIterator[Changes | Snapshot]:
         loop = asyncio.get_running_loop()
@@ -663,7 +640,7 @@ class ZooKeeperStore(Store):
         mirror = Mirror(baseline, after_revision)
         full = True
         first = baseline is None
-        delay = _RETRY_MIN
+        backoff = Backoff()
         while True:
             try:
                 if full:
@@ -679,7 +656,7 @@ class ZooKeeperStore(Store):
                         changes = mirror.replace(tree.records, tree.revision)
                         if batch := self._changes(mirror, changes, tree.revision):
                             yield batch
-                    delay = _RETRY_MIN
+                    backoff.reset()
                 dirty = [await events.get()]
                 while not events.empty():
                     dirty.append(events.get_nowait())
@@ -691,8 +668,7 @@ class ZooKeeperStore(Store):
             except StoreUnavailable as exc:
                 log.warning("zookeeper watch interrupted (%s); re-reading after reconnect", exc)
                 full = True
-                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-                delay = min(delay * 2, _RETRY_MAX)
+                await backoff.wait()
 
     def _snapshot_of(self, mirror: Mirror) -> Snapshot:
         facts = [f for path, rec in sorted(mirror.records.items()) if (f := self._decode(path, rec.data))]
@@ -708,9 +684,7 @@ class ZooKeeperStore(Store):
                 action, fact = "put", self._decode(change.path, change.rec.data)
             if fact is not None:
                 facts.append(fact)
-                if self._metrics:
-                    kind = type(fact).__name__.removesuffix("Put").removesuffix("Deleted").lower()
-                    self._metrics.store_watch_events.labels(kind=kind, action=action).inc()
+                self._health.count_event(fact, action)
         return Changes(facts, mirror.revision) if facts else None
 
     async def _refresh(
@@ -756,13 +730,13 @@ def _tls_context(config: StoreConfig) -> ssl.SSLContext | None:
     try:
         context = ssl.create_default_context(cafile=config.tls_ca)
     except (OSError, ssl.SSLError) as exc:
-        raise StoreError(f"store.tls_ca: cannot load {config.tls_ca}: {_describe(exc)}") from None
+        raise StoreError(f"store.tls_ca: cannot load {config.tls_ca}: {first_line(exc)}") from None
     if config.tls_cert is not None:
         try:
             context.load_cert_chain(config.tls_cert, config.tls_key)
         except (OSError, ssl.SSLError) as exc:
             raise StoreError(
-                f"store.tls_cert: cannot load {config.tls_cert} with its key: {_describe(exc)}"
+                f"store.tls_cert: cannot load {config.tls_cert} with its key: {first_line(exc)}"
             ) from None
     return context
 
@@ -788,17 +762,8 @@ def _ok(results: list[Any]) -> bool:
 def _first_failure(results: list[Any]) -> str:
     for r in results:
         if isinstance(r, Exception) and not isinstance(r, RolledBackError):
-            return _describe(r)
+            return first_line(r)
     return "transaction failed"
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
-
-
-def _shorten(text: str, limit: int = 300) -> str:
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _resolve(future: asyncio.Future[Any], value: Any, exc: BaseException | None) -> None:

@@ -31,6 +31,7 @@ from typing import Any
 
 import pytest
 
+from overlayd.api.schema import EndpointInfo
 from overlayd.cni import endpoint_name
 from overlayd.lab import Lab, netns
 from overlayd.lab.lab import LabError, wait_for
@@ -232,8 +233,8 @@ def podman_lab(make_lab: Callable[..., Lab]) -> Iterator[tuple[Lab, list[PodmanH
             pytest.fail("podman cleanup failed: " + "; ".join(errors))
 
 
-def endpoints(lab: Lab, host: str) -> dict[str, dict[str, Any]]:
-    return {ep["name"]: ep for ep in lab.admin(host).endpoint_list(NETWORK) if ep["owner"] == host}
+def endpoints(lab: Lab, host: str) -> dict[str, EndpointInfo]:
+    return {ep.name: ep for ep in lab.admin(host).endpoint_list(NETWORK) if ep.owner == host}
 
 
 def cni(host: PodmanHost, command: str, container_id: str, netns: str) -> subprocess.CompletedProcess[str]:
@@ -273,29 +274,32 @@ def test_podman_containers_on_two_hosts_ping_over_the_overlay(
     # Each daemon holds its container's endpoint, in the namespace podman made.
     ep1 = endpoints(lab, "h1")[endpoint_name(c1, "eth0")]
     ep2 = endpoints(lab, "h2")[endpoint_name(c2, "eth0")]
-    assert ep2["ip"] == STATIC_IP
+    assert str(ep2.ip) == STATIC_IP
     info1, info2 = h1.inspect("c1"), h2.inspect("c2")
-    assert ep1["netns"] == info1["NetworkSettings"]["SandboxKey"]
+    assert ep1.netns == info1["NetworkSettings"]["SandboxKey"]
     # Podman understood the plugin's result: address, prefix, gateway, MAC.
     net1 = info1["NetworkSettings"]["Networks"][NETWORK]
     net2 = info2["NetworkSettings"]["Networks"][NETWORK]
-    assert (net1["IPAddress"], net1["IPPrefixLen"], net1["Gateway"]) == (ep1["ip"], 24, GATEWAY)
-    assert (net2["IPAddress"], net2["MacAddress"]) == (STATIC_IP, ep2["mac"])
+    assert (net1["IPAddress"], net1["IPPrefixLen"], net1["Gateway"]) == (str(ep1.ip), 24, GATEWAY)
+    assert (net2["IPAddress"], net2["MacAddress"]) == (STATIC_IP, ep2.mac)
 
     # The ping: container on h1 -> container on h2 over VXLAN, and back.
     ping = ["ping", "-c", "1", "-W", "1"]
     lab.wait_for(lambda: h1.exec("c1", [*ping, STATIC_IP]), 20, f"c1 on h1 pinging c2 ({STATIC_IP})")
-    lab.wait_for(lambda: h2.exec("c2", [*ping, ep1["ip"]]), 20, f"c2 on h2 pinging c1 ({ep1['ip']})")
+    lab.wait_for(lambda: h2.exec("c2", [*ping, str(ep1.ip)]), 20, f"c2 on h2 pinging c1 ({ep1.ip})")
 
-    # CHECK, as a runtime would call it, passes for a live attachment.
+    # CHECK, as a runtime would call it, passes for a live attachment (the daemon looks
+    # into the container's namespace; the plugin only asks it), and fails for another one.
     check = cni(h1, "CHECK", c1, info1["NetworkSettings"]["SandboxKey"])
     assert check.returncode == 0, check.stdout
+    wrong = cni(h1, "CHECK", c1, f"/run/netns/{h1.netns}")
+    assert wrong.returncode == 1 and "is in netns" in json.loads(wrong.stdout)["msg"], wrong.stdout
 
     # Removing the container runs DEL: the endpoint leaves the daemon (and the others' view).
     h2.remove(c2)
     assert endpoint_name(c2, "eth0") not in endpoints(lab, "h2")
     lab.wait_for(
-        lambda: all(ep["ip"] != STATIC_IP for ep in lab.admin("h1").endpoint_list(NETWORK)),
+        lambda: all(str(ep.ip) != STATIC_IP for ep in lab.admin("h1").endpoint_list(NETWORK)),
         20,
         "c2's endpoint gone from h1's view",
     )

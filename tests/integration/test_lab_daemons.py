@@ -53,7 +53,7 @@ def test_lab_api_with_daemons(make_lab: Callable[..., Lab]) -> None:
     status, _ = lab.status_get("h2", "/readyz")
     assert status == 200
     assert fdb_macs(lab, "h2")[h1_ep.mac] == lab.host("h1").address
-    assert lab.admin("h1").status()["ready"] is True
+    assert lab.admin("h1").status().ready is True
 
     # A SIGTERM'd and restarted daemon comes back ready; traffic to its endpoint works.
     assert lab.stop_daemon("h1") == 0

@@ -218,6 +218,19 @@ def test_lab_status_reports_the_lab(make_lab: Callable[..., Lab], capsys: pytest
 
 
 @pytest.mark.root
+def test_lab_status_table_of_a_gossip_lab(
+    make_lab: Callable[..., Lab], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The default lab has no KV server: the table says so instead of failing on its namespace."""
+    lab = make_lab(hosts=2, up=False, store="gossip")
+    lab.up(daemons=False)
+    assert lab_status(lab.prefix, json_out=False) == 0
+    out = capsys.readouterr().out
+    assert "store: gossip only (no KV server" in out
+    assert f"{lab.prefix}-h2" in out and f"{lab.prefix}-kv" not in out
+
+
+@pytest.mark.root
 def test_existing_lab_is_refused_and_left_alone(make_lab: Callable[..., Lab]) -> None:
     lab = make_lab(hosts=1, up=False)
     lab.up(daemons=False)

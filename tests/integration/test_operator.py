@@ -56,7 +56,7 @@ def test_doctor_on_a_healthy_host_then_three_faults(make_lab: Callable[..., Lab]
     assert "overlayd's VXLAN devices" in checks["udp 4789"]["message"]  # the demo network's
     assert "MTU 1500: networks get 1450" in checks["mtu"]["message"]
     assert lab.etcd.url in checks["kv store"]["message"]
-    assert lab.admin("h1").status()["store"]["latency_ms"] > 0  # the probe's, now in /status
+    assert (lab.admin("h1").status().store.latency_ms or 0) > 0  # the probe's, now in /status
 
     # Fault 1: a network asking for more than the underlay leaves.
     lab.create_network("jumbo", "10.101.0.0/24", mtu=1500)
@@ -119,8 +119,8 @@ def test_teardown_removes_the_host_and_tells_the_others(make_lab: Callable[..., 
 
     # h2 forgets h1 at once (the lease was released, not left to expire in 30 s).
     def h2_forgot() -> bool:
-        peers = {p["name"] for p in lab.admin("h2").peers()}
-        endpoints = {e["name"] for e in lab.admin("h2").endpoint_list()}
+        peers = {p.name for p in lab.admin("h2").peers()}
+        endpoints = {e.name for e in lab.admin("h2").endpoint_list()}
         # Entries overlayd programmed carry a remote VTEP ("dst"); bridge-learnt ones do not.
         macs = {e.get("mac") for e in lab.fdb("h2") if "dst" in e}
         return "h1" not in peers and h1_ep.name not in endpoints and h1_ep.mac not in macs
@@ -130,10 +130,10 @@ def test_teardown_removes_the_host_and_tells_the_others(make_lab: Callable[..., 
     # Starting overlayd again joins the host anew, with nothing of its own.
     h1.proc = None
     lab.start_daemon("h1")
-    assert "h1" in {p["name"] for p in lab.admin("h2").peers()} or lab.wait_for(
-        lambda: "h1" in {p["name"] for p in lab.admin("h2").peers()}, 10, "h1 back in h2's peers"
+    assert "h1" in {p.name for p in lab.admin("h2").peers()} or lab.wait_for(
+        lambda: "h1" in {p.name for p in lab.admin("h2").peers()}, 10, "h1 back in h2's peers"
     )
-    assert lab.admin("h1").status()["endpoints"]["local"] == 0
+    assert lab.admin("h1").status().endpoints.local == 0
 
 
 def test_teardown_api_removes_what_is_left(make_lab: Callable[..., Lab]) -> None:
@@ -145,14 +145,14 @@ def test_teardown_api_removes_what_is_left(make_lab: Callable[..., Lab]) -> None
     assert proc is not None
     with pytest.raises(ClientError, match="this is node 'h1'"):
         lab.admin("h1").teardown("h2")  # naming another node is refused, nothing happens
-    assert lab.admin("h1").status()["ready"] is True
+    assert lab.admin("h1").status().ready is True
 
     report = lab.admin("h1").teardown("h1")
-    assert report["endpoints_removed"] == [f"demo/{ep.name}"]
-    assert report["lease_released"] is True and report["errors"] == []
+    assert report.endpoints_removed == (f"demo/{ep.name}",)
+    assert report.lease_released is True and report.errors == ()
     # The endpoint's veth went with the endpoint; then the network's devices.
     vni = lab.networks[0]["vni"]
-    assert sorted(report["links_removed"]) == [f"ovbr{vni}", f"ovvx{vni}"], report
+    assert sorted(report.links_removed) == [f"ovbr{vni}", f"ovvx{vni}"], report
     assert "eth0" not in netns.link_names(ep.netns)
     lab.wait_for(lambda: _gone(proc.pid), 10, "overlayd on h1 to exit")
     assert not [n for n in netns.link_names(h1.netns) if n.startswith("ov")]
@@ -180,7 +180,7 @@ def test_teardown_asks_for_the_node_name_on_a_terminal(make_lab: Callable[..., L
     assert wrong.returncode == 1, wrong.stderr
     assert "Type the node name (h1)" in wrong.stderr and "its 1 local endpoint(s)" in wrong.stderr
     assert "teardown aborted: nothing was changed" in wrong.stderr
-    assert lab.admin("h1").status()["endpoints"]["local"] == 1 and lab.daemon_alive("h1")
+    assert lab.admin("h1").status().endpoints.local == 1 and lab.daemon_alive("h1")
 
     right = answer("h1\n")
     assert right.returncode == 0, right.stderr

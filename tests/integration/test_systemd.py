@@ -113,7 +113,7 @@ class NotifyListener:
             message = Message(time.monotonic(), fields)
             if fields.get("READY") == "1":
                 try:
-                    message.ready_per_admin = AdminClient(str(self.admin_socket), timeout=5).status()["ready"]
+                    message.ready_per_admin = AdminClient(str(self.admin_socket), timeout=5).status().ready
                 except ClientError:
                     message.ready_per_admin = None
             with self._lock:

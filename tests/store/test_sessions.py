@@ -8,6 +8,7 @@ import time
 from support import DEMO, Collector, Stores, endpoint, node, poll, view_of
 
 from overlayd.state import EndpointDeleted, NodeDeleted
+from overlayd.store.base import StoreUnavailable
 
 
 async def test_owned_records_expire_after_the_owner_dies_and_not_before(stores: Stores) -> None:
@@ -91,20 +92,33 @@ async def test_lost_session_is_replaced_and_records_republished(stores: Stores) 
     await store.create_network(DEMO)
     ep = endpoint("phoenix", "10.1.0.30", "h1")
     await store.create_endpoint(ep)
+    watcher = await stores.make("h2")
+
+    async def seen(present: bool) -> bool:
+        """Whether another client of the server sees h1's records (all present, or all gone)."""
+        try:
+            view = await view_of(watcher)
+        except StoreUnavailable:
+            return False
+        there = [view.endpoints.get(ep.key) == ep, "h1" in view.nodes]
+        return all(there) if present else not any(there)
+
     keeper = asyncio.create_task(store.keep_session())
     try:
+        assert await seen(present=True)
+        # Paused, so nothing can put the records back before we have looked.
+        keeper.cancel()
+        await asyncio.gather(keeper, return_exceptions=True)
         await stores.expire(store)  # as if an outage had outlasted the lease
+        # The server itself dropped them: another client sees them gone.
+        await poll(lambda: seen(present=False), 4 * ttl + 5, "the expired records to vanish from the server")
+        assert "demo" in (await view_of(watcher)).networks  # networks belong to no lease
 
-        async def back() -> bool:
-            try:
-                view = await view_of(store)
-            except Exception:
-                return False
-            return view.endpoints.get(ep.key) == ep and "h1" in view.nodes
-
-        await poll(back, 15, "re-publication under a new lease/session")
+        keeper = asyncio.create_task(store.keep_session())
+        await poll(lambda: seen(present=True), 15 + ttl, "re-publication under a new lease/session")
         # Still owned: the new lease is kept alive too.
         await asyncio.sleep(1.5 * ttl)
-        assert await back()
+        assert await seen(present=True)
     finally:
         keeper.cancel()
+        await asyncio.gather(keeper, return_exceptions=True)

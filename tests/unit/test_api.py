@@ -24,6 +24,7 @@ from ipaddress import IPv4Address
 from typing import Any
 
 import aiohttp
+import answers
 import pytest
 
 from overlayd import cli
@@ -46,63 +47,44 @@ class FakeService:
     endpoints: dict[tuple[str, str], Endpoint] = field(default_factory=dict)
 
     def status(self) -> JSON:
-        return {
-            "node": self.node,
-            "store": {"kind": "etcd", "healthy": True},
-            "networks": len(self.networks),
-            "endpoints": {"local": len(self.endpoints), "remote": 0},
-            "last_reconcile_at": 1_700_000_000.0,
-            "errors": [],
-        }
+        return answers.status_json(
+            node=self.node,
+            ready=self.ready,
+            networks=sorted(self.networks),
+            endpoints={"local": len(self.endpoints), "remote": 0},
+        )
 
     def is_ready(self) -> bool:
         return self.ready
 
     def peers(self) -> list[JSON]:
         return [
-            {
-                "name": "h1",
-                "vtep": "198.18.0.1",
-                "started_at": 1_700_000_000.0,
-                "endpoints": len(self.endpoints),
-                "self": True,
-            },
-            {
-                "name": "h2",
-                "vtep": "198.18.0.2",
-                "started_at": 1_700_000_100.0,
-                "endpoints": 0,
-                "self": False,
-            },
+            {"name": "h1", "vtep": "198.18.0.1", "started_at": 1_700_000_000.0,
+             "endpoints": len(self.endpoints), "self": True},
+            {"name": "h2", "vtep": "198.18.0.2", "started_at": 1_700_000_100.0,
+             "endpoints": 0, "self": False},
         ]
 
     async def network_create(
-        self,
-        *,
-        name: str,
-        subnet: str,
-        vni: int | None = None,
-        gateway: str | None = None,
-        mtu: int | None = None,
+        self, *, name: str, subnet: str, vni: int | None = None,
+        gateway: str | None = None, mtu: int | None = None,
     ) -> JSON:
         if name in self.networks:
             raise Conflict(f"network {name!r} already exists")
         if vni is not None and any(n.vni == vni for n in self.networks.values()):
             raise Conflict(f"VNI {vni} is already used")
         net = Network.from_dict(
-            {
-                "name": name,
-                "subnet": subnet,
-                "vni": vni or 4096 + len(self.networks),
-                "gateway": gateway,
-                "mtu": mtu,
-            }
+            {"name": name, "subnet": subnet, "vni": vni or 4096 + len(self.networks),
+             "gateway": gateway, "mtu": mtu}
         )
         self.networks[name] = net
         return net.to_dict()
 
     def network_list(self) -> list[JSON]:
-        return [n.to_dict() for n in self.networks.values()]
+        return [{**n.to_dict(), "endpoints": self._members(n.name)} for n in self.networks.values()]
+
+    def _members(self, network: str) -> int:
+        return sum(1 for n, _ in self.endpoints if n == network)
 
     def _network(self, name: str) -> Network:
         if name == "boom":
@@ -123,12 +105,7 @@ class FakeService:
         del self.networks[name]
 
     async def endpoint_add(
-        self,
-        *,
-        network: str,
-        name: str,
-        netns: str,
-        ip: str | None = None,
+        self, *, network: str, name: str, netns: str, ip: str | None = None,
         ifname: str = "eth0",
     ) -> JSON:
         net = self._network(network)
@@ -137,15 +114,8 @@ class FakeService:
         taken = {e.ip for (n, _), e in self.endpoints.items() if n == network}
         addr = IPv4Address(ip) if ip else first_free_ip(net, taken)
         net.check_endpoint_ip(addr)  # model.ValidationError -> 400
-        ep = Endpoint(
-            network=network,
-            name=name,
-            ip=addr,
-            mac=f"02:00:00:00:00:{len(taken):02x}",
-            owner=self.node,
-            netns=netns,
-            ifname=ifname,
-        )
+        ep = Endpoint(network=network, name=name, ip=addr, mac=f"02:00:00:00:00:{len(taken):02x}",
+                      owner=self.node, netns=netns, ifname=ifname)
         self.endpoints[(network, name)] = ep
         return ep.to_dict()
 
@@ -156,6 +126,13 @@ class FakeService:
         if (network, name) not in self.endpoints:
             raise NotFound(f"endpoint {network}/{name} not found")
         del self.endpoints[(network, name)]
+
+    async def endpoint_check(self, *, network: str, name: str) -> JSON:
+        ep = self.endpoints.get((network, name))
+        if ep is None:
+            raise NotFound(f"endpoint {network}/{name} is not on this host")
+        return {"network": network, "name": name, "netns": ep.netns, "ifname": ep.ifname,
+                "found": True, "mac": ep.mac, "up": True, "addresses": [f"{ep.ip}/24"], "error": None}
 
     async def diff(self) -> list[str]:
         if self.changes == ["bad"]:
@@ -218,19 +195,8 @@ async def raw(admin: Admin, method: str, path: str, data: bytes | None = None) -
 
 
 async def create_demo(admin: Admin, capsys: pytest.CaptureFixture[str]) -> None:
-    run = await ctl(
-        admin,
-        capsys,
-        "network",
-        "create",
-        "demo",
-        "--subnet",
-        "10.10.0.0/24",
-        "--gateway",
-        "10.10.0.1",
-        "--vni",
-        "42",
-    )
+    run = await ctl(admin, capsys, "network", "create", "demo", "--subnet", "10.10.0.0/24",
+                    "--gateway", "10.10.0.1", "--vni", "42")
     assert run.code == 0, run.err
 
 
@@ -266,7 +232,7 @@ async def test_stale_socket_is_replaced(short_dir: str) -> None:
     server = await start_admin_server(FakeService(), path)
     try:
         status = await asyncio.to_thread(AdminClient(path).status)
-        assert status["node"] == "h1"
+        assert status.node == "h1"
     finally:
         await server.close()
 
@@ -274,7 +240,7 @@ async def test_stale_socket_is_replaced(short_dir: str) -> None:
 async def test_live_socket_is_not_stolen(admin: Admin) -> None:
     with pytest.raises(ServerError, match="another process is serving"):
         await start_admin_server(FakeService(), admin.path)
-    assert (await asyncio.to_thread(AdminClient(admin.path).status))["node"] == "h1"
+    assert (await asyncio.to_thread(AdminClient(admin.path).status)).node == "h1"
 
 
 async def test_non_socket_path_is_left_alone(short_dir: str) -> None:
@@ -314,12 +280,14 @@ async def test_network_create_ls_inspect(admin: Admin, capsys: pytest.CaptureFix
     ]
 
 
-async def test_json_before_and_after_the_command(admin: Admin, capsys: pytest.CaptureFixture[str]) -> None:
+async def test_json_before_and_after_the_command(
+    admin: Admin, capsys: pytest.CaptureFixture[str]
+) -> None:
     await create_demo(admin, capsys)
     before = await overlayctl(capsys, "--json", "--socket", admin.path, "network", "ls")
     after = await overlayctl(capsys, "network", "ls", "--socket", admin.path, "--json")
     assert before.code == after.code == 0
-    assert before.json() == after.json() == [admin.service.networks["demo"].to_dict()]
+    assert before.json() == after.json() == [{**admin.service.networks["demo"].to_dict(), "endpoints": 0}]
 
 
 async def test_socket_from_environment(
@@ -334,10 +302,13 @@ async def test_socket_from_environment(
 async def test_status_and_peers(admin: Admin, capsys: pytest.CaptureFixture[str]) -> None:
     run = await ctl(admin, capsys, "status")
     assert run.code == 0
+    # One "key: value" per line, values aligned in one column.
+    rows = {key: value.strip() for key, _, value in (line.partition(":") for line in run.out.splitlines())}
+    assert rows["node"] == "h1"
+    assert rows["store.healthy"] == "yes"
+    assert rows["last_reconcile.started_at"] == "2023-11-14T22:13:30Z"
     lines = run.out.splitlines()
-    assert "node:              h1" in lines
-    assert "store.healthy:     yes" in lines
-    assert "last_reconcile_at: 2023-11-14T22:13:20Z" in lines
+    assert len({len(line) - len(line.partition(":")[2].lstrip()) for line in lines}) == 1
 
     run = await ctl(admin, capsys, "peers")
     assert run.code == 0
@@ -356,21 +327,8 @@ async def test_endpoint_lifecycle(admin: Admin, capsys: pytest.CaptureFixture[st
     assert run.code == 0, run.err
     assert run.out.startswith("created endpoint demo/web: IP 10.10.0.2, MAC 02:00:00:00:00:00")
 
-    run = await ctl(
-        admin,
-        capsys,
-        "--json",
-        "endpoint",
-        "add",
-        "demo",
-        "db",
-        "--netns",
-        "ns-db",
-        "--ip",
-        "10.10.0.9",
-        "--ifname",
-        "eth1",
-    )
+    run = await ctl(admin, capsys, "--json", "endpoint", "add", "demo", "db", "--netns", "ns-db",
+                    "--ip", "10.10.0.9", "--ifname", "eth1")
     assert run.code == 0
     assert run.json()["ip"] == "10.10.0.9"
     assert run.json()["ifname"] == "eth1"
@@ -400,19 +358,18 @@ async def test_endpoint_lifecycle(admin: Admin, capsys: pytest.CaptureFixture[st
     assert admin.service.networks == {}
 
 
-async def test_daemon_errors_are_one_line_exit_1(admin: Admin, capsys: pytest.CaptureFixture[str]) -> None:
+async def test_daemon_errors_are_one_line_exit_1(
+    admin: Admin, capsys: pytest.CaptureFixture[str]
+) -> None:
     await create_demo(admin, capsys)
     cases = [
         (["network", "inspect", "nope"], "network 'nope' not found"),  # 404
-        (["network", "create", "demo", "--subnet", "10.30.0.0/24"], "network 'demo' already exists"),  # 409
-        (
-            ["network", "create", "red", "--subnet", "10.30.0.0/24", "--vni", "42"],
-            "VNI 42 is already used",
-        ),  # 409
-        (
-            ["endpoint", "add", "demo", "x", "--netns", "n", "--ip", "10.99.0.5"],
-            "IP 10.99.0.5 is not a usable address in network demo (10.10.0.0/24)",
-        ),  # 400
+        (["network", "create", "demo", "--subnet", "10.30.0.0/24"],
+         "network 'demo' already exists"),  # 409
+        (["network", "create", "red", "--subnet", "10.30.0.0/24", "--vni", "42"],
+         "VNI 42 is already used"),  # 409
+        (["endpoint", "add", "demo", "x", "--netns", "n", "--ip", "10.99.0.5"],
+         "IP 10.99.0.5 is not a usable address in network demo (10.10.0.0/24)"),  # 400
         (["endpoint", "rm", "demo", "ghost"], "endpoint demo/ghost not found"),
         (["network", "create", "bad name", "--subnet", "10.30.0.0/24"], "invalid network name"),
     ]
@@ -431,7 +388,9 @@ async def test_internal_error_hides_details_and_logs_them(
     with caplog.at_level(logging.ERROR, logger="overlayd.api.admin"):
         run = await ctl(admin, capsys, "network", "inspect", "boom")
     assert run.code == 1
-    assert run.err == ("overlayctl: error: internal error (RuntimeError); see the overlayd log for details\n")
+    assert run.err == (
+        "overlayctl: error: internal error (RuntimeError); see the overlayd log for details\n"
+    )
     assert "hunter2" not in run.err
     assert any(r.exc_info and "hunter2" in str(r.exc_info[1]) for r in caplog.records)
 
@@ -460,7 +419,8 @@ async def test_daemon_not_running(short_dir: str, capsys: pytest.CaptureFixture[
     run = await overlayctl(capsys, "--socket", missing, "status")
     assert run.code == 1
     assert run.err == (
-        f"overlayctl: error: cannot reach overlayd at {missing}: no such file (is the daemon running?)\n"
+        f"overlayctl: error: cannot reach overlayd at {missing}: no such file "
+        "(is the daemon running?)\n"
     )
     dead = socket.socket(socket.AF_UNIX)
     dead.bind(missing)
@@ -474,7 +434,8 @@ async def test_diff_exit_codes(admin: Admin, capsys: pytest.CaptureFixture[str])
     run = await ctl(admin, capsys, "diff")
     assert (run.code, run.out, run.err) == (0, "", "")
 
-    admin.service.changes = ["ReplaceFdb demo 02:00:00:00:00:01 -> 198.18.0.2", "DeleteNeigh demo 10.10.0.7"]
+    admin.service.changes = ["ReplaceFdb demo 02:00:00:00:00:01 -> 198.18.0.2",
+                             "DeleteNeigh demo 10.10.0.7"]
     run = await ctl(admin, capsys, "diff")
     assert run.code == 3
     assert run.out.splitlines() == admin.service.changes
@@ -484,6 +445,62 @@ async def test_diff_exit_codes(admin: Admin, capsys: pytest.CaptureFixture[str])
     admin.service.changes = ["bad"]
     run = await ctl(admin, capsys, "diff")
     assert (run.code, run.err) == (1, "overlayctl: error: diff refused\n")
+
+
+async def test_json_output_is_exactly_what_the_daemon_sent(
+    admin: Admin, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--json prints the schema record's to_json(): the daemon's answer, same keys, same order."""
+    await create_demo(admin, capsys)
+    assert (await ctl(admin, capsys, "endpoint", "add", "demo", "web", "--netns", "ns")).code == 0
+    gossip_peers = [
+        {"name": "h1", "vtep": "198.18.0.1", "started_at": 1_700_000_000.0, "endpoints": 1,
+         "self": True, "state": "alive", "rtt_ms": None},
+        {"name": "h3", "vtep": "198.18.0.3", "started_at": None, "endpoints": 0, "self": False,
+         "state": "suspect", "rtt_ms": 0.42},
+    ]
+    admin.service.peers = lambda: gossip_peers  # type: ignore[method-assign]
+    withdrawn = {**admin.service.endpoint_list()[0], "conflict": "IP 10.10.0.2 is h2's (older claim)"}
+    admin.service.endpoint_list = lambda network=None: [withdrawn]  # type: ignore[method-assign]
+    cases: list[tuple[list[str], Any]] = [
+        (["status"], admin.service.status()),
+        (["peers"], gossip_peers),
+        (["network", "ls"], admin.service.network_list()),
+        (["network", "inspect", "demo"], admin.service.network_inspect("demo")),
+        (["endpoint", "ls"], [withdrawn]),
+    ]
+    for argv, answer in cases:
+        run = await ctl(admin, capsys, "--json", *argv)
+        assert run.code == 0, (argv, run.err)
+        assert run.out == json.dumps(answer, indent=2) + "\n", argv
+    table = await ctl(admin, capsys, "peers")
+    assert table.out.splitlines()[0].split() == ["NAME", "VTEP", "ENDPOINTS", "STARTED", "SELF", "STATE",
+                                                 "RTT", "MS"]
+
+
+async def test_an_answer_of_the_wrong_shape_is_one_line(
+    admin: Admin, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken = answers.status_json(store=answers.store_json(healthy="yes"))
+    admin.service.status = lambda: broken  # type: ignore[method-assign]
+    run = await ctl(admin, capsys, "status")
+    assert run.code == 1
+    assert run.err == (
+        "overlayctl: error: unexpected answer from overlayd: "
+        "status.store.healthy: must be true or false, got a string\n"
+    )
+    with pytest.raises(ClientError, match="missing field 'ready'"):
+        admin.service.status = lambda: {k: v for k, v in broken.items() if k != "ready"}  # type: ignore
+        await asyncio.to_thread(AdminClient(admin.path).status)
+
+
+async def test_endpoint_check_route(admin: Admin, capsys: pytest.CaptureFixture[str]) -> None:
+    await create_demo(admin, capsys)
+    status, data = await raw(admin, "GET", "/v1/endpoints/demo/web/check")
+    assert (status, data) == (404, {"error": "endpoint demo/web is not on this host"})
+    assert (await ctl(admin, capsys, "endpoint", "add", "demo", "web", "--netns", "ns")).code == 0
+    status, data = await raw(admin, "GET", "/v1/endpoints/demo/web/check")
+    assert status == 200 and data["found"] is True and data["netns"] == "ns"
 
 
 # --- the wire: what only a hand-made request can reach ----------------------
@@ -496,14 +513,10 @@ async def test_malformed_requests_are_400_naming_the_field(admin: Admin) -> None
         (b"[1]", "request body must be a JSON object, got an array"),
         (b'{"subnet": "10.0.0.0/24"}', "missing field 'name'"),
         (b'{"name": "n", "subnet": 5}', "field 'subnet' must be a string, got an integer"),
-        (
-            b'{"name": "n", "subnet": "10.0.0.0/24", "vni": "7"}',
-            "field 'vni' must be an integer, got a string",
-        ),
-        (
-            b'{"name": "n", "subnet": "10.0.0.0/24", "mtu": true}',
-            "field 'mtu' must be an integer, got a boolean",
-        ),
+        (b'{"name": "n", "subnet": "10.0.0.0/24", "vni": "7"}',
+         "field 'vni' must be an integer, got a string"),
+        (b'{"name": "n", "subnet": "10.0.0.0/24", "mtu": true}',
+         "field 'mtu' must be an integer, got a boolean"),
         (b'{"name": "n", "subnet": "10.0.0.0/24", "vnii": 7}', "unknown field 'vnii'"),
         (b'{"name": "n", "subnet": "10.0.0.0/33"}', "invalid subnet"),  # model.ValidationError
     ]
@@ -515,7 +528,9 @@ async def test_malformed_requests_are_400_naming_the_field(admin: Admin) -> None
 
 
 async def test_unknown_route_and_method(admin: Admin) -> None:
-    assert await raw(admin, "GET", "/v1/nope") == (404, {"error": "no such API route: GET /v1/nope"})
+    assert await raw(admin, "GET", "/v1/nope") == (
+        404, {"error": "no such API route: GET /v1/nope"}
+    )
     status, data = await raw(admin, "DELETE", "/v1/diff")
     assert status == 405
     assert data["error"].startswith("method DELETE not allowed on /v1/diff")
@@ -523,18 +538,25 @@ async def test_unknown_route_and_method(admin: Admin) -> None:
 
 async def test_client_methods(admin: Admin) -> None:
     client = AdminClient(admin.path)
-    net = await asyncio.to_thread(lambda: client.network_create(name="demo", subnet="10.10.0.0/24", mtu=1400))
-    assert net == {"name": "demo", "vni": 4096, "subnet": "10.10.0.0/24", "gateway": None, "mtu": 1400}
-    ep = await asyncio.to_thread(lambda: client.endpoint_add(network="demo", name="a", netns="/run/netns/a"))
-    assert ep["netns"] == "/run/netns/a"
-    assert [e["name"] for e in await asyncio.to_thread(client.endpoint_list, "demo")] == ["a"]
+    net = await asyncio.to_thread(
+        lambda: client.network_create(name="demo", subnet="10.10.0.0/24", mtu=1400)
+    )
+    assert net.to_json() == {"name": "demo", "vni": 4096, "subnet": "10.10.0.0/24", "gateway": None,
+                             "mtu": 1400}
+    ep = await asyncio.to_thread(
+        lambda: client.endpoint_add(network="demo", name="a", netns="/run/netns/a")
+    )
+    assert ep.netns == "/run/netns/a" and ep.ip == IPv4Address("10.10.0.1")
+    assert [e.name for e in await asyncio.to_thread(client.endpoint_list, "demo")] == ["a"]
+    check = await asyncio.to_thread(lambda: client.endpoint_check(network="demo", name="a"))
+    assert check.found and str(check.addresses[0]) == "10.10.0.1/24"
     with pytest.raises(ClientError) as info:
         await asyncio.to_thread(client.network_inspect, "missing")
     assert (info.value.status, info.value.message) == (404, "network 'missing' not found")
     await asyncio.to_thread(lambda: client.endpoint_remove(network="demo", name="a"))
     await asyncio.to_thread(client.network_remove, "demo")
-    assert await asyncio.to_thread(client.network_list) == []
-    assert await asyncio.to_thread(client.diff) == []
+    assert await asyncio.to_thread(client.network_list) == ()
+    assert (await asyncio.to_thread(client.diff)).changes == ()
 
 
 # --- lab dispatch -----------------------------------------------------------
@@ -549,7 +571,6 @@ async def test_lab_commands_dispatch_to_overlayd_lab(
         def call(**kwargs: object) -> int:
             calls.append((name, kwargs))
             return code
-
         return call
 
     lab = types.ModuleType("overlayd.lab")

@@ -15,9 +15,11 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import answers
 import pytest
 
 from overlayd import cli, completion, doctor
+from overlayd.api import schema
 
 
 def _complete(script: Path, line: str) -> list[str]:
@@ -146,36 +148,50 @@ def test_tcp_listener_counts_for_the_gossip_port() -> None:
 
 
 def test_check_mtu() -> None:
-    status = {"underlay": {"interface": "eth0", "mtu": 1500}}
-    assert doctor.check_mtu(status, [{"name": "a", "mtu": None}, {"name": "b", "mtu": 1400}]).result == "OK"
-    check = doctor.check_mtu(status, [{"name": "big", "mtu": 1500}])
+    status = answers.status(underlay={"interface": "eth0", "mtu": 1500})
+    assert doctor.check_mtu(status, [answers.network("a"), answers.network("b", mtu=1400)]).result == "OK"
+    check = doctor.check_mtu(status, [answers.network("big", mtu=1500)])
     assert check.result == doctor.FAIL and "big (1500)" in check.message
     assert "1550" in check.hint and "--mtu 1450" in check.hint
-    assert doctor.check_mtu({"underlay": {"interface": "x", "mtu": 1280}}, []).result == doctor.WARN
-    assert doctor.check_mtu({"underlay": None}, []).result == doctor.WARN
+    small = answers.status(underlay={"interface": "x", "mtu": 1280})
+    assert doctor.check_mtu(small, []).result == doctor.WARN
+    assert doctor.check_mtu(answers.status(underlay=None), []).result == doctor.WARN
 
 
 def test_check_clock() -> None:
-    me = {"name": "h1", "self": True, "started_at": 1000.0}
+    me = answers.peer("h1", me=True, started_at=1000.0)
     assert doctor.check_clock([me], 1000.0).result == doctor.OK
-    peer = {"name": "h2", "self": False, "started_at": 990.0}
+    peer = answers.peer("h2", started_at=990.0)
     check = doctor.check_clock([me, peer], 1000.0)
     assert check.result == doctor.WARN and "not available until gossip" in check.message
-    ahead = {"name": "h3", "self": False, "started_at": 1030.0}
+    ahead = answers.peer("h3", started_at=1030.0)
     check = doctor.check_clock([me, peer, ahead], 1000.0)
     assert check.result == doctor.FAIL and "h3" in check.message
-    assert doctor.check_clock([me, {**peer, "clock_offset": 0.01}], 1000.0).result == doctor.OK
-    assert doctor.check_clock([me, {**peer, "clock_offset": -7.0}], 1000.0).result == doctor.FAIL
+    close = answers.peer("h2", started_at=990.0, clock_offset=0.01)
+    assert doctor.check_clock([me, close], 1000.0).result == doctor.OK
+    far = answers.peer("h2", started_at=990.0, clock_offset=-7.0)
+    assert doctor.check_clock([me, far], 1000.0).result == doctor.FAIL
 
 
 def test_check_store() -> None:
-    status = {"store": {"url": "etcd://198.18.0.1:2379", "healthy": True}}
-    good = {"ok": True, "latency_ms": 2.5, "error": None}
-    assert doctor.check_store(status, good, None).result == doctor.OK
-    assert doctor.check_store(status, {**good, "latency_ms": 900.0}, None).result == doctor.WARN
-    down = doctor.check_store(status, {"ok": False, "latency_ms": None, "error": "unreachable"}, None)
+    status = answers.status()
+    assert doctor.check_store(status, answers.probe(), None).result == doctor.OK
+    assert doctor.check_store(status, answers.probe(latency_ms=900.0), None).result == doctor.WARN
+    down = doctor.check_store(status, answers.probe(ok=False, latency_ms=None, error="unreachable"), None)
     assert down.result == doctor.FAIL and "etcd://198.18.0.1:2379" in down.hint
     assert doctor.check_store(status, None, "daemon gone").result == doctor.FAIL
+
+
+def test_check_daemon_and_reconcile() -> None:
+    ready = doctor.check_daemon(answers.status(), None)
+    assert ready.result == doctor.OK and ready.message.startswith("node h1: ready: 1 network")
+    starting = answers.status(ready=False, summary="starting: first reconcile")
+    assert doctor.check_daemon(starting, None).result == doctor.WARN
+    assert doctor.check_daemon(None, "no such file").result == doctor.FAIL
+    status = answers.status()
+    assert doctor.check_reconcile(status, schema.Diff(()), None).result == doctor.OK
+    pending = doctor.check_reconcile(status, schema.Diff(("ReplaceFdb x",)), None)
+    assert pending.result == doctor.WARN and "1 change(s) pending (last pass: 0 failed)" in pending.message
 
 
 @pytest.mark.root

@@ -142,3 +142,71 @@ def test_keygen_makes_a_usable_key(capsys: pytest.CaptureFixture[str]) -> None:
     assert overlayctl(["gossip", "keygen"]) == 0
     key = capsys.readouterr().out.strip()
     Keyring.from_base64([key])  # raises if it is not a 32-byte base64 key
+
+
+def _wrong_value(expected: type | tuple[type, ...]) -> object:
+    # A string is wrong for every type but str; a number is wrong for str.
+    return 3 if expected is str else "x"
+
+
+@pytest.mark.parametrize("key", sorted(config._KEYS))
+def test_type_errors_name_the_type_in_plain_words(key: str) -> None:
+    flat = {"node.name": "h1", "underlay.interface": "ul0", "store.url": "gossip", "gossip.insecure": True}
+    flat[key] = _wrong_value(config._KEYS[key])
+    with pytest.raises(config.ConfigError) as info:
+        config.from_flat(flat)
+    wording = ("a string", "an integer", "a number", "true or false", "a list of strings")
+    assert any(str(info.value).startswith(f"{key}: must be {w} (got ") for w in wording), str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (GOOD + 'lease_ttl = "ten"\n', "store.lease_ttl: must be an integer (got 'ten')"),
+        (GOOD + "lease_ttl = true\n", "store.lease_ttl: must be an integer (got True)"),
+        (GOOD + '[reconcile]\ninterval = "soon"\n', "reconcile.interval: must be a number (got 'soon')"),
+        (GOOD.replace('name = "h1"', "name = 7"), "node.name: must be a string (got 7)"),
+        (GOOD + "[gossip]\ninsecure = 1\n", "gossip.insecure: must be true or false (got 1)"),
+        (
+            GOOD + '[gossip]\npeers = "198.18.0.2"\n',
+            "gossip.peers: must be a list of strings (got '198.18.0.2')",
+        ),
+    ],
+)
+def test_type_error_wording(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(config.ConfigError) as info:
+        config.load(write(tmp_path, text), env={})
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize("text", ["", "bm90LWEta2V5", "x" * 44, "not base64!", "A" * 43 + "="])
+def test_key_check_agrees_with_the_gossip_keyring(text: str) -> None:
+    """The config checks keys without the crypto module, exactly as gossip will take them."""
+    from overlayd import clusterkey
+    from overlayd.gossip import Keyring
+
+    outcomes = []
+    for check in (clusterkey.decode_keys, Keyring.from_base64):
+        try:
+            check([text])
+            outcomes.append("ok")
+        except ValueError as exc:
+            outcomes.append(str(exc))
+    assert outcomes[0] == outcomes[1]
+    assert clusterkey.decode_keys([clusterkey.new_key()])
+
+
+def test_loading_a_gossip_config_imports_no_crypto_or_gossip(tmp_path: Path) -> None:
+    import base64
+    import os
+    import subprocess
+    import sys
+
+    key = base64.b64encode(os.urandom(32)).decode()
+    path = write(tmp_path, GOSSIP_ONLY.replace("{key}", key))
+    probe = (
+        "import sys; from overlayd import config; config.load(sys.argv[1], env={}); "
+        "print(sorted(m for m in sys.modules if m.startswith(('cryptography', 'overlayd.gossip'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe, path], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -1,0 +1,58 @@
+"""Sockets inside another network namespace, without forking: the one setns helper.
+
+Low level and neutral: the dataplane opens its netlink sockets with it, the
+lab its TCP and UDP sockets. It imports nothing of overlayd.
+
+pyroute2 enters a namespace by forking a helper process that hands the socket
+back. In the daemon that fork happens in a process that also runs gRPC's
+threads (the etcd client), and the child dies with SIGSEGV in gRPC's fork
+handlers. A socket belongs to the namespace of the thread that creates it,
+and setns(2) switches only the calling thread, so we create the socket in a
+short-lived thread that enters the namespace and then exits.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import socket
+import threading
+
+_CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def netns_path(netns: str) -> str:
+    """A namespace name means /run/netns/<name>; anything with a slash is a path."""
+    return netns if "/" in netns else os.path.join("/run/netns", netns)
+
+
+def socket_in_netns(netns: str, family: int, kind: int, proto: int = 0) -> socket.socket:
+    """A new socket that lives in namespace `netns` (name or path). Raises OSError."""
+    result: list[socket.socket | OSError] = []
+
+    def enter_and_create() -> None:
+        try:
+            fd = os.open(netns_path(netns), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            result.append(exc)
+            return
+        try:
+            if _libc.setns(fd, _CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                result.append(OSError(err, f"setns({netns}): {os.strerror(err)}"))
+                return
+            result.append(socket.socket(family, kind, proto))
+        except OSError as exc:
+            result.append(exc)
+        finally:
+            os.close(fd)
+        # The thread ends here, and its namespace switch with it.
+
+    thread = threading.Thread(target=enter_and_create, name=f"netns-{netns}", daemon=True)
+    thread.start()
+    thread.join()
+    outcome = result[0]
+    if isinstance(outcome, OSError):
+        raise outcome
+    return outcome

@@ -1,0 +1,202 @@
+"""What the KV backends (etcd, Consul, ZooKeeper) share, written once.
+
+- timing: how long one request may take, the bounds of retry delays, and
+  when to renew a lease;
+- `Backoff`: delays that double up to a cap, with jitter, reset after a success;
+- `retry_while_unavailable`: run a read until the server answers;
+- `SessionFile`: the lease/session a restarted daemon resumes, saved atomically
+  in the state directory (each backend keeps its own format in it);
+- `Health`: whether the server answered last time (logged on change, exported
+  as `overlayd_store_up`), and the error and watch-event counters;
+- `RecordDecoder`: a stored value as a fact, or reported and skipped when it is
+  not one of ours (someone else wrote under our prefix), never a crash;
+- `republish`: put every owned endpoint back after a new lease/session.
+
+The server-specific parts (clients, transactions, watches) stay in the
+backends' own modules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
+from typing import TypeVar
+
+from overlayd.metrics import Metrics
+from overlayd.model import Endpoint
+from overlayd.state import Fact
+from overlayd.store.base import AlreadyExists, StoreUnavailable
+from overlayd.store.keys import InvalidRecord, KeyLayout, fact_for_put
+
+T = TypeVar("T")
+
+# One request to a KV server, in seconds (blocking watch queries add their own wait).
+REQUEST_TIMEOUT = 5.0
+# Retry delays: the first, and the most any backoff waits between two attempts.
+RETRY_MIN, RETRY_MAX = 0.2, 5.0
+# Log lines quote at most this much of a stored value someone else wrote.
+_LOG_LIMIT = 300
+
+
+def renew_interval(ttl: float, *, failing: bool = False) -> float:
+    """How long to wait before renewing a lease/session of `ttl` seconds.
+
+    A third of the TTL leaves two more tries before it runs out; after a
+    failed renewal, a sixth: the lease is ticking.
+    """
+    return max(ttl / 6, 0.3) if failing else max(ttl / 3, 0.5)
+
+
+def first_line(exc: BaseException | str) -> str:
+    """The first line of an error (client libraries put tracebacks and dumps after it)."""
+    text = str(exc).strip() or (type(exc).__name__ if isinstance(exc, BaseException) else "")
+    return text.splitlines()[0] if text else ""
+
+
+class Backoff:
+    """Delays that double from `first` up to `cap`; `reset()` after a success.
+
+    Each delay is spread by +-`jitter` (a fraction), so the hosts that lost the
+    same server do not all come back to it in the same instant.
+    """
+
+    def __init__(self, first: float = RETRY_MIN, cap: float = RETRY_MAX, *, jitter: float = 0.2) -> None:
+        self._first = first
+        self._cap = cap
+        self._jitter = jitter
+        self._delay = first
+
+    def reset(self) -> None:
+        self._delay = self._first
+
+    def next_delay(self) -> float:
+        """The delay to wait now; the one after it doubles."""
+        delay = self._delay
+        if self._jitter:
+            delay *= random.uniform(1 - self._jitter, 1 + self._jitter)
+        self._delay = min(self._delay * 2, self._cap)
+        return delay
+
+    async def wait(self) -> None:
+        await asyncio.sleep(self.next_delay())
+
+
+async def retry_while_unavailable(op: Callable[[], Awaitable[T]], backoff: Backoff | None = None) -> T:
+    """`await op()` until it does not raise StoreUnavailable (other errors propagate)."""
+    backoff = backoff or Backoff(jitter=0)
+    while True:
+        try:
+            return await op()
+        except StoreUnavailable:
+            await backoff.wait()
+
+
+class SessionFile:
+    """The lease or session this node holds, saved so that a restarted daemon resumes it.
+
+    The text is the backend's own (a lease ID, a session UUID, an id and a
+    password); it is replaced atomically, so a crash never leaves half a file.
+    """
+
+    def __init__(self, state_dir: str, name: str, *, private: bool = False) -> None:
+        self.path = Path(state_dir) / name
+        self._private = private  # holds a password: readable by root only
+
+    def load(self) -> str | None:
+        """The saved text without surrounding blanks, or None if nothing was saved."""
+        try:
+            return self.path.read_text().strip()
+        except FileNotFoundError:
+            return None
+
+    def save(self, text: str) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        if self._private:
+            tmp.touch(mode=0o600)
+        tmp.write_text(text + "\n")
+        tmp.replace(self.path)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+class Health:
+    """Whether the server answered the last exchange, and the counters every backend keeps."""
+
+    def __init__(self, backend: str, *, metrics: Metrics | None, log: logging.Logger) -> None:
+        self._backend = backend  # as it appears in the log: "etcd", "consul", "zookeeper"
+        self._metrics = metrics
+        self._log = log  # the backend's own, so its lines keep their logger name
+        self._up = False
+
+    @property
+    def up(self) -> bool:
+        return self._up
+
+    def set(self, up: bool) -> None:
+        if up != self._up:
+            self._log.info("%s %s", self._backend, "reachable" if up else "unreachable")
+        self._up = up
+        if self._metrics:
+            self._metrics.store_up.set(1 if up else 0)
+
+    def count_error(self, operation: str) -> None:
+        if self._metrics:
+            self._metrics.store_errors.labels(operation=operation).inc()
+
+    def count_event(self, fact: Fact, action: str) -> None:
+        """One fact the watch delivered ("put" or "delete"), by record kind."""
+        if self._metrics:
+            kind = type(fact).__name__.removesuffix("Put").removesuffix("Deleted").lower()
+            self._metrics.store_watch_events.labels(kind=kind, action=action).inc()
+
+
+class RecordDecoder:
+    """Stored values as facts; what is not a valid record of ours is reported and skipped."""
+
+    def __init__(
+        self,
+        layout: KeyLayout,
+        *,
+        metrics: Metrics | None,
+        on_invalid: Callable[[str], None] | None,
+        log: logging.Logger,
+    ) -> None:
+        self._layout = layout
+        self._metrics = metrics
+        self._on_invalid = on_invalid
+        self._log = log
+
+    def put(self, key: str, value: bytes) -> Fact | None:
+        """The fact `key = value` states, or None (reported) if it is not a valid record."""
+        try:
+            return fact_for_put(self._layout, key, value)
+        except InvalidRecord as exc:
+            # Someone else wrote under our prefix: report and skip, never crash the watch.
+            text = str(exc)
+            shown = text if len(text) <= _LOG_LIMIT else text[:_LOG_LIMIT] + "..."
+            self._log.warning("skipping invalid record %s", shown)
+            if self._metrics:
+                self._metrics.invalid_records.inc()
+            if self._on_invalid:
+                self._on_invalid(text)
+            return None
+
+
+async def republish(
+    endpoints: Iterable[Endpoint], publish: Callable[[Endpoint], Awaitable[None]], *, log: logging.Logger
+) -> None:
+    """Publish every owned endpoint again after a new lease/session.
+
+    An IP that another endpoint claimed while ours had lapsed stays theirs:
+    that one endpoint is logged and left out, the others still go back.
+    """
+    for endpoint in list(endpoints):
+        try:
+            await publish(endpoint)
+        except AlreadyExists as exc:
+            log.error("cannot re-publish endpoint %s: %s", endpoint.key, exc)

@@ -1,0 +1,142 @@
+"""The plumbing the KV backends share (store/common.py), without a server."""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+
+import pytest
+
+from overlayd.metrics import Metrics
+from overlayd.model import Endpoint, Network
+from overlayd.state import NetworkPut
+from overlayd.store import common
+from overlayd.store.base import AlreadyExists, StoreError, StoreUnavailable
+from overlayd.store.keys import KeyLayout, encode
+
+log = logging.getLogger("overlayd.store.test")
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float:
+    value = metrics.registry.get_sample_value(name, labels or None)
+    return 0.0 if value is None else value
+
+
+def test_backoff_doubles_up_to_the_cap_with_jitter_and_resets() -> None:
+    plain = common.Backoff(0.2, 1.0, jitter=0)
+    assert [plain.next_delay() for _ in range(5)] == [0.2, 0.4, 0.8, 1.0, 1.0]
+    plain.reset()
+    assert plain.next_delay() == 0.2
+    spread = common.Backoff(1.0, 1.0)
+    delays = [spread.next_delay() for _ in range(200)]
+    assert all(0.8 <= d <= 1.2 for d in delays) and len(set(delays)) > 1
+
+
+def test_renew_interval() -> None:
+    assert common.renew_interval(9) == 3 and common.renew_interval(9, failing=True) == 1.5
+    assert common.renew_interval(1) == 0.5 and common.renew_interval(1, failing=True) == 0.3
+
+
+async def test_retry_while_unavailable_retries_only_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
+    slept: list[float] = []
+
+    async def no_sleep(delay: float) -> None:
+        slept.append(delay)
+
+    monkeypatch.setattr(common.asyncio, "sleep", no_sleep)
+    answers = [StoreUnavailable("down"), StoreUnavailable("down"), "ok"]
+
+    async def op() -> str:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    assert await common.retry_while_unavailable(op) == "ok"
+    assert slept == [common.RETRY_MIN, 2 * common.RETRY_MIN]
+
+    async def refused() -> str:
+        raise StoreError("denied")
+
+    with pytest.raises(StoreError, match="denied"):
+        await common.retry_while_unavailable(refused)
+
+
+def test_session_file_saves_atomically_and_loads_stripped(tmp_path: Path) -> None:
+    lease = common.SessionFile(str(tmp_path / "state"), "etcd-lease")
+    assert lease.load() is None
+    lease.save("694d7a1b2c")
+    assert lease.path.read_text() == "694d7a1b2c\n" and lease.load() == "694d7a1b2c"
+    assert not lease.path.with_suffix(".tmp").exists()
+    lease.remove()
+    lease.remove()  # already gone: fine
+    assert lease.load() is None
+
+    secret = common.SessionFile(str(tmp_path / "state"), "zookeeper-session", private=True)
+    old = os.umask(0)
+    try:
+        secret.save("1f 00ff")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(secret.path).st_mode) == 0o600
+
+
+def test_health_logs_changes_and_exports_them(caplog: pytest.LogCaptureFixture) -> None:
+    metrics = Metrics()
+    health = common.Health("etcd", metrics=metrics, log=log)
+    with caplog.at_level(logging.INFO, logger=log.name):
+        health.set(True)
+        health.set(True)
+        health.set(False)
+    assert [r.getMessage() for r in caplog.records] == ["etcd reachable", "etcd unreachable"]
+    assert caplog.records[0].name == log.name  # the backend's own logger
+    assert not health.up and sample(metrics, "overlayd_store_up") == 0
+    health.count_error("txn")
+    health.count_event(NetworkPut(Network("demo", 42, IPv4Network("10.1.0.0/24"))), "put")
+    assert sample(metrics, "overlayd_store_errors_total", operation="txn") == 1
+    assert sample(metrics, "overlayd_store_watch_events_total", kind="network", action="put") == 1
+    common.Health("consul", metrics=None, log=log).set(True)  # no metrics: fine
+
+
+def test_record_decoder_reports_and_skips_what_is_not_ours() -> None:
+    metrics, reported = Metrics(), []
+    layout = KeyLayout("/t/v1/")
+    decoder = common.RecordDecoder(layout, metrics=metrics, on_invalid=reported.append, log=log)
+    network = Network("demo", 42, IPv4Network("10.1.0.0/24"))
+    assert decoder.put(layout.network("demo"), encode(network)) == NetworkPut(network)
+    assert decoder.put(layout.network("junk"), b"\xff not json" * 100) is None
+    assert len(reported) == 1 and "junk" in reported[0]
+    assert sample(metrics, "overlayd_store_invalid_records_total") == 1
+
+
+async def test_republish_skips_an_ip_taken_meanwhile_and_goes_on(caplog: pytest.LogCaptureFixture) -> None:
+    endpoints = [
+        Endpoint("demo", name, IPv4Address(f"10.1.0.{k}"), f"02:00:00:00:00:0{k}", "h1")
+        for k, name in ((1, "a"), (2, "b"), (3, "c"))
+    ]
+    published: list[str] = []
+
+    async def publish(ep: Endpoint) -> None:
+        if ep.name == "b":
+            raise AlreadyExists("IP", str(ep.ip), "demo/other")
+        published.append(ep.name)
+
+    with caplog.at_level(logging.ERROR, logger=log.name):
+        await common.republish(endpoints, publish, log=log)
+    assert published == ["a", "c"]
+    assert "cannot re-publish endpoint demo/b" in caplog.text
+
+    async def down(ep: Endpoint) -> None:
+        raise StoreUnavailable("down")
+
+    with pytest.raises(StoreUnavailable):  # an outage is the caller's to retry
+        await common.republish(endpoints, down, log=log)
+
+
+def test_first_line() -> None:
+    assert common.first_line(RuntimeError("one\ntwo")) == "one"
+    assert common.first_line(TimeoutError()) == "TimeoutError"
+    assert common.first_line("  text\nmore") == "text" and common.first_line("") == ""
