@@ -48,7 +48,7 @@ def test_restart_removes_nothing_and_loses_no_ping(
         with watch_overlay_entries(lab, "h1") as changes:
             lab.stop_daemon("h1", sig=sig)
             lab.start_daemon("h1")  # waits until ready: the first reconcile is done
-            wait_until(lambda: lab.admin("h1").status()["view"]["complete"], 60, "h1's view complete")
+            wait_until(lambda: lab.admin("h1").status().view.complete, 60, "h1's view complete")
             wait_until(lambda: converged(lab.admin("h1")), 20, "h1 converged after the restart")
     finally:
         stats = [inbound.stop(), outbound.stop()]
