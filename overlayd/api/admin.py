@@ -39,7 +39,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from overlayd.api.service import JSON, AdminService, ApiError, BadRequest
-from overlayd.model import ValidationError
+from overlayd.core.model import ValidationError
 
 log = logging.getLogger(__name__)
 

@@ -633,4 +633,3 @@ class TeardownResult(_Record):
         )
         f.done()
         return made
-

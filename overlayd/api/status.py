@@ -19,7 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from overlayd.api.admin import RunningServer, ServerError, json_errors
 from overlayd.api.service import JSON
-from overlayd.metrics import Metrics
+from overlayd.util.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

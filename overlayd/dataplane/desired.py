@@ -14,7 +14,7 @@ O(its endpoints), a network appearing or going away O(its endpoints).
 `desired_state(view)` builds the same thing from scratch (tests, `diff`).
 
 Which record holds an IP or a MAC is the admission's decision (one rule,
-`overlayd.admission`): the view never holds two endpoints on one address.
+`overlayd.core.admission`): the view never holds two endpoints on one address.
 Should it ever happen anyway, the first claim keeps the entry and the
 second waits for it, so an entry is never removed while a record still
 wants it.
@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import Generic, TypeVar
 
+from overlayd.core.model import VXLAN_OVERHEAD, Endpoint, Network, stable_mac
+from overlayd.core.view import ClusterView, Delta, EndpointChanged, NetworkChanged, NodeChanged
 from overlayd.dataplane.kstate import (
     BridgeSpec,
     Dirty,
@@ -41,8 +43,6 @@ from overlayd.dataplane.kstate import (
     veth_name,
     vxlan_name,
 )
-from overlayd.model import VXLAN_OVERHEAD, Endpoint, Network, stable_mac
-from overlayd.state import ClusterView, Delta, EndpointChanged, NetworkChanged, NodeChanged
 
 K = TypeVar("K")
 V = TypeVar("V")

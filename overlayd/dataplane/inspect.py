@@ -16,9 +16,9 @@ from ipaddress import IPv4Interface
 from pyroute2.netlink.exceptions import NetlinkError
 
 from overlayd.api.schema import EndpointCheck
+from overlayd.core.model import Endpoint
 from overlayd.dataplane.kernel import Kernel, KernelError, error_text
-from overlayd.model import Endpoint
-from overlayd.nsutil import netns_path
+from overlayd.util.nsutil import netns_path
 
 __all__ = ["inspect_endpoint", "inspect_interface"]
 

@@ -63,7 +63,7 @@ from overlayd.dataplane.mirror import Mirror
 from overlayd.dataplane.netlink import LinkInfo, gratuitous_arp
 from overlayd.dataplane.nsock import netns_path, socket_in_netns
 from overlayd.dataplane.rtnl import LOST, KernelError, Rtnl
-from overlayd.metrics import Metrics
+from overlayd.util.metrics import Metrics
 
 __all__ = [
     "Kernel",

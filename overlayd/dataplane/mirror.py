@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from ipaddress import IPv4Address
 
+from overlayd.core.model import Ip4
 from overlayd.dataplane import netlink as nl
 from overlayd.dataplane.commands import (
     AppendFlood,
@@ -45,7 +46,6 @@ from overlayd.dataplane.kstate import (
     VxlanSpec,
 )
 from overlayd.dataplane.netlink import LinkInfo, RawNeigh
-from overlayd.model import Ip4
 
 _ADDRESS_CACHE = 1 << 17
 

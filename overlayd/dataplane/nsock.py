@@ -1,7 +1,7 @@
-"""Kept for the dataplane modules that import from here; the helpers live in `overlayd.nsutil`."""
+"""Kept for the dataplane modules that import from here; the helpers live in `overlayd.util.nsutil`."""
 
 from __future__ import annotations
 
-from overlayd.nsutil import netns_path, socket_in_netns
+from overlayd.util.nsutil import netns_path, socket_in_netns
 
 __all__ = ["netns_path", "socket_in_netns"]

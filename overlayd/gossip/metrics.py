@@ -1,6 +1,6 @@
 """Prometheus metrics of the gossip layer, registered in a registry the caller gives.
 
-Kept apart from `overlayd.metrics` so the gossip package stands alone; the
+Kept apart from `overlayd.util.metrics` so the gossip package stands alone; the
 daemon passes its own registry and the figures appear on its /metrics.
 """
 

@@ -57,7 +57,7 @@ from overlayd.gossip.schema import (
     SchemaError,
     Stamp,
 )
-from overlayd.tasks import TaskGroup
+from overlayd.util.tasks import TaskGroup
 
 log = logging.getLogger(__name__)
 

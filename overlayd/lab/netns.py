@@ -15,7 +15,7 @@ import subprocess
 from collections.abc import Sequence
 from typing import Any
 
-from overlayd.nsutil import socket_in_netns as _socket_in_netns
+from overlayd.util.nsutil import socket_in_netns as _socket_in_netns
 
 NETNS_DIR = "/run/netns"
 IFNAMSIZ = 16  # including the terminating NUL: names are at most 15 characters

@@ -17,8 +17,8 @@ import abc
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from overlayd.model import Endpoint, Network, Node
-from overlayd.state import Fact
+from overlayd.core.model import Endpoint, Network, Node
+from overlayd.core.view import Fact
 
 
 class StoreError(Exception):

@@ -25,11 +25,11 @@ from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
 
-from overlayd.metrics import Metrics
-from overlayd.model import Endpoint
-from overlayd.state import Fact
+from overlayd.core.model import Endpoint
+from overlayd.core.view import Fact
 from overlayd.store.base import AlreadyExists, StoreUnavailable
 from overlayd.store.keys import InvalidRecord, KeyLayout, fact_for_put
+from overlayd.util.metrics import Metrics
 
 T = TypeVar("T")
 

@@ -55,10 +55,9 @@ from urllib.parse import quote
 
 import aiohttp
 
-from overlayd.config import StoreConfig
-from overlayd.metrics import Metrics
-from overlayd.model import Endpoint, Network, Node
-from overlayd.state import Fact
+from overlayd.core.config import StoreConfig
+from overlayd.core.model import Endpoint, Network, Node
+from overlayd.core.view import Fact
 from overlayd.store.base import (
     AlreadyExists,
     Changes,
@@ -80,6 +79,7 @@ from overlayd.store.common import (
     retry_while_unavailable,
 )
 from overlayd.store.keys import KeyLayout, encode, fact_for_delete
+from overlayd.util.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -30,10 +30,9 @@ import aetcd.watcher
 import grpc
 import grpc.aio
 
-from overlayd.config import StoreConfig
-from overlayd.metrics import Metrics
-from overlayd.model import Endpoint, Network, Node
-from overlayd.state import Fact
+from overlayd.core.config import StoreConfig
+from overlayd.core.model import Endpoint, Network, Node
+from overlayd.core.view import Fact
 from overlayd.store.base import (
     AlreadyExists,
     Changes,
@@ -55,6 +54,7 @@ from overlayd.store.common import (
     retry_while_unavailable,
 )
 from overlayd.store.keys import KeyLayout, encode, fact_for_delete
+from overlayd.util.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

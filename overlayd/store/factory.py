@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from overlayd.config import StoreConfig
-from overlayd.metrics import Metrics
+from overlayd.core.config import StoreConfig
 from overlayd.store.base import Store
+from overlayd.util.metrics import Metrics
 
 
 def make_store(

@@ -15,8 +15,8 @@ import json
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
-from overlayd.model import Endpoint, Network, Node, ValidationError
-from overlayd.state import (
+from overlayd.core.model import Endpoint, Network, Node, ValidationError
+from overlayd.core.view import (
     EndpointDeleted,
     EndpointPut,
     Fact,

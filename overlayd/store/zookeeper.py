@@ -65,10 +65,9 @@ from kazoo.protocol.states import EventType, WatchedEvent, ZnodeStat
 from kazoo.retry import KazooRetry
 from kazoo.security import make_digest_acl
 
-from overlayd.config import StoreConfig
-from overlayd.metrics import Metrics
-from overlayd.model import Endpoint, Network, Node
-from overlayd.state import Fact, NetworkPut
+from overlayd.core.config import StoreConfig
+from overlayd.core.model import Endpoint, Network, Node
+from overlayd.core.view import Fact, NetworkPut
 from overlayd.store.base import (
     AlreadyExists,
     Changes,
@@ -89,6 +88,7 @@ from overlayd.store.common import (
 )
 from overlayd.store.keys import KeyLayout, encode, fact_for_delete
 from overlayd.store.zktree import Change, Dirs, Gone, Mirror, Rec
+from overlayd.util.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 
 from overlayd.api.schema import EndpointInfo
-from overlayd.cni import endpoint_name
+from overlayd.clients.cni import endpoint_name
 from overlayd.lab import Lab, netns
 from overlayd.lab.lab import LabError, wait_for
 from overlayd.lab.proc import Proc, stop_all

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from overlayd import config as config_mod
+from overlayd.core import config as config_mod
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "docker-compose.yml"

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from overlayd.api.client import AdminClient, ClientError
-from overlayd.cli import main as overlayctl
+from overlayd.clients.cli import main as overlayctl
 from overlayd.lab import Lab
 from overlayd.lab import netns as nsutil
 from overlayd.lab.lab import Endpoint

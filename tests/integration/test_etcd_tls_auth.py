@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 import trustme
 
-from overlayd.config import StoreConfig, parse_store_url
+from overlayd.core.config import StoreConfig, parse_store_url
+from overlayd.core.model import Endpoint, Network, Node, random_mac
 from overlayd.lab import EtcdServer
 from overlayd.lab import netns as nsutil
 from overlayd.lab.lab import overlayd_argv
-from overlayd.model import Endpoint, Network, Node, random_mac
 from overlayd.store.base import StoreError
 from overlayd.store.etcd import EtcdStore
 

@@ -52,7 +52,7 @@ from overlayd.dataplane.kstate import (
     veth_name,
     vxlan_name,
 )
-from overlayd.metrics import Metrics
+from overlayd.util.metrics import Metrics
 
 pytestmark = [
     pytest.mark.root,

@@ -20,15 +20,15 @@ from ipaddress import IPv4Address, IPv4Network
 import pytest
 from test_kernel import RUN_PREFIX, VTEP, fdb_show, link_exists, neigh_show, run
 
+from overlayd.core.model import Endpoint, Network, Node
+from overlayd.core.view import ClusterView, EndpointPut, NetworkPut, NodePut
 from overlayd.dataplane import netlink as nl
 from overlayd.dataplane.desired import DesiredState
 from overlayd.dataplane.kernel import Kernel
 from overlayd.dataplane.kstate import bridge_name, vxlan_name
 from overlayd.dataplane.monitor import Monitor
-from overlayd.metrics import Metrics
-from overlayd.model import Endpoint, Network, Node
-from overlayd.reconciler import Reconciler
-from overlayd.state import ClusterView, EndpointPut, NetworkPut, NodePut
+from overlayd.dataplane.reconciler import Reconciler
+from overlayd.util.metrics import Metrics
 
 pytestmark = [
     pytest.mark.root,

@@ -20,14 +20,14 @@ from typing import Any
 import aiohttp
 import pytest
 
-from overlayd.config import StoreConfig, from_flat, parse_store_url
+from overlayd.core.config import StoreConfig, from_flat, parse_store_url
+from overlayd.core.model import Endpoint, Network, Node, random_mac
+from overlayd.core.view import ClusterView, EndpointDeleted, EndpointPut, NetworkPut
 from overlayd.lab.consul import ConsulError, ConsulServer, find_consul
-from overlayd.metrics import Metrics
-from overlayd.model import Endpoint, Network, Node, random_mac
-from overlayd.state import ClusterView, EndpointDeleted, EndpointPut, NetworkPut
 from overlayd.store.base import AlreadyExists, Changes, Snapshot, StoreError, StoreUnavailable
 from overlayd.store.consul import ConsulStore
 from overlayd.store.factory import make_store as factory_make_store
+from overlayd.util.metrics import Metrics
 
 PREFIX = "/t/v1/"
 TOKEN = "8c6b2f0e-6a1d-4f6e-9c3b-2d9f1e7a5b40"

@@ -16,12 +16,12 @@ from typing import Any
 import aetcd
 import pytest
 
-from overlayd.config import StoreConfig, parse_store_url
-from overlayd.metrics import Metrics
-from overlayd.model import Endpoint, Network, Node, random_mac
-from overlayd.state import ClusterView
+from overlayd.core.config import StoreConfig, parse_store_url
+from overlayd.core.model import Endpoint, Network, Node, random_mac
+from overlayd.core.view import ClusterView
 from overlayd.store.base import Snapshot
 from overlayd.store.etcd import EtcdStore
+from overlayd.util.metrics import Metrics
 
 PREFIX = "/t/v1/"
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from overlayd import config as config_mod
 from overlayd.api.client import AdminClient, ClientError
+from overlayd.core import config as config_mod
 from overlayd.lab import Lab, netns
 
 REPO = Path(__file__).resolve().parents[2]

@@ -75,12 +75,6 @@ def test_teardown_takes_the_host_out_everywhere(make_lab: Callable[..., Lab], st
         assert all(p.endpoints == 0 and (p.started_at is None or p.state == "left") for p in h1_peer), h1_peer
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="daemon.py: beside a KV store, teardown stops gossip with leave=False (the closer of a "
-    "plain stop), so peers see the torn-down host alive, then suspect, until SWIM declares it "
-    "dead, instead of 'left' at once",
-)
 def test_teardown_beside_a_kv_store_leaves_the_gossip_at_once(make_lab: Callable[..., Lab]) -> None:
     lab = make_lab(2, store="zookeeper", lease_ttl=LEASE_TTL, gossip=True)
     lab.admin("h1").teardown("h1")

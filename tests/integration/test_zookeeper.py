@@ -24,11 +24,11 @@ from kazoo.client import KazooClient
 from kazoo.exceptions import NoAuthError
 from kazoo.security import make_digest_acl_credential
 
-from overlayd.config import from_flat
+from overlayd.core.config import from_flat
+from overlayd.core.model import Endpoint, Network, Node, random_mac
+from overlayd.core.view import NetworkPut
 from overlayd.lab.proc import read_start_time
 from overlayd.lab.zookeeper import ZooKeeperError, ZooKeeperServer
-from overlayd.model import Endpoint, Network, Node, random_mac
-from overlayd.state import NetworkPut
 from overlayd.store.base import StoreError
 from overlayd.store.zookeeper import ZooKeeperStore
 

@@ -10,12 +10,12 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
-from overlayd.config import from_flat
-from overlayd.metrics import Metrics
-from overlayd.model import Endpoint, Network, Node, random_mac
-from overlayd.state import ClusterView, Fact
+from overlayd.core.config import from_flat
+from overlayd.core.model import Endpoint, Network, Node, random_mac
+from overlayd.core.view import ClusterView, Fact
 from overlayd.store.base import AlreadyExists, Changes, Snapshot, Store, StoreUnavailable
 from overlayd.store.factory import make_store as factory_make_store
+from overlayd.util.metrics import Metrics
 
 PREFIX = "/t/v1/"
 DEMO = Network(name="demo", vni=42, subnet=IPv4Network("10.1.0.0/24"))

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from support import DEMO, PREFIX, Backend, Stores, endpoint, network, node, view_of
 
-from overlayd.config import from_flat
-from overlayd.state import EndpointPut, NetworkPut, NodePut
+from overlayd.core.config import from_flat
+from overlayd.core.view import EndpointPut, NetworkPut, NodePut
 from overlayd.store.base import AlreadyExists, NotFoundError, Store, StoreError, StoreUnavailable
 from overlayd.store.factory import make_store as factory_make_store
 

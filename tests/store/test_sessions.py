@@ -7,7 +7,7 @@ import time
 
 from support import DEMO, Collector, Stores, endpoint, node, poll, view_of
 
-from overlayd.state import EndpointDeleted, NodeDeleted
+from overlayd.core.view import EndpointDeleted, NodeDeleted
 from overlayd.store.base import StoreUnavailable
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from support import DEMO, Collector, Stores, endpoint, network, node, poll, retry, view_of
 
-from overlayd.state import ClusterView, EndpointDeleted, EndpointPut, NetworkDeleted, NetworkPut, NodePut
+from overlayd.core.view import ClusterView, EndpointDeleted, EndpointPut, NetworkDeleted, NetworkPut, NodePut
 from overlayd.store.base import Store
 
 MakeStore = Callable[..., Awaitable[Store]]

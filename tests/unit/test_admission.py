@@ -1,4 +1,4 @@
-"""The admission rule (overlayd.admission), as transcripts: facts in, view changes out.
+"""The admission rule (overlayd.core.admission), as transcripts: facts in, view changes out.
 
 Each step feeds one source's facts and states exactly how the view changed,
 written compactly: `+ key ip@owner` (appeared), `- key` (went away),
@@ -13,7 +13,7 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
-from overlayd.admission import (
+from overlayd.core.admission import (
     Admission,
     EndpointClaimed,
     EndpointReleased,
@@ -25,8 +25,8 @@ from overlayd.admission import (
     NodeHeard,
     Outcome,
 )
-from overlayd.model import Endpoint, Network, Node
-from overlayd.state import (
+from overlayd.core.model import Endpoint, Network, Node
+from overlayd.core.view import (
     EndpointChanged,
     EndpointDeleted,
     EndpointPut,

@@ -27,13 +27,13 @@ import aiohttp
 import answers
 import pytest
 
-from overlayd import cli
 from overlayd.api.admin import RunningServer, ServerError, start_admin_server
 from overlayd.api.client import AdminClient, ClientError
 from overlayd.api.service import JSON, BadRequest, Conflict, NotFound
 from overlayd.api.status import parse_listen, start_status_server
-from overlayd.metrics import Metrics
-from overlayd.model import Endpoint, Network, first_free_ip
+from overlayd.clients import cli
+from overlayd.core.model import Endpoint, Network, first_free_ip
+from overlayd.util.metrics import Metrics
 
 # --- the daemon's side, in memory -------------------------------------------
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import answers
 import pytest
 
-from overlayd import cli, completion, doctor
 from overlayd.api import schema
+from overlayd.clients import cli, completion, doctor
 
 
 def _complete(script: Path, line: str) -> list[str]:

@@ -24,9 +24,9 @@ from typing import Any
 import answers
 import pytest
 
-from overlayd import cni
 from overlayd.api.admin import RunningServer, start_admin_server
 from overlayd.api.service import JSON, BadRequest, Conflict, NotFound
+from overlayd.clients import cni
 from overlayd.dataplane.inspect import inspect_interface
 
 CONTAINER = "3f1c0ffee0ddba11" + "ab" * 24
@@ -364,9 +364,9 @@ def test_the_plugin_imports_no_netlink_and_nothing_of_the_daemon() -> None:
     import sys
 
     probe = (
-        "import sys, overlayd.cni; "
+        "import sys, overlayd.clients.cni; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'pyroute2' or m.startswith("
-        "('overlayd.dataplane', 'overlayd.store', 'overlayd.gossip', 'overlayd.daemon', 'aiohttp'))))"
+        "('overlayd.dataplane', 'overlayd.store', 'overlayd.gossip', 'overlayd.daemon.main', 'aiohttp'))))"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from overlayd import config
-from overlayd.daemon import main as overlayd_main
+from overlayd.core import config
+from overlayd.daemon.main import main as overlayd_main
 
 GOOD = """
 [node]
@@ -136,7 +136,7 @@ def test_gossip_config_errors_name_the_key(tmp_path: Path, text: str, key: str) 
 
 
 def test_keygen_makes_a_usable_key(capsys: pytest.CaptureFixture[str]) -> None:
-    from overlayd.cli import main as overlayctl
+    from overlayd.clients.cli import main as overlayctl
     from overlayd.gossip import Keyring
 
     assert overlayctl(["gossip", "keygen"]) == 0
@@ -182,7 +182,7 @@ def test_type_error_wording(tmp_path: Path, text: str, message: str) -> None:
 @pytest.mark.parametrize("text", ["", "bm90LWEta2V5", "x" * 44, "not base64!", "A" * 43 + "="])
 def test_key_check_agrees_with_the_gossip_keyring(text: str) -> None:
     """The config checks keys without the crypto module, exactly as gossip will take them."""
-    from overlayd import clusterkey
+    from overlayd.core import clusterkey
     from overlayd.gossip import Keyring
 
     outcomes = []
@@ -205,7 +205,7 @@ def test_loading_a_gossip_config_imports_no_crypto_or_gossip(tmp_path: Path) -> 
     key = base64.b64encode(os.urandom(32)).decode()
     path = write(tmp_path, GOSSIP_ONLY.replace("{key}", key))
     probe = (
-        "import sys; from overlayd import config; config.load(sys.argv[1], env={}); "
+        "import sys; from overlayd.core import config; config.load(sys.argv[1], env={}); "
         "print(sorted(m for m in sys.modules if m.startswith(('cryptography', 'overlayd.gossip'))))"
     )
     out = subprocess.run([sys.executable, "-c", probe, path], capture_output=True, text=True, check=True)

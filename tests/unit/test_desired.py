@@ -7,6 +7,8 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
+from overlayd.core.model import Endpoint, Network, Node, stable_mac
+from overlayd.core.view import ClusterView, EndpointDeleted, EndpointPut, NetworkPut, NodePut
 from overlayd.dataplane.desired import DesiredState, desired_state, overlay_mtu
 from overlayd.dataplane.kstate import (
     VXLAN_PORT,
@@ -23,8 +25,6 @@ from overlayd.dataplane.kstate import (
     veth_name,
     vxlan_name,
 )
-from overlayd.model import Endpoint, Network, Node, stable_mac
-from overlayd.state import ClusterView, EndpointDeleted, EndpointPut, NetworkPut, NodePut
 
 A = IPv4Address
 

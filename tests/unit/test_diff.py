@@ -14,7 +14,18 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
-from overlayd.admission import Admission
+from overlayd.core.admission import Admission
+from overlayd.core.model import Endpoint, Network, Node
+from overlayd.core.view import (
+    ClusterView,
+    EndpointDeleted,
+    EndpointPut,
+    Fact,
+    NetworkDeleted,
+    NetworkPut,
+    NodeDeleted,
+    NodePut,
+)
 from overlayd.dataplane.commands import (
     AnnounceArp,
     AppendFlood,
@@ -43,17 +54,6 @@ from overlayd.dataplane.kstate import (
     Tables,
     VxlanSpec,
     veth_name,
-)
-from overlayd.model import Endpoint, Network, Node
-from overlayd.state import (
-    ClusterView,
-    EndpointDeleted,
-    EndpointPut,
-    Fact,
-    NetworkDeleted,
-    NetworkPut,
-    NodeDeleted,
-    NodePut,
 )
 
 A = IPv4Address

@@ -1,4 +1,4 @@
-"""Address choice (overlayd.ipam): the cursor, reservations, blocks and who holds them."""
+"""Address choice (overlayd.core.ipam): the cursor, reservations, blocks and who holds them."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
-from overlayd.ipam import AddressBook, BlockTable, SubnetFull, block_of, block_prefixlen, blocks_of
-from overlayd.model import Endpoint, Network
-from overlayd.state import ClusterView, EndpointDeleted, EndpointPut
+from overlayd.core.ipam import AddressBook, BlockTable, SubnetFull, block_of, block_prefixlen, blocks_of
+from overlayd.core.model import Endpoint, Network
+from overlayd.core.view import ClusterView, EndpointDeleted, EndpointPut
 
 A = IPv4Address
 NET = Network(name="blue", vni=100, subnet=IPv4Network("10.1.0.0/24"), gateway=A("10.1.0.1"))

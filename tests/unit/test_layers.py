@@ -15,15 +15,15 @@ import pytest
 ROOT = Path(__file__).parents[2]
 # Pure by design (DESIGN.md): each must be a source of the core contract once it exists.
 PURE = [
-    "overlayd.model",
-    "overlayd.state",
-    "overlayd.config",
+    "overlayd.core.model",
+    "overlayd.core.view",
+    "overlayd.core.config",
     "overlayd.api.schema",
     "overlayd.dataplane.kstate",
     "overlayd.dataplane.desired",
     "overlayd.dataplane.diff",
     "overlayd.dataplane.commands",
-    "overlayd.admission",
+    "overlayd.core.admission",
     "overlayd.view",
 ]
 

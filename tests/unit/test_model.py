@@ -1,4 +1,4 @@
-"""Records and their validation (overlayd.model): pure, no I/O."""
+"""Records and their validation (overlayd.core.model): pure, no I/O."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from overlayd.model import (
+from overlayd.core.model import (
     MTU_MAX,
     MTU_MIN,
     VNI_MAX,

@@ -1,4 +1,4 @@
-"""The local registry (overlayd.registry): journal, snapshot, group commit, crash leftovers."""
+"""The local registry (overlayd.daemon.registry): journal, snapshot, group commit, crash leftovers."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from overlayd.model import Endpoint
-from overlayd.registry import LocalRegistry
+from overlayd.core.model import Endpoint
+from overlayd.daemon.registry import LocalRegistry
 
 
 def ep(name: str, n: int) -> Endpoint:

@@ -12,10 +12,10 @@ import answers
 import pytest
 
 from overlayd.api import schema
-from overlayd.config import from_flat
-from overlayd.daemon import Daemon
-from overlayd.model import Endpoint, Network, Node
-from overlayd.state import EndpointPut, Fact, NetworkPut, NodePut
+from overlayd.core.config import from_flat
+from overlayd.core.model import Endpoint, Network, Node
+from overlayd.core.view import EndpointPut, Fact, NetworkPut, NodePut
+from overlayd.daemon.main import Daemon
 
 
 def same_json(parsed: Any, answer: object) -> None:

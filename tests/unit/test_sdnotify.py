@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from overlayd.sdnotify import Notifier, parse_address, watchdog_interval
+from overlayd.daemon.sdnotify import Notifier, parse_address, watchdog_interval
 
 
 def _listener(address: str | bytes) -> socket.socket:

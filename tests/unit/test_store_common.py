@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from overlayd.metrics import Metrics
-from overlayd.model import Endpoint, Network
-from overlayd.state import NetworkPut
+from overlayd.core.model import Endpoint, Network
+from overlayd.core.view import NetworkPut
 from overlayd.store import common
 from overlayd.store.base import AlreadyExists, StoreError, StoreUnavailable
 from overlayd.store.keys import KeyLayout, encode
+from overlayd.util.metrics import Metrics
 
 log = logging.getLogger("overlayd.store.test")
 

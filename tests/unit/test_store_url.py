@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from overlayd.config import ConfigError, from_flat
+from overlayd.core.config import ConfigError, from_flat
 
 
 def test_zookeeper_url_keeps_hosts_and_chroot() -> None:

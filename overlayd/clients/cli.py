@@ -24,9 +24,10 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeAlias, cast
 
-from overlayd import clusterkey, completion, doctor
 from overlayd.api import schema
 from overlayd.api.client import DEFAULT_SOCKET, AdminClient, ClientError
+from overlayd.clients import completion, doctor
+from overlayd.core import clusterkey
 
 PROG = "overlayctl"
 SOCKET_ENV = "OVERLAYD_SOCKET"
@@ -176,9 +177,7 @@ def cmd_peers(ctx: Context) -> int:
 
 
 def _network_summary(net: schema.NetworkInfo) -> str:
-    return (
-        f"VNI {net.vni}, subnet {net.subnet}, gateway {format_cell(net.gateway)}, MTU {_mtu_cell(net.mtu)}"
-    )
+    return f"VNI {net.vni}, subnet {net.subnet}, gateway {format_cell(net.gateway)}, MTU {_mtu_cell(net.mtu)}"
 
 
 def cmd_network_create(ctx: Context) -> int:
@@ -196,9 +195,7 @@ def cmd_network_ls(ctx: Context) -> int:
     if ctx.json_out:
         _print_json([n.to_json() for n in networks])
         return EXIT_OK
-    rows = (
-        [n.name, str(n.vni), str(n.subnet), format_cell(n.gateway), _mtu_cell(n.mtu)] for n in networks
-    )
+    rows = ([n.name, str(n.vni), str(n.subnet), format_cell(n.gateway), _mtu_cell(n.mtu)] for n in networks)
     print(format_table(["NAME", "VNI", "SUBNET", "GATEWAY", "MTU"], rows))
     return EXIT_OK
 
@@ -239,9 +236,7 @@ def cmd_endpoint_ls(ctx: Context) -> int:
     if ctx.json_out:
         _print_json([e.to_json() for e in endpoints])
         return EXIT_OK
-    rows = (
-        [e.network, e.name, str(e.ip), e.mac, e.owner, format_cell(e.netns or None)] for e in endpoints
-    )
+    rows = ([e.network, e.name, str(e.ip), e.mac, e.owner, format_cell(e.netns or None)] for e in endpoints)
     print(format_table(["NETWORK", "NAME", "IP", "MAC", "OWNER", "NETNS"], rows))
     return EXIT_OK
 

@@ -8,7 +8,7 @@ everything. `apply` keeps the older "did it change?" answer for callers that
 only need that.
 
 Which fact may enter the view (a store record, a gossip record, this host's
-own) is not decided here: that is `overlayd.admission`. The view indexes what
+own) is not decided here: that is `overlayd.core.admission`. The view indexes what
 it holds by network, by owner and by address, so those questions cost
 O(answer), not O(all endpoints).
 """
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from types import MappingProxyType
 
-from overlayd.model import Endpoint, Network, Node
+from overlayd.core.model import Endpoint, Network, Node
 
 # --- facts: what a source says ------------------------------------------------
 

@@ -25,22 +25,37 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from typing import Protocol
 
-from overlayd.admission import MemberAdmissible, NetworkClaimed, NetworkReleased, NetworkRemovedMark
-from overlayd.engine import Engine
+from overlayd.cluster.gossip_claims import GossipClaims
+from overlayd.cluster.peering import BLOCK, ENDPOINT, NETWORK, BlockClaim, Peering
+from overlayd.core.admission import (
+    FactSink,
+    MemberAdmissible,
+    NetworkClaimed,
+    NetworkReleased,
+    NetworkRemovedMark,
+)
+from overlayd.core.ipam import BlockTable
+from overlayd.core.model import Endpoint
 from overlayd.gossip import MemberInfo, MemberState, Record
-from overlayd.ipam import BlockTable
-from overlayd.peering import BLOCK, ENDPOINT, NETWORK, BlockClaim, Peering
-from overlayd.registry import LocalRegistry
 from overlayd.store.base import Snapshot, Store
-from overlayd.store.gossip import GossipClaims
 
 log = logging.getLogger(__name__)
+
+
+class OwnEndpoints(Protocol):
+    """The endpoints this host owns (the daemon's local registry)."""
+
+    def __contains__(self, key: str) -> bool: ...
+
+    def all(self) -> list[Endpoint]: ...
+
 
 _LIVE = (MemberState.ALIVE, MemberState.SUSPECT)
 
 
-async def follow_store(store: Store, engine: Engine, revision: int) -> None:
+async def follow_store(store: Store, engine: FactSink, revision: int) -> None:
     """Apply the store's watch from `revision` on, forever."""
     async for batch in store.watch(revision):
         if isinstance(batch, Snapshot):
@@ -54,8 +69,8 @@ class GossipFeed:
         self,
         *,
         node: str,
-        engine: Engine,
-        registry: LocalRegistry,
+        engine: FactSink,
+        registry: OwnEndpoints,
         authority: bool,
         dead_grace: float,
         blocks: BlockTable | None = None,

@@ -1,4 +1,4 @@
-"""The merged cluster view (overlayd.state): facts in, "changed?" out."""
+"""The merged cluster view (overlayd.core.view): facts in, "changed?" out."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
-from overlayd.model import Endpoint, Network, Node
-from overlayd.state import (
+from overlayd.core.model import Endpoint, Network, Node
+from overlayd.core.view import (
     ClusterView,
     EndpointDeleted,
     EndpointPut,

@@ -21,7 +21,7 @@ import logging
 import os
 from pathlib import Path
 
-from overlayd.model import Endpoint, ValidationError
+from overlayd.core.model import Endpoint, ValidationError
 
 log = logging.getLogger(__name__)
 

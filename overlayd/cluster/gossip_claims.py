@@ -26,11 +26,11 @@ import time
 import zlib
 from ipaddress import IPv4Address, IPv4Network
 
-from overlayd.admission import Contested, FactSink, NetworkClaimed, NetworkRemovedMark
-from overlayd.ipam import AddressBook, BlockTable, SubnetFull, block_of, blocks_of
-from overlayd.model import Endpoint, Network
-from overlayd.peering import BlockClaim, Peering
-from overlayd.state import EndpointDeleted, EndpointPut, NetworkDeleted
+from overlayd.cluster.peering import BlockClaim, Peering
+from overlayd.core.admission import Contested, FactSink, NetworkClaimed, NetworkRemovedMark
+from overlayd.core.ipam import AddressBook, BlockTable, SubnetFull, block_of, blocks_of
+from overlayd.core.model import Endpoint, Network
+from overlayd.core.view import EndpointDeleted, EndpointPut, NetworkDeleted
 from overlayd.store.base import AlreadyExists, NotFoundError
 
 log = logging.getLogger(__name__)

@@ -46,33 +46,33 @@ import time
 from collections.abc import Awaitable
 from typing import Any
 
-from overlayd import config as config_mod
-from overlayd.admission import Conflict as LostClaim
 from overlayd.api.admin import start_admin_server
 from overlayd.api.service import JSON, NotFound, Unavailable
 from overlayd.api.status import start_status_server
-from overlayd.claims import Claims, KvClaims, WriteBehind
-from overlayd.config import Config, ConfigError, GossipSettings
+from overlayd.cluster.claims import Claims, KvClaims, WriteBehind
+from overlayd.cluster.feeds import GossipFeed, follow_store
+from overlayd.cluster.gossip_claims import GossipClaims
+from overlayd.cluster.peering import Peering
+from overlayd.core import config as config_mod
+from overlayd.core.admission import Conflict as LostClaim
+from overlayd.core.config import Config, ConfigError, GossipSettings
+from overlayd.core.ipam import AddressBook, BlockTable
+from overlayd.core.model import Node, endpoint_key
+from overlayd.core.view import EndpointPut, NodePut
+from overlayd.daemon.engine import Engine
+from overlayd.daemon.operations import Operations
+from overlayd.daemon.registry import LocalRegistry
+from overlayd.daemon.report import Report
+from overlayd.daemon.runstate import RunState
+from overlayd.daemon.sdnotify import Notifier
 from overlayd.dataplane.desired import DesiredState
 from overlayd.dataplane.inspect import inspect_endpoint
 from overlayd.dataplane.kernel import Kernel, KernelError, Underlay
-from overlayd.engine import Engine
-from overlayd.feeds import GossipFeed, follow_store
-from overlayd.ipam import AddressBook, BlockTable
-from overlayd.metrics import Metrics
-from overlayd.model import Node, endpoint_key
-from overlayd.operations import Operations
-from overlayd.peering import Peering
-from overlayd.reconciler import Reconciler
-from overlayd.registry import LocalRegistry
-from overlayd.report import Report
-from overlayd.runstate import RunState
-from overlayd.sdnotify import Notifier
-from overlayd.state import EndpointPut, NodePut
+from overlayd.dataplane.reconciler import Reconciler
 from overlayd.store.base import AlreadyExists, Store, StoreError, StoreUnavailable
 from overlayd.store.factory import make_store
-from overlayd.store.gossip import GossipClaims
-from overlayd.tasks import TaskGroup
+from overlayd.util.metrics import Metrics
+from overlayd.util.tasks import TaskGroup
 
 log = logging.getLogger("overlayd")
 
@@ -251,7 +251,7 @@ class Daemon:
         if gossip is not None:
             beside = await self._start_peering(gossip)
             closers.append(("gossip", beside.stop(leave=False)))
-        self._write_behind = WriteBehind(store, self.state)
+        self._write_behind = WriteBehind(store, report=self.state.report_invalid)
         return KvClaims(
             store=store,
             engine=self.engine,

@@ -13,16 +13,16 @@ import time
 from collections.abc import Callable
 
 from overlayd.api.service import JSON, NotFound, Unavailable
-from overlayd.config import Config
+from overlayd.cluster.peering import Peering
+from overlayd.core.config import Config
+from overlayd.core.model import Endpoint
+from overlayd.daemon.engine import Engine
+from overlayd.daemon.runstate import RunState
 from overlayd.dataplane.commands import describe
 from overlayd.dataplane.desired import overlay_mtu
 from overlayd.dataplane.kernel import Underlay
-from overlayd.engine import Engine
+from overlayd.dataplane.reconciler import Reconciler
 from overlayd.gossip import MemberInfo
-from overlayd.model import Endpoint
-from overlayd.peering import Peering
-from overlayd.reconciler import Reconciler
-from overlayd.runstate import RunState
 from overlayd.store.base import Store, StoreError
 
 # Bound on the doctor's probe of the store.

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from overlayd.clusterkey import decode_keys
-from overlayd.model import ValidationError, parse_ipv4, validate_name
+from overlayd.core.clusterkey import decode_keys
+from overlayd.core.model import ValidationError, parse_ipv4, validate_name
 
 DEFAULT_PATH = "/etc/overlayd/overlayd.toml"
 STORE_SCHEMES = ("etcd", "etcds", "consul", "consuls", "zookeeper")

@@ -13,14 +13,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Protocol
 
-from overlayd.admission import NetworkClaimed
-from overlayd.engine import Engine
-from overlayd.model import Endpoint, Network
-from overlayd.peering import Peering
-from overlayd.runstate import RunState
-from overlayd.state import EndpointDeleted, EndpointPut, NetworkDeleted
+from overlayd.cluster.peering import Peering
+from overlayd.core.admission import FactSink, NetworkClaimed
+from overlayd.core.model import Endpoint, Network
+from overlayd.core.view import EndpointDeleted, EndpointPut, NetworkDeleted
 from overlayd.store.base import AlreadyExists, NotFoundError, Store, StoreError, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -55,9 +54,9 @@ class WriteBehind:
     never overwritten.
     """
 
-    def __init__(self, store: Store, state: RunState) -> None:
+    def __init__(self, store: Store, *, report: Callable[[str], None]) -> None:
         self._store = store
-        self._state = state
+        self._report = report
         self.creates: dict[str, Endpoint] = {}
         self.deletes: dict[str, Endpoint] = {}
 
@@ -79,7 +78,7 @@ class WriteBehind:
                     # Someone took the IP or name in the store meanwhile: loud, not silent.
                     message = f"endpoint {key} created during a store outage conflicts: {exc}"
                     log.error(message)
-                    self._state.report_invalid(message)
+                    self._report(message)
             except StoreError:
                 return  # still down: try again later
             if self.creates.get(key) is endpoint:
@@ -100,7 +99,7 @@ class KvClaims:
         self,
         *,
         store: Store,
-        engine: Engine,
+        engine: FactSink,
         node: str,
         peering: Peering | None,
         pending: WriteBehind,
@@ -149,4 +148,11 @@ class KvClaims:
         self._engine.from_own([EndpointDeleted(endpoint.key)])
 
     async def release(self) -> None:
-        await self._store.release_session()
+        """Teardown: the lease goes (every record bound to it with it), and gossip hears the leave."""
+        try:
+            await self._store.release_session()
+        finally:
+            if self._peering is not None:
+                for endpoint in self._engine.view.owned_by(self._node):
+                    self._peering.delete_endpoint(endpoint.key)
+                await self._peering.stop(leave=True)

@@ -17,13 +17,13 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 
-from overlayd.admission import Admission, Conflict, GossipFact, NetworkClaimed, Outcome
+from overlayd.core.admission import Admission, Conflict, GossipFact, NetworkClaimed, Outcome
+from overlayd.core.model import Endpoint, Node
+from overlayd.core.view import ClusterView, EndpointChanged, Fact, NetworkChanged, NodeChanged
 from overlayd.dataplane.commands import Command, ReplaceFdb
 from overlayd.dataplane.desired import DesiredState
-from overlayd.metrics import Metrics
-from overlayd.model import Endpoint, Node
-from overlayd.reconciler import Reconciler
-from overlayd.state import ClusterView, EndpointChanged, Fact, NetworkChanged, NodeChanged
+from overlayd.dataplane.reconciler import Reconciler
+from overlayd.util.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

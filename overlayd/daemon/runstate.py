@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from overlayd.model import Endpoint
+from overlayd.core.model import Endpoint
 
 
 @dataclass

@@ -18,9 +18,9 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from ipaddress import IPv4Address, IPv4Network
 
-from overlayd.admission import Tier, rank
-from overlayd.model import Ip4, Network
-from overlayd.state import ClusterView
+from overlayd.core.admission import Tier, rank
+from overlayd.core.model import Ip4, Network
+from overlayd.core.view import ClusterView
 
 
 class SubnetFull(Exception):

@@ -22,21 +22,12 @@ from collections.abc import Callable
 from ipaddress import IPv4Address
 from typing import Any
 
-from overlayd.admission import Conflict as LostClaim
 from overlayd.api.service import JSON, BadRequest, Conflict, NotFound, Unavailable
-from overlayd.claims import Claims
-from overlayd.dataplane.desired import overlay_mtu
-from overlayd.dataplane.endpoints import (
-    create_local_endpoint,
-    delete_local_endpoint,
-    quarantine_local_endpoint,
-)
-from overlayd.dataplane.kernel import Kernel, KernelError, Underlay
-from overlayd.dataplane.kstate import bridge_name, veth_name, vxlan_name
-from overlayd.dataplane.teardown import remove_owned_links
-from overlayd.engine import Engine
-from overlayd.ipam import AddressBook, SubnetFull
-from overlayd.model import (
+from overlayd.cluster.claims import Claims
+from overlayd.cluster.gossip_claims import GossipClaims
+from overlayd.core.admission import Conflict as LostClaim
+from overlayd.core.ipam import AddressBook, SubnetFull
+from overlayd.core.model import (
     Endpoint,
     Network,
     endpoint_key,
@@ -45,12 +36,21 @@ from overlayd.model import (
     random_mac,
     validate_name,
 )
-from overlayd.reconciler import Reconciler
-from overlayd.registry import LocalRegistry
-from overlayd.runstate import RunState
+from overlayd.daemon.engine import Engine
+from overlayd.daemon.registry import LocalRegistry
+from overlayd.daemon.runstate import RunState
+from overlayd.dataplane.desired import overlay_mtu
+from overlayd.dataplane.endpoints import (
+    create_local_endpoint,
+    delete_local_endpoint,
+    quarantine_local_endpoint,
+)
+from overlayd.dataplane.kernel import Kernel, KernelError, Underlay
+from overlayd.dataplane.kstate import bridge_name, veth_name, vxlan_name
+from overlayd.dataplane.reconciler import Reconciler
+from overlayd.dataplane.teardown import remove_owned_links
 from overlayd.store.base import AlreadyExists, StoreError
-from overlayd.store.gossip import GossipClaims
-from overlayd.tasks import TaskGroup
+from overlayd.util.tasks import TaskGroup
 
 log = logging.getLogger(__name__)
 

@@ -55,8 +55,8 @@ from enum import IntEnum, StrEnum
 from ipaddress import IPv4Address
 from typing import Protocol
 
-from overlayd.model import Endpoint, Network, Node
-from overlayd.state import (
+from overlayd.core.model import Endpoint, Network, Node
+from overlayd.core.view import (
     ClusterView,
     Delta,
     EndpointDeleted,
@@ -604,7 +604,7 @@ class Admission:
 
 
 class FactSink(Protocol):
-    """Where claims go once made: the engine (`overlayd.engine.Engine`) in the daemon.
+    """Where claims go once made: the engine (`overlayd.daemon.engine.Engine`) in the daemon.
 
     Claiming code (`claims`, `store.gossip`) sees only this, not the kernel side behind it.
     """
@@ -618,3 +618,7 @@ class FactSink(Protocol):
     def from_own(self, facts: Iterable[Fact | NetworkClaimed]) -> Outcome: ...
 
     def from_gossip(self, facts: Iterable[GossipFact]) -> Outcome: ...
+
+    def from_store(self, facts: Iterable[Fact]) -> Outcome: ...
+
+    def store_snapshot(self, facts: Iterable[Fact]) -> Outcome: ...

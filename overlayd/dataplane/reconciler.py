@@ -52,7 +52,7 @@ from overlayd.dataplane.kernel import Kernel, OpResult
 from overlayd.dataplane.kstate import Dirty, Tables
 from overlayd.dataplane.mirror import Mirror
 from overlayd.dataplane.monitor import RCVBUF, Monitor
-from overlayd.metrics import Metrics
+from overlayd.util.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

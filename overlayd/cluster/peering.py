@@ -2,7 +2,7 @@
 
 `Peering` owns this daemon's `GossipNode` and speaks Network/Node/Endpoint:
 it publishes what this host owns, and turns each record a peer publishes
-into one gossip fact for the admission (`overlayd.admission`), which alone
+into one gossip fact for the admission (`overlayd.core.admission`), which alone
 decides what enters the view. What a peer may say is checked: a node record
 must be the sender's own, an endpoint must be owned by its publisher, every
 payload goes through the model's validation. Anything else is counted and
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
-from overlayd.admission import (
+from overlayd.core.admission import (
     EndpointClaimed,
     EndpointReleased,
     GossipFact,
@@ -31,9 +31,9 @@ from overlayd.admission import (
     NodeGone,
     NodeHeard,
 )
-from overlayd.config import GossipSettings
+from overlayd.core.config import GossipSettings
+from overlayd.core.model import Endpoint, Network, Node, ValidationError, validate_name
 from overlayd.gossip import GossipConfig, GossipMetrics, GossipNode, Keyring, MemberInfo, Record
-from overlayd.model import Endpoint, Network, Node, ValidationError, validate_name
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Small shared helpers: named tasks, sockets in other namespaces, the metrics registry."""
