@@ -172,7 +172,8 @@ def _fact(record: Record) -> GossipFact | BlockClaim:
         return NodeHeard(node)
     if record.kind == ENDPOINT:
         if payload is None:
-            return EndpointReleased(record.owner, record.key)
+            at = record.deleted_at if record.deleted_at is not None else float("inf")
+            return EndpointReleased(record.owner, record.key, at)
         endpoint = Endpoint.from_dict(payload)
         _check(endpoint.owner == record.owner, "endpoint not owned by its publisher")
         _check(endpoint.key == record.key, "endpoint key mismatch")

@@ -89,10 +89,11 @@ class EndpointClaimed:
 
 @dataclass(frozen=True, slots=True)
 class EndpointReleased:
-    """`owner` withdrew its record of endpoint `key` (a tombstone)."""
+    """`owner` withdrew its record of endpoint `key` (a tombstone) at `at` (its clock)."""
 
     owner: str
     key: str
+    at: float = float("inf")
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +233,8 @@ class Admission:
         self._store: dict[str, Endpoint] = {}
         self._gossip: dict[str, dict[str, Endpoint]] = {}  # key -> owner -> record
         self._gossip_keys: dict[str, set[str]] = {}  # owner -> keys it claims by gossip
+        # Keys whose owner withdrew them by gossip while the store still lists them: key -> (owner, when).
+        self._released: dict[str, tuple[str, float]] = {}
         # The winning claim per key, and the keys whose winners claim each address.
         self._winner: dict[str, _Claim] = {}
         self._by_addr: dict[_Group, dict[str, None]] = {}
@@ -302,6 +305,7 @@ class Admission:
                     self._store[ep.key] = ep
                     self._settle(ep.key, out)
                 case EndpointDeleted(key):
+                    self._released.pop(key, None)
                     if self._store.pop(key, None) is not None:
                         self._settle(key, out)
                 case NodePut(node):
@@ -347,6 +351,7 @@ class Admission:
         node_touched = {n for n, nd in self._node_store.items() if nodes.get(n) != nd}
         node_touched |= {n for n in nodes if n not in self._node_store}
         self._store, self._node_store = endpoints, nodes
+        self._released = {k: v for k, v in self._released.items() if k in endpoints}
         networks_changed = networks != self._net_store
         self._net_store = networks
         if networks_changed:
@@ -366,8 +371,15 @@ class Admission:
                 case EndpointClaimed(ep):
                     self._gossip_put(ep)
                     self._settle(ep.key, out)
-                case EndpointReleased(owner, key):
-                    if self._gossip_drop(owner, key):
+                case EndpointReleased(owner, key, at):
+                    dropped = self._gossip_drop(owner, key)
+                    stored = self._store.get(key)
+                    if stored is not None and stored.owner == owner and stored.created_at <= at:
+                        # The owner's own word that it let go: the store will say so too,
+                        # unless it is unreachable just now (then not for a while).
+                        self._released[key] = (owner, at)
+                        dropped = True
+                    if dropped:
                         self._settle(key, out)
                 case NodeHeard(node):
                     self._node_gossip[node.name] = node
@@ -441,15 +453,20 @@ class Admission:
         if own is not None:
             yield (Tier.CONFIRMED, own)
         stored = self._store.get(key)
-        if stored is not None:
+        if stored is not None and not self._withdrawn(stored):
             yield (Tier.STORE, stored)
         for owner, ep in self._gossip.get(key, {}).items():
             if self.is_admissible(owner):
                 yield (Tier.GOSSIP, ep)
 
+    def _withdrawn(self, stored: Endpoint) -> bool:
+        """The store's record is one its owner has withdrawn by gossip since."""
+        released = self._released.get(stored.key)
+        return released is not None and released[0] == stored.owner and stored.created_at <= released[1]
+
     def _best(self, key: str) -> _Claim | None:
         gossip = self._gossip.get(key)
-        if gossip is None:  # the common case: one source, nothing to rank
+        if gossip is None and key not in self._released:  # the common case: one source, no ranking
             own = self._own.get(key)
             if own is not None:
                 return (Tier.CONFIRMED, own)

@@ -194,6 +194,26 @@ def test_owner_tombstone_removes_a_gossip_record_ahead_of_the_store() -> None:
     assert lines(a.from_gossip([EndpointReleased("hc", "blue/b1")])) == []
 
 
+def test_owner_tombstone_removes_a_record_the_store_still_lists_during_an_outage() -> None:
+    a = kv()
+    b1 = ep("b1", "10.1.0.11", "hb", 10.0)
+    a.from_gossip([MemberAdmissible("hb", True), EndpointClaimed(b1)])
+    a.from_store([EndpointPut(b1)])
+    # The store is unreachable: hb removes b1, and only gossip carries the news.
+    assert lines(a.from_gossip([EndpointReleased("hb", "blue/b1", 20.0)])) == ["- blue/b1"]
+    # The store's watch, lagging, repeats the old record: still withdrawn.
+    assert lines(a.from_store([EndpointPut(b1)])) == []
+    # A re-creation after the tombstone is a new claim.
+    again = ep("b1", "10.1.0.11", "hb", 30.0)
+    assert lines(a.from_store([EndpointPut(again)])) == ["+ blue/b1 10.1.0.11@hb"]
+
+
+def test_a_tombstone_from_another_owner_does_not_withdraw_the_store_record() -> None:
+    a = kv()
+    a.from_store([EndpointPut(ep("b1", "10.1.0.11", "hb", 10.0))])
+    assert lines(a.from_gossip([EndpointReleased("hc", "blue/b1", 20.0)])) == []
+
+
 def test_store_record_beats_a_gossip_claim_on_the_same_address() -> None:
     a = kv()
     a.from_gossip([MemberAdmissible("hc", True)])
