@@ -67,13 +67,12 @@ def run_one(ctx: Context, name: str) -> BenchResult:
     return result
 
 
-def write(run: Run, out: Path) -> Path:
+def write(run: Run, path: Path) -> Path:
     doc = run.to_json()
     problems = validate(doc)
     if problems:
         raise RuntimeError("results do not have the documented shape: " + "; ".join(problems[:5]))
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "latest.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(doc, indent=1) + "\n")
     tmp.replace(path)
@@ -84,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=(__doc__ or "").strip())
     parser.add_argument("--quick", action="store_true", help="small scale, a few minutes")
     parser.add_argument("--only", default="", help=f"comma-separated subset of: {', '.join(SUITE)}")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory for latest.json/.png")
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help="directory for latest.json/.png (quick.json/.png with --quick)"
+    )
     parser.add_argument("--seed", type=int, default=8, help="random choices (hosts, MACs)")
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
@@ -110,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
             ctx.say(f"cleanup: {err}")
     info["loadavg_at_end"] = list(os.getloadavg())
     run = Run(started, args.quick, time.monotonic() - ctx.started, info, results)
-    path = write(run, args.out)
+    # A quick run never overwrites the full run's results (the README shows those).
+    stem = "quick" if args.quick else "latest"
+    path = write(run, args.out / f"{stem}.json")
     print(table(run))
     print(f"\nresults: {path}")
     if not args.no_plot:
@@ -119,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError as exc:
             print(f"plot skipped: {exc} (pip install -e '.[bench]')")
         else:
-            print(f"plot: {draw(run, args.out / 'latest.png')}")
+            print(f"plot: {draw(run, args.out / f'{stem}.png')}")
     return 0
 
 
