@@ -84,7 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small scale, a few minutes")
     parser.add_argument("--only", default="", help=f"comma-separated subset of: {', '.join(SUITE)}")
     parser.add_argument(
-        "--out", type=Path, default=DEFAULT_OUT, help="directory for latest.json/.png (quick.json/.png with --quick)"
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        help="directory for latest.json/.png (quick.json/.png with --quick)",
     )
     parser.add_argument("--seed", type=int, default=8, help="random choices (hosts, MACs)")
     parser.add_argument("--no-plot", action="store_true")

@@ -18,7 +18,7 @@ matplotlib.use("Agg")  # no display: files only
 import matplotlib.pyplot as plt
 from matplotlib.axes import Axes
 
-from bench.report import BenchResult, Figure, Run
+from bench.report import BenchResult, Run
 from bench.stats import quantile
 
 COLORS = {"gossip": "tab:green", "etcd": "tab:blue", "consul": "tab:purple", "zookeeper": "tab:orange"}
@@ -56,7 +56,7 @@ def _convergence(ax: Axes, run: Run) -> None:
             ys = [v for _h, v in points if v is not None]
             if what == "floor":
                 if q == 0.99:
-                    ax.plot(xs, ys, "--", color=color, alpha=0.5, label=f"{store} floor p99")
+                    ax.plot(xs, ys, "--", marker="x", color=color, alpha=0.6, label=f"{store} floor p99")
                 continue
             ax.plot(xs, ys, style, marker="o", color=color, label=f"{store} add p{int(q * 100)}")
     ax.set_xlabel("hosts")
@@ -86,20 +86,21 @@ def _join(ax: Axes, run: Run) -> None:
 
 
 def _ratios(ax: Axes, run: Run) -> None:
-    figs: list[Figure] = [f for f in run.figures() if f.bench not in ("convergence",) and f.ratio is not None]
-    figs = [f for f in figs if f.ratio is not None and f.ratio > 0]
+    figs = [f for f in run.figures() if f.bench != "convergence" and f.times_worse is not None]
     if not figs:
-        ax.text(0.5, 0.5, "no ratios", ha="center", va="center", transform=ax.transAxes)
+        ax.text(0.5, 0.5, "no figure with a baseline", ha="center", va="center", transform=ax.transAxes)
         return
-    names = [f"{f.bench}: {f.name}"[:70] for f in figs]
-    ratios = [f.ratio or 1.0 for f in figs]
-    ys = range(len(figs))
-    ax.barh(list(ys), ratios, color=["tab:red" if r > 1 else "tab:green" for r in ratios])
+    names = [f"{f.bench}: {f.name}"[:80] for f in figs]
+    costs = [f.times_worse or 1.0 for f in figs]
+    ys = list(range(len(figs)))
+    ax.barh(ys, costs, color=["tab:blue" if f.higher_is_better else "tab:gray" for f in figs])
+    for y, cost in zip(ys, costs, strict=True):
+        ax.text(cost, y, f" {cost:.3g}x", va="center", fontsize=6)
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_xscale("log")
-    ax.set_yticks(list(ys), names, fontsize=6)
+    ax.set_yticks(ys, names, fontsize=6)
     ax.invert_yaxis()
-    ax.set_xlabel("figure / its baseline (same run)")
+    ax.set_xlabel("times the baseline's cost, same run (rates inverted: blue bars); 1 = the baseline")
     ax.set_title("every other figure against its baseline")
     ax.grid(True, axis="x", which="both", alpha=0.3)
 

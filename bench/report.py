@@ -39,6 +39,19 @@ class Figure:
     target: str = ""  # the issue's target as text ("<= 10 ms"), empty if none
 
     @property
+    def higher_is_better(self) -> bool:
+        """Rates (adds/s, Gbit/s) are better high; times, CPU and memory are better low."""
+        return self.unit.endswith("/s")
+
+    @property
+    def times_worse(self) -> float | None:
+        """How many times the baseline's cost this figure is (the ratio, inverted for rates)."""
+        ratio = self.ratio
+        if ratio is None or ratio <= 0:
+            return None
+        return 1.0 / ratio if self.higher_is_better else ratio
+
+    @property
     def ratio(self) -> float | None:
         value, base = _finite(self.value), _finite(self.baseline)
         if value is None or base is None or base == 0:
@@ -54,6 +67,7 @@ class Figure:
             "baseline": _finite(self.baseline),
             "baseline_what": self.baseline_what,
             "ratio": self.ratio,
+            "better": "higher" if self.higher_is_better else "lower",
             "note": self.note,
             "target": self.target,
         }
@@ -196,6 +210,8 @@ def validate(doc: Any) -> list[str]:
                 continue
             for key in ("bench", "name", "unit", "baseline_what", "note", "target"):
                 need(fig, key, str, fwhere)
+            if fig.get("better") not in ("higher", "lower"):
+                errors.append(f"{fwhere}.better: {fig.get('better')!r} is not 'higher' or 'lower'")
             for key in ("value", "baseline", "ratio"):
                 if key not in fig:
                     errors.append(f"{fwhere}: missing {key!r}")

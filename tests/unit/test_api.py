@@ -60,23 +60,43 @@ class FakeService:
 
     def peers(self) -> list[JSON]:
         return [
-            {"name": "h1", "vtep": "198.18.0.1", "started_at": 1_700_000_000.0,
-             "endpoints": len(self.endpoints), "self": True},
-            {"name": "h2", "vtep": "198.18.0.2", "started_at": 1_700_000_100.0,
-             "endpoints": 0, "self": False},
+            {
+                "name": "h1",
+                "vtep": "198.18.0.1",
+                "started_at": 1_700_000_000.0,
+                "endpoints": len(self.endpoints),
+                "self": True,
+            },
+            {
+                "name": "h2",
+                "vtep": "198.18.0.2",
+                "started_at": 1_700_000_100.0,
+                "endpoints": 0,
+                "self": False,
+            },
         ]
 
     async def network_create(
-        self, *, name: str, subnet: str, vni: int | None = None,
-        gateway: str | None = None, mtu: int | None = None,
+        self,
+        *,
+        name: str,
+        subnet: str,
+        vni: int | None = None,
+        gateway: str | None = None,
+        mtu: int | None = None,
     ) -> JSON:
         if name in self.networks:
             raise Conflict(f"network {name!r} already exists")
         if vni is not None and any(n.vni == vni for n in self.networks.values()):
             raise Conflict(f"VNI {vni} is already used")
         net = Network.from_dict(
-            {"name": name, "subnet": subnet, "vni": vni or 4096 + len(self.networks),
-             "gateway": gateway, "mtu": mtu}
+            {
+                "name": name,
+                "subnet": subnet,
+                "vni": vni or 4096 + len(self.networks),
+                "gateway": gateway,
+                "mtu": mtu,
+            }
         )
         self.networks[name] = net
         return net.to_dict()
@@ -103,7 +123,12 @@ class FakeService:
         del self.networks[name]
 
     async def endpoint_add(
-        self, *, network: str, name: str, netns: str, ip: str | None = None,
+        self,
+        *,
+        network: str,
+        name: str,
+        netns: str,
+        ip: str | None = None,
         ifname: str = "eth0",
     ) -> JSON:
         net = self._network(network)
@@ -112,8 +137,15 @@ class FakeService:
         taken = {e.ip for (n, _), e in self.endpoints.items() if n == network}
         addr = IPv4Address(ip) if ip else first_free_ip(net, taken)
         net.check_endpoint_ip(addr)  # model.ValidationError -> 400
-        ep = Endpoint(network=network, name=name, ip=addr, mac=f"02:00:00:00:00:{len(taken):02x}",
-                      owner=self.node, netns=netns, ifname=ifname)
+        ep = Endpoint(
+            network=network,
+            name=name,
+            ip=addr,
+            mac=f"02:00:00:00:00:{len(taken):02x}",
+            owner=self.node,
+            netns=netns,
+            ifname=ifname,
+        )
         self.endpoints[(network, name)] = ep
         return ep.to_dict()
 
@@ -186,8 +218,19 @@ async def raw(admin: Admin, method: str, path: str, data: bytes | None = None) -
 
 
 async def create_demo(admin: Admin, capsys: pytest.CaptureFixture[str]) -> None:
-    run = await ctl(admin, capsys, "network", "create", "demo", "--subnet", "10.10.0.0/24",
-                    "--gateway", "10.10.0.1", "--vni", "42")
+    run = await ctl(
+        admin,
+        capsys,
+        "network",
+        "create",
+        "demo",
+        "--subnet",
+        "10.10.0.0/24",
+        "--gateway",
+        "10.10.0.1",
+        "--vni",
+        "42",
+    )
     assert run.code == 0, run.err
 
 
@@ -271,9 +314,7 @@ async def test_network_create_ls_inspect(admin: Admin, capsys: pytest.CaptureFix
     ]
 
 
-async def test_json_before_and_after_the_command(
-    admin: Admin, capsys: pytest.CaptureFixture[str]
-) -> None:
+async def test_json_before_and_after_the_command(admin: Admin, capsys: pytest.CaptureFixture[str]) -> None:
     await create_demo(admin, capsys)
     before = await overlayctl(capsys, "--json", "--socket", admin.path, "network", "ls")
     after = await overlayctl(capsys, "network", "ls", "--socket", admin.path, "--json")
@@ -315,8 +356,21 @@ async def test_endpoint_lifecycle(admin: Admin, capsys: pytest.CaptureFixture[st
     assert run.code == 0, run.err
     assert run.out.startswith("created endpoint demo/web: IP 10.10.0.2, MAC 02:00:00:00:00:00")
 
-    run = await ctl(admin, capsys, "--json", "endpoint", "add", "demo", "db", "--netns", "ns-db",
-                    "--ip", "10.10.0.9", "--ifname", "eth1")
+    run = await ctl(
+        admin,
+        capsys,
+        "--json",
+        "endpoint",
+        "add",
+        "demo",
+        "db",
+        "--netns",
+        "ns-db",
+        "--ip",
+        "10.10.0.9",
+        "--ifname",
+        "eth1",
+    )
     assert run.code == 0
     assert run.json()["ip"] == "10.10.0.9"
     assert run.json()["ifname"] == "eth1"
@@ -346,18 +400,19 @@ async def test_endpoint_lifecycle(admin: Admin, capsys: pytest.CaptureFixture[st
     assert admin.service.networks == {}
 
 
-async def test_daemon_errors_are_one_line_exit_1(
-    admin: Admin, capsys: pytest.CaptureFixture[str]
-) -> None:
+async def test_daemon_errors_are_one_line_exit_1(admin: Admin, capsys: pytest.CaptureFixture[str]) -> None:
     await create_demo(admin, capsys)
     cases = [
         (["network", "inspect", "nope"], "network 'nope' not found"),  # 404
-        (["network", "create", "demo", "--subnet", "10.30.0.0/24"],
-         "network 'demo' already exists"),  # 409
-        (["network", "create", "red", "--subnet", "10.30.0.0/24", "--vni", "42"],
-         "VNI 42 is already used"),  # 409
-        (["endpoint", "add", "demo", "x", "--netns", "n", "--ip", "10.99.0.5"],
-         "IP 10.99.0.5 is not a usable address in network demo (10.10.0.0/24)"),  # 400
+        (["network", "create", "demo", "--subnet", "10.30.0.0/24"], "network 'demo' already exists"),  # 409
+        (
+            ["network", "create", "red", "--subnet", "10.30.0.0/24", "--vni", "42"],
+            "VNI 42 is already used",
+        ),  # 409
+        (
+            ["endpoint", "add", "demo", "x", "--netns", "n", "--ip", "10.99.0.5"],
+            "IP 10.99.0.5 is not a usable address in network demo (10.10.0.0/24)",
+        ),  # 400
         (["endpoint", "rm", "demo", "ghost"], "endpoint demo/ghost not found"),
         (["network", "create", "bad name", "--subnet", "10.30.0.0/24"], "invalid network name"),
     ]
@@ -376,9 +431,7 @@ async def test_internal_error_hides_details_and_logs_them(
     with caplog.at_level(logging.ERROR, logger="overlayd.api.admin"):
         run = await ctl(admin, capsys, "network", "inspect", "boom")
     assert run.code == 1
-    assert run.err == (
-        "overlayctl: error: internal error (RuntimeError); see the overlayd log for details\n"
-    )
+    assert run.err == ("overlayctl: error: internal error (RuntimeError); see the overlayd log for details\n")
     assert "hunter2" not in run.err
     assert any(r.exc_info and "hunter2" in str(r.exc_info[1]) for r in caplog.records)
 
@@ -407,8 +460,7 @@ async def test_daemon_not_running(short_dir: str, capsys: pytest.CaptureFixture[
     run = await overlayctl(capsys, "--socket", missing, "status")
     assert run.code == 1
     assert run.err == (
-        f"overlayctl: error: cannot reach overlayd at {missing}: no such file "
-        "(is the daemon running?)\n"
+        f"overlayctl: error: cannot reach overlayd at {missing}: no such file (is the daemon running?)\n"
     )
     dead = socket.socket(socket.AF_UNIX)
     dead.bind(missing)
@@ -422,8 +474,7 @@ async def test_diff_exit_codes(admin: Admin, capsys: pytest.CaptureFixture[str])
     run = await ctl(admin, capsys, "diff")
     assert (run.code, run.out, run.err) == (0, "", "")
 
-    admin.service.changes = ["ReplaceFdb demo 02:00:00:00:00:01 -> 198.18.0.2",
-                             "DeleteNeigh demo 10.10.0.7"]
+    admin.service.changes = ["ReplaceFdb demo 02:00:00:00:00:01 -> 198.18.0.2", "DeleteNeigh demo 10.10.0.7"]
     run = await ctl(admin, capsys, "diff")
     assert run.code == 3
     assert run.out.splitlines() == admin.service.changes
@@ -445,10 +496,14 @@ async def test_malformed_requests_are_400_naming_the_field(admin: Admin) -> None
         (b"[1]", "request body must be a JSON object, got an array"),
         (b'{"subnet": "10.0.0.0/24"}', "missing field 'name'"),
         (b'{"name": "n", "subnet": 5}', "field 'subnet' must be a string, got an integer"),
-        (b'{"name": "n", "subnet": "10.0.0.0/24", "vni": "7"}',
-         "field 'vni' must be an integer, got a string"),
-        (b'{"name": "n", "subnet": "10.0.0.0/24", "mtu": true}',
-         "field 'mtu' must be an integer, got a boolean"),
+        (
+            b'{"name": "n", "subnet": "10.0.0.0/24", "vni": "7"}',
+            "field 'vni' must be an integer, got a string",
+        ),
+        (
+            b'{"name": "n", "subnet": "10.0.0.0/24", "mtu": true}',
+            "field 'mtu' must be an integer, got a boolean",
+        ),
         (b'{"name": "n", "subnet": "10.0.0.0/24", "vnii": 7}', "unknown field 'vnii'"),
         (b'{"name": "n", "subnet": "10.0.0.0/33"}', "invalid subnet"),  # model.ValidationError
     ]
@@ -460,9 +515,7 @@ async def test_malformed_requests_are_400_naming_the_field(admin: Admin) -> None
 
 
 async def test_unknown_route_and_method(admin: Admin) -> None:
-    assert await raw(admin, "GET", "/v1/nope") == (
-        404, {"error": "no such API route: GET /v1/nope"}
-    )
+    assert await raw(admin, "GET", "/v1/nope") == (404, {"error": "no such API route: GET /v1/nope"})
     status, data = await raw(admin, "DELETE", "/v1/diff")
     assert status == 405
     assert data["error"].startswith("method DELETE not allowed on /v1/diff")
@@ -470,14 +523,9 @@ async def test_unknown_route_and_method(admin: Admin) -> None:
 
 async def test_client_methods(admin: Admin) -> None:
     client = AdminClient(admin.path)
-    net = await asyncio.to_thread(
-        lambda: client.network_create(name="demo", subnet="10.10.0.0/24", mtu=1400)
-    )
-    assert net == {"name": "demo", "vni": 4096, "subnet": "10.10.0.0/24", "gateway": None,
-                   "mtu": 1400}
-    ep = await asyncio.to_thread(
-        lambda: client.endpoint_add(network="demo", name="a", netns="/run/netns/a")
-    )
+    net = await asyncio.to_thread(lambda: client.network_create(name="demo", subnet="10.10.0.0/24", mtu=1400))
+    assert net == {"name": "demo", "vni": 4096, "subnet": "10.10.0.0/24", "gateway": None, "mtu": 1400}
+    ep = await asyncio.to_thread(lambda: client.endpoint_add(network="demo", name="a", netns="/run/netns/a"))
     assert ep["netns"] == "/run/netns/a"
     assert [e["name"] for e in await asyncio.to_thread(client.endpoint_list, "demo")] == ["a"]
     with pytest.raises(ClientError) as info:
@@ -501,6 +549,7 @@ async def test_lab_commands_dispatch_to_overlayd_lab(
         def call(**kwargs: object) -> int:
             calls.append((name, kwargs))
             return code
+
         return call
 
     lab = types.ModuleType("overlayd.lab")

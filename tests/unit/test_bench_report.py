@@ -61,6 +61,15 @@ def test_ratio_is_value_over_baseline_and_absent_without_both() -> None:
     assert Figure("b", "n", math.inf, "ms", 1.0, "w").ratio is None
 
 
+def test_rates_are_better_high_and_their_cost_is_the_inverse_ratio() -> None:
+    rate = Figure("b", "adds/s", 20.0, "/s", 200.0, "w")
+    assert rate.higher_is_better and rate.times_worse == pytest.approx(10.0)
+    took = Figure("b", "join", 3.0, "s", 0.3, "w")
+    assert not took.higher_is_better and took.times_worse == pytest.approx(10.0)
+    assert not Figure("b", "cpu", 1.0, "CPU s/min", 1.0, "w").higher_is_better
+    assert rate.to_json()["better"] == "higher" and took.to_json()["better"] == "lower"
+
+
 def test_document_round_trips_through_json_and_validates() -> None:
     doc = sample_run().to_json()
     text = json.dumps(doc, allow_nan=False)  # infinities became null: strict JSON
@@ -89,6 +98,7 @@ def _broken(change: Any) -> list[str]:
         (lambda d: d["benchmarks"][0].update(status="great"), "status"),
         (lambda d: d["benchmarks"][0]["figures"][0].update(value="4.2"), "value: not a number"),
         (lambda d: d["benchmarks"][0]["figures"][0].pop("baseline_what"), "baseline_what"),
+        (lambda d: d["benchmarks"][0]["figures"][0].update(better="more"), "better"),
         (lambda d: d["benchmarks"][0]["figures"][0].update(value=None, note=""), "no value and no note"),
         (lambda d: d["benchmarks"][0]["samples"].update(x=[1, "a"]), "samples['x']"),
         (lambda d: d["benchmarks"].append(3), "not an object"),

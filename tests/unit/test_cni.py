@@ -50,8 +50,13 @@ class Service:
         return []
 
     async def network_create(
-        self, *, name: str, subnet: str, vni: int | None = None,
-        gateway: str | None = None, mtu: int | None = None,
+        self,
+        *,
+        name: str,
+        subnet: str,
+        vni: int | None = None,
+        gateway: str | None = None,
+        mtu: int | None = None,
     ) -> JSON:
         raise BadRequest("not in this test")
 
@@ -68,7 +73,13 @@ class Service:
         raise BadRequest("not in this test")
 
     async def endpoint_add(
-        self, *, network: str, name: str, netns: str, ip: str | None = None, ifname: str = "eth0",
+        self,
+        *,
+        network: str,
+        name: str,
+        netns: str,
+        ip: str | None = None,
+        ifname: str = "eth0",
     ) -> JSON:
         self.calls.append(f"add {network}/{name}")
         if network not in self.networks:
@@ -80,8 +91,16 @@ class Service:
             raise Conflict(f"IP {ip} is already in use in network {network}")
         hosts = IPv4Network(self.networks[network]["subnet"]).hosts()
         address = ip or next(str(a) for a in hosts if str(a) not in taken and str(a) != "10.10.0.1")
-        record = {"network": network, "name": name, "ip": address, "mac": next(self.macs),
-                  "owner": self.node, "version": 1, "netns": netns, "ifname": ifname}
+        record = {
+            "network": network,
+            "name": name,
+            "ip": address,
+            "mac": next(self.macs),
+            "owner": self.node,
+            "version": 1,
+            "netns": netns,
+            "ifname": ifname,
+        }
         self.endpoints[(network, name)] = record
         return record
 
@@ -116,10 +135,20 @@ def short_dir() -> Iterator[str]:
 @pytest.fixture
 async def daemon(short_dir: str) -> AsyncIterator[Daemon]:
     service = Service()
-    service.networks["demo"] = {"name": "demo", "vni": 42, "subnet": "10.10.0.0/24",
-                                "gateway": "10.10.0.1", "mtu": None}
-    service.networks["flat"] = {"name": "flat", "vni": 43, "subnet": "10.20.0.0/16",
-                                "gateway": None, "mtu": None}
+    service.networks["demo"] = {
+        "name": "demo",
+        "vni": 42,
+        "subnet": "10.10.0.0/24",
+        "gateway": "10.10.0.1",
+        "mtu": None,
+    }
+    service.networks["flat"] = {
+        "name": "flat",
+        "vni": 43,
+        "subnet": "10.20.0.0/16",
+        "gateway": None,
+        "mtu": None,
+    }
     path = os.path.join(short_dir, "overlayd.sock")
     server = await start_admin_server(service, path)
     yield Daemon(service, path, server)
@@ -158,8 +187,12 @@ def conf(daemon: Daemon | None, version: str = "1.0.0", **extra: Any) -> str:
 
 
 def cni_env(command: str, netns: str = "", ifname: str = "eth0", args: str = "") -> dict[str, str]:
-    env = {"CNI_COMMAND": command, "CNI_CONTAINERID": CONTAINER, "CNI_IFNAME": ifname,
-           "CNI_PATH": "/opt/cni/bin"}
+    env = {
+        "CNI_COMMAND": command,
+        "CNI_CONTAINERID": CONTAINER,
+        "CNI_IFNAME": ifname,
+        "CNI_PATH": "/opt/cni/bin",
+    }
     if netns:
         env["CNI_NETNS"] = netns
     if args:
@@ -186,8 +219,10 @@ async def test_version_needs_no_network_config() -> None:
     for stdin in ('{"cniVersion":"1.0.0"}', "", "not json"):
         run = await plugin({"CNI_COMMAND": "VERSION"}, stdin)
         assert run.code == 0
-        assert run.json() == {"cniVersion": "1.0.0",
-                              "supportedVersions": ["0.3.0", "0.3.1", "0.4.0", "1.0.0"]}
+        assert run.json() == {
+            "cniVersion": "1.0.0",
+            "supportedVersions": ["0.3.0", "0.3.1", "0.4.0", "1.0.0"],
+        }
     run = await plugin({"CNI_COMMAND": "VERSION"}, '{"cniVersion":"0.4.0"}')
     assert run.json()["cniVersion"] == "0.4.0"
 
@@ -214,8 +249,9 @@ async def test_add_result_with_gateway_and_dns(daemon: Daemon, netns_path: str) 
 
 
 async def test_add_legacy_version_without_gateway(daemon: Daemon, netns_path: str) -> None:
-    run = await plugin(cni_env("ADD", netns_path, ifname="net1"),
-                       conf(daemon, "0.4.0", name="flat-net", network="flat"))
+    run = await plugin(
+        cni_env("ADD", netns_path, ifname="net1"), conf(daemon, "0.4.0", name="flat-net", network="flat")
+    )
     assert run.code == 0, run.out
     result = run.json()
     assert result["cniVersion"] == "0.4.0"
@@ -272,8 +308,7 @@ async def test_taken_ip_is_refused_with_the_daemons_reason(daemon: Daemon, netns
     run = await plugin(cni_env("ADD", netns_path, args="IP=10.10.0.9"), conf(daemon))
     assert run.code == 0
     other = {**cni_env("ADD", netns_path, args="IP=10.10.0.9"), "CNI_CONTAINERID": "other"}
-    error = assert_error(await plugin(other, conf(daemon)), cni.ERR_OVERLAYD,
-                         "10.10.0.9 is already in use")
+    error = assert_error(await plugin(other, conf(daemon)), cni.ERR_OVERLAYD, "10.10.0.9 is already in use")
     assert error["details"] == "HTTP 409"
     assert len(daemon.service.endpoints) == 1
 
@@ -302,8 +337,13 @@ async def test_del_is_idempotent(daemon: Daemon, netns_path: str) -> None:
 
 async def test_check_looks_at_the_interface_and_the_daemon(daemon: Daemon) -> None:
     # The test's own namespace and its loopback: a real interface, no privilege needed.
-    daemon.service.networks["loop"] = {"name": "loop", "vni": 44, "subnet": "127.0.0.0/8",
-                                       "gateway": None, "mtu": None}
+    daemon.service.networks["loop"] = {
+        "name": "loop",
+        "vni": 44,
+        "subnet": "127.0.0.0/8",
+        "gateway": None,
+        "mtu": None,
+    }
     daemon.service.macs = iter(["00:00:00:00:00:00", "02:00:00:00:00:42"])
     env = cni_env("ADD", OWN_NETNS, ifname="lo", args="IP=127.0.0.1")
     added = await plugin(env, conf(daemon, network="loop"))
@@ -316,19 +356,28 @@ async def test_check_looks_at_the_interface_and_the_daemon(daemon: Daemon) -> No
 
     record = daemon.service.endpoints[("loop", cni.endpoint_name(CONTAINER, "lo"))]
     record["ip"] = "127.0.0.2"
-    assert_error(await plugin(check, conf(daemon, network="loop")), cni.ERR_OVERLAYD,
-                 "lo", "lacks 127.0.0.2/8")
-    assert_error(await plugin(check, conf(daemon, network="loop", prevResult=prev)),
-                 cni.ERR_OVERLAYD, "prevResult", "127.0.0.1/8")
+    assert_error(
+        await plugin(check, conf(daemon, network="loop")), cni.ERR_OVERLAYD, "lo", "lacks 127.0.0.2/8"
+    )
+    assert_error(
+        await plugin(check, conf(daemon, network="loop", prevResult=prev)),
+        cni.ERR_OVERLAYD,
+        "prevResult",
+        "127.0.0.1/8",
+    )
     record["ip"], record["mac"] = "127.0.0.1", "02:00:00:00:00:99"
-    assert_error(await plugin(check, conf(daemon, network="loop")), cni.ERR_OVERLAYD,
-                 "MAC 00:00:00:00:00:00", "02:00:00:00:00:99")
+    assert_error(
+        await plugin(check, conf(daemon, network="loop")),
+        cni.ERR_OVERLAYD,
+        "MAC 00:00:00:00:00:00",
+        "02:00:00:00:00:99",
+    )
     record["mac"], record["owner"] = "00:00:00:00:00:00", "h2"
-    assert_error(await plugin(check, conf(daemon, network="loop")), cni.ERR_OVERLAYD,
-                 "owned by h2")
+    assert_error(await plugin(check, conf(daemon, network="loop")), cni.ERR_OVERLAYD, "owned by h2")
     daemon.service.endpoints.clear()
-    assert_error(await plugin(check, conf(daemon, network="loop")), cni.ERR_OVERLAYD,
-                 "does not know endpoint")
+    assert_error(
+        await plugin(check, conf(daemon, network="loop")), cni.ERR_OVERLAYD, "does not know endpoint"
+    )
     other_if = cni_env("CHECK", OWN_NETNS, ifname="nosuch0")
     assert (await plugin(cni_env("ADD", OWN_NETNS, ifname="nosuch0"), conf(daemon))).code == 0
     assert_error(await plugin(other_if, conf(daemon)), cni.ERR_OVERLAYD, "no interface nosuch0")
@@ -349,18 +398,29 @@ async def test_bad_config(daemon: Daemon, netns_path: str) -> None:
     env = cni_env("ADD", netns_path)
     assert_error(await plugin(env, "{"), cni.ERR_DECODE, "not valid JSON")
     assert_error(await plugin(env, "[]"), cni.ERR_DECODE, "JSON object")
-    assert_error(await plugin(env, json.dumps({"cniVersion": "1.0.0", "type": "overlayd"})),
-                 cni.ERR_INVALID_CONFIG, "missing key 'name'")
-    error = assert_error(await plugin(env, conf(daemon, "0.2.0")), cni.ERR_INCOMPATIBLE_VERSION,
-                         "0.2.0", "1.0.0")
+    assert_error(
+        await plugin(env, json.dumps({"cniVersion": "1.0.0", "type": "overlayd"})),
+        cni.ERR_INVALID_CONFIG,
+        "missing key 'name'",
+    )
+    error = assert_error(
+        await plugin(env, conf(daemon, "0.2.0")), cni.ERR_INCOMPATIBLE_VERSION, "0.2.0", "1.0.0"
+    )
     assert error["cniVersion"] == "1.0.0"
     assert_error(await plugin(env, conf(daemon, socket=7)), cni.ERR_INVALID_CONFIG, "'socket'")
-    assert_error(await plugin(env, conf(daemon, dns={"nameservers": "10.0.0.1"})),
-                 cni.ERR_INVALID_CONFIG, "dns.nameservers")
-    assert_error(await plugin(env, conf(daemon, dns={"servers": []})), cni.ERR_UNSUPPORTED_FIELD,
-                 "dns.servers")
-    error = assert_error(await plugin(env, conf(daemon, "0.4.0", network="nosuch")),
-                         cni.ERR_INVALID_CONFIG, "no network 'nosuch'")
+    assert_error(
+        await plugin(env, conf(daemon, dns={"nameservers": "10.0.0.1"})),
+        cni.ERR_INVALID_CONFIG,
+        "dns.nameservers",
+    )
+    assert_error(
+        await plugin(env, conf(daemon, dns={"servers": []})), cni.ERR_UNSUPPORTED_FIELD, "dns.servers"
+    )
+    error = assert_error(
+        await plugin(env, conf(daemon, "0.4.0", network="nosuch")),
+        cni.ERR_INVALID_CONFIG,
+        "no network 'nosuch'",
+    )
     assert error["cniVersion"] == "0.4.0"
     assert daemon.service.endpoints == {}
 
