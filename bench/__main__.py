@@ -49,6 +49,9 @@ def machine() -> dict[str, object]:
 
 
 def run_one(ctx: Context, name: str) -> BenchResult:
+    if ctx.left() <= 0:
+        budget = f"{ctx.scale.run_budget / 60:g}-minute"
+        return BenchResult(name, status="skipped", error=f"the run's {budget} budget was spent")
     try:
         module = importlib.import_module(f"bench.{name}")
     except ModuleNotFoundError as exc:

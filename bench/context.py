@@ -26,16 +26,20 @@ class Scale:
     """How big each benchmark runs; `FULL` is `make bench`, `QUICK` is `make bench-quick`."""
 
     quick: bool
+    run_budget: float  # seconds: benchmarks that would start later are skipped
+    conv_total: float  # seconds convergence may spend in all; labs that would not fit are skipped
     conv_stores: tuple[str, ...]
     conv_hosts: tuple[int, ...]
     conv_samples: int  # per lab, at most
     conv_samples_30: int  # per 30-host lab, at most
     conv_budget: float  # seconds of sampling per lab, at most
+    steady_timeout: float  # for a lab to hold every demo entry before sampling
     sample_timeout: float  # per endpoint add or delete
     coldstart_hosts: int
     coldstart_timeout: float
     join_sizes: tuple[int, ...]
     join_timeout: float  # per join, at most
+    idle_settle: float  # more time for the last join to complete before idle measures
     idle_base_window: float
     idle_window: float
     churn_adds: int
@@ -48,21 +52,25 @@ class Scale:
 
 FULL = Scale(
     quick=False,
+    run_budget=14 * 60.0,
+    conv_total=330.0,
     conv_stores=("gossip", "zookeeper", "consul", "etcd"),
     conv_hosts=(3, 10, 30),
     conv_samples=25,
     conv_samples_30=15,
-    conv_budget=20.0,
+    conv_budget=15.0,
+    steady_timeout=20.0,
     sample_timeout=10.0,
     coldstart_hosts=30,
-    coldstart_timeout=60.0,
+    coldstart_timeout=30.0,
     join_sizes=(1000, 10000),
     join_timeout=60.0,
-    idle_base_window=20.0,
-    idle_window=45.0,
+    idle_settle=45.0,
+    idle_base_window=15.0,
+    idle_window=30.0,
     churn_adds=500,
     churn_clients=16,
-    churn_budget=60.0,
+    churn_budget=40.0,
     drift_timeout=35.0,
     iperf_seconds=5,
     floor_samples=25,
@@ -70,16 +78,20 @@ FULL = Scale(
 
 QUICK = Scale(
     quick=True,
+    run_budget=5 * 60.0,
+    conv_total=120.0,
     conv_stores=("gossip", "zookeeper", "consul", "etcd"),
     conv_hosts=(3,),
     conv_samples=5,
     conv_samples_30=5,
     conv_budget=6.0,
+    steady_timeout=10.0,
     sample_timeout=5.0,
     coldstart_hosts=5,
     coldstart_timeout=20.0,
     join_sizes=(100, 1000),
     join_timeout=20.0,
+    idle_settle=10.0,
     idle_base_window=5.0,
     idle_window=10.0,
     churn_adds=50,
@@ -110,6 +122,10 @@ class Context:
         self._watches: list[KernelWatch] = []
         # What one benchmark leaves prepared for the next (with the lab it belongs to).
         self.handoff: dict[str, object] = {}
+
+    def left(self) -> float:
+        """Seconds left of the run's budget (negative once it is spent)."""
+        return self.scale.run_budget - (time.monotonic() - self.started)
 
     def say(self, message: str) -> None:
         if self.verbose:

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
+from dataclasses import dataclass, field
 
 from bench.common import expected_view, network_vni, overrun_note, remote_entries, vxlan_device
 from bench.context import Context, lab_key
@@ -51,14 +53,27 @@ FLOOR_WHAT = {
 
 
 def plan(stores: tuple[str, ...], hosts: tuple[int, ...]) -> list[tuple[str, int]]:
-    """The order of the labs: the biggest gossip lab first (cold start hands it over), the
-    smallest gossip lab last (drift, dataplane and churn take it over)."""
-    small = min(hosts)
-    order = [(s, n) for s in stores if s == "gossip" for n in sorted(hosts, reverse=True) if n != small]
-    order += [(s, n) for s in stores if s != "gossip" for n in sorted(hosts, reverse=s == "etcd")]
+    """The order of the labs.
+
+    The biggest gossip lab first (cold start hands it over) and the smallest
+    last (drift, dataplane and churn take it over). In between, the labs with
+    targets (etcd) before the rest, and the biggest Consul and ZooKeeper labs
+    last: if the time budget runs short, those are the ones skipped.
+    """
+    small, big = min(hosts), max(hosts)
+    order = [("gossip", n) for n in sorted(hosts, reverse=True) if n != small and "gossip" in stores]
+    order += [("etcd", n) for n in sorted(hosts, reverse=True) if "etcd" in stores]
+    others = [s for s in stores if s not in ("gossip", "etcd")]
+    order += [(s, n) for n in sorted(hosts) if n != big or big == small for s in others]
+    order += [(s, big) for s in others if big != small]
     if "gossip" in stores:
         order.append(("gossip", small))
     return order
+
+
+def lab_cost(ctx: Context, hosts: int) -> float:
+    """Seconds a lab of `hosts` takes here, roughly: build, settle, sample, remove."""
+    return 5.0 + 1.2 * hosts + ctx.scale.conv_budget
 
 
 def target(store: str, hosts: int) -> str:
@@ -69,9 +84,15 @@ def target(store: str, hosts: int) -> str:
 
 def run(ctx: Context) -> BenchResult:
     result = BenchResult(NAME)
-    for store, hosts in plan(ctx.scale.conv_stores, ctx.scale.conv_hosts):
+    end = time.monotonic() + ctx.scale.conv_total
+    labs = plan(ctx.scale.conv_stores, ctx.scale.conv_hosts)
+    for i, (store, hosts) in enumerate(labs):
         key = lab_key(store, hosts)
         label = f"{LABEL[store]}, {hosts} hosts"
+        last = i == len(labs) - 1  # the small gossip lab: the next benchmarks need it anyway
+        if not last and end - time.monotonic() < lab_cost(ctx, hosts):
+            _unmeasured(result, store, hosts, f"skipped: convergence's {ctx.scale.conv_total:g} s were spent")
+            continue
         try:
             lab = ctx.lab(key, hosts=hosts, store=store, gossip=store != "gossip")
         except LabError as exc:
@@ -107,7 +128,7 @@ def measure(ctx: Context, lab: Lab, store: str, hosts: int, result: BenchResult)
     watch = ctx.watch([h.netns for h in lab.hosts] + [scratch.ns])
     try:
         steady = watch.expect(expected_view(lab, lab.endpoints, device))
-        if not steady.wait(30.0 if hosts >= 10 else 15.0):
+        if not steady.wait(scale.steady_timeout):
             result.notes.append(
                 f"{label}: lab not steady before sampling ({steady.total - steady.remaining} of "
                 f"{steady.total} demo entries)"
@@ -124,14 +145,20 @@ def measure(ctx: Context, lab: Lab, store: str, hosts: int, result: BenchResult)
         result.samples[f"{store}/{hosts}/floor_kernel"] = list(kernel)
         result.samples[f"{store}/{hosts}/floor_path"] = list(path)
         begin = time.monotonic()
-        adds, deletes, api, failures = _sample(ctx, lab, watch, device, result, f"{store}/{hosts}")
+        got = _sample(ctx, lab, watch, device, result, f"{store}/{hosts}")
         withheld = overrun_note(watch, begin, time.monotonic())
     finally:
         ctx.unwatch(watch)
         scratch.close_socket()
+    adds, deletes, api, failures = got.adds, got.deletes, got.api, got.failures
     ctx.say(f"{label}: {len(adds)} samples")
     result.samples[f"{store}/{hosts}/add"] = list(adds)
     result.samples[f"{store}/{hosts}/delete"] = list(deletes)
+    if got.missed:
+        where = ", ".join(f"{h} ({n}x)" for h, n in got.missed.most_common(5))
+        result.notes.append(
+            f"{label}: adds that never reached a host within {scale.sample_timeout:g} s: {where}"
+        )
     base = Summary.of([v * 1e3 for v in floor]) if floor else None
     for op, values in (("add", adds), ("delete", deletes)):
         name = f"{label}: {op}"
@@ -179,19 +206,24 @@ def _unmeasured_op(result: BenchResult, store: str, name: str, why: str) -> None
         result.add(Figure(NAME, f"{name} {q}", None, "ms", None, FLOOR_WHAT[store], why))
 
 
+@dataclass
+class Samples:
+    adds: list[float] = field(default_factory=list)  # seconds until every other kernel had it
+    deletes: list[float] = field(default_factory=list)  # ... until it was gone everywhere
+    api: list[float] = field(default_factory=list)  # seconds until the add request was answered
+    failures: int = 0  # requests the admin API refused
+    missed: Counter[str] = field(default_factory=Counter)  # host -> adds it never got in time
+
+
 def _sample(
     ctx: Context, lab: Lab, watch: KernelWatch, device: str, result: BenchResult, series: str
-) -> tuple[list[float], list[float], list[float], int]:
-    """Add and delete endpoints one at a time: seconds until every other kernel had (or lost)
-    the entries, seconds until the add request was answered, and the number of failed requests."""
+) -> Samples:
+    """Add and delete endpoints one at a time, each on a random host."""
     scale = ctx.scale
     limit = scale.conv_samples_30 if len(lab.hosts) >= 30 else scale.conv_samples
     deadline = time.monotonic() + scale.conv_budget
-    adds: list[float] = []
-    deletes: list[float] = []
+    out = Samples()
     per_host: list[float | None] = []
-    api: list[float] = []
-    failures = 0
     for i in range(limit):
         if i and time.monotonic() > deadline:
             break
@@ -205,32 +237,34 @@ def _sample(
         try:
             record = client.endpoint_add(network=DEMO_NETWORK, name=name, netns=ns)
         except ClientError as exc:
-            failures += 1
+            out.failures += 1
             result.notes.append(f"{series}: add of {name} on {host.name} failed: {exc.message}")
             nsh.delete_netns(ns)
-            if failures >= 3:
+            if out.failures >= 3:
                 break
             continue
-        api.append(time.monotonic() - start)
+        out.api.append(time.monotonic() - start)
         entries = remote_entries(device, host.address, str(record["ip"]), str(record["mac"]))
         wanted = {h.netns: entries for h in others}
         exp = watch.expect(wanted)
         done = exp.wait(max(0.0, scale.sample_timeout - (time.monotonic() - start)))
-        adds.append(exp.done_at - start if done and exp.done_at is not None else math.inf)
-        per_host += [
-            exp.done_at_by_ns[h.netns] - start if h.netns in exp.done_at_by_ns else None for h in others
-        ]
+        out.adds.append(exp.done_at - start if done and exp.done_at is not None else math.inf)
+        for h in others:
+            at = exp.done_at_by_ns.get(h.netns)
+            per_host.append(at - start if at is not None else None)
+            if at is None:
+                out.missed[h.name] += 1
         gone = watch.expect(wanted, present=False)
         start = time.monotonic()
         try:
             client.endpoint_remove(network=DEMO_NETWORK, name=name)
         except ClientError as exc:
-            failures += 1
+            out.failures += 1
             result.notes.append(f"{series}: delete of {name} on {host.name} failed: {exc.message}")
             continue
         done = gone.wait(scale.sample_timeout)
-        deletes.append(gone.done_at - start if done and gone.done_at is not None else math.inf)
+        out.deletes.append(gone.done_at - start if done and gone.done_at is not None else math.inf)
         nsh.delete_netns(ns)
     result.samples[f"{series}/add_per_host"] = per_host
-    result.samples[f"{series}/add_api"] = list(api)
-    return adds, deletes, api, failures
+    result.samples[f"{series}/add_api"] = list(out.api)
+    return out

@@ -45,10 +45,11 @@ def run(ctx: Context) -> BenchResult:
             joinlab.idle_base = joinlab.idle(ctx.scale.idle_base_window)
         if joinlab.loaded is None or len(joinlab.loaded.entries) != size:
             _load(ctx, joinlab, size, result)
+        busy = _settle(ctx, joinlab)
         ctx.say(f"idle: {ctx.scale.idle_window:g} s of quiet at {size} remote endpoints")
         stats = joinlab.idle(ctx.scale.idle_window)
         dump = joinlab.dump_seconds()
-        _figures(result, size, joinlab.idle_base, stats, dump)
+        _figures(result, size, joinlab.idle_base, stats, dump, busy)
         if joinlab.loaded is not None:
             joinlab.leave(joinlab.loaded, 5.0)
         joinlab.close()
@@ -73,6 +74,23 @@ def _load(ctx: Context, joinlab: JoinLab, size: int, result: BenchResult) -> Non
         )
 
 
+def _settle(ctx: Context, joinlab: JoinLab) -> str:
+    """Idle means done: give a join that has not finished programming some more time.
+
+    A note for the figures if it still has not ("" if it has)."""
+    if joinlab.loaded is None:
+        return ""
+    exp = joinlab.expect(joinlab.loaded)
+    if not exp.done:
+        ctx.say(f"idle: waiting up to {ctx.scale.idle_settle:g} s for the join to complete")
+    if exp.wait(ctx.scale.idle_settle):
+        return ""
+    return (
+        f"not idle: the daemons were still programming the join ({exp.total - exp.remaining} of "
+        f"{exp.total} entries) after a further {ctx.scale.idle_settle:g} s"
+    )
+
+
 def _names(size: int) -> list[tuple[str, str, str]]:
     head = f"idle at {size} remote endpoints"
     return [
@@ -88,9 +106,11 @@ def _worst_mean(passes: dict[str, promtext.Passes | None]) -> float | None:
     return max(means) * 1e3 if means else None
 
 
-def _figures(result: BenchResult, size: int, base: IdleStats, stats: IdleStats, dump: float) -> None:
+def _figures(
+    result: BenchResult, size: int, base: IdleStats, stats: IdleStats, dump: float, busy: str
+) -> None:
     names = _names(size)
-    window = f"{stats.window:g} s window"
+    window = f"{stats.window:g} s window" + (f"; {busy}" if busy else "")
     cpu_hosts = ", ".join(f"{n} {v:.2f}" for n, v in sorted(stats.cpu_per_min.items()))
     result.add(
         Figure(
