@@ -99,7 +99,8 @@ def _add_all(ctx: Context, lab: Lab, names: list[str]) -> tuple[list[Add | None]
     deadline = start + scale.churn_budget
 
     def client() -> None:
-        admin = lab.admin(owner, timeout=30.0)
+        # Bounded: an add still in flight when the budget ends delays the figures by this much at most.
+        admin = lab.admin(owner, timeout=15.0)
         while time.monotonic() < deadline:
             with lock:
                 i = next(next_index, None)
@@ -145,7 +146,7 @@ def measure(ctx: Context, lab: Lab, store: str, result: BenchResult) -> None:
             for h in others:
                 wanted[h.netns] += remote_entries(device, owner.address, a.ip, a.mac)
         remote = watch.expect(wanted)
-        remote.wait(30.0 if not scale.quick else 10.0)
+        remote.wait(15.0 if not scale.quick else 10.0)
         arrived = [_arrived(watch, others, device, owner.address, a) for a in done]
         withheld = overrun_note(watch, start, time.monotonic())
         kernel = scratch.write_floor(watch, scale.floor_samples, ctx.rng)

@@ -165,10 +165,14 @@ class Context:
             ready_timeout=ready_timeout if ready_timeout is not None else max(30.0, 3.0 * hosts),
             progress=None,
         )
-        self._active.append(lab)
         self.say(f"building lab {lab.prefix}: {hosts} hosts, {store}{' + gossip' if gossip else ''}")
         start = time.monotonic()
-        lab.up(daemons=daemons, demo=demo and daemons)
+        self._active.append(lab)  # from here on, close() removes it whatever happens
+        try:
+            lab.up(daemons=daemons, demo=demo and daemons)
+        except BaseException:
+            self._active.remove(lab)  # a failed up() removed what it made
+            raise
         self.say(f"lab {lab.prefix} up in {time.monotonic() - start:.1f}s")
         return lab
 

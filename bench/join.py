@@ -48,7 +48,7 @@ def run(ctx: Context) -> BenchResult:
         sizes = ctx.scale.join_sizes
         for size in sizes:
             if joinlab.loaded is not None:
-                if not joinlab.leave(joinlab.loaded, ctx.scale.join_timeout):
+                if not joinlab.leave(joinlab.loaded, ctx.scale.join_timeout / 2):
                     result.notes.append("the previous joiner's entries were not all removed before this join")
                 joinlab.scratch.reset()
             measure(ctx, joinlab, size, result)
