@@ -66,7 +66,9 @@ def measure(ctx: Context, lab: Lab, result: BenchResult) -> None:
         ep1 = next(ep for ep in lab.endpoints if ep.host == h1.name)
         entry = Fdb(device, ep1.mac, h1.address)
         held: list[Entry] = [
-            e for e in watch.entries(h3.netns) if e == Link(device) or getattr(e, "device", "") == device
+            e
+            for e in watch.entries(h3.netns)
+            if e == Link(device) or (not isinstance(e, Link) and e.device == device)
         ]
         entry_gone = watch.expect({h2.netns: [entry]}, present=False)
         device_gone = watch.expect({h3.netns: [Link(device)]}, present=False)
@@ -102,7 +104,8 @@ def measure(ctx: Context, lab: Lab, result: BenchResult) -> None:
         ctx.unwatch(watch)
         scratch.close_socket()
     if flaps:
-        result.notes.append(f"{len(flaps)} other entries removed meanwhile: {flaps[:3]}")
+        shown = ", ".join(f"{e.entry} in {e.netns}" for e in flaps[:3])
+        result.notes.append(f"{len(flaps)} correct entries removed meanwhile (flaps), e.g. {shown}")
     withheld = f"withheld: listener overran (ENOBUFS) {len(overruns)}x" if overruns else ""
     for exp, gone_at, name, base, what in (
         (entry_back, entry_gone.done_at, f"deleted FDB entry on {h2.name}: back", floor.p50, ENTRY_WHAT),
