@@ -20,8 +20,9 @@ context, bounds every wait it makes, and reports "did not complete in X s
 (N of M)" rather than hang. The whole run has a budget (`Scale.run_budget`,
 14 minutes at full scale): a benchmark that would start after it is
 reported as skipped, so each should stay within a minute or two. A module
-listed in `SUITE` that does not exist yet (`bench.gossip_scale`, built
-separately) is reported as missing.
+listed in `SUITE` that does not exist yet is reported as missing; one with
+another contract goes through `bench.adapters` (`bench.gossip_scale`, built
+separately, offers `run(quick) -> dict`).
 """
 
 # In the order they run: consecutive benchmarks hand labs over (see bench.context).

@@ -17,6 +17,7 @@ from pathlib import Path
 from types import FrameType
 
 from bench import SUITE
+from bench.adapters import ADAPTERS, takes_context
 from bench.context import FULL, QUICK, Context
 from bench.report import BenchResult, Run, table, validate
 
@@ -61,7 +62,12 @@ def run_one(ctx: Context, name: str) -> BenchResult:
     ctx.say(f"=== {name}")
     start = time.monotonic()
     try:
-        result: BenchResult = module.run(ctx)
+        if takes_context(module.run):
+            result: BenchResult = module.run(ctx)
+        elif name in ADAPTERS:
+            result = ADAPTERS[name](ctx, module)
+        else:
+            raise TypeError(f"bench/{name}.py: run() does not take the Context")
     except Exception as exc:
         result = BenchResult(name, status="failed", error=f"{type(exc).__name__}: {exc}"[:500])
         ctx.say(f"{name} failed: {exc!r}")

@@ -37,11 +37,12 @@ class Figure:
     baseline_what: str  # one line: what the baseline measured, in this run
     note: str = ""
     target: str = ""  # the issue's target as text ("<= 10 ms"), empty if none
+    higher: bool | None = None  # better when higher; None: from the unit
 
     @property
     def higher_is_better(self) -> bool:
-        """Rates (adds/s, Gbit/s) are better high; times, CPU and memory are better low."""
-        return self.unit.endswith("/s")
+        """Rates (adds/s, Gbit/s) are better high; times, CPU, memory and traffic are better low."""
+        return self.higher if self.higher is not None else self.unit in ("/s", "Gbit/s")
 
     @property
     def times_worse(self) -> float | None:
@@ -83,6 +84,7 @@ class Figure:
             baseline_what=data["baseline_what"],
             note=data.get("note", ""),
             target=data.get("target", ""),
+            higher=data.get("better") == "higher",
         )
 
 
