@@ -9,7 +9,7 @@ LAB_STAMP := $(VENV)/.installed-lab
 STAMP := $(VENV)/.installed
 LAB_HOSTS ?= 3
 
-.PHONY: setup setup-lab system-packages lab-packages test-deps lab lab-down test lint
+.PHONY: setup setup-lab system-packages lab-packages test-deps lab lab-down test lint bench bench-quick bench-deps
 
 # What the lab needs (iproute2, ping, Python's venv) and nothing of the test toolchain.
 setup-lab: lab-packages $(LAB_STAMP)
@@ -42,8 +42,8 @@ lab-down: setup-lab
 	$(BIN)/overlayctl lab down
 
 lint: setup
-	$(BIN)/ruff check overlayd tests
-	$(BIN)/mypy overlayd
+	$(BIN)/ruff check overlayd tests bench
+	$(BIN)/mypy overlayd bench
 	$(BIN)/lint-imports
 
 # Servers the tests run that Debian 12 does not package (cached; see the script).
@@ -54,3 +54,27 @@ test-deps:
 
 test: lint test-deps
 	$(BIN)/pytest -q
+
+# Benchmarks (root; see bench/__init__.py): `make bench` runs every one at full scale
+# (under 15 minutes on 2 cores) and writes bench/results/latest.json and latest.png;
+# `make bench-quick` runs the same code at small scale (quick.json, quick.png).
+BENCH_STAMP := $(VENV)/.bench-installed
+
+# iperf3 for the dataplane benchmark, Consul for its labs (cached; see the script).
+bench-deps: setup
+	@command -v iperf3 >/dev/null 2>&1 || { \
+		echo "installing: iperf3"; \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends iperf3; \
+	}
+	scripts/fetch-consul.sh
+
+# The bench extra (matplotlib) goes into the venv only here.
+$(BENCH_STAMP): pyproject.toml $(STAMP)
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+	touch $@
+
+bench: bench-deps $(BENCH_STAMP)
+	$(BIN)/python -m bench
+
+bench-quick: bench-deps $(BENCH_STAMP)
+	$(BIN)/python -m bench --quick

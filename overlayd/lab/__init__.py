@@ -2,7 +2,8 @@
 
 `overlayctl lab up|status|down` calls `lab_up`, `lab_status` and `lab_down`;
 the end-to-end tests drive a `Lab` directly. `EtcdServer` runs a real etcd
-for the lab and for the tests; `netns` wraps the iproute2 commands used.
+for the lab and for the tests; `netns` wraps the iproute2 commands used;
+`kwatch` times, from each namespace's kernel, when entries appear and vanish.
 """
 
 from overlayd.lab.etcd import EtcdError, EtcdServer

@@ -160,9 +160,7 @@ def network_state(
     br, vx = bridge_name(vni), vxlan_name(vni)
     want = KernelState()
     want.bridges[br] = BridgeSpec(ifname=br, network=network, mac=mac, mtu=mtu)
-    want.vxlans[vx] = VxlanSpec(
-        ifname=vx, network=network, vni=vni, local=local, mtu=mtu, bridge=br
-    )
+    want.vxlans[vx] = VxlanSpec(ifname=vx, network=network, vni=vni, local=local, mtu=mtu, bridge=br)
     return want
 
 
@@ -339,12 +337,23 @@ async def test_foreign_links_are_invisible_and_untouchable(host: str, kernel: Ke
     run("ip", "-n", host, "link", "add", "ovbr98", "type", "bridge")
     run("ip", "-n", host, "link", "set", "ovbr98", "alias", "someone-else")
     run(
-        "ip", "-n", host, "link", "add", "ovvx98", "type", "vxlan", "id", "98",
-        "local", str(VTEP), "dstport", "4789",
+        "ip",
+        "-n",
+        host,
+        "link",
+        "add",
+        "ovvx98",
+        "type",
+        "vxlan",
+        "id",
+        "98",
+        "local",
+        str(VTEP),
+        "dstport",
+        "4789",
     )
     run("ip", "-n", host, "link", "add", "foo0", "type", "veth", "peer", "name", "foo1")
-    run("bridge", "-n", host, "fdb", "append", "00:00:00:00:00:00", "dev", "ovvx98",
-        "dst", str(PEER_A))
+    run("bridge", "-n", host, "fdb", "append", "00:00:00:00:00:00", "dev", "ovvx98", "dst", str(PEER_A))
 
     assert await kernel.observe() == KernelState()
 
@@ -365,9 +374,7 @@ async def test_foreign_links_are_invisible_and_untouchable(host: str, kernel: Ke
     ]
     results = await kernel.execute(entries)
     assert all(r.error and "not an overlayd VXLAN device" in r.error for r in results)
-    assert [(e["mac"], e["dst"]) for e in fdb_show(host, "ovvx98")] == [
-        ("00:00:00:00:00:00", str(PEER_A))
-    ]
+    assert [(e["mac"], e["dst"]) for e in fdb_show(host, "ovvx98")] == [("00:00:00:00:00:00", str(PEER_A))]
     assert neigh_show(host, "ovvx98") == []
 
 
@@ -425,8 +432,7 @@ async def test_errors_map_to_their_commands_across_chunks(host: str, kernel: Ker
     await converge(kernel, network_state())
     bad = {0, 511, 512, 513, 1023, 1500}
     commands: list[Command] = [
-        ReplaceFdb(FdbEntry(VX, "01:00:5e:00:00:01" if i in bad else mac_of(i), PEER_A))
-        for i in range(1501)
+        ReplaceFdb(FdbEntry(VX, "01:00:5e:00:00:01" if i in bad else mac_of(i), PEER_A)) for i in range(1501)
     ]
     results = await kernel.execute(commands)
     assert [r.command for r in results] == commands
@@ -437,10 +443,8 @@ async def test_errors_map_to_their_commands_across_chunks(host: str, kernel: Ker
 async def test_replace_semantics_survive_reexecute(host: str, kernel: Kernel) -> None:
     await converge(kernel, network_state())
     # Entries someone made with create-only semantics are replaced, not refused.
-    run("bridge", "-n", host, "fdb", "add", mac_of(1), "dev", VX, "dst", str(PEER_B),
-        "self", "permanent")
-    run("ip", "-n", host, "neigh", "add", str(ip_of(1)), "lladdr", mac_of(9), "dev", VX,
-        "nud", "permanent")
+    run("bridge", "-n", host, "fdb", "add", mac_of(1), "dev", VX, "dst", str(PEER_B), "self", "permanent")
+    run("ip", "-n", host, "neigh", "add", str(ip_of(1)), "lladdr", mac_of(9), "dev", VX, "nud", "permanent")
     commands: list[Command] = [
         EnsureBridge(network_state().bridges[BR]),
         EnsureVxlan(network_state().vxlans[VX]),
@@ -533,8 +537,17 @@ async def test_set_port_puts_an_endpoint_back_on_its_bridge(
     await converge(kernel, want)
     port = veth_name(NET, "db-1")
     await create_local_endpoint(
-        kernel, netns=container, ifname="eth0", host_ifname=port, ip=IPv4Address("10.20.0.6"),
-        prefixlen=24, mac="02:aa:bb:cc:dd:02", mtu=1450, gateway=None, bridge=BR, network=NET,
+        kernel,
+        netns=container,
+        ifname="eth0",
+        host_ifname=port,
+        ip=IPv4Address("10.20.0.6"),
+        prefixlen=24,
+        mac="02:aa:bb:cc:dd:02",
+        mtu=1450,
+        gateway=None,
+        bridge=BR,
+        network=NET,
     )
     want.ports[port] = PortSpec(ifname=port, network=NET, bridge=BR, mtu=1450)
     assert diff(want, await kernel.observe()) == []
@@ -550,9 +563,17 @@ async def test_local_endpoint_missing_netns_leaves_nothing(host: str, kernel: Ke
     port = veth_name(NET, "lost")
     with pytest.raises(KernelError, match="does not exist"):
         await create_local_endpoint(
-            kernel, netns=f"{RUN_PREFIX}-nosuchns", ifname="eth0", host_ifname=port,
-            ip=IPv4Address("10.20.0.7"), prefixlen=24, mac="02:aa:bb:cc:dd:03", mtu=1450,
-            gateway=None, bridge=BR, network=NET,
+            kernel,
+            netns=f"{RUN_PREFIX}-nosuchns",
+            ifname="eth0",
+            host_ifname=port,
+            ip=IPv4Address("10.20.0.7"),
+            prefixlen=24,
+            mac="02:aa:bb:cc:dd:03",
+            mtu=1450,
+            gateway=None,
+            bridge=BR,
+            network=NET,
         )
     assert not link_exists(host, port)
 
@@ -566,9 +587,17 @@ async def test_local_endpoint_name_taken_in_netns_leaves_nothing(
     port = veth_name(NET, "clash")
     with pytest.raises(KernelError, match="eth0 already exists"):
         await create_local_endpoint(
-            kernel, netns=container, ifname="eth0", host_ifname=port,
-            ip=IPv4Address("10.20.0.8"), prefixlen=24, mac="02:aa:bb:cc:dd:04", mtu=1450,
-            gateway=None, bridge=BR, network=NET,
+            kernel,
+            netns=container,
+            ifname="eth0",
+            host_ifname=port,
+            ip=IPv4Address("10.20.0.8"),
+            prefixlen=24,
+            mac="02:aa:bb:cc:dd:04",
+            mtu=1450,
+            gateway=None,
+            bridge=BR,
+            network=NET,
         )
     assert not link_exists(host, port)
     assert link_show(container, "eth0")["linkinfo"]["info_kind"] == "veth"
@@ -583,9 +612,17 @@ async def test_local_endpoint_failing_late_is_rolled_back(
     # The veth and address work; the gateway is off-link, so the route fails.
     with pytest.raises(KernelError, match="cannot set up endpoint eth0"):
         await create_local_endpoint(
-            kernel, netns=container, ifname="eth0", host_ifname=port,
-            ip=IPv4Address("10.20.0.9"), prefixlen=24, mac="02:aa:bb:cc:dd:05", mtu=1450,
-            gateway=IPv4Address("10.99.0.1"), bridge=BR, network=NET,
+            kernel,
+            netns=container,
+            ifname="eth0",
+            host_ifname=port,
+            ip=IPv4Address("10.20.0.9"),
+            prefixlen=24,
+            mac="02:aa:bb:cc:dd:05",
+            mtu=1450,
+            gateway=IPv4Address("10.99.0.1"),
+            bridge=BR,
+            network=NET,
         )
     assert not link_exists(host, port)
     assert not link_exists(container, "eth0")
@@ -599,9 +636,17 @@ async def test_local_endpoint_needs_our_bridge(
     run("ip", "-n", host, "link", "add", "ovbr99", "type", "bridge")
     with pytest.raises(KernelError, match="bridge ovbr99 does not exist"):
         await create_local_endpoint(
-            kernel, netns=container, ifname="eth0", host_ifname=veth_name(NET, "x"),
-            ip=IPv4Address("10.20.0.10"), prefixlen=24, mac="02:aa:bb:cc:dd:06", mtu=1450,
-            gateway=None, bridge="ovbr99", network=NET,
+            kernel,
+            netns=container,
+            ifname="eth0",
+            host_ifname=veth_name(NET, "x"),
+            ip=IPv4Address("10.20.0.10"),
+            prefixlen=24,
+            mac="02:aa:bb:cc:dd:06",
+            mtu=1450,
+            gateway=None,
+            bridge="ovbr99",
+            network=NET,
         )
     assert not link_exists(container, "eth0")
 
@@ -627,8 +672,23 @@ async def test_two_hosts_reach_each_other_over_the_overlay(
     hosts = []
     for n, vtep in ((1, PEER_A), (2, PEER_B)):
         h = make_netns()
-        run("ip", "-n", h, "link", "add", "ul0", "netns", h, "type", "veth",
-            "peer", "name", f"h{n}", "netns", underlay)
+        run(
+            "ip",
+            "-n",
+            h,
+            "link",
+            "add",
+            "ul0",
+            "netns",
+            h,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            f"h{n}",
+            "netns",
+            underlay,
+        )
         run("ip", "-n", underlay, "link", "set", f"h{n}", "master", "sw", "up")
         run("ip", "-n", h, "addr", "add", f"{vtep}/24", "dev", "ul0")
         run("ip", "-n", h, "link", "set", "ul0", "up")
@@ -641,8 +701,17 @@ async def test_two_hosts_reach_each_other_over_the_overlay(
             want = network_state(local=vtep, mtu=mtu, mac=f"02:00:00:00:00:0{ip.packed[-1]}")
             await converge(kernel, want)
             await create_local_endpoint(
-                kernel, netns=container, ifname="eth0", host_ifname=veth_name(NET, str(ip)),
-                ip=ip, prefixlen=24, mac=mac, mtu=mtu, gateway=None, bridge=BR, network=NET,
+                kernel,
+                netns=container,
+                ifname="eth0",
+                host_ifname=veth_name(NET, str(ip)),
+                ip=ip,
+                prefixlen=24,
+                mac=mac,
+                mtu=mtu,
+                gateway=None,
+                bridge=BR,
+                network=NET,
             )
             for _h, other_vtep, _c, other_ip, other_mac in hosts:
                 if other_vtep != vtep:
