@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 from conftest import new_prefix
+from debian_rootfs import CACHE, debian_rootfs
 
 from overlayd import config as config_mod
 from overlayd.api.client import AdminClient, ClientError
@@ -232,9 +233,6 @@ def test_daemon_notifies_ready_status_watchdog_and_stopping(notify_lab: tuple[La
 # Commands run inside with nsenter into the container's namespaces; the host
 # has no systemd, so nspawn runs with --register=no --keep-unit.
 
-CACHE = Path(os.environ.get("OVERLAYD_TEST_CACHE", "/var/cache/overlayd-test"))
-FETCH_ROOTFS = REPO / "scripts" / "fetch-rootfs.sh"
-ROOTFS_MARKER = ".overlayd-rootfs"
 HOST_PYTHON = "/usr/bin/python3"
 CONTAINER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 STAGE = "/mnt/overlayd"  # where the unit, config and conflist are bound read-only inside
@@ -246,24 +244,6 @@ SUBNET = "10.100.0.0/24"
 GATEWAY = "10.100.0.1"
 # The test's own drop-in: 30 s (the unit's WatchdogSec) is too long to wait for.
 WATCHDOG_DROPIN = "[Service]\nWatchdogSec=5s\n"
-
-
-def os_codename() -> str:
-    for line in Path("/etc/os-release").read_text().splitlines():
-        if line.startswith("VERSION_CODENAME="):
-            return line.split("=", 1)[1].strip().strip('"')
-    pytest.fail("/etc/os-release names no VERSION_CODENAME")
-
-
-def debian_rootfs() -> Path:
-    """The cached rootfs of this machine's release, made now if missing (~80 s once)."""
-    rootfs = CACHE / f"rootfs-{os_codename()}"
-    if not (rootfs / ROOTFS_MARKER).exists():
-        result = subprocess.run(
-            [str(FETCH_ROOTFS), str(rootfs)], capture_output=True, text=True, timeout=900, check=False
-        )
-        assert result.returncode == 0, f"{FETCH_ROOTFS} failed:\n{result.stderr[-3000:]}"
-    return rootfs
 
 
 def python_version(python: str, root: Path | None = None) -> str:

@@ -1,0 +1,39 @@
+"""The Debian rootfs the systemd and compose tests share (scripts/fetch-rootfs.sh, cached).
+
+Not a test module: test_systemd.py boots it under systemd-nspawn, test_compose.py
+imports it into podman as the base image deploy/Dockerfile names.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+CACHE = Path(os.environ.get("OVERLAYD_TEST_CACHE", "/var/cache/overlayd-test"))
+FETCH_ROOTFS = REPO / "scripts" / "fetch-rootfs.sh"
+MARKER = ".overlayd-rootfs"
+
+
+def os_codename() -> str:
+    for line in Path("/etc/os-release").read_text().splitlines():
+        if line.startswith("VERSION_CODENAME="):
+            return line.split("=", 1)[1].strip().strip('"')
+    pytest.fail("/etc/os-release names no VERSION_CODENAME")
+
+
+def debian_rootfs() -> Path:
+    """The cached rootfs of this machine's Debian release; made now if missing (~80 s, once).
+
+    `make test-deps` makes it before the tests run; this is for a lone `pytest`.
+    """
+    rootfs = CACHE / f"rootfs-{os_codename()}"
+    if not (rootfs / MARKER).exists():
+        result = subprocess.run(
+            [str(FETCH_ROOTFS), str(rootfs)], capture_output=True, text=True, timeout=900, check=False
+        )
+        assert result.returncode == 0, f"{FETCH_ROOTFS} failed:\n{result.stderr[-3000:]}"
+    return rootfs
