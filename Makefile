@@ -27,6 +27,9 @@ system-packages:
 	command -v runc >/dev/null 2>&1 || missing="$$missing runc"; \
 	dpkg -s busybox-static >/dev/null 2>&1 || missing="$$missing busybox-static"; \
 	dpkg -s containernetworking-plugins >/dev/null 2>&1 || missing="$$missing containernetworking-plugins"; \
+	command -v systemd-nspawn >/dev/null 2>&1 || missing="$$missing systemd-container"; \
+	command -v debootstrap >/dev/null 2>&1 || missing="$$missing debootstrap"; \
+	[ -x /usr/lib/cni/dnsname ] || missing="$$missing golang-github-containernetworking-plugin-dnsname"; \
 	command -v $(PYTHON) >/dev/null 2>&1 || missing="$$missing python3"; \
 	$(PYTHON) -c 'import ensurepip' >/dev/null 2>&1 || missing="$$missing python3-venv"; \
 	if [ -n "$$missing" ]; then \
@@ -51,11 +54,13 @@ lint: setup
 	$(BIN)/ruff check overlayd tests
 	$(BIN)/mypy overlayd
 
-# Servers the tests run that Debian 12 does not package (cached; see the script).
+# Servers the tests run that Debian 12 does not package, and the Debian rootfs the
+# systemd and compose tests boot and build on (cached; see the scripts).
 test-deps:
 	scripts/fetch-consul.sh
 	scripts/fetch-zookeeper.sh
 	scripts/fetch-etcd.sh
+	scripts/fetch-rootfs.sh
 
 test: lint test-deps
 	$(BIN)/pytest -q
