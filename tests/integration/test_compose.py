@@ -28,6 +28,7 @@ import time
 import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -131,7 +132,7 @@ def test_node_configs_exist_load_and_point_at_etcd(compose: dict[str, Any]) -> N
         address = IPv4Address(node["networks"]["underlay"]["ipv4_address"])
         assert address in underlay
         assert cfg.node_name == name and cfg.vtep_address == address
-        assert cfg.store.scheme == "etcd"
+        assert cfg.store is not None and cfg.store.scheme == "etcd"
         assert [(e.host, e.port) for e in cfg.store.endpoints] == [("etcd", etcd_port)]
         assert "etcd" in node["depends_on"]
 
@@ -729,15 +730,18 @@ def test_compose_lab_runs_on_podman_and_endpoints_on_two_nodes_ping(
     running = time.monotonic()
     for name in ("etcd", "consul", "zookeeper"):
         address = services[name]["networks"]["underlay"]["ipv4_address"]
-        run.wait(lambda n=name, a=address: store_answers(ns, n, a), 60, f"{name} answering on {address}")
+        run.wait(partial(store_answers, ns, name, address), 60, f"{name} answering on {address}")
 
     def ready(node: str) -> bool:
         result = run.exec(node, "overlayctl", "--json", "status", check=False)
         return result.returncode == 0 and json.loads(result.stdout).get("ready") is True
 
     for node in NODES:
-        run.wait(lambda n=node: ready(n), 60, f"overlayd on {node} ready")
+        run.wait(partial(ready, node), 60, f"overlayd on {node} ready")
     ready_at = time.monotonic()
+
+    def succeeds(argv: list[str]) -> bool:
+        return run.compose(*argv, check=False).returncode == 0
 
     # The header's walk-through, command by command (exec without a TTY here).
     for argv in commands[1:-1]:
@@ -745,7 +749,7 @@ def test_compose_lab_runs_on_podman_and_endpoints_on_two_nodes_ping(
         full = ["exec", "-T", *argv[1:]]
         if "ping" in argv or argv[3:5] == ["endpoint", "add"]:
             # Programming is asynchronous, and a node learns the network from etcd's watch.
-            run.wait(lambda f=full: run.compose(*f, check=False).returncode == 0, 30, " ".join(argv))
+            run.wait(partial(succeeds, full), 30, " ".join(argv))
         else:
             run.compose(*full, timeout=60)
     # And back: ep1 on node1 pings ep2 on node2.

@@ -22,6 +22,7 @@ import time
 import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -237,7 +238,8 @@ HOST_PYTHON = "/usr/bin/python3"
 CONTAINER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 STAGE = "/mnt/overlayd"  # where the unit, config and conflist are bound read-only inside
 SCRIPTS = ("overlayd", "overlayctl", "overlayd-cni")
-CAPS = {"CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_SYS_ADMIN"}
+# Capability numbers (linux/capability.h) of the ones the unit names.
+CAP_NUMBERS = {"CAP_NET_ADMIN": 12, "CAP_NET_RAW": 13, "CAP_SYS_ADMIN": 21}
 CONFLIST = REPO / "deploy" / "cni" / "overlayd.conflist"
 NETWORK = "demo"  # the network the shipped conflist names
 SUBNET = "10.100.0.0/24"
@@ -365,7 +367,6 @@ class Machine:
         self.host = lab.host(host)
         self.name = f"{lab.prefix}-{self.host.name}"
         self.log_path = workdir / f"{self.host.name}-nspawn.log"
-        self.venv = venv
         self.leader: Proc | None = None
         argv = [
             "systemd-nspawn",
@@ -430,7 +431,8 @@ class Machine:
         """Wait until systemd inside says the boot is done; its state (running or degraded)."""
 
         def state() -> str | None:
-            self.find_leader() if self.leader is None else None
+            if self.leader is None:
+                self.find_leader()
             out = self.run("systemctl", "is-system-running", check=False, timeout=10).stdout.strip()
             return out if out in ("running", "degraded") else None
 
@@ -475,9 +477,11 @@ class Machine:
         if leader is None and self.nspawn.alive():
             pid = next((pid for pid in children(self.nspawn.pid) if is_pid_one(pid)), None)
             leader = Proc.of_pid(pid) if pid is not None else None
-        if leader is not None and leader.send_signal(signal.SIGRTMIN + 4) and self.nspawn.wait(30.0):
-            pass
-        elif leader is not None and leader.send_signal(signal.SIGKILL) and self.nspawn.wait(10.0):
+        powered_off = (
+            leader is not None and leader.send_signal(signal.SIGRTMIN + 4) and self.nspawn.wait(30.0)
+        )
+        if not powered_off and leader is not None and leader.send_signal(signal.SIGKILL):
+            self.nspawn.wait(10.0)
             errors.append(f"{self.name} did not power off in 30 s; killed its PID 1")
         if self.nspawn.alive():
             self.nspawn.stop(timeout=10.0)
@@ -485,6 +489,10 @@ class Machine:
         # nspawn refuses to remove this on a /run that is no tmpfs (it is none here).
         shutil.rmtree(Path("/run/systemd/nspawn/propagate") / self.name, ignore_errors=True)
         return errors
+
+
+class NotYet(Exception):
+    """A condition polled for does not hold yet; the message says how it looks."""
 
 
 @dataclass
@@ -519,19 +527,17 @@ class Cluster:
                 continue
             m.run("ip", "netns", "add", name)
 
-            def add(m: Machine = m, name: str = name) -> dict[str, Any] | None:
-                # Retried while the network has not reached this host yet.
-                result = m.run(
-                    "overlayctl", "--json", "endpoint", "add", NETWORK, name, "--netns", name, check=False
-                )
-                if result.returncode != 0:
-                    if "not found" in result.stderr or "no network" in result.stderr:
-                        return None
-                    raise AssertionError(f"endpoint add on {m.name}: {result.stderr}")
+            def add(m: Machine = m, name: str = name) -> dict[str, Any]:
+                argv = ["overlayctl", "--json", "endpoint", "add", NETWORK, name, "--netns", name]
+                result = m.run(*argv, check=False)
+                if result.returncode != 0 and f"network {NETWORK} not found" in result.stderr:
+                    raise NotYet(result.stderr.strip())  # the network has not reached this host yet
+                assert result.returncode == 0, f"endpoint add on {m.name}: {result.stderr}"
                 record: dict[str, Any] = json.loads(result.stdout)
                 return record
 
-            self.endpoints[name] = {**wait_for(add, 20, f"endpoint {name} on {m.name}"), "host": m.host.name}
+            record = wait_for(add, 20, f"endpoint {name} on {m.name}", ignore=(NotYet,))
+            self.endpoints[name] = {**record, "host": m.host.name}
 
     def ensure_cni(self) -> dict[str, Any]:
         """A CNI ADD on the second host, as a runtime runs it: the plugin under its type name
@@ -572,7 +578,7 @@ class Cluster:
             for dst_name, dst in self.endpoints.items():
                 if dst["host"] != src["host"]:
                     wait_for(
-                        lambda m=m, ns=netns_name, ip=dst["ip"]: m.ping(ns, ip),
+                        partial(m.ping, netns_name, dst["ip"]),
                         20,
                         f"{src_name} on {src['host']} pinging {dst_name} ({dst['ip']})",
                         interval=0,
@@ -637,7 +643,7 @@ def test_systemctl_start_returns_once_ready_and_status_shows_the_status_line(clu
 @pytest.mark.root
 def test_hardened_daemon_makes_a_network_an_endpoint_and_a_cni_attachment(cluster: Cluster) -> None:
     cluster.ensure_started()
-    mask = sum(1 << number for number in (12, 13, 21))  # CAP_NET_ADMIN, CAP_NET_RAW, CAP_SYS_ADMIN
+    mask = sum(1 << CAP_NUMBERS[cap] for cap in _unit_service()["CapabilityBoundingSet"].split())
     for m in cluster.machines:
         # The hardening is in force, not silently dropped by the container.
         status = m.daemon_status()
@@ -677,6 +683,7 @@ def test_endpoints_on_two_hosts_ping_each_other(cluster: Cluster) -> None:
 def test_watchdog_restarts_a_stopped_daemon(cluster: Cluster) -> None:
     cluster.ensure_endpoints()
     m = cluster.machines[0]
+    # systemd takes WatchdogSec at start: the drop-in, then a restart. It stays for later tests.
     m.sh(
         "mkdir -p /etc/systemd/system/overlayd.service.d && cat > /etc/systemd/system/overlayd.service.d/"
         "test-watchdog.conf && systemctl daemon-reload && systemctl restart overlayd",
@@ -727,7 +734,7 @@ def test_systemctl_stop_leaves_the_dataplane(cluster: Cluster) -> None:
 
     cluster.pings()
     vxlan, bridge, fdb = dataplane()
-    entry = {"mac": remote["mac"], "dst": "198.18.0.12"}
+    entry = {"mac": remote["mac"], "dst": cluster.lab.host(remote["host"]).address}
     assert any(e.get("mac") == entry["mac"] and e.get("dst") == entry["dst"] for e in fdb), fdb
     m.run("systemctl", "stop", "overlayd")
     assert m.show("ActiveState", "Result") == {"ActiveState": "inactive", "Result": "success"}
