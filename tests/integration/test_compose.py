@@ -706,9 +706,11 @@ def test_compose_lab_runs_on_podman_and_endpoints_on_two_nodes_ping(
     commands = header_commands()
     started = time.monotonic()
     # The builds first, side by side (ZooKeeper's and overlayd's both spend most of
-    # their time installing packages); then `up -d --build` as the header says,
-    # which finds every layer built. Nothing is pulled: the namespace has no way out.
-    run.compose("build", "--parallel", timeout=900)
+    # their time installing packages), one node of three: the nodes share one image,
+    # and three builds of it at once would share no layers. Then `up -d --build` as
+    # the header says, which finds every layer built. Nothing is pulled: the
+    # namespace has no way out.
+    run.compose("build", "--parallel", "etcd", "consul", "zookeeper", NODES[0], timeout=900)
     built = time.monotonic()
     assert commands[0] == ["up", "-d", "--build"], commands[0]
     run.compose(*commands[0], timeout=900)
