@@ -7,7 +7,9 @@ imports it into podman as the base image deploy/Dockerfile names.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,8 @@ REPO = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("OVERLAYD_TEST_CACHE", "/var/cache/overlayd-test"))
 FETCH_ROOTFS = REPO / "scripts" / "fetch-rootfs.sh"
 MARKER = ".overlayd-rootfs"
+# Cached builds keyed by pyproject.toml (venvs, wheelhouses) unused this long are removed.
+STALE_DAYS = 14
 
 
 def os_codename() -> str:
@@ -37,3 +41,16 @@ def debian_rootfs() -> Path:
         )
         assert result.returncode == 0, f"{FETCH_ROOTFS} failed:\n{result.stderr[-3000:]}"
     return rootfs
+
+
+def mark_used_and_prune(current: Path, marker: str) -> None:
+    """Note that `current` (a cached build whose complete state `marker` marks) was used
+    now, and remove its siblings of the same kind (`<prefix>-<key>`) unused for STALE_DAYS.
+    Siblings without the marker are left alone: another run may be making one."""
+    (current / marker).touch()
+    prefix = current.name.rsplit("-", 1)[0]
+    stale = time.time() - STALE_DAYS * 86400
+    for other in current.parent.glob(f"{prefix}-*"):
+        done = other / marker
+        if other != current and done.exists() and done.stat().st_mtime < stale:
+            shutil.rmtree(other, ignore_errors=True)

@@ -37,7 +37,7 @@ from urllib.parse import urlsplit
 
 import pytest
 from conftest import new_prefix
-from debian_rootfs import CACHE, debian_rootfs
+from debian_rootfs import CACHE, debian_rootfs, mark_used_and_prune
 
 from overlayd import config as config_mod
 from overlayd.lab import netns
@@ -252,12 +252,11 @@ def wheelhouse() -> Path:
     backend), made once per pyproject.toml by this machine's pip with Debian's Python."""
     digest = hashlib.sha256((REPO / "pyproject.toml").read_bytes()).hexdigest()[:16]
     wheels = CACHE / f"wheels-{digest}"
-    if (wheels / ".complete").exists():
-        return wheels
     CACHE.mkdir(parents=True, exist_ok=True)
     with (CACHE / ".wheels.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (wheels / ".complete").exists():
+            mark_used_and_prune(wheels, ".complete")
             return wheels
         shutil.rmtree(wheels, ignore_errors=True)
         requires = tomllib.loads((REPO / "pyproject.toml").read_text())["build-system"]["requires"]
@@ -285,7 +284,7 @@ def wheelhouse() -> Path:
         # The image builds overlayd itself, from the source it copies.
         for own in wheels.glob("overlayd-*"):
             own.unlink()
-        (wheels / ".complete").touch()
+        mark_used_and_prune(wheels, ".complete")
     return wheels
 
 

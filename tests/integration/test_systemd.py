@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 from conftest import new_prefix
-from debian_rootfs import CACHE, debian_rootfs
+from debian_rootfs import CACHE, debian_rootfs, mark_used_and_prune
 
 from overlayd import config as config_mod
 from overlayd.api.client import AdminClient, ClientError
@@ -278,6 +278,7 @@ def host_venv(rootfs: Path) -> Path:
     with (CACHE / ".systemd-venv.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if marker.exists():
+            mark_used_and_prune(venv, marker.name)
             return venv
         shutil.rmtree(venv, ignore_errors=True)
         with tempfile.TemporaryDirectory(prefix="overlayd-src-") as src:
@@ -297,7 +298,7 @@ def host_venv(rootfs: Path) -> Path:
         if result.returncode != 0:
             shutil.rmtree(venv, ignore_errors=True)
             pytest.fail(f"pip install into {venv} failed:\n{result.stderr[-3000:]}")
-        marker.touch()
+        mark_used_and_prune(venv, marker.name)
     return venv
 
 
