@@ -503,9 +503,12 @@ class Podman:
         service, then what is left in the namespace (the dnsname plugin's dnsmasq, conmon)."""
         errors: list[str] = []
         if self.service is not None and self.service.alive():
-            done = self.cli("system", "reset", "--force", check=False)
-            if done.returncode != 0:
-                errors.append(f"podman system reset: {done.stderr.strip()}")
+            try:
+                done = self.cli("system", "reset", "--force", check=False)
+                if done.returncode != 0:
+                    errors.append(f"podman system reset: {done.stderr.strip()}")
+            except subprocess.TimeoutExpired as exc:
+                errors.append(f"podman system reset: {exc}")
             self.service.stop(timeout=10)
         left = [proc for proc in map(Proc.of_pid, netns.netns_pids(self.netns)) if proc is not None]
         stop_all(left, timeout=5)
@@ -652,13 +655,16 @@ def compose_run(tmp_path: Path) -> Iterator[ComposeRun]:
     finally:
         # The test ends with the header's `down -v`; whatever a failure left (containers,
         # networks, volumes) and every image go with the private store.
+        def attempt(what: str, action: Callable[[], object]) -> None:
+            try:
+                action()
+            except Exception as exc:
+                errors.append(f"{what}: {exc}")
+
         if proxy is not None:
-            proxy.close()
-        errors += podman.cleanup()
-        try:
-            netns.delete_netns(ns)
-        except netns.CommandError as exc:
-            errors.append(str(exc))
+            attempt("package server", proxy.close)
+        attempt("podman", lambda: errors.extend(podman.cleanup()))
+        attempt(f"namespace {ns}", partial(netns.delete_netns, ns))
         # host-local IPAM keeps a directory per network name under this fixed path.
         shutil.rmtree(Path("/var/lib/cni/networks") / f"{prefix}_underlay", ignore_errors=True)
         shutil.rmtree(tmp_path / "podman", ignore_errors=True)

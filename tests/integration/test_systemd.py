@@ -621,7 +621,13 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             )
         yield Cluster(lab, machines)
     finally:
-        errors = [err for m in machines for err in m.stop()]
+        errors: list[str] = []
+        for m in machines:
+            try:
+                errors += m.stop()
+            except Exception as exc:
+                errors.append(f"stopping {m.name}: {exc}")
+        # Then the namespaces, and any process of a machine that outlived it in them.
         errors += lab.down()
         if errors:
             pytest.fail("systemd cleanup: " + "; ".join(errors))
