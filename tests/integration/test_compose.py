@@ -702,6 +702,8 @@ def store_answers(ns: str, service: str, address: str) -> bool:
 
 
 @pytest.mark.root
+# Image builds on 2 busy cores, plus the wheelhouse the first time: more than the default 300 s.
+@pytest.mark.timeout(900)
 def test_compose_lab_runs_on_podman_and_endpoints_on_two_nodes_ping(
     compose: dict[str, Any], compose_run: ComposeRun
 ) -> None:

@@ -634,6 +634,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 
 @pytest.mark.root
+# The first test sets the machines up: the venv is built here the first time (~30 s).
+@pytest.mark.timeout(600)
 def test_systemctl_start_returns_once_ready_and_status_shows_the_status_line(cluster: Cluster) -> None:
     for m in cluster.machines:
         assert m.show("ActiveState")["ActiveState"] == "inactive"
