@@ -588,13 +588,9 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    missing = [
-        tool for tool in ("systemd-nspawn", "debootstrap", "nsenter", "chroot") if not shutil.which(tool)
-    ]
+    missing = [tool for tool in ("systemd-nspawn", "nsenter", "chroot") if not shutil.which(tool)]
     if missing:
-        pytest.fail(
-            f"missing {', '.join(missing)}: `make system-packages` installs systemd-container, debootstrap"
-        )
+        pytest.fail(f"missing {', '.join(missing)}: `make system-packages` installs systemd-container")
     rootfs = debian_rootfs()
     venv = host_venv(rootfs)
     workdir = tmp_path_factory.mktemp("systemd")
