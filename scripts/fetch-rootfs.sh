@@ -47,18 +47,19 @@ fi
 
 mkdir -p "$(dirname "$dest")"
 staging=$(mktemp -d "$(dirname "$dest")/.rootfs.XXXXXX")
-trap 'rm -rf "$staging"' EXIT
-keyring=/usr/share/keyrings/debian-archive-keyring.gpg
+log=$(mktemp /tmp/fetch-rootfs.XXXXXX.log)
+trap 'rm -rf "$staging" "$log"' EXIT
+keyring_opt=()
+if [[ -f /usr/share/keyrings/debian-archive-keyring.gpg ]]; then
+    keyring_opt=(--keyring=/usr/share/keyrings/debian-archive-keyring.gpg)
+fi
 echo "fetch-rootfs: debootstrap $codename from $uri into $dest" >&2
 start=$SECONDS
-debootstrap --variant=minbase --include="$packages" \
-    $([[ -f $keyring ]] && echo "--keyring=$keyring") \
-    "$codename" "$staging" "$uri" >"$staging.log" 2>&1 || {
-    tail -n 30 "$staging.log" >&2
-    rm -f "$staging.log"
+if ! debootstrap --variant=minbase --include="$packages" "${keyring_opt[@]}" \
+    "$codename" "$staging" "$uri" >"$log" 2>&1; then
+    tail -n 30 "$log" >&2
     exit 1
-}
-rm -f "$staging.log"
+fi
 # The downloaded .debs and package lists: only size here (an image build runs
 # apt-get update itself).
 rm -rf "$staging"/var/cache/apt/archives/*.deb "$staging"/var/lib/apt/lists/*
@@ -68,5 +69,4 @@ chmod 755 "$staging"
 touch "$staging/$marker"
 rm -rf "$dest"
 mv "$staging" "$dest"
-trap - EXIT
 echo "fetch-rootfs: $codename in $dest ($((SECONDS - start)) s, $(du -sh "$dest" | cut -f1))" >&2
