@@ -46,11 +46,13 @@ lint: setup
 	$(BIN)/mypy overlayd bench
 	$(BIN)/lint-imports
 
-# Servers the tests run that Debian 12 does not package (cached; see the script).
+# Servers the tests run that Debian 12 does not package, and the Debian rootfs the
+# systemd and compose tests boot and build on (cached; see the scripts).
 test-deps:
 	scripts/fetch-consul.sh
 	scripts/fetch-zookeeper.sh
 	scripts/fetch-etcd.sh
+	scripts/fetch-rootfs.sh
 
 test: lint test-deps
 	$(BIN)/pytest -q

@@ -30,6 +30,9 @@ table=(
     "test|runc|command -v runc"
     "test|busybox-static|dpkg -s busybox-static"
     "test|containernetworking-plugins|dpkg -s containernetworking-plugins"
+    "test|systemd-container|command -v systemd-nspawn"
+    "test|debootstrap|command -v debootstrap"
+    "test|golang-github-containernetworking-plugin-dnsname|[ -x /usr/lib/cni/dnsname ]"
 )
 
 usage() {
