@@ -288,7 +288,8 @@ class Reconciler:
             self.errors.append(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}")
         if applied:
             log.info("reconcile (%s): applied %d changes in %.1f ms", trigger, applied, duration * 1e3)
-        if not errors:
+        if not errors and not self._retry:
+            # Nothing failed and nothing waits for a retry: the kernel matches (READY).
             self.first_pass_done.set()
         self._passed.set()
         self._passed = asyncio.Event()

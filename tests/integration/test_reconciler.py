@@ -299,3 +299,29 @@ async def test_an_overrun_is_counted_and_the_kernel_read_again(host: str) -> Non
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_failing_write_is_retried_with_backoff_until_it_succeeds(host: str) -> None:
+    """A foreign link holds our VXLAN device's name: every pass fails until it goes away.
+
+    Nobody triggers the reconciler after the link is removed: the retry timer
+    alone brings the kernel to the desired state, and the errors are reported
+    meanwhile.
+    """
+    run("ip", "-n", host, "link", "add", VX, "type", "bridge")
+    view = view_with(remote=3)
+    async with Kernel(netns=host) as kernel:
+        desired = DesiredState(view, local_node=LOCAL, local_vtep=VTEP, underlay_mtu=1500)
+        reconciler = Reconciler(kernel=kernel, desired=desired, metrics=Metrics(), verify_interval=3600)
+        task = asyncio.create_task(reconciler.run())
+        try:
+            await wait_until(lambda: reconciler.passes >= 3, "a first pass and two retries")
+            assert any("exists but is not an overlayd vxlan" in line for line in reconciler.errors)
+            assert reconciler.last is not None and reconciler.last.failed
+            assert not reconciler.first_pass_done.is_set()
+            run("ip", "-n", host, "link", "del", VX)
+            await wait_until(lambda: link_exists(host, VX) and len(fdb_of(host)) == 3, "the retry alone")
+            await wait_until(reconciler.first_pass_done.is_set, "a pass without failures")
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
