@@ -29,14 +29,14 @@ import logging
 import math
 import random
 import socket
-import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 
 from overlayd.gossip import schema
+from overlayd.gossip.clock import SYSTEM, Clock
 from overlayd.gossip.framing import FrameError, Framer, Keyring
 from overlayd.gossip.membership import MemberChanged, MemberInfo, Membership
 from overlayd.gossip.merge import RecordTable, diff_digests, split_digest
@@ -57,6 +57,7 @@ from overlayd.gossip.schema import (
     SchemaError,
     Stamp,
 )
+from overlayd.gossip.transport import DatagramNetwork, Sender
 from overlayd.util.tasks import TaskGroup
 
 log = logging.getLogger(__name__)
@@ -133,9 +134,21 @@ class GossipNode:
         config: GossipConfig = GossipConfig(),
         incarnation: int | None = None,
         sock: socket.socket | None = None,
+        network: DatagramNetwork | None = None,
+        clock: Clock = SYSTEM,
+        tasks: TaskGroup | None = None,
     ) -> None:
         """`sock`: an already bound UDP socket to use instead of binding bind:port
-        (one made in another network namespace, or handed over by systemd)."""
+        (one made in another network namespace, or handed over by systemd).
+        `network`: a simulated network to bind on instead of UDP (`simnet`).
+        `clock`: where wall-clock and monotonic readings come from (tests and
+        simulations; timers always come from the event loop).
+        `tasks`: the caller's TaskGroup to run the probe and anti-entropy loops
+        in, so their death shows where the caller watches (the daemon's
+        watchdog); without it the node keeps a group of its own. Either way
+        `failures` lists this node's dead loops."""
+        if sock is not None and network is not None:
+            raise ValueError("give a socket or a network, not both")
         if sock is not None:
             bind, port = sock.getsockname()[:2]
         advertise = advertise or bind
@@ -148,15 +161,17 @@ class GossipNode:
         self._bind = bind
         self._port = port
         self._sock = sock
+        self._network = network
+        self._clock = clock
         self._advertise = advertise
         self._seeds: set[Addr] = set(seeds)
         self._on_change = on_change
         self._on_member = on_member
         self._metrics = metrics
-        self._framer = Framer(name, keyring, max_skew=config.max_skew)
+        self._framer = Framer(name, keyring, max_skew=config.max_skew, clock=clock.wall)
         # The records' incarnation: a restarted owner must stamp above its previous life,
         # so by default it is the start time in milliseconds.
-        self.incarnation = incarnation if incarnation is not None else time.time_ns() // 1_000_000
+        self.incarnation = incarnation if incarnation is not None else int(clock.wall() * 1000)
         self._version = 0
         self._table = RecordTable()
         self._ms = Membership(
@@ -167,12 +182,17 @@ class GossipNode:
             probe_interval=config.probe_interval,
             suspicion_mult=config.suspicion_mult,
             retransmit_mult=config.retransmit_mult,
+            clock=clock.monotonic,
+            wall=clock.wall,
         )
         self._seq = itertools.count(1)
         self._probes: dict[int, tuple[str, asyncio.Future[None]]] = {}
         self._relays: dict[int, tuple[Addr, int, str]] = {}  # our seq -> (asker, its seq, target)
-        self._transport: asyncio.DatagramTransport | None = None
-        self._tasks = TaskGroup()
+        self._transport: asyncio.DatagramTransport | None = None  # the UDP one, if any
+        self._sender: Sender | None = None  # what datagrams leave through (UDP or simulated)
+        self._tasks = tasks if tasks is not None else TaskGroup()
+        self._loops: list[asyncio.Task[Any]] = []
+        self._failures: list[tuple[str, BaseException]] = []
         self._rng = random.Random()
         self._gap_pulls: dict[str, float] = {}  # owner -> when we last asked to fill a gap
         # Anti-entropy rounds left in which we ask the peer for our own records: after a
@@ -191,36 +211,64 @@ class GossipNode:
     def address(self) -> Addr:
         return (self._advertise, self._ms.port)
 
+    @property
+    def failures(self) -> list[tuple[str, BaseException]]:
+        """This node's loops that died, as (task name, exception): a node with any is deaf
+        or mute in part and should be restarted (the daemon stops its watchdog pings)."""
+        return list(self._failures)
+
     async def start(self) -> None:
         if self._framer.keyring.is_insecure:
             log.warning("gossip runs INSECURE: datagrams are neither encrypted nor authenticated")
         loop = asyncio.get_running_loop()
-        if self._sock is not None:
-            transport, _ = await loop.create_datagram_endpoint(lambda: _Protocol(self), sock=self._sock)
+        if self._network is not None:
+            bound = self._network.open((self._bind, self._port), self._datagram)
+            self._sender = bound
+            self._ms.port = bound.address[1]
         else:
-            transport, _ = await loop.create_datagram_endpoint(
-                lambda: _Protocol(self), local_addr=(self._bind, self._port)
-            )
-        self._transport = transport
-        self._ms.port = transport.get_extra_info("sockname")[1]
-        self._tasks.spawn(self._probe_loop(), name=f"gossip-probe-{self.name}")
-        self._tasks.spawn(self._anti_entropy_loop(), name=f"gossip-anti-entropy-{self.name}")
+            if self._sock is not None:
+                transport, _ = await loop.create_datagram_endpoint(lambda: _Protocol(self), sock=self._sock)
+            else:
+                transport, _ = await loop.create_datagram_endpoint(
+                    lambda: _Protocol(self), local_addr=(self._bind, self._port)
+                )
+            self._transport = self._sender = transport
+            self._ms.port = transport.get_extra_info("sockname")[1]
+        self._spawn(self._probe_loop(), f"gossip-probe-{self.name}")
+        self._spawn(self._anti_entropy_loop(), f"gossip-anti-entropy-{self.name}")
         self._join()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = self._tasks.spawn(coro, name=name)
+        self._loops.append(task)
+        task.add_done_callback(self._loop_done)
+
+    def _loop_done(self, task: asyncio.Task[Any]) -> None:
+        # The group logs the failure; this keeps it where `failures` can tell.
+        if not task.cancelled() and task.exception() is not None:
+            self._failures.append((task.get_name(), task.exception() or RuntimeError()))
 
     async def stop(self, *, leave: bool = True) -> None:
         """Stop; with `leave`, first tell some peers this node is leaving (state `left`)."""
-        if self._transport is None:
+        if self._sender is None:
             return
         if leave:
             update = self._ms.leave()
             for m in self._ms.random_live(2 * max(1, self.config.fanout)):
                 self._send((m.addr, m.port), Members(True, (update,)))
-        await self._tasks.cancel_all()
+        # Only our own loops: the group may be the daemon's, holding its other tasks.
+        loops, self._loops = self._loops, []
+        for task in loops:
+            task.cancel()
+        if loops:
+            _, pending = await asyncio.wait(loops, timeout=5.0)
+            for task in pending:
+                log.warning("task %s did not stop within 5s", task.get_name())
         for _, fut in self._probes.values():
             fut.cancel()
         self._probes.clear()
-        self._transport.close()
-        self._transport = None
+        self._sender.close()
+        self._sender = self._transport = None
 
     def publish(self, kind: str, key: str, payload: dict[str, Any]) -> Record:
         """Put a record owned by this node and spread it; the stamped record.
@@ -233,7 +281,7 @@ class GossipNode:
     def delete(self, kind: str, key: str) -> Record:
         """Delete a record owned by this node: spread a tombstone."""
         return self._local(
-            Record(kind, key, self.name, self.incarnation, self._version + 1, None, time.time())
+            Record(kind, key, self.name, self.incarnation, self._version + 1, None, self._clock.wall())
         )
 
     def records(self, *, tombstones: bool = False) -> list[Record]:
@@ -250,7 +298,7 @@ class GossipNode:
         """More addresses to join through (e.g. from the KV store's node records)."""
         new = set(seeds) - self._seeds
         self._seeds |= new
-        if self._transport is not None:
+        if self._sender is not None:
             for addr in new:
                 self._send_members(addr, reply=False)
 
@@ -427,7 +475,7 @@ class GossipNode:
     def _pull_gap(self, addr: Addr, owner: str) -> None:
         """A push skipped a version of `owner`: ask its sender at once rather than wait for
         anti-entropy, at most once per probe interval per owner."""
-        now = time.monotonic()
+        now = self._clock.monotonic()
         if self._gap_pulls.get(owner, 0.0) + self.config.probe_interval > now:
             return
         self._gap_pulls[owner] = now
@@ -460,14 +508,14 @@ class GossipNode:
     # --- sending ---
 
     def _send(self, addr: Addr, msg: Message) -> None:
-        if self._transport is None:
+        if self._sender is None:
             return
         packet = self._framer.seal(schema.encode(msg))
         if len(packet) > self.config.mtu:
             # Every sender sizes its message to the MTU; reaching this is a bug of ours.
             log.error("gossip: %s of %d bytes exceeds the MTU; not sent", _TYPE[type(msg)], len(packet))
             return
-        self._transport.sendto(packet, addr)
+        self._sender.sendto(packet, addr)
         if self._metrics:
             self._metrics.messages_sent.labels(_TYPE[type(msg)]).inc()
             self._metrics.bytes_sent.inc(len(packet))
@@ -567,7 +615,7 @@ class GossipNode:
             await asyncio.sleep(interval * self._rng.uniform(0.8, 1.2))
 
     def _anti_entropy_round(self) -> None:
-        now = time.time()
+        now = self._clock.wall()
         self._table.reap(now, self.config.tombstone_ttl)
         if self._ms.reap(self.config.dead_reap) and self._metrics:
             self._metrics.set_peers(self._ms.counts())
