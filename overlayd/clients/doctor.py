@@ -33,6 +33,10 @@ VXLAN_OVERHEAD = 50
 _OWN_VXLAN_PREFIX, _OWN_ALIAS_PREFIX = "ovvx", "overlayd:"
 # A peer that started this far in our future has a clock that is ahead at least that much.
 _SKEW_FAIL = 1.0
+# Measured offsets: NTP keeps hosts within milliseconds, so half a second means no NTP; at
+# 5 s, conflicts between hosts are ordered wrongly; gossip refuses frames beyond its max_skew.
+_SKEW_WARN, _SKEW_BAD = 0.5, 5.0
+_GOSSIP_MAX_SKEW = 60.0  # GossipConfig.max_skew (clients import nothing of the daemon)
 _STORE_SLOW = 0.5  # seconds for one read of the cluster view
 
 
@@ -284,36 +288,60 @@ def check_mtu(status: schema.Status, networks: Sequence[schema.NetworkListItem])
 
 
 def check_clock(peers: Sequence[schema.Peer], now: float) -> Check:
+    """Clock skew against peers, from the offsets gossip measures on each probe.
+
+    Each offset is the peer's clock minus ours, measured NTP-style to within half a round
+    trip (well under a millisecond on a LAN), so the thresholds are about the clocks, not
+    the measurement. Skew matters because conflicting claims (an address taken on two
+    hosts) are ordered by their owners' clocks, and gossip drops datagrams stamped more
+    than _GOSSIP_MAX_SKEW seconds off: NTP keeps hosts within milliseconds.
+    """
     name = "clock skew"
     others = [p for p in peers if not p.self]
     if not others:
         return Check(name, OK, "no peers to compare with")
     offsets = {p.name: p.clock_offset for p in others if p.clock_offset is not None}
+    ntp = "run NTP (chrony or systemd-timesyncd) on every host"
     if offsets:
         worst = max(offsets, key=lambda k: abs(offsets[k]))
         skew = offsets[worst]
-        result = OK if abs(skew) < 0.5 else WARN if abs(skew) < 5 else FAIL
-        return Check(
-            name,
-            result,
-            f"largest offset {skew:+.3f}s ({worst})",
-            "" if result == OK else "run NTP everywhere",
-        )
-    # Without heartbeats, a peer that started "in the future" still proves its clock is ahead.
-    ahead = {
+        result = OK if abs(skew) < _SKEW_WARN else WARN if abs(skew) < _SKEW_BAD else FAIL
+        ahead = "ahead of" if skew >= 0 else "behind"
+        amount = f"{abs(skew) * 1e3:.1f} ms" if abs(skew) < 1 else f"{abs(skew):.1f} s"
+        message = f"{worst}'s clock is {amount} {ahead} this host's (the largest of {len(offsets)} measured)"
+        if result == OK:
+            return Check(name, OK, message)
+        hint = f"{ntp}; conflicting claims are ordered by the owners' clocks"
+        if abs(skew) >= _GOSSIP_MAX_SKEW:
+            hint = f"{ntp}; gossip drops datagrams more than {_GOSSIP_MAX_SKEW:.0f} s off, so it is cut off"
+        return Check(name, result, message, hint)
+    # Without measurements, a peer that started "in the future" still proves its clock is ahead.
+    started_ahead = {
         p.name: p.started_at - now
         for p in others
         if p.started_at is not None and p.started_at - now > _SKEW_FAIL
     }
-    if ahead:
-        worst = max(ahead, key=lambda k: ahead[k])
+    if started_ahead:
+        worst = max(started_ahead, key=lambda k: started_ahead[k])
         return Check(
             name,
             FAIL,
-            f"peer {worst} started {ahead[worst]:.1f}s in this host's future: its clock is ahead",
-            "run NTP (chrony, systemd-timesyncd) on every host",
+            f"peer {worst} started {started_ahead[worst]:.1f}s in this host's future: its clock is ahead",
+            ntp,
         )
-    return Check(name, WARN, "not available until gossip (peers' heartbeats carry their clocks)")
+    if any(p.state is not None for p in others):  # the daemon gossips: offsets come with its probes
+        return Check(
+            name,
+            WARN,
+            "no peer's clock measured yet (gossip probes each peer in turn)",
+            "try again in a minute",
+        )
+    return Check(
+        name,
+        WARN,
+        "not measured: gossip is off, and it is what measures peers' clocks",
+        "check NTP on every host by hand (chronyc tracking, timedatectl)",
+    )
 
 
 def check_store(status: schema.Status, probe: schema.StoreProbe | None, error: str | None) -> Check:

@@ -18,13 +18,16 @@ is piggybacked on the next `retransmit_mult * ceil(log10(N + 1))` messages.
 
 from __future__ import annotations
 
+import bisect
 import math
 import random
 import time
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from overlayd.gossip.schema import MemberState, MemberUpdate
+from overlayd.gossip.skew import OffsetFilter
+from overlayd.gossip.sumtree import SumTree, entry_hash
 
 ALIVE, SUSPECT, DEAD, LEFT = MemberState.ALIVE, MemberState.SUSPECT, MemberState.DEAD, MemberState.LEFT
 _GONE = (DEAD, LEFT)
@@ -41,12 +44,15 @@ class MemberInfo:
     incarnation: int
     rtt: float | None  # smoothed round-trip time of direct probes, seconds
     since: float  # wall-clock time of the last state change
+    # Its wall clock minus ours, seconds, from direct probes (see `skew`); None until one answered.
+    clock_offset: float | None = None
 
 
 @dataclass
 class _Member:
     info: MemberInfo
     suspect_deadline: float | None = None  # monotonic
+    clock: OffsetFilter = field(default_factory=OffsetFilter)
 
 
 @dataclass(frozen=True)
@@ -74,9 +80,13 @@ class Membership:
     ) -> None:
         self.name = name
         self.addr = addr
-        self.port = port
+        self._port = port
         self.incarnation = incarnation
         self.leaving = False
+        # What anti-entropy compares: every member that may be up, this node included. The
+        # dead and departed are left out, so a member that forgot one (reaped, or joined after
+        # its death) still agrees with those that remember it.
+        self.tree = SumTree()
         self.refutations = 0
         self.probe_interval = probe_interval
         self.suspicion_mult = suspicion_mult
@@ -87,12 +97,34 @@ class Membership:
         self._members: dict[str, _Member] = {}
         self._queue: dict[str, tuple[MemberUpdate, int]] = {}  # name -> (update, sends left)
         self._probe_order: list[str] = []
+        self._live: list[MemberInfo] | None = None  # cache of live(): pushes ask for it per datagram
+        self._ring: list[str] | None = None  # live names and ours, sorted (see successor)
+        self._tree_self()
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @port.setter
+    def port(self, port: int) -> None:
+        self._port = port  # known only once the socket is bound
+        self._tree_self()
+
+    def _tree_self(self) -> None:
+        self.tree.set(self.name, None if self.leaving else member_hash(self.self_update()))
 
     # --- views ---
 
     def get(self, name: str) -> MemberInfo | None:
         m = self._members.get(name)
         return m.info if m else None
+
+    def update_of(self, name: str) -> MemberUpdate | None:
+        """What this node would say about `name` (itself included), or None if unknown."""
+        if name == self.name:
+            return self.self_update()
+        m = self._members.get(name)
+        return _update(m.info) if m else None
 
     def members(self) -> list[MemberInfo]:
         return sorted((m.info for m in self._members.values()), key=lambda i: i.name)
@@ -105,13 +137,29 @@ class Membership:
 
     def live(self) -> list[MemberInfo]:
         """Members that may be up (alive or suspect): targets for probes and pushes."""
-        return [m.info for m in self._members.values() if m.info.state not in _GONE]
+        return list(self._live_list())
+
+    def _live_list(self) -> list[MemberInfo]:
+        if self._live is None:
+            self._live = [m.info for m in self._members.values() if m.info.state not in _GONE]
+        return self._live
 
     def gone(self) -> list[MemberInfo]:
         return [m.info for m in self._members.values() if m.info.state in _GONE]
 
+    def successor(self) -> MemberInfo | None:
+        """The live member after this node in name order, wrapping around: its neighbour on a
+        ring every node draws the same way (while they agree on who is alive)."""
+        if self._ring is None:
+            self._ring = sorted([i.name for i in self._live_list()] + [self.name])
+        ring = self._ring
+        if len(ring) < 2:
+            return None
+        name = ring[bisect.bisect_right(ring, self.name) % len(ring)]
+        return self._members[name].info
+
     def cluster_size(self) -> int:
-        return 1 + len(self.live())
+        return 1 + len(self._live_list())
 
     def self_update(self) -> MemberUpdate:
         state = LEFT if self.leaving else ALIVE
@@ -126,8 +174,16 @@ class Membership:
 
     # --- what we hear ---
 
-    def apply(self, u: MemberUpdate) -> MemberChanged | None:
-        """Merge what someone said about a member; the change it made, if any."""
+    def apply(self, u: MemberUpdate, *, snapshot: bool = False) -> MemberChanged | None:
+        """Merge what someone said about a member; the change it made, if any. Changes are
+        passed on, piggybacked on our next messages.
+
+        `snapshot`: `u` is part of a whole membership (the answer to a join or a knock).
+        Members first heard of that way are not announced again: that news is old, and a
+        node joining a thousand-member cluster would otherwise piggyback a thousand stale
+        joins for minutes (anti-entropy carries them where missing). Changes to members we
+        knew (a refutation, a death) still spread, so a healing cluster settles fast.
+        """
         if u.name == self.name:
             self._about_self(u)
             return None
@@ -135,7 +191,7 @@ class Membership:
         if m is None:
             if u.state in _GONE:
                 return None  # news of the death of a stranger: nothing to keep
-            return self._set(u.name, u, None)
+            return self._set(u.name, u, None, spread=not snapshot)
         cur = m.info
         if u.state == ALIVE:
             accept = u.incarnation > cur.incarnation
@@ -163,23 +219,31 @@ class Membership:
         # Someone believes we are suspect/dead/left, or alive at an incarnation we never
         # took (a previous life of this name): out-bid it and tell everyone.
         self.incarnation = u.incarnation + 1
+        self._tree_self()
         if u.state != ALIVE:
             self.refutations += 1
         self._enqueue(self.self_update())
 
-    def _set(self, name: str, u: MemberUpdate, previous: MemberState | None) -> MemberChanged:
+    def _set(
+        self, name: str, u: MemberUpdate, previous: MemberState | None, spread: bool = True
+    ) -> MemberChanged:
         old = self._members.get(name)
         rtt = old.info.rtt if old else None
+        offset = old.info.clock_offset if old else None
         since = self._wall() if previous != u.state else (old.info.since if old else self._wall())
-        info = MemberInfo(u.name, u.addr, u.port, u.state, u.incarnation, rtt, since)
+        info = MemberInfo(u.name, u.addr, u.port, u.state, u.incarnation, rtt, since, offset)
         deadline = self._clock() + self.suspicion_timeout() if u.state == SUSPECT else None
         if old is not None and old.info.state == SUSPECT and u.state == SUSPECT:
             deadline = old.suspect_deadline  # a repeated suspicion does not extend the first
-        self._members[name] = _Member(info, deadline)
+        # The host's clock outlives a restart of its daemon: keep its samples.
+        self._members[name] = _Member(info, deadline, old.clock if old else OffsetFilter())
+        self._live = self._ring = None
+        self.tree.set(name, None if u.state in _GONE else member_hash(u))
         if previous is None and u.state not in _GONE:
             # New members go to a random place in this round's probe order.
             self._probe_order.insert(self._rng.randint(0, len(self._probe_order)), name)
-        self._enqueue(u)
+        if spread:
+            self._enqueue(u)
         return MemberChanged(info, previous)
 
     # --- what our probes find ---
@@ -197,6 +261,14 @@ class Membership:
         if m is not None:
             old = m.info.rtt
             m.info = replace(m.info, rtt=rtt if old is None else 0.8 * old + 0.2 * rtt)
+            self._live = None
+
+    def record_clock(self, name: str, offset: float, rtt: float) -> None:
+        """One clock-offset sample of `name` from a direct probe (see `skew`)."""
+        m = self._members.get(name)
+        if m is not None:
+            m.info = replace(m.info, clock_offset=m.clock.add(offset, rtt))
+            self._live = None
 
     def expire(self) -> list[MemberChanged]:
         """Declare dead the suspects whose timeout passed."""
@@ -216,11 +288,13 @@ class Membership:
         gone = [n for n, m in self._members.items() if m.info.state in _GONE and m.info.since <= cutoff]
         for n in gone:
             del self._members[n]
+            self.tree.set(n, None)
             self._queue.pop(n, None)
         return gone
 
     def leave(self) -> MemberUpdate:
         self.leaving = True
+        self._tree_self()
         update = self.self_update()
         self._enqueue(update)
         return update
@@ -239,11 +313,14 @@ class Membership:
     def random_live(
         self, k: int, exclude: Collection[str] = (), alive_only: bool = False
     ) -> list[MemberInfo]:
+        if not alive_only:
+            # Called for every push: sample from the cached list and drop the excluded ones,
+            # which is uniform over the rest and costs O(k) instead of a pass over everyone.
+            live = self._live_list()
+            picks = self._rng.sample(live, min(k + len(exclude), len(live)))
+            return [i for i in picks if i.name not in exclude][:k]
         pool = [
-            m.info
-            for m in self._members.values()
-            if m.info.name not in exclude
-            and (m.info.state == ALIVE if alive_only else m.info.state not in _GONE)
+            m.info for m in self._members.values() if m.info.name not in exclude and m.info.state == ALIVE
         ]
         return self._rng.sample(pool, min(k, len(pool)))
 
@@ -276,6 +353,10 @@ class Membership:
             else:
                 self._queue[name] = (u, left - 1)
         return out
+
+
+def member_hash(u: MemberUpdate) -> int:
+    return entry_hash(f"{u.name}\0{u.addr}\0{u.port}\0{u.state.value}\0{u.incarnation}")
 
 
 def _update(i: MemberInfo) -> MemberUpdate:

@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import bisect
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from overlayd.gossip.schema import Record, Stamp
+from overlayd.gossip.sumtree import SumTree, entry_hash
 
 ZERO: Stamp = (0, 0)
 Ident = tuple[str, str, str]  # (owner, kind, key)
@@ -37,6 +38,8 @@ def wins(new: Record, old: Record | None) -> bool:
         return True
     if new.stamp != old.stamp:
         return new.stamp > old.stamp
+    if new == old:
+        return False  # the same record again (a duplicate push): the common case, and cheap
     # Same stamp twice means a confused owner; decide the same way everywhere.
     if new.tombstone != old.tombstone:
         return new.tombstone
@@ -45,6 +48,10 @@ def wins(new: Record, old: Record | None) -> bool:
 
 def _canonical(r: Record) -> str:
     return json.dumps([r.payload, r.deleted_at], sort_keys=True)
+
+
+def watermark_hash(owner: str, stamp: Stamp) -> int:
+    return entry_hash(f"{owner}\0{stamp[0]}\0{stamp[1]}")
 
 
 @dataclass(frozen=True)
@@ -111,6 +118,8 @@ class RecordTable:
     _watermarks: dict[str, Stamp] = field(default_factory=dict)
     # Per owner: stamps seen above the watermark, waiting for the gap below them to fill.
     _pending: dict[str, set[Stamp]] = field(default_factory=dict)
+    # The watermarks as a hash tree: what anti-entropy compares instead of the whole digest.
+    tree: SumTree = field(default_factory=SumTree)
 
     def __len__(self) -> int:
         return len(self._records)
@@ -171,10 +180,17 @@ class RecordTable:
     def digest(self) -> dict[str, Stamp]:
         return dict(self._watermarks)
 
+    def watermarks_of(self, owners: Iterable[str]) -> list[tuple[str, Stamp]]:
+        return [(o, self.watermark(o)) for o in owners]
+
+    def _set_watermark(self, owner: str, stamp: Stamp) -> None:
+        self._watermarks[owner] = stamp
+        self.tree.set(owner, watermark_hash(owner, stamp))
+
     def set_watermark(self, owner: str, stamp: Stamp) -> None:
         """For the owner itself: it has everything it made, up to its current stamp."""
         if stamp > self.watermark(owner):
-            self._watermarks[owner] = stamp
+            self._set_watermark(owner, stamp)
             self._settle(owner)
 
     def advance(self, owner: str, after: Stamp, upto: Stamp) -> bool:
@@ -182,7 +198,7 @@ class RecordTable:
         wm = self.watermark(owner)
         if after > wm or upto <= wm:
             return False  # a gap before `after` (an earlier chunk was lost), or nothing new
-        self._watermarks[owner] = upto
+        self._set_watermark(owner, upto)
         self._settle(owner)
         return True
 
@@ -191,7 +207,7 @@ class RecordTable:
         if stamp <= wm:
             return
         if stamp == (wm[0], wm[1] + 1):
-            self._watermarks[owner] = stamp
+            self._set_watermark(owner, stamp)
             self._settle(owner)
         else:
             self._pending.setdefault(owner, set()).add(stamp)
@@ -204,7 +220,8 @@ class RecordTable:
         inc, ver = self._watermarks[owner]
         while (inc, ver + 1) in pending:
             ver += 1
-        self._watermarks[owner] = (inc, ver)
+        if (inc, ver) != self._watermarks[owner]:
+            self._set_watermark(owner, (inc, ver))
         pending -= {s for s in pending if s <= (inc, ver)}
         if not pending:
             del self._pending[owner]

@@ -17,10 +17,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import StrEnum
+from enum import IntEnum, StrEnum
 from typing import Any
 
 import msgpack
+
+from overlayd.gossip import sumtree
 
 SCHEMA_VERSION = 1
 MAX_MESSAGE = 65_507  # the largest UDP payload; nothing legitimate is bigger
@@ -186,6 +188,51 @@ class Digest:
     entries: tuple[tuple[str, Stamp], ...]
 
 
+RECORDS_TABLE, MEMBERS_TABLE = "records", "members"
+TABLES = (RECORDS_TABLE, MEMBERS_TABLE)
+
+
+@dataclass(frozen=True)
+class Sums:
+    """The sender's sums of the children of some tree nodes at `level` of one table (see
+    `sumtree`): the receiver answers, for each child whose sum differs from its own, with
+    that child's entries or its children's sums."""
+
+    table: str  # RECORDS_TABLE (owner -> watermark) or MEMBERS_TABLE
+    level: int
+    nodes: tuple[int, ...]
+    sums: tuple[int, ...]  # sumtree.FANOUT per node, in the order of `nodes`
+
+
+@dataclass(frozen=True)
+class Watermarks:
+    """The sender's watermarks for exactly the owners under some tree nodes at `level`: the
+    receiver asks for what it lacks and sends what the sender lacks."""
+
+    level: int
+    nodes: tuple[int, ...]
+    entries: tuple[tuple[str, Stamp], ...]
+
+
+class Step(IntEnum):
+    """The turns of a member-entries exchange; each side merges what it hears, then:"""
+
+    OPEN = 0  # answer with all of yours under the nodes where they differ from these
+    ANSWER = 1  # send yours back where they still differ (your view beat theirs)
+    CORRECT = 2  # nothing more: the SWIM rules are no total order, so this must end
+
+
+@dataclass(frozen=True)
+class MemberEntries:
+    """What the sender knows of the members under some tree nodes at `level`, at `step` of
+    the exchange (OPEN: all of it; ANSWER and CORRECT: only where the two differ)."""
+
+    level: int
+    nodes: tuple[int, ...]
+    step: Step
+    updates: tuple[MemberUpdate, ...]
+
+
 @dataclass(frozen=True)
 class Request:
     """Send me `owner`'s records newer than `after`."""
@@ -213,7 +260,9 @@ class Members:
     updates: tuple[MemberUpdate, ...]
 
 
-Message = Ping | PingReq | Ack | Push | Digest | Request | Records | Members
+Message = (
+    Ping | PingReq | Ack | Push | Digest | Request | Records | Members | Sums | Watermarks | MemberEntries
+)
 
 
 def encode(msg: Message) -> bytes:
@@ -239,6 +288,12 @@ def to_wire(msg: Message) -> list[Any]:
             return [v, "records", owner, *after, *upto, more, [r.to_wire() for r in records]]
         case Members(reply, updates):
             return [v, "members", reply, [u.to_wire() for u in updates]]
+        case Sums(table, level, nodes, sums):
+            return [v, "sums", table, level, list(nodes), list(sums)]
+        case Watermarks(level, nodes, entries):
+            return [v, "watermarks", level, list(nodes), [[o, i, n] for o, (i, n) in entries]]
+        case MemberEntries(level, nodes, step, updates):
+            return [v, "member-entries", level, list(nodes), int(step), [u.to_wire() for u in updates]]
     raise TypeError(f"not a gossip message: {msg!r}")
 
 
@@ -339,6 +394,60 @@ def _p_members(f: list[Any]) -> Members:
     return Members(_bool(reply, "reply"), _updates(updates))
 
 
+def _tree_nodes(level: Any, nodes: Any, *, leaf_ok: bool) -> tuple[int, tuple[int, ...]]:
+    """A level and a non-empty list of distinct tree nodes at it."""
+    level = _uint(level, "tree level")
+    out = tuple(_uint(n, "tree node") for n in _list(nodes, "tree nodes"))
+    if not out or len(set(out)) != len(out):
+        raise SchemaError("tree nodes must be distinct, at least one")
+    try:
+        for node in out:
+            sumtree.check_node(level, node, leaf_ok=leaf_ok)
+    except ValueError as e:
+        raise SchemaError(str(e)) from None
+    return level, out
+
+
+def _under(key: str, level: int, nodes: tuple[int, ...]) -> bool:
+    return sumtree.node_of(key, level) in nodes
+
+
+def _p_sums(f: list[Any]) -> Sums:
+    table, level, nodes, sums = _fields(f, 4, "sums")
+    if table not in TABLES:
+        raise SchemaError(f"unknown table {table!r}")
+    level, ns = _tree_nodes(level, nodes, leaf_ok=False)
+    if not isinstance(sums, list) or len(sums) != sumtree.FANOUT * len(ns):
+        raise SchemaError(f"sums: expected {sumtree.FANOUT} per tree node")
+    return Sums(table, level, ns, tuple(_uint(x, "sum") for x in sums))
+
+
+def _p_watermarks(f: list[Any]) -> Watermarks:
+    level, nodes, entries = _fields(f, 3, "watermarks")
+    level, ns = _tree_nodes(level, nodes, leaf_ok=True)
+    out = []
+    for e in _list(entries, "watermarks"):
+        owner, inc, ver = _fields(e, 3, "watermark")
+        owner = _name(owner, "owner")
+        if not _under(owner, level, ns):
+            raise SchemaError("watermark outside its tree nodes")
+        out.append((owner, (_uint(inc, "incarnation"), _uint(ver, "version"))))
+    return Watermarks(level, ns, tuple(out))
+
+
+def _p_member_entries(f: list[Any]) -> MemberEntries:
+    level, nodes, step, updates = _fields(f, 4, "member-entries")
+    level, ns = _tree_nodes(level, nodes, leaf_ok=True)
+    try:
+        st = Step(_uint(step, "step"))
+    except ValueError:
+        raise SchemaError(f"bad step {step!r}") from None
+    ups = _updates(updates)
+    if not all(_under(u.name, level, ns) for u in ups):
+        raise SchemaError("member outside its tree nodes")
+    return MemberEntries(level, ns, st, ups)
+
+
 _PARSERS: dict[str, Callable[[list[Any]], Message]] = {
     "ping": _p_ping,
     "ping-req": _p_ping_req,
@@ -348,6 +457,9 @@ _PARSERS: dict[str, Callable[[list[Any]], Message]] = {
     "request": _p_request,
     "records": _p_records,
     "members": _p_members,
+    "sums": _p_sums,
+    "watermarks": _p_watermarks,
+    "member-entries": _p_member_entries,
 }
 
 

@@ -21,6 +21,7 @@ gossip: it moves bytes between addresses.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,7 +58,7 @@ class _Host:
 
     def __init__(self, deliver: Deliver) -> None:
         self.deliver = deliver
-        self.busy_until = 0.0
+        self.busy_until = 0.0  # its CPU is taken until then
         self.counters = Counters()
         self.open = True
 
@@ -77,6 +78,12 @@ class SimNetwork:
         self._next_port = 40000
         # Drop rule on top of `loss` (a partition in a test): True drops src -> dst.
         self.cut: Callable[[Addr, Addr], bool] | None = None
+        # Datagrams in flight or queued, (when, seq, handle?, host, data, source): a heap of
+        # tuples, compared in C, behind one loop timer; a timer per datagram costs far more.
+        self._flight: list[tuple[float, int, bool, Addr, bytes, Addr]] = []
+        self._seq = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._depart: float | None = None  # while a handler runs: when what it sends leaves
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -115,25 +122,53 @@ class SimNetwork:
             sender.counters.lost += 1
             return
         lo, hi = self.model.latency
-        # Handlers run when their handling ends (see _arrive), so what they send leaves now.
+        now = self.loop.time()
+        # Sent while handling a datagram: it leaves when that handling ends. From a timer:
+        # once the host's CPU is free.
+        depart = self._depart if self._depart is not None else max(now, sender.busy_until)
+        self._schedule(depart + self._rng.uniform(lo, hi), False, dst, data, src)
+
+    def _schedule(self, when: float, handle: bool, dst: Addr, data: bytes, src: Addr) -> None:
+        self._seq += 1
+        heapq.heappush(self._flight, (when, self._seq, handle, dst, data, src))
+        if self._flight[0][1] == self._seq:  # the new earliest: move the timer up
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self.loop.call_at(when, self._run)
+
+    def _run(self) -> None:
+        self._timer = None
         loop = self.loop
-        loop.call_at(loop.time() + self._rng.uniform(lo, hi), self._arrive, dst, data, src)
+        while self._flight and self._flight[0][0] <= loop.time():
+            when, _, handle, dst, data, src = heapq.heappop(self._flight)
+            if handle:
+                self._handle(dst, data, src, when)
+            else:
+                self._arrive(dst, data, src)
+        if self._flight and self._timer is None:
+            self._timer = loop.call_at(self._flight[0][0], self._run)
 
     def _arrive(self, dst: Addr, data: bytes, src: Addr) -> None:
         host = self._hosts.get(dst)
         if host is None or not host.open:
             return  # nobody listens: a real network would answer ICMP, which gossip ignores
-        if self.model.cpu == 0:
-            host.deliver(data, src)
-            return
-        # One CPU per host: datagrams wait for the previous ones, in arrival order.
-        loop = self.loop
-        host.busy_until = max(loop.time(), host.busy_until) + self.model.cpu
-        loop.call_at(host.busy_until, self._handle, host, data, src)
+        now = self.loop.time()
+        start = max(now, host.busy_until)
+        host.busy_until = start + self.model.cpu  # one CPU: its next free moment, in arrival order
+        if start > now:
+            self._schedule(start, True, dst, data, src)  # wait for the datagrams ahead of it
+        else:
+            self._handle(dst, data, src, start)
 
-    def _handle(self, host: _Host, data: bytes, src: Addr) -> None:
-        if host.open:
+    def _handle(self, dst: Addr, data: bytes, src: Addr, start: float) -> None:
+        host = self._hosts[dst]
+        if not host.open:
+            return
+        self._depart = start + self.model.cpu
+        try:
             host.deliver(data, src)
+        finally:
+            self._depart = None
 
 
 class SimTransport:

@@ -33,6 +33,7 @@ from overlayd.gossip import (
     SchemaError,
     schema,
 )
+from overlayd.gossip.clock import SYSTEM, Clock, ShiftedClock
 from overlayd.gossip.framing import Framer
 from overlayd.lab import netns
 
@@ -76,6 +77,7 @@ class Cluster:
         seed: tuple[str, int] | None = None,
         keyring: Keyring | None = None,
         sock: socket.socket | None = None,
+        clock: Clock = SYSTEM,
     ) -> Member:
         registry = CollectorRegistry()
         metrics = GossipMetrics(registry)
@@ -98,6 +100,7 @@ class Cluster:
             metrics=metrics,
             config=config or self.config,
             sock=sock,
+            clock=clock,
         )
         member = Member(node, metrics, registry)
         box.append(member)
@@ -612,6 +615,32 @@ async def test_spread_between_processes() -> None:
             except TimeoutError:
                 p.kill()  # by its own handle (PID), never by name
                 await p.wait()
+        await c.stop()
+
+
+async def test_each_node_measures_how_far_off_the_others_clock_is() -> None:
+    """Two nodes on loopback; b's wall clock (its frames' timestamps, its tombstones) runs
+    3 s ahead. From their probes each estimates the other's offset: +3 s and -3 s, within
+    half a loopback round trip (what overlayctl peers and doctor then show)."""
+    c = Cluster(FAST)
+    try:
+        a = await c.add("ca")
+        b = await c.add("cb", clock=ShiftedClock(SYSTEM, 3.0))
+        await c.converged()
+
+        def offset(m: Member, peer: str) -> float | None:
+            return next((i.clock_offset for i in m.node.members() if i.name == peer), None)
+
+        await until(lambda: offset(a, "cb") is not None and offset(b, "ca") is not None, 10, "offsets")
+        # let a few more probes in, so the filter has a fast round trip to pick
+        await until(
+            lambda: a.metric("overlayd_gossip_messages_sent_total", {"type": "ping"}) >= 10, 10, "pings"
+        )
+        ab, ba = offset(a, "cb"), offset(b, "ca")
+        print(f"\nclock offsets: a sees b {ab:+.6f} s, b sees a {ba:+.6f} s (truth +3, -3)")
+        assert ab == pytest.approx(3.0, abs=0.02)
+        assert ba == pytest.approx(-3.0, abs=0.02)
+    finally:
         await c.stop()
 
 

@@ -161,16 +161,31 @@ def test_check_mtu() -> None:
 def test_check_clock() -> None:
     me = answers.peer("h1", me=True, started_at=1000.0)
     assert doctor.check_clock([me], 1000.0).result == doctor.OK
+    # KV store only, no gossip: nothing measures peers' clocks
     peer = answers.peer("h2", started_at=990.0)
     check = doctor.check_clock([me, peer], 1000.0)
-    assert check.result == doctor.WARN and "not available until gossip" in check.message
+    assert check.result == doctor.WARN and "gossip is off" in check.message
+    # gossip runs (peers carry a state) but has not probed anyone yet
+    gossiping = answers.peer("h2", started_at=990.0, state="alive")
+    check = doctor.check_clock([me, gossiping], 1000.0)
+    assert check.result == doctor.WARN and "measured yet" in check.message
     ahead = answers.peer("h3", started_at=1030.0)
     check = doctor.check_clock([me, peer, ahead], 1000.0)
     assert check.result == doctor.FAIL and "h3" in check.message
-    close = answers.peer("h2", started_at=990.0, clock_offset=0.01)
-    assert doctor.check_clock([me, close], 1000.0).result == doctor.OK
-    far = answers.peer("h2", started_at=990.0, clock_offset=-7.0)
-    assert doctor.check_clock([me, far], 1000.0).result == doctor.FAIL
+    # measured offsets, as gossip gives them (seconds, peer minus this host)
+    close = answers.peer("h2", started_at=990.0, state="alive", clock_offset=0.0012)
+    check = doctor.check_clock([me, close], 1000.0)
+    assert check.result == doctor.OK and check.message.startswith("h2's clock is 1.2 ms ahead")
+    off = answers.peer("h2", started_at=990.0, state="alive", clock_offset=0.8)
+    fine = answers.peer("h3", started_at=990.0, state="alive", clock_offset=-0.1)
+    check = doctor.check_clock([me, off, fine], 1000.0)
+    assert check.result == doctor.WARN and "h2" in check.message and "NTP" in check.hint
+    far = answers.peer("h2", started_at=990.0, state="alive", clock_offset=-7.0)
+    check = doctor.check_clock([me, far], 1000.0)
+    assert check.result == doctor.FAIL and "7.0 s behind" in check.message
+    cut_off = answers.peer("h2", started_at=990.0, state="alive", clock_offset=90.0)
+    check = doctor.check_clock([me, cut_off], 1000.0)
+    assert check.result == doctor.FAIL and "drops datagrams" in check.hint
 
 
 def test_check_store() -> None:

@@ -118,20 +118,31 @@ def test_loss_drops_about_its_share() -> None:
 
 
 def test_a_host_handles_one_datagram_at_a_time() -> None:
-    """Ten datagrams arriving together are handled cpu seconds apart, in arrival order."""
+    """Ten datagrams arriving together are handled cpu seconds apart, in arrival order, and
+    what a handler sends leaves when its handling ends."""
 
-    async def main() -> list[float]:
+    async def main() -> tuple[list[tuple[bytes, float]], list[float]]:
         loop = asyncio.get_running_loop()
         net = SimNetwork(LinkModel(latency=(0.001, 0.001), cpu=0.01), rng=random.Random(3))
-        handled: list[float] = []
-        a = net.open(("10.0.0.1", 1), lambda d, s: None)
-        net.open(("10.0.0.2", 1), lambda d, s: handled.append(loop.time()))
-        for _ in range(10):
-            a.sendto(b"x", ("10.0.0.2", 1))
-        await asyncio.sleep(1)
-        return handled
+        handled: list[tuple[bytes, float]] = []
+        echoes: list[float] = []
+        a = net.open(("10.0.0.1", 1), lambda d, s: echoes.append(loop.time()))
 
-    assert simulate(main) == pytest.approx([0.001 + 0.01 * (i + 1) for i in range(10)])
+        def echo(data: bytes, source: tuple[str, int]) -> None:
+            handled.append((data, loop.time()))
+            b.sendto(data, source)
+
+        b = net.open(("10.0.0.2", 1), echo)
+        for i in range(10):
+            a.sendto(bytes([i]), ("10.0.0.2", 1))
+        await asyncio.sleep(1)
+        return handled, echoes
+
+    handled, echoes = simulate(main)
+    assert [d for d, _ in handled] == [bytes([i]) for i in range(10)]
+    assert [t for _, t in handled] == pytest.approx([0.001 + 0.01 * i for i in range(10)])
+    # each echo: handled from 0.001 + 0.01 i, done 0.01 later, 0.001 on the wire (A's CPU too)
+    assert echoes == pytest.approx([0.012 + 0.01 * i for i in range(10)])
 
 
 def test_closed_or_unknown_addresses_receive_nothing() -> None:
