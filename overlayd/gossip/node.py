@@ -7,15 +7,23 @@ ever sent, so any amount of state moves as many small datagrams.
 
 Three ways a record travels:
 
-1. push — `publish` sends the new record at once to `fanout` random peers; a
-   peer that learns something new forwards it the same way, `hops` times at
-   most (about log2 N), so news spreads in a few round trips;
-2. anti-entropy — every `anti_entropy_interval` a digest (owner -> watermark,
-   split by owner ranges) goes to one random peer, which sends what the
-   sender lacks and asks for what it lacks itself, one bounded chunk per
-   request; this repairs whatever pushes missed;
-3. membership sync rides the same exchange, so joins and healed partitions
-   find each other.
+1. push — `publish` sends the new record at once to about ln(N) + 4 peers (its
+   ring neighbour and random ones); a peer that learns something new forwards
+   it the same way, `hops` times at most (about log2 N), so news reaches a
+   thousand members in a few LAN round trips (bench/gossip_scale.py);
+2. anti-entropy — every `anti_entropy_interval` the node sends one random peer
+   the sums of its hash trees (`sumtree`: over the owners' watermarks and over
+   the members); where they differ the two descend to the differing entries
+   only, then send what the other lacks and ask for what they lack, one
+   bounded chunk per request. A round where nothing differs is one small
+   datagram per table, whatever the cluster's size; this repairs whatever
+   pushes missed;
+3. membership sync rides the same trees, so views converge, and joins and
+   healed partitions find each other through small knocks answered with a
+   snapshot.
+
+Every direct probe doubles as a time exchange: members carry their clock's
+offset from ours (`skew`), for `overlayctl doctor`.
 
 A malformed, forged, replayed or stale datagram is counted by reason and
 dropped; nothing a peer sends can raise out of the receive path.
@@ -335,8 +343,9 @@ class GossipNode:
 
         If every member that learns a record forwards it to f random peers, a
         member is missed with probability about e^-f; ln(N) + 4 keeps the chance
-        that anyone at all is missed near 2%, so the tail rarely waits for
-        anti-entropy, and each member still sends only O(log N) datagrams.
+        that anyone at all is missed near 2%, and the ring edge (`_push_targets`)
+        cuts that again, so the tail rarely waits for anti-entropy, and each
+        member still sends only O(log N) datagrams per change.
         """
         if self.config.fanout == 0:
             return 0
