@@ -23,7 +23,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from overlayd.gossip.schema import MemberState, MemberUpdate
 from overlayd.gossip.skew import OffsetFilter
@@ -52,7 +52,7 @@ class MemberInfo:
 class _Member:
     info: MemberInfo
     suspect_deadline: float | None = None  # monotonic
-    clock: OffsetFilter = field(default_factory=OffsetFilter)
+    clock: OffsetFilter | None = None  # made at the first sample: most members are rarely probed
 
 
 @dataclass(frozen=True)
@@ -95,9 +95,17 @@ class Membership:
         self._wall = wall
         self._rng = rng or random.Random()
         self._members: dict[str, _Member] = {}
-        self._queue: dict[str, tuple[MemberUpdate, int]] = {}  # name -> (update, sends left)
+        # News to piggyback: sends left -> {name: update}, so the freshest go first without
+        # sorting a queue that holds every member after a mass join (it ran per message).
+        self._queue: dict[int, dict[str, MemberUpdate]] = {}
+        self._left: dict[str, int] = {}  # name -> sends left
         self._probe_order: list[str] = []
-        self._live: list[MemberInfo] | None = None  # cache of live(): pushes ask for it per datagram
+        # Kept as they change, not recomputed from all members per event (at a thousand members
+        # that was most of the CPU): who may be up (pushes sample it per datagram), who is
+        # suspect (expire looks at them each probe round), and how many are in each state.
+        self._live: list[str] | None = None
+        self._suspects: set[str] = set()
+        self._counts: dict[MemberState, int] = {}
         self._ring: list[str] | None = None  # live names and ours, sorted (see successor)
         self._tree_self()
 
@@ -130,18 +138,15 @@ class Membership:
         return sorted((m.info for m in self._members.values()), key=lambda i: i.name)
 
     def counts(self) -> dict[MemberState, int]:
-        out: dict[MemberState, int] = {}
-        for m in self._members.values():
-            out[m.info.state] = out.get(m.info.state, 0) + 1
-        return out
+        return {state: n for state, n in self._counts.items() if n}
 
     def live(self) -> list[MemberInfo]:
         """Members that may be up (alive or suspect): targets for probes and pushes."""
-        return list(self._live_list())
+        return [self._members[n].info for n in self._live_list()]
 
-    def _live_list(self) -> list[MemberInfo]:
+    def _live_list(self) -> list[str]:
         if self._live is None:
-            self._live = [m.info for m in self._members.values() if m.info.state not in _GONE]
+            self._live = [n for n, m in self._members.items() if m.info.state not in _GONE]
         return self._live
 
     def gone(self) -> list[MemberInfo]:
@@ -151,7 +156,7 @@ class Membership:
         """The live member after this node in name order, wrapping around: its neighbour on a
         ring every node draws the same way (while they agree on who is alive)."""
         if self._ring is None:
-            self._ring = sorted([i.name for i in self._live_list()] + [self.name])
+            self._ring = sorted([*self._live_list(), self.name])
         ring = self._ring
         if len(ring) < 2:
             return None
@@ -236,8 +241,15 @@ class Membership:
         if old is not None and old.info.state == SUSPECT and u.state == SUSPECT:
             deadline = old.suspect_deadline  # a repeated suspicion does not extend the first
         # The host's clock outlives a restart of its daemon: keep its samples.
-        self._members[name] = _Member(info, deadline, old.clock if old else OffsetFilter())
+        self._members[name] = _Member(info, deadline, old.clock if old else None)
         self._live = self._ring = None
+        if old is not None:
+            self._counts[old.info.state] -= 1
+        self._counts[u.state] = self._counts.get(u.state, 0) + 1
+        if u.state == SUSPECT:
+            self._suspects.add(name)
+        else:
+            self._suspects.discard(name)
         self.tree.set(name, None if u.state in _GONE else member_hash(u))
         if previous is None and u.state not in _GONE:
             # New members go to a random place in this round's probe order.
@@ -261,21 +273,22 @@ class Membership:
         if m is not None:
             old = m.info.rtt
             m.info = replace(m.info, rtt=rtt if old is None else 0.8 * old + 0.2 * rtt)
-            self._live = None
 
     def record_clock(self, name: str, offset: float, rtt: float) -> None:
         """One clock-offset sample of `name` from a direct probe (see `skew`)."""
         m = self._members.get(name)
         if m is not None:
+            if m.clock is None:
+                m.clock = OffsetFilter()
             m.info = replace(m.info, clock_offset=m.clock.add(offset, rtt))
-            self._live = None
 
     def expire(self) -> list[MemberChanged]:
         """Declare dead the suspects whose timeout passed."""
         now = self._clock()
         out = []
-        for name, m in list(self._members.items()):
-            if m.info.state == SUSPECT and m.suspect_deadline is not None and m.suspect_deadline <= now:
+        for name in list(self._suspects):
+            m = self._members[name]
+            if m.suspect_deadline is not None and m.suspect_deadline <= now:
                 i = m.info
                 out.append(
                     self._set(name, MemberUpdate(i.name, i.addr, i.port, DEAD, i.incarnation), SUSPECT)
@@ -287,9 +300,9 @@ class Membership:
         cutoff = self._wall() - older_than
         gone = [n for n, m in self._members.items() if m.info.state in _GONE and m.info.since <= cutoff]
         for n in gone:
-            del self._members[n]
+            self._counts[self._members.pop(n).info.state] -= 1
             self.tree.set(n, None)
-            self._queue.pop(n, None)
+            self._dequeue(n)
         return gone
 
     def leave(self) -> MemberUpdate:
@@ -318,7 +331,7 @@ class Membership:
             # which is uniform over the rest and costs O(k) instead of a pass over everyone.
             live = self._live_list()
             picks = self._rng.sample(live, min(k + len(exclude), len(live)))
-            return [i for i in picks if i.name not in exclude][:k]
+            return [self._members[n].info for n in picks if n not in exclude][:k]
         pool = [
             m.info for m in self._members.values() if m.info.name not in exclude and m.info.state == ALIVE
         ]
@@ -326,9 +339,25 @@ class Membership:
 
     # --- what we say ---
 
+    def pending_news(self) -> int:
+        """Updates still waiting to be piggybacked."""
+        return len(self._left)
+
     def _enqueue(self, u: MemberUpdate) -> None:
-        limit = self.retransmit_mult * math.ceil(math.log10(self.cluster_size() + 1))
-        self._queue[u.name] = (u, max(1, limit))
+        limit = max(1, self.retransmit_mult * math.ceil(math.log10(self.cluster_size() + 1)))
+        self._dequeue(u.name)
+        self._queue.setdefault(limit, {})[u.name] = u
+        self._left[u.name] = limit
+
+    def _dequeue(self, name: str) -> MemberUpdate | None:
+        left = self._left.pop(name, None)
+        if left is None:
+            return None
+        bucket = self._queue[left]
+        u = bucket.pop(name)
+        if not bucket:
+            del self._queue[left]
+        return u
 
     def piggyback(self, budget: int, to: str | None = None) -> list[MemberUpdate]:
         """Updates to ride on a message to `to`, within about `budget` bytes.
@@ -341,17 +370,25 @@ class Membership:
             if m is not None and m.info.state != ALIVE:
                 out.append(_update(m.info))
                 budget -= _size(out[0])
-        for name, (u, left) in sorted(self._queue.items(), key=lambda kv: -kv[1][1]):
-            if budget < _size(u):
+        taken: list[tuple[str, int]] = []
+        full = False
+        for left in sorted(self._queue, reverse=True):  # the least sent first
+            for name, u in self._queue[left].items():
+                if budget < _size(u):
+                    full = True
+                    break
+                if name == to:
+                    continue  # its own news is no news to it (its state, if not alive, went first)
+                out.append(u)
+                budget -= _size(u)
+                taken.append((name, left))
+            if full:
                 break
-            if name == to:
-                continue  # its own news is no news to it (its state, if not alive, went first)
-            out.append(u)
-            budget -= _size(u)
-            if left <= 1:
-                del self._queue[name]
-            else:
-                self._queue[name] = (u, left - 1)
+        for name, left in taken:  # moved after the loop: an update goes once per message
+            sent = self._dequeue(name)
+            if sent is not None and left > 1:
+                self._queue.setdefault(left - 1, {})[name] = sent
+                self._left[name] = left - 1
         return out
 
 

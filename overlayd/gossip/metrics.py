@@ -65,6 +65,22 @@ class GossipMetrics:
         )
         for state in MemberState:
             self.peers.labels(state.value).set(0)
+        # Labelled children, looked up once: `labels()` per datagram costs more than the send.
+        self._sent: dict[str, Counter] = {}
+        self._received: dict[str, Counter] = {}
+
+    def sent(self, kind: str, size: int) -> None:
+        child = self._sent.get(kind)
+        if child is None:
+            child = self._sent[kind] = self.messages_sent.labels(kind)
+        child.inc()
+        self.bytes_sent.inc(size)
+
+    def received(self, kind: str) -> None:
+        child = self._received.get(kind)
+        if child is None:
+            child = self._received[kind] = self.messages_received.labels(kind)
+        child.inc()
 
     def set_peers(self, counts: dict[MemberState, int]) -> None:
         for state in MemberState:

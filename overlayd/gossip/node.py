@@ -398,7 +398,7 @@ class GossipNode:
             self._reject("schema")
             return
         if self._metrics:
-            self._metrics.messages_received.labels(_TYPE[type(msg)]).inc()
+            self._metrics.received(_TYPE[type(msg)])
         try:
             self._handle(opened.sender, addr, msg, opened.timestamp)
         except Exception:
@@ -585,8 +585,7 @@ class GossipNode:
             return
         self._sender.sendto(packet, addr)
         if self._metrics:
-            self._metrics.messages_sent.labels(_TYPE[type(msg)]).inc()
-            self._metrics.bytes_sent.inc(len(packet))
+            self._metrics.sent(_TYPE[type(msg)], len(packet))
 
     def _piggyback(self, to: str | None) -> tuple[MemberUpdate, ...]:
         return tuple(self._ms.piggyback(self._budget // 2, to))

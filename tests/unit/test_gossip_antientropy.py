@@ -98,7 +98,7 @@ def test_at_rest_a_member_sends_the_same_whatever_the_cluster_size() -> None:
         await c.start()
         for node in c.nodes:
             node.publish("node", node.name, {"vtep": "198.18.0.1"})
-        await c.until(lambda: not any(x._ms._queue for x in c.nodes), 300, "join news drained")
+        await c.until(lambda: not any(x._ms.pending_news() for x in c.nodes), 300, "join news drained")
         await asyncio.sleep(5)  # the records' pushes and repairs are over
         before = c.net.total().bytes
         kinds = ("sums", "watermarks", "member-entries", "records", "request", "members")
