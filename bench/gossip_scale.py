@@ -53,7 +53,7 @@ from prometheus_client import CollectorRegistry
 
 from overlayd.gossip import GossipMetrics, GossipNode, Keyring, Record, framing, schema
 from overlayd.gossip.clock import LoopClock
-from overlayd.gossip.schema import Push
+from overlayd.gossip.schema import MemberState, MemberUpdate, Push
 from overlayd.gossip.simnet import LinkModel, SimNetwork
 from overlayd.gossip.virtualtime import VirtualTimeLoop
 
@@ -92,6 +92,7 @@ class Settings:
     churn_losses: tuple[float, ...] = (0.0,)
     link: LinkModel = LAN
     seed: int = 1
+    join: bool = False  # form membership by joins (slow here; see form) or start from full tables
 
     @classmethod
     def quick(cls) -> Settings:
@@ -119,15 +120,20 @@ def address(i: int) -> str:
 
 
 async def form(s: Settings, rng: random.Random) -> Cluster:
-    """Start the members (seeded with the first three, like a config's peer list) and wait
-    until every one sees every other alive."""
+    """Start the members and wait until every one sees every other alive.
+
+    With `s.join` they join through the first three (like a config's peer list), all within
+    two seconds: SWIM's join storm, O(N^2) datagrams and minutes of piggybacked news at a
+    thousand members, which costs this machine more than everything measured after it.
+    Without, each starts knowing the others (as after a full sync), as tables do.
+    """
     loop = asyncio.get_running_loop()
     net = SimNetwork(s.link, rng=random.Random(rng.random()))
     registry = CollectorRegistry()
     metrics = GossipMetrics(registry)  # shared: the counters are the cluster's totals
     clock = LoopClock(loop)
     learned: list[dict[tuple[str, str, str], float]] = [{} for _ in range(s.members)]
-    seeds = [(address(i), 7946) for i in range(min(3, s.members))]
+    seeds = [(address(i), 7946) for i in range(min(3, s.members))] if s.join else []
     nodes = []
     for i in range(s.members):
 
@@ -149,11 +155,17 @@ async def form(s: Settings, rng: random.Random) -> Cluster:
             )
         )
     c = Cluster(net, nodes, registry, learned)
+    if not s.join:
+        everyone = [MemberUpdate(n.name, address(i), 7946, MemberState.ALIVE, 1) for i, n in enumerate(nodes)]
+        for n in nodes:
+            for u in everyone:
+                if u.name != n.name:
+                    n._ms.apply(u, snapshot=True)  # the table's own merge; nothing to announce
     start = loop.time()
     # Hosts come up over a couple of seconds, as they would after a rack power-on.
     for node in nodes:
         await node.start()
-        await asyncio.sleep(2.0 / s.members)
+        await asyncio.sleep(2.0 / s.members if s.join else 0.0)
     while not formed(nodes):
         if loop.time() - start > 600:
             raise RuntimeError("membership did not converge within 600 s of simulated time")
@@ -482,9 +494,13 @@ def _print(s: Settings, r: Results) -> None:
         f"{s.link.latency[1] * 1e3:.1f} ms, {s.link.cpu * 1e6:.0f} us CPU per datagram), fanout {r.fanout}"
     )
     p(
-        f"membership formed in {r.formed_in:.1f} s simulated, join news drained {r.drained_in:.0f} s "
-        f"later ({r.wall_formed:.0f} s wall); run took {r.wall_seconds:.0f} s wall, "
-        f"{r.wall_per_datagram_us:.0f} us of this machine per datagram"
+        (
+            f"membership formed by joins in {r.formed_in:.1f} s simulated, join news drained "
+            f"{r.drained_in:.0f} s later ({r.wall_formed:.0f} s wall)"
+            if s.join
+            else f"membership and tables start full, as after a sync ({r.wall_formed:.0f} s wall)"
+        )
+        + f"; run took {r.wall_seconds:.0f} s wall, {r.wall_per_datagram_us:.0f} us per datagram"
     )
     p(
         f"ideal push: {r.baselines['ideal_hops']} hops x mean one-way latency = "
@@ -556,10 +572,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--members", type=int)
     ap.add_argument("--trials", type=int)
     ap.add_argument("--seed", type=int)
+    ap.add_argument("--join", action="store_true", help="form membership by joins (slow at 1,000)")
     ap.add_argument("--json", type=Path, default=RESULTS, help=f"where to write results ({RESULTS})")
     args = ap.parse_args(argv)
     s = Settings.quick() if args.quick else Settings()
-    changes: dict[str, Any] = {k: getattr(args, k) for k in ("members", "trials", "seed") if getattr(args, k)}
+    changes: dict[str, Any] = {
+        k: getattr(args, k) for k in ("members", "trials", "seed", "join") if getattr(args, k)
+    }
     s = replace(s, **changes)
     r = run(settings=s, out=args.json)
     print(f"results: {args.json}")

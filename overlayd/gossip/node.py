@@ -264,8 +264,9 @@ class GossipNode:
 
     def _loop_done(self, task: asyncio.Task[Any]) -> None:
         # The group logs the failure; this keeps it where `failures` can tell.
-        if not task.cancelled() and task.exception() is not None:
-            self._failures.append((task.get_name(), task.exception() or RuntimeError()))
+        exc = None if task.cancelled() else task.exception()
+        if exc is not None:
+            self._failures.append((task.get_name(), exc))
 
     async def stop(self, *, leave: bool = True) -> None:
         """Stop; with `leave`, first tell some peers this node is leaving (state `left`)."""
@@ -357,7 +358,8 @@ class GossipNode:
         With random peers only, a member is missed when no push picks it, about e^-f of
         them. The ring edge makes every member that has a record hand it to its neighbour,
         so a member is missed only if, besides, its predecessor was missed or that one
-        datagram was lost: at 5% loss about 20 times fewer misses, for no extra datagram.
+        datagram was lost: at 5% loss about eight times fewer misses, without loss next to
+        none, for no extra datagram.
         """
         fanout = self._fanout()
         succ = self._ms.successor()

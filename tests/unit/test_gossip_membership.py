@@ -154,3 +154,42 @@ def test_rtt_is_smoothed() -> None:
     ms.record_rtt("x", 0.020)
     info = ms.get("x")
     assert info is not None and info.rtt is not None and math.isclose(info.rtt, 0.012)
+
+
+def test_fresh_news_rides_before_old_and_never_twice_in_one_message() -> None:
+    ms = table()
+    for i in range(30):
+        ms.apply(upd(f"old{i:02}", A, 1))
+    for _ in range(3):  # the old news has been sent a few times
+        ms.piggyback(10_000)
+    ms.apply(upd("fresh", A, 1))
+    out = ms.piggyback(200)  # room for a few: the fresh one comes first
+    assert out[0].name == "fresh"
+    everything = ms.piggyback(100_000)
+    assert len({u.name for u in everything}) == len(everything)
+
+
+def test_members_first_heard_of_in_a_snapshot_are_not_announced_again() -> None:
+    ms = table()
+    ms.apply(upd("x", A, 1), snapshot=True)
+    assert ms.get("x") is not None and ms.pending_news() == 0
+    ms.apply(upd("x", D, 1), snapshot=True)  # a change to a member we knew: that spreads
+    assert [u.name for u in ms.piggyback(10_000)] == ["x"]
+
+
+def test_state_counts_follow_every_change_and_reap() -> None:
+    clock = Clock()
+    ms = table(clock)
+    for i in range(6):
+        ms.apply(upd(f"n{i}", A, 1))
+    ms.suspect("n0")
+    ms.apply(upd("n1", D, 1))
+    ms.apply(upd("n2", L, 1))
+    assert ms.counts() == {A: 3, S: 1, D: 1, L: 1}
+    clock.t += 1000
+    ms.expire()  # the suspect dies now...
+    assert ms.counts() == {A: 3, D: 2, L: 1}
+    clock.t += 1000
+    ms.reap(older_than=10)  # ...and is forgotten with the others later
+    assert ms.counts() == {A: 3}
+    assert ms.counts() == {A: len(ms.live())}
