@@ -166,24 +166,24 @@ def test_check_clock() -> None:
     check = doctor.check_clock([me, peer], 1000.0)
     assert check.result == doctor.WARN and "gossip is off" in check.message
     # gossip runs (peers carry a state) but has not probed anyone yet
-    gossiping = answers.peer("h2", started_at=990.0, state="alive")
+    gossiping = answers.peer("h2", started_at=990.0, state="alive", rtt_ms=None)
     check = doctor.check_clock([me, gossiping], 1000.0)
     assert check.result == doctor.WARN and "measured yet" in check.message
     ahead = answers.peer("h3", started_at=1030.0)
     check = doctor.check_clock([me, peer, ahead], 1000.0)
     assert check.result == doctor.FAIL and "h3" in check.message
     # measured offsets, as gossip gives them (seconds, peer minus this host)
-    close = answers.peer("h2", started_at=990.0, state="alive", clock_offset=0.0012)
+    close = answers.peer("h2", started_at=990.0, state="alive", rtt_ms=0.3, clock_offset=0.0012)
     check = doctor.check_clock([me, close], 1000.0)
     assert check.result == doctor.OK and check.message.startswith("h2's clock is 1.2 ms ahead")
-    off = answers.peer("h2", started_at=990.0, state="alive", clock_offset=0.8)
-    fine = answers.peer("h3", started_at=990.0, state="alive", clock_offset=-0.1)
+    off = answers.peer("h2", started_at=990.0, state="alive", rtt_ms=0.3, clock_offset=0.8)
+    fine = answers.peer("h3", started_at=990.0, state="alive", rtt_ms=0.3, clock_offset=-0.1)
     check = doctor.check_clock([me, off, fine], 1000.0)
     assert check.result == doctor.WARN and "h2" in check.message and "NTP" in check.hint
-    far = answers.peer("h2", started_at=990.0, state="alive", clock_offset=-7.0)
+    far = answers.peer("h2", started_at=990.0, state="alive", rtt_ms=0.3, clock_offset=-7.0)
     check = doctor.check_clock([me, far], 1000.0)
     assert check.result == doctor.FAIL and "7.0 s behind" in check.message
-    cut_off = answers.peer("h2", started_at=990.0, state="alive", clock_offset=90.0)
+    cut_off = answers.peer("h2", started_at=990.0, state="alive", rtt_ms=0.3, clock_offset=90.0)
     check = doctor.check_clock([me, cut_off], 1000.0)
     assert check.result == doctor.FAIL and "drops datagrams" in check.hint
 
