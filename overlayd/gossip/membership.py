@@ -152,16 +152,18 @@ class Membership:
     def gone(self) -> list[MemberInfo]:
         return [m.info for m in self._members.values() if m.info.state in _GONE]
 
-    def successor(self) -> MemberInfo | None:
-        """The live member after this node in name order, wrapping around: its neighbour on a
-        ring every node draws the same way (while they agree on who is alive)."""
+    def neighbours(self) -> list[MemberInfo]:
+        """The live members just after and just before this node in name order, wrapping
+        around: its neighbours on a ring every node draws the same way (while they agree on
+        who is alive). One member when there is only one other, none when alone."""
         if self._ring is None:
             self._ring = sorted([*self._live_list(), self.name])
         ring = self._ring
         if len(ring) < 2:
-            return None
-        name = ring[bisect.bisect_right(ring, self.name) % len(ring)]
-        return self._members[name].info
+            return []
+        at = bisect.bisect_left(ring, self.name)
+        names = dict.fromkeys((ring[(at + 1) % len(ring)], ring[at - 1]))  # one if they are the same
+        return [self._members[n].info for n in names]
 
     def cluster_size(self) -> int:
         return 1 + len(self._live_list())

@@ -353,19 +353,21 @@ class GossipNode:
         return max(self.config.fanout, math.ceil(math.log(self._ms.cluster_size()) + 4))
 
     def _push_targets(self, exclude: set[str]) -> list[MemberInfo]:
-        """`_fanout()` peers: our successor on the ring of names, and the rest at random.
+        """`_fanout()` peers: our two neighbours on the ring of names, the rest at random.
 
         With random peers only, a member is missed when no push picks it, about e^-f of
-        them. The ring edge makes every member that has a record hand it to its neighbour,
-        so a member is missed only if, besides, its predecessor was missed or that one
-        datagram was lost: at 5% loss about eight times fewer misses, without loss next to
-        none, for no extra datagram.
+        them (at loss p, e^-f(1-p)). The ring edges make every member that has a record
+        hand it to both its neighbours, so a member is missed only if, besides, neither
+        neighbour got its copy to it: each of them was missed itself (rare) or that
+        datagram was lost, about p^2. At 5% loss that is some 60 times fewer misses, for
+        no extra datagram.
         """
         fanout = self._fanout()
-        succ = self._ms.successor()
-        if fanout == 0 or succ is None or succ.name in exclude:
-            return self._ms.random_live(fanout, exclude=exclude)
-        return [succ, *self._ms.random_live(fanout - 1, exclude=exclude | {succ.name})]
+        if fanout == 0:
+            return []
+        ring = [m for m in self._ms.neighbours() if m.name not in exclude][:fanout]
+        taken = exclude | {m.name for m in ring}
+        return ring + self._ms.random_live(fanout - len(ring), exclude=taken)
 
     def _push(self, records: list[Record], hops: int, exclude: Iterable[str]) -> None:
         if hops <= 0 or not records:

@@ -193,3 +193,18 @@ def test_state_counts_follow_every_change_and_reap() -> None:
     ms.reap(older_than=10)  # ...and is forgotten with the others later
     assert ms.counts() == {A: 3}
     assert ms.counts() == {A: len(ms.live())}
+
+
+def test_ring_neighbours_are_the_live_names_around_ours() -> None:
+    ms = table()  # this node is "me"
+    assert ms.neighbours() == []
+    ms.apply(upd("a", A, 1))
+    assert [m.name for m in ms.neighbours()] == ["a"]  # one other: one neighbour, not two
+    for name in ("b", "mz", "x", "z"):
+        ms.apply(upd(name, A, 1))
+    assert [m.name for m in ms.neighbours()] == ["mz", "b"]
+    ms.apply(upd("mz", D, 1))  # the dead are off the ring
+    assert [m.name for m in ms.neighbours()] == ["x", "b"]
+    for name in ("a", "b"):
+        ms.apply(upd(name, L, 1))
+    assert [m.name for m in ms.neighbours()] == ["x", "z"]  # wraps around
