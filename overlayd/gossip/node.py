@@ -8,7 +8,7 @@ ever sent, so any amount of state moves as many small datagrams.
 Three ways a record travels:
 
 1. push — `publish` sends the new record at once to about ln(N) + 4 peers (its
-   ring neighbour and random ones); a peer that learns something new forwards
+   two ring neighbours, the rest random); a peer that learns something new forwards
    it the same way, `hops` times at most (about log2 N), so news reaches a
    thousand members in a few LAN round trips (bench/gossip_scale.py);
 2. anti-entropy — every `anti_entropy_interval` the node sends one random peer
@@ -344,8 +344,8 @@ class GossipNode:
 
         If every member that learns a record forwards it to f random peers, a
         member is missed with probability about e^-f; ln(N) + 4 keeps the chance
-        that anyone at all is missed near 2%, and the ring edge (`_push_targets`)
-        cuts that again, so the tail rarely waits for anti-entropy, and each
+        that anyone at all is missed near 2%, and the ring edges (`_push_targets`)
+        cut that again, so the tail rarely waits for anti-entropy, and each
         member still sends only O(log N) datagrams per change.
         """
         if self.config.fanout == 0:
