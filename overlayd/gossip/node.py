@@ -504,9 +504,10 @@ class GossipNode:
                 if more and self._table.watermark(owner) > before:
                     self._send(addr, Request(owner, self._table.watermark(owner)))
             case Members(reply, updates):
+                known = self._ms.get(sender)
                 self._apply_members(updates, snapshot=reply)
                 if not reply:
-                    self._send_members(addr, reply=True)
+                    self._answer_knock(addr, known)
 
     def _merge(self, rec: Record, path: str) -> bool:
         if rec.owner == self.name and rec.incarnation < self.incarnation:
@@ -702,6 +703,19 @@ class GossipNode:
         if about is not None:
             updates.append(MemberUpdate(about.name, about.addr, about.port, about.state, about.incarnation))
         self._send(addr, Members(False, tuple(updates)))
+
+    def _answer_knock(self, addr: Addr, sender: MemberInfo | None) -> None:
+        """A join, or a member that believes us gone, or a partition healing.
+
+        One we did not know, or held gone, needs everything we know: a snapshot. One we
+        hold alive only needs our word (we refuted already if it said we were gone); the
+        sum trees carry the rest. A snapshot per knock would swamp a cluster where many
+        believe many dead, as after a stall: O(N) datagrams each, at a thousand members.
+        """
+        if sender is None or sender.state in (MemberState.DEAD, MemberState.LEFT):
+            self._send_members(addr, reply=True)
+        else:
+            self._send(addr, Members(True, (self._ms.self_update(),)))
 
     def _join(self) -> None:
         for addr in self._seeds:
