@@ -18,9 +18,10 @@ a difference in k entries costs about k * log16(N) small messages and a table
 that agrees costs one message of 16 sums. A subtree with few entries is sent
 as its entries rather than descended further (`SMALL`).
 
-XOR of hashes is not collision-proof against someone who chooses the values;
-only authenticated peers feed this tree, and a mismatch missed here is still
-caught by pushes and gap pulls. Pure: no I/O.
+Two different tables have equal sums by accident with odds of 2^-63; someone who
+chooses the values could make XORs collide, but only authenticated peers feed
+this tree, and a difference hidden that way lasts only until either entry
+changes again. Pure: no I/O.
 """
 
 from __future__ import annotations

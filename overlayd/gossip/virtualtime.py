@@ -27,9 +27,6 @@ import selectors
 from collections.abc import Mapping
 from typing import Any
 
-# asyncio caps one select() wait at a day; any positive bound works here.
-_FOREVER = None
-
 
 class Stalled(RuntimeError):
     """Nothing is ready and nothing is scheduled: the simulation would wait forever."""
@@ -52,7 +49,7 @@ class _VirtualSelector(selectors.BaseSelector):
         return self._keys.pop(fileobj)
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
-        if timeout is _FOREVER:
+        if timeout is None:  # asyncio's way of saying: wait until some I/O happens
             raise Stalled("nothing is ready and no timer is scheduled")
         if timeout > 0:
             self._loop.advance(timeout)
