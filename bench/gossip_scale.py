@@ -433,7 +433,11 @@ async def _simulate(s: Settings) -> Results:
     out = Results(settings=_plain(asdict(s)))
     progress(f"forming {s.members} members")
     c = await form(s, rng)
-    progress(f"formed in {c.formed_in:.0f} s simulated, join news drained in {c.drained_in:.0f} s more")
+    progress(
+        f"formed in {c.formed_in:.0f} s simulated, join news drained in {c.drained_in:.0f} s more"
+        if s.join
+        else "started from full tables"
+    )
     out.formed_in = c.formed_in
     out.drained_in = c.drained_in
     out.wall_formed = time.perf_counter() - wall
