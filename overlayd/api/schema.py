@@ -367,7 +367,7 @@ class Peer(_Record):
     # With gossip only: the SWIM state ("alive", "suspect", "dead", "unknown") and round trip.
     state: str | None = None
     rtt_ms: float | None = None
-    # Seconds this peer's clock is ahead of ours, once the daemon measures it.
+    # Seconds this peer's clock is ahead of ours (gossip measures it on every direct probe).
     clock_offset: float | None = None
 
     def to_json(self) -> JSONObject:
@@ -379,9 +379,11 @@ class Peer(_Record):
             "self": self.self,
         }
         if self.state is not None:
+            # With gossip always there: null until measured.
             out["state"] = self.state
-            out["rtt_ms"] = self.rtt_ms  # with gossip always there: null until measured
-        if self.clock_offset is not None:
+            out["rtt_ms"] = self.rtt_ms
+            out["clock_offset"] = self.clock_offset
+        elif self.clock_offset is not None:
             out["clock_offset"] = self.clock_offset
         return out
 

@@ -14,9 +14,9 @@ change, in both modes:
   records count while SWIM sees it alive or suspect; in gossip-only mode,
   until it has been dead (or left) for `dead_grace` seconds;
 - this host's own records from before a restart, as peers kept them, are
-  settled once this life's own records are out: networks it created and
-  blocks it still uses are taken over again, endpoints it no longer has are
-  withdrawn.
+  settled as they arrive (this life's own records are out before anything is
+  heard): networks it created and blocks it still uses are taken over again,
+  endpoints it no longer has are withdrawn.
 """
 
 from __future__ import annotations
@@ -85,7 +85,6 @@ class GossipFeed:
         self.claims: GossipClaims | None = None  # gossip-only: to take own blocks over again
         self._dead_since: dict[str, float] = {}  # member -> monotonic time it went dead or left
         self._excluded: set[str] = set()
-        self._adopted: list[Record] = []
         self.on_member_change: Callable[[MemberInfo], None] | None = None
 
     # --- what gossip says ---
@@ -95,8 +94,10 @@ class GossipFeed:
         if peering is None:
             return
         if record.owner == self._node:
-            # Ours from a previous life: decided in `tick`, once this life's records are out.
-            self._adopted.append(record)
+            # Ours from a previous life. This life's own records went out before gossip
+            # could hear anything (`Daemon._start_peering`), so decide at once: a network
+            # left waiting would be missing from the view when the restart hold ends.
+            self._adopt(record)
             return
         fact = peering.to_fact(record)
         if fact is None:
@@ -136,7 +137,7 @@ class GossipFeed:
     # --- the clock ---
 
     async def run(self) -> None:
-        """Expire members dead past their grace; settle own records from an earlier life."""
+        """Expire members dead past their grace (gossip-only mode)."""
         interval = min(1.0, self._grace / 4) if not self._authority else 1.0
         while True:
             await asyncio.sleep(interval)
@@ -150,34 +151,29 @@ class GossipFeed:
                     log.warning("gossip: %s dead for %.0fs: dropping its endpoints", member, self._grace)
                     self._excluded.add(member)
                     self._admit(member, False)
-        self._settle_adopted()
 
-    def _settle_adopted(self) -> None:
+    def _adopt(self, record: Record) -> None:
         peering = self.peering
-        if peering is None:
+        if peering is None or record.payload is None:
             return
-        adopted, self._adopted = self._adopted, []
-        for record in adopted:
-            if record.payload is None:
-                continue
-            current = peering.own(record.kind, record.key)
-            if current is not None and current.incarnation >= peering.node.incarnation:
-                continue  # already published (or withdrawn) in this life
-            if record.kind == ENDPOINT and record.key not in self._registry:
-                peering.delete_endpoint(record.key)  # gone while we were down
-            elif record.kind == NETWORK and not self._authority:
-                # Networks outlive their creator's restarts: take them over again.
-                fact = peering.to_fact(record)
-                if isinstance(fact, NetworkClaimed):
-                    peering.publish_network(fact.network, fact.created_at)
-                    self._engine.from_own([fact])
-            elif record.kind == BLOCK and self.claims is not None:
-                fact = peering.to_fact(record)
-                if isinstance(fact, BlockClaim):
-                    in_use = any(
-                        ep.network == fact.network and ep.ip in fact.block for ep in self._registry.all()
-                    )
-                    if in_use:
-                        self.claims.adopt_block(fact.network, fact.block, fact.created_at)
-                    else:
-                        peering.delete_block(fact.key)
+        current = peering.own(record.kind, record.key)
+        if current is not None and current.incarnation >= peering.node.incarnation:
+            return  # already published (or withdrawn) in this life
+        if record.kind == ENDPOINT and record.key not in self._registry:
+            peering.delete_endpoint(record.key)  # gone while we were down
+        elif record.kind == NETWORK and not self._authority:
+            # Networks outlive their creator's restarts: take them over again.
+            fact = peering.to_fact(record)
+            if isinstance(fact, NetworkClaimed):
+                peering.publish_network(fact.network, fact.created_at)
+                self._engine.from_own([fact])
+        elif record.kind == BLOCK and self.claims is not None:
+            fact = peering.to_fact(record)
+            if isinstance(fact, BlockClaim):
+                in_use = any(
+                    ep.network == fact.network and ep.ip in fact.block for ep in self._registry.all()
+                )
+                if in_use:
+                    self.claims.adopt_block(fact.network, fact.block, fact.created_at)
+                else:
+                    peering.delete_block(fact.key)

@@ -34,6 +34,7 @@ from overlayd.core.admission import (
 from overlayd.core.config import GossipSettings
 from overlayd.core.model import Endpoint, Network, Node, ValidationError, validate_name
 from overlayd.gossip import GossipConfig, GossipMetrics, GossipNode, Keyring, MemberInfo, Record
+from overlayd.util.tasks import TaskGroup
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,9 @@ class Peering:
         registry: Any,  # prometheus CollectorRegistry of the daemon
         on_record: Callable[[Record], None],
         on_member: Callable[[MemberInfo], None] | None = None,
+        tasks: TaskGroup | None = None,
     ) -> None:
+        """`tasks`: the daemon's TaskGroup, so a dead gossip loop stops the watchdog too."""
         self.name = node_name
         self.settings = settings
         keyring = Keyring.from_base64(list(settings.keys)) if settings.keys else Keyring.insecure()
@@ -93,6 +96,7 @@ class Peering:
                 tombstone_ttl=settings.tombstone_ttl,
                 mtu=settings.mtu,
             ),
+            tasks=tasks,
         )
 
     async def start(self) -> None:
@@ -134,6 +138,10 @@ class Peering:
 
     def members(self) -> list[MemberInfo]:
         return self.node.members()
+
+    def caught_up(self) -> bool:
+        """A live peer said its record table equals ours: we hold what the cluster holds."""
+        return self.node.is_caught_up()
 
     def own(self, kind: str, key: str) -> Record | None:
         """This host's current record of (kind, key), tombstones included."""

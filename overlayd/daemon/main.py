@@ -270,6 +270,7 @@ class Daemon:
             registry=self.metrics.registry,
             on_record=self._feed.record,
             on_member=self._feed.member,
+            tasks=self.tasks,
         )
         try:
             await peering.start()
@@ -344,10 +345,29 @@ class Daemon:
         reconciler = self._require_reconciler()
         self._overlay_tasks.append(self.tasks.spawn(reconciler.run(), name="reconciler"))
         await self._ready(reconciler)
-        # Two anti-entropy rounds and a probe: every live peer has been heard by then.
-        settings = self.config.gossip
-        await asyncio.sleep(2 * settings.anti_entropy_interval + settings.probe_interval)
+        await self._caught_up(self.config.gossip)
         self._view_complete()
+
+    async def _caught_up(self, settings: GossipSettings) -> None:
+        """Until a live peer said our record tables match (gossip asks at once after a
+        start, then every quarter second).
+
+        Bounded: after two anti-entropy rounds and a probe, every live peer has
+        been heard whatever happened to the datagrams in between. A host with
+        no live peer waits that long too; it holds no other host's entries that
+        could be stale, so nothing is kept waiting that matters.
+        """
+        peering = self._peering
+        assert peering is not None
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        cap = 2 * settings.anti_entropy_interval + settings.probe_interval
+        while not peering.caught_up():
+            if loop.time() - started >= cap:
+                log.warning("no peer confirmed our view within %.1fs: taking it as complete", cap)
+                return
+            await asyncio.sleep(0.05)
+        log.info("caught up with the live peers after %.2fs", loop.time() - started)
 
     def _view_complete(self) -> None:
         self.state.view_complete = True

@@ -161,6 +161,7 @@ class Report:
             if self._config.gossip is not None:
                 record["state"] = "alive" if record["self"] else (member.state.value if member else "unknown")
                 record["rtt_ms"] = round(member.rtt * 1e3, 3) if member and member.rtt is not None else None
+                record["clock_offset"] = member.clock_offset if member else None
             out.append(record)
         # Members gossip knows that have no node record in the view (dead past grace, joining).
         for member in sorted(members.values(), key=lambda m: m.name):
@@ -173,6 +174,7 @@ class Report:
                     "self": False,
                     "state": member.state.value,
                     "rtt_ms": round(member.rtt * 1e3, 3) if member.rtt is not None else None,
+                    "clock_offset": member.clock_offset,
                 }
             )
         return out

@@ -263,6 +263,9 @@ class Reconciler:
                     else:
                         errors.append(f"{describe(outcome.command)}: {outcome.error}")
                         _mark(self._retry, outcome.command)
+                if done and log.isEnabledFor(logging.DEBUG):
+                    for cmd in done:
+                        log.debug("applied: %s", describe(cmd))
                 if done and self._on_applied is not None:
                     self._on_applied(done)
         if errors:

@@ -54,6 +54,7 @@ from overlayd.gossip.schema import (
     RECORDS_TABLE,
     Ack,
     Digest,
+    InSync,
     MemberEntries,
     Members,
     MemberState,
@@ -92,6 +93,7 @@ _TYPE = {
     Records: "records",
     Members: "members",
     Sums: "sums",
+    InSync: "in-sync",
     Watermarks: "watermarks",
     MemberEntries: "member-entries",
 }
@@ -109,6 +111,10 @@ class GossipConfig:
     fanout: int = 3  # at least this many peers per push (see GossipNode._fanout); 0: no pushes
     push_hops: int | None = None  # None: max(2, ceil(log2(N + 1)))
     anti_entropy_interval: float = 5.0
+    # Anti-entropy pace until a peer said our tables match (a restart catching up), for at
+    # most `catch_up_rounds` rounds (a node alone in its cluster never hears it).
+    catch_up_interval: float = 0.25
+    catch_up_rounds: int = 20
     mtu: int = 1400  # largest datagram sent or accepted (UDP payload bytes)
     tombstone_ttl: float = 1800.0
     dead_reap: float = 600.0  # forget dead/left members after this long
@@ -218,6 +224,10 @@ class GossipNode:
         # restart, peers may hold records of our previous life that we must re-publish or delete.
         self._own_sync_rounds = 2
         self._budget = config.mtu - self._framer.overhead - _ENVELOPE
+        # Set once a live peer said its record table equals ours (`InSync`): from then on
+        # this node has heard what the cluster holds, not merely what came its way. Until
+        # then anti-entropy runs every `catch_up_interval`, not every anti_entropy_interval.
+        self.caught_up = asyncio.Event()
 
     # --- public API ---
 
@@ -229,6 +239,10 @@ class GossipNode:
     @property
     def address(self) -> Addr:
         return (self._advertise, self._ms.port)
+
+    def is_caught_up(self) -> bool:
+        """A live peer said its record table equals ours (see `InSync`)."""
+        return self.caught_up.is_set()
 
     @property
     def failures(self) -> list[tuple[str, BaseException]]:
@@ -459,6 +473,10 @@ class GossipNode:
                 if level == 0 and self._metrics:
                     self._metrics.anti_entropy.labels("responder").inc()
                 self._answer_sums(addr, table, level, nodes, sums)
+            case InSync(table):
+                if table == RECORDS_TABLE and not self.caught_up.is_set():
+                    log.debug("gossip %s: caught up with %s", self.name, sender)
+                    self.caught_up.set()
             case Watermarks(level, nodes, entries):
                 held = self._table.watermarks_of(self._keys_under(self._table.tree, level, nodes))
                 diff = diff_digests(dict(held), dict(entries))
@@ -650,6 +668,10 @@ class GossipNode:
                     deeper.append(child)
                 else:
                     small.append(child)
+        if level == 0 and table == RECORDS_TABLE and not deeper and not small:
+            # Equal tables: say so (a few bytes), or the initiator hears only silence.
+            self._send(addr, InSync(table))
+            return
         # Each node's sums take FANOUT int64s (9 bytes each in msgpack), plus its index.
         per_datagram = max(1, self._budget // (FANOUT * 9 + 9))
         for i in range(0, len(deeper), per_datagram):
@@ -773,11 +795,17 @@ class GossipNode:
 
     async def _anti_entropy_loop(self) -> None:
         interval = self.config.anti_entropy_interval
-        # Start at a random point of the interval so the nodes' exchanges do not bunch up.
-        await asyncio.sleep(self._rng.uniform(0, interval))
+        catch_up = min(interval, self.config.catch_up_interval)
+        # Start at a random point of the interval so the nodes' exchanges do not bunch up
+        # (soon, while there is catching up to do).
+        await asyncio.sleep(self._rng.uniform(0, catch_up if not self.caught_up.is_set() else interval))
+        rounds = 0
         while True:
             self._anti_entropy_round()
-            await asyncio.sleep(interval * self._rng.uniform(0.8, 1.2))
+            rounds += 1
+            hurry = not self.caught_up.is_set() and rounds < self.config.catch_up_rounds
+            pace = catch_up if hurry else interval
+            await asyncio.sleep(pace * self._rng.uniform(0.8, 1.2))
 
     def _anti_entropy_round(self) -> None:
         now = self._clock.wall()

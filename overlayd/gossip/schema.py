@@ -205,6 +205,17 @@ class Sums:
 
 
 @dataclass(frozen=True)
+class InSync:
+    """The answer to a level-0 `Sums` that matched: the sender's table equals the receiver's.
+
+    Without it, agreement is silence, and a node that restarted could not tell "nothing
+    differs" from "nobody answered"; with it, it knows when it has caught up.
+    """
+
+    table: str
+
+
+@dataclass(frozen=True)
 class Watermarks:
     """The sender's watermarks for exactly the owners under some tree nodes at `level`: the
     receiver asks for what it lacks and sends what the sender lacks."""
@@ -261,7 +272,18 @@ class Members:
 
 
 Message = (
-    Ping | PingReq | Ack | Push | Digest | Request | Records | Members | Sums | Watermarks | MemberEntries
+    Ping
+    | PingReq
+    | Ack
+    | Push
+    | Digest
+    | Request
+    | Records
+    | Members
+    | Sums
+    | InSync
+    | Watermarks
+    | MemberEntries
 )
 
 
@@ -290,6 +312,8 @@ def to_wire(msg: Message) -> list[Any]:
             return [v, "members", reply, [u.to_wire() for u in updates]]
         case Sums(table, level, nodes, sums):
             return [v, "sums", table, level, list(nodes), list(sums)]
+        case InSync(table):
+            return [v, "in-sync", table]
         case Watermarks(level, nodes, entries):
             return [v, "watermarks", level, list(nodes), [[o, i, n] for o, (i, n) in entries]]
         case MemberEntries(level, nodes, step, updates):
@@ -422,6 +446,13 @@ def _p_sums(f: list[Any]) -> Sums:
     return Sums(table, level, ns, tuple(_uint(x, "sum") for x in sums))
 
 
+def _p_in_sync(f: list[Any]) -> InSync:
+    (table,) = _fields(f, 1, "in-sync")
+    if table not in TABLES:
+        raise SchemaError(f"unknown table {table!r}")
+    return InSync(table)
+
+
 def _p_watermarks(f: list[Any]) -> Watermarks:
     level, nodes, entries = _fields(f, 3, "watermarks")
     level, ns = _tree_nodes(level, nodes, leaf_ok=True)
@@ -458,6 +489,7 @@ _PARSERS: dict[str, Callable[[list[Any]], Message]] = {
     "records": _p_records,
     "members": _p_members,
     "sums": _p_sums,
+    "in-sync": _p_in_sync,
     "watermarks": _p_watermarks,
     "member-entries": _p_member_entries,
 }

@@ -455,9 +455,9 @@ async def test_json_output_is_exactly_what_the_daemon_sent(
     assert (await ctl(admin, capsys, "endpoint", "add", "demo", "web", "--netns", "ns")).code == 0
     gossip_peers = [
         {"name": "h1", "vtep": "198.18.0.1", "started_at": 1_700_000_000.0, "endpoints": 1,
-         "self": True, "state": "alive", "rtt_ms": None},
+         "self": True, "state": "alive", "rtt_ms": None, "clock_offset": None},
         {"name": "h3", "vtep": "198.18.0.3", "started_at": None, "endpoints": 0, "self": False,
-         "state": "suspect", "rtt_ms": 0.42},
+         "state": "suspect", "rtt_ms": 0.42, "clock_offset": 0.003},
     ]
     admin.service.peers = lambda: gossip_peers  # type: ignore[method-assign]
     withdrawn = {**admin.service.endpoint_list()[0], "conflict": "IP 10.10.0.2 is h2's (older claim)"}

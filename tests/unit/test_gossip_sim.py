@@ -216,3 +216,67 @@ def test_50_simulated_members_all_get_every_change() -> None:
     spreads, formed = simulate(main)
     print(f"\n50 simulated members: formed in {formed:.1f} s, spreads (s): {sorted(spreads)}")
     assert sorted(spreads)[len(spreads) // 2] < 0.1  # the median change travels by push
+
+
+def test_a_restarted_member_catches_up_and_knows_it() -> None:
+    """A member restarted with an empty table is told `InSync` once its records match a live
+    peer's; until then anti-entropy runs at the catch-up pace, and only then is it caught up."""
+    key = Keyring.generate()
+
+    async def main() -> tuple[bool, float, int]:
+        loop = asyncio.get_running_loop()
+        net = SimNetwork(LinkModel(latency=(0.0001, 0.0005), loss=0.0), rng=random.Random(7))
+        clock = LoopClock(loop)
+
+        def node(i: int) -> GossipNode:
+            return GossipNode(
+                f"r{i}",
+                keyring=Keyring([key]),
+                bind=f"10.0.1.{i + 1}",
+                seeds=[("10.0.1.1", 7946)],
+                network=net,
+                clock=clock,
+                on_change=lambda r: earlier.append(r) if r.owner == f"r{i}" else None,
+            )
+
+        earlier: list[Record] = []  # the restarted member's records from its first life
+
+        peers = [node(i) for i in range(3)]
+        for p in peers:
+            await p.start()
+        for i, p in enumerate(peers):
+            for k in range(40):
+                p.publish("endpoint", f"demo/p{i}-{k}", {"ip": f"10.100.{i}.{k + 1}"})
+        # Everyone catches up with everyone once the tables agree.
+        async with asyncio.timeout(60):
+            while True:
+                if all(p.is_caught_up() for p in peers):
+                    break
+                await asyncio.sleep(0.1)
+        await peers[2].stop(leave=False)
+        restarted = node(2)  # a new life: empty table, a higher incarnation
+        assert not restarted.is_caught_up()
+        await restarted.start()
+        t0 = loop.time()
+        async with asyncio.timeout(30):
+            # As the daemon does: its first life's records it no longer holds, it withdraws
+            # (at its new incarnation); until then the tables cannot match.
+            while not restarted.is_caught_up():
+                for r in earlier:
+                    if r.payload is not None:
+                        restarted.delete(r.kind, r.key)
+                earlier.clear()
+                await asyncio.sleep(0.05)
+        took = loop.time() - t0
+        # Caught up means it holds what the others hold (its own earlier records included).
+        held = {r.ident for r in restarted.records()}
+        wanted = {r.ident for r in peers[0].records() if r.owner != "r2"}
+        assert not any(r.owner == "r2" for r in peers[0].records())  # withdrawn everywhere
+        for p in (*peers[:2], restarted):
+            await p.stop(leave=False)
+        return wanted <= held, took, len(held)
+
+    complete, took, held = simulate(main)
+    assert complete
+    assert took < 5.0  # the catch-up pace, well inside one ordinary anti-entropy round
+    assert held >= 80

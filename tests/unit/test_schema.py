@@ -92,7 +92,7 @@ def test_a_full_status_reads_back_and_is_typed() -> None:
 def test_optional_keys_are_left_out_as_the_daemon_does() -> None:
     plain = {"name": "h2", "vtep": "198.18.0.12", "started_at": 1.5, "endpoints": 3, "self": False}
     same_json(schema.Peer.from_json(plain), plain)
-    gossip = {**plain, "state": "alive", "rtt_ms": None}
+    gossip = {**plain, "state": "alive", "rtt_ms": None, "clock_offset": None}
     same_json(schema.Peer.from_json(gossip), gossip)
     member = {**gossip, "started_at": None, "rtt_ms": 0.5, "clock_offset": -0.25}
     same_json(schema.Peer.from_json(member), member)
