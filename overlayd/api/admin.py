@@ -353,7 +353,9 @@ async def start_admin_server(service: AdminService, socket_path: str) -> Running
     await _clear_socket_path(socket_path)
     sock = _bind_private_socket(socket_path)
     inode = os.lstat(socket_path).st_ino
-    runner = web.AppRunner(make_admin_app(service), shutdown_timeout=_SHUTDOWN_TIMEOUT)
+    # No access log: a burst of CNI adds would write a line each for nothing the daemon's
+    # own log does not already say (every change is logged where it is made).
+    runner = web.AppRunner(make_admin_app(service), access_log=None, shutdown_timeout=_SHUTDOWN_TIMEOUT)
     await runner.setup()
     try:
         await web.SockSite(runner, sock).start()

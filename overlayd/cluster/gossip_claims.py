@@ -21,14 +21,16 @@ What the KV servers give, gossip approximates:
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
+import math
 import time
 import zlib
 from ipaddress import IPv4Address, IPv4Network
 
 from overlayd.cluster.peering import BlockClaim, Peering
 from overlayd.core.admission import Contested, FactSink, NetworkClaimed, NetworkRemovedMark
-from overlayd.core.ipam import AddressBook, BlockTable, SubnetFull, block_of, blocks_of
+from overlayd.core.ipam import AddressBook, BlockTable, SubnetFull, block_of, block_prefixlen, blocks_of
 from overlayd.core.model import Endpoint, Network
 from overlayd.core.view import EndpointDeleted, EndpointPut, NetworkDeleted
 from overlayd.store.base import AlreadyExists, NotFoundError
@@ -38,6 +40,9 @@ log = logging.getLogger(__name__)
 # How long a contested claim waits for concurrent writers elsewhere to be heard.
 SETTLE_SECONDS = 0.3
 _BLOCK_ATTEMPTS = 8
+# How far back the add rate is measured, and the most blocks claimed in one settle.
+_DEMAND_WINDOW = 2.0
+_MAX_BLOCKS_AT_ONCE = 16
 
 
 class GossipClaims:
@@ -59,7 +64,8 @@ class GossipClaims:
         self._addresses = addresses
         self._settle = settle
         self.settling: set[str] = set()  # own endpoints inside their settle wait
-        self._block_claims: dict[str, asyncio.Task[IPv4Network | None]] = {}  # network -> claim in flight
+        self._block_claims: dict[str, asyncio.Task[list[IPv4Network]]] = {}  # network -> claim in flight
+        self._takes: dict[str, collections.deque[float]] = {}  # network -> recent address takes
 
     # --- networks ---
 
@@ -148,6 +154,7 @@ class GossipClaims:
 
     async def take_address(self, network: Network) -> tuple[IPv4Address, bool]:
         """A free address (reserved in the address book) and whether claiming it is contested."""
+        self._note_demand(network.name)
         mine = self.blocks.mine(network.name)
         try:
             ip = self._addresses.take(network, within=mine)
@@ -155,43 +162,66 @@ class GossipClaims:
             pass
         else:
             if block_of(network.subnet, ip) == mine[-1]:
-                # The last block is in use: have the next one ready before anyone waits for it.
-                self._claim_block_soon(network).add_done_callback(_log_failure)
+                # The last block is in use: have the next ones ready before anyone waits.
+                self._claim_blocks_soon(network).add_done_callback(_log_failure)
             return ip, False
-        block = await self._claim_block_soon(network)
-        if block is not None:
+        blocks = await self._claim_blocks_soon(network)
+        if blocks:
             try:
-                return self._addresses.take(network, within=[block]), False
+                return self._addresses.take(network, within=blocks), False
             except SubnetFull:
                 pass  # taken by concurrent adds meanwhile: borrow
         # No block is free: borrow any free address, and settle for it.
         return self._addresses.take(network), True
 
-    def _claim_block_soon(self, network: Network) -> asyncio.Task[IPv4Network | None]:
+    def _note_demand(self, network: str) -> None:
+        now = time.monotonic()
+        recent = self._takes.setdefault(network, collections.deque(maxlen=256))
+        recent.append(now)
+        while recent and recent[0] < now - _DEMAND_WINDOW:
+            recent.popleft()
+
+    def _blocks_wanted(self, network: Network) -> int:
+        """Enough blocks for twice the adds one settle time takes at the recent rate."""
+        rate = len(self._takes.get(network.name, ())) / _DEMAND_WINDOW
+        size = 2 ** (32 - block_prefixlen(network.subnet))
+        wanted: int = math.ceil(2 * rate * self._settle / size)
+        return max(1, min(_MAX_BLOCKS_AT_ONCE, wanted))
+
+    def _claim_blocks_soon(self, network: Network) -> asyncio.Task[list[IPv4Network]]:
         task = self._block_claims.get(network.name)
         if task is None or task.done():
             task = asyncio.get_running_loop().create_task(
-                self._claim_block(network), name=f"ipam-block-{network.name}"
+                self._claim_blocks(network, self._blocks_wanted(network)), name=f"ipam-blocks-{network.name}"
             )
             self._block_claims[network.name] = task
         return task
 
-    async def _claim_block(self, network: Network) -> IPv4Network | None:
+    async def _claim_blocks(self, network: Network, count: int) -> list[IPv4Network]:
+        """Claim up to `count` free blocks at once: one settle time for all of them."""
         # Hosts start looking at different blocks, so they rarely race for one.
         start = zlib.crc32(self._node.encode()) % max(1, sum(1 for _ in blocks_of(network.subnet)))
         for _ in range(_BLOCK_ATTEMPTS):
-            block = self.blocks.free_block(network, start=start)
-            if block is None:
-                return None
-            claim = BlockClaim(self._node, network.name, block, time.time())
-            self._peering.publish_block(claim)
-            self.blocks.claim(self._node, network.name, block, claim.created_at)
+            claimed: list[IPv4Network] = []
+            for _ in range(count):
+                block = self.blocks.free_block(network, start=start)
+                if block is None:
+                    break
+                claim = BlockClaim(self._node, network.name, block, time.time())
+                self._peering.publish_block(claim)
+                self.blocks.claim(self._node, network.name, block, claim.created_at)
+                claimed.append(block)
+            if not claimed:
+                return []
             await asyncio.sleep(self._settle)
-            if self.blocks.holder(network.name, block) == self._node:
-                log.info("claimed address block %s of network %s", block, network.name)
-                return block
-            self.release_block(network.name, block)
-        return None
+            won = [b for b in claimed if self.blocks.holder(network.name, b) == self._node]
+            for block in claimed:
+                if block not in won:
+                    self.release_block(network.name, block)
+            if won:
+                log.info("claimed address block(s) %s of network %s", ", ".join(map(str, won)), network.name)
+                return won
+        return []
 
     def release_block(self, network: str, block: IPv4Network) -> None:
         self.blocks.release(self._node, network, block)
@@ -203,6 +233,6 @@ class GossipClaims:
         self._peering.publish_block(BlockClaim(self._node, network, block, created_at))
 
 
-def _log_failure(task: asyncio.Task[IPv4Network | None]) -> None:
+def _log_failure(task: asyncio.Task[list[IPv4Network]]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("claiming an address block failed: %s", task.exception())

@@ -15,7 +15,8 @@ claim waits to hear of concurrent ones, never an endpoint inside it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import functools
+from collections.abc import Sequence
 from ipaddress import IPv4Address, IPv4Network
 
 from overlayd.core.admission import Tier, rank
@@ -33,8 +34,10 @@ def block_prefixlen(subnet: IPv4Network) -> int:
     return min(30, max(p + 4, 26 if p <= 20 else 28))
 
 
-def blocks_of(subnet: IPv4Network) -> Iterator[IPv4Network]:
-    return subnet.subnets(new_prefix=block_prefixlen(subnet))
+@functools.lru_cache(maxsize=64)
+def blocks_of(subnet: IPv4Network) -> tuple[IPv4Network, ...]:
+    """The blocks of a subnet, in address order (made once per subnet: a /16 has 1,024)."""
+    return tuple(subnet.subnets(new_prefix=block_prefixlen(subnet)))
 
 
 def block_of(subnet: IPv4Network, ip: IPv4Address) -> IPv4Network:
@@ -46,6 +49,7 @@ class AddressBook:
         self._view = view
         self._cursor: dict[str, int] = {}  # network -> next offset to try
         self._reserved: dict[str, set[IPv4Address]] = {}
+        self._block_hint: dict[str, int] = {}  # network -> index of the block that had room
 
     def is_free(self, network: Network, ip: IPv4Address) -> bool:
         return (
@@ -71,10 +75,15 @@ class AddressBook:
         if within is None:
             ip = self._next_in(network, network.subnet, key=network.name)
         else:
+            # Start at the block that had room last time: full blocks are not scanned
+            # again for every add (holes in them are found when the others fill up).
             ip = None
-            for block in within:
-                ip = self._next_in(network, block, key=f"{network.name}/{block}")
+            start = self._block_hint.get(network.name, 0)
+            for step in range(len(within)):
+                i = (start + step) % len(within)
+                ip = self._next_in(network, within[i], key=f"{network.name}/{within[i]}")
                 if ip is not None:
+                    self._block_hint[network.name] = i
                     break
         if ip is None:
             where = network.subnet if within is None else ", ".join(map(str, within)) or "no blocks"
@@ -102,9 +111,11 @@ class BlockTable:
         # (network, block) -> owner -> created_at of its claim
         self._claims: dict[tuple[str, IPv4Network], dict[str, float]] = {}
         self._excluded: set[str] = set()
+        self._mine: dict[str, list[IPv4Network]] = {}  # network -> `mine()`, until a claim changes
 
     def claim(self, owner: str, network: str, block: IPv4Network, created_at: float) -> None:
         self._claims.setdefault((network, block), {})[owner] = created_at
+        self._mine.pop(network, None)
 
     def release(self, owner: str, network: str, block: IPv4Network) -> None:
         claims = self._claims.get((network, block))
@@ -112,6 +123,7 @@ class BlockTable:
             claims.pop(owner, None)
             if not claims:
                 del self._claims[(network, block)]
+        self._mine.pop(network, None)
 
     def set_admissible(self, owner: str, admissible: bool) -> None:
         """A member dead past its grace period frees its blocks (they come back with it)."""
@@ -119,6 +131,7 @@ class BlockTable:
             self._excluded.discard(owner)
         else:
             self._excluded.add(owner)
+        self._mine.clear()
 
     def holder(self, network: str, block: IPv4Network) -> str | None:
         claims = self._claims.get((network, block), {})
@@ -131,16 +144,19 @@ class BlockTable:
         return self._claims.get((network, block), {}).get(owner)
 
     def mine(self, network: str) -> list[IPv4Network]:
-        """The blocks this host holds in `network`, in address order."""
-        return sorted(
-            block
-            for (net, block), claims in self._claims.items()
-            if net == network and self.node in claims and self.holder(net, block) == self.node
-        )
+        """The blocks this host holds in `network`, in address order (kept until a claim changes)."""
+        cached = self._mine.get(network)
+        if cached is None:
+            cached = self._mine[network] = sorted(
+                block
+                for (net, block), claims in self._claims.items()
+                if net == network and self.node in claims and self.holder(net, block) == self.node
+            )
+        return cached
 
     def free_block(self, network: Network, *, start: int = 0) -> IPv4Network | None:
         """An unclaimed block of `network`, searching from block number `start` (spreads hosts out)."""
-        blocks = list(blocks_of(network.subnet))
+        blocks = blocks_of(network.subnet)
         for step in range(len(blocks)):
             block = blocks[(start + step) % len(blocks)]
             if self.holder(network.name, block) is None:

@@ -19,6 +19,7 @@ import asyncio
 import json
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from overlayd.core.model import Endpoint, ValidationError
@@ -37,6 +38,9 @@ class LocalRegistry:
         self._journal_lines = 0
         self._pending: list[str] = []
         self._lock = asyncio.Lock()
+        # A thread of its own: a write never queues behind other blocking work (a veth
+        # being made in the kernel) in the loop's default executor.
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="registry")
 
     def load(self) -> None:
         try:
@@ -101,7 +105,7 @@ class LocalRegistry:
         async with self._lock:
             snapshot = [ep.to_dict() for ep in self._endpoints.values()]
             batch, self._pending = self._pending, []
-            await asyncio.to_thread(self._write, batch, snapshot)
+            await asyncio.get_running_loop().run_in_executor(self._writer, self._write, batch, snapshot)
 
     async def _persist(self, line: str) -> None:
         self._pending.append(line)
@@ -112,7 +116,7 @@ class LocalRegistry:
             snapshot = None
             if self._journal_lines + len(batch) > max(_MIN_COMPACT, 2 * len(self._endpoints)):
                 snapshot = [ep.to_dict() for ep in self._endpoints.values()]
-            await asyncio.to_thread(self._write, batch, snapshot)
+            await asyncio.get_running_loop().run_in_executor(self._writer, self._write, batch, snapshot)
 
     def _write(self, batch: list[str], snapshot: list[dict[str, object]] | None) -> None:
         self._dir.mkdir(parents=True, exist_ok=True)

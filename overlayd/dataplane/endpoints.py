@@ -13,9 +13,12 @@ existing host side on its bridge with its MTU (`SetPort`).
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import functools
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from ipaddress import IPv4Address
 
 from pyroute2.netlink.exceptions import NetlinkError
@@ -23,11 +26,14 @@ from pyroute2.netlink.exceptions import NetlinkError
 from overlayd.dataplane import netlink as nl
 from overlayd.dataplane.kernel import Kernel, KernelError, LinkInfo, error_code_text, error_text, netns_path
 from overlayd.dataplane.kstate import VETH_PREFIX, link_alias
-from overlayd.dataplane.rtnl import Rtnl
+from overlayd.dataplane.nlsync import BlockingRtnl
 
 __all__ = ["create_local_endpoint", "delete_local_endpoint", "port_exists"]
 
 _IFNAMSIZ = 15
+# Threads for the kernel's slow link work (see `nlsync`): the kernel serializes it under
+# its RTNL lock anyway, a few threads keep every add's share of it off the event loop.
+_LINK_WORKERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="links")
 _MAC_RE = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 
 
@@ -102,60 +108,108 @@ async def create_local_endpoint(
             raise KernelError(f"bridge {bridge} does not exist (or is not overlayd's)")
         bridge_index = br.index
 
-    fd = _open_netns(netns)
-    try:
-        request = nl.create_veth(
-            ifname=host_ifname,
+    loop = asyncio.get_running_loop()
+    work = loop.run_in_executor(
+        _LINK_WORKERS,
+        functools.partial(
+            _create_blocking,
+            host_netns=kernel.netns,
+            netns=netns,
+            ifname=ifname,
+            host_ifname=host_ifname,
+            ip=ip,
+            prefixlen=prefixlen,
+            mac=mac,
             mtu=mtu,
-            master=bridge_index,
-            peer=ifname,
-            peer_netns_fd=fd,
-            peer_mac=nl.mac_bytes(mac),
-        )
-        ((code, text),) = await kernel.rtnl.batch([request])
-    finally:
-        os.close(fd)
-    if code == errno.EEXIST:
-        raise KernelError(
-            f"cannot create the endpoint: {ifname} already exists in netns {netns} "
-            f"(or {host_ifname} exists on the host)"
-        )
-    if code:
-        raise KernelError(f"cannot create veth {host_ifname}: {error_code_text(code, text)}")
+            gateway=gateway,
+            bridge_index=bridge_index,
+            alias=link_alias(network, "port"),
+        ),
+    )
     try:
-        ((code, text),) = await kernel.rtnl.batch([nl.set_alias(host_ifname, link_alias(network, "port"))])
-        if code:
-            raise KernelError(f"cannot mark {host_ifname} as overlayd's: {error_code_text(code, text)}")
-        await _configure_inside(netns, ifname, ip, prefixlen, gateway)
-    except BaseException as exc:
-        # All or nothing, also when cancelled: the container side goes with
-        # the host side.
-        note = ""
-        ((code, text),) = await kernel.rtnl.batch([nl.delete_link_by_name(host_ifname)])
-        if code and code != errno.ENODEV:
-            note = f" (and removing {host_ifname} again failed: {error_code_text(code, text)})"
-        if isinstance(exc, NetlinkError | OSError | KernelError):
-            raise KernelError(
-                f"cannot set up endpoint {ifname} in netns {netns}: {error_text(exc)}{note}"
-            ) from exc
+        await asyncio.shield(work)
+    except asyncio.CancelledError:
+        # The thread runs to its end whatever happens here: all or nothing means
+        # waiting for it, then taking back what it made.
+        try:
+            await work
+        except KernelError:
+            pass
+        else:
+            await loop.run_in_executor(_LINK_WORKERS, _delete_blocking, kernel.netns, host_ifname)
         raise
 
 
-async def _configure_inside(
+def _create_blocking(
+    *,
+    host_netns: str | None,
+    netns: str,
+    ifname: str,
+    host_ifname: str,
+    ip: IPv4Address,
+    prefixlen: int,
+    mac: str,
+    mtu: int,
+    gateway: IPv4Address | None,
+    bridge_index: int,
+    alias: str,
+) -> None:
+    """`create_local_endpoint`'s kernel work, in a worker thread (see `nlsync`)."""
+    fd = _open_netns(netns)
+    try:
+        with BlockingRtnl(host_netns) as host:
+            request = nl.create_veth(
+                ifname=host_ifname,
+                mtu=mtu,
+                master=bridge_index,
+                peer=ifname,
+                peer_netns_fd=fd,
+                peer_mac=nl.mac_bytes(mac),
+            )
+            code, text = host.request(request)
+            if code == errno.EEXIST:
+                raise KernelError(
+                    f"cannot create the endpoint: {ifname} already exists in netns {netns} "
+                    f"(or {host_ifname} exists on the host)"
+                )
+            if code:
+                raise KernelError(f"cannot create veth {host_ifname}: {error_code_text(code, text)}")
+            try:
+                code, text = host.request(nl.set_alias(host_ifname, alias))
+                if code:
+                    raise KernelError(
+                        f"cannot mark {host_ifname} as overlayd's: {error_code_text(code, text)}"
+                    )
+                _configure_inside(netns, ifname, ip, prefixlen, gateway)
+            except BaseException as exc:
+                # All or nothing: the container side goes with the host side.
+                note = ""
+                code, text = host.request(nl.delete_link_by_name(host_ifname))
+                if code and code != errno.ENODEV:
+                    note = f" (and removing {host_ifname} again failed: {error_code_text(code, text)})"
+                if isinstance(exc, OSError | KernelError):
+                    raise KernelError(
+                        f"cannot set up endpoint {ifname} in netns {netns}: {error_text(exc)}{note}"
+                    ) from exc
+                raise
+    except OSError as exc:
+        raise KernelError(f"cannot create veth {host_ifname}: {exc}") from exc
+    finally:
+        os.close(fd)
+
+
+def _configure_inside(
     netns: str, ifname: str, ip: IPv4Address, prefixlen: int, gateway: IPv4Address | None
 ) -> None:
     try:
-        inside = Rtnl.open(netns)
+        inside = BlockingRtnl(netns)
     except OSError as exc:
         raise KernelError(f"cannot open netlink in netns {netns}: {exc}") from exc
-    try:
-        try:
-            found = await inside.query(nl.RTM_GETLINK, nl.get_link_request(ifname), nl.parse_link, dump=False)
-        except NetlinkError as exc:
-            raise KernelError(f"{ifname} did not appear in netns {netns}: {error_text(exc)}") from exc
-        if not found:
+    with inside:
+        found = inside.get_link(ifname)
+        if found is None:
             raise KernelError(f"{ifname} did not appear in netns {netns}")
-        index = found[0].index
+        index = found.index
         requests = [nl.add_address(index, ip, prefixlen), nl.set_up(index), nl.set_up(nl.LOOPBACK_INDEX)]
         what = [f"address {ip}/{prefixlen}", f"{ifname} up", "loopback up"]
         if gateway is not None:
@@ -163,11 +217,15 @@ async def _configure_inside(
             # default elsewhere is a conflict to report, not to overwrite.
             requests.append(nl.add_default_route(index, gateway))
             what.append(f"default route via {gateway}")
-        for (code, text), item in zip(await inside.batch(requests), what, strict=True):
+        for request, item in zip(requests, what, strict=True):
+            code, text = inside.request(request)
             if code:
                 raise KernelError(f"{item}: {error_code_text(code, text)}")
-    finally:
-        inside.close()
+
+
+def _delete_blocking(host_netns: str | None, host_ifname: str) -> tuple[int, str]:
+    with BlockingRtnl(host_netns) as host:
+        return host.request(nl.delete_link_by_name(host_ifname))
 
 
 async def delete_local_endpoint(kernel: Kernel, *, host_ifname: str) -> None:
@@ -180,11 +238,12 @@ async def delete_local_endpoint(kernel: Kernel, *, host_ifname: str) -> None:
         return
     if not _is_port(link):
         raise KernelError(f"refusing to delete {host_ifname}: not an overlayd endpoint port")
-    try:
-        await kernel.ipr.link("del", index=link.index)
-    except NetlinkError as exc:
-        if exc.code != errno.ENODEV:
-            raise KernelError(f"cannot delete {host_ifname}: {error_text(exc)}") from exc
+    # Unregistering a device waits for the kernel's grace periods: in a thread, not on the loop.
+    code, text = await asyncio.get_running_loop().run_in_executor(
+        _LINK_WORKERS, _delete_blocking, kernel.netns, host_ifname
+    )
+    if code and code != errno.ENODEV:
+        raise KernelError(f"cannot delete {host_ifname}: {error_code_text(code, text)}")
 
 
 async def quarantine_local_endpoint(kernel: Kernel, *, host_ifname: str) -> None:

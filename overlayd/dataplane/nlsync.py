@@ -1,0 +1,80 @@
+"""A blocking NETLINK_ROUTE socket, for a worker thread.
+
+Creating a veth pair, moving one end into another namespace and deleting a
+pair are the slowest things overlayd asks of the kernel: the kernel does the
+work inside `sendmsg`, under its RTNL lock, and on a busy host that can take
+milliseconds. Done on the event loop, every request of the daemon would wait
+behind it; done here, in a thread (`asyncio.to_thread`), only the add that
+needs it waits, and the loop keeps serving gossip, the store and other adds.
+
+Each request goes with NLM_F_ACK and is answered before the next is sent, so
+every answer is the (errno, kernel's explanation) of exactly one request.
+"""
+
+from __future__ import annotations
+
+import itertools
+import socket
+from types import TracebackType
+from typing import Final
+
+from overlayd.dataplane import netlink as nl
+from overlayd.util.nsutil import socket_in_netns
+
+_RECV_SIZE: Final = 64 * 1024
+_TIMEOUT: Final = 10.0
+
+
+class BlockingRtnl:
+    def __init__(self, netns: str | None) -> None:
+        if netns is None:
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+        else:
+            sock = socket_in_netns(netns, socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+        try:
+            sock.setsockopt(nl.SOL_NETLINK, nl.NETLINK_CAP_ACK, 1)
+            sock.setsockopt(nl.SOL_NETLINK, nl.NETLINK_EXT_ACK, 1)
+            sock.bind((0, 0))
+            sock.settimeout(_TIMEOUT)
+        except BaseException:
+            sock.close()
+            raise
+        self._sock = sock
+        self._seq = itertools.count(1)
+
+    def __enter__(self) -> BlockingRtnl:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def request(self, msg: bytes) -> tuple[int, str]:
+        """Send one request packed with sequence number 0; (errno, text) of its answer, 0 if applied."""
+        seq = next(self._seq)
+        length, kind, flags, _seq, pid = nl.HDR.unpack_from(msg, 0)
+        self._sock.send(nl.HDR.pack(length, kind, flags | nl.NLM_F_ACK, seq, pid) + msg[nl.HDR.size :])
+        while True:
+            data = self._sock.recv(_RECV_SIZE)
+            for mtype, mflags, mseq, start, end in nl.messages(data):
+                if mseq == seq and mtype == nl.NLMSG_ERROR:
+                    code = -nl.I32.unpack_from(data, start)[0]
+                    return code, nl.extack_msg(data, start - nl.HDR.size, end, mflags)
+
+    def get_link(self, ifname: str) -> nl.LinkInfo | None:
+        """One link by name, or None."""
+        seq = next(self._seq)
+        body = nl.get_link_request(ifname)
+        self._sock.send(nl.HDR.pack(nl.HDR.size + len(body), nl.RTM_GETLINK, nl.NLM_F_REQUEST, seq, 0) + body)
+        while True:
+            data = self._sock.recv(_RECV_SIZE)
+            for mtype, _mflags, mseq, start, end in nl.messages(data):
+                if mseq != seq:
+                    continue
+                if mtype == nl.NLMSG_ERROR:
+                    return None
+                return nl.parse_link(data, start, end)
