@@ -206,3 +206,18 @@ def test_teardown_with_the_store_down_reports_what_it_could_not_do(make_lab: Cal
     lab.wait_for(lambda: _gone(proc.pid), 10, "overlayd on h1 to exit")
     assert not [n for n in netns.link_names(h1.netns) if n.startswith("ov")]
     assert "eth0" not in netns.link_names(ep.netns)
+
+
+def test_doctor_measures_clock_skew_against_gossiping_peers(make_lab: Callable[..., Lab]) -> None:
+    """The clocks are one machine's, so the skew gossip measures is close to zero, and real."""
+    lab = make_lab(3, store="gossip")
+
+    def measured() -> bool:
+        return all(p.clock_offset is not None for p in lab.admin("h1").peers() if not p.self)
+
+    lab.wait_for(measured, 20, "h1 to measure its peers' clocks")
+    offsets = [p.clock_offset for p in lab.admin("h1").peers() if not p.self]
+    assert all(o is not None and abs(o) < 0.1 for o in offsets), offsets
+    _, checks = doctor(lab, "h1")
+    assert checks["clock skew"]["result"] == "OK", checks["clock skew"]
+    assert "measured" in checks["clock skew"]["message"]
