@@ -118,7 +118,14 @@ class Run:
     def note(self, message: str) -> None:
         self.notes.append(message)
 
-    def wait(self, predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.05) -> float:
+    def wait(
+        self,
+        predicate: Callable[[], object],
+        timeout: float,
+        what: str,
+        interval: float = 0.05,
+        describe: Callable[[], str] | None = None,
+    ) -> float:
         """Poll `predicate` until truthy; the seconds it took. ScenarioFailed on timeout.
 
         Errors from the daemons' APIs count as "not yet".
@@ -133,6 +140,8 @@ class Run:
                 last = exc
             if time.monotonic() - start > timeout:
                 detail = f" (last error: {last})" if last is not None else ""
+                if describe is not None:
+                    detail += f": {describe()}"
                 raise ScenarioFailed(f"timed out after {timeout:g}s waiting for {what}{detail}")
             time.sleep(interval)
 

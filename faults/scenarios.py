@@ -49,6 +49,10 @@ def _store_has(run: Run, key: str, owner: str, via: str) -> bool:
     return any(e["key"] == key and e["owner"] == owner for e in run.store_dump(via)["endpoints"])
 
 
+def _key(ep: Endpoint) -> str:
+    return f"{ep.network}/{ep.name}"
+
+
 def _log_since(run: Run, host: str, mark: int) -> list[str]:
     return run.log_lines(host)[mark:]
 
@@ -90,14 +94,14 @@ def host_cut_from_store(run: Run) -> None:
     _cut_from_store(run, "h1")
     cut_at = time.monotonic()
     # Its lease or session must really expire in the store (Consul: up to twice the TTL).
-    run.wait(lambda: not _store_has(run, ep1.key, "h1", "h2"), 3.5 * lab.lease_ttl, "h1's records to expire")
+    run.wait(lambda: not _store_has(run, _key(ep1), "h1", "h2"), 3.5 * lab.lease_ttl, "h1's records to expire")
     held = max(0.0, 2 * lab.lease_ttl - (time.monotonic() - cut_at))
     time.sleep(held)  # the fault is a duration: 2x TTL in all
     for h in ("h2", "h3"):
         run.check(run.knows(h, ep1), f"{h} dropped h1's live endpoint while gossip still heard h1")
     _heal(run, run.ns("h1"))
     run.converge_s = run.wait(
-        lambda: _store_has(run, ep1.key, "h1", "h2"), 15, "h1's records back in the store"
+        lambda: _store_has(run, _key(ep1), "h1", "h2"), 15, "h1's records back in the store"
     )
     run.check(run.converge_s <= 5.0, f"h1's records back only after {run.converge_s:.1f}s (bound 5 s)")
     run.wait(run.all_converged, 15, "every daemon converged")
@@ -111,7 +115,7 @@ def returning_host_cas(run: Run) -> None:
     ep1 = run.endpoint("h1")
     run.allow_removal(ep1)  # its lease expires: an authoritative delete
     _cut_from_store(run, "h1")
-    run.wait(lambda: not _store_has(run, ep1.key, "h1", "h2"), 3.5 * lab.lease_ttl, "h1's records to expire")
+    run.wait(lambda: not _store_has(run, _key(ep1), "h1", "h2"), 3.5 * lab.lease_ttl, "h1's records to expire")
     taker = lab.add_endpoint("h2", "taker", ep1.ip)
     run.allow_removal(taker)
     _heal(run, run.ns("h1"))
@@ -160,6 +164,8 @@ def paused_daemon_churn(run: Run) -> None:
         and all(run.knows("h1", ep) for ep in [*kept, *late]),
         15,
         "h1 caught up after its pause",
+        describe=lambda: f"still there: {[ep.name for ep in gone if not run.forgot('h1', ep)]}, "
+        f"missing: {[ep.name for ep in [*kept, *late] if not run.knows('h1', ep)]}",
     )
     run.wait(run.all_converged, 15, "every daemon converged")
     time.sleep(2)  # a reconnect loop would show in the log by now
@@ -259,7 +265,7 @@ def leftover_devices(run: Run) -> None:
     lab.exec(ns, ["ip", "link", "add", "leftvx", "type", "vxlan", "id", str(vni), "dstport", "4789",
                   "local", lab.host("h1").address, "learning"])
     lab.exec(ns, ["ip", "link", "set", "leftvx", "up"])
-    lab.exec(ns, ["ip", "link", "add", str(br["ifname"]), "type", "dummy"])
+    lab.exec(ns, ["ip", "link", "add", str(br["ifname"]), "type", "bridge"])  # not ours: no ifalias
     run.cleanups.append(lambda: lab.exec(ns, ["ip", "link", "del", "leftvx"], check=False))
     mark = len(run.log_lines("h1"))
     lab.start_daemon("h1", wait=False)
@@ -294,9 +300,9 @@ def underlay_flap_and_veth(run: Run) -> None:
     run.wait(run.all_converged, 15, "every daemon converged after the flap")
     # The host side of h1-ep's veth deleted behind the daemon's back.
     info = run.admin("h1").endpoint_check(network=ep1.network, name=ep1.name)
-    port = next(
+    port = next(  # h1 has one endpoint: its veth is the only one in h1's namespace
         str(link["ifname"]) for link in _links(run, "h1")
-        if str(link.get("ifalias", "")).endswith(ep1.name) or str(link["ifname"]).startswith("ovp")
+        if link.get("linkinfo", {}).get("info_kind") == "veth"  # type: ignore[union-attr]
     )
     lab.exec(ns, ["ip", "link", "del", port])
     t = time.monotonic()
@@ -429,7 +435,7 @@ def store_data_lost(run: Run) -> None:
         return (
             [n["name"] for n in dump["networks"]] == ["demo"]
             and {n["name"] for n in dump["nodes"]} == set(lab.host_names)
-            and {e["key"] for e in dump["endpoints"]} == {ep.key for ep in lab.endpoints}
+            and {e["key"] for e in dump["endpoints"]} == {_key(ep) for ep in lab.endpoints}
         )
 
     run.converge_s = run.wait(republished, 40, "networks, nodes and endpoints re-published")
