@@ -13,6 +13,7 @@ the gossip node's own injected clock is the one unit tests use.
 
 from __future__ import annotations
 
+import glob
 import http.client
 import json
 import os
@@ -32,7 +33,8 @@ from overlayd.lab.nshttp import NetnsHTTPConnection, request
 
 from faults.harness import KV_BACKENDS, Run, Scenario
 
-FAKETIME_LIB = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
+# Debian's libfaketime, wherever the architecture puts it.
+FAKETIME_LIB = next(iter(sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))), "libfaketime.so.1")
 
 
 class _UnixConnection(http.client.HTTPConnection):

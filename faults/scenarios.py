@@ -311,7 +311,7 @@ def underlay_flap_and_veth(run: Run) -> None:
         if lab.ping(ep1.netns, ep2.ip):
             return True
         check = run.admin("h1").endpoint_check(network=ep1.network, name=ep1.name)
-        return not check.found and any(ep1.name in e for e in run.status("h1").errors)
+        return not check.found and any(ep1.name in e or port in e for e in run.status("h1").errors)
 
     run.wait(back_or_reported, 15, "the deleted veth recreated or reported")
     run.note(f"veth: {'recreated' if lab.ping(ep1.netns, ep2.ip) else 'reported'} in {time.monotonic() - t:.1f}s"

@@ -137,6 +137,7 @@ class ConsulStore(Store):
         self._session_file = SessionFile(state_dir, "consul-session")
         self._health = Health("consul", metrics=metrics, log=log)
         self._decoder = RecordDecoder(self._layout, metrics=metrics, on_invalid=on_invalid, log=log)
+        self._on_invalid = on_invalid
         self._ttl = max(config.lease_ttl, _MIN_TTL)
         self._http: aiohttp.ClientSession | None = None
         self._base = ""
@@ -425,7 +426,7 @@ class ConsulStore(Store):
             log.warning("consul session %s is gone: creating a new one and re-publishing", self._session_id)
             await self._new_session(self._node.name)
             await self._publish_node()
-            await republish(self._owned.values(), self.publish_endpoint, log=log)
+            await republish(self._owned.values(), self.publish_endpoint, log=log, report=self._on_invalid)
 
     async def release_session(self) -> None:
         if self._session_id is not None:

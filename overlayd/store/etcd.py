@@ -82,6 +82,7 @@ class EtcdStore(Store):
         self._lease_file = SessionFile(state_dir, "etcd-lease")
         self._health = Health("etcd", metrics=metrics, log=log)
         self._decoder = RecordDecoder(self._layout, metrics=metrics, on_invalid=on_invalid, log=log)
+        self._on_invalid = on_invalid
         self._client: aetcd.Client | None = None
         self._lease_id: int | None = None
         # Everything this node owns, as last published: re-put on a new lease.
@@ -221,7 +222,7 @@ class EtcdStore(Store):
             log.warning("etcd lease %x expired: taking a new one and re-publishing", self._lease_id or 0)
             await self._new_lease()
             await self._put_node()
-            await republish(self._owned.values(), self.publish_endpoint, log=log)
+            await republish(self._owned.values(), self.publish_endpoint, log=log, report=self._on_invalid)
 
     async def release_session(self) -> None:
         if self._lease_id is not None:

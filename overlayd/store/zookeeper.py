@@ -132,6 +132,7 @@ class ZooKeeperStore(Store):
         self._session_file = SessionFile(state_dir, "zookeeper-session", private=True)
         self._health = Health("zookeeper", metrics=metrics, log=log)
         self._decoder = RecordDecoder(self._layout, metrics=metrics, on_invalid=on_invalid, log=log)
+        self._on_invalid = on_invalid
         self._hosts = ",".join(f"{e.host}:{e.port}" for e in config.endpoints)
         self._client: KazooClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -396,7 +397,7 @@ class ZooKeeperStore(Store):
             self._save_session(client_id)
             if self._node is not None:
                 await self._put_owned(self._layout.node(self._node.name), encode(self._node))
-            await republish(self._owned.values(), self.publish_endpoint, log=log)
+            await republish(self._owned.values(), self.publish_endpoint, log=log, report=self._on_invalid)
 
     async def release_session(self) -> None:
         client = self.client
