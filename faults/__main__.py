@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         out.write_text(json.dumps([r.to_json() for r in rows], indent=1) + "\n")
     print(table(rows))
     failed = [r for r in rows if r.result != "pass"]
-    print(f"{len(rows) - len(failed)} passed, {len(failed)} failed in {time.monotonic() - started:.0f}s; rows in {out}")
+    took = time.monotonic() - started
+    print(f"{len(rows) - len(failed)} passed, {len(failed)} failed in {took:.0f}s; rows in {out}")
     return 1 if failed else 0
 
 

@@ -27,11 +27,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from faults.harness import KV_BACKENDS, Run, Scenario
 from overlayd.lab import netns
 from overlayd.lab.lab import STATUS_LISTEN, overlayd_argv
 from overlayd.lab.nshttp import NetnsHTTPConnection, request
-
-from faults.harness import KV_BACKENDS, Run, Scenario
 
 # Debian's libfaketime, wherever the architecture puts it.
 FAKETIME_LIB = next(iter(sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))), "libfaketime.so.1")
@@ -86,13 +85,25 @@ def hostile_input(run: Run) -> None:
         st.sampled_from(["../x", "a/b", "x\x00y", "..", ".", "/", "ovl" * 30, "ep;rm -rf", "é"]),
     )
     netns_values = st.one_of(
-        st.sampled_from(["/proc/1/ns/net", "/proc/self/ns/net", "/var/run/netns/../../proc/1/ns/net",
-                         "../../proc/1/ns/net", "", "\x00", "/etc/passwd", "/run/netns/" + "x" * 300]),
+        st.sampled_from(
+            [
+                "/proc/1/ns/net",
+                "/proc/self/ns/net",
+                "/var/run/netns/../../proc/1/ns/net",
+                "../../proc/1/ns/net",
+                "",
+                "\x00",
+                "/etc/passwd",
+                "/run/netns/" + "x" * 300,
+            ]
+        ),
         st.text(max_size=30),
     )
     json_values = st.recursive(
         st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
-        lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+        lambda children: (
+            st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+        ),
         max_leaves=10,
     )
     endpoint_bodies = st.fixed_dictionaries(
@@ -101,7 +112,9 @@ def hostile_input(run: Run) -> None:
             "network": st.one_of(st.just("demo"), names, json_values),
             "name": st.one_of(names, json_values),
             "netns": st.one_of(netns_values, json_values),
-            "ip": st.one_of(st.sampled_from(["10.100.0.250", "10.100.0.0", "10.100.0.255", "1.2.3.4", "x"]), json_values),
+            "ip": st.one_of(
+                st.sampled_from(["10.100.0.250", "10.100.0.0", "10.100.0.255", "1.2.3.4", "x"]), json_values
+            ),
             "ifname": st.one_of(names, json_values),
         },
     )
@@ -109,23 +122,45 @@ def hostile_input(run: Run) -> None:
         {},
         optional={
             "name": st.one_of(names, json_values),
-            "subnet": st.one_of(st.sampled_from(["10.0.0.0/8", "0.0.0.0/0", "10.1.0.0/33", "x"]), json_values),
+            "subnet": st.one_of(
+                st.sampled_from(["10.0.0.0/8", "0.0.0.0/0", "10.1.0.0/33", "x"]), json_values
+            ),
             "vni": st.one_of(st.integers(-5, 1 << 25), json_values),
             "mtu": st.one_of(st.integers(-5, 70000), json_values),
             "gateway": json_values,
         },
     )
     requests = st.one_of(
-        st.tuples(st.just("POST"), st.just("/v1/endpoints"), endpoint_bodies.map(lambda b: json.dumps(b).encode())),
-        st.tuples(st.just("POST"), st.just("/v1/networks"), network_bodies.map(lambda b: json.dumps(b).encode())),
-        st.tuples(st.sampled_from(["POST", "PUT", "DELETE", "GET", "PATCH"]),
-                  st.sampled_from(["/v1/endpoints", "/v1/networks", "/v1/endpoints/demo/x", "/v1/networks/%00",
-                                   "/v1/endpoints/..%2F..%2Fx/y", "/v1/teardown/x", "/v1/status?x=%ff"]),
-                  st.one_of(st.none(), st.binary(max_size=200), json_values.map(lambda v: json.dumps(v).encode()))),
+        st.tuples(
+            st.just("POST"), st.just("/v1/endpoints"), endpoint_bodies.map(lambda b: json.dumps(b).encode())
+        ),
+        st.tuples(
+            st.just("POST"), st.just("/v1/networks"), network_bodies.map(lambda b: json.dumps(b).encode())
+        ),
+        st.tuples(
+            st.sampled_from(["POST", "PUT", "DELETE", "GET", "PATCH"]),
+            st.sampled_from(
+                [
+                    "/v1/endpoints",
+                    "/v1/networks",
+                    "/v1/endpoints/demo/x",
+                    "/v1/networks/%00",
+                    "/v1/endpoints/..%2F..%2Fx/y",
+                    "/v1/teardown/x",
+                    "/v1/status?x=%ff",
+                ]
+            ),
+            st.one_of(st.none(), st.binary(max_size=200), json_values.map(lambda v: json.dumps(v).encode())),
+        ),
     )
 
-    @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=examples,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(requests)
     def admin_api(req: tuple[str, str, bytes | None]) -> None:
         method, url, body = req
@@ -144,19 +179,28 @@ def hostile_input(run: Run) -> None:
     run.check(lab.daemon_alive("h1"), f"h1 died under admin API fuzzing: {lab.log_tail('h1', 5)}")
     run.check(not bad, f"admin API answered 5xx: {bad[:3]}")
     nets_after = {n.name for n in run.admin("h1").network_list()}
-    run.note(f"admin: {examples} requests, {len(created)} accepted endpoints, networks +{len(nets_after - nets_before)}")
+    added = len(nets_after - nets_before)
+    run.note(f"admin: {examples} requests, {len(created)} accepted endpoints, networks +{added}")
     # Nothing half-created: every veth in h1's namespace belongs to a listed endpoint.
     listed = run.admin("h1").endpoint_list()
     local = [e for e in listed if e.owner == "h1"]
-    veths = [ln for ln in lab.exec(h1.netns, ["ip", "-o", "link", "show", "type", "veth"]).stdout.splitlines()]
+    veths = [
+        ln for ln in lab.exec(h1.netns, ["ip", "-o", "link", "show", "type", "veth"]).stdout.splitlines()
+    ]
     run.check(len(veths) == len(local), f"{len(veths)} veths on h1 for {len(local)} local endpoints")
-    run.check(not any(e.netns.startswith("/proc") for e in listed), "an endpoint in a /proc namespace was accepted")
+    run.check(
+        not any(e.netns.startswith("/proc") for e in listed), "an endpoint in a /proc namespace was accepted"
+    )
 
     # The CNI plugin: malformed stdin and environment for every command.
     cni = [str(Path(overlayd_argv()[0]).parent / "overlayd-cni")]
     cni_bad: list[str] = []
     envs = st.fixed_dictionaries(
-        {"CNI_COMMAND": st.sampled_from(["ADD", "DEL", "CHECK", "VERSION", "GC", "STATUS", "", "add", "X\x01"])},
+        {
+            "CNI_COMMAND": st.sampled_from(
+                ["ADD", "DEL", "CHECK", "VERSION", "GC", "STATUS", "", "add", "X\x01"]
+            )
+        },
         optional={
             "CNI_CONTAINERID": st.text(string.printable, max_size=20),
             "CNI_NETNS": netns_values.filter(lambda v: "\x00" not in v),
@@ -168,19 +212,30 @@ def hostile_input(run: Run) -> None:
     stdins = st.one_of(
         st.binary(max_size=100),
         json_values.map(lambda v: json.dumps(v).encode()),
-        st.fixed_dictionaries({"cniVersion": st.sampled_from(["1.0.0", "0.4.0", "9", ""]), "name": names,
-                               "type": st.just("overlayd-cni"), "network": st.one_of(names, json_values),
-                               "socket": st.sampled_from([sock, "/nonexistent", "", "../x"])}
-                              ).map(lambda v: json.dumps(v).encode()),
+        st.fixed_dictionaries(
+            {
+                "cniVersion": st.sampled_from(["1.0.0", "0.4.0", "9", ""]),
+                "name": names,
+                "type": st.just("overlayd-cni"),
+                "network": st.one_of(names, json_values),
+                "socket": st.sampled_from([sock, "/nonexistent", "", "../x"]),
+            }
+        ).map(lambda v: json.dumps(v).encode()),
     )
 
-    @settings(max_examples=max(10, examples // 5), deadline=None, database=None, derandomize=True,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=max(10, examples // 5),
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(envs, stdins)
     def cni_plugin(env: dict[str, str], stdin: bytes) -> None:
         env = {k: v.replace("\x00", "") for k, v in env.items()}
-        proc = subprocess.run(cni, input=stdin, env={"PATH": os.environ["PATH"], **env}, capture_output=True,
-                              timeout=60)
+        proc = subprocess.run(
+            cni, input=stdin, env={"PATH": os.environ["PATH"], **env}, capture_output=True, timeout=60
+        )
         text = proc.stdout.decode(errors="replace") + proc.stderr.decode(errors="replace")
         if "Traceback" in text:
             cni_bad.append(f"{env} {stdin[:60]!r}: traceback")
@@ -189,7 +244,9 @@ def hostile_input(run: Run) -> None:
                 err = json.loads(proc.stdout)
                 assert "code" in err and "msg" in err
             except (ValueError, AssertionError, TypeError):
-                cni_bad.append(f"{env} {stdin[:60]!r}: exit {proc.returncode} without a CNI error: {text[:100]!r}")
+                cni_bad.append(
+                    f"{env} {stdin[:60]!r}: exit {proc.returncode} without a CNI error: {text[:100]!r}"
+                )
 
     cni_plugin()
     run.check(not cni_bad, f"CNI plugin: {cni_bad[:2]}")
@@ -215,7 +272,7 @@ def hostile_input(run: Run) -> None:
             sender.sendto(data, (h1.address, 7946))
     finally:
         sender.close()
-    run.wait(lambda: run.status("h1").gossip.members.get("alive") == 3, 10, "h1's gossip still sees 3 alive")  # type: ignore[union-attr]
+    run.wait(lambda: run.status("h1").gossip.members.get("alive") == 3, 10, "h1's gossip still sees 3 alive")
     run.check(lab.daemon_alive("h1"), "h1 died under gossip fuzzing")
 
     # Config files with every field wrong: a clear one-line error and exit, never a traceback.
@@ -255,9 +312,16 @@ def _fuzz_configs(run: Run) -> list[str]:
     run.lab.add_namespaces([scratch])
     with tempfile.TemporaryDirectory(prefix="faults-config-") as tmp:
         base = {
-            "node.name": "fz", "underlay.interface": "lo", "underlay.address": "127.0.0.1",
-            "store.url": "gossip", "admin.socket": f"{tmp}/a.sock", "status.listen": "127.0.0.1:9481",
-            "state.dir": f"{tmp}/state", "gossip.port": 7950, "gossip.keys": ["AAAA"], "gossip.peers": [],
+            "node.name": "fz",
+            "underlay.interface": "lo",
+            "underlay.address": "127.0.0.1",
+            "store.url": "gossip",
+            "admin.socket": f"{tmp}/a.sock",
+            "status.listen": "127.0.0.1:9481",
+            "state.dir": f"{tmp}/state",
+            "gossip.port": 7950,
+            "gossip.keys": ["AAAA"],
+            "gossip.peers": [],
         }
         for key, values in _CONFIG_FIELDS.items():
             for value in values:
@@ -297,16 +361,30 @@ def permissions_and_secrets(run: Run) -> None:
     # An unprivileged client: an unused uid, no groups.
     uid = 64999
     proc = subprocess.run(
-        ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--",
-         overlayctl, "--socket", str(h1.admin_socket), "status"],
-        capture_output=True, text=True, timeout=30,
+        [
+            "setpriv",
+            f"--reuid={uid}",
+            f"--regid={uid}",
+            "--clear-groups",
+            "--",
+            overlayctl,
+            "--socket",
+            str(h1.admin_socket),
+            "status",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     run.check(proc.returncode != 0, f"a non-root client got an answer: {proc.stdout[:200]}")
     run.check("Traceback" not in proc.stderr, f"overlayctl as uid {uid}: traceback")
-    run.note(f"as uid {uid}: {proc.stderr.strip().splitlines()[-1][:80] if proc.stderr.strip() else proc.returncode}")
+    said = proc.stderr.strip().splitlines()[-1][:80] if proc.stderr.strip() else proc.returncode
+    run.note(f"as uid {uid}: {said}")
     # The socket itself refuses, even with the directory open: mode and owner.
     st = os.stat(h1.admin_socket)
-    run.check(st.st_uid == 0 and st.st_mode & 0o007 == 0, f"admin socket mode {oct(st.st_mode)} owner {st.st_uid}")
+    run.check(
+        st.st_uid == 0 and st.st_mode & 0o007 == 0, f"admin socket mode {oct(st.st_mode)} owner {st.st_uid}"
+    )
     # The status server is read-only and shows no secret.
     secrets_ = [lab.gossip_key] if lab.gossip_key else []
     address, port = STATUS_LISTEN.rsplit(":", 1)
@@ -326,7 +404,10 @@ def permissions_and_secrets(run: Run) -> None:
     warned = [line for line in run.log_lines("h1")[mark:] if "readable" in line and "config" in line]
     run.check(warned, "no warning at start about a config with secrets readable by others")
     doctor = lab.exec(h1.netns, [overlayctl, "--socket", str(h1.admin_socket), "doctor"], check=False)
-    run.check(re.search(r"WARN.*(readable|permission)", doctor.stdout), f"doctor says nothing: {doctor.stdout[-400:]}")
+    run.check(
+        re.search(r"WARN.*(readable|permission)", doctor.stdout),
+        f"doctor says nothing: {doctor.stdout[-400:]}",
+    )
     os.chmod(h1.config_path, 0o600)
 
 
@@ -365,10 +446,10 @@ def clock_jumps(run: Run) -> None:
             time.sleep(0.2)
         run.check(lab.daemon_alive("h1"), f"h1 died with its clock at {shift} s")
         if lab.gossip:
-            members = run.status("h1").gossip.members  # type: ignore[union-attr]
+            members = run.status("h1").gossip.members
             run.check(members.get("alive") == 3, f"h1's gossip with its clock at {shift} s: {members}")
             for h in ("h2", "h3"):
-                members = run.status(h).gossip.members  # type: ignore[union-attr]
+                members = run.status(h).gossip.members
                 run.check(members.get("alive") == 3, f"{h}'s gossip with h1's clock at {shift} s: {members}")
         if lab.kv is not None:
             run.check(run.status("h1").store.healthy, f"h1's store unhealthy with its clock at {shift} s")
@@ -376,9 +457,16 @@ def clock_jumps(run: Run) -> None:
 
 
 EXTRA: list[Scenario] = [
-    Scenario(14, "hostile input (hypothesis)", hostile_input, ("gossip",), "gossip",
-             short_options={"examples": 60}),
+    Scenario(
+        14, "hostile input (hypothesis)", hostile_input, ("gossip",), "gossip", short_options={"examples": 60}
+    ),
     Scenario(15, "permissions and secrets", permissions_and_secrets, ("gossip", "etcd"), "gossip"),
-    Scenario(16, "clock jumps +-5 min (faketime)", clock_jumps, ("gossip", *KV_BACKENDS), "gossip",
-             gossip_beside=True),
+    Scenario(
+        16,
+        "clock jumps +-5 min (faketime)",
+        clock_jumps,
+        ("gossip", *KV_BACKENDS),
+        "gossip",
+        gossip_beside=True,
+    ),
 ]

@@ -26,10 +26,12 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from overlayd.api.client import AdminClient, ClientError
@@ -44,7 +46,9 @@ PING_INTERVAL = 0.01
 
 # etcd 3.4.23 (Debian 12) loses watch events around compaction (etcd issue 17529): the
 # suite runs against 3.5 (scripts/fetch-etcd.sh) when it is there, as production should.
-ETCD_35 = os.path.join(os.environ.get("OVERLAYD_TEST_CACHE", "/var/cache/overlayd-test"), "etcd-3.5/usr/bin/etcd")
+ETCD_35 = os.path.join(
+    os.environ.get("OVERLAYD_TEST_CACHE", "/var/cache/overlayd-test"), "etcd-3.5/usr/bin/etcd"
+)
 if os.access(ETCD_35, os.X_OK):
     os.environ.setdefault("OVERLAYD_ETCD_BIN", ETCD_35)
 
@@ -190,8 +194,10 @@ class Run:
     def allow_removal(self, ep: Endpoint) -> None:
         """The scenario removes or moves `ep`: its entries may go, everywhere."""
         self.allowed.append(
-            lambda _ns, e: (isinstance(e, Fdb) and e.mac == ep.mac)
-            or (isinstance(e, Neigh) and (e.ip == ep.ip or e.mac == ep.mac))
+            lambda _ns, e: (
+                (isinstance(e, Fdb) and e.mac == ep.mac)
+                or (isinstance(e, Neigh) and (e.ip == ep.ip or e.mac == ep.mac))
+            )
         )
 
     def allow(self, predicate: Callable[[str, Entry], bool]) -> None:
@@ -302,7 +308,9 @@ def run_one(scenario: Scenario, backend: str, *, short: bool = False, prefix: st
             if overruns:
                 run.note(f"kernel watch overrun in {sorted({ns for ns, _ in overruns})}: counts inexact")
             if row.pings_lost:
-                raise ScenarioFailed(f"{row.pings_lost} of {row.pings_sent} pings lost between untouched hosts")
+                raise ScenarioFailed(
+                    f"{row.pings_lost} of {row.pings_sent} pings lost between untouched hosts"
+                )
             if wrong:
                 shown = ", ".join(f"{ns}:{e}" for ns, e in wrong[:4])
                 raise ScenarioFailed(f"{len(wrong)} entries wrongly removed: {shown}")
@@ -331,6 +339,16 @@ def run_one(scenario: Scenario, backend: str, *, short: bool = False, prefix: st
             if run.watch is not None:
                 run.watch.stop()
         if lab is not None:
+            if row.result != "pass":
+                keep = (
+                    Path(os.environ.get("FAULTS_LOGS", "/tmp/faults-logs"))
+                    / f"{scenario.number:02d}-{backend}"
+                )
+                shutil.rmtree(keep, ignore_errors=True)
+                for h in lab.hosts:
+                    if h.log_path.exists():
+                        keep.mkdir(parents=True, exist_ok=True)
+                        shutil.copy(h.log_path, keep / f"{h.name}.log")
             errors = lab.down()
             if errors:
                 row.note += "; lab down: " + "; ".join(errors)
@@ -341,7 +359,9 @@ def run_one(scenario: Scenario, backend: str, *, short: bool = False, prefix: st
     return row
 
 
-def _wrongly_removed(run: Run, before: dict[str, dict[Entry, float]], *, since: float) -> list[tuple[str, Entry]]:
+def _wrongly_removed(
+    run: Run, before: dict[str, dict[Entry, float]], *, since: float
+) -> list[tuple[str, Entry]]:
     assert run.watch is not None
     wrong: list[tuple[str, Entry]] = []
     seen: set[tuple[str, Entry]] = set()
@@ -377,7 +397,18 @@ def purge_leftovers(prefix: str = RUN_PREFIX) -> list[str]:
 
 
 def table(rows: Sequence[Row]) -> str:
-    headers = ["#", "scenario", "backend", "result", "pings", "lost", "wrongly removed", "converge s", "s", "note"]
+    headers = [
+        "#",
+        "scenario",
+        "backend",
+        "result",
+        "pings",
+        "lost",
+        "wrongly removed",
+        "converge s",
+        "s",
+        "note",
+    ]
     cells = [
         [
             str(r.scenario),
@@ -394,5 +425,8 @@ def table(rows: Sequence[Row]) -> str:
         for r in rows
     ]
     widths = [max(len(c[i]) for c in [headers, *cells]) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in [headers, *cells]]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
+        for line in [headers, *cells]
+    ]
     return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])

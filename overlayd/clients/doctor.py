@@ -331,6 +331,20 @@ def check_store(status: schema.Status, probe: schema.StoreProbe | None, error: s
     return Check(name, OK, message)
 
 
+def check_store_data(status: schema.Status) -> Check:
+    name = "kv store data"
+    if status.store.data_loss is None:
+        return Check(name, OK, "the store has not lost data since this daemon started")
+    return Check(
+        name,
+        WARN,
+        f"the store lost its data: {status.store.data_loss}; this host kept its dataplane and "
+        "re-published its node, endpoints and the networks it knew",
+        "find out why the store lost its data (a wiped data directory, a restore from an older "
+        "backup); check `overlayctl network ls` and `endpoint ls` on every host",
+    )
+
+
 def check_reconcile(status: schema.Status, diff: schema.Diff | None, error: str | None) -> Check:
     name = "reconcile"
     if diff is None:
@@ -373,6 +387,7 @@ def run_checks(client: AdminClient, *, gossip_port: int | None = None) -> list[C
         checks.append(Check("clock skew", WARN, f"cannot list peers: {exc.message}"))
     try:
         checks.append(check_store(status, client.store_probe(), None))
+        checks.append(check_store_data(status))
     except ClientError as exc:
         checks.append(check_store(status, None, exc.message))
     try:

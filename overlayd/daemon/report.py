@@ -117,6 +117,8 @@ class Report:
                 "invalid_records": list(state.invalid_records),
                 # Own changes made while the store was unreachable, not yet written to it.
                 "pending_writes": self._pending_writes(),
+                # Only once the store has lost its data (the schema's optional key).
+                **({"data_loss": state.store_data_loss} if state.store_data_loss is not None else {}),
             },
             # Until the view is complete (a restart: the store's first read, or gossip
             # heard from the live peers) nothing is removed from the kernel.

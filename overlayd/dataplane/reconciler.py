@@ -139,6 +139,13 @@ class Reconciler:
         self._full_requested = reason
         self._wake.set()
 
+    def hold(self) -> None:
+        """The view cannot be trusted to be complete (the store lost its data): hold
+        deletions again until `release_hold`."""
+        if not self.hold_deletions:
+            self.hold_deletions = True
+            log.warning("view incomplete: holding deletions")
+
     def release_hold(self) -> None:
         """The view is complete: deletions held since start-up may go now."""
         if self.hold_deletions:

@@ -417,6 +417,9 @@ class ConsulStore(Store):
             else:
                 interval = renew_interval(self._ttl)
 
+    async def ensure_session(self) -> None:
+        await self._renew_or_replace()
+
     async def _renew_or_replace(self) -> None:
         async with self._session_lock:
             if self._session_id is not None and await self._session_alive(self._session_id):
@@ -636,8 +639,9 @@ class ConsulStore(Store):
             if now == 0 or now < index:
                 log.warning("consul index went from %d to %d: the server lost its state", index, now)
                 known = {e.key: e.modify_index for e in entries}
+                lost = f"consul index went back from {index} to {now}"
                 index = now
-                yield Snapshot(self._facts(entries), now)
+                yield Snapshot(self._facts(entries), now, data_lost=lost)
                 continue
             if now == index:
                 continue  # the query timed out, or woke up with nothing new

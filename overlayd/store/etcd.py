@@ -83,6 +83,7 @@ class EtcdStore(Store):
         self._health = Health("etcd", metrics=metrics, log=log)
         self._decoder = RecordDecoder(self._layout, metrics=metrics, on_invalid=on_invalid, log=log)
         self._on_invalid = on_invalid
+        self._cluster_id = 0  # of the server we first read; another one means it lost its data
         self._client: aetcd.Client | None = None
         self._lease_id: int | None = None
         # Everything this node owns, as last published: re-put on a new lease.
@@ -368,13 +369,42 @@ class EtcdStore(Store):
             fact = self._decoder.put(kv.key.decode(errors="replace"), kv.value)
             if fact is not None:
                 facts.append(fact)
+        self._cluster_id = self._cluster_id or int(result.header.cluster_id)
         return Snapshot(facts=facts, revision=int(result.header.revision))
+
+    async def ensure_session(self) -> None:
+        await self._refresh_or_renew()
+
+    async def _data_lost(self, revision: int) -> Snapshot | None:
+        """After an interruption: a snapshot marked `data_lost` if the server is not the one
+        we watched (another cluster ID: wiped and re-initialised, or restored from a backup)
+        or its revision went back below what we saw (an older backup); else None."""
+        known = self._cluster_id
+        result = await self._call("list", lambda: self.client.get_prefix(self._config.prefix.encode()))
+        cluster, now = int(result.header.cluster_id), int(result.header.revision)
+        if known and cluster != known:
+            why = f"etcd cluster ID changed from {known:x} to {cluster:x}"
+        elif now < revision:
+            why = f"etcd revision went back from {revision} to {now}"
+        else:
+            return None
+        self._cluster_id = cluster
+        facts = [f for kv in result if (f := self._decoder.put(kv.key.decode(errors="replace"), kv.value))]
+        return Snapshot(facts=facts, revision=now, data_lost=why)
 
     async def watch(self, after_revision: int) -> AsyncIterator[Changes | Snapshot]:
         revision = after_revision
         backoff = Backoff()
+        interrupted = False
         while True:
             try:
+                if interrupted:
+                    lost = await self._data_lost(revision)
+                    interrupted = False
+                    if lost is not None:
+                        log.warning("%s: the server lost its data", lost.data_lost)
+                        revision = lost.revision
+                        yield lost
                 stream = await self.client.watch_prefix(
                     self._config.prefix.encode(), start_revision=revision + 1
                 )
@@ -401,6 +431,7 @@ class EtcdStore(Store):
                     await backoff.wait()
             except (*_UNREACHABLE, StoreUnavailable) as exc:
                 self._health.set(False)
+                interrupted = True
                 log.warning(
                     "etcd watch interrupted (%s); resuming after revision %d",
                     first_line(exc),

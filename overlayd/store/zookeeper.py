@@ -389,6 +389,11 @@ class ZooKeeperStore(Store):
             else:
                 backoff.reset()
 
+    async def ensure_session(self) -> None:
+        # A server that lost its data expires our session: kazoo connects with a new one
+        # and `keep_session` re-publishes on its own. Wait until connected again.
+        await self._connected.wait()
+
     async def _republish(self) -> None:
         async with self._session_lock:
             client = self.client
