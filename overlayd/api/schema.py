@@ -328,6 +328,9 @@ class Status(_Record):
     last_reconcile: ReconcilePass | None
     last_full_reconcile: ReconcilePass | None
     errors: tuple[str, ...]
+    # What the operator should fix that does not stop the daemon (a config holding
+    # secrets readable by others); None when there is nothing.
+    warnings: tuple[str, ...] | None = field(default=None, metadata=_OPTIONAL_KEY)
 
     @classmethod
     def from_json(cls, data: object, where: str = "status") -> Status:
@@ -351,6 +354,7 @@ class Status(_Record):
                 "last_full_reconcile", lambda k: f.record(k, ReconcilePass.from_json)
             ),
             errors=f.texts("errors"),
+            warnings=f.optional("warnings", f.texts, absent_ok=True),
         )
         f.done()
         return made

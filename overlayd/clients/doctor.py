@@ -331,6 +331,12 @@ def check_store(status: schema.Status, probe: schema.StoreProbe | None, error: s
     return Check(name, OK, message)
 
 
+def check_warnings(status: schema.Status) -> Check:
+    if not status.warnings:
+        return Check("daemon warnings", OK, "none")
+    return Check("daemon warnings", WARN, "; ".join(status.warnings), "the daemon said this at start; fix it")
+
+
 def check_store_data(status: schema.Status) -> Check:
     name = "kv store data"
     if status.store.data_loss is None:
@@ -374,6 +380,7 @@ def run_checks(client: AdminClient, *, gossip_port: int | None = None) -> list[C
         checks.append(check_gossip_port(gossip, None, configured=False))
         return checks
     checks.append(check_daemon(status, None))
+    checks.append(check_warnings(status))
     gossiping = status.gossip
     port = gossip_port or (gossiping.port if gossiping is not None else DEFAULT_GOSSIP_PORT)
     checks.append(check_gossip_port(port, status.pid, configured=gossiping is not None))

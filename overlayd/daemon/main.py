@@ -40,6 +40,7 @@ import argparse
 import asyncio
 import gc
 import logging
+import os
 import signal
 import sys
 import time
@@ -571,8 +572,17 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    daemon = Daemon(cfg)
     try:
-        asyncio.run(Daemon(cfg).run())
+        secrets = config_mod.secrets_held(config_mod.file_keys(args.config))
+        exposed = config_mod.exposure_warning(args.config, os.stat(args.config).st_mode, secrets)
+    except (OSError, ValueError):
+        exposed = None  # it was just read: a race with an editor; nothing to warn about
+    if exposed is not None:
+        log.warning("%s", exposed)
+        daemon.state.warnings.append(exposed)
+    try:
+        asyncio.run(daemon.run())
     except (KernelError, OSError, RuntimeError) as exc:
         print(f"overlayd: {exc}", file=sys.stderr)
         return 1

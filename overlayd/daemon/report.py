@@ -132,6 +132,7 @@ class Report:
                 reconciler.last_full.to_dict() if reconciler and reconciler.last_full else None
             ),
             "errors": list(reconciler.errors)[-20:] if reconciler else [],
+            **({"warnings": list(state.warnings)} if state.warnings else {}),
         }
 
     def _members(self) -> dict[str, MemberInfo]:

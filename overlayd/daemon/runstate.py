@@ -28,6 +28,8 @@ class RunState:
     # The last time the store turned out to have lost its data: "when: why" (None: never).
     store_data_loss: str | None = None
     invalid_records: deque[str] = field(default_factory=lambda: deque(maxlen=10))
+    # For the operator, from start-up on (a config with secrets readable by others).
+    warnings: list[str] = field(default_factory=list)
     # Own endpoints withdrawn after losing a clash: key -> (endpoint, why), until removed.
     conflicts: dict[str, tuple[Endpoint, str]] = field(default_factory=dict)
 

@@ -190,6 +190,15 @@ def test_check_store_data_loss() -> None:
     assert check.result == doctor.WARN and "cluster ID changed" in check.message
 
 
+def test_check_warnings() -> None:
+    assert doctor.check_warnings(answers.status()).result == doctor.OK
+    said = "config /etc/overlayd/overlayd.toml holds secrets (gossip.keys) and is readable by others"
+    warned = answers.status(warnings=[said])
+    assert warned.to_json()["warnings"] == [said]
+    check = doctor.check_warnings(warned)
+    assert check.result == doctor.WARN and "readable by others" in check.message
+
+
 def test_check_daemon_and_reconcile() -> None:
     ready = doctor.check_daemon(answers.status(), None)
     assert ready.result == doctor.OK and ready.message.startswith("node h1: ready: 1 network")
