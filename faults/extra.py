@@ -271,7 +271,9 @@ def hostile_input(run: Run) -> None:
             sender.sendto(data, (h1.address, 7946))
     finally:
         sender.close()
-    run.wait(lambda: run.status("h1").gossip.members.get("alive") == 3, 10, "h1's gossip still sees 3 alive")
+    run.wait(
+        lambda: run.status("h1").gossip.members.get("alive") == 2, 10, "h1's gossip still sees h2, h3 alive"
+    )
     run.check(lab.daemon_alive("h1"), "h1 died under gossip fuzzing")
 
     # Config files with every field wrong: a clear one-line error and exit, never a traceback.
@@ -323,7 +325,7 @@ def _fuzz_configs(run: Run) -> list[str]:
             "gossip.peers": [],
         }
         for key, values in _CONFIG_FIELDS.items():
-            for value in values:
+            for value in values[:2] if run.short else values:
                 fields = {**base, key: value}
                 sections: dict[str, list[str]] = {}
                 for k, v in fields.items():
@@ -336,7 +338,7 @@ def _fuzz_configs(run: Run) -> list[str]:
                 argv = netns.exec_argv(scratch, [*overlayd_argv(), "--config", str(path)])
                 proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                 try:
-                    out, err = proc.communicate(timeout=8)
+                    out, err = proc.communicate(timeout=4)
                 except subprocess.TimeoutExpired:
                     proc.kill()  # by its own PID: it started, so this value was accepted
                     out, err = proc.communicate()
@@ -446,10 +448,10 @@ def clock_jumps(run: Run) -> None:
         run.check(lab.daemon_alive("h1"), f"h1 died with its clock at {shift} s")
         if lab.gossip:
             members = run.status("h1").gossip.members
-            run.check(members.get("alive") == 3, f"h1's gossip with its clock at {shift} s: {members}")
+            run.check(members.get("alive") == 2, f"h1's gossip with its clock at {shift} s: {members}")
             for h in ("h2", "h3"):
                 members = run.status(h).gossip.members
-                run.check(members.get("alive") == 3, f"{h}'s gossip with h1's clock at {shift} s: {members}")
+                run.check(members.get("alive") == 2, f"{h}'s gossip with h1's clock at {shift} s: {members}")
         if lab.kv is not None:
             run.check(run.status("h1").store.healthy, f"h1's store unhealthy with its clock at {shift} s")
     run.wait(run.all_converged, 20, "every daemon converged after the jumps")

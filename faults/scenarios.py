@@ -352,10 +352,11 @@ def underlay_flap_and_veth(run: Run) -> None:
     run.wait(run.all_converged, 15, "every daemon converged after the flap")
     # The host side of h1-ep's veth deleted behind the daemon's back.
     info = run.admin("h1").endpoint_check(network=ep1.network, name=ep1.name)
-    port = next(  # h1 has one endpoint: its veth is the only one in h1's namespace
+    port = next(  # h1 has one endpoint: its veth is the only port of an overlayd bridge
         str(link["ifname"])
         for link in _links(run, "h1")
         if link.get("linkinfo", {}).get("info_kind") == "veth"
+        and str(link.get("master", "")).startswith("ovbr")
     )
     lab.exec(ns, ["ip", "link", "del", port])
     t = time.monotonic()
@@ -366,11 +367,18 @@ def underlay_flap_and_veth(run: Run) -> None:
         check = run.admin("h1").endpoint_check(network=ep1.network, name=ep1.name)
         return not check.found and any(ep1.name in e or port in e for e in run.status("h1").errors)
 
+    # Its entries on the other hosts lead nowhere now, and are replaced below.
+    run.allow_removal(ep1)
     run.wait(back_or_reported, 15, "the deleted veth recreated or reported")
-    run.note(
-        f"veth: {'recreated' if lab.ping(ep1.netns, ep2.ip) else 'reported'} in {time.monotonic() - t:.1f}s"
-        f" (was found={info.found})"
-    )
+    recreated = lab.ping(ep1.netns, ep2.ip)
+    how = "recreated" if recreated else "reported"
+    run.note(f"veth: {how} in {time.monotonic() - t:.1f}s (was found={info.found})")
+    if not recreated:
+        # The operator's answer to the report: remove and add the endpoint; reprogrammed at once.
+        run.admin("h1").endpoint_remove(network=ep1.network, name=ep1.name)
+        lab.forget_endpoint(ep1)
+        run.admin("h1").endpoint_add(network=ep1.network, name=ep1.name, netns=ep1.netns, ip=ep1.ip)
+        run.converge_s = run.wait(lambda: lab.ping(ep1.netns, ep2.ip), 15, "the re-added endpoint reachable")
 
 
 # --- 9: a gossip partition, then a fast leave, rejoin and re-create ---------------------
@@ -403,7 +411,8 @@ def gossip_partition(run: Run) -> None:
     def one_view() -> bool:
         for h in lab.host_names:
             members = run.status(h).gossip.members
-            if members.get("alive", 0) != len(lab.host_names) or sum(members.values()) != len(lab.host_names):
+            others = len(lab.host_names) - 1  # a member counts the others, not itself
+            if members.get("alive", 0) != others or sum(members.values()) != others:
                 return False
         return True
 
@@ -413,14 +422,18 @@ def gossip_partition(run: Run) -> None:
         30,
         "every endpoint known everywhere after the heal",
     )
-    # Fast leave and rejoin of h2, then its endpoint removed and re-created at once.
+    # Fast leave and rejoin of h2, then its endpoint removed and re-created at once
+    # (same name, same address); a second endpoint keeps the network on h2 meanwhile.
     ep2 = run.endpoint("h2")
+    keep = lab.add_endpoint("h2", "h2-keep")
+    run.wait(lambda: run.knows("h1", keep) and run.knows("h3", keep), 15, "h2-keep everywhere")
     lab.stop_daemon("h2")
     lab.start_daemon("h2")
+    run.allow_removal(ep2)
     run.admin("h2").endpoint_remove(network=ep2.network, name=ep2.name)
     lab.forget_endpoint(ep2)
-    again = lab.add_endpoint("h2", ep2.name + "x", ep2.ip)
-    run.allow_removal(ep2)
+    created = run.admin("h2").endpoint_add(network=ep2.network, name=ep2.name, netns=ep2.netns, ip=ep2.ip)
+    again = Endpoint("h2", ep2.network, ep2.name, ep2.netns, str(created.ip), created.mac)
     run.wait(
         lambda: run.knows("h1", again) and run.knows("h3", again), 15, "the re-created endpoint everywhere"
     )
@@ -445,10 +458,10 @@ def small_mtu(run: Run) -> None:
     # The host was 1450 from the start: its endpoint is made on it (one made before the
     # underlay shrank keeps its MTU; see the row's note).
     old = run.endpoint("h3")
+    lab.add_endpoint("h3", "h3-ep2")
     run.allow_removal(old)
     run.admin("h3").endpoint_remove(network=old.network, name=old.name)
     lab.forget_endpoint(old)
-    lab.add_endpoint("h3", "h3-ep2")
 
     def vx_mtu() -> int:
         return int(next(link["mtu"] for link in _links(run, "h3") if str(link["ifname"]).startswith("ovvx")))

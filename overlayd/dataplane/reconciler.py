@@ -49,7 +49,7 @@ from overlayd.dataplane.commands import (
 from overlayd.dataplane.desired import DesiredState
 from overlayd.dataplane.diff import diff, plan
 from overlayd.dataplane.kernel import Kernel, OpResult
-from overlayd.dataplane.kstate import Dirty, Tables
+from overlayd.dataplane.kstate import Dirty, PortSpec, Tables
 from overlayd.dataplane.mirror import Mirror
 from overlayd.dataplane.monitor import RCVBUF, Monitor
 from overlayd.util.metrics import Metrics
@@ -252,9 +252,11 @@ class Reconciler:
         errors: list[str] = []
         applied = 0
         held = 0
+        missing: list[PortSpec] = []
         if dirty:
             result = plan(self.desired.tables, self.mirror.tables, dirty, hold_deletions=self.hold_deletions)
             held = result.held
+            missing = result.missing_ports
             if result.commands:
                 try:
                     outcomes = await self._kernel.execute(result.commands)
@@ -278,6 +280,12 @@ class Reconciler:
             self._retry_delay = min(self._retry_delay * 2, _RETRY_MAX)
         elif not self._retry:
             self._retry_delay = _RETRY_MIN
+        # Reported, not retried: writing again cannot bring a deleted veth back.
+        errors += [
+            f"port {port.ifname} of a local endpoint in network {port.network} is missing: its veth "
+            "was deleted behind overlayd's back; remove and add the endpoint again"
+            for port in missing
+        ]
         return self._report(trigger, kind, started, t0, applied, errors, held)
 
     def _report(
