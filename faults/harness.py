@@ -80,6 +80,7 @@ class Scenario:
     known_failures: dict[str, str] = field(default_factory=dict)
     short_options: dict[str, Any] = field(default_factory=dict)  # Run.options in the short form
     lab: bool = True  # False: the scenario builds what it needs itself
+    lab_class: type[Lab] = Lab  # e.g. faults.clusters.ClusterLab: a KV store of three members
 
 
 @dataclass
@@ -268,7 +269,7 @@ def run_one(scenario: Scenario, backend: str, *, short: bool = False, prefix: st
     stats: list[PingStats] = []
     try:
         if scenario.lab:
-            lab = Lab(
+            lab = scenario.lab_class(
                 hosts=scenario.hosts,
                 prefix=prefix or new_prefix(),
                 store=backend,
