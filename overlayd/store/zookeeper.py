@@ -42,6 +42,7 @@ import asyncio
 import logging
 import socket
 import ssl
+import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -140,6 +141,7 @@ class ZooKeeperStore(Store):
         # Set when the server gave us a new session: owned records must be re-published.
         self._session_replaced = asyncio.Event()
         self._session_id: int | None = None
+        self._disconnected_at: float | None = None  # monotonic; None while connected
         self._owns_session = False  # resumed or opened: close() must not end it
         self._node: Node | None = None
         self._owned: dict[str, Endpoint] = {}
@@ -340,9 +342,12 @@ class ZooKeeperStore(Store):
             if self._session_id is not None and session_id != self._session_id and self._owns_session:
                 self._session_replaced.set()
             self._session_id = session_id
+            self._disconnected_at = None
             self._connected.set()
             self._health.set(True)
         else:
+            if self._disconnected_at is None:
+                self._disconnected_at = time.monotonic()
             self._connected.clear()
             self._health.set(False)
             if state == KazooState.LOST and self._owns_session:
@@ -377,7 +382,11 @@ class ZooKeeperStore(Store):
         # kazoo pings by itself; this only answers a lost session.
         backoff = Backoff()
         while True:
-            await self._session_replaced.wait()
+            try:
+                await asyncio.wait_for(self._session_replaced.wait(), self._config.lease_ttl / 2)
+            except TimeoutError:
+                self._unstick()
+                continue
             await self._connected.wait()
             self._session_replaced.clear()
             try:
@@ -393,6 +402,27 @@ class ZooKeeperStore(Store):
         # A server that lost its data expires our session: kazoo connects with a new one
         # and `keep_session` re-publishes on its own. Wait until connected again.
         await self._connected.wait()
+
+    def _unstick(self) -> None:
+        """A server that lost its data (or came back from an older backup) refuses, for
+        ever, a client that has seen a newer zxid than its own, and kazoo keeps offering
+        it. Once disconnected for longer than the session timeout, when the session is
+        gone on every server anyway, forget the zxid and the session: the next attempt
+        opens a new session (the CONNECTED handler then re-publishes)."""
+        client = self._client
+        since = self._disconnected_at
+        if client is None or since is None or self._connected.is_set():
+            return
+        away = time.monotonic() - since
+        if away < self._config.lease_ttl or client.last_zxid == 0:
+            return
+        log.warning(
+            "zookeeper unreachable for %.0fs: reconnecting as a new session (a server that lost "
+            "its data refuses the old one)",
+            away,
+        )
+        client.last_zxid = 0
+        client._reset_session()
 
     async def _republish(self) -> None:
         async with self._session_lock:
@@ -655,9 +685,16 @@ class ZooKeeperStore(Store):
                     full = False
                     if first or tree.revision < mirror.revision:
                         # Unknown starting point, or the server lost its state: start over.
+                        lost = (
+                            None
+                            if first
+                            else f"zookeeper zxid went back from {mirror.revision:#x} to {tree.revision:#x}"
+                        )
+                        if lost is not None:
+                            log.warning("%s: the server lost its data", lost)
                         first = False
                         mirror = Mirror(tree.records, tree.revision)
-                        yield self._snapshot_of(mirror)
+                        yield self._snapshot_of(mirror, data_lost=lost)
                     else:
                         changes = mirror.replace(tree.records, tree.revision)
                         if batch := self._changes(mirror, changes, tree.revision):
@@ -676,9 +713,9 @@ class ZooKeeperStore(Store):
                 full = True
                 await backoff.wait()
 
-    def _snapshot_of(self, mirror: Mirror) -> Snapshot:
+    def _snapshot_of(self, mirror: Mirror, data_lost: str | None = None) -> Snapshot:
         facts = [f for path, rec in sorted(mirror.records.items()) if (f := self._decode(path, rec.data))]
-        return Snapshot(facts=facts, revision=mirror.revision)
+        return Snapshot(facts=facts, revision=mirror.revision, data_lost=data_lost)
 
     def _changes(self, mirror: Mirror, changes: list[Change], revision: int) -> Changes | None:
         """The mirror's changes as facts in zxid order (None if none is a fact)."""
