@@ -281,15 +281,23 @@ class Reconciler:
         elif not self._retry:
             self._retry_delay = _RETRY_MIN
         # Reported, not retried: writing again cannot bring a deleted veth back.
-        errors += [
+        reported = [
             f"port {port.ifname} of a local endpoint in network {port.network} is missing: its veth "
             "was deleted behind overlayd's back; remove and add the endpoint again"
             for port in missing
         ]
-        return self._report(trigger, kind, started, t0, applied, errors, held)
+        return self._report(trigger, kind, started, t0, applied, errors, held, reported)
 
     def _report(
-        self, trigger: str, kind: str, started: float, t0: float, applied: int, errors: list[str], held: int
+        self,
+        trigger: str,
+        kind: str,
+        started: float,
+        t0: float,
+        applied: int,
+        errors: list[str],
+        held: int,
+        reported: Sequence[str] = (),
     ) -> PassReport:
         duration = time.perf_counter() - t0
         self._metrics.reconcile_duration.labels(kind=kind).observe(duration)
@@ -301,10 +309,19 @@ class Reconciler:
         for line in errors:
             log.warning("kernel op failed (will retry): %s", line)
             self.errors.append(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}")
+        for line in reported:
+            log.warning("%s", line)
+            self.errors.append(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}")
         if applied:
             log.info("reconcile (%s): applied %d changes in %.1f ms", trigger, applied, duration * 1e3)
         if not errors and not self._retry:
             # Nothing failed and nothing waits for a retry: the kernel matches (READY).
+            self.first_pass_done.set()
+        elif not self.first_pass_done.is_set() and self._retry_delay >= _RETRY_MAX:
+            # Still failing after every retry up to the longest delay (a foreign device
+            # holding a name or a VNI, say): ready with the errors in /status, rather
+            # than never ready, which a service manager turns into a restart loop.
+            log.warning("ready with %d kernel errors still failing (see /status errors)", len(errors))
             self.first_pass_done.set()
         self._passed.set()
         self._passed = asyncio.Event()
