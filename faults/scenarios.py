@@ -434,8 +434,15 @@ def gossip_partition(run: Run) -> None:
     run.allow_removal(ep2)
     run.admin("h2").endpoint_remove(network=ep2.network, name=ep2.name)
     lab.forget_endpoint(ep2)
-    created = run.admin("h2").endpoint_add(network=ep2.network, name=ep2.name, netns=ep2.netns, ip=ep2.ip)
-    again = Endpoint("h2", ep2.network, ep2.name, ep2.netns, str(created.ip), created.mac)
+    made: list[Any] = []
+
+    def recreate() -> bool:  # 503 while h2's view is still completing after its restart
+        client = run.admin("h2")
+        made.append(client.endpoint_add(network=ep2.network, name=ep2.name, netns=ep2.netns, ip=ep2.ip))
+        return True
+
+    run.wait(recreate, 15, "the endpoint re-created on h2", interval=0.1)
+    again = Endpoint("h2", ep2.network, ep2.name, ep2.netns, str(made[-1].ip), made[-1].mac)
     run.wait(
         lambda: run.knows("h1", again) and run.knows("h3", again), 15, "the re-created endpoint everywhere"
     )

@@ -193,6 +193,11 @@ class Report:
     def network_inspect(self, name: str) -> JSON:
         network = self._view.networks.get(name)
         if network is None:
+            if not self._state.view_complete:  # not heard of yet, maybe (a restart, gossip-only)
+                raise Unavailable(
+                    f"network {name} not known yet: this host's view of the cluster is still completing; "
+                    "try again"
+                )
             raise NotFound(f"network {name} not found")
         record = network.to_dict()
         underlay = self._underlay()
