@@ -114,6 +114,7 @@ class Run:
         self.allowed: list[Callable[[str, Entry], bool]] = []
         self.cleanups: list[Callable[[], object]] = []
         self.extra_pings: list[PingStats] = []
+        self.before: dict[str, dict[Entry, float]] = {}  # namespace -> the watched entries at the start
 
     @property
     def lab(self) -> Lab:
@@ -287,6 +288,7 @@ def run_one(scenario: Scenario, backend: str, *, short: bool = False, prefix: st
             run.wait(run.all_converged, 60, "every daemon converged before the fault")
             run.watch = KernelWatch([h.netns for h in lab.hosts]).start()
             before = {h.netns: run.watch.entries(h.netns) for h in lab.hosts}
+            run.before = before
             t0 = time.monotonic()
             eps = [run.endpoint(h) for h in scenario.untouched]
             for src in eps:

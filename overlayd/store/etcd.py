@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +90,8 @@ class EtcdStore(Store):
         self._node: Node | None = None
         self._owned: dict[str, Endpoint] = {}
         self._lease_lock = asyncio.Lock()
+        self._failover_lock = asyncio.Lock()
+        self._current = 0  # index in store.url's members of the one the client talks to
 
     # ----------------------------------------------------------------- plumbing
 
@@ -105,6 +107,7 @@ class EtcdStore(Store):
 
     async def _call(self, operation: str, fn: Callable[[], Any]) -> Any:
         """Run one request, translating client errors to StoreError and tracking health."""
+        used = self._client
         try:
             try:
                 result = await fn()
@@ -117,6 +120,7 @@ class EtcdStore(Store):
         except _UNREACHABLE as exc:
             self._health.set(False)
             self._health.count_error(operation)
+            await self._fail_over(used)
             raise StoreUnavailable(f"etcd at {self._config.url} is unreachable: {first_line(exc)}") from None
         except aetcd.ClientError as exc:
             self._health.count_error(operation)
@@ -125,9 +129,36 @@ class EtcdStore(Store):
         return result
 
     async def connect(self) -> None:
+        self._client = await self._open(range(len(self._config.endpoints)))
+        self._health.set(True)
+
+    async def _fail_over(self, failed: aetcd.Client | None) -> None:
+        """The member we talk to is unreachable: with several in store.url, move to the next
+        one that answers (aetcd talks to one host). If none does, keep the client we have:
+        gRPC reconnects it when its member comes back."""
+        count = len(self._config.endpoints)
+        if count < 2 or failed is None or self._client is not failed:
+            return  # one member only, or another call moved on already
+        async with self._failover_lock:
+            if self._client is not failed:
+                return
+            order = [(self._current + k) % count for k in range(1, count + 1)]
+            try:
+                client = await self._open(order)
+            except StoreError as exc:
+                log.warning("etcd: no other member answers: %s", first_line(exc))
+                return
+            self._client = client
+            endpoint = self._config.endpoints[self._current]
+            log.warning("etcd: moved to member %s:%d", endpoint.host, endpoint.port)
+            await _close_quietly(failed)
+
+    async def _open(self, order: Iterable[int]) -> aetcd.Client:
+        """A connected client of the first member in `order` that answers."""
         errors = []
         credentials = _tls_credentials(self._config)
-        for endpoint in self._config.endpoints:
+        for index in order:
+            endpoint = self._config.endpoints[index]
             kwargs: dict[str, Any] = {
                 "host": endpoint.host,
                 "port": endpoint.port,
@@ -159,9 +190,8 @@ class EtcdStore(Store):
                     ) from None
                 errors.append(f"{where}: {text}")
                 continue
-            self._client = client
-            self._health.set(True)
-            return
+            self._current = index
+            return client
         self._health.set(False)
         raise StoreUnavailable(f"cannot reach etcd ({'; '.join(errors)})")
 
@@ -397,6 +427,7 @@ class EtcdStore(Store):
         backoff = Backoff()
         interrupted = False
         while True:
+            watching = self._client
             try:
                 if interrupted:
                     lost = await self._data_lost(revision)
@@ -432,6 +463,7 @@ class EtcdStore(Store):
             except (*_UNREACHABLE, StoreUnavailable) as exc:
                 self._health.set(False)
                 interrupted = True
+                await self._fail_over(watching)
                 log.warning(
                     "etcd watch interrupted (%s); resuming after revision %d",
                     first_line(exc),

@@ -142,6 +142,9 @@ class ZooKeeperStore(Store):
         self._session_replaced = asyncio.Event()
         self._session_id: int | None = None
         self._disconnected_at: float | None = None  # monotonic; None while connected
+        # The creation zxid of the prefix's root as first read: another one means the
+        # tree was made anew (the server lost its data, or is an older backup).
+        self._base_czxid = 0
         self._owns_session = False  # resumed or opened: close() must not end it
         self._node: Node | None = None
         self._owned: dict[str, Endpoint] = {}
@@ -653,7 +656,13 @@ class ZooKeeperStore(Store):
                 revision = max(revision, rec.zxid)
         return _Tree(records, revision)
 
+    async def _base_id(self) -> int:
+        """The creation zxid of the prefix's root (0 if it does not exist)."""
+        stat = await self._call("exists", lambda c: c.exists_async(self._base))
+        return int(stat.czxid) if stat is not None else 0
+
     async def snapshot(self) -> Snapshot:
+        self._base_czxid = self._base_czxid or await self._base_id()
         tree = await self._read_tree()
         facts = [f for path, rec in sorted(tree.records.items()) if (f := self._decode(path, rec.data))]
         # Remember what the caller was given, so watch(revision) can diff against it.
@@ -682,14 +691,16 @@ class ZooKeeperStore(Store):
                 if full:
                     await self._connected.wait()
                     tree = await self._read_tree(on_event)
+                    base = await self._base_id()
                     full = False
-                    if first or tree.revision < mirror.revision:
+                    lost = None
+                    if not first and self._base_czxid and base and base != self._base_czxid:
+                        lost = f"zookeeper: {self._base} made anew (czxid {self._base_czxid:#x} -> {base:#x})"
+                    elif not first and tree.revision < mirror.revision:
+                        lost = f"zookeeper zxid went back from {mirror.revision:#x} to {tree.revision:#x}"
+                    self._base_czxid = base or self._base_czxid
+                    if first or lost is not None:
                         # Unknown starting point, or the server lost its state: start over.
-                        lost = (
-                            None
-                            if first
-                            else f"zookeeper zxid went back from {mirror.revision:#x} to {tree.revision:#x}"
-                        )
                         if lost is not None:
                             log.warning("%s: the server lost its data", lost)
                         first = False
