@@ -75,6 +75,8 @@ def hostile_input(run: Run) -> None:
     examples = int(run.options.get("examples", 150))
     h1 = lab.host("h1")
     sock = str(h1.admin_socket)
+    # Hostile input, not a start-up race: h1's view is complete (no 503 "try again" due).
+    run.wait(lambda: run.status("h1").view.complete, 20, "h1's view complete")
     mark = len(run.log_lines("h1"))
     nets_before = {n.name for n in run.admin("h1").network_list()}
     bad: list[str] = []
@@ -461,7 +463,15 @@ EXTRA: list[Scenario] = [
     Scenario(
         14, "hostile input (hypothesis)", hostile_input, ("gossip",), "gossip", short_options={"examples": 60}
     ),
-    Scenario(15, "permissions and secrets", permissions_and_secrets, ("gossip", "etcd"), "gossip"),
+    # Gossip beside etcd too: its keys are the config's secrets.
+    Scenario(
+        15,
+        "permissions and secrets",
+        permissions_and_secrets,
+        ("gossip", "etcd"),
+        "gossip",
+        gossip_beside=True,
+    ),
     Scenario(
         16,
         "clock jumps +-5 min (faketime)",

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from overlayd.api.service import JSON, NotFound, Unavailable
 from overlayd.cluster.peering import Peering
 from overlayd.core.config import Config
-from overlayd.core.model import Endpoint
+from overlayd.core.model import Endpoint, validate_name
 from overlayd.daemon.engine import Engine
 from overlayd.daemon.runstate import RunState
 from overlayd.dataplane.commands import describe
@@ -193,6 +193,7 @@ class Report:
     def network_inspect(self, name: str) -> JSON:
         network = self._view.networks.get(name)
         if network is None:
+            validate_name(name, "network name")  # a name no network can have: 400, not 503
             if not self._state.view_complete:  # not heard of yet, maybe (a restart, gossip-only)
                 raise Unavailable(
                     f"network {name} not known yet: this host's view of the cluster is still completing; "
