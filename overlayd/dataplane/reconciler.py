@@ -57,6 +57,8 @@ from overlayd.util.metrics import Metrics
 log = logging.getLogger(__name__)
 
 _RETRY_MIN, _RETRY_MAX = 0.2, 10.0
+# A failure that recurs on every retry is logged again at most this often (seconds).
+_LOG_REPEAT_EVERY = 60.0
 
 
 @dataclass
@@ -120,6 +122,8 @@ class Reconciler:
         self.last: PassReport | None = None
         self.last_full: PassReport | None = None
         self.errors: deque[str] = deque(maxlen=50)
+        self._logged: dict[str, float] = {}  # failure line -> monotonic time it was last logged
+        self._repeats: dict[str, int] = {}  # failure line -> times it recurred since
         self.passes = 0
 
     # --- telling it ---
@@ -288,6 +292,22 @@ class Reconciler:
         ]
         return self._report(trigger, kind, started, t0, applied, errors, held, reported)
 
+    def _log_failure(self, fmt: str, line: str) -> None:
+        """The same failure is logged once per `_LOG_REPEAT_EVERY` seconds, with how often it
+        recurred meanwhile: a write that keeps failing on every retry never floods the log."""
+        now = time.monotonic()
+        last = self._logged.get(line)
+        if last is not None and now - last < _LOG_REPEAT_EVERY:
+            self._repeats[line] = self._repeats.get(line, 0) + 1
+            return
+        if len(self._logged) > 1000:  # bounded: forget the oldest
+            for old in list(self._logged)[:500]:
+                self._logged.pop(old, None)
+                self._repeats.pop(old, None)
+        again = self._repeats.pop(line, 0)
+        self._logged[line] = now
+        log.warning(fmt + (f" ({again} more times since last said)" if again else ""), line)
+
     def _report(
         self,
         trigger: str,
@@ -307,10 +327,10 @@ class Reconciler:
         if applied or errors or kind == "full":
             self.last = report
         for line in errors:
-            log.warning("kernel op failed (will retry): %s", line)
+            self._log_failure("kernel op failed (will retry): %s", line)
             self.errors.append(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}")
         for line in reported:
-            log.warning("%s", line)
+            self._log_failure("%s", line)
             self.errors.append(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}")
         if applied:
             log.info("reconcile (%s): applied %d changes in %.1f ms", trigger, applied, duration * 1e3)

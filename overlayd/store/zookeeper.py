@@ -142,9 +142,10 @@ class ZooKeeperStore(Store):
         self._session_replaced = asyncio.Event()
         self._session_id: int | None = None
         self._disconnected_at: float | None = None  # monotonic; None while connected
-        # The creation zxid of the prefix's root as first read: another one means the
-        # tree was made anew (the server lost its data, or is an older backup).
-        self._base_czxid = 0
+        # The prefix root's creation (zxid, time in ms) as first read: another one means
+        # the tree was made anew (the server lost its data, or is an older backup). The
+        # time too: a new server numbers its first writes as the old one did.
+        self._base_made: tuple[int, int] = (0, 0)
         self._owns_session = False  # resumed or opened: close() must not end it
         self._node: Node | None = None
         self._owned: dict[str, Endpoint] = {}
@@ -656,13 +657,14 @@ class ZooKeeperStore(Store):
                 revision = max(revision, rec.zxid)
         return _Tree(records, revision)
 
-    async def _base_id(self) -> int:
-        """The creation zxid of the prefix's root (0 if it does not exist)."""
+    async def _base_id(self) -> tuple[int, int]:
+        """When the prefix's root was made: (czxid, ctime), or (0, 0) if it does not exist."""
         stat = await self._call("exists", lambda c: c.exists_async(self._base))
-        return int(stat.czxid) if stat is not None else 0
+        return (int(stat.czxid), int(stat.ctime)) if stat is not None else (0, 0)
 
     async def snapshot(self) -> Snapshot:
-        self._base_czxid = self._base_czxid or await self._base_id()
+        if self._base_made == (0, 0):
+            self._base_made = await self._base_id()
         tree = await self._read_tree()
         facts = [f for path, rec in sorted(tree.records.items()) if (f := self._decode(path, rec.data))]
         # Remember what the caller was given, so watch(revision) can diff against it.
@@ -694,11 +696,13 @@ class ZooKeeperStore(Store):
                     base = await self._base_id()
                     full = False
                     lost = None
-                    if not first and self._base_czxid and base and base != self._base_czxid:
-                        lost = f"zookeeper: {self._base} made anew (czxid {self._base_czxid:#x} -> {base:#x})"
+                    known = self._base_made
+                    if not first and known != (0, 0) and base != (0, 0) and base != known:
+                        lost = f"zookeeper: {self._base} made anew (czxid {known[0]:#x} -> {base[0]:#x})"
                     elif not first and tree.revision < mirror.revision:
                         lost = f"zookeeper zxid went back from {mirror.revision:#x} to {tree.revision:#x}"
-                    self._base_czxid = base or self._base_czxid
+                    if base != (0, 0):
+                        self._base_made = base
                     if first or lost is not None:
                         # Unknown starting point, or the server lost its state: start over.
                         if lost is not None:
