@@ -309,8 +309,9 @@ def run_one(scenario: Scenario, backend: str, *, short: bool = False, prefix: st
             if overruns:
                 run.note(f"kernel watch overrun in {sorted({ns for ns, _ in overruns})}: counts inexact")
             if row.pings_lost:
+                which = [f"{s.lost_seqs[:8]} of {s.transmitted}" for s in stats if _lost(s)]
                 raise ScenarioFailed(
-                    f"{row.pings_lost} of {row.pings_sent} pings lost between untouched hosts"
+                    f"{row.pings_lost} of {row.pings_sent} pings lost between untouched hosts (seqs {which})"
                 )
             if wrong:
                 shown = ", ".join(f"{ns}:{e}" for ns, e in wrong[:4])

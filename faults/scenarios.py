@@ -56,7 +56,8 @@ def _key(ep: Endpoint) -> str:
 
 
 def _log_since(run: Run, host: str, mark: int) -> list[str]:
-    return run.log_lines(host)[mark:]
+    """What the daemon logged itself since line `mark` (not the access log of our own polling)."""
+    return [line for line in run.log_lines(host)[mark:] if "aiohttp.access" not in line]
 
 
 # --- 1: KV server paused for less than the lease TTL ----------------------------------
@@ -643,7 +644,12 @@ def churn(run: Run) -> None:
             )
         )
     rate = 2 * total / (time.monotonic() - t)
-    run.admin(hosts[0]).network_remove("churn")
+
+    def remove_network() -> bool:  # once h1 has heard of every removal
+        run.admin(hosts[0]).network_remove("churn")
+        return True
+
+    run.wait(remove_network, 60, "network churn removed", interval=0.2)
     run.converge_s = run.wait(run.all_converged, 120, "every daemon converged")
 
     def as_before() -> bool:  # every kernel holds exactly what it held before the churn
