@@ -621,6 +621,7 @@ def churn(run: Run) -> None:
     lab = run.lab
     total = int(run.options.get("endpoints", 1000))
     hosts = lab.host_names
+    churning: list[str] = list(run.options.get("only", hosts))  # the hosts that get endpoints
     rss0 = {h: run.rss_kib(run.daemon_pid(h)) for h in hosts}
     names = [f"{lab.prefix}-x{k}" for k in range(total)]
     lab.add_namespaces(names)
@@ -630,7 +631,7 @@ def churn(run: Run) -> None:
     t = time.monotonic()
 
     def add(k: int) -> str:
-        host = hosts[k % len(hosts)]
+        host = churning[k % len(churning)]
         run.admin(host, timeout=60).endpoint_add(network="churn", name=f"x{k}", netns=names[k])
         return host
 
@@ -666,6 +667,14 @@ def churn(run: Run) -> None:
     run.note(f"{rate:.0f} ops/s; RSS growth {grew}")
     run.check(all(g <= 0.10 for g in grew.values()), f"memory grew more than 10%: {grew}")
 
+
+# Why scenario 13 fails here, as far as it was found (see the report of issue 9).
+_CHURN_LOSS = (
+    "isolated pings (0.1-0.4%) lost between two hosts while others churn 1,000 endpoints "
+    "through overlayd, also when the pinging hosts get none of them; none with the same veth "
+    "churn done by iproute2 without overlayd, nor with -W 10; no entry removed or rewritten "
+    "(kwatch); cause not found yet"
+)
 
 SCENARIOS: list[Scenario] = [
     Scenario(1, "KV server paused < TTL", kv_paused, KV_BACKENDS, "etcd", untouched=("h1", "h2", "h3")),
@@ -720,6 +729,7 @@ SCENARIOS: list[Scenario] = [
         hosts=5,
         untouched=("h1", "h2"),
         short_options={"endpoints": 100},
+        known_failures=dict.fromkeys(ALL_BACKENDS, _CHURN_LOSS),
     ),
 ]
 

@@ -122,6 +122,7 @@ class Reconciler:
         self.last: PassReport | None = None
         self.last_full: PassReport | None = None
         self.errors: deque[str] = deque(maxlen=50)
+        self._ports_seen: set[str] = set()  # local endpoints' ports seen in the kernel, still wanted
         self._logged: dict[str, float] = {}  # failure line -> monotonic time it was last logged
         self._repeats: dict[str, int] = {}  # failure line -> times it recurred since
         self.passes = 0
@@ -260,7 +261,14 @@ class Reconciler:
         if dirty:
             result = plan(self.desired.tables, self.mirror.tables, dirty, hold_deletions=self.hold_deletions)
             held = result.held
-            missing = result.missing_ports
+            # A port is missing only once it was there: an endpoint being added has its
+            # record (and port) wanted a moment before its veth exists.
+            missing = [port for port in result.missing_ports if port.ifname in self._ports_seen]
+            for name in dirty.links:
+                if name in self.mirror.tables.ports:
+                    self._ports_seen.add(name)
+                elif name not in self.desired.tables.ports:
+                    self._ports_seen.discard(name)
             if result.commands:
                 try:
                     outcomes = await self._kernel.execute(result.commands)
