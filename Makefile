@@ -9,7 +9,7 @@ LAB_STAMP := $(VENV)/.installed-lab
 STAMP := $(VENV)/.installed
 LAB_HOSTS ?= 3
 
-.PHONY: setup setup-lab system-packages lab-packages test-deps lab lab-down test lint bench bench-quick bench-deps
+.PHONY: setup setup-lab system-packages lab-packages test-deps lab lab-down test lint bench bench-quick bench-deps faults faults-short
 
 # What the lab needs (iproute2, ping, Python's venv) and nothing of the test toolchain.
 setup-lab: lab-packages $(LAB_STAMP)
@@ -42,8 +42,8 @@ lab-down: setup-lab
 	$(BIN)/overlayctl lab down
 
 lint: setup
-	$(BIN)/ruff check overlayd tests bench
-	$(BIN)/mypy overlayd bench
+	$(BIN)/ruff check overlayd tests bench faults
+	$(BIN)/mypy overlayd bench faults
 	$(BIN)/lint-imports
 
 # Servers the tests run that Debian 12 does not package, and the Debian rootfs the
@@ -80,3 +80,13 @@ bench: bench-deps $(BENCH_STAMP)
 
 bench-quick: bench-deps $(BENCH_STAMP)
 	$(BIN)/python -m bench --quick
+
+# The fault suite (root; see faults/__init__.py): `make faults` runs every scenario of
+# issue 9 on every backend it applies to, prints the table and writes
+# faults/results/latest.json (commit it with each change to the suite);
+# `make faults-short` runs each scenario once (what CI runs inside `make test`).
+faults: setup test-deps
+	$(BIN)/python -m faults
+
+faults-short: setup test-deps
+	$(BIN)/python -m faults --short

@@ -32,6 +32,8 @@ table=(
     "test|containernetworking-plugins|dpkg -s containernetworking-plugins"
     "test|systemd-container|command -v systemd-nspawn"
     "test|debootstrap|command -v debootstrap"
+    "test|iperf3|command -v iperf3"
+    "test|libfaketime|dpkg -s libfaketime"
     "test|golang-github-containernetworking-plugin-dnsname|[ -x /usr/lib/cni/dnsname ]"
 )
 

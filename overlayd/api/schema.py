@@ -220,6 +220,9 @@ class StoreStatus(_Record):
     latency_ms: float | None  # of the last store probe (`overlayctl doctor`); None before one
     invalid_records: tuple[str, ...]
     pending_writes: int  # own changes made while the store was unreachable, not yet written
+    # The last time the store lost its data (or was restored from an older backup) and
+    # this host re-published its records and the networks: "when: why"; None if never.
+    data_loss: str | None = field(default=None, metadata=_OPTIONAL_KEY)
 
     @classmethod
     def from_json(cls, data: object, where: str = "store") -> StoreStatus:
@@ -231,6 +234,7 @@ class StoreStatus(_Record):
             latency_ms=f.optional("latency_ms", f.number),
             invalid_records=f.texts("invalid_records"),
             pending_writes=f.integer("pending_writes"),
+            data_loss=f.optional("data_loss", f.text, absent_ok=True),
         )
         f.done()
         return made
@@ -324,6 +328,9 @@ class Status(_Record):
     last_reconcile: ReconcilePass | None
     last_full_reconcile: ReconcilePass | None
     errors: tuple[str, ...]
+    # What the operator should fix that does not stop the daemon (a config holding
+    # secrets readable by others); None when there is nothing.
+    warnings: tuple[str, ...] | None = field(default=None, metadata=_OPTIONAL_KEY)
 
     @classmethod
     def from_json(cls, data: object, where: str = "status") -> Status:
@@ -347,6 +354,7 @@ class Status(_Record):
                 "last_full_reconcile", lambda k: f.record(k, ReconcilePass.from_json)
             ),
             errors=f.texts("errors"),
+            warnings=f.optional("warnings", f.texts, absent_ok=True),
         )
         f.done()
         return made

@@ -359,6 +359,26 @@ def check_store(status: schema.Status, probe: schema.StoreProbe | None, error: s
     return Check(name, OK, message)
 
 
+def check_warnings(status: schema.Status) -> Check:
+    if not status.warnings:
+        return Check("daemon warnings", OK, "none")
+    return Check("daemon warnings", WARN, "; ".join(status.warnings), "the daemon said this at start; fix it")
+
+
+def check_store_data(status: schema.Status) -> Check:
+    name = "kv store data"
+    if status.store.data_loss is None:
+        return Check(name, OK, "the store has not lost data since this daemon started")
+    return Check(
+        name,
+        WARN,
+        f"the store lost its data: {status.store.data_loss}; this host kept its dataplane and "
+        "re-published its node, endpoints and the networks it knew",
+        "find out why the store lost its data (a wiped data directory, a restore from an older "
+        "backup); check `overlayctl network ls` and `endpoint ls` on every host",
+    )
+
+
 def check_reconcile(status: schema.Status, diff: schema.Diff | None, error: str | None) -> Check:
     name = "reconcile"
     if diff is None:
@@ -388,6 +408,7 @@ def run_checks(client: AdminClient, *, gossip_port: int | None = None) -> list[C
         checks.append(check_gossip_port(gossip, None, configured=False))
         return checks
     checks.append(check_daemon(status, None))
+    checks.append(check_warnings(status))
     gossiping = status.gossip
     port = gossip_port or (gossiping.port if gossiping is not None else DEFAULT_GOSSIP_PORT)
     checks.append(check_gossip_port(port, status.pid, configured=gossiping is not None))
@@ -401,6 +422,7 @@ def run_checks(client: AdminClient, *, gossip_port: int | None = None) -> list[C
         checks.append(Check("clock skew", WARN, f"cannot list peers: {exc.message}"))
     try:
         checks.append(check_store(status, client.store_probe(), None))
+        checks.append(check_store_data(status))
     except ClientError as exc:
         checks.append(check_store(status, None, exc.message))
     try:

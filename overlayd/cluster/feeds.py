@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from overlayd.cluster.gossip_claims import GossipClaims
@@ -55,10 +55,22 @@ class OwnEndpoints(Protocol):
 _LIVE = (MemberState.ALIVE, MemberState.SUSPECT)
 
 
-async def follow_store(store: Store, engine: FactSink, revision: int) -> None:
-    """Apply the store's watch from `revision` on, forever."""
+async def follow_store(
+    store: Store,
+    engine: FactSink,
+    revision: int,
+    *,
+    on_data_lost: Callable[[str], Awaitable[None]] | None = None,
+) -> None:
+    """Apply the store's watch from `revision` on, forever.
+
+    A snapshot from a server that lost its data is not the truth: `on_data_lost`
+    (hold deletions, re-publish) runs before it is applied.
+    """
     async for batch in store.watch(revision):
         if isinstance(batch, Snapshot):
+            if batch.data_lost is not None and on_data_lost is not None:
+                await on_data_lost(batch.data_lost)
             engine.store_snapshot(batch.facts)
         else:
             engine.from_store(batch.facts)

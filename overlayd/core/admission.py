@@ -39,8 +39,10 @@ daemon withdraws it and tells the operator (or fails the request that made
 it, when the claim is still settling).
 
 Networks follow the same rule per name and per VNI (a `NetworkRemovedMark`
-hides every gossip claim of a name made at or before it); nodes per name
-(own, then store, then the node's own gossip record).
+hides every gossip claim of a name made at or before it), except that a
+network's claim outlives its creator's admissibility: a network is the
+cluster's, and live hosts' endpoints keep it while its creator is dead or
+cut off. Nodes per name (own, then store, then the node's own gossip record).
 
 Costs: an endpoint fact costs O(claims on its key and address), usually one;
 an owner becoming (in)admissible costs O(its records); a network fact
@@ -402,7 +404,6 @@ class Admission:
                         for key in sorted(self._gossip_keys.get(name, ())):
                             self._settle(key, out)
                         self._settle_node(name, out)
-                        networks_changed |= any(owner == name for owner, _ in self._net_gossip)
                     else:
                         self._admissible[name] = admissible
                 case _:
@@ -586,10 +587,13 @@ class Admission:
 
     def _settle_networks(self, out: Outcome) -> None:
         """Re-decide every network (there are few): per name, then per VNI."""
+        # A network is cluster-wide, not its creator's: its claim stands while the creator
+        # is dead or cut off (the endpoints of live hosts keep their network); only a
+        # release or a removal mark ends it.
         claims = [_NetworkClaim(Tier.STORE, "", net, 0.0) for net in self._net_store.values()] + [
             c
-            for (owner, name), c in self._net_gossip.items()
-            if self.is_admissible(owner) and c.created_at > self._net_removed.get(name, float("-inf"))
+            for (_owner, name), c in self._net_gossip.items()
+            if c.created_at > self._net_removed.get(name, float("-inf"))
         ]
         winners: dict[str, Network] = {}
         by_vni: dict[int, str] = {}

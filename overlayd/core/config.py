@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import socket
 import tomllib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -379,3 +380,29 @@ def _env_overrides(env: dict[str, str] | os._Environ[str]) -> dict[str, Any]:
         else:
             out[key] = text
     return out
+
+
+def secrets_held(raw_keys: Iterable[str]) -> list[str]:
+    """Which of the config file's own keys (dotted, as in the file) are secrets."""
+    return sorted(key for key in raw_keys if key in _SECRET_KEYS)
+
+
+_SECRET_KEYS = frozenset({"store.password", "store.token", "gossip.keys"})
+
+
+def exposure_warning(path: str, mode: int, secrets: Sequence[str]) -> str | None:
+    """The warning for a config file that holds `secrets` and whose permission bits
+    (`mode`) let group or others read it; None when there is nothing to say. Pure:
+    the caller stats the file."""
+    if not secrets or not mode & 0o044:
+        return None
+    return (
+        f"config {path} holds secrets ({', '.join(secrets)}) and is readable by others "
+        f"(mode {mode & 0o777:o}): chmod 600 {path}"
+    )
+
+
+def file_keys(path: str) -> list[str]:
+    """The dotted keys the file itself sets (not the environment's)."""
+    return list(_flatten(tomllib.loads(Path(path).read_text())))
+

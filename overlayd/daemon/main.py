@@ -40,10 +40,12 @@ import argparse
 import asyncio
 import gc
 import logging
+import os
 import signal
 import sys
 import time
 from collections.abc import Awaitable
+from functools import partial
 from typing import Any
 
 from overlayd.api.admin import start_admin_server
@@ -70,6 +72,7 @@ from overlayd.dataplane.inspect import inspect_endpoint
 from overlayd.dataplane.kernel import Kernel, KernelError, Underlay
 from overlayd.dataplane.reconciler import Reconciler
 from overlayd.store.base import AlreadyExists, Store, StoreError, StoreUnavailable
+from overlayd.store.common import retry_while_unavailable
 from overlayd.store.factory import make_store
 from overlayd.util.metrics import Metrics
 from overlayd.util.tasks import TaskGroup
@@ -331,12 +334,59 @@ class Daemon:
         reconciler = self._require_reconciler()
         self._overlay_tasks += [
             self.tasks.spawn(store.keep_session(), name="store-session"),
-            self.tasks.spawn(follow_store(store, self.engine, snapshot.revision), name="store-watch"),
+            self.tasks.spawn(
+                follow_store(store, self.engine, snapshot.revision, on_data_lost=self._store_data_lost),
+                name="store-watch",
+            ),
             self.tasks.spawn(reconciler.run(), name="reconciler"),
         ]
         if self._write_behind is not None and self._peering is not None:
             self._overlay_tasks.append(self.tasks.spawn(self._write_behind.run(), name="kv-replay"))
         await self._ready(reconciler)
+
+    async def _store_data_lost(self, why: str) -> None:
+        """The store lost its data (or is an older backup): keep the dataplane, put back
+        what belongs in the store, and trust the store's deletions again only after every
+        live host has had the time to notice and do the same.
+
+        What goes back: this host's node and endpoints (on a new lease or session if the
+        old one is gone) and every network in the view with its VNI claim. Networks go
+        through compare-and-set, so hosts doing this at once agree: the first one
+        creates each network, the others find it there.
+        """
+        assert self.config.store is not None
+        store = self._require_store()
+        self.state.store_data_loss = f"{time.strftime('%Y-%m-%dT%H:%M:%S')}: {why}"
+        self.metrics.store_data_loss.inc()
+        log.warning("the store lost its data (%s): keeping the dataplane, re-publishing", why)
+        reconciler = self._require_reconciler()
+        reconciler.hold()
+        networks = list(self.engine.view.networks.values())
+        try:
+            await retry_while_unavailable(store.ensure_session)
+            for endpoint in self.registry.all():
+                try:
+                    await retry_while_unavailable(partial(store.publish_endpoint, endpoint))
+                except AlreadyExists as exc:
+                    self.state.report_invalid(f"endpoint {endpoint.key} cannot be re-published: {exc}")
+            created = 0
+            for network in networks:
+                try:
+                    await retry_while_unavailable(partial(store.create_network, network))
+                    created += 1
+                except AlreadyExists:
+                    pass  # another host put it back first: the same record, or theirs wins
+            log.info("re-published after the store's data loss: %d endpoints, %d of %d networks",
+                     len(self.registry.all()), created, len(networks))
+        except StoreError as exc:
+            log.error("re-publishing after the store's data loss failed: %s", exc)
+            self.state.report_invalid(f"re-publishing after the store's data loss failed: {exc}")
+        grace = 2.0 * self.config.store.lease_ttl
+        self.tasks.spawn(self._release_after(grace), name="data-loss-hold")
+
+    async def _release_after(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+        self._require_reconciler().release_hold()
 
     async def _sync_gossip(self) -> None:
         """Gossip-only: the view fills as peers are heard; deletions wait until it is complete."""
@@ -546,8 +596,17 @@ def main(argv: list[str] | None = None) -> int:
     # every system call; the default 5 ms turn of the event loop made each such wait up
     # to 5 ms, several per add. 0.5 ms keeps them short at little cost to the loop.
     sys.setswitchinterval(0.0005)
+    daemon = Daemon(cfg)
     try:
-        asyncio.run(Daemon(cfg).run())
+        secrets = config_mod.secrets_held(config_mod.file_keys(args.config))
+        exposed = config_mod.exposure_warning(args.config, os.stat(args.config).st_mode, secrets)
+    except (OSError, ValueError):
+        exposed = None  # it was just read: a race with an editor; nothing to warn about
+    if exposed is not None:
+        log.warning("%s", exposed)
+        daemon.state.warnings.append(exposed)
+    try:
+        asyncio.run(daemon.run())
     except (KernelError, OSError, RuntimeError) as exc:
         print(f"overlayd: {exc}", file=sys.stderr)
         return 1

@@ -104,6 +104,16 @@ class Operations:
         if not self._state.synced:
             raise Unavailable("not synced with the cluster view yet; try again")
 
+    def _require_complete(self, what: str, name: str) -> None:
+        """Before "not found": a view still completing (a restart in gossip-only mode, until
+        the peers have been heard) may simply not have heard of `what` yet. A name nothing
+        can have is a 400 at once."""
+        validate_name(name, "network name")
+        if not self._state.view_complete:
+            raise Unavailable(
+                f"{what} not known yet: this host's view of the cluster is still completing; try again"
+            )
+
     # ================================================================ networks
 
     async def network_create(
@@ -159,6 +169,7 @@ class Operations:
         self._require_synced()
         async with self._networks_lock:
             if name not in self._view.networks:
+                self._require_complete(f"network {name}", name)
                 raise NotFound(f"network {name} not found")
             members = self._view.count_in(name)
             if members:
@@ -183,6 +194,7 @@ class Operations:
         self._require_synced()
         net = self._view.networks.get(network)
         if net is None:
+            self._require_complete(f"network {network}", network)
             raise NotFound(f"network {network} not found")
         validate_name(name, "endpoint name")
         _validate_ifname(ifname)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from overlayd.api.service import JSON, NotFound, Unavailable
 from overlayd.cluster.peering import Peering
 from overlayd.core.config import Config
-from overlayd.core.model import Endpoint
+from overlayd.core.model import Endpoint, validate_name
 from overlayd.daemon.engine import Engine
 from overlayd.daemon.runstate import RunState
 from overlayd.dataplane.commands import describe
@@ -117,6 +117,8 @@ class Report:
                 "invalid_records": list(state.invalid_records),
                 # Own changes made while the store was unreachable, not yet written to it.
                 "pending_writes": self._pending_writes(),
+                # Only once the store has lost its data (the schema's optional key).
+                **({"data_loss": state.store_data_loss} if state.store_data_loss is not None else {}),
             },
             # Until the view is complete (a restart: the store's first read, or gossip
             # heard from the live peers) nothing is removed from the kernel.
@@ -130,6 +132,7 @@ class Report:
                 reconciler.last_full.to_dict() if reconciler and reconciler.last_full else None
             ),
             "errors": list(reconciler.errors)[-20:] if reconciler else [],
+            **({"warnings": list(state.warnings)} if state.warnings else {}),
         }
 
     def _members(self) -> dict[str, MemberInfo]:
@@ -192,6 +195,12 @@ class Report:
     def network_inspect(self, name: str) -> JSON:
         network = self._view.networks.get(name)
         if network is None:
+            validate_name(name, "network name")  # a name no network can have: 400, not 503
+            if not self._state.view_complete:  # not heard of yet, maybe (a restart, gossip-only)
+                raise Unavailable(
+                    f"network {name} not known yet: this host's view of the cluster is still completing; "
+                    "try again"
+                )
             raise NotFound(f"network {name} not found")
         record = network.to_dict()
         underlay = self._underlay()

@@ -25,7 +25,11 @@ class RunState:
     fatal: str | None = None  # why the daemon had to stop (main prints it, exit 1)
     store_error: str | None = None  # why the store is not ready yet, while starting
     store_latency: float | None = None  # of the last store probe (overlayctl doctor)
+    # The last time the store turned out to have lost its data: "when: why" (None: never).
+    store_data_loss: str | None = None
     invalid_records: deque[str] = field(default_factory=lambda: deque(maxlen=10))
+    # For the operator, from start-up on (a config with secrets readable by others).
+    warnings: list[str] = field(default_factory=list)
     # Own endpoints withdrawn after losing a clash: key -> (endpoint, why), until removed.
     conflicts: dict[str, tuple[Endpoint, str]] = field(default_factory=dict)
 

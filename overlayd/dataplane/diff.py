@@ -47,6 +47,7 @@ from overlayd.dataplane.kstate import (
     FloodEntry,
     KernelState,
     NeighEntry,
+    PortSpec,
     Tables,
 )
 
@@ -55,6 +56,9 @@ from overlayd.dataplane.kstate import (
 class Plan:
     commands: list[Command] = field(default_factory=list)
     held: int = 0  # deletions left out because of `hold_deletions`
+    # Local endpoints' ports wanted but absent (their veth deleted behind our back):
+    # not ours to create, so the reconciler reports them.
+    missing_ports: list[PortSpec] = field(default_factory=list)
 
 
 def diff(want: KernelState, have: KernelState) -> list[Command]:
@@ -102,6 +106,8 @@ def plan(want: Tables, have: Tables, dirty: Dirty, *, hold_deletions: bool = Fal
         # veth into a namespace. The reconciler reports it instead.
         if port is not None and current_port is not None and current_port != port:
             links.append(SetPort(port))
+        elif port is not None and current_port is None:
+            out.missing_ports.append(port)
 
     # Entries on a device that is about to be deleted or recreated are gone
     # with it: never delete them one by one, and re-add everything wanted.

@@ -49,7 +49,7 @@ from overlayd.dataplane.commands import (
 from overlayd.dataplane.desired import DesiredState
 from overlayd.dataplane.diff import diff, plan
 from overlayd.dataplane.kernel import Kernel, OpResult
-from overlayd.dataplane.kstate import Dirty, Tables
+from overlayd.dataplane.kstate import Dirty, PortSpec, Tables
 from overlayd.dataplane.mirror import Mirror
 from overlayd.dataplane.monitor import RCVBUF, Monitor
 from overlayd.util.metrics import Metrics
@@ -57,6 +57,8 @@ from overlayd.util.metrics import Metrics
 log = logging.getLogger(__name__)
 
 _RETRY_MIN, _RETRY_MAX = 0.2, 10.0
+# A failure that recurs on every retry is logged again at most this often (seconds).
+_LOG_REPEAT_EVERY = 60.0
 
 
 @dataclass
@@ -120,6 +122,9 @@ class Reconciler:
         self.last: PassReport | None = None
         self.last_full: PassReport | None = None
         self.errors: deque[str] = deque(maxlen=50)
+        self._ports_seen: set[str] = set()  # local endpoints' ports seen in the kernel, still wanted
+        self._logged: dict[str, float] = {}  # failure line -> monotonic time it was last logged
+        self._repeats: dict[str, int] = {}  # failure line -> times it recurred since
         self.passes = 0
 
     # --- telling it ---
@@ -138,6 +143,13 @@ class Reconciler:
             self._metrics.netlink_overruns.inc()
         self._full_requested = reason
         self._wake.set()
+
+    def hold(self) -> None:
+        """The view cannot be trusted to be complete (the store lost its data): hold
+        deletions again until `release_hold`."""
+        if not self.hold_deletions:
+            self.hold_deletions = True
+            log.warning("view incomplete: holding deletions")
 
     def release_hold(self) -> None:
         """The view is complete: deletions held since start-up may go now."""
@@ -245,9 +257,18 @@ class Reconciler:
         errors: list[str] = []
         applied = 0
         held = 0
+        missing: list[PortSpec] = []
         if dirty:
             result = plan(self.desired.tables, self.mirror.tables, dirty, hold_deletions=self.hold_deletions)
             held = result.held
+            # A port is missing only once it was there: an endpoint being added has its
+            # record (and port) wanted a moment before its veth exists.
+            missing = [port for port in result.missing_ports if port.ifname in self._ports_seen]
+            for name in dirty.links:
+                if name in self.mirror.tables.ports:
+                    self._ports_seen.add(name)
+                elif name not in self.desired.tables.ports:
+                    self._ports_seen.discard(name)
             if result.commands:
                 try:
                     outcomes = await self._kernel.execute(result.commands)
@@ -274,10 +295,40 @@ class Reconciler:
             self._retry_delay = min(self._retry_delay * 2, _RETRY_MAX)
         elif not self._retry:
             self._retry_delay = _RETRY_MIN
-        return self._report(trigger, kind, started, t0, applied, errors, held)
+        # Reported, not retried: writing again cannot bring a deleted veth back.
+        reported = [
+            f"port {port.ifname} of a local endpoint in network {port.network} is missing: its veth "
+            "was deleted behind overlayd's back; remove and add the endpoint again"
+            for port in missing
+        ]
+        return self._report(trigger, kind, started, t0, applied, errors, held, reported)
+
+    def _log_failure(self, fmt: str, line: str) -> None:
+        """The same failure is logged once per `_LOG_REPEAT_EVERY` seconds, with how often it
+        recurred meanwhile: a write that keeps failing on every retry never floods the log."""
+        now = time.monotonic()
+        last = self._logged.get(line)
+        if last is not None and now - last < _LOG_REPEAT_EVERY:
+            self._repeats[line] = self._repeats.get(line, 0) + 1
+            return
+        if len(self._logged) > 1000:  # bounded: forget the oldest
+            for old in list(self._logged)[:500]:
+                self._logged.pop(old, None)
+                self._repeats.pop(old, None)
+        again = self._repeats.pop(line, 0)
+        self._logged[line] = now
+        log.warning(fmt + (f" ({again} more times since last said)" if again else ""), line)
 
     def _report(
-        self, trigger: str, kind: str, started: float, t0: float, applied: int, errors: list[str], held: int
+        self,
+        trigger: str,
+        kind: str,
+        started: float,
+        t0: float,
+        applied: int,
+        errors: list[str],
+        held: int,
+        reported: Sequence[str] = (),
     ) -> PassReport:
         duration = time.perf_counter() - t0
         self._metrics.reconcile_duration.labels(kind=kind).observe(duration)
@@ -287,12 +338,21 @@ class Reconciler:
         if applied or errors or kind == "full":
             self.last = report
         for line in errors:
-            log.warning("kernel op failed (will retry): %s", line)
+            self._log_failure("kernel op failed (will retry): %s", line)
+            self.errors.append(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}")
+        for line in reported:
+            self._log_failure("%s", line)
             self.errors.append(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}")
         if applied:
             log.info("reconcile (%s): applied %d changes in %.1f ms", trigger, applied, duration * 1e3)
         if not errors and not self._retry:
             # Nothing failed and nothing waits for a retry: the kernel matches (READY).
+            self.first_pass_done.set()
+        elif not self.first_pass_done.is_set() and self._retry_delay >= _RETRY_MAX:
+            # Still failing after every retry up to the longest delay (a foreign device
+            # holding a name or a VNI, say): ready with the errors in /status, rather
+            # than never ready, which a service manager turns into a restart loop.
+            log.warning("ready with %d kernel errors still failing (see /status errors)", len(errors))
             self.first_pass_done.set()
         self._passed.set()
         self._passed = asyncio.Event()

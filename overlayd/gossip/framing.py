@@ -275,14 +275,19 @@ class Framer:
             sender = inner[_INNER.size : end].decode()
         except UnicodeDecodeError:
             raise FrameError("malformed", "sender name not UTF-8") from None
-        age = self._clock() - timestamp
-        if not age <= self.max_skew:  # also catches NaN
-            raise FrameError("stale", f"{age:.1f}s old")
-        if age < -self.max_skew:
-            raise FrameError("future", f"{-age:.1f}s ahead")
         source = (sender, session)
         window = self._windows.get(source)
-        if window is not None and window.seen(counter):
+        if window is None:
+            # The skew check guards first contact (and a session forgotten since): a
+            # replay from outside every window. A session already heard is guarded by
+            # its counter window, so a sender's clock that jumps while it runs (NTP
+            # stepping it, a VM resumed) does not cut it off.
+            age = self._clock() - timestamp
+            if not age <= self.max_skew:  # also catches NaN
+                raise FrameError("stale", f"{age:.1f}s old")
+            if age < -self.max_skew:
+                raise FrameError("future", f"{-age:.1f}s ahead")
+        elif window.seen(counter):
             raise FrameError("replay", f"counter {counter} from {sender}")
         if window is None:
             window = self._windows[source] = _ReplayWindow(self._window_size)

@@ -36,6 +36,12 @@ class EtcdError(RuntimeError):
 
 
 def find_etcd() -> str:
+    """`OVERLAYD_ETCD_BIN` if set (the fault suite's etcd 3.5), else Debian's etcd."""
+    override = os.environ.get("OVERLAYD_ETCD_BIN")
+    if override:
+        if not os.access(override, os.X_OK):
+            raise EtcdError(f"OVERLAYD_ETCD_BIN={override} is not an executable file")
+        return override
     for path in ETCD_CANDIDATES:
         if os.access(path, os.X_OK):
             return path

@@ -719,8 +719,9 @@ class Lab:
     ) -> Endpoint:
         """Make namespace `<prefix>-<name>` and an endpoint `name` in it on `host`.
 
-        Retries while the host's daemon answers 404, i.e. has not yet learnt
-        of a network created through another host.
+        Retries while the host's daemon answers 404 or 503, i.e. has not yet
+        learnt of a network created through another host (503: its view is
+        still completing).
         """
         h = self.host(host)
         ns = f"{self.prefix}-{name}"
@@ -730,7 +731,7 @@ class Lab:
             try:
                 return self.admin(h).endpoint_add(network=network, name=name, netns=ns, ip=ip)
             except ClientError as exc:
-                if exc.status == 404:
+                if exc.status in (404, 503):
                     return None
                 raise
 

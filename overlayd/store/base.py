@@ -50,6 +50,9 @@ class Snapshot:
 
     facts: list[Fact]
     revision: int
+    # Set when the server turned out to have lost its data (or to be an older backup):
+    # why we think so. The caller keeps its dataplane and re-publishes before trusting it.
+    data_lost: str | None = None
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,11 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def keep_session(self) -> None:
         """Run forever: keep the lease alive; on loss get a new one and re-publish owned records."""
+
+    @abc.abstractmethod
+    async def ensure_session(self) -> None:
+        """Check the lease/session now; if the server no longer has it, take a new one and
+        re-publish the node and the owned endpoints (what `keep_session` does when it notices)."""
 
     @abc.abstractmethod
     async def release_session(self) -> None:

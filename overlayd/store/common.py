@@ -188,15 +188,23 @@ class RecordDecoder:
 
 
 async def republish(
-    endpoints: Iterable[Endpoint], publish: Callable[[Endpoint], Awaitable[None]], *, log: logging.Logger
+    endpoints: Iterable[Endpoint],
+    publish: Callable[[Endpoint], Awaitable[None]],
+    *,
+    log: logging.Logger,
+    report: Callable[[str], None] | None = None,
 ) -> None:
     """Publish every owned endpoint again after a new lease/session.
 
     An IP that another endpoint claimed while ours had lapsed stays theirs:
-    that one endpoint is logged and left out, the others still go back.
+    that one endpoint is logged, reported (/status shows it) and left out,
+    the others still go back.
     """
     for endpoint in list(endpoints):
         try:
             await publish(endpoint)
         except AlreadyExists as exc:
-            log.error("cannot re-publish endpoint %s: %s", endpoint.key, exc)
+            message = f"endpoint {endpoint.key} cannot be re-published: {exc}"
+            log.error("%s", message)
+            if report is not None:
+                report(message)

@@ -137,6 +137,7 @@ class ConsulStore(Store):
         self._session_file = SessionFile(state_dir, "consul-session")
         self._health = Health("consul", metrics=metrics, log=log)
         self._decoder = RecordDecoder(self._layout, metrics=metrics, on_invalid=on_invalid, log=log)
+        self._on_invalid = on_invalid
         self._ttl = max(config.lease_ttl, _MIN_TTL)
         self._http: aiohttp.ClientSession | None = None
         self._base = ""
@@ -416,6 +417,9 @@ class ConsulStore(Store):
             else:
                 interval = renew_interval(self._ttl)
 
+    async def ensure_session(self) -> None:
+        await self._renew_or_replace()
+
     async def _renew_or_replace(self) -> None:
         async with self._session_lock:
             if self._session_id is not None and await self._session_alive(self._session_id):
@@ -425,7 +429,7 @@ class ConsulStore(Store):
             log.warning("consul session %s is gone: creating a new one and re-publishing", self._session_id)
             await self._new_session(self._node.name)
             await self._publish_node()
-            await republish(self._owned.values(), self.publish_endpoint, log=log)
+            await republish(self._owned.values(), self.publish_endpoint, log=log, report=self._on_invalid)
 
     async def release_session(self) -> None:
         if self._session_id is not None:
@@ -635,8 +639,9 @@ class ConsulStore(Store):
             if now == 0 or now < index:
                 log.warning("consul index went from %d to %d: the server lost its state", index, now)
                 known = {e.key: e.modify_index for e in entries}
+                lost = f"consul index went back from {index} to {now}"
                 index = now
-                yield Snapshot(self._facts(entries), now)
+                yield Snapshot(self._facts(entries), now, data_lost=lost)
                 continue
             if now == index:
                 continue  # the query timed out, or woke up with nothing new

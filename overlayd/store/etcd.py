@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -82,12 +82,16 @@ class EtcdStore(Store):
         self._lease_file = SessionFile(state_dir, "etcd-lease")
         self._health = Health("etcd", metrics=metrics, log=log)
         self._decoder = RecordDecoder(self._layout, metrics=metrics, on_invalid=on_invalid, log=log)
+        self._on_invalid = on_invalid
+        self._cluster_id = 0  # of the server we first read; another one means it lost its data
         self._client: aetcd.Client | None = None
         self._lease_id: int | None = None
         # Everything this node owns, as last published: re-put on a new lease.
         self._node: Node | None = None
         self._owned: dict[str, Endpoint] = {}
         self._lease_lock = asyncio.Lock()
+        self._failover_lock = asyncio.Lock()
+        self._current = 0  # index in store.url's members of the one the client talks to
 
     # ----------------------------------------------------------------- plumbing
 
@@ -103,6 +107,7 @@ class EtcdStore(Store):
 
     async def _call(self, operation: str, fn: Callable[[], Any]) -> Any:
         """Run one request, translating client errors to StoreError and tracking health."""
+        used = self._client
         try:
             try:
                 result = await fn()
@@ -115,6 +120,7 @@ class EtcdStore(Store):
         except _UNREACHABLE as exc:
             self._health.set(False)
             self._health.count_error(operation)
+            await self._fail_over(used)
             raise StoreUnavailable(f"etcd at {self._config.url} is unreachable: {first_line(exc)}") from None
         except aetcd.ClientError as exc:
             self._health.count_error(operation)
@@ -123,9 +129,36 @@ class EtcdStore(Store):
         return result
 
     async def connect(self) -> None:
+        self._client = await self._open(range(len(self._config.endpoints)))
+        self._health.set(True)
+
+    async def _fail_over(self, failed: aetcd.Client | None) -> None:
+        """The member we talk to is unreachable: with several in store.url, move to the next
+        one that answers (aetcd talks to one host). If none does, keep the client we have:
+        gRPC reconnects it when its member comes back."""
+        count = len(self._config.endpoints)
+        if count < 2 or failed is None or self._client is not failed:
+            return  # one member only, or another call moved on already
+        async with self._failover_lock:
+            if self._client is not failed:
+                return
+            order = [(self._current + k) % count for k in range(1, count + 1)]
+            try:
+                client = await self._open(order)
+            except StoreError as exc:
+                log.warning("etcd: no other member answers: %s", first_line(exc))
+                return
+            self._client = client
+            endpoint = self._config.endpoints[self._current]
+            log.warning("etcd: moved to member %s:%d", endpoint.host, endpoint.port)
+            await _close_quietly(failed)
+
+    async def _open(self, order: Iterable[int]) -> aetcd.Client:
+        """A connected client of the first member in `order` that answers."""
         errors = []
         credentials = _tls_credentials(self._config)
-        for endpoint in self._config.endpoints:
+        for index in order:
+            endpoint = self._config.endpoints[index]
             kwargs: dict[str, Any] = {
                 "host": endpoint.host,
                 "port": endpoint.port,
@@ -157,9 +190,8 @@ class EtcdStore(Store):
                     ) from None
                 errors.append(f"{where}: {text}")
                 continue
-            self._client = client
-            self._health.set(True)
-            return
+            self._current = index
+            return client
         self._health.set(False)
         raise StoreUnavailable(f"cannot reach etcd ({'; '.join(errors)})")
 
@@ -221,7 +253,7 @@ class EtcdStore(Store):
             log.warning("etcd lease %x expired: taking a new one and re-publishing", self._lease_id or 0)
             await self._new_lease()
             await self._put_node()
-            await republish(self._owned.values(), self.publish_endpoint, log=log)
+            await republish(self._owned.values(), self.publish_endpoint, log=log, report=self._on_invalid)
 
     async def release_session(self) -> None:
         if self._lease_id is not None:
@@ -367,13 +399,43 @@ class EtcdStore(Store):
             fact = self._decoder.put(kv.key.decode(errors="replace"), kv.value)
             if fact is not None:
                 facts.append(fact)
+        self._cluster_id = self._cluster_id or int(result.header.cluster_id)
         return Snapshot(facts=facts, revision=int(result.header.revision))
+
+    async def ensure_session(self) -> None:
+        await self._refresh_or_renew()
+
+    async def _data_lost(self, revision: int) -> Snapshot | None:
+        """After an interruption: a snapshot marked `data_lost` if the server is not the one
+        we watched (another cluster ID: wiped and re-initialised, or restored from a backup)
+        or its revision went back below what we saw (an older backup); else None."""
+        known = self._cluster_id
+        result = await self._call("list", lambda: self.client.get_prefix(self._config.prefix.encode()))
+        cluster, now = int(result.header.cluster_id), int(result.header.revision)
+        if known and cluster != known:
+            why = f"etcd cluster ID changed from {known:x} to {cluster:x}"
+        elif now < revision:
+            why = f"etcd revision went back from {revision} to {now}"
+        else:
+            return None
+        self._cluster_id = cluster
+        facts = [f for kv in result if (f := self._decoder.put(kv.key.decode(errors="replace"), kv.value))]
+        return Snapshot(facts=facts, revision=now, data_lost=why)
 
     async def watch(self, after_revision: int) -> AsyncIterator[Changes | Snapshot]:
         revision = after_revision
         backoff = Backoff()
+        interrupted = False
         while True:
+            watching = self._client
             try:
+                if interrupted:
+                    lost = await self._data_lost(revision)
+                    interrupted = False
+                    if lost is not None:
+                        log.warning("%s: the server lost its data", lost.data_lost)
+                        revision = lost.revision
+                        yield lost
                 stream = await self.client.watch_prefix(
                     self._config.prefix.encode(), start_revision=revision + 1
                 )
@@ -400,6 +462,8 @@ class EtcdStore(Store):
                     await backoff.wait()
             except (*_UNREACHABLE, StoreUnavailable) as exc:
                 self._health.set(False)
+                interrupted = True
+                await self._fail_over(watching)
                 log.warning(
                     "etcd watch interrupted (%s); resuming after revision %d",
                     first_line(exc),

@@ -42,6 +42,7 @@ import asyncio
 import logging
 import socket
 import ssl
+import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -132,6 +133,7 @@ class ZooKeeperStore(Store):
         self._session_file = SessionFile(state_dir, "zookeeper-session", private=True)
         self._health = Health("zookeeper", metrics=metrics, log=log)
         self._decoder = RecordDecoder(self._layout, metrics=metrics, on_invalid=on_invalid, log=log)
+        self._on_invalid = on_invalid
         self._hosts = ",".join(f"{e.host}:{e.port}" for e in config.endpoints)
         self._client: KazooClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -139,6 +141,11 @@ class ZooKeeperStore(Store):
         # Set when the server gave us a new session: owned records must be re-published.
         self._session_replaced = asyncio.Event()
         self._session_id: int | None = None
+        self._disconnected_at: float | None = None  # monotonic; None while connected
+        # The prefix root's creation (zxid, time in ms) as first read: another one means
+        # the tree was made anew (the server lost its data, or is an older backup). The
+        # time too: a new server numbers its first writes as the old one did.
+        self._base_made: tuple[int, int] = (0, 0)
         self._owns_session = False  # resumed or opened: close() must not end it
         self._node: Node | None = None
         self._owned: dict[str, Endpoint] = {}
@@ -339,9 +346,12 @@ class ZooKeeperStore(Store):
             if self._session_id is not None and session_id != self._session_id and self._owns_session:
                 self._session_replaced.set()
             self._session_id = session_id
+            self._disconnected_at = None
             self._connected.set()
             self._health.set(True)
         else:
+            if self._disconnected_at is None:
+                self._disconnected_at = time.monotonic()
             self._connected.clear()
             self._health.set(False)
             if state == KazooState.LOST and self._owns_session:
@@ -376,7 +386,11 @@ class ZooKeeperStore(Store):
         # kazoo pings by itself; this only answers a lost session.
         backoff = Backoff()
         while True:
-            await self._session_replaced.wait()
+            try:
+                await asyncio.wait_for(self._session_replaced.wait(), self._config.lease_ttl / 2)
+            except TimeoutError:
+                self._unstick()
+                continue
             await self._connected.wait()
             self._session_replaced.clear()
             try:
@@ -388,6 +402,32 @@ class ZooKeeperStore(Store):
             else:
                 backoff.reset()
 
+    async def ensure_session(self) -> None:
+        # A server that lost its data expires our session: kazoo connects with a new one
+        # and `keep_session` re-publishes on its own. Wait until connected again.
+        await self._connected.wait()
+
+    def _unstick(self) -> None:
+        """A server that lost its data (or came back from an older backup) refuses, for
+        ever, a client that has seen a newer zxid than its own, and kazoo keeps offering
+        it. Once disconnected for longer than the session timeout, when the session is
+        gone on every server anyway, forget the zxid and the session: the next attempt
+        opens a new session (the CONNECTED handler then re-publishes)."""
+        client = self._client
+        since = self._disconnected_at
+        if client is None or since is None or self._connected.is_set():
+            return
+        away = time.monotonic() - since
+        if away < self._config.lease_ttl or client.last_zxid == 0:
+            return
+        log.warning(
+            "zookeeper unreachable for %.0fs: reconnecting as a new session (a server that lost "
+            "its data refuses the old one)",
+            away,
+        )
+        client.last_zxid = 0
+        client._reset_session()
+
     async def _republish(self) -> None:
         async with self._session_lock:
             client = self.client
@@ -396,7 +436,7 @@ class ZooKeeperStore(Store):
             self._save_session(client_id)
             if self._node is not None:
                 await self._put_owned(self._layout.node(self._node.name), encode(self._node))
-            await republish(self._owned.values(), self.publish_endpoint, log=log)
+            await republish(self._owned.values(), self.publish_endpoint, log=log, report=self._on_invalid)
 
     async def release_session(self) -> None:
         client = self.client
@@ -617,7 +657,14 @@ class ZooKeeperStore(Store):
                 revision = max(revision, rec.zxid)
         return _Tree(records, revision)
 
+    async def _base_id(self) -> tuple[int, int]:
+        """When the prefix's root was made: (czxid, ctime), or (0, 0) if it does not exist."""
+        stat = await self._call("exists", lambda c: c.exists_async(self._base))
+        return (int(stat.czxid), int(stat.ctime)) if stat is not None else (0, 0)
+
     async def snapshot(self) -> Snapshot:
+        if self._base_made == (0, 0):
+            self._base_made = await self._base_id()
         tree = await self._read_tree()
         facts = [f for path, rec in sorted(tree.records.items()) if (f := self._decode(path, rec.data))]
         # Remember what the caller was given, so watch(revision) can diff against it.
@@ -646,12 +693,23 @@ class ZooKeeperStore(Store):
                 if full:
                     await self._connected.wait()
                     tree = await self._read_tree(on_event)
+                    base = await self._base_id()
                     full = False
-                    if first or tree.revision < mirror.revision:
+                    lost = None
+                    known = self._base_made
+                    if not first and known != (0, 0) and base != (0, 0) and base != known:
+                        lost = f"zookeeper: {self._base} made anew (czxid {known[0]:#x} -> {base[0]:#x})"
+                    elif not first and tree.revision < mirror.revision:
+                        lost = f"zookeeper zxid went back from {mirror.revision:#x} to {tree.revision:#x}"
+                    if base != (0, 0):
+                        self._base_made = base
+                    if first or lost is not None:
                         # Unknown starting point, or the server lost its state: start over.
+                        if lost is not None:
+                            log.warning("%s: the server lost its data", lost)
                         first = False
                         mirror = Mirror(tree.records, tree.revision)
-                        yield self._snapshot_of(mirror)
+                        yield self._snapshot_of(mirror, data_lost=lost)
                     else:
                         changes = mirror.replace(tree.records, tree.revision)
                         if batch := self._changes(mirror, changes, tree.revision):
@@ -670,9 +728,9 @@ class ZooKeeperStore(Store):
                 full = True
                 await backoff.wait()
 
-    def _snapshot_of(self, mirror: Mirror) -> Snapshot:
+    def _snapshot_of(self, mirror: Mirror, data_lost: str | None = None) -> Snapshot:
         facts = [f for path, rec in sorted(mirror.records.items()) if (f := self._decode(path, rec.data))]
-        return Snapshot(facts=facts, revision=mirror.revision)
+        return Snapshot(facts=facts, revision=mirror.revision, data_lost=data_lost)
 
     def _changes(self, mirror: Mirror, changes: list[Change], revision: int) -> Changes | None:
         """The mirror's changes as facts in zxid order (None if none is a fact)."""

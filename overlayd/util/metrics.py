@@ -69,6 +69,11 @@ class Metrics:
             ["operation"],
             registry=r,
         )
+        self.store_data_loss = Counter(
+            "overlayd_store_data_loss",
+            "Times the KV store turned out to have lost its data (or been restored from an older backup).",
+            registry=r,
+        )
         self.store_up = Gauge("overlayd_store_up", "1 while the KV store answers, else 0.", registry=r)
         self.invalid_records = Counter(
             "overlayd_store_invalid_records_total",

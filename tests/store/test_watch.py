@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from support import DEMO, Collector, Stores, endpoint, network, node, poll, retry, view_of
 
 from overlayd.core.view import ClusterView, EndpointDeleted, EndpointPut, NetworkDeleted, NetworkPut, NodePut
-from overlayd.store.base import Store
+from overlayd.store.base import Changes, Snapshot, Store
 
 MakeStore = Callable[..., Awaitable[Store]]
+
+
+def lost_in(batch: Changes | Snapshot) -> bool:
+    return isinstance(batch, Snapshot) and batch.data_lost is not None
 
 
 def net_puts(facts: list[Any]) -> list[str]:
@@ -86,6 +91,38 @@ async def test_watch_resumes_after_server_restart(stores: Stores) -> None:
     finally:
         keeper.cancel()
         await seen.stop()
+
+
+async def test_watch_says_when_the_server_lost_its_data(stores: Stores) -> None:
+    """A server that comes back empty (or from an older backup) is not the truth: the watch
+    hands over the new content marked `data_lost`, so the daemon keeps its dataplane and
+    re-publishes first (etcd: another cluster ID or the revision gone back; Consul: the
+    index gone back; ZooKeeper: the zxid gone back)."""
+    writer, watcher = await stores.make("h1"), await stores.make("h2")
+    await writer.open_session(node("h1", 1))
+    await watcher.open_session(node("h2", 2))
+    keeper = asyncio.create_task(watcher.keep_session())  # as in the daemon
+    for i in range(6):  # a revision or index well above a new server's
+        await writer.create_network(network(f"n{i}", 10 + i))
+    snap = await watcher.snapshot()
+    seen = Collector(watcher, snap.revision)
+    server = stores.server
+
+    def wipe() -> None:
+        server.stop()
+        shutil.rmtree(server.data_dir)
+        server.start()
+
+    try:
+        await asyncio.to_thread(wipe)  # the event loop runs on meanwhile
+        await seen.wait(lambda: any(lost_in(b) for b in seen.batches), 60, "the data loss noticed")
+    finally:
+        keeper.cancel()
+        await seen.stop()
+    lost = next(b for b in seen.batches if lost_in(b))
+    assert isinstance(lost, Snapshot) and lost.data_lost is not None
+    assert any(why in lost.data_lost for why in ("went back", "cluster ID", "made anew"))
+    assert not net_puts(lost.facts)  # what the new server holds: nothing of ours
 
 
 async def test_invalid_values_are_reported_and_skipped(stores: Stores) -> None:

@@ -334,6 +334,19 @@ def test_networks_from_gossip_oldest_claim_per_name_and_vni() -> None:
     assert a.network_lost("blue") is None
 
 
+def test_a_network_outlives_its_creator_going_dead() -> None:
+    """Gossip-only: the host that created a network dies (or is cut off) past its grace;
+    its endpoints go, the network stays for everyone else's (issue 9, scenario 9)."""
+    a = gossip_only()
+    a.from_gossip([MemberAdmissible("hb", True), NetworkClaimed("hb", BLUE, 100.0)])
+    a.from_gossip([EndpointClaimed(ep("b1", "10.1.0.11", "hb", 1))])
+    a.from_gossip([MemberAdmissible("hc", True), EndpointClaimed(ep("c1", "10.1.0.12", "hc", 2))])
+    assert lines(a.from_gossip([MemberAdmissible("hb", False)])) == ["- blue/b1"]
+    assert "blue" in a.view.networks and "blue/c1" in a.view.endpoints
+    assert lines(a.from_gossip([MemberAdmissible("hb", True)])) == ["+ blue/b1 10.1.0.11@hb"]
+    assert lines(a.from_gossip([NetworkReleased("hb", "blue")])) == ["-net blue"]  # only a release ends it
+
+
 def test_network_removed_mark_hides_claims_up_to_it() -> None:
     a = gossip_only()
     a.from_gossip([NetworkClaimed("hb", BLUE, 100.0)])

@@ -197,6 +197,23 @@ def test_check_store() -> None:
     assert doctor.check_store(status, None, "daemon gone").result == doctor.FAIL
 
 
+def test_check_store_data_loss() -> None:
+    assert doctor.check_store_data(answers.status()).result == doctor.OK
+    lost = answers.status(store=answers.store_json(data_loss="2026-12-01T10:00:00: etcd cluster ID changed"))
+    assert lost.store.data_loss is not None and lost.to_json()["store"]["data_loss"].endswith("changed")
+    check = doctor.check_store_data(lost)
+    assert check.result == doctor.WARN and "cluster ID changed" in check.message
+
+
+def test_check_warnings() -> None:
+    assert doctor.check_warnings(answers.status()).result == doctor.OK
+    said = "config /etc/overlayd/overlayd.toml holds secrets (gossip.keys) and is readable by others"
+    warned = answers.status(warnings=[said])
+    assert warned.to_json()["warnings"] == [said]
+    check = doctor.check_warnings(warned)
+    assert check.result == doctor.WARN and "readable by others" in check.message
+
+
 def test_check_daemon_and_reconcile() -> None:
     ready = doctor.check_daemon(answers.status(), None)
     assert ready.result == doctor.OK and ready.message.startswith("node h1: ready: 1 network")

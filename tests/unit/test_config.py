@@ -210,3 +210,13 @@ def test_loading_a_gossip_config_imports_no_crypto_or_gossip(tmp_path: Path) -> 
     )
     out = subprocess.run([sys.executable, "-c", probe, path], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_config_with_secrets_readable_by_others_is_warned_about() -> None:
+    held = config.secrets_held(["node.name", "gossip.keys", "store.password", "store.url"])
+    assert held == ["gossip.keys", "store.password"]
+    warning = config.exposure_warning("/etc/o.toml", 0o100644, held)
+    assert warning is not None and "readable by others (mode 644)" in warning and "chmod 600" in warning
+    assert config.exposure_warning("/etc/o.toml", 0o100600, held) is None
+    assert config.exposure_warning("/etc/o.toml", 0o100640, held) is not None  # the group reads it too
+    assert config.exposure_warning("/etc/o.toml", 0o100644, []) is None  # nothing secret in it

@@ -46,6 +46,7 @@ from overlayd.dataplane.desired import DesiredState, desired_state
 from overlayd.dataplane.diff import diff, plan
 from overlayd.dataplane.kstate import (
     BridgeSpec,
+    Dirty,
     FdbEntry,
     FloodEntry,
     KernelState,
@@ -166,6 +167,13 @@ def test_missing_port_yields_nothing() -> None:
     del have.ports[PORT_A1]
     assert PORT_A1 in w.ports
     assert diff(w, have) == []
+    # No command (only the admin API builds a veth), but the plan names it for the report.
+    wt, ht = Tables.of(w), Tables.of(have)
+    everything = Dirty()
+    everything.add_tables(wt)
+    everything.add_tables(ht)
+    missing = plan(wt, ht, everything).missing_ports
+    assert [p.ifname for p in missing] == [PORT_A1]
 
 
 @pytest.mark.parametrize(

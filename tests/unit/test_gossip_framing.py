@@ -104,6 +104,21 @@ def test_stale_and_future_rejected() -> None:
     assert b.open(packet).body == b"x"
 
 
+def test_a_sender_whose_clock_jumps_while_running_is_still_heard() -> None:
+    sender_clock, receiver_clock = Clock(), Clock()
+    a = Framer("h1", Keyring([K1]), clock=sender_clock)
+    b = Framer("h2", Keyring([K1]), clock=receiver_clock)
+    assert b.open(a.seal(b"first")).body == b"first"  # first contact: within the skew
+    for jump in (+300.0, -600.0, +300.0):  # 5 minutes forward, back past the start, home
+        sender_clock.t += jump
+        packet = a.seal(b"x")
+        assert b.open(packet).body == b"x"  # a known session: its counter window guards it
+        assert reason(b, packet) == "replay"
+    # A new session (a restart) with its clock 5 minutes off is refused at first contact.
+    sender_clock.t += 300
+    assert reason(b, Framer("h1", Keyring([K1]), clock=sender_clock).seal(b"y")) == "future"
+
+
 def test_restarted_sender_is_not_a_replay() -> None:
     clock = Clock()
     a, b = pair([K1], [K1], clock)

@@ -124,10 +124,14 @@ async def test_republish_skips_an_ip_taken_meanwhile_and_goes_on(caplog: pytest.
             raise AlreadyExists("IP", str(ep.ip), "demo/other")
         published.append(ep.name)
 
+    reported: list[str] = []
     with caplog.at_level(logging.ERROR, logger=log.name):
-        await common.republish(endpoints, publish, log=log)
+        await common.republish(endpoints, publish, log=log, report=reported.append)
     assert published == ["a", "c"]
-    assert "cannot re-publish endpoint demo/b" in caplog.text
+    assert "endpoint demo/b cannot be re-published" in caplog.text
+    # Reported, not only logged: /status shows it among the store's invalid records.
+    assert len(reported) == 1 and reported[0].startswith("endpoint demo/b cannot be re-published: ")
+    assert "10.1.0.2" in reported[0]
 
     async def down(ep: Endpoint) -> None:
         raise StoreUnavailable("down")
