@@ -144,21 +144,31 @@ def host_bridge_table(gateway_macs: list[str]) -> NftTable | None:
     Every host has the same gateway MAC on its bridge; a frame from it or to it
     that went over VXLAN would make the other hosts' bridges learn the gateway
     behind their VXLAN port (or hand one host's traffic to another's gateway).
+    Such frames are dropped on the way out to a VXLAN port (forward: from the
+    gateway's port; output: from a routed bridge itself) and, should another
+    host send one anyway, on the way in, before the bridge learns from it
+    (prerouting runs before learning).
     """
     if not gateway_macs:
         return None
     macs = sorted(gateway_macs)
-    vxlan = _meta("oifname", "==", f"{VXLAN_PREFIX}*")
-    rules = (
-        rule("gateway-from-stays-local", vxlan, _ether("saddr", macs), _DROP),
-        rule("gateway-to-stays-local", vxlan, _ether("daddr", macs), _DROP),
+    out_vxlan = _meta("oifname", "==", f"{VXLAN_PREFIX}*")
+    out = (
+        rule("gateway-from-stays-local", out_vxlan, _ether("saddr", macs), _DROP),
+        rule("gateway-to-stays-local", out_vxlan, _ether("daddr", macs), _DROP),
+    )
+    in_vxlan = _meta("iifname", "==", f"{VXLAN_PREFIX}*")
+    inbound = (
+        rule("remote-gateway-from", in_vxlan, _ether("saddr", macs), _DROP),
+        rule("remote-gateway-to", in_vxlan, _ether("daddr", macs), _DROP),
     )
     return NftTable(
         netns="",
         family="bridge",
         chains=(
-            NftChain("forward", "filter", "forward", PRIO_FILTER, "accept", rules),
-            NftChain("output", "filter", "output", PRIO_FILTER, "accept", rules),
+            NftChain("prerouting", "filter", "prerouting", PRIO_FILTER, "accept", inbound),
+            NftChain("forward", "filter", "forward", PRIO_FILTER, "accept", out),
+            NftChain("output", "filter", "output", PRIO_FILTER, "accept", out),
         ),
     )
 
