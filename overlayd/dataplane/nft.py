@@ -36,6 +36,7 @@ from ipaddress import IPv4Network
 from typing import Any
 
 from overlayd.dataplane.kstate import (
+    BRIDGE_PREFIX,
     NFT_TABLE,
     UPLINK_PREFIX,
     VXLAN_PREFIX,
@@ -44,6 +45,7 @@ from overlayd.dataplane.kstate import (
     NftTable,
 )
 
+PRIO_RAW = -300
 PRIO_FILTER = 0
 PRIO_SRCNAT = 100
 
@@ -70,6 +72,8 @@ def _ether(field: str, macs: list[str]) -> JSONish:
 _CT_NEW: JSONish = {"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": "new"}}
 _DROP: JSONish = {"drop": None}
 _MASQUERADE: JSONish = {"masquerade": None}
+_NOTRACK: JSONish = {"notrack": None}
+_RETURN: JSONish = {"return": None}
 
 
 def rule(name: str, *expr: JSONish) -> NftRule:
@@ -90,9 +94,25 @@ def host_ip_table(*, uplinks: bool, routed: list[tuple[str, IPv4Network, bool]])
     `routed`: (bridge, subnet, egress) of each routed network here. What leaves a routed
     bridge for outside its subnet is masqueraded with egress and dropped without; nothing
     from outside its subnet opens a connection into it.
+
+    The NAT makes the kernel track connections in this namespace, and with
+    br_netfilter (Docker and podman load it) that would include every frame the
+    bridges carry. Traffic within a network needs no tracking: what enters from a
+    bridge (bridged, or routed within its subnet) and a routed subnet's own traffic
+    from other hosts is left untracked at raw priority; only what leaves a subnet
+    (to be masqueraded) and what comes back is tracked.
     """
     forward: list[NftRule] = []
     nat: list[NftRule] = []
+    raw = [
+        rule(f"{bridge}-leaving-tracked", _meta("iifname", "==", bridge), _ip("daddr", "!=", subnet), _RETURN)
+        for bridge, subnet, _ in routed
+    ]
+    raw.append(rule("bridged-untracked", _meta("iifname", "==", f"{BRIDGE_PREFIX}*"), _NOTRACK))
+    raw += [
+        rule(f"{bridge}-within-untracked", _ip("saddr", "==", subnet), _ip("daddr", "==", subnet), _NOTRACK)
+        for bridge, subnet, _ in routed
+    ]
     if uplinks:
         forward.append(rule("uplinks-closed", _meta("oifname", "==", f"{UPLINK_PREFIX}*"), _CT_NEW, _DROP))
         nat.append(
@@ -132,6 +152,7 @@ def host_ip_table(*, uplinks: bool, routed: list[tuple[str, IPv4Network, bool]])
         netns="",
         family="ip",
         chains=(
+            NftChain("untracked", "filter", "prerouting", PRIO_RAW, "accept", tuple(raw)),
             NftChain("forward", "filter", "forward", PRIO_FILTER, "accept", tuple(forward)),
             NftChain("postrouting", "nat", "postrouting", PRIO_SRCNAT, "accept", tuple(nat)),
         ),

@@ -14,6 +14,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from ipaddress import IPv4Network
+from pathlib import Path
 
 import pytest
 from capture import Capture
@@ -235,7 +236,7 @@ def test_bad_network_requests_get_one_error_and_change_nothing(
 ) -> None:
     client = lab.admin("h1")
     before = client.network_list()
-    namespaces = set(nsutil.list_netns())
+    namespaces = {ns for ns in nsutil.list_netns() if ns.startswith(lab.prefix)}
     cases = [
         (dict(name="x1", subnet="10.112.0.0/24", egress="nat"), 400, "egress nat needs a gateway"),
         (dict(name="x2", subnet="10.112.0.0/24", mode="routed"), 400, "routed mode needs a gateway"),
@@ -270,7 +271,7 @@ def test_bad_network_requests_get_one_error_and_change_nothing(
     )
     capsys.readouterr()
     assert client.network_list() == before
-    assert set(nsutil.list_netns()) == namespaces
+    assert {ns for ns in nsutil.list_netns() if ns.startswith(lab.prefix)} == namespaces
 
 
 def test_nftables_itself_takes_every_table_overlayd_writes(lab: Lab) -> None:
@@ -298,3 +299,40 @@ def test_nftables_itself_takes_every_table_overlayd_writes(lab: Lab) -> None:
         assert nft.parse_tables(nft_json(ns, "list", "tables")) == set()
     finally:
         subprocess.run(["ip", "netns", "delete", ns], check=False)
+
+
+def test_a_restart_adopts_the_gateway_side_and_egress_never_stops(lab: Lab) -> None:
+    ep = endpoint_of(lab, "h1")
+    gw_ns = lab.gateway_netns("h1", vni_of(lab, DEMO_NETWORK))
+    pin = Path("/run/netns", gw_ns).stat().st_ino
+    handles = nft_json(lab.host("h1").netns, "-a", "list", "table", "ip", "overlayd")
+    lab.wait_ping(ep.netns, OUTSIDE_ADDRESS, timeout=10)
+    pinger = lab.pinger(ep.netns, OUTSIDE_ADDRESS, interval=0.05)
+    try:
+        lab.stop_daemon("h1")
+        lab.start_daemon("h1")
+        wait_until(lambda: lab.admin("h1").status().view.complete, 30, "h1's view complete")
+    finally:
+        stats = pinger.stop()
+    assert stats.transmitted > 20 and set(stats.lost_seqs) <= {stats.transmitted}, stats
+    # The same namespace and the same table (a replace would give new handles).
+    assert Path("/run/netns", gw_ns).stat().st_ino == pin
+    assert nft_json(lab.host("h1").netns, "-a", "list", "table", "ip", "overlayd") == handles
+    assert lab.admin("h1").diff().changes == ()
+
+
+def test_teardown_takes_the_gateway_side_away_too(lab: Lab) -> None:
+    """Last in the module: h2 leaves the overlay."""
+    h2 = lab.host("h2")
+    vnis = [vni_of(lab, name) for name in (DEMO_NETWORK, "tenant")]
+    socket = str(h2.admin_socket)
+    assert overlayctl(["--socket", socket, "teardown", "--yes"]) == 0
+    wait_until(lambda: not lab.daemon_alive("h2"), 15, "overlayd on h2 to exit")
+    for vni in vnis:
+        assert not nsutil.netns_exists(lab.gateway_netns("h2", vni))
+    tables = nft_json(h2.netns, "list", "tables")
+    assert nft.parse_tables(tables) == set()
+    assert nsutil.ip_json("route", "show", "proto", "111", netns=h2.netns) == []
+    assert not [name for name in nsutil.link_names(h2.netns) if name.startswith("ov")]
+    # h1 goes on.
+    lab.wait_ping(endpoint_of(lab, "h1").netns, OUTSIDE_ADDRESS, timeout=10)

@@ -33,10 +33,19 @@ def test_host_table_for_uplinks_and_routed_bridges() -> None:
     )
     assert table is not None and (table.netns, table.family) == ("", "ip")
     assert names(table) == {
+        # What stays within a network is never tracked; what leaves a routed subnet is.
+        "untracked": [
+            "ovbr7-leaving-tracked",
+            "ovbr8-leaving-tracked",
+            "bridged-untracked",
+            "ovbr7-within-untracked",
+            "ovbr8-within-untracked",
+        ],
         "forward": ["uplinks-closed", "ovbr7-no-egress", "ovbr7-closed", "ovbr8-closed"],
         "postrouting": ["uplinks-masquerade", "ovbr8-masquerade"],
     }
-    forward, nat = table.chains
+    raw, forward, nat = table.chains
+    assert (raw.type, raw.hook, raw.prio) == ("filter", "prerouting", -300)
     assert (forward.type, forward.hook, forward.prio, forward.policy) == ("filter", "forward", 0, "accept")
     assert (nat.type, nat.hook, nat.prio, nat.policy) == ("nat", "postrouting", 100, "accept")
 
@@ -67,6 +76,7 @@ def test_replacing_is_one_transaction_that_leaves_exactly_the_table() -> None:
     assert commands[:3] == [{"add": {"table": ref}}, {"delete": {"table": ref}}, {"add": {"table": ref}}]
     chains = [c["add"]["chain"] for c in commands if "chain" in c.get("add", {})]
     assert [(c["name"], c["hook"], c["prio"]) for c in chains] == [
+        ("untracked", "prerouting", -300),
         ("forward", "forward", 0),
         ("postrouting", "postrouting", 100),
     ]
