@@ -328,10 +328,11 @@ class Kernel:
             )
         return Underlay(found.ifname, address, found.mtu, subnet[(found.index, address)])
 
-    async def dump(self) -> Dump:
+    async def dump(self, *, nft_tables: bool = True) -> Dump:
         """Every link, bridge FDB entry and IPv4 neighbour entry, address, route and
         per-interface setting in the namespace, unparsed; each gateway namespace's links,
-        addresses and routes; overlayd's nftables tables.
+        addresses and routes; overlayd's nftables tables (unless `nft_tables` is false:
+        reading them runs `nft`, a few milliseconds a namespace).
 
         The neighbour tables are read only if one of our VXLAN devices exists:
         entries are ours only on those.
@@ -353,7 +354,8 @@ class Kernel:
             inside = await self._dump_inside(name)
             if inside is not None:
                 out.namespaces[name] = inside
-        out.nft = await self.nft_tables([HOST_NS, *out.namespaces])
+        if nft_tables or out.namespaces:
+            out.nft = await self.nft_tables([HOST_NS, *out.namespaces])
         return out
 
     async def observe(self) -> KernelState:

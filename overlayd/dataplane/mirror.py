@@ -229,6 +229,8 @@ class Mirror:
                     if kind == nl.RTM_DELADDR:
                         self._routes_flushed(HOST_NS, self._names.get(addr.ifindex))
             elif kind == nl.RTM_NEWROUTE or kind == nl.RTM_DELROUTE:
+                if nl.route_protocol(data, start) != RTPROT_OVERLAYD:
+                    continue  # a host may change many routes; ours carry our protocol number
                 route = nl.parse_route(data, start, end)
                 if route is not None:
                     self._route(HOST_NS, route, present=kind == nl.RTM_NEWROUTE)
@@ -271,6 +273,8 @@ class Mirror:
                     if kind == nl.RTM_DELADDR:
                         self._routes_flushed(netns, names.get(addr.ifindex))
             elif kind == nl.RTM_NEWROUTE or kind == nl.RTM_DELROUTE:
+                if nl.route_protocol(data, start) != RTPROT_OVERLAYD:
+                    continue  # a host may change many routes; ours carry our protocol number
                 route = nl.parse_route(data, start, end)
                 if route is not None:
                     self._route(netns, route, present=kind == nl.RTM_NEWROUTE)

@@ -337,6 +337,11 @@ class RawRoute(NamedTuple):
     gateway: IPv4Address | None
 
 
+def route_protocol(data: bytes, start: int) -> int:
+    """The rtm_protocol of a route message at payload `start`, without parsing the rest."""
+    return data[start + 5]
+
+
 def parse_route(data: bytes, start: int, end: int) -> RawRoute | None:
     """An IPv4 unicast route (RTM_NEWROUTE / RTM_DELROUTE); None for anything else."""
     family, dst_len, _src_len, _tos, table, protocol, _scope, kind, _flags = RTMSG.unpack_from(data, start)

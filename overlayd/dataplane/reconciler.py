@@ -270,7 +270,11 @@ class Reconciler:
             self._buffer = []
             started, t0 = time.time(), time.perf_counter()
             try:
-                dump = await self._kernel.dump()
+                # nftables are read at start-up (tables left by an earlier life) and while any
+                # is wanted or known; otherwise a full verify runs no program at all.
+                t = self.desired.tables
+                nft_tables = trigger == "startup" or bool(t.nft or t.netns or self.mirror.tables.nft)
+                dump = await self._kernel.dump(nft_tables=nft_tables)
             except Exception as exc:
                 buffered, self._buffer = self._buffer, None
                 for netns, data in buffered:
