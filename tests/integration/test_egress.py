@@ -25,7 +25,7 @@ from overlayd.clients.cli import main as overlayctl
 from overlayd.dataplane import nft
 from overlayd.lab import Lab
 from overlayd.lab import netns as nsutil
-from overlayd.lab.lab import DEMO_GATEWAY, DEMO_NETWORK, DEMO_SUBNET, OUTSIDE_ADDRESS, Endpoint
+from overlayd.lab.lab import DEMO_GATEWAY, DEMO_NETWORK, DEMO_SUBNET, OUTSIDE_ADDRESS, Endpoint, lab_status
 
 pytestmark = pytest.mark.root
 
@@ -76,6 +76,15 @@ def nft_json(ns: str, *args: str) -> dict[str, object]:
     out = nsutil.run_in(ns, ["nft", "-j", *args]).stdout
     data: dict[str, object] = json.loads(out)
     return data
+
+
+def test_lab_status_names_the_outside(lab: Lab, capsys: pytest.CaptureFixture[str]) -> None:
+    assert lab_status(lab.prefix, json_out=True) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["outside"] == {"netns": lab.outside_ns, "ip": OUTSIDE_ADDRESS}
+    assert (report["egress"], report["mode"]) == ("nat", "vxlan")
+    (network,) = report["networks"]
+    assert (network["egress"], network["gateway"]) == ("nat", DEMO_GATEWAY)
 
 
 def test_endpoints_on_both_hosts_reach_the_outside_as_their_own_host(lab: Lab) -> None:
