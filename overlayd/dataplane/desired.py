@@ -557,7 +557,7 @@ class DesiredState:
         key = ep.key
         self._remote[key] = remote
         if direct:
-            route = RouteSpec(self.underlay_ifname, node.vtep)
+            route = RouteSpec(self.underlay_ifname, node.vtep, bridge_name(network.vni), gateway_mac(network))
             self._routes.claim((HOST_NS, IPv4Network(f"{ep.ip}/32")), key, route)
             return
         self._fdb.claim((remote.device, remote.mac), key, remote.vtep)

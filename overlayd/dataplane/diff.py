@@ -158,12 +158,15 @@ def plan(want: Tables, have: Tables, dirty: Dirty, *, hold_deletions: bool = Fal
         elif present and ns not in gone_ns and on not in dying:
             layer3_removals.append(DeleteAddr(akey))
     route_removals: list[Command] = []
+    announcements: list[Command] = []
     for rkey in sorted(dirty.routes, key=_route_order):
         route = want.routes.get(rkey)
         current_route = None if rkey[0] in fresh_ns else have.routes.get(rkey)
         if route is not None:
             if route != current_route:
                 layer3.append(ReplaceRoute(rkey, route))
+                if route.bridge and rkey[1].prefixlen == 32:
+                    announcements.append(AnnounceArp(route.bridge, rkey[1].network_address, route.mac))
         elif current_route is not None and rkey[0] not in gone_ns and current_route.device not in dying:
             route_removals.append(DeleteRoute(rkey))
     for fkey in sorted(dirty.forwarding):
@@ -248,7 +251,7 @@ def plan(want: Tables, have: Tables, dirty: Dirty, *, hold_deletions: bool = Fal
     if hold_deletions:
         out.held = len(removals) + len(stale_links)
         removals, stale_links = [], []
-    out.commands = links + layer3 + adds + tables + removals + stale_links
+    out.commands = links + layer3 + adds + announcements + tables + removals + stale_links
     return out
 
 

@@ -138,11 +138,20 @@ class InnerLinkSpec:
     network: str = field(default="", compare=False)  # for its ifalias (`overlayd:inner:<network>`)
 
 
-class RouteSpec(NamedTuple):
-    """Where a route of ours sends: out of `device`, through `via` (on link) or directly."""
+@dataclass(frozen=True)
+class RouteSpec:
+    """Where a route of ours sends: out of `device`, through `via` (on link) or directly.
+
+    A routed network's host route towards another host's endpoint also names the
+    network's bridge and gateway MAC (not compared with the kernel): once it is
+    written, local endpoints are told the address is at the gateway, in case they
+    cached another MAC for it (it was behind a router, reached over VXLAN, before).
+    """
 
     device: str
     via: IPv4Address | None
+    bridge: str = field(default="", compare=False)
+    mac: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)

@@ -127,6 +127,15 @@ def test_a_deleted_route_comes_back_and_an_ip_moving_hosts_takes_its_route_along
     lab.forget_endpoint(moved)
     back = lab.add_endpoint("h2", "back", e2.ip)
     wait_until(lambda: routes(lab, "h1").get(back.ip) == lab.host("h2").address, 10, "the route to return")
+    # h1-ep cached the moved endpoint's own MAC; it is told at once that the gateway answers now.
+    vni = lab.admin("h1").network_inspect(DEMO_NETWORK).vni
+    (bridge,) = nsutil.ip_json("link", "show", f"ovbr{vni}", netns=h1ns)
+
+    def cached() -> str | None:
+        found = {n["dst"]: n.get("lladdr") for n in nsutil.ip_json("neigh", "show", netns=e1.netns)}
+        return found.get(back.ip)
+
+    wait_until(lambda: cached() == bridge["address"], 5, "h1-ep to learn that the gateway answers")
     lab.wait_ping(e1.netns, back.ip, timeout=10)
     for host in ("h1", "h2", "h3"):
         wait_until(lambda h=host: lab.admin(h).diff().changes == (), 10, f"{host} converged")

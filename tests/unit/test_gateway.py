@@ -66,8 +66,11 @@ from overlayd.dataplane.kstate import (
     HOST_NS,
     UP_INNER,
     Dirty,
+    FdbEntry,
+    FloodEntry,
     InnerLinkSpec,
     KernelState,
+    NeighEntry,
     RouteSpec,
     Tables,
 )
@@ -378,10 +381,34 @@ def test_a_route_that_changes_host_is_one_replace() -> None:
     have = copy.deepcopy(want)
     have.routes[host_route(near.ip)] = RouteSpec(UL, A("198.18.0.99"))
     cmds = plan(want, have, Dirty(routes={host_route(near.ip)})).commands
-    assert cmds == [ReplaceRoute(host_route(near.ip), RouteSpec(UL, VTEP_B))]
+    assert cmds == [
+        ReplaceRoute(host_route(near.ip), RouteSpec(UL, VTEP_B)),
+        # Local endpoints may have cached another MAC for it: the gateway answers now.
+        AnnounceArp("ovbr300", near.ip, gateway_mac(ROUTED)),
+    ]
     gone = Tables(routes={host_route(near.ip): RouteSpec(UL, VTEP_B)})
     assert plan(Tables(), gone, Dirty(routes={host_route(near.ip)})).commands == [
         DeleteRoute(host_route(near.ip))
+    ]
+
+
+def test_an_address_back_from_behind_the_router_is_announced_at_the_gateway() -> None:
+    # Behind the router the endpoint was reached over VXLAN, and local endpoints cached its own
+    # MAC; on the segment it is routed, and they must learn that the gateway answers for it.
+    local = ep("a", ROUTED, 2, LOCAL, 1)
+    far, near = ep("x", ROUTED, 11, "host-c", 11), ep("x", ROUTED, 11, "host-b", 12)
+    v = view(local, far)
+    d = desired(v)
+    have = copy.deepcopy(d.tables)
+    d.dirty.take()
+    d.apply(changes(v, EndpointDeleted(far.key), EndpointPut(near)))
+    cmds = plan(d.tables, have, d.dirty.take()).commands
+    assert cmds == [
+        ReplaceRoute(host_route(near.ip), RouteSpec(UL, VTEP_B)),
+        AnnounceArp("ovbr300", near.ip, gateway_mac(ROUTED)),
+        DeleteNeigh(NeighEntry("ovvx300", far.ip, far.mac)),
+        DeleteFdb(FdbEntry("ovvx300", far.mac, VTEP_C)),
+        DeleteFlood(FloodEntry("ovvx300", VTEP_C)),
     ]
 
 
