@@ -170,3 +170,16 @@ def test_the_endpoint_mtu_fits_the_tunnel_on_every_path(lab: Lab) -> None:
     assert link["mtu"] == 1450  # the underlay's 1500 minus VXLAN: the fallback pair must fit
     for dst in (e2, e3):
         assert pings(e1.netns, dst.ip, count=2, size=1450 - 28), dst.name
+
+
+def test_an_address_reused_on_one_host_is_reached_through_its_gateway_at_once(lab: Lab) -> None:
+    # The gateway (h1's bridge) cached the first endpoint's MAC; the second one announces itself.
+    h1ns = lab.host("h1").netns
+    first = lab.add_endpoint("h1", "reuse-a", "10.100.0.170")
+    assert pings(h1ns, first.ip, count=1)  # the gateway resolves it
+    lab.admin("h1").endpoint_remove(network=DEMO_NETWORK, name=first.name)
+    lab.forget_endpoint(first)
+    second = lab.add_endpoint("h1", "reuse-b", "10.100.0.170")
+    assert second.mac != first.mac
+    assert pings(h1ns, second.ip, count=1)  # no re-probing of the stale entry first
+    assert pings(endpoint_of(lab, "h2").netns, second.ip, count=1)  # routed in from h2
