@@ -8,6 +8,12 @@ for exactly those (`dataplane.diff.plan`), and executes them as one batch;
 whatever becomes dirty while a batch is written goes into the next one. A
 pass with nothing dirty does nothing.
 
+Each gateway namespace (a VXLAN network with egress) has a notification
+socket of its own, opened when the namespace is made or found and closed
+when it goes; its links, addresses and routes are repaired at once like the
+host's. nftables tables and the namespaces' pins send no notifications: they
+are compared on full reads (and read back by the executor after each write).
+
 A full read of the kernel (dump, load the mirror, compare every key) runs
 at start-up — adopting what is already right instead of flushing it — then
 every `verify_interval` as a safety net, and at once after a netlink
