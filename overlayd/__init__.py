@@ -14,12 +14,14 @@ The parts, pure to I/O:
 - `state`      the cluster view, indexed, and its typed deltas.               Pure.
 - `admission`  the one rule for which fact enters the view, for every source. Pure.
 - `ipam`       choosing addresses; gossip-only address blocks.               Pure.
-- `dataplane.desired` / `dataplane.diff` / `dataplane.mirror` / `dataplane.netlink`
-               desired state kept per delta, the plan over dirty keys, the kernel
-               mirror kept from dumps and notifications, the wire format.   Pure.
+- `dataplane.desired` / `dataplane.diff` / `dataplane.mirror` / `dataplane.netlink` / `dataplane.nft`
+               desired state kept per delta (bridges, VXLAN entries, and a network's
+               gateway side: routes, addresses, gateway namespaces, nftables tables),
+               the plan over dirty keys, the kernel mirror kept from dumps and
+               notifications, the wire format, the nftables tables.          Pure.
 - `dataplane.kernel` / `rtnl` / `monitor` / `endpoints`
-               the only code that speaks netlink: dumps, batched writes, the
-               notification socket, a local endpoint's veth.
+               the only code that speaks netlink (and runs `ip netns`, `nft -j`):
+               dumps, batched writes, the notification sockets, a local endpoint's veth.
 - `reconciler` drives desired state against the mirror, in batches; a full read
                and compare is the rare safety net.
 - `engine`     the path above, with gauges and the convergence clock.

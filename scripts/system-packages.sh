@@ -20,6 +20,7 @@ table=(
     "lab|iproute2|command -v ip && command -v bridge"
     "lab|iputils-ping|command -v ping"
     "test|nftables|command -v nft"
+    "test|tcpdump|command -v tcpdump"
     "test|etcd-server|[ -x /usr/bin/etcd ] || command -v etcd"
     "test|etcd-client|command -v etcdctl"
     "test|zookeeper|[ -f /usr/share/java/zookeeper.jar ]"

@@ -11,7 +11,8 @@ Routes (all JSON; lists are JSON arrays, records JSON objects):
     GET    /v1/status                        daemon status
     GET    /v1/peers                         known nodes
     GET    /v1/networks                      list networks
-    POST   /v1/networks                      create {name, subnet, vni?, gateway?, mtu?} -> 201
+    POST   /v1/networks                      create {name, subnet, vni?, gateway?, mtu?, mode?,
+                                             egress?} -> 201
     GET    /v1/networks/{name}               one network plus its endpoints
     DELETE /v1/networks/{name}               remove -> 204
     GET    /v1/endpoints[?network=N]         list endpoints
@@ -176,7 +177,7 @@ def _optional_int(body: JSON, key: str) -> int | None:
 
 # --- handlers -------------------------------------------------------------
 
-_NETWORK_FIELDS = frozenset({"name", "subnet", "vni", "gateway", "mtu"})
+_NETWORK_FIELDS = frozenset({"name", "subnet", "vni", "gateway", "mtu", "mode", "egress"})
 _ENDPOINT_FIELDS = frozenset({"network", "name", "netns", "ip", "ifname"})
 
 
@@ -201,6 +202,8 @@ class _AdminHandlers:
             vni=_optional_int(body, "vni"),
             gateway=_optional_str(body, "gateway"),
             mtu=_optional_int(body, "mtu"),
+            mode=_optional_str(body, "mode"),
+            egress=_optional_str(body, "egress"),
         )
         return web.json_response(record, status=201)
 

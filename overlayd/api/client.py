@@ -124,8 +124,12 @@ class AdminClient:
         vni: int | None = None,
         gateway: str | None = None,
         mtu: int | None = None,
+        mode: str | None = None,
+        egress: str | None = None,
     ) -> schema.NetworkInfo:
-        body = _without_none(name=name, subnet=subnet, vni=vni, gateway=gateway, mtu=mtu)
+        body = _without_none(
+            name=name, subnet=subnet, vni=vni, gateway=gateway, mtu=mtu, mode=mode, egress=egress
+        )
         return _answer(schema.NetworkInfo.from_json, self.request("POST", "/v1/networks", body))
 
     def network_list(self) -> tuple[schema.NetworkListItem, ...]:

@@ -377,6 +377,10 @@ class Peer(_Record):
     rtt_ms: float | None = None
     # Seconds this peer's clock is ahead of ours (gossip measures it on every direct probe).
     clock_offset: float | None = None
+    # How this host reaches the peer's endpoints in routed networks: "direct" (one underlay
+    # segment: routed without encapsulation) or "vxlan" (a routed hop between: the fallback).
+    # None for this host itself.
+    path: str | None = None
 
     def to_json(self) -> JSONObject:
         out: JSONObject = {
@@ -393,6 +397,8 @@ class Peer(_Record):
             out["clock_offset"] = self.clock_offset
         elif self.clock_offset is not None:
             out["clock_offset"] = self.clock_offset
+        if self.path is not None:
+            out["path"] = self.path
         return out
 
     @classmethod
@@ -415,6 +421,7 @@ class Peer(_Record):
             state=state,
             rtt_ms=f.optional("rtt_ms", f.number, absent_ok=True),
             clock_offset=f.optional("clock_offset", f.number, absent_ok=True),
+            path=f.optional("path", f.text, absent_ok=True),
         )
         f.done()
         return made
@@ -434,6 +441,8 @@ def _network_fields(f: _Fields) -> dict[str, Any]:
         "subnet": f.parsed("subnet", _subnet, "an IPv4 subnet"),
         "gateway": f.optional("gateway", lambda k: f.parsed(k, _ipv4, "an IPv4 address")),
         "mtu": f.optional("mtu", f.integer),  # None: derived from each host's underlay
+        "mode": f.text("mode"),  # "vxlan" or "routed"
+        "egress": f.text("egress"),  # "none" or "nat"
     }
 
 
@@ -446,6 +455,8 @@ class NetworkInfo(_Record):
     subnet: IPv4Network
     gateway: IPv4Address | None
     mtu: int | None
+    mode: str
+    egress: str
 
     @classmethod
     def from_json(cls, data: object, where: str = "network") -> NetworkInfo:
@@ -464,6 +475,8 @@ class NetworkListItem(_Record):
     subnet: IPv4Network
     gateway: IPv4Address | None
     mtu: int | None
+    mode: str
+    egress: str
     endpoints: int
 
     @classmethod
@@ -522,6 +535,22 @@ class EndpointInfo(_Record):
 
 
 @dataclass(frozen=True)
+class PeerPath(_Record):
+    """How this host reaches one other host's endpoints in a network."""
+
+    node: str
+    vtep: str
+    path: str  # "direct" (routed, no encapsulation) or "vxlan"
+
+    @classmethod
+    def from_json(cls, data: object, where: str = "path") -> PeerPath:
+        f = _Fields(data, where)
+        made = cls(node=f.text("node"), vtep=f.text("vtep"), path=f.text("path"))
+        f.done()
+        return made
+
+
+@dataclass(frozen=True)
 class NetworkInspect(_Record):
     """GET /v1/networks/{name}: the record, this host's MTU for it, and its endpoints."""
 
@@ -530,8 +559,16 @@ class NetworkInspect(_Record):
     subnet: IPv4Network
     gateway: IPv4Address | None
     mtu: int | None
+    mode: str
+    egress: str
     # The MTU this host gives the network's devices; absent before the daemon knows its underlay.
     host_mtu: int | None = field(default=None, metadata=_OPTIONAL_KEY)
+    # The namespace that holds this host's gateway for the network (VXLAN mode with egress),
+    # absent when there is none here.
+    gateway_netns: str | None = field(default=None, metadata=_OPTIONAL_KEY)
+    # Per other host with endpoints in the network: routed directly or over VXLAN (absent
+    # when there is none).
+    paths: tuple[PeerPath, ...] | None = field(default=None, metadata=_OPTIONAL_KEY)
     endpoints: tuple[EndpointInfo, ...] = ()
 
     @classmethod
@@ -540,6 +577,8 @@ class NetworkInspect(_Record):
         made = cls(
             **_network_fields(f),
             host_mtu=f.optional("host_mtu", f.integer, absent_ok=True),
+            gateway_netns=f.optional("gateway_netns", f.text, absent_ok=True),
+            paths=f.records("paths", PeerPath.from_json) if f.has("paths") else None,
             endpoints=f.records("endpoints", EndpointInfo.from_json),
         )
         f.done()

@@ -62,8 +62,11 @@ class AdminService(Protocol):
         vni: int | None = None,
         gateway: str | None = None,
         mtu: int | None = None,
+        mode: str | None = None,
+        egress: str | None = None,
     ) -> JSON:
-        """Create a network (VNI allocated when None); returns the network record."""
+        """Create a network (VNI allocated when None; mode "vxlan" and egress "none" when None);
+        returns the network record."""
 
     def network_list(self) -> list[JSON]: ...
 

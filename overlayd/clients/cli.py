@@ -40,6 +40,8 @@ EXIT_NOT_CONVERGED = 3
 # Duplicated from the model on purpose: the CLI must not import daemon code,
 # and catching the obvious mistake here saves a round trip. The daemon decides.
 _VNI_MIN, _VNI_MAX = 1, 2**24 - 1
+_MODES = ("vxlan", "routed")
+_EGRESSES = ("none", "nat")
 
 
 class CommandError(Exception):
@@ -159,6 +161,7 @@ def cmd_peers(ctx: Context) -> int:
         return EXIT_OK
     # With gossip on, each peer also has a SWIM state and a round-trip time.
     gossip = any(p.state is not None for p in peers)
+    paths = any(p.path is not None for p in peers)
     rows = []
     for p in peers:
         row = [
@@ -168,21 +171,30 @@ def cmd_peers(ctx: Context) -> int:
             format_cell(p.started_at, "started_at"),
             "yes" if p.self else "",
         ]
+        if paths:
+            # Routed networks reach this peer directly (one segment) or over VXLAN.
+            row.append("" if p.self else format_cell(p.path))
         if gossip:
             row += [format_cell(p.state), format_cell(p.rtt_ms)]
         rows.append(row)
-    header = ["NAME", "VTEP", "ENDPOINTS", "STARTED", "SELF"] + (["STATE", "RTT MS"] if gossip else [])
+    header = ["NAME", "VTEP", "ENDPOINTS", "STARTED", "SELF"] + (["ROUTED PATH"] if paths else [])
+    header += ["STATE", "RTT MS"] if gossip else []
     print(format_table(header, rows))
     return EXIT_OK
 
 
 def _network_summary(net: schema.NetworkInfo) -> str:
-    return f"VNI {net.vni}, subnet {net.subnet}, gateway {format_cell(net.gateway)}, MTU {_mtu_cell(net.mtu)}"
+    return (
+        f"VNI {net.vni}, subnet {net.subnet}, gateway {format_cell(net.gateway)}, MTU {_mtu_cell(net.mtu)}, "
+        f"mode {net.mode}, egress {net.egress}"
+    )
 
 
 def cmd_network_create(ctx: Context) -> int:
     a = ctx.args
-    net = ctx.client().network_create(name=a.name, subnet=a.subnet, vni=a.vni, gateway=a.gateway, mtu=a.mtu)
+    net = ctx.client().network_create(
+        name=a.name, subnet=a.subnet, vni=a.vni, gateway=a.gateway, mtu=a.mtu, mode=a.mode, egress=a.egress
+    )
     if ctx.json_out:
         _print_json(net.to_json())
     else:
@@ -195,8 +207,11 @@ def cmd_network_ls(ctx: Context) -> int:
     if ctx.json_out:
         _print_json([n.to_json() for n in networks])
         return EXIT_OK
-    rows = ([n.name, str(n.vni), str(n.subnet), format_cell(n.gateway), _mtu_cell(n.mtu)] for n in networks)
-    print(format_table(["NAME", "VNI", "SUBNET", "GATEWAY", "MTU"], rows))
+    rows = (
+        [n.name, str(n.vni), str(n.subnet), format_cell(n.gateway), _mtu_cell(n.mtu), n.mode, n.egress]
+        for n in networks
+    )
+    print(format_table(["NAME", "VNI", "SUBNET", "GATEWAY", "MTU", "MODE", "EGRESS"], rows))
     return EXIT_OK
 
 
@@ -361,7 +376,9 @@ def cmd_completion(ctx: Context) -> int:
 class _Lab(Protocol):
     """What overlayctl expects of `overlayd.lab` (it prints its own output)."""
 
-    def lab_up(self, hosts: int, store: str, prefix: str, json_out: bool) -> int: ...
+    def lab_up(
+        self, hosts: int, store: str, prefix: str, json_out: bool, egress: str = "none", mode: str = "vxlan"
+    ) -> int: ...
 
     def lab_status(self, prefix: str, json_out: bool) -> int: ...
 
@@ -385,7 +402,9 @@ def _lab() -> _Lab:
 
 def cmd_lab_up(ctx: Context) -> int:
     a = ctx.args
-    return _lab().lab_up(hosts=a.hosts, store=a.store, prefix=a.prefix, json_out=ctx.json_out)
+    return _lab().lab_up(
+        hosts=a.hosts, store=a.store, prefix=a.prefix, json_out=ctx.json_out, egress=a.egress, mode=a.mode
+    )
 
 
 def cmd_lab_status(ctx: Context) -> int:
@@ -473,6 +492,18 @@ def _add_network_commands(commands: _Commands, common: argparse.ArgumentParser) 
     create.add_argument("--vni", type=_vni, metavar="N", help="VXLAN ID (default: allocated)")
     create.add_argument("--gateway", type=_ipv4, metavar="IP")
     create.add_argument("--mtu", type=_positive_int, metavar="N", help="default: underlay MTU minus 50")
+    create.add_argument(
+        "--mode",
+        choices=_MODES,
+        help="vxlan (default): every pair of hosts over VXLAN; routed: hosts on one underlay "
+        "segment route without encapsulation (needs --gateway)",
+    )
+    create.add_argument(
+        "--egress",
+        choices=_EGRESSES,
+        help="nat: endpoints reach the outside through the gateway, masqueraded to their host's "
+        "address (needs --gateway); default none",
+    )
     create.set_defaults(handler=cmd_network_create)
 
     ls = sub.add_parser("ls", aliases=["list"], parents=[common], help="list networks")
@@ -524,6 +555,18 @@ def _add_lab_commands(commands: _Commands, common: argparse.ArgumentParser) -> N
         default="gossip",
         metavar="KIND",
         help="gossip (no KV server; the default), etcd, zookeeper or consul",
+    )
+    up.add_argument(
+        "--egress",
+        choices=_EGRESSES,
+        default="none",
+        help="nat: the demo network gets egress, and the lab an outside namespace to reach",
+    )
+    up.add_argument(
+        "--mode",
+        choices=_MODES,
+        default="vxlan",
+        help="routed: the demo network is routed, with the last host behind a router namespace",
     )
     up.set_defaults(handler=cmd_lab_up)
 

@@ -16,7 +16,7 @@ import shutil
 import stat
 import subprocess
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -287,6 +287,25 @@ def check_mtu(status: schema.Status, networks: Sequence[schema.NetworkListItem])
     return Check(name, OK, f"{where}: networks get {room} (or their own, smaller MTU)")
 
 
+def check_gateway_tools(
+    networks: Sequence[schema.NetworkListItem], which: Callable[[str], str | None] = shutil.which
+) -> Check:
+    """Networks with egress or in routed mode need nftables (and `ip`, `nsenter`) on this host."""
+    name = "gateway tools"
+    needing = sorted(n.name for n in networks if n.egress != "none" or n.mode != "vxlan")
+    if not needing:
+        return Check(name, OK, "no network has egress or routed mode")
+    missing = [tool for tool in ("nft", "ip", "nsenter") if which(tool) is None]
+    if missing:
+        return Check(
+            name,
+            FAIL,
+            f"{', '.join(missing)} not found, but networks {', '.join(needing)} need it for their gateways",
+            "install nftables, iproute2 and util-linux",
+        )
+    return Check(name, OK, f"nft, ip and nsenter found (for {', '.join(needing)})")
+
+
 def check_clock(peers: Sequence[schema.Peer], now: float) -> Check:
     """Clock skew against peers, from the offsets gossip measures on each probe.
 
@@ -413,7 +432,9 @@ def run_checks(client: AdminClient, *, gossip_port: int | None = None) -> list[C
     port = gossip_port or (gossiping.port if gossiping is not None else DEFAULT_GOSSIP_PORT)
     checks.append(check_gossip_port(port, status.pid, configured=gossiping is not None))
     try:
-        checks.append(check_mtu(status, client.network_list()))
+        networks = client.network_list()
+        checks.append(check_mtu(status, networks))
+        checks.append(check_gateway_tools(networks))
     except ClientError as exc:
         checks.append(Check("mtu", WARN, f"cannot list networks: {exc.message}"))
     try:

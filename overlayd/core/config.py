@@ -11,6 +11,7 @@ Environment overrides use the dotted key in upper case with `_` for `.`:
 from __future__ import annotations
 
 import os
+import re
 import socket
 import tomllib
 from collections.abc import Iterable, Sequence
@@ -86,6 +87,10 @@ class Config:
     state_dir: str = "/var/lib/overlayd"
     reconcile_interval: float = 300.0
     log_level: str = "info"
+    # Gateway namespaces (VXLAN networks with egress) are named <prefix><VNI>.
+    gateway_netns_prefix: str = "ovgw"
+    # Interfaces besides the underlay's where replies to masqueraded traffic come in.
+    egress_interfaces: tuple[str, ...] = ()
 
 
 # Dotted key -> expected type: the single list of what the file may contain.
@@ -119,6 +124,8 @@ _KEYS: dict[str, type | tuple[type, ...]] = {
     "gossip.dead_grace": (int, float),
     "gossip.tombstone_ttl": (int, float),
     "gossip.mtu": int,
+    "egress.netns_prefix": str,
+    "egress.interfaces": list,
 }
 # How a type error names what was expected, for every type _KEYS uses.
 _EXPECTED: dict[type | tuple[type, ...], str] = {
@@ -129,6 +136,7 @@ _EXPECTED: dict[type | tuple[type, ...], str] = {
     list: "a list of strings",
 }
 GOSSIP_STORE = "gossip"
+_NETNS_PREFIX_RE = re.compile(r"[A-Za-z0-9_.-]{0,39}[A-Za-z_.-]")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -187,6 +195,17 @@ def from_flat(flat: dict[str, Any]) -> Config:
     if not prefix.startswith("/") or not prefix.endswith("/"):
         raise ConfigError(f"store.prefix: must start and end with '/' (got {prefix!r})")
 
+    netns_prefix = flat.get("egress.netns_prefix", "ovgw")
+    if not _NETNS_PREFIX_RE.fullmatch(netns_prefix):
+        raise ConfigError(
+            f"egress.netns_prefix: 1-40 letters, digits, '_', '.', '-', not ending in a digit "
+            f"(got {netns_prefix!r})"
+        )
+    egress_interfaces = tuple(flat.get("egress.interfaces", ()))
+    for name in egress_interfaces:
+        if not isinstance(name, str) or not name or len(name) > 15 or "/" in name or " " in name:
+            raise ConfigError(f"egress.interfaces: invalid interface name {name!r}")
+
     if "store.url" not in flat:
         raise ConfigError('store.url: required, e.g. etcd://127.0.0.1:2379 or "gossip"')
     gossip = _gossip_settings(flat)
@@ -207,6 +226,8 @@ def from_flat(flat: dict[str, Any]) -> Config:
         state_dir=flat.get("state.dir", "/var/lib/overlayd"),
         reconcile_interval=interval,
         log_level=level,
+        gateway_netns_prefix=netns_prefix,
+        egress_interfaces=egress_interfaces,
     )
 
 

@@ -13,6 +13,7 @@ import ipaddress
 import re
 import secrets
 import socket
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
@@ -22,6 +23,18 @@ VNI_MAX = 2**24 - 1
 MTU_MIN = 576
 MTU_MAX = 9000
 VXLAN_OVERHEAD = 50
+
+# How a network carries traffic between hosts (`Network.mode`).
+MODE_VXLAN = "vxlan"  # every pair of hosts over VXLAN
+MODE_ROUTED = "routed"  # hosts on one underlay segment route without encapsulation; VXLAN otherwise
+MODES = (MODE_VXLAN, MODE_ROUTED)
+# How endpoints reach what is outside the overlay (`Network.egress`).
+EGRESS_NONE = "none"
+EGRESS_NAT = "nat"  # through the anycast gateway, masqueraded to the host's address
+EGRESSES = (EGRESS_NONE, EGRESS_NAT)
+# A VXLAN-mode network with egress gets an uplink address derived from its VNI
+# (100.64.0.0/10, 22 bits): see `dataplane.desired.transit_address`.
+EGRESS_VNI_MAX = 2**22 - 1
 
 # Matched with fullmatch: `$` would also accept a trailing newline.
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
@@ -186,6 +199,8 @@ class Network:
     subnet: IPv4Network
     gateway: IPv4Address | None = None
     mtu: int | None = None  # None: every host uses its underlay MTU minus the VXLAN overhead
+    mode: str = MODE_VXLAN
+    egress: str = EGRESS_NONE
 
     def __post_init__(self) -> None:
         validate_name(self.name, "network name")
@@ -198,6 +213,33 @@ class Network:
                 raise ValidationError(f"gateway {gw} is not a usable address in subnet {self.subnet}")
         if self.mtu is not None:
             validate_mtu(self.mtu)
+        if self.mode not in MODES:
+            raise ValidationError(f"invalid mode {self.mode!r}: use one of {', '.join(MODES)}")
+        if self.egress not in EGRESSES:
+            raise ValidationError(f"invalid egress {self.egress!r}: use one of {', '.join(EGRESSES)}")
+        if self.gateway is None and self.egress != EGRESS_NONE:
+            raise ValidationError(
+                f"network {self.name}: egress {self.egress} needs a gateway (give one with --gateway IP): "
+                "endpoints leave the overlay through it"
+            )
+        if self.gateway is None and self.mode == MODE_ROUTED:
+            raise ValidationError(
+                f"network {self.name}: routed mode needs a gateway (give one with --gateway IP): "
+                "each host's gateway routes to the other hosts' endpoints"
+            )
+        if self.egress == EGRESS_NAT and self.mode == MODE_VXLAN and self.vni > EGRESS_VNI_MAX:
+            raise ValidationError(
+                f"invalid VNI {self.vni} for a network with egress: must be at most {EGRESS_VNI_MAX} "
+                "(its uplink address on every host is derived from it)"
+            )
+
+    @property
+    def routed(self) -> bool:
+        return self.mode == MODE_ROUTED
+
+    @property
+    def nat(self) -> bool:
+        return self.egress == EGRESS_NAT
 
     def is_host_address(self, ip: IPv4Address) -> bool:
         return ip in self.subnet and ip not in (self.subnet.network_address, self.subnet.broadcast_address)
@@ -215,6 +257,8 @@ class Network:
             "subnet": str(self.subnet),
             "gateway": str(self.gateway) if self.gateway else None,
             "mtu": self.mtu,
+            "mode": self.mode,
+            "egress": self.egress,
         }
 
     @classmethod
@@ -227,6 +271,9 @@ class Network:
             subnet=parse_subnet(_require(d, "subnet", "network")),
             gateway=parse_ipv4(gateway, "gateway") if gateway is not None else None,
             mtu=d.get("mtu"),
+            # Records written before modes and egress existed are VXLAN networks without egress.
+            mode=d.get("mode", MODE_VXLAN),
+            egress=d.get("egress", EGRESS_NONE),
         )
 
 
@@ -313,6 +360,14 @@ class Endpoint:
             netns=str(d.get("netns") or ""),
             ifname=str(d.get("ifname") or "eth0"),
         )
+
+
+def routed_overlap(network: Network, others: Iterable[Network]) -> Network | None:
+    """Another routed network whose subnet overlaps `network`'s, if `network` is routed (first by name)."""
+    if not network.routed:
+        return None
+    clashes = [n for n in others if n.routed and n.name != network.name and n.subnet.overlaps(network.subnet)]
+    return min(clashes, key=lambda n: n.name) if clashes else None
 
 
 def endpoint_key(network: str, name: str) -> str:

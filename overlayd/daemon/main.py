@@ -145,7 +145,7 @@ class Daemon:
         closers: list[tuple[str, Awaitable[Any]]] = []
         try:
             self.registry.load()
-            kernel = Kernel(metrics=self.metrics)
+            kernel = Kernel(metrics=self.metrics, gateway_netns_prefix=self.config.gateway_netns_prefix)
             await kernel.__aenter__()
             self._kernel = kernel
             closers.append(("kernel", kernel.__aexit__(None, None, None)))
@@ -154,17 +154,22 @@ class Daemon:
             )
             self.underlay = underlay
             log.info(
-                "node %s: VTEP %s on %s (MTU %d)",
+                "node %s: VTEP %s on %s (MTU %d, segment %s)",
                 self.config.node_name,
                 underlay.address,
                 underlay.ifname,
                 underlay.mtu,
+                underlay.network,
             )
             desired = DesiredState(
                 self.engine.view,
                 local_node=self.config.node_name,
                 local_vtep=underlay.address,
                 underlay_mtu=underlay.mtu,
+                underlay_ifname=underlay.ifname,
+                underlay_network=underlay.network,
+                gateway_netns_prefix=self.config.gateway_netns_prefix,
+                egress_interfaces=self.config.egress_interfaces,
             )
             reconciler = Reconciler(
                 kernel=kernel,
@@ -534,9 +539,11 @@ class LocalService:
         vni: int | None = None,
         gateway: str | None = None,
         mtu: int | None = None,
+        mode: str | None = None,
+        egress: str | None = None,
     ) -> JSON:
         return await self._daemon.require_ops().network_create(
-            name=name, subnet=subnet, vni=vni, gateway=gateway, mtu=mtu
+            name=name, subnet=subnet, vni=vni, gateway=gateway, mtu=mtu, mode=mode, egress=egress
         )
 
     async def network_remove(self, name: str) -> None:

@@ -19,6 +19,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from ipaddress import IPv4Address
 from typing import Any
 
@@ -28,12 +29,15 @@ from overlayd.cluster.gossip_claims import GossipClaims
 from overlayd.core.admission import Conflict as LostClaim
 from overlayd.core.ipam import AddressBook, SubnetFull
 from overlayd.core.model import (
+    EGRESS_NONE,
+    MODE_VXLAN,
     Endpoint,
     Network,
     endpoint_key,
     parse_ipv4,
     parse_subnet,
     random_mac,
+    routed_overlap,
     validate_name,
 )
 from overlayd.daemon.engine import Engine
@@ -124,6 +128,8 @@ class Operations:
         vni: int | None = None,
         gateway: str | None = None,
         mtu: int | None = None,
+        mode: str | None = None,
+        egress: str | None = None,
     ) -> JSON:
         self._require_synced()
         # Validate everything before claiming anything (VNI checked with a placeholder).
@@ -133,10 +139,21 @@ class Operations:
             subnet=parse_subnet(subnet),
             gateway=parse_ipv4(gateway, "gateway") if gateway is not None else None,
             mtu=mtu,
+            mode=MODE_VXLAN if mode is None else mode,
+            egress=EGRESS_NONE if egress is None else egress,
         )
         async with self._networks_lock:
             if name in self._view.networks:
                 raise Conflict(f"network {name} already exists")
+            if candidate.routed:
+                # Routed networks share every host's routing table (and the underlay, which
+                # carries their addresses unencapsulated): their subnets must not overlap.
+                clash = routed_overlap(candidate, self._view.networks.values())
+                if clash is not None:
+                    raise Conflict(
+                        f"subnet {candidate.subnet} overlaps routed network {clash.name} ({clash.subnet}): "
+                        "routed networks share the hosts' routing tables; use another subnet or --mode vxlan"
+                    )
             used = {n.vni: n.name for n in self._view.networks.values()}
             if vni is not None:
                 if vni in used:
@@ -148,9 +165,7 @@ class Operations:
                 )
                 candidates = [v for _, v in zip(range(_ALLOC_ATTEMPTS), free, strict=False)]
             for choice in candidates:
-                network = Network(
-                    name=name, vni=choice, subnet=candidate.subnet, gateway=candidate.gateway, mtu=mtu
-                )
+                network = replace(candidate, vni=choice)
                 try:
                     await self._claims.create_network(network)
                 except AlreadyExists as exc:
@@ -161,7 +176,14 @@ class Operations:
                     continue
                 except StoreError as exc:
                     raise Unavailable(str(exc)) from None
-                log.info("created network %s (VNI %d, %s)", name, network.vni, network.subnet)
+                log.info(
+                    "created network %s (VNI %d, %s, mode %s, egress %s)",
+                    name,
+                    network.vni,
+                    network.subnet,
+                    network.mode,
+                    network.egress,
+                )
                 return network.to_dict()
             raise Conflict("could not allocate a free VNI; give one with --vni")
 

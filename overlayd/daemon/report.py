@@ -19,7 +19,7 @@ from overlayd.core.model import Endpoint, validate_name
 from overlayd.daemon.engine import Engine
 from overlayd.daemon.runstate import RunState
 from overlayd.dataplane.commands import describe
-from overlayd.dataplane.desired import overlay_mtu
+from overlayd.dataplane.desired import PATH_VXLAN, overlay_mtu
 from overlayd.dataplane.kernel import Underlay
 from overlayd.dataplane.reconciler import Reconciler
 from overlayd.gossip import MemberInfo
@@ -131,9 +131,17 @@ class Report:
             "last_full_reconcile": (
                 reconciler.last_full.to_dict() if reconciler and reconciler.last_full else None
             ),
-            "errors": list(reconciler.errors)[-20:] if reconciler else [],
+            "errors": self._errors(reconciler),
             **({"warnings": list(state.warnings)} if state.warnings else {}),
         }
+
+    @staticmethod
+    def _errors(reconciler: Reconciler | None) -> list[str]:
+        if reconciler is None:
+            return []
+        # What desired state had to leave out (a routed subnet overlapping another), then
+        # the kernel operations that failed.
+        return [*reconciler.desired.problems.values(), *list(reconciler.errors)[-20:]]
 
     def _members(self) -> dict[str, MemberInfo]:
         peering = self._peering()
@@ -151,6 +159,7 @@ class Report:
         counts = self._view.owners()
         members = self._members()
         me = self._config.node_name
+        reconciler = self._reconciler()
         out: list[JSON] = []
         for node in sorted(self._view.nodes.values(), key=lambda n: n.name):
             record: JSON = {
@@ -165,6 +174,8 @@ class Report:
                 record["state"] = "alive" if record["self"] else (member.state.value if member else "unknown")
                 record["rtt_ms"] = round(member.rtt * 1e3, 3) if member and member.rtt is not None else None
                 record["clock_offset"] = member.clock_offset if member else None
+            if reconciler is not None and not record["self"]:
+                record["path"] = reconciler.desired.path_to(node.vtep)
             out.append(record)
         # Members gossip knows that have no node record in the view (dead past grace, joining).
         for member in sorted(members.values(), key=lambda m: m.name):
@@ -206,9 +217,24 @@ class Report:
         underlay = self._underlay()
         if underlay:
             record["host_mtu"] = overlay_mtu(network, underlay.mtu)
-        record["endpoints"] = [
-            ep.to_dict() for ep in sorted(self._view.endpoints_in(name), key=lambda e: e.name)
-        ]
+        endpoints = sorted(self._view.endpoints_in(name), key=lambda e: e.name)
+        reconciler = self._reconciler()
+        if reconciler is not None:
+            desired = reconciler.desired
+            netns = desired.gateway_netns_of(name)
+            if netns is not None:
+                record["gateway_netns"] = netns
+            me = self._config.node_name
+            paths = []
+            for owner in sorted({ep.owner for ep in endpoints if ep.owner != me}):
+                node = self._view.nodes.get(owner)
+                if node is None:
+                    continue
+                path = desired.path_to(node.vtep) if network.routed else PATH_VXLAN
+                paths.append({"node": owner, "vtep": str(node.vtep), "path": path})
+            if paths:
+                record["paths"] = paths
+        record["endpoints"] = [ep.to_dict() for ep in endpoints]
         return record
 
     def endpoint_list(self, network: str | None = None) -> list[JSON]:

@@ -13,10 +13,18 @@ value changed (an endpoint moved to another VTEP, an IP was reused with a new
 MAC) the result is one replace and no delete: deleting the old value after
 replacing it would remove the new one.
 
-Order of the result: links first (entries need their device), then new and
-changed entries (FDB before neighbour, so an answered ARP always has a
-path; each new neighbour followed by an ARP announcement on the local
-bridge), then stale entries, then links that are no longer wanted.
+Order of the result: gateway namespaces, then links (entries need their
+device: bridges, VXLAN devices, ports, the veths into gateway namespaces,
+then the far ends of those inside), then addresses, routes and forwarding,
+then new and changed entries (FDB before neighbour, so an answered ARP
+always has a path; each new neighbour followed by an ARP announcement on the
+local bridge), then nftables tables; then everything stale in the reverse
+order: tables, routes, addresses, entries, links, namespaces.
+
+What lives inside a namespace that is about to be deleted (or made anew,
+when someone deleted it) goes with it: nothing in it is deleted one by one,
+and after a re-creation everything wanted in it is written again, the veths
+into it first made anew.
 
 With `hold_deletions` (a restarted daemon whose view is not complete yet)
 nothing is removed: stale entries and links are counted in `Plan.held`
@@ -31,14 +39,25 @@ from overlayd.dataplane.commands import (
     AnnounceArp,
     AppendFlood,
     Command,
+    DeleteAddr,
     DeleteFdb,
     DeleteFlood,
     DeleteLink,
     DeleteNeigh,
+    DeleteNetns,
+    DeleteNft,
+    DeleteRoute,
+    EnableForwarding,
     EnsureBridge,
+    EnsureNetns,
+    EnsureVeth,
     EnsureVxlan,
+    ReplaceAddr,
     ReplaceFdb,
     ReplaceNeigh,
+    ReplaceNft,
+    ReplaceRoute,
+    SetInnerLink,
     SetPort,
 )
 from overlayd.dataplane.kstate import (
@@ -76,6 +95,11 @@ def plan(want: Tables, have: Tables, dirty: Dirty, *, hold_deletions: bool = Fal
     links: list[Command] = []
     recreated: set[str] = set()
 
+    # Gateway namespaces: made anew (first time, or someone deleted it) or going away.
+    fresh_ns = {ns for ns in dirty.netns if ns in want.netns and ns not in have.netns}
+    gone_ns = have.netns.keys() - want.netns.keys()
+    links += [EnsureNetns(want.netns[ns]) for ns in sorted(fresh_ns)]
+
     dirty_links = sorted(dirty.links)
     for name in dirty_links:
         bridge = want.bridges.get(name)
@@ -108,6 +132,65 @@ def plan(want: Tables, have: Tables, dirty: Dirty, *, hold_deletions: bool = Fal
             links.append(SetPort(port))
         elif port is not None and current_port is None:
             out.missing_ports.append(port)
+
+    for name in dirty_links:
+        veth = want.veths.get(name)
+        if veth is None:
+            continue
+        current_veth = have.veths.get(name)
+        if current_veth is not None and veth.netns in fresh_ns:
+            # Its far end is in the namespace that was deleted: make the pair anew.
+            links.append(DeleteLink(name))
+            current_veth = None
+        if current_veth != veth:
+            links.append(EnsureVeth(veth))
+
+    for ikey in sorted(dirty.inner):
+        inner = want.inner.get(ikey)
+        if inner is not None and (ikey[0] in fresh_ns or have.inner.get(ikey) != inner):
+            links.append(SetInnerLink(inner))
+
+    # Links about to go: what is on them goes with them.
+    dying = {name for name in dirty_links if name in have.links() and name not in want.links()}
+
+    layer3: list[Command] = []
+    layer3_removals: list[Command] = []
+    for akey in sorted(dirty.addrs, key=_addr_order):
+        ns, on, _ = akey
+        present = akey in have.addrs and ns not in fresh_ns
+        if akey in want.addrs:
+            if not present:
+                layer3.append(ReplaceAddr(akey))
+        elif present and ns not in gone_ns and on not in dying:
+            layer3_removals.append(DeleteAddr(akey))
+    route_removals: list[Command] = []
+    announcements: list[Command] = []
+    for rkey in sorted(dirty.routes, key=_route_order):
+        route = want.routes.get(rkey)
+        current_route = None if rkey[0] in fresh_ns else have.routes.get(rkey)
+        if route is not None:
+            if route != current_route:
+                layer3.append(ReplaceRoute(rkey, route))
+                if route.bridge and rkey[1].prefixlen == 32:
+                    announcements.append(AnnounceArp(route.bridge, rkey[1].network_address, route.mac))
+        elif current_route is not None and rkey[0] not in gone_ns and current_route.device not in dying:
+            route_removals.append(DeleteRoute(rkey))
+    for fkey in sorted(dirty.forwarding):
+        # Only ever switched on, and only on interfaces overlayd does not own (its own
+        # links carry their forwarding in their specs): whoever else needs it keeps it.
+        if fkey in want.forwarding and fkey not in have.forwarding:
+            layer3.append(EnableForwarding(*fkey))
+
+    tables: list[Command] = []
+    table_removals: list[Command] = []
+    for tkey in sorted(dirty.nft):
+        table = want.nft.get(tkey)
+        current_table = None if tkey[0] in fresh_ns else have.nft.get(tkey)
+        if table is not None:
+            if table != current_table:
+                tables.append(ReplaceNft(table))
+        elif current_table is not None and tkey[0] not in gone_ns:
+            table_removals.append(DeleteNft(*tkey))
 
     # Entries on a device that is about to be deleted or recreated are gone
     # with it: never delete them one by one, and re-add everything wanted.
@@ -160,19 +243,30 @@ def plan(want: Tables, have: Tables, dirty: Dirty, *, hold_deletions: bool = Fal
     removals += [DeleteFdb(e) for e in sorted(fdb_dels)]
     removals += [DeleteFlood(e) for e in sorted(flood_dels)]
 
-    # VXLAN devices before their bridges.
+    # VXLAN devices and veths before their bridges, namespaces last.
     stale_links: list[Command] = [
         DeleteLink(name) for name in dirty_links if name in have.vxlans and name not in want.vxlans
     ]
+    stale_links += [DeleteLink(name) for name in dirty_links if name in have.veths and name not in want.veths]
     stale_links += [
         DeleteLink(name) for name in dirty_links if name in have.bridges and name not in want.bridges
     ]
+    stale_links += [DeleteNetns(ns) for ns in sorted(gone_ns & dirty.netns)]
 
+    removals = table_removals + route_removals + layer3_removals + removals
     if hold_deletions:
         out.held = len(removals) + len(stale_links)
         removals, stale_links = [], []
-    out.commands = links + adds + removals + stale_links
+    out.commands = links + layer3 + adds + announcements + tables + removals + stale_links
     return out
+
+
+def _addr_order(key: tuple[str, str, object]) -> tuple[str, str, str]:
+    return (key[0], key[1], str(key[2]))
+
+
+def _route_order(key: tuple[str, object]) -> tuple[str, str]:
+    return (key[0], str(key[1]))
 
 
 def _neigh_order(entry: NeighEntry) -> tuple[str, int]:

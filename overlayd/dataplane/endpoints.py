@@ -210,8 +210,16 @@ def _configure_inside(
         if found is None:
             raise KernelError(f"{ifname} did not appear in netns {netns}")
         index = found.index
-        requests = [nl.add_address(index, ip, prefixlen), nl.set_up(index), nl.set_up(nl.LOOPBACK_INDEX)]
-        what = [f"address {ip}/{prefixlen}", f"{ifname} up", "loopback up"]
+        # arp_notify: coming up, the interface announces its address (a gratuitous ARP). A
+        # gateway on this host (a routed bridge, a gateway namespace's gw0) may have cached
+        # another MAC for it, of an endpoint that had the address before.
+        requests = [
+            nl.add_address(index, ip, prefixlen),
+            nl.set_devconf(index, {nl.IPV4_DEVCONF_ARP_NOTIFY: 1}),
+            nl.set_up(index),
+            nl.set_up(nl.LOOPBACK_INDEX),
+        ]
+        what = [f"address {ip}/{prefixlen}", f"{ifname} announces itself", f"{ifname} up", "loopback up"]
         if gateway is not None:
             # "add", not "replace": a namespace that already routes its
             # default elsewhere is a conflict to report, not to overwrite.

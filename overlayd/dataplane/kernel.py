@@ -13,9 +13,18 @@
   ~150-200k entries/s (`bridge -batch` ~90k/s in the same runs), and
   `observe()` reads 20,000 entries in ~60 ms plus GC pauses.
 
+Gateway namespaces (`ip netns add`/`delete`, pinned under /run/netns) and
+nftables tables (`nft -j`, in a gateway namespace through `nsenter --net`)
+are the two things done by running a program; see `dataplane.nft` for why.
+Inside a gateway namespace the same raw netlink socket does the work, one
+per namespace, kept while the namespace lives.
+
 Ownership: a link is ours only if `kstate.is_ours(name, alias)`; entries are
-ours only on our VXLAN devices. `observe()` sees nothing else, and every
-write checks the target first, so foreign objects are never touched.
+ours only on our VXLAN devices; addresses only on our links; routes only
+with our protocol number; a gateway namespace only by its name and only if
+every link in it is ours; an nftables table only by the name `overlayd`.
+`observe()` sees nothing else, and every write checks the target first, so
+foreign objects are never touched.
 
 Errors: `execute()` never raises for one failing operation; each command gets
 an `OpResult` whose `error` says what the kernel said. Unknown command types
@@ -24,46 +33,80 @@ raise `TypeError` before anything is applied.
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import json
+import logging
 import os
+import re
+import shutil
 import socket
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address
-from typing import Any, NamedTuple, TypeVar
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any, NamedTuple, TypeVar, cast
 
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from overlayd.dataplane import netlink as nl
+from overlayd.dataplane import nft
 from overlayd.dataplane.commands import (
     AnnounceArp,
     AppendFlood,
     Command,
+    DeleteAddr,
     DeleteFdb,
     DeleteFlood,
     DeleteLink,
     DeleteNeigh,
+    DeleteNetns,
+    DeleteNft,
+    DeleteRoute,
+    EnableForwarding,
     EnsureBridge,
+    EnsureNetns,
+    EnsureVeth,
     EnsureVxlan,
+    ReplaceAddr,
     ReplaceFdb,
     ReplaceNeigh,
+    ReplaceNft,
+    ReplaceRoute,
+    SetInnerLink,
     SetPort,
 )
 from overlayd.dataplane.kstate import (
+    HOST_NS,
+    NFT_TABLE,
+    RTPROT_OVERLAYD,
     VXLAN_PREFIX,
     BridgeSpec,
+    InnerLinkSpec,
     KernelState,
+    NftKey,
+    NftTable,
     PortSpec,
+    VethSpec,
     VxlanSpec,
+    is_inner,
     link_alias,
 )
-from overlayd.dataplane.mirror import Mirror
+from overlayd.dataplane.mirror import Dump, Mirror, NsDump
 from overlayd.dataplane.netlink import LinkInfo, gratuitous_arp
 from overlayd.dataplane.nsock import netns_path, socket_in_netns
 from overlayd.dataplane.rtnl import LOST, KernelError, Rtnl
 from overlayd.util.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+NETNS_DIR = "/run/netns"
+# How long one run of `ip netns` or `nft` may take.
+_PROGRAM_TIMEOUT = 20.0
+# Routed bridges answer ARP for other hosts' endpoints at once (the kernel's default
+# waits up to 0.8 s at random before a proxy answer to a broadcast).
+_PROXY_DELAY_MS = 0
 
 __all__ = [
     "Kernel",
@@ -86,6 +129,9 @@ class Underlay:
     ifname: str
     address: IPv4Address
     mtu: int
+    # The subnet the address is on: hosts inside it share this host's segment (routed mode
+    # reaches them without encapsulation). None: treat every other host as behind a router.
+    network: IPv4Network | None = None
 
 
 class OpResult(NamedTuple):
@@ -140,12 +186,22 @@ class Kernel:
     between event loops; within one loop, calls may run concurrently.
     """
 
-    def __init__(self, *, metrics: Metrics | None = None, netns: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        metrics: Metrics | None = None,
+        netns: str | None = None,
+        gateway_netns_prefix: str = "ovgw",
+    ) -> None:
         self._metrics = metrics
         self._netns = netns
         self._ipr: Any = None
         self._rtnl: Rtnl | None = None
         self._packet: socket.socket | None = None
+        self.gateway_netns_prefix = gateway_netns_prefix
+        self._gateway_re = re.compile(rf"{re.escape(gateway_netns_prefix)}\d+")
+        # Gateway namespace -> (its pin's inode, a raw netlink socket in it).
+        self._inside: dict[str, tuple[tuple[int, int], Rtnl]] = {}
 
     @property
     def netns(self) -> str | None:
@@ -176,6 +232,9 @@ class Kernel:
         self._close()
 
     def _close(self) -> None:
+        for _pin, inside in self._inside.values():
+            inside.close()
+        self._inside.clear()
         if self._packet is not None:
             self._packet.close()
             self._packet = None
@@ -241,7 +300,9 @@ class Kernel:
         with only an address, the interface is the one holding it; with both,
         they must agree. The MTU is the interface's: overlay MTUs derive from it.
         """
-        addrs = await self._dump(nl.RTM_GETADDR, nl.IFADDRMSG.pack(nl.AF_INET, 0, 0, 0, 0), nl.parse_addr)
+        raw = await self._dump(nl.RTM_GETADDR, nl.IFADDRMSG.pack(nl.AF_INET, 0, 0, 0, 0), nl.parse_addr_full)
+        addrs = [(a.ifindex, a.address.ip) for a in raw]
+        subnet = {(a.ifindex, a.address.ip): a.address.network for a in raw}
         links = {link.index: link for link in await self.links()}
         if interface is None:
             if address is None:
@@ -250,7 +311,7 @@ class Kernel:
             if not holders:
                 raise KernelError(f"no interface holds the VTEP address {address}")
             dev = links[holders[0]]
-            return Underlay(ifname=dev.ifname, address=address, mtu=dev.mtu)
+            return Underlay(dev.ifname, address, dev.mtu, subnet[(dev.index, address)])
         found = next((lk for lk in links.values() if lk.ifname == interface), None)
         if found is None:
             raise KernelError(f"underlay interface {interface} does not exist")
@@ -265,26 +326,199 @@ class Kernel:
                 f"VTEP address {address} is not on underlay interface {interface} "
                 f"(its IPv4 addresses: {held})"
             )
-        return Underlay(ifname=found.ifname, address=address, mtu=found.mtu)
+        return Underlay(found.ifname, address, found.mtu, subnet[(found.index, address)])
 
-    async def dump(self) -> tuple[list[LinkInfo], list[nl.RawNeigh], list[nl.RawNeigh]]:
-        """Every link, bridge FDB entry and IPv4 neighbour entry in the namespace, unparsed.
+    async def dump(self, *, nft_tables: bool = True) -> Dump:
+        """Every link, bridge FDB entry and IPv4 neighbour entry, address, route and
+        per-interface setting in the namespace, unparsed; each gateway namespace's links,
+        addresses and routes; overlayd's nftables tables (unless `nft_tables` is false:
+        reading them runs `nft`, a few milliseconds a namespace).
 
         The neighbour tables are read only if one of our VXLAN devices exists:
         entries are ours only on those.
         """
-        links = await self.links()
-        if not any(link.kind == "vxlan" and link.ours for link in links):
-            return links, [], []
-        fdb = await self._dump(nl.RTM_GETNEIGH, nl.NDMSG.pack(nl.AF_BRIDGE, 0, 0, 0, 0), nl.parse_neigh)
-        neigh = await self._dump(nl.RTM_GETNEIGH, nl.NDMSG.pack(nl.AF_INET, 0, 0, 0, 0), nl.parse_neigh)
-        return links, fdb, neigh
+        out = Dump(links=await self.links())
+        if any(link.kind == "vxlan" and link.ours for link in out.links):
+            out.fdb = await self._dump(
+                nl.RTM_GETNEIGH, nl.NDMSG.pack(nl.AF_BRIDGE, 0, 0, 0, 0), nl.parse_neigh
+            )
+            out.neigh = await self._dump(
+                nl.RTM_GETNEIGH, nl.NDMSG.pack(nl.AF_INET, 0, 0, 0, 0), nl.parse_neigh
+            )
+        out.addrs = await self._dump(
+            nl.RTM_GETADDR, nl.IFADDRMSG.pack(nl.AF_INET, 0, 0, 0, 0), nl.parse_addr_full
+        )
+        out.routes = await self._dump(nl.RTM_GETROUTE, nl.route_dump_request(), nl.parse_route)
+        out.netconf = await self._dump(nl.RTM_GETNETCONF, nl.netconf_dump_request(), nl.parse_netconf)
+        for name in self.gateway_namespaces():
+            inside = await self._dump_inside(name)
+            if inside is not None:
+                out.namespaces[name] = inside
+        if nft_tables or out.namespaces:
+            out.nft = await self.nft_tables([HOST_NS, *out.namespaces])
+        return out
 
     async def observe(self) -> KernelState:
         """What overlayd owns in the kernel now, in the shape of the desired state."""
         mirror = Mirror()
-        mirror.load(*await self.dump())
+        mirror.load_dump(await self.dump())
         return mirror.tables.state()
+
+    # --- gateway namespaces ------------------------------------------------------
+
+    def gateway_namespaces(self) -> list[str]:
+        """Namespaces pinned under /run/netns with a name a gateway namespace of ours would have."""
+        try:
+            names = os.listdir(NETNS_DIR)
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if self._gateway_re.fullmatch(n) and self._pin(n) is not None)
+
+    def _pin(self, name: str) -> tuple[int, int] | None:
+        """(device, inode) of the namespace pinned at /run/netns/NAME, None if there is none.
+
+        A plain file left there is no namespace: a pin made in another mount namespace
+        (a daemon in a sandbox of its own) shows only as the empty file it was bound on.
+        """
+        try:
+            st = os.stat(os.path.join(NETNS_DIR, name))
+        except FileNotFoundError:
+            return None
+        if st.st_dev != _nsfs_device():
+            return None
+        return (st.st_dev, st.st_ino)
+
+    def inside(self, name: str) -> Rtnl:
+        """A raw netlink socket in gateway namespace `name` (reopened if it was made anew)."""
+        pin = self._pin(name)
+        if pin is None:
+            self.forget_namespace(name)
+            raise KernelError(f"network namespace {name} does not exist")
+        cached = self._inside.get(name)
+        if cached is not None and cached[0] == pin:
+            return cached[1]
+        self.forget_namespace(name)
+        try:
+            rtnl = Rtnl.open(os.path.join(NETNS_DIR, name))
+        except OSError as exc:
+            raise KernelError(f"cannot open netlink in {name}: {exc}") from exc
+        self._inside[name] = (pin, rtnl)
+        return rtnl
+
+    def forget_namespace(self, name: str) -> None:
+        cached = self._inside.pop(name, None)
+        if cached is not None:
+            cached[1].close()
+
+    async def _dump_inside(self, name: str) -> NsDump | None:
+        """A gateway namespace's links, addresses and routes; None if it is not ours."""
+        try:
+            rtnl = self.inside(name)
+            links = await rtnl.query(nl.RTM_GETLINK, nl.IFINFOMSG.pack(0, 0, 0, 0, 0), nl.parse_link)
+            foreign = [
+                link.ifname
+                for link in links
+                if link.ifname != "lo" and not is_inner(link.ifname, link.kind, link.alias)
+            ]
+            if foreign:
+                log.warning("namespace %s is not overlayd's (it holds %s): leaving it alone", name, foreign)
+                self.forget_namespace(name)
+                return None
+            addrs = await rtnl.query(
+                nl.RTM_GETADDR, nl.IFADDRMSG.pack(nl.AF_INET, 0, 0, 0, 0), nl.parse_addr_full
+            )
+            routes = await rtnl.query(nl.RTM_GETROUTE, nl.route_dump_request(), nl.parse_route)
+        except (KernelError, NetlinkError) as exc:
+            log.warning("cannot read namespace %s: %s", name, error_text(exc))
+            return None
+        return NsDump(links=links, addrs=addrs, routes=routes)
+
+    async def _program(self, argv: list[str], stdin: bytes | None = None) -> str:
+        """Run a program (ip, nft), returning its output; KernelError with its stderr if it fails."""
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+        except OSError as exc:
+            raise KernelError(f"cannot run {argv[0]}: {exc}") from exc
+        try:
+            async with asyncio.timeout(_PROGRAM_TIMEOUT):
+                out, err = await proc.communicate(stdin)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise KernelError(f"{' '.join(argv[:3])} did not finish in {_PROGRAM_TIMEOUT:g}s") from None
+        if proc.returncode != 0:
+            text = err.decode(errors="replace").strip().splitlines()
+            raise KernelError(f"{' '.join(argv)}: {text[-1] if text else f'exit {proc.returncode}'}")
+        return out.decode(errors="replace")
+
+    async def _ensure_netns(self, name: str) -> None:
+        if self._pin(name) is not None:
+            return
+        self.forget_namespace(name)
+        if _exists(name):
+            # A stale pin (no namespace behind it): `ip netns delete` unmounts and unlinks.
+            await self._program(["ip", "netns", "delete", name])
+        await self._program(["ip", "netns", "add", name])
+        # Loopback up: nothing inside talks to itself today, but a namespace without it surprises.
+        rtnl = self.inside(name)
+        ((code, text),) = await rtnl.batch([nl.set_up(nl.LOOPBACK_INDEX)])
+        if code:
+            raise KernelError(f"loopback up in {name}: {error_code_text(code, text)}")
+
+    async def _delete_netns(self, name: str) -> None:
+        self.forget_namespace(name)
+        if not _exists(name):
+            return
+        if not self._gateway_re.fullmatch(name):
+            raise KernelError(f"refusing to delete namespace {name}: not an overlayd gateway namespace")
+        await self._program(["ip", "netns", "delete", name])
+
+    # --- nftables ----------------------------------------------------------------
+
+    def _nft_argv(self, netns: str, *args: str) -> list[str]:
+        base = ["nft", "-j", *args]
+        if netns == HOST_NS:
+            return base
+        return ["nsenter", f"--net={os.path.join(NETNS_DIR, netns)}", *base]
+
+    async def nft_tables(self, namespaces: list[str]) -> dict[NftKey, NftTable]:
+        """Our nftables tables in `namespaces` as the kernel has them (none without nft)."""
+        out: dict[NftKey, NftTable] = {}
+        if shutil.which("nft") is None:
+            return out
+        for netns in namespaces:
+            try:
+                families = nft.parse_tables(
+                    json.loads(await self._program(self._nft_argv(netns, "list", "tables")))
+                )
+                for family in sorted(families):
+                    listing = await self._program(
+                        self._nft_argv(netns, "list", "table", family, NFT_TABLE)
+                    )
+                    out[(netns, family)] = nft.parse_table(netns, family, json.loads(listing))
+            except (KernelError, ValueError) as exc:
+                log.warning("cannot read nftables%s: %s", f" in {netns}" if netns else "", exc)
+        return out
+
+    async def _replace_nft(self, table: NftTable) -> None:
+        payload = json.dumps(nft.replace_commands(table)).encode()
+        await self._program(self._nft_argv(table.netns, "-f", "-"), stdin=payload)
+        # Read back what the transaction left: the kernel must hold exactly this table now.
+        listing = await self._program(
+            self._nft_argv(table.netns, "list", "table", table.family, NFT_TABLE)
+        )
+        found = nft.parse_table(table.netns, table.family, json.loads(listing))
+        if found != table:
+            raise KernelError(f"nft table {table.family} {NFT_TABLE} reads back other than written")
+
+    async def _delete_nft(self, netns: str, family: str) -> None:
+        payload = json.dumps(nft.delete_commands(family)).encode()
+        await self._program(self._nft_argv(netns, "-f", "-"), stdin=payload)
 
     # --- writing ---------------------------------------------------------------
 
@@ -302,19 +536,33 @@ class Kernel:
                 raise TypeError(f"the kernel executor does not know {cmd!r}")
         results: list[OpResult | None] = [None] * len(commands)
         pending: list[int] = []  # positions of entry commands waiting for their batch
+        pending_l3: list[int] = []  # addresses, routes, forwarding: batched per namespace
         announcements: list[int] = []
         for i, cmd in enumerate(commands):
             if isinstance(cmd, AnnounceArp):
                 announcements.append(i)
             elif isinstance(cmd, _ENTRY_COMMANDS):
+                if pending_l3:
+                    await self._apply_l3(commands, pending_l3, results)
+                    pending_l3 = []
                 pending.append(i)
+            elif isinstance(cmd, _L3_COMMANDS):
+                if pending:
+                    await self._apply_batch(commands, pending, results)
+                    pending = []
+                pending_l3.append(i)
             else:
                 if pending:
                     await self._apply_batch(commands, pending, results)
                     pending = []
+                if pending_l3:
+                    await self._apply_l3(commands, pending_l3, results)
+                    pending_l3 = []
                 results[i] = await self._apply_link(cmd)
         if pending:
             await self._apply_batch(commands, pending, results)
+        if pending_l3:
+            await self._apply_l3(commands, pending_l3, results)
         for i in announcements:
             results[i] = self._announce(commands[i])  # type: ignore[arg-type]
         done = [r for r in results if r is not None]
@@ -331,6 +579,84 @@ class Kernel:
         batch: list[_EntryCommand] = [commands[i] for i in positions]  # type: ignore[misc]
         for i, result in zip(positions, await self._apply_entries(batch), strict=True):
             results[i] = result
+
+    async def _apply_l3(
+        self, commands: Sequence[Command], positions: list[int], results: list[OpResult | None]
+    ) -> None:
+        """Addresses, routes and forwarding switches: one batch per namespace, in order."""
+        by_ns: dict[str, list[int]] = {}
+        for i in positions:
+            by_ns.setdefault(_l3_netns(commands[i]), []).append(i)  # type: ignore[arg-type]
+        for netns, where in by_ns.items():
+            try:
+                rtnl = self._raw if netns == HOST_NS else self.inside(netns)
+                names = await self._link_table(netns)
+            except (KernelError, NetlinkError) as exc:
+                for i in where:
+                    results[i] = OpResult(commands[i], error_text(exc))
+                continue
+            msgs: list[bytes] = []
+            sent: list[int] = []
+            for i in where:
+                cmd = cast(_L3Command, commands[i])
+                try:
+                    msg = self._l3_message(cmd, netns, names)
+                except KernelError as exc:
+                    results[i] = OpResult(cmd, str(exc))
+                    continue
+                if msg is None:
+                    results[i] = OpResult(cmd, None)  # a delete of what is gone already
+                    continue
+                msgs.append(msg)
+                sent.append(i)
+            answers = await rtnl.batch(msgs)
+            for i, (code, text) in zip(sent, answers, strict=True):
+                cmd = cast(_L3Command, commands[i])
+                gone = code in (errno.ENOENT, errno.ESRCH, errno.ENODEV, errno.EADDRNOTAVAIL)
+                if code == 0 or (gone and isinstance(cmd, DeleteAddr | DeleteRoute)):
+                    results[i] = OpResult(cmd, None)
+                else:
+                    results[i] = OpResult(cmd, error_code_text(code, text))
+
+    async def _link_table(self, netns: str) -> dict[str, LinkInfo]:
+        if netns == HOST_NS:
+            links = await self.links()
+        else:
+            links = await self.inside(netns).query(
+                nl.RTM_GETLINK, nl.IFINFOMSG.pack(0, 0, 0, 0, 0), nl.parse_link
+            )
+        return {link.ifname: link for link in links}
+
+    @staticmethod
+    def _l3_message(cmd: _L3Command, netns: str, links: dict[str, LinkInfo]) -> bytes | None:
+        def device(name: str, *, ours: bool) -> LinkInfo | None:
+            link = links.get(name)
+            if link is not None and ours and netns == HOST_NS and not link.ours:
+                raise KernelError(f"{name} is not an overlayd link; not touching its addresses")
+            return link
+
+        match cmd:
+            case ReplaceAddr((_, name, address)):
+                link = device(name, ours=True)
+                if link is None:
+                    raise KernelError(f"device {name} does not exist")
+                return nl.replace_address(link.index, address)
+            case DeleteAddr((_, name, address)):
+                link = device(name, ours=True)
+                return None if link is None else nl.delete_address(link.index, address)
+            case ReplaceRoute((_, dst), route):
+                link = device(route.device, ours=False)
+                if link is None:
+                    raise KernelError(f"device {route.device} does not exist")
+                return nl.replace_route(dst, oif=link.index, via=route.via, protocol=RTPROT_OVERLAYD)
+            case DeleteRoute((_, dst)):
+                return nl.delete_route(dst, protocol=RTPROT_OVERLAYD)
+            case EnableForwarding(_, name):
+                link = device(name, ours=False)
+                if link is None:
+                    raise KernelError(f"device {name} does not exist")
+                return nl.set_devconf(link.index, {nl.IPV4_DEVCONF_FORWARDING: 1})
+        raise TypeError(f"not a layer 3 command: {cmd!r}")
 
     def _announce(self, cmd: AnnounceArp) -> OpResult:
         """Send one gratuitous ARP out of the bridge (to local ports only)."""
@@ -412,6 +738,18 @@ class Kernel:
                     await self._set_port(spec)
                 case DeleteLink(ifname):
                     await self._delete_link(ifname)
+                case EnsureNetns(spec):
+                    await self._ensure_netns(spec.name)
+                case DeleteNetns(name):
+                    await self._delete_netns(name)
+                case EnsureVeth(spec):
+                    await self._ensure_veth(spec)
+                case SetInnerLink(spec):
+                    await self._set_inner_link(spec)
+                case ReplaceNft(table):
+                    await self._replace_nft(table)
+                case DeleteNft(netns, family):
+                    await self._delete_nft(netns, family)
                 case _:
                     raise TypeError(f"not a link command: {cmd!r}")
         except (NetlinkError, KernelError, OSError, ValueError) as exc:
@@ -465,8 +803,82 @@ class Kernel:
             await self._create_owned(
                 spec.ifname, alias, kind="bridge", address=mac, mtu=spec.mtu, br_stp_state=0
             )
-            return
-        await self.ipr.link("set", index=link.index, address=mac, mtu=spec.mtu, ifalias=alias, state="up")
+            link = await self.link(spec.ifname)
+            if link is None:
+                raise KernelError(f"{spec.ifname} vanished right after it was created")
+        else:
+            await self.ipr.link("set", index=link.index, address=mac, mtu=spec.mtu, ifalias=alias, state="up")
+        if spec.routed or link.forwarding or link.proxy_arp:
+            # A routed network's gateway: the bridge forwards, and answers ARP for
+            # endpoints on other hosts (it has a host route for each) with its MAC.
+            on = int(spec.routed)
+            requests = [
+                nl.set_devconf(link.index, {nl.IPV4_DEVCONF_FORWARDING: on, nl.IPV4_DEVCONF_PROXY_ARP: on})
+            ]
+            if spec.routed:
+                requests.append(nl.set_proxy_delay(link.index, _PROXY_DELAY_MS))
+            for code, text in await self._raw.batch(requests):
+                if code:
+                    raise KernelError(f"IPv4 settings of {spec.ifname}: {error_code_text(code, text)}")
+
+    async def _ensure_veth(self, spec: VethSpec) -> None:
+        """The host side of a veth pair into a gateway namespace; made with its peer if missing."""
+        alias = link_alias(spec.network, spec.role)
+        link = await self._owned(spec.ifname, "veth", spec.role)
+        master = await self._bridge_index(spec.bridge) if spec.bridge else 0
+        if link is None:
+            path = os.path.join(NETNS_DIR, spec.netns)
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError as exc:
+                raise KernelError(f"cannot open namespace {spec.netns}: {exc}") from exc
+            try:
+                request = nl.create_veth(
+                    ifname=spec.ifname,
+                    mtu=spec.mtu,
+                    master=master,
+                    peer=spec.peer,
+                    peer_netns_fd=fd,
+                    peer_mac=nl.mac_bytes(spec.peer_mac),
+                )
+                ((code, text),) = await self._raw.batch([request])
+            finally:
+                os.close(fd)
+            if code:
+                raise KernelError(f"cannot create veth {spec.ifname}: {error_code_text(code, text)}")
+            ((code, text),) = await self._raw.batch([nl.set_alias(spec.ifname, alias)])
+            if code:
+                await self._raw.batch([nl.delete_link_by_name(spec.ifname)])
+                raise KernelError(f"cannot mark {spec.ifname} as overlayd's: {error_code_text(code, text)}")
+            link = await self.link(spec.ifname)
+            if link is None:
+                raise KernelError(f"{spec.ifname} vanished right after it was created")
+        else:
+            await self.ipr.link(
+                "set", index=link.index, mtu=spec.mtu, master=master, ifalias=alias, state="up"
+            )
+        ((code, text),) = await self._raw.batch(
+            [nl.set_devconf(link.index, {nl.IPV4_DEVCONF_FORWARDING: int(spec.forwarding)})]
+        )
+        if code:
+            raise KernelError(f"IPv4 forwarding on {spec.ifname}: {error_code_text(code, text)}")
+
+    async def _set_inner_link(self, spec: InnerLinkSpec) -> None:
+        """Inside a gateway namespace: the veth's end marked ours, with its MAC and MTU, up, forwarding."""
+        rtnl = self.inside(spec.netns)
+        found = await rtnl.query(nl.RTM_GETLINK, nl.get_link_request(spec.ifname), nl.parse_link, dump=False)
+        if not found:
+            raise KernelError(f"{spec.ifname} does not exist in {spec.netns}")
+        index = found[0].index
+        requests = [
+            nl.set_link(index, mac=nl.mac_bytes(spec.mac), mtu=spec.mtu),
+            nl.set_alias(spec.ifname, link_alias(spec.network or "?", "inner")),
+            nl.set_devconf(index, {nl.IPV4_DEVCONF_FORWARDING: int(spec.forwarding)}),
+            nl.set_link(index, up=spec.up),
+        ]
+        for code, text in await rtnl.batch(requests):
+            if code:
+                raise KernelError(f"{spec.ifname} in {spec.netns}: {error_code_text(code, text)}")
 
     async def _ensure_vxlan(self, spec: VxlanSpec) -> None:
         alias = link_alias(spec.network, "vxlan")
@@ -525,10 +937,49 @@ class Kernel:
 
 
 _ENTRY_COMMANDS = (ReplaceFdb, DeleteFdb, AppendFlood, DeleteFlood, ReplaceNeigh, DeleteNeigh)
-_LINK_COMMANDS = (EnsureBridge, EnsureVxlan, SetPort, DeleteLink)
+_L3_COMMANDS = (ReplaceAddr, DeleteAddr, ReplaceRoute, DeleteRoute, EnableForwarding)
+_LINK_COMMANDS = (
+    EnsureBridge,
+    EnsureVxlan,
+    SetPort,
+    DeleteLink,
+    EnsureNetns,
+    DeleteNetns,
+    EnsureVeth,
+    SetInnerLink,
+    ReplaceNft,
+    DeleteNft,
+)
 _EntryCommand = ReplaceFdb | DeleteFdb | AppendFlood | DeleteFlood | ReplaceNeigh | DeleteNeigh
+_L3Command = ReplaceAddr | DeleteAddr | ReplaceRoute | DeleteRoute | EnableForwarding
 _DELETES = (DeleteFdb, DeleteFlood, DeleteNeigh)
-_KNOWN_COMMANDS = (*_ENTRY_COMMANDS, *_LINK_COMMANDS, AnnounceArp)
+_KNOWN_COMMANDS = (*_ENTRY_COMMANDS, *_L3_COMMANDS, *_LINK_COMMANDS, AnnounceArp)
+
+
+def _exists(name: str) -> bool:
+    """Something is at /run/netns/NAME (a stat of a tmpfs entry: it never blocks)."""
+    return os.path.lexists(os.path.join(NETNS_DIR, name))
+
+
+_NSFS: list[int] = []
+
+
+def _nsfs_device() -> int:
+    """The device number of nsfs, where every namespace file lives (read once)."""
+    if not _NSFS:
+        _NSFS.append(os.stat("/proc/self/ns/net").st_dev)
+    return _NSFS[0]
+
+
+def _l3_netns(cmd: _L3Command) -> str:
+    match cmd:
+        case ReplaceAddr(key) | DeleteAddr(key):
+            return key[0]
+        case ReplaceRoute(key, _) | DeleteRoute(key):
+            return key[0]
+        case EnableForwarding(netns, _):
+            return netns
+    raise TypeError(f"not a layer 3 command: {cmd!r}")
 
 
 def entry_message(cmd: _EntryCommand, ifindex: int) -> bytes:

@@ -1,7 +1,9 @@
-"""The notification socket: link and neighbour changes in one namespace, as they happen.
+"""The notification socket: link, neighbour, address, route and netconf changes in one namespace.
 
 A raw NETLINK_ROUTE socket bound to the link and neighbour multicast groups
-(the latter carries bridge FDB and IPv4 neighbour changes alike). The event
+(the latter carries bridge FDB and IPv4 neighbour changes alike), and to
+the IPv4 address, route and netconf groups (`GROUPS`; a gateway namespace's
+monitor takes `INSIDE_GROUPS`: all but neighbours). The event
 loop calls `_readable` when datagrams wait; each is handed, unparsed, to
 `on_datagram` (the kernel mirror parses it). Reading stops after a bounded
 number of datagrams per wake-up so a flood of notifications cannot starve
@@ -33,6 +35,10 @@ _SO_RCVBUFFORCE: Final = 33
 RCVBUF: Final = 32 * 1024 * 1024
 _RECV_SIZE: Final = 256 * 1024
 _PER_WAKEUP: Final = 256
+GROUPS: Final = (
+    nl.RTMGRP_LINK | nl.RTMGRP_NEIGH | nl.RTMGRP_IPV4_IFADDR | nl.RTMGRP_IPV4_ROUTE | nl.RTMGRP_IPV4_NETCONF
+)
+INSIDE_GROUPS: Final = nl.RTMGRP_LINK | nl.RTMGRP_IPV4_IFADDR | nl.RTMGRP_IPV4_ROUTE | nl.RTMGRP_IPV4_NETCONF
 
 
 class Monitor:
@@ -43,11 +49,13 @@ class Monitor:
         on_datagram: Callable[[bytes], None],
         on_overrun: Callable[[], None],
         rcvbuf: int = RCVBUF,
+        groups: int = GROUPS,
     ) -> None:
         self._netns = netns
         self._on_datagram = on_datagram
         self._on_overrun = on_overrun
         self._rcvbuf = rcvbuf
+        self._groups = groups
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.overruns = 0
@@ -63,7 +71,7 @@ class Monitor:
                 sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, self._rcvbuf)
             except PermissionError:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self._rcvbuf)
-            sock.bind((0, nl.RTMGRP_LINK | nl.RTMGRP_NEIGH))
+            sock.bind((0, self._groups))
             sock.setblocking(False)
         except BaseException:
             sock.close()

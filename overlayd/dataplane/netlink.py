@@ -13,8 +13,8 @@ import socket
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
-from ipaddress import IPv4Address
-from typing import Final
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from typing import Final, NamedTuple
 
 from overlayd.dataplane.kstate import ALIAS_PREFIX, FLOOD_MAC, is_ours
 
@@ -40,15 +40,24 @@ RTM_NEWLINK: Final = 16
 RTM_DELLINK: Final = 17
 RTM_GETLINK: Final = 18
 RTM_NEWADDR: Final = 20
+RTM_DELADDR: Final = 21
 RTM_GETADDR: Final = 22
 RTM_NEWROUTE: Final = 24
+RTM_DELROUTE: Final = 25
+RTM_GETROUTE: Final = 26
 RTM_NEWNEIGH: Final = 28
 RTM_DELNEIGH: Final = 29
 RTM_GETNEIGH: Final = 30
+RTM_SETNEIGHTBL: Final = 67
+RTM_NEWNETCONF: Final = 80
+RTM_GETNETCONF: Final = 82
 
-# Multicast groups (bit masks for bind): link and neighbour changes.
+# Multicast groups (bit masks for bind): link, neighbour, IPv4 address, route and netconf changes.
 RTMGRP_LINK: Final = 0x1
 RTMGRP_NEIGH: Final = 0x4
+RTMGRP_IPV4_IFADDR: Final = 0x10
+RTMGRP_IPV4_ROUTE: Final = 0x40
+RTMGRP_IPV4_NETCONF: Final = 1 << (24 - 1)  # RTNLGRP_IPV4_NETCONF = 24
 
 AF_INET: Final = socket.AF_INET
 AF_BRIDGE: Final = 7
@@ -70,7 +79,19 @@ IFLA_MTU: Final = 4
 IFLA_MASTER: Final = 10
 IFLA_LINKINFO: Final = 18
 IFLA_IFALIAS: Final = 20
+IFLA_AF_SPEC: Final = 26
 IFLA_NET_NS_FD: Final = 28
+IFLA_INET_CONF: Final = 1
+IPV4_DEVCONF_FORWARDING: Final = 1
+IPV4_DEVCONF_PROXY_ARP: Final = 3
+IPV4_DEVCONF_ARP_NOTIFY: Final = 22
+NETCONFA_IFINDEX: Final = 1
+NETCONFA_FORWARDING: Final = 2
+NETCONFA_PROXY_NEIGH: Final = 5
+NDTA_NAME: Final = 1
+NDTA_PARMS: Final = 6
+NDTPA_IFINDEX: Final = 1
+NDTPA_PROXY_DELAY: Final = 13
 IFLA_INFO_KIND: Final = 1
 IFLA_INFO_DATA: Final = 2
 IFLA_VXLAN_ID: Final = 1
@@ -79,12 +100,16 @@ IFLA_VXLAN_PORT: Final = 15
 VETH_INFO_PEER: Final = 1
 NLA_F_NESTED: Final = 0x8000
 
+RTA_DST: Final = 1
 RTA_OIF: Final = 4
 RTA_GATEWAY: Final = 5
+RTA_TABLE: Final = 15
 RT_TABLE_MAIN: Final = 254
 RTPROT_BOOT: Final = 3
 RT_SCOPE_UNIVERSE: Final = 0
+RT_SCOPE_LINK: Final = 253
 RTN_UNICAST: Final = 1
+RTNH_F_ONLINK: Final = 4
 
 SOL_NETLINK: Final = 270
 NETLINK_CAP_ACK: Final = 10
@@ -100,6 +125,8 @@ NDMSG = struct.Struct("=BxxxiHBB")  # family, ifindex, state, flags, type
 IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
 IFADDRMSG = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
 RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst_len, src_len, tos, table, protocol, scope, type, flags
+NDTMSG = struct.Struct("=Bxxx")  # family
+U64 = struct.Struct("=Q")
 NLA = struct.Struct("=HH")
 U32 = struct.Struct("=I")
 I32 = struct.Struct("=i")
@@ -194,6 +221,9 @@ class LinkInfo:
     vni: int | None = None
     local: IPv4Address | None = None
     port: int | None = None
+    # IPv4 settings of the link (None when it has no IPv4 configuration).
+    forwarding: bool | None = None
+    proxy_arp: bool | None = None
 
     @property
     def ours(self) -> bool:
@@ -216,7 +246,7 @@ def parse_link(data: bytes, start: int, end: int) -> LinkInfo | None:
     _family, _type, index, flags, _change = IFINFOMSG.unpack_from(data, start)
     name = alias = mac = None
     mtu = master = 0
-    linkinfo = None
+    linkinfo = af_spec = None
     pos = start + IFINFOMSG.size
     unpack = NLA.unpack_from
     while pos + 4 <= end:
@@ -236,6 +266,8 @@ def parse_link(data: bytes, start: int, end: int) -> LinkInfo | None:
             mac = data[pos + 4 : pos + length]
         elif kind == IFLA_LINKINFO:
             linkinfo = data[pos + 4 : pos + length]
+        elif kind == IFLA_AF_SPEC:
+            af_spec = data[pos + 4 : pos + length]
         pos += (length + 3) & ~3
     ifname = cstr(name)
     if ifname is None:
@@ -254,6 +286,14 @@ def parse_link(data: bytes, start: int, end: int) -> LinkInfo | None:
                 local = IPv4Address(raw)
             if (raw := vx.get(IFLA_VXLAN_PORT)) is not None:
                 port = BE16.unpack(raw[:2])[0]
+    forwarding = proxy_arp = None
+    if af_spec is not None:
+        inet = attrs(af_spec, 0, len(af_spec)).get(AF_INET)
+        if inet is not None:
+            conf = attrs(inet, 0, len(inet)).get(IFLA_INET_CONF)
+            if conf is not None:
+                forwarding = _devconf(conf, IPV4_DEVCONF_FORWARDING)
+                proxy_arp = _devconf(conf, IPV4_DEVCONF_PROXY_ARP)
     return LinkInfo(
         index=index,
         ifname=ifname,
@@ -266,7 +306,17 @@ def parse_link(data: bytes, start: int, end: int) -> LinkInfo | None:
         vni=vni,
         local=local,
         port=port,
+        forwarding=forwarding,
+        proxy_arp=proxy_arp,
     )
+
+
+def _devconf(conf: bytes, index: int) -> bool | None:
+    """One value of IFLA_INET_CONF: an array of u32, entry i holding IPV4_DEVCONF i+1."""
+    offset = 4 * (index - 1)
+    if len(conf) < offset + 4:
+        return None
+    return bool(U32.unpack_from(conf, offset)[0])
 
 
 def link_index_of(data: bytes, start: int) -> int:
@@ -283,6 +333,157 @@ def parse_addr(data: bytes, start: int, end: int) -> tuple[int, IPv4Address] | N
     if raw is None or len(raw) != 4:
         return None
     return index, IPv4Address(raw)
+
+
+class RawAddr(NamedTuple):
+    ifindex: int
+    address: IPv4Interface
+
+
+def parse_addr_full(data: bytes, start: int, end: int) -> RawAddr | None:
+    """An IPv4 address with its prefix length (RTM_NEWADDR / RTM_DELADDR)."""
+    family, plen, _flags, _scope, index = IFADDRMSG.unpack_from(data, start)
+    if family != AF_INET:
+        return None
+    a = attrs(data, start + IFADDRMSG.size, end)
+    raw = a.get(IFA_LOCAL) or a.get(IFA_ADDRESS)
+    if raw is None or len(raw) != 4:
+        return None
+    return RawAddr(index, IPv4Interface((IPv4Address(raw), plen)))
+
+
+class RawRoute(NamedTuple):
+    table: int
+    protocol: int
+    dst: IPv4Network
+    oif: int
+    gateway: IPv4Address | None
+
+
+def route_protocol(data: bytes, start: int) -> int:
+    """The rtm_protocol of a route message at payload `start`, without parsing the rest."""
+    return data[start + 5]
+
+
+def parse_route(data: bytes, start: int, end: int) -> RawRoute | None:
+    """An IPv4 unicast route (RTM_NEWROUTE / RTM_DELROUTE); None for anything else."""
+    family, dst_len, _src_len, _tos, table, protocol, _scope, kind, _flags = RTMSG.unpack_from(data, start)
+    if family != AF_INET or kind != RTN_UNICAST:
+        return None
+    a = attrs(data, start + RTMSG.size, end)
+    raw_table = a.get(RTA_TABLE)
+    if raw_table is not None:
+        table = U32.unpack(raw_table[:4])[0]
+    dst_raw = a.get(RTA_DST)
+    dst = IPv4Address(dst_raw) if dst_raw is not None and len(dst_raw) == 4 else IPv4Address(0)
+    oif_raw = a.get(RTA_OIF)
+    gw_raw = a.get(RTA_GATEWAY)
+    return RawRoute(
+        table=table,
+        protocol=protocol,
+        dst=IPv4Network((dst, dst_len), strict=False),
+        oif=U32.unpack(oif_raw[:4])[0] if oif_raw else 0,
+        gateway=IPv4Address(gw_raw) if gw_raw is not None and len(gw_raw) == 4 else None,
+    )
+
+
+class RawNetconf(NamedTuple):
+    ifindex: int  # NETCONFA_IFINDEX_ALL (-1) and _DEFAULT (-2) are not interfaces
+    forwarding: bool | None
+    proxy_arp: bool | None
+
+
+def parse_netconf(data: bytes, start: int, end: int) -> RawNetconf | None:
+    """IPv4 per-interface settings (RTM_NEWNETCONF): forwarding and proxy ARP, when present."""
+    if data[start] != AF_INET:
+        return None
+    a = attrs(data, start + 4, end)  # struct netconfmsg is one byte, aligned to four
+    raw_index = a.get(NETCONFA_IFINDEX)
+    if raw_index is None:
+        return None
+    forwarding = a.get(NETCONFA_FORWARDING)
+    proxy = a.get(NETCONFA_PROXY_NEIGH)
+    return RawNetconf(
+        ifindex=I32.unpack(raw_index[:4])[0],
+        forwarding=bool(I32.unpack(forwarding[:4])[0]) if forwarding else None,
+        proxy_arp=bool(I32.unpack(proxy[:4])[0]) if proxy else None,
+    )
+
+
+def netconf_dump_request() -> bytes:
+    """The body of an RTM_GETNETCONF dump (IPv4)."""
+    return bytes([AF_INET, 0, 0, 0])
+
+
+def route_dump_request() -> bytes:
+    return RTMSG.pack(AF_INET, 0, 0, 0, 0, 0, 0, 0, 0)
+
+
+def replace_address(index: int, address: IPv4Interface) -> bytes:
+    """`ip address replace ADDRESS dev INDEX` (scope link for a /32, global otherwise)."""
+    scope = RT_SCOPE_UNIVERSE
+    body = IFADDRMSG.pack(AF_INET, address.network.prefixlen, 0, scope, index)
+    body += nla(IFA_LOCAL, address.ip.packed) + nla(IFA_ADDRESS, address.ip.packed)
+    return message(RTM_NEWADDR, NLM_F_CREATE | NLM_F_REPLACE, body)
+
+
+def delete_address(index: int, address: IPv4Interface) -> bytes:
+    body = IFADDRMSG.pack(AF_INET, address.network.prefixlen, 0, 0, index)
+    body += nla(IFA_LOCAL, address.ip.packed) + nla(IFA_ADDRESS, address.ip.packed)
+    return message(RTM_DELADDR, 0, body)
+
+
+def replace_route(dst: IPv4Network, *, oif: int, via: IPv4Address | None, protocol: int) -> bytes:
+    """`ip route replace DST [via VIA onlink] dev OIF proto PROTOCOL` in the main table."""
+    scope = RT_SCOPE_UNIVERSE if via is not None else RT_SCOPE_LINK
+    flags = RTNH_F_ONLINK if via is not None else 0
+    body = RTMSG.pack(AF_INET, dst.prefixlen, 0, 0, RT_TABLE_MAIN, protocol, scope, RTN_UNICAST, flags)
+    if dst.prefixlen:
+        body += nla(RTA_DST, dst.network_address.packed)
+    if via is not None:
+        body += nla(RTA_GATEWAY, via.packed)
+    body += nla_u32(RTA_OIF, oif)
+    return message(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE, body)
+
+
+def delete_route(dst: IPv4Network, *, protocol: int) -> bytes:
+    """Delete the main table's route to DST, only if it carries `protocol` (ours)."""
+    body = RTMSG.pack(AF_INET, dst.prefixlen, 0, 0, RT_TABLE_MAIN, protocol, 0, 0, 0)
+    if dst.prefixlen:
+        body += nla(RTA_DST, dst.network_address.packed)
+    return message(RTM_DELROUTE, 0, body)
+
+
+def set_devconf(index: int, values: dict[int, int]) -> bytes:
+    """RTM_NEWLINK setting IPv4 per-interface settings (IPV4_DEVCONF_* -> value), as
+    `sysctl net.ipv4.conf.DEV.*` would, through netlink (works where /proc/sys is read-only)."""
+    conf = b"".join(nla_u32(key, value) for key, value in sorted(values.items()))
+    spec = nla(AF_INET | NLA_F_NESTED, nla(IFLA_INET_CONF | NLA_F_NESTED, conf))
+    body = IFINFOMSG.pack(0, 0, index, 0, 0) + nla(IFLA_AF_SPEC | NLA_F_NESTED, spec)
+    return message(RTM_NEWLINK, 0, body)
+
+
+def set_proxy_delay(index: int, milliseconds: int) -> bytes:
+    """`net.ipv4.neigh.DEV.proxy_delay`: how long proxy ARP waits before it answers a broadcast."""
+    parms = nla_u32(NDTPA_IFINDEX, index) + nla(NDTPA_PROXY_DELAY, U64.pack(milliseconds))
+    body = NDTMSG.pack(AF_INET) + nla_str(NDTA_NAME, "arp_cache") + nla(NDTA_PARMS | NLA_F_NESTED, parms)
+    return message(RTM_SETNEIGHTBL, 0, body)
+
+
+def set_link(
+    index: int, *, mac: bytes | None = None, mtu: int | None = None, up: bool | None = None
+) -> bytes:
+    """RTM_NEWLINK on an existing link: MAC, MTU and/or up."""
+    flags = change = 0
+    if up is not None:
+        change = IFF_UP
+        flags = IFF_UP if up else 0
+    body = IFINFOMSG.pack(0, 0, index, flags, change)
+    if mac is not None:
+        body += nla(IFLA_ADDRESS, mac)
+    if mtu is not None:
+        body += nla_u32(IFLA_MTU, mtu)
+    return message(RTM_NEWLINK, 0, body)
 
 
 def get_link_request(ifname: str) -> bytes:

@@ -8,6 +8,12 @@ for exactly those (`dataplane.diff.plan`), and executes them as one batch;
 whatever becomes dirty while a batch is written goes into the next one. A
 pass with nothing dirty does nothing.
 
+Each gateway namespace (a VXLAN network with egress) has a notification
+socket of its own, opened when the namespace is made or found and closed
+when it goes; its links, addresses and routes are repaired at once like the
+host's. nftables tables and the namespaces' pins send no notifications: they
+are compared on full reads (and read back by the executor after each write).
+
 A full read of the kernel (dump, load the mirror, compare every key) runs
 at start-up — adopting what is already right instead of flushing it — then
 every `verify_interval` as a safety net, and at once after a netlink
@@ -35,14 +41,25 @@ from overlayd.dataplane.commands import (
     AnnounceArp,
     AppendFlood,
     Command,
+    DeleteAddr,
     DeleteFdb,
     DeleteFlood,
     DeleteLink,
     DeleteNeigh,
+    DeleteNetns,
+    DeleteNft,
+    DeleteRoute,
+    EnableForwarding,
     EnsureBridge,
+    EnsureNetns,
+    EnsureVeth,
     EnsureVxlan,
+    ReplaceAddr,
     ReplaceFdb,
     ReplaceNeigh,
+    ReplaceNft,
+    ReplaceRoute,
+    SetInnerLink,
     SetPort,
     describe,
 )
@@ -51,7 +68,7 @@ from overlayd.dataplane.diff import diff, plan
 from overlayd.dataplane.kernel import Kernel, OpResult
 from overlayd.dataplane.kstate import Dirty, PortSpec, Tables
 from overlayd.dataplane.mirror import Mirror
-from overlayd.dataplane.monitor import RCVBUF, Monitor
+from overlayd.dataplane.monitor import INSIDE_GROUPS, RCVBUF, Monitor
 from overlayd.util.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -109,7 +126,12 @@ class Reconciler:
             on_overrun=self.request_full,
             rcvbuf=monitor_rcvbuf,
         )
-        self._buffer: list[bytes] | None = None  # notifications held back during a dump
+        # Gateway namespaces followed, each by a monitor of its own (opened after the
+        # namespace is made or found, closed when it goes).
+        self._inside: dict[str, Monitor] = {}
+        self._rcvbuf = monitor_rcvbuf
+        # Notifications held back during a dump: (namespace, datagram).
+        self._buffer: list[tuple[str, bytes]] | None = None
         self._wake = asyncio.Event()
         self._full_requested = "startup"
         self._retry = Dirty()
@@ -158,13 +180,46 @@ class Reconciler:
             log.info("view complete: comparing everything, held deletions may go")
             self.request_full("hold-released")
 
-    def _notified(self, data: bytes) -> None:
+    def _notified(self, data: bytes, netns: str = "") -> None:
         if self._buffer is not None:
-            self._buffer.append(data)
+            self._buffer.append((netns, data))
             return
-        self.mirror.apply_datagram(data)
+        self.mirror.apply_datagram(data, netns)
         if self.mirror.dirty:
             self._wake.set()
+
+    def _follow_namespaces(self, names: Iterable[str], *, renew: Iterable[str] = ()) -> None:
+        """One monitor per gateway namespace in `names`; `renew`: namespaces made anew."""
+        wanted = set(names)
+        for name in [*renew, *(n for n in self._inside if n not in wanted)]:
+            monitor = self._inside.pop(name, None)
+            if monitor is not None:
+                monitor.close()
+        for name in sorted(wanted - self._inside.keys()):
+            monitor = Monitor(
+                netns=name,
+                on_datagram=self._notifier(name),
+                on_overrun=self.request_full,
+                rcvbuf=min(self._rcvbuf, 1 << 20),
+                groups=INSIDE_GROUPS,
+            )
+            try:
+                monitor.start()
+            except OSError as exc:
+                log.warning("cannot follow namespace %s: %s", name, exc)
+                continue
+            self._inside[name] = monitor
+
+    def _notifier(self, netns: str) -> Callable[[bytes], None]:
+        def notified(data: bytes) -> None:
+            self._notified(data, netns)
+
+        return notified
+
+    def _drain(self) -> None:
+        self._monitor.drain()
+        for monitor in self._inside.values():
+            monitor.drain()
 
     # --- running ---
 
@@ -174,6 +229,9 @@ class Reconciler:
 
     def close(self) -> None:
         self._monitor.close()
+        for monitor in self._inside.values():
+            monitor.close()
+        self._inside.clear()
 
     async def run(self) -> None:
         """Run forever: a full pass now, then a pass whenever something is dirty."""
@@ -216,7 +274,7 @@ class Reconciler:
     async def reconcile(self, trigger: str) -> PassReport:
         """One incremental pass over what is dirty. Passes never overlap."""
         async with self._lock:
-            self._monitor.drain()
+            self._drain()
             dirty = self.desired.dirty.take()
             dirty.update(self.mirror.dirty.take())
             return await self._apply(trigger, "incremental", dirty)
@@ -224,23 +282,29 @@ class Reconciler:
     async def reconcile_full(self, trigger: str) -> PassReport:
         """Read the whole kernel into the mirror and compare every key."""
         async with self._lock:
-            self._monitor.drain()
+            # Follow every gateway namespace there is before reading it.
+            self._follow_namespaces(self._kernel.gateway_namespaces())
+            self._drain()
             self._buffer = []
             started, t0 = time.time(), time.perf_counter()
             try:
-                dump = await self._kernel.dump()
+                # nftables are read at start-up (tables left by an earlier life) and while any
+                # is wanted or known; otherwise a full verify runs no program at all.
+                t = self.desired.tables
+                nft_tables = trigger == "startup" or bool(t.nft or t.netns or self.mirror.tables.nft)
+                dump = await self._kernel.dump(nft_tables=nft_tables)
             except Exception as exc:
                 buffered, self._buffer = self._buffer, None
-                for data in buffered:
-                    self.mirror.apply_datagram(data)
+                for netns, data in buffered:
+                    self.mirror.apply_datagram(data, netns)
                 log.exception("reading the kernel failed")
                 return self._report(trigger, "full", started, t0, 0, [f"dump: {exc}"], 0)
             # Notifications that arrived during the dump are newer than parts of it:
             # replaying them in order leaves each key as its last event says.
-            self.mirror.load(*dump, mark=False)
+            self.mirror.load_dump(dump, mark=False)
             buffered, self._buffer = self._buffer, None
-            for data in buffered:
-                self.mirror.apply_datagram(data)
+            for netns, data in buffered:
+                self.mirror.apply_datagram(data, netns)
             dirty = self.mirror.dirty.take()
             dirty.update(self.desired.dirty.take())
             dirty.update(differences(self.desired.tables, self.mirror.tables))
@@ -276,17 +340,22 @@ class Reconciler:
                     log.exception("kernel write failed")
                     outcomes = [OpResult(cmd, f"{exc}") for cmd in result.commands]
                 done: list[Command] = []
+                renewed: list[str] = []
                 for outcome in outcomes:
                     if outcome.error is None:
                         applied += 1
                         self.mirror.assume(outcome.command)
                         done.append(outcome.command)
+                        if isinstance(outcome.command, EnsureNetns | DeleteNetns):
+                            renewed.append(_netns_of(outcome.command))
                     else:
                         errors.append(f"{describe(outcome.command)}: {outcome.error}")
                         _mark(self._retry, outcome.command)
                 if done and log.isEnabledFor(logging.DEBUG):
                     for cmd in done:
                         log.debug("applied: %s", describe(cmd))
+                if renewed:
+                    self._follow_namespaces(self.mirror.namespaces(), renew=renewed)
                 if done and self._on_applied is not None:
                     self._on_applied(done)
         if errors:
@@ -383,7 +452,7 @@ class Reconciler:
         wanted = list(names)
         async with asyncio.timeout(timeout):
             while True:
-                self._monitor.drain()
+                self._drain()
                 if self.converged_links(wanted):
                     return
                 passed = self._passed
@@ -404,7 +473,19 @@ def differences(want: Tables, have: Tables) -> Dirty:
         out.neigh = {key for key, _ in want.neigh.items() ^ have.neigh.items()}
     if want.flood != have.flood:
         out.flood = want.flood ^ have.flood
+    # Gateway namespaces and what is in them: few, compared whole.
+    out.netns = want.netns.keys() | have.netns.keys()
+    out.inner = want.inner.keys() | have.inner.keys()
+    out.addrs = want.addrs ^ have.addrs
+    if want.routes != have.routes:
+        out.routes = {key for key, _ in want.routes.items() ^ have.routes.items()}
+    out.forwarding = want.forwarding - have.forwarding
+    out.nft = want.nft.keys() | have.nft.keys()
     return out
+
+
+def _netns_of(cmd: EnsureNetns | DeleteNetns) -> str:
+    return cmd.spec.name if isinstance(cmd, EnsureNetns) else cmd.name
 
 
 def _mark(dirty: Dirty, cmd: Command) -> None:
@@ -424,5 +505,23 @@ def _mark(dirty: Dirty, cmd: Command) -> None:
             dirty.links.add(p.ifname)
         case DeleteLink(ifname):
             dirty.links.add(ifname)
+        case EnsureVeth(v):
+            dirty.links.add(v.ifname)
+        case SetInnerLink(i):
+            dirty.inner.add((i.netns, i.ifname))
+        case EnsureNetns(ns):
+            dirty.netns.add(ns.name)
+        case DeleteNetns(name):
+            dirty.netns.add(name)
+        case ReplaceAddr(key) | DeleteAddr(key):
+            dirty.addrs.add(key)
+        case ReplaceRoute(key, _) | DeleteRoute(key):
+            dirty.routes.add(key)
+        case EnableForwarding(netns, device):
+            dirty.forwarding.add((netns, device))
+        case ReplaceNft(table):
+            dirty.nft.add((table.netns, table.family))
+        case DeleteNft(netns, family):
+            dirty.nft.add((netns, family))
         case AnnounceArp():
             pass  # the neighbour it announces is in place; nothing to compare again

@@ -8,6 +8,12 @@ different prefixes live side by side):
                   or Consul on 198.18.0.1:8500, reached over `ul0`
     P-h1..P-hN    hosts: `ul0` = 198.18.0.(10+k)/24, one overlayd each
     P-<name>      endpoint namespaces (the demo's are P-h1-ep ... P-hN-ep)
+    P-hK-gw<VNI>  gateway namespaces the daemons make (VXLAN networks with egress)
+    P-out         with `egress="nat"`: the outside, 198.18.0.200 on the underlay, reachable
+                  from every host and from no endpoint without NAT
+    P-rt          with `mode="routed"`: a router between the underlay (br0, 198.18.0.254)
+                  and a second segment (br1, 198.18.1.0/24, router 198.18.1.254) that the
+                  last host sits on (198.18.1.(10+N)), so one pair of hosts needs VXLAN
 
 Everything lives in those namespaces: nothing is added to the machine's own
 namespace. The lab directory `/run/overlayd-lab/P/` holds `lab.json`, which
@@ -36,7 +42,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import partial
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol, TypeVar
@@ -72,6 +78,14 @@ STATUS_LISTEN = "127.0.0.1:9480"
 
 DEMO_NETWORK = "demo"
 DEMO_SUBNET = "10.100.0.0/24"
+DEMO_GATEWAY = "10.100.0.1"
+OUTSIDE_ADDRESS = "198.18.0.200"
+ROUTER_ADDRESS = "198.18.0.254"
+FAR_SUBNET = IPv4Network("198.18.1.0/24")  # the segment behind the router (routed mode)
+FAR_ROUTER_ADDRESS = "198.18.1.254"
+FAR_BRIDGE = "br1"
+MODES = ("vxlan", "routed")
+EGRESSES = ("none", "nat")
 
 _PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{0,15}$")
 
@@ -88,9 +102,9 @@ def check_prefix(prefix: str) -> str:
     return prefix
 
 
-def host_address(k: int) -> str:
-    """Underlay (VTEP) address of host number k (1-based)."""
-    return str(UNDERLAY_SUBNET.network_address + 10 + k)
+def host_address(k: int, *, far: bool = False) -> str:
+    """Underlay (VTEP) address of host number k (1-based); `far`: behind the router."""
+    return str((FAR_SUBNET if far else UNDERLAY_SUBNET).network_address + 10 + k)
 
 
 def wait_for(
@@ -286,13 +300,30 @@ class Lab:
         progress: Callable[[str], None] | None = None,
         daemon_env: Mapping[str, str] | None = None,
         gossip: bool | None = None,
+        egress: str = "none",
+        mode: str = "vxlan",
     ) -> None:
-        """`gossip`: run gossip beside a KV store too (always on in gossip-only mode)."""
+        """`gossip`: run gossip beside a KV store too (always on in gossip-only mode).
+
+        `egress="nat"`: the demo network gets egress, and the lab an outside namespace.
+        `mode="routed"`: the demo network is routed, and the last host (of two or more)
+        sits behind a router namespace on a segment of its own.
+        """
         self.prefix = check_prefix(prefix)
         if not 1 <= hosts <= MAX_HOSTS:
             raise LabError(f"invalid number of hosts {hosts}: must be 1..{MAX_HOSTS}")
         if store not in STORES:
             raise LabError(f"unsupported store {store!r}: supported: {', '.join(STORES)}")
+        if egress not in EGRESSES:
+            raise LabError(f"unsupported egress {egress!r}: supported: {', '.join(EGRESSES)}")
+        if mode not in MODES:
+            raise LabError(f"unsupported mode {mode!r}: supported: {', '.join(MODES)}")
+        self.egress = egress
+        self.mode = mode
+        self.outside_ns = f"{prefix}-out"
+        self.router_ns = f"{prefix}-rt"
+        # The last host sits behind the router (with two hosts or more).
+        self.far = hosts if mode == "routed" and hosts >= 2 else 0
         self.store = store
         self.store_prefix = f"/{prefix}/v1/"
         self.lease_ttl = lease_ttl
@@ -305,7 +336,8 @@ class Lab:
         self.underlay_ns = f"{prefix}-ul"
         self.kv_ns = f"{prefix}-kv"
         self.hosts = [
-            Host(f"h{k}", f"{prefix}-h{k}", host_address(k), self.dir / f"h{k}") for k in range(1, hosts + 1)
+            Host(f"h{k}", f"{prefix}-h{k}", host_address(k, far=k == self.far), self.dir / f"h{k}")
+            for k in range(1, hosts + 1)
         ]
         self.kv: KvServer | None = None if store == "gossip" else self._kv_server()
         self.gossip = store == "gossip" or bool(gossip)
@@ -375,6 +407,8 @@ class Lab:
             "gossip": self.gossip,
             "gossip_key": self.gossip_key,
             "store_prefix": self.store_prefix,
+            "egress": self.egress,
+            "mode": self.mode,
             "lease_ttl": self.lease_ttl,
             "reconcile_interval": self.reconcile_interval,
             "underlay": {
@@ -422,6 +456,8 @@ class Lab:
             lease_ttl=data["lease_ttl"],
             reconcile_interval=data["reconcile_interval"],
             root=root,
+            egress=data.get("egress", "none"),
+            mode=data.get("mode", "vxlan"),
         )
         lab.hosts = [Host.from_json(h) for h in data["hosts"]]
         lab.gossip_key = data.get("gossip_key", "")
@@ -474,7 +510,13 @@ class Lab:
             overlayd_argv()
         present = [
             ns
-            for ns in (self.underlay_ns, self.kv_ns, *(h.netns for h in self.hosts))
+            for ns in (
+                self.underlay_ns,
+                self.kv_ns,
+                self.outside_ns,
+                self.router_ns,
+                *(h.netns for h in self.hosts),
+            )
             if netns.netns_exists(ns)
         ]
         if self.record_path.exists() or present:
@@ -519,27 +561,58 @@ class Lab:
         self._say(f"creating underlay {self.underlay_ns} ({UNDERLAY_SUBNET}, MTU {UNDERLAY_MTU})")
         self._add_netns(self.underlay_ns)
         netns.add_bridge(self.underlay_ns, UNDERLAY_BRIDGE, mtu=UNDERLAY_MTU)
+        if self.far:
+            self._build_router()
         if self.kv is not None:
             self._say(f"creating {self.kv_ns} ({KV_ADDRESS})")
             self._attach(self.kv_ns, "kv", KV_ADDRESS)
+        if self.egress == "nat":
+            self._say(f"creating the outside {self.outside_ns} ({OUTSIDE_ADDRESS})")
+            self._attach(self.outside_ns, "out", OUTSIDE_ADDRESS)
         for host in self.hosts:
             self._say(f"creating host {host.name}: {host.netns} ({host.address})")
             self._attach(host.netns, host.name, host.address)
 
+    def _build_router(self) -> None:
+        """A second segment behind a router: the last host lives there (routed mode's fallback)."""
+        self._say(f"creating router {self.router_ns} ({ROUTER_ADDRESS} / {FAR_ROUTER_ADDRESS}, {FAR_SUBNET})")
+        netns.add_bridge(self.underlay_ns, FAR_BRIDGE, mtu=UNDERLAY_MTU)
+        self._attach(self.router_ns, "rt0", ROUTER_ADDRESS)
+        netns.add_veth(self.underlay_ns, "rt1", self.router_ns, "ul1", mtu=UNDERLAY_MTU)
+        netns.set_master(self.underlay_ns, "rt1", FAR_BRIDGE)
+        netns.set_up(self.underlay_ns, "rt1")
+        netns.add_address(self.router_ns, "ul1", f"{FAR_ROUTER_ADDRESS}/{FAR_SUBNET.prefixlen}")
+        netns.set_up(self.router_ns, "ul1")
+        netns.run_in(self.router_ns, ["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
+
     def _attach(self, ns: str, port: str, address: str) -> None:
-        """Make namespace `ns` and join it to the underlay bridge with `address` on ul0."""
+        """Make namespace `ns` and join it to its underlay segment with `address` on ul0."""
+        far = IPv4Address(address) in FAR_SUBNET
+        subnet = FAR_SUBNET if far else UNDERLAY_SUBNET
         self._add_netns(ns)
         netns.add_veth(self.underlay_ns, port, ns, UNDERLAY_IFNAME, mtu=UNDERLAY_MTU)
-        netns.set_master(self.underlay_ns, port, UNDERLAY_BRIDGE)
+        netns.set_master(self.underlay_ns, port, FAR_BRIDGE if far else UNDERLAY_BRIDGE)
         netns.set_up(self.underlay_ns, port)
-        netns.add_address(ns, UNDERLAY_IFNAME, f"{address}/{UNDERLAY_SUBNET.prefixlen}")
+        netns.add_address(ns, UNDERLAY_IFNAME, f"{address}/{subnet.prefixlen}")
         netns.set_up(ns, UNDERLAY_IFNAME)
+        if self.far and ns != self.router_ns:
+            # Each segment reaches the other through the router.
+            other, via = (UNDERLAY_SUBNET, FAR_ROUTER_ADDRESS) if far else (FAR_SUBNET, ROUTER_ADDRESS)
+            netns.ip("route", "add", str(other), "via", via, netns=ns)
 
     def _make_demo(self) -> None:
-        self._say(f"creating network {DEMO_NETWORK} ({DEMO_SUBNET})")
+        self._say(f"creating network {DEMO_NETWORK} ({DEMO_SUBNET}, mode {self.mode}, egress {self.egress})")
         first = self.hosts[0]
+        plain = self.mode == "vxlan" and self.egress == "none"
         try:
-            self.create_network(DEMO_NETWORK, DEMO_SUBNET, via=first)
+            self.create_network(
+                DEMO_NETWORK,
+                DEMO_SUBNET,
+                via=first,
+                gateway=None if plain else DEMO_GATEWAY,
+                mode=None if self.mode == "vxlan" else self.mode,
+                egress=None if self.egress == "none" else self.egress,
+            )
         except ClientError as exc:
             raise self._daemon_error(first, f"creating network {DEMO_NETWORK}", exc) from exc
         for host in self.hosts:
@@ -584,7 +657,16 @@ class Lab:
             f"[state]\ndir = {q(str(h.state_dir))}\n"
             f"[reconcile]\ninterval = {float(self.reconcile_interval)!r}\n"
             f"[log]\nlevel = {q(self.log_level)}\n"
+            # /run/netns is shared by every lab host: each daemon's gateway namespaces carry its name.
+            f"[egress]\nnetns_prefix = {q(self.gateway_netns_prefix(h))}\n"
         )
+
+    def gateway_netns_prefix(self, host: str | Host) -> str:
+        return f"{self.prefix}-{self.host(host).name}-gw"
+
+    def gateway_netns(self, host: str | Host, vni: int) -> str:
+        """The name of `host`'s gateway namespace for a VXLAN network with egress."""
+        return f"{self.gateway_netns_prefix(host)}{vni}"
 
     def _store_config(self, q: Callable[[str], str]) -> str:
         if self.kv is not None:
@@ -611,7 +693,9 @@ class Lab:
             raise LabError(f"overlayd on {h.name} is already running (pid {h.proc.pid})")
         h.state_dir.mkdir(parents=True, exist_ok=True)
         h.config_path.write_text(self.config_text(h))
-        argv = netns.exec_argv(h.netns, [*overlayd_argv(), "--config", str(h.config_path)])
+        # In the host's network namespace only, sharing the machine's mounts as a daemon
+        # started by the system does: its gateway namespaces' pins are seen by everyone.
+        argv = netns.enter_argv(h.netns, [*overlayd_argv(), "--config", str(h.config_path)])
         h.proc = Proc.spawn(
             argv,
             log_path=h.log_path,
@@ -699,10 +783,14 @@ class Lab:
         vni: int | None = None,
         gateway: str | None = None,
         mtu: int | None = None,
+        mode: str | None = None,
+        egress: str | None = None,
     ) -> schema.NetworkInfo:
         """Create a network through the admin API of `via` (the first host by default)."""
         client = self.admin(via if via is not None else self.hosts[0])
-        record = client.network_create(name=name, subnet=subnet, vni=vni, gateway=gateway, mtu=mtu)
+        record = client.network_create(
+            name=name, subnet=subnet, vni=vni, gateway=gateway, mtu=mtu, mode=mode, egress=egress
+        )
         with self._lock:
             self.networks.append(record.to_json())
             self._save()
@@ -808,6 +896,25 @@ class Lab:
         with ThreadPoolExecutor(max_workers=min(32, len(pairs))) as pool:
             return list(pool.map(one, pairs))
 
+    def ping_outside(
+        self, endpoints: Sequence[Endpoint] | None = None, timeout: float = 20.0
+    ) -> list[tuple[Endpoint, bool]]:
+        """Each endpoint pings the outside (retrying until `timeout`): (endpoint, answered)."""
+        eps = list(self.endpoints if endpoints is None else endpoints)
+        deadline = time.monotonic() + timeout
+
+        def one(ep: Endpoint) -> tuple[Endpoint, bool]:
+            while True:
+                if self.ping(ep.netns, OUTSIDE_ADDRESS):
+                    return ep, True
+                if time.monotonic() >= deadline:
+                    return ep, False
+
+        if not eps:
+            return []
+        with ThreadPoolExecutor(max_workers=min(16, len(eps))) as pool:
+            return list(pool.map(one, eps))
+
     def fdb(self, host: str | Host) -> list[dict[str, Any]]:
         """`bridge -j fdb show` in the host's namespace."""
         out = self.exec(self.host(host).netns, ["bridge", "-j", "fdb", "show"]).stdout
@@ -822,7 +929,7 @@ class Lab:
 
     def _owned_namespaces(self) -> list[str]:
         """Recorded namespaces plus any present with the names `up` gives (for a lost record)."""
-        pattern = re.compile(rf"^{re.escape(self.prefix)}-(ul|kv|h\d+(-ep)?)$")
+        pattern = re.compile(rf"^{re.escape(self.prefix)}-(ul|kv|out|rt|h\d+(-ep|-gw\d+)?)$")
         found = [ns for ns in netns.list_netns() if pattern.match(ns)]
         return list(dict.fromkeys([*self.namespaces, *found]))
 
@@ -848,6 +955,12 @@ class Lab:
         if self.kv is not None:
             attempt(f"stop {self.store}", self.kv.stop)
         namespaces = self._owned_namespaces()
+        # The daemons' gateway namespaces (a stopped daemon leaves its dataplane in place).
+        namespaces += [
+            ns
+            for ns in netns.list_netns()
+            if ns not in namespaces and any(ns.startswith(self.gateway_netns_prefix(h)) for h in self.hosts)
+        ]
 
         def stop_leftovers() -> None:
             found = (Proc.of_pid(pid) for ns in namespaces for pid in netns.netns_pids(ns))
@@ -923,6 +1036,22 @@ class Lab:
                 {"name": h.name, "netns": h.netns, "vtep": h.address, "interface": UNDERLAY_IFNAME}
                 for h in self.hosts
             ],
+            "egress": self.egress,
+            "mode": self.mode,
+            **(
+                {"outside": {"netns": self.outside_ns, "ip": OUTSIDE_ADDRESS}} if self.egress == "nat" else {}
+            ),
+            **(
+                {
+                    "router": {
+                        "netns": self.router_ns,
+                        "addresses": [ROUTER_ADDRESS, FAR_ROUTER_ADDRESS],
+                        "behind": [h.name for h in self.hosts if IPv4Address(h.address) in FAR_SUBNET],
+                    }
+                }
+                if self.far
+                else {}
+            ),
             "daemons": daemons,
             "networks": self.networks,
             "endpoints": [asdict(ep) for ep in self.endpoints],
@@ -957,12 +1086,21 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def lab_up(hosts: int, store: str, prefix: str, json_out: bool) -> int:
-    """`overlayctl lab up`: build the lab, show hosts and endpoints, ping all pairs."""
+def lab_up(
+    hosts: int, store: str, prefix: str, json_out: bool, egress: str = "none", mode: str = "vxlan"
+) -> int:
+    """`overlayctl lab up`: build the lab, show hosts and endpoints, ping all pairs (and the
+    outside, with egress)."""
     try:
         # KV-backed labs gossip too: changes reach peers without waiting for the watch.
         lab = Lab(
-            hosts=hosts, prefix=prefix, store=store, gossip=True, progress=None if json_out else _stderr
+            hosts=hosts,
+            prefix=prefix,
+            store=store,
+            gossip=True,
+            progress=None if json_out else _stderr,
+            egress=egress,
+            mode=mode,
         )
         lab.up()
     except LabError as exc:
@@ -971,13 +1109,17 @@ def lab_up(hosts: int, store: str, prefix: str, json_out: bool) -> int:
     if not json_out:
         _stderr(f"pinging all {len(lab.endpoints) * (len(lab.endpoints) - 1)} endpoint pairs")
     results = lab.ping_all()
+    outside = lab.ping_outside() if egress == "nat" else []
     failed = [r for r in results if not r.ok]
+    unreached = [ep.name for ep, ok in outside if not ok]
     if json_out:
         report = lab.describe(live=False)
         report["ping"] = [
             {"from": r.src.name, "to": r.dst.name, "ok": r.ok, "seconds": round(r.seconds, 3)}
             for r in results
         ]
+        if outside:
+            report["ping_outside"] = [{"from": ep.name, "ok": ok} for ep, ok in outside]
         print(json.dumps(report, indent=2))
     else:
         addresses = {h.name: h.address for h in lab.hosts}
@@ -990,13 +1132,23 @@ def lab_up(hosts: int, store: str, prefix: str, json_out: bool) -> int:
             print(f"{len(failed)} of {len(results)} pairs did not answer")
         else:
             print(f"all {len(results)} pairs answered")
+        if outside:
+            reached = [ep.name for ep, ok in outside if ok]
+            print(
+                f"the outside ({lab.outside_ns}, {OUTSIDE_ADDRESS}) answered "
+                f"{', '.join(reached) or 'no endpoint'}"
+                + (f"; NOT {', '.join(unreached)}" if unreached else "")
+            )
         print(
             f"lab {lab.prefix} is up: `overlayctl lab status --prefix {lab.prefix}`, "
             f"`overlayctl lab down --prefix {lab.prefix}`"
         )
-    if failed:
+    if failed or unreached:
+        what = f"{len(failed)} of {len(results)} endpoint pairs did not answer" if failed else ""
+        if unreached:
+            what += ("; " if what else "") + f"the outside did not answer {', '.join(unreached)}"
         _stderr(
-            f"overlayctl lab up: {len(failed)} of {len(results)} endpoint pairs did not answer; "
+            f"overlayctl lab up: {what}; "
             f"the lab is left up for inspection (logs in {lab.dir}/h*/overlayd.log)"
         )
         return 1

@@ -76,6 +76,17 @@ def exec_argv(netns: str, argv: Sequence[str]) -> list[str]:
     return ["ip", "netns", "exec", netns, *argv]
 
 
+def enter_argv(netns: str, argv: Sequence[str]) -> list[str]:
+    """The command line that runs `argv` in `netns`'s network namespace only.
+
+    Unlike `ip netns exec`, which also gives the command a mount namespace of its
+    own, the command shares the machine's mounts, as a daemon started by the
+    system would: a namespace it pins under /run/netns (`ip netns add`) is seen
+    by everyone and outlives it.
+    """
+    return ["nsenter", f"--net={os.path.join(NETNS_DIR, netns)}", "--", *argv]
+
+
 def run_in(
     netns: str,
     argv: Sequence[str],

@@ -57,6 +57,10 @@ def test_prefix_and_host_count_are_checked() -> None:
         Lab(hosts=0, prefix="x")
     with pytest.raises(LabError, match="unsupported store"):
         Lab(prefix="x", store="redis")
+    with pytest.raises(LabError, match="unsupported egress"):
+        Lab(prefix="x", egress="snat")
+    with pytest.raises(LabError, match="unsupported mode"):
+        Lab(prefix="x", mode="bgp")
 
 
 def test_config_file_format(tmp_path: Path) -> None:
@@ -71,6 +75,8 @@ def test_config_file_format(tmp_path: Path) -> None:
         f'[state]\ndir = "{labdir}/h2/state"\n'
         "[reconcile]\ninterval = 0.5\n"
         '[log]\nlevel = "info"\n'
+        # /run/netns is shared by the lab's hosts: each daemon's gateway namespaces carry its name.
+        '[egress]\nnetns_prefix = "cfg-h2-gw"\n'
     )
     parsed = tomllib.loads(Lab(prefix="cfg", root=tmp_path).config_text("h1"))
     assert parsed["reconcile"]["interval"] == 30.0

@@ -78,7 +78,8 @@ def peer(name: str, *, me: bool = False, started_at: float | None = 1000.0, **ex
 
 
 def network(name: str, mtu: int | None = None, endpoints: int = 0) -> schema.NetworkListItem:
-    answer = {"name": name, "vni": 42, "subnet": "10.1.0.0/24", "gateway": None, "mtu": mtu}
+    answer = {"name": name, "vni": 42, "subnet": "10.1.0.0/24", "gateway": None, "mtu": mtu,
+              "mode": "vxlan", "egress": "none"}
     return schema.NetworkListItem.from_json({**answer, "endpoints": endpoints})
 
 

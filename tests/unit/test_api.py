@@ -68,6 +68,7 @@ class FakeService:
     async def network_create(
         self, *, name: str, subnet: str, vni: int | None = None,
         gateway: str | None = None, mtu: int | None = None,
+        mode: str | None = None, egress: str | None = None,
     ) -> JSON:
         if name in self.networks:
             raise Conflict(f"network {name!r} already exists")
@@ -75,7 +76,7 @@ class FakeService:
             raise Conflict(f"VNI {vni} is already used")
         net = Network.from_dict(
             {"name": name, "subnet": subnet, "vni": vni or 4096 + len(self.networks),
-             "gateway": gateway, "mtu": mtu}
+             "gateway": gateway, "mtu": mtu, "mode": mode or "vxlan", "egress": egress or "none"}
         )
         self.networks[name] = net
         return net.to_dict()
@@ -258,14 +259,16 @@ async def test_network_create_ls_inspect(admin: Admin, capsys: pytest.CaptureFix
     await create_demo(admin, capsys)
     run = await ctl(admin, capsys, "network", "create", "blue", "--subnet", "10.20.0.0/16")
     assert run.code == 0
-    assert run.out == "created network blue: VNI 4097, subnet 10.20.0.0/16, gateway -, MTU auto\n"
+    assert run.out == (
+        "created network blue: VNI 4097, subnet 10.20.0.0/16, gateway -, MTU auto, mode vxlan, egress none\n"
+    )
 
     run = await ctl(admin, capsys, "network", "ls")
     assert run.code == 0
     assert run.out.splitlines() == [
-        "NAME  VNI   SUBNET        GATEWAY    MTU",
-        "demo  42    10.10.0.0/24  10.10.0.1  auto",
-        "blue  4097  10.20.0.0/16  -          auto",
+        "NAME  VNI   SUBNET        GATEWAY    MTU   MODE   EGRESS",
+        "demo  42    10.10.0.0/24  10.10.0.1  auto  vxlan  none",
+        "blue  4097  10.20.0.0/16  -          auto  vxlan  none",
     ]
 
     run = await ctl(admin, capsys, "network", "inspect", "demo")
@@ -276,6 +279,8 @@ async def test_network_create_ls_inspect(admin: Admin, capsys: pytest.CaptureFix
         "subnet:    10.10.0.0/24",
         "gateway:   10.10.0.1",
         "mtu:       auto",
+        "mode:      vxlan",
+        "egress:    none",
         "endpoints: -",
     ]
 
@@ -542,7 +547,7 @@ async def test_client_methods(admin: Admin) -> None:
         lambda: client.network_create(name="demo", subnet="10.10.0.0/24", mtu=1400)
     )
     assert net.to_json() == {"name": "demo", "vni": 4096, "subnet": "10.10.0.0/24", "gateway": None,
-                             "mtu": 1400}
+                             "mtu": 1400, "mode": "vxlan", "egress": "none"}
     ep = await asyncio.to_thread(
         lambda: client.endpoint_add(network="demo", name="a", netns="/run/netns/a")
     )
@@ -584,8 +589,10 @@ async def test_lab_commands_dispatch_to_overlayd_lab(
     assert (await overlayctl(capsys, "lab", "status", "--json")).code == 0
     assert (await overlayctl(capsys, "lab", "down", "--prefix", "t1")).code == 1
     assert calls == [
-        ("up", {"hosts": 3, "store": "gossip", "prefix": "ovl", "json_out": False}),
-        ("up", {"hosts": 5, "store": "gossip", "prefix": "t1", "json_out": True}),
+        ("up", {"hosts": 3, "store": "gossip", "prefix": "ovl", "json_out": False, "egress": "none",
+                "mode": "vxlan"}),
+        ("up", {"hosts": 5, "store": "gossip", "prefix": "t1", "json_out": True, "egress": "none",
+                "mode": "vxlan"}),
         ("status", {"prefix": "ovl", "json_out": True}),
         ("down", {"prefix": "t1"}),
     ]

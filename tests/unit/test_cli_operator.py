@@ -6,6 +6,7 @@ process, the completion script runs in a real bash.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ import socket
 import stat
 import subprocess
 from collections.abc import Iterator
+from ipaddress import IPv4Address
 from pathlib import Path
 
 import answers
@@ -156,6 +158,18 @@ def test_check_mtu() -> None:
     small = answers.status(underlay={"interface": "x", "mtu": 1280})
     assert doctor.check_mtu(small, []).result == doctor.WARN
     assert doctor.check_mtu(answers.status(underlay=None), []).result == doctor.WARN
+
+
+def test_check_gateway_tools() -> None:
+    plain = answers.network("a")
+    egress = dataclasses.replace(answers.network("out"), egress="nat", gateway=IPv4Address("10.1.0.1"))
+    routed = dataclasses.replace(answers.network("rt"), mode="routed", gateway=IPv4Address("10.1.0.1"))
+    assert doctor.check_gateway_tools([plain], which=lambda _: None).result == doctor.OK
+    found = doctor.check_gateway_tools([plain, egress, routed], which=lambda tool: f"/usr/sbin/{tool}")
+    assert found.result == doctor.OK and "out, rt" in found.message
+    missing = doctor.check_gateway_tools([egress], which=lambda tool: None if tool == "nft" else tool)
+    assert missing.result == doctor.FAIL and missing.message.startswith("nft not found")
+    assert "nftables" in missing.hint
 
 
 def test_check_clock() -> None:

@@ -130,9 +130,9 @@ def short_dir() -> Iterator[str]:
 async def daemon(short_dir: str) -> AsyncIterator[Daemon]:
     service = Service()
     service.networks["demo"] = {"name": "demo", "vni": 42, "subnet": "10.10.0.0/24",
-                                "gateway": "10.10.0.1", "mtu": None}
+                                "gateway": "10.10.0.1", "mtu": None, "mode": "vxlan", "egress": "none"}
     service.networks["flat"] = {"name": "flat", "vni": 43, "subnet": "10.20.0.0/16",
-                                "gateway": None, "mtu": None}
+                                "gateway": None, "mtu": None, "mode": "vxlan", "egress": "none"}
     path = os.path.join(short_dir, "overlayd.sock")
     server = await start_admin_server(service, path)
     yield Daemon(service, path, server)
@@ -316,7 +316,7 @@ async def test_del_is_idempotent(daemon: Daemon, netns_path: str) -> None:
 async def test_check_looks_at_the_interface_and_the_daemon(daemon: Daemon) -> None:
     # The test's own namespace and its loopback: a real interface, no privilege needed.
     daemon.service.networks["loop"] = {"name": "loop", "vni": 44, "subnet": "127.0.0.0/8",
-                                       "gateway": None, "mtu": None}
+                                       "gateway": None, "mtu": None, "mode": "vxlan", "egress": "none"}
     daemon.service.macs = iter(["00:00:00:00:00:00", "02:00:00:00:00:42"])
     env = cni_env("ADD", OWN_NETNS, ifname="lo", args="IP=127.0.0.1")
     added = await plugin(env, conf(daemon, network="loop"))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import random
 from dataclasses import replace
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
 import pytest
 
@@ -30,15 +30,26 @@ from overlayd.dataplane.commands import (
     AnnounceArp,
     AppendFlood,
     Command,
+    DeleteAddr,
     DeleteFdb,
     DeleteFlood,
     DeleteLink,
     DeleteNeigh,
+    DeleteNetns,
+    DeleteNft,
+    DeleteRoute,
+    EnableForwarding,
     EnsureBridge,
+    EnsureNetns,
+    EnsureVeth,
     EnsureVxlan,
     Op,
+    ReplaceAddr,
     ReplaceFdb,
     ReplaceNeigh,
+    ReplaceNft,
+    ReplaceRoute,
+    SetInnerLink,
     SetPort,
     describe,
 )
@@ -49,10 +60,16 @@ from overlayd.dataplane.kstate import (
     Dirty,
     FdbEntry,
     FloodEntry,
+    InnerLinkSpec,
     KernelState,
     NeighEntry,
+    NetnsSpec,
+    NftChain,
+    NftTable,
     PortSpec,
+    RouteSpec,
     Tables,
+    VethSpec,
     VxlanSpec,
     veth_name,
 )
@@ -637,6 +654,32 @@ def test_diff_does_not_mutate_inputs() -> None:
             AnnounceArp(BR, A("10.1.0.11"), "02:00:00:00:00:0b"),
             "announce arp 10.1.0.11 is-at 02:00:00:00:00:0b on ovbr100",
         ),
+        (EnsureNetns(NetnsSpec("ovgw100", "blue")), "ensure netns ovgw100 (blue)"),
+        (DeleteNetns("ovgw100"), "delete netns ovgw100"),
+        (
+            EnsureVeth(VethSpec("ovgw100", "blue", "gw", 1450, BR, netns="ovgw100", peer="gw0")),
+            "ensure veth ovgw100 peer gw0 in ovgw100 mtu 1450 master ovbr100 (gw)",
+        ),
+        (
+            SetInnerLink(InnerLinkSpec("ovgw100", "gw0", "02:00:00:00:00:0b", 1450)),
+            "set link gw0 in ovgw100 mac 02:00:00:00:00:0b mtu 1450 up",
+        ),
+        (
+            ReplaceAddr(("ovgw100", "gw0", IPv4Interface("10.1.0.1/24"))),
+            "replace address 10.1.0.1/24 dev gw0 in ovgw100",
+        ),
+        (DeleteAddr(("", BR, IPv4Interface("10.1.0.1/24"))), "delete address 10.1.0.1/24 dev ovbr100"),
+        (
+            ReplaceRoute(("", IPv4Network("10.1.0.11/32")), RouteSpec("ul0", VTEP_B)),
+            "replace route 10.1.0.11/32 via 198.18.0.2 onlink dev ul0",
+        ),
+        (DeleteRoute(("", IPv4Network("10.1.0.11/32"))), "delete route 10.1.0.11/32"),
+        (EnableForwarding("", "ul0"), "enable forwarding on ul0"),
+        (
+            ReplaceNft(NftTable("ovgw100", "ip", (NftChain("p", "nat", "postrouting", 100, "accept"),))),
+            "replace nft table ip overlayd in ovgw100 (0 rules)",
+        ),
+        (DeleteNft("", "bridge"), "delete nft table bridge overlayd"),
     ],
 )
 def test_describe(cmd: Command, line: str) -> None:
@@ -657,6 +700,17 @@ def test_describe_covers_every_op() -> None:
         ReplaceNeigh: Op.REPLACE_NEIGH,
         DeleteNeigh: Op.DELETE_NEIGH,
         AnnounceArp: Op.ANNOUNCE_ARP,
+        EnsureNetns: Op.ENSURE_NETNS,
+        DeleteNetns: Op.DELETE_NETNS,
+        EnsureVeth: Op.ENSURE_VETH,
+        SetInnerLink: Op.SET_INNER_LINK,
+        ReplaceAddr: Op.REPLACE_ADDR,
+        DeleteAddr: Op.DELETE_ADDR,
+        ReplaceRoute: Op.REPLACE_ROUTE,
+        DeleteRoute: Op.DELETE_ROUTE,
+        EnableForwarding: Op.ENABLE_FORWARDING,
+        ReplaceNft: Op.REPLACE_NFT,
+        DeleteNft: Op.DELETE_NFT,
     }
     assert {cls.op for cls in ops} == set(Op)
     assert all(cls.op is op for cls, op in ops.items())

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
 from overlayd.dataplane import netlink as nl
-from overlayd.dataplane.commands import ReplaceFdb
-from overlayd.dataplane.kstate import FdbEntry
-from overlayd.dataplane.mirror import Mirror
+from overlayd.dataplane.commands import DeleteNetns, EnsureNetns, ReplaceFdb, SetInnerLink
+from overlayd.dataplane.kstate import RTPROT_OVERLAYD, FdbEntry, InnerLinkSpec, NetnsSpec, RouteSpec
+from overlayd.dataplane.mirror import Dump, Mirror, NsDump
 
 A = IPv4Address
 VX, BR = "ovvx100", "ovbr100"
@@ -149,3 +149,171 @@ def test_load_replaces_everything_and_marks_old_and_new() -> None:
     m.load([link for link in links if link], fdb, [])
     assert m.tables.fdb == {(VX, other): VTEP_B}
     assert m.dirty.take().fdb == {(VX, MAC), (VX, other)}
+
+
+# --- addresses, routes, per-interface settings, gateway namespaces --------------------------
+
+UL_INDEX, UP_INDEX = 2, 20
+NS = "ovgw100"
+
+
+def with_flags(msg: bytes, flags: int) -> bytes:
+    """A link message with other IFF flags (0: down)."""
+    out = bytearray(msg)
+    nl.IFINFOMSG.pack_into(out, nl.HDR.size, 0, 0, nl.link_index_of(msg, nl.HDR.size), flags, 0)
+    return bytes(out)
+
+
+def devconf(forwarding: int, proxy_arp: int) -> bytes:
+    conf = bytearray(4 * 32)
+    nl.U32.pack_into(conf, 4 * (nl.IPV4_DEVCONF_FORWARDING - 1), forwarding)
+    nl.U32.pack_into(conf, 4 * (nl.IPV4_DEVCONF_PROXY_ARP - 1), proxy_arp)
+    inet = nl.nla(nl.IFLA_INET_CONF, bytes(conf))
+    return nl.nla(nl.IFLA_AF_SPEC, nl.nla(nl.AF_INET, inet))
+
+
+def link_with_conf(
+    kind: int, index: int, name: str, alias: str | None, link_kind: str, fwd: int, proxy: int
+) -> bytes:
+    msg = link_msg(kind, index, name, alias, link_kind) + devconf(fwd, proxy)
+    return nl.HDR.pack(len(msg), kind, 0, 0, 0) + msg[nl.HDR.size :]
+
+
+def addr_msg(kind: int, index: int, address: str) -> bytes:
+    iface = IPv4Interface(address)
+    body = nl.IFADDRMSG.pack(nl.AF_INET, iface.network.prefixlen, 0, 0, index)
+    body += nl.nla(nl.IFA_LOCAL, iface.ip.packed)
+    return nl.HDR.pack(nl.HDR.size + len(body), kind, 0, 0, 0) + body
+
+
+def route_msg(kind: int, dst: str, oif: int, via: str | None, proto: int = RTPROT_OVERLAYD) -> bytes:
+    net = IPv4Network(dst)
+    body = nl.RTMSG.pack(nl.AF_INET, net.prefixlen, 0, 0, nl.RT_TABLE_MAIN, proto, 0, nl.RTN_UNICAST, 0)
+    if net.prefixlen:
+        body += nl.nla(nl.RTA_DST, net.network_address.packed)
+    if via is not None:
+        body += nl.nla(nl.RTA_GATEWAY, A(via).packed)
+    body += nl.nla_u32(nl.RTA_OIF, oif)
+    return nl.HDR.pack(nl.HDR.size + len(body), kind, 0, 0, 0) + body
+
+
+def netconf_msg(index: int, forwarding: int | None = None, proxy: int | None = None) -> bytes:
+    body = bytes([nl.AF_INET, 0, 0, 0]) + nl.nla(nl.NETCONFA_IFINDEX, nl.I32.pack(index))
+    if forwarding is not None:
+        body += nl.nla(nl.NETCONFA_FORWARDING, nl.I32.pack(forwarding))
+    if proxy is not None:
+        body += nl.nla(nl.NETCONFA_PROXY_NEIGH, nl.I32.pack(proxy))
+    return nl.HDR.pack(nl.HDR.size + len(body), nl.RTM_NEWNETCONF, 0, 0, 0) + body
+
+
+def routed_host() -> Mirror:
+    m = Mirror()
+    m.apply_datagram(
+        link_with_conf(nl.RTM_NEWLINK, BR_INDEX, BR, "overlayd:bridge:blue", "bridge", 1, 1)
+        + link_with_conf(nl.RTM_NEWLINK, UL_INDEX, "ul0", None, "veth", 0, 0)
+    )
+    m.dirty.take()
+    return m
+
+
+def test_a_routed_bridge_is_one_that_forwards_and_answers_for_others() -> None:
+    m = routed_host()
+    assert m.tables.bridges[BR].routed
+    m.apply_datagram(netconf_msg(BR_INDEX, proxy=0))  # someone switched proxy ARP off
+    assert not m.tables.bridges[BR].routed and m.dirty.take().links == {BR}
+    m.apply_datagram(netconf_msg(BR_INDEX, proxy=1))
+    assert m.tables.bridges[BR].routed
+
+
+def test_forwarding_of_a_foreign_link_is_followed() -> None:
+    m = routed_host()
+    assert m.tables.forwarding == set()
+    m.apply_datagram(netconf_msg(UL_INDEX, forwarding=1))
+    assert m.tables.forwarding == {("", "ul0")} and m.dirty.take().forwarding == {("", "ul0")}
+    m.apply_datagram(netconf_msg(UL_INDEX, forwarding=1))  # the echo of our own write
+    assert not m.dirty
+    m.apply_datagram(netconf_msg(UL_INDEX, forwarding=0))
+    assert m.tables.forwarding == set() and m.dirty.take().forwarding == {("", "ul0")}
+
+
+def test_routes_are_ours_by_protocol_and_addresses_by_link() -> None:
+    m = routed_host()
+    m.apply_datagram(
+        route_msg(nl.RTM_NEWROUTE, "10.1.0.11/32", UL_INDEX, "198.18.0.12")
+        + route_msg(nl.RTM_NEWROUTE, "10.9.0.0/24", UL_INDEX, "198.18.0.1", proto=nl.RTPROT_BOOT)
+        + addr_msg(nl.RTM_NEWADDR, BR_INDEX, "10.1.0.1/24")
+        + addr_msg(nl.RTM_NEWADDR, UL_INDEX, "198.18.0.11/24")
+    )
+    key = ("", IPv4Network("10.1.0.11/32"))
+    assert m.tables.routes == {key: RouteSpec("ul0", A("198.18.0.12"))}
+    assert m.tables.addrs == {("", BR, IPv4Interface("10.1.0.1/24"))}
+    dirty = m.dirty.take()
+    assert dirty.routes == {key} and dirty.addrs == {("", BR, IPv4Interface("10.1.0.1/24"))}
+    m.apply_datagram(route_msg(nl.RTM_NEWROUTE, "10.1.0.11/32", UL_INDEX, "198.18.0.12"))
+    assert not m.dirty  # an echo
+    m.apply_datagram(route_msg(nl.RTM_DELROUTE, "10.1.0.11/32", UL_INDEX, "198.18.0.12"))
+    assert m.tables.routes == {} and m.dirty.take().routes == {key}
+
+
+def test_a_link_going_down_or_losing_its_address_takes_its_routes_silently() -> None:
+    # The kernel flushes routes through such a link without an RTM_DELROUTE.
+    m = routed_host()
+    key = ("", IPv4Network("10.1.0.11/32"))
+    m.apply_datagram(route_msg(nl.RTM_NEWROUTE, "10.1.0.11/32", UL_INDEX, "198.18.0.12"))
+    m.dirty.take()
+    m.apply_datagram(with_flags(link_with_conf(nl.RTM_NEWLINK, UL_INDEX, "ul0", None, "veth", 0, 0), 0))
+    assert m.tables.routes == {} and m.dirty.take().routes == {key}
+    m.apply_datagram(route_msg(nl.RTM_NEWROUTE, "10.1.0.11/32", UL_INDEX, "198.18.0.12"))
+    m.dirty.take()
+    m.apply_datagram(addr_msg(nl.RTM_DELADDR, UL_INDEX, "198.18.0.11/24"))
+    assert m.tables.routes == {} and m.dirty.take().routes == {key}
+
+
+def inside_dump() -> Dump:
+    up = link_msg(nl.RTM_NEWLINK, UP_INDEX, "up0", "overlayd:inner:blue", "veth")
+    up_link = nl.parse_link(up, nl.HDR.size, len(up))
+    assert up_link is not None
+    inside = NsDump(
+        links=[up_link],
+        addrs=[nl.RawAddr(UP_INDEX, IPv4Interface("100.64.0.100/32"))],
+        routes=[
+            nl.RawRoute(
+                nl.RT_TABLE_MAIN, RTPROT_OVERLAYD, IPv4Network("0.0.0.0/0"), UP_INDEX, A("169.254.0.1")
+            )
+        ],
+    )
+    return Dump(namespaces={NS: inside})
+
+
+def test_a_gateway_namespace_is_mirrored_from_a_dump_and_its_own_notifications() -> None:
+    m = Mirror()
+    m.load_dump(inside_dump())
+    t = m.tables
+    assert set(t.netns) == {NS}
+    assert t.addrs == {(NS, "up0", IPv4Interface("100.64.0.100/32"))}
+    default = (NS, IPv4Network("0.0.0.0/0"))
+    assert t.routes == {default: RouteSpec("up0", A("169.254.0.1"))}
+    m.dirty.take()
+    # The same messages from the host's monitor mean nothing there (no such link of ours).
+    m.apply_datagram(addr_msg(nl.RTM_DELADDR, UP_INDEX, "100.64.0.100/32"))
+    assert (NS, "up0", IPv4Interface("100.64.0.100/32")) in t.addrs
+    m.apply_datagram(addr_msg(nl.RTM_DELADDR, UP_INDEX, "100.64.0.100/32"), NS)
+    assert t.addrs == set() and t.routes == {}  # its last address gone: the default route too
+    m.apply_datagram(netconf_msg(UP_INDEX, forwarding=1), NS)
+    m.apply_datagram(addr_msg(nl.RTM_NEWADDR, UP_INDEX, "100.64.0.100/32"), "elsewhere")  # not followed
+    assert not any(k[0] == "elsewhere" for k in t.addrs)
+    m.apply_datagram(link_msg(nl.RTM_DELLINK, UP_INDEX, "up0", "overlayd:inner:blue", "veth"), NS)
+    assert (NS, "up0") not in t.inner
+
+
+def test_our_own_namespace_writes_are_assumed() -> None:
+    m = Mirror()
+    m.load_dump(inside_dump())
+    m.dirty.take()
+    m.assume(EnsureNetns(NetnsSpec(NS, "blue")))  # made anew: nothing in it yet
+    assert set(m.tables.netns) == {NS} and m.tables.addrs == set() and m.tables.routes == {}
+    assert m.dirty.take().netns == set()
+    m.assume(SetInnerLink(InnerLinkSpec(NS, "gw0", MAC, 1450)))
+    assert m.tables.inner[(NS, "gw0")].up
+    m.assume(DeleteNetns(NS))
+    assert m.tables.netns == {} and m.tables.inner == {}

@@ -444,6 +444,8 @@ def test_network_to_dict_is_plain_json() -> None:
         "subnet": "10.2.0.0/16",
         "gateway": "10.2.0.1",
         "mtu": 1400,
+        "mode": "vxlan",
+        "egress": "none",
     }
     assert net().to_dict() == {
         "name": "blue",
@@ -451,6 +453,8 @@ def test_network_to_dict_is_plain_json() -> None:
         "subnet": "10.1.0.0/24",
         "gateway": None,
         "mtu": None,
+        "mode": "vxlan",
+        "egress": "none",
     }
 
 

@@ -106,11 +106,24 @@ def test_optional_keys_are_left_out_as_the_daemon_does() -> None:
     same_json(schema.EndpointInfo.from_json(withdrawn), withdrawn)
 
     inspect = {"name": "demo", "vni": 42, "subnet": "10.1.0.0/24", "gateway": None, "mtu": None,
-               "endpoints": [endpoint]}
+               "mode": "vxlan", "egress": "none", "endpoints": [endpoint]}
     same_json(schema.NetworkInspect.from_json(inspect), inspect)
     with_mtu = {**inspect, "host_mtu": 1450, "endpoints": [endpoint]}
-    with_mtu = {k: with_mtu[k] for k in ("name", "vni", "subnet", "gateway", "mtu", "host_mtu", "endpoints")}
+    with_mtu = {k: with_mtu[k] for k in ("name", "vni", "subnet", "gateway", "mtu", "mode", "egress",
+                                           "host_mtu", "endpoints")}
     same_json(schema.NetworkInspect.from_json(with_mtu), with_mtu)
+    routed = {k: v for k, v in inspect.items() if k != "endpoints"}
+    routed |= {"mode": "routed", "egress": "nat", "gateway": "10.1.0.1", "host_mtu": 1450,
+               "gateway_netns": "ovgw42",
+               "paths": [{"node": "h2", "vtep": "198.18.0.12", "path": "direct"},
+                         {"node": "h3", "vtep": "198.18.1.13", "path": "vxlan"}],
+               "endpoints": [endpoint]}
+    read = schema.NetworkInspect.from_json(routed)
+    assert read.paths is not None and [p.path for p in read.paths] == ["direct", "vxlan"]
+    same_json(read, routed)
+    with_path = {**plain, "path": "direct"}
+    assert schema.Peer.from_json(with_path).path == "direct"
+    same_json(schema.Peer.from_json(with_path), with_path)
 
 
 def answers_endpoint() -> dict[str, Any]:
