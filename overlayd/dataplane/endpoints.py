@@ -180,6 +180,8 @@ def _create_blocking(
                     raise KernelError(
                         f"cannot mark {host_ifname} as overlayd's: {error_code_text(code, text)}"
                     )
+                # No IPv6 link-local on the port (down until its peer is up: not yet configured).
+                _silence_ipv6(host, host_ifname, f"{host_ifname} without IPv6 link-local")
                 _configure_inside(netns, ifname, ip, prefixlen, gateway)
             except BaseException as exc:
                 # All or nothing: the container side goes with the host side.
@@ -210,6 +212,10 @@ def _configure_inside(
         if found is None:
             raise KernelError(f"{ifname} did not appear in netns {netns}")
         index = found.index
+        # Before it is up: an IPv6 link-local address would have it multicast DAD, MLD
+        # reports and router solicitations for as long as it lives, each flooded to every
+        # port of the network on every host (see `nl.no_ipv6_link_local`).
+        _silence_ipv6(inside, ifname, f"{ifname} without IPv6 link-local")
         # arp_notify: coming up, the interface announces its address (a gratuitous ARP). A
         # gateway on this host (a routed bridge, a gateway namespace's gw0) may have cached
         # another MAC for it, of an endpoint that had the address before.
@@ -229,6 +235,12 @@ def _configure_inside(
             code, text = inside.request(request)
             if code:
                 raise KernelError(f"{item}: {error_code_text(code, text)}")
+
+
+def _silence_ipv6(rtnl: BlockingRtnl, ifname: str, what: str) -> None:
+    code, text = rtnl.request(nl.no_ipv6_link_local(ifname=ifname))
+    if code and code != errno.EAFNOSUPPORT:  # EAFNOSUPPORT: a kernel without IPv6
+        raise KernelError(f"{what}: {error_code_text(code, text)}")
 
 
 def _delete_blocking(host_netns: str | None, host_ifname: str) -> tuple[int, str]:

@@ -781,10 +781,18 @@ class Kernel:
         if link is None:
             raise KernelError(f"{ifname} vanished right after it was created")
         try:
+            await self._silence_ipv6(link.index, ifname)
             await self.ipr.link("set", index=link.index, ifalias=alias, state="up")
         except BaseException:
             await self.ipr.link("del", index=link.index)
             raise
+
+    async def _silence_ipv6(self, index: int, ifname: str) -> None:
+        """No IPv6 link-local on one of our links, set before it first comes up: the
+        overlay is IPv4, and a link-local address only multicasts (see `nl.no_ipv6_link_local`)."""
+        ((code, text),) = await self._raw.batch([nl.no_ipv6_link_local(index)])
+        if code and code != errno.EAFNOSUPPORT:  # EAFNOSUPPORT: a kernel without IPv6
+            raise KernelError(f"{ifname} without IPv6 link-local: {error_code_text(code, text)}")
 
     async def _bridge_index(self, bridge: str) -> int:
         link = await self._owned(bridge, "bridge", "bridge")
@@ -853,6 +861,8 @@ class Kernel:
             link = await self.link(spec.ifname)
             if link is None:
                 raise KernelError(f"{spec.ifname} vanished right after it was created")
+            # Down until its peer is up (no carrier): no IPv6 configured yet.
+            await self._silence_ipv6(link.index, spec.ifname)
         else:
             await self.ipr.link(
                 "set", index=link.index, mtu=spec.mtu, master=master, ifalias=alias, state="up"
@@ -870,13 +880,17 @@ class Kernel:
         if not found:
             raise KernelError(f"{spec.ifname} does not exist in {spec.netns}")
         index = found[0].index
+        silence = nl.no_ipv6_link_local(index)  # before up: it would multicast into the network
         requests = [
             nl.set_link(index, mac=nl.mac_bytes(spec.mac), mtu=spec.mtu),
             nl.set_alias(spec.ifname, link_alias(spec.network or "?", "inner")),
             nl.set_devconf(index, {nl.IPV4_DEVCONF_FORWARDING: int(spec.forwarding)}),
+            silence,
             nl.set_link(index, up=spec.up),
         ]
-        for code, text in await rtnl.batch(requests):
+        for request, (code, text) in zip(requests, await rtnl.batch(requests), strict=True):
+            if code == errno.EAFNOSUPPORT and request is silence:  # a kernel without IPv6
+                continue
             if code:
                 raise KernelError(f"{spec.ifname} in {spec.netns}: {error_code_text(code, text)}")
 

@@ -60,6 +60,7 @@ RTMGRP_IPV4_ROUTE: Final = 0x40
 RTMGRP_IPV4_NETCONF: Final = 1 << (24 - 1)  # RTNLGRP_IPV4_NETCONF = 24
 
 AF_INET: Final = socket.AF_INET
+AF_INET6: Final = socket.AF_INET6
 AF_BRIDGE: Final = 7
 
 NUD_NOARP: Final = 0x40
@@ -85,6 +86,8 @@ IFLA_INET_CONF: Final = 1
 IPV4_DEVCONF_FORWARDING: Final = 1
 IPV4_DEVCONF_PROXY_ARP: Final = 3
 IPV4_DEVCONF_ARP_NOTIFY: Final = 22
+IFLA_INET6_ADDR_GEN_MODE: Final = 8
+IN6_ADDR_GEN_MODE_NONE: Final = 1
 NETCONFA_IFINDEX: Final = 1
 NETCONFA_FORWARDING: Final = 2
 NETCONFA_PROXY_NEIGH: Final = 5
@@ -461,6 +464,21 @@ def set_devconf(index: int, values: dict[int, int]) -> bytes:
     spec = nla(AF_INET | NLA_F_NESTED, nla(IFLA_INET_CONF | NLA_F_NESTED, conf))
     body = IFINFOMSG.pack(0, 0, index, 0, 0) + nla(IFLA_AF_SPEC | NLA_F_NESTED, spec)
     return message(RTM_NEWLINK, 0, body)
+
+
+def no_ipv6_link_local(index: int = 0, ifname: str | None = None) -> bytes:
+    """RTM_NEWLINK: no IPv6 link-local address on a link, by index or by name (`ip link set
+    DEV addrgenmode none`); sent before the link first has carrier, it keeps the link silent.
+
+    The overlay carries IPv4 only, yet a link-local address makes every interface send
+    DAD, MLD reports and router solicitations (the latter for as long as it lives), all
+    multicast, which a bridge floods to every port and the VXLAN device to every VTEP.
+    The kernel answers EAFNOSUPPORT where it has no IPv6: nothing to silence there."""
+    spec = nla(AF_INET6 | NLA_F_NESTED, nla(IFLA_INET6_ADDR_GEN_MODE, bytes([IN6_ADDR_GEN_MODE_NONE])))
+    body = IFINFOMSG.pack(0, 0, index, 0, 0)
+    if ifname is not None:
+        body += nla_str(IFLA_IFNAME, ifname)
+    return message(RTM_NEWLINK, 0, body + nla(IFLA_AF_SPEC | NLA_F_NESTED, spec))
 
 
 def set_proxy_delay(index: int, milliseconds: int) -> bytes:

@@ -7,6 +7,7 @@ independent reader, not only through `Kernel.observe()`.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import os
@@ -527,6 +528,41 @@ async def test_local_endpoint_create_observe_delete(
     assert not link_exists(container, "eth0")
     await delete_local_endpoint(kernel, host_ifname=port)  # idempotent
     assert not await port_exists(kernel, port)
+
+
+async def test_our_links_carry_no_ipv6_link_local(
+    host: str, kernel: Kernel, make_netns: Callable[[], str]
+) -> None:
+    """The overlay is IPv4: a link-local address would only have each link multicast DAD,
+    MLD reports and router solicitations, which the bridge floods to every port and the
+    VXLAN device to every VTEP (1,000 endpoints coming and going flooded the lab's
+    softnet backlogs until pings between untouched hosts were dropped)."""
+    container = make_netns()
+    await converge(kernel, network_state())
+    port = veth_name(NET, "quiet-1")
+    await create_local_endpoint(
+        kernel,
+        netns=container,
+        ifname="eth0",
+        host_ifname=port,
+        ip=IPv4Address("10.20.0.7"),
+        prefixlen=24,
+        mac="02:aa:bb:cc:dd:07",
+        mtu=1450,
+        gateway=None,
+        bridge=BR,
+        network=NET,
+    )
+    links = [(host, BR), (host, VX), (host, port), (container, "eth0")]
+    for ns, name in links:
+        assert link_show(ns, name)["inet6_addr_gen_mode"] == "none", (ns, name)
+    await asyncio.sleep(1.0)  # DAD and the first MLD report would have gone by now
+    for ns, name in links:
+        assert ip_json(ns, "-6", "addr", "show", "dev", name) in ([], [{}]), (ns, name)
+    sent = run("ip", "netns", "exec", container, "nstat", "-az", "Icmp6OutMsgs").split()
+    assert sent[sent.index("Icmp6OutMsgs") + 1] == "0"
+    ping(container, IPv4Address("10.20.0.7"))  # IPv4 unaffected
+    await delete_local_endpoint(kernel, host_ifname=port)
 
 
 async def test_set_port_puts_an_endpoint_back_on_its_bridge(
