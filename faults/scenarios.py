@@ -668,12 +668,11 @@ def churn(run: Run) -> None:
     run.check(all(g <= 0.10 for g in grew.values()), f"memory grew more than 10%: {grew}")
 
 
-# Why scenario 13 fails here, as far as it was found (see the report of issue 9).
-_CHURN_LOSS = (
-    "isolated pings (0.1-0.4%) lost between two hosts while others churn 1,000 endpoints "
-    "through overlayd, also when the pinging hosts get none of them; none with the same veth "
-    "churn done by iproute2 without overlayd, nor with -W 10; no entry removed or rewritten "
-    "(kwatch); cause not found yet"
+# Why scenario 13 fails on Consul here: not pings (none lost since the endpoints' links
+# carry no IPv6 link-local, see `nl.no_ipv6_link_local`), the daemons' memory after the churn.
+_CHURN_RSS_CONSUL = (
+    "RSS grows 10.1-10.7% over the churn of 1,000 endpoints on Consul (limit 10%; "
+    "gossip, etcd and ZooKeeper 5-7%); not investigated yet"
 )
 
 SCENARIOS: list[Scenario] = [
@@ -729,7 +728,7 @@ SCENARIOS: list[Scenario] = [
         hosts=5,
         untouched=("h1", "h2"),
         short_options={"endpoints": 100},
-        known_failures=dict.fromkeys(ALL_BACKENDS, _CHURN_LOSS),
+        known_failures={"consul": _CHURN_RSS_CONSUL},
     ),
 ]
 
