@@ -52,6 +52,9 @@ def test_doctor_on_a_healthy_host_then_three_faults(make_lab: Callable[..., Lab]
         "clock skew": "OK",
         "kv store": "OK",
         "reconcile": "OK",
+        "daemon warnings": "OK",
+        "gateway tools": "OK",
+        "kv store data": "OK",
     }
     assert "overlayd's VXLAN devices" in checks["udp 4789"]["message"]  # the demo network's
     assert "MTU 1500: networks get 1450" in checks["mtu"]["message"]
