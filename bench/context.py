@@ -47,6 +47,7 @@ class Scale:
     churn_budget: float
     drift_timeout: float
     iperf_seconds: int
+    iperf_rounds: int  # each path once per round, the order reversed every other round
     floor_samples: int
 
 
@@ -72,7 +73,8 @@ FULL = Scale(
     churn_clients=16,
     churn_budget=40.0,
     drift_timeout=35.0,
-    iperf_seconds=5,
+    iperf_seconds=4,
+    iperf_rounds=5,
     floor_samples=25,
 )
 
@@ -99,6 +101,7 @@ QUICK = Scale(
     churn_budget=20.0,
     drift_timeout=10.0,
     iperf_seconds=2,
+    iperf_rounds=2,
     floor_samples=8,
 )
 

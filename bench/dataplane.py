@@ -8,8 +8,11 @@ In the same run, iperf3 between:
 - two endpoints of that routed network on h1 (the same-host pair: one bridge, no routing);
 - the two hosts themselves over the same veths and underlay bridge.
 
-Each is measured in two rounds, the second in the reverse order, and averaged,
-so a machine that slows down during the run does not favour one of them. The
+Each path is measured once per round, every other round in the reverse order,
+and each figure is the median over the rounds: on a lab machine every path is
+CPU-bound (no NIC limits it), so one round's figures move by tens of percent
+with whatever else the machine does; interleaved rounds and medians keep one
+slow moment from favouring a path. The note gives each path's spread. The
 control plane should cost the dataplane nothing: the ratios are what VXLAN
 encapsulation, and routing instead of it, cost here. Targets (issue 11): routed
 at least 0.9 of the underlay, and within 5% of the same-host pair.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import statistics
 import subprocess
 import time
 from collections.abc import Callable
@@ -120,7 +124,10 @@ def run(ctx: Context) -> BenchResult:
         ctx.discard(lab)
         raise
     ctx.release(lab, key)
-    note = f"{ctx.scale.iperf_seconds} s each, mean of 2 rounds (the second in reverse order)"
+    note = (
+        f"{ctx.scale.iperf_seconds} s each, median of {ctx.scale.iperf_rounds} interleaved rounds; "
+        f"spread (min-max Gbit/s): {rates.spread}"
+    )
     result.add(Figure(NAME, name, rates.vxlan, "Gbit/s", rates.underlay, BASE_WHAT, note))
     result.add(
         Figure(
@@ -157,6 +164,7 @@ class Rates:
     routed: float
     same_host: float
     underlay: float
+    spread: str  # each path's min-max over the rounds
 
 
 def measure(ctx: Context, lab: Lab) -> Rates:
@@ -179,13 +187,16 @@ def measure(ctx: Context, lab: Lab) -> Rates:
             "routed": lambda: iperf(r2.netns, r1.netns, r2.ip, seconds),
             "same_host": lambda: iperf(r3.netns, r1.netns, r3.ip, seconds),
         }
-        ctx.say(f"dataplane: iperf3 {seconds} s each over {', '.join(paths)}, twice (then reversed)")
+        rounds = ctx.scale.iperf_rounds
+        ctx.say(f"dataplane: iperf3 {seconds} s each over {', '.join(paths)}, {rounds} rounds")
         got: dict[str, list[float]] = {name: [] for name in paths}
-        for order in (list(paths), list(reversed(paths))):
+        for k in range(rounds):
+            order = list(paths) if k % 2 == 0 else list(reversed(paths))
             for name in order:
                 got[name].append(paths[name]())
-        mean = {name: sum(values) / len(values) for name, values in got.items()}
-        return Rates(mean["vxlan"], mean["routed"], mean["same_host"], mean["underlay"])
+        mid = {name: statistics.median(values) for name, values in got.items()}
+        spread = ", ".join(f"{name} {min(v):.1f}-{max(v):.1f}" for name, v in got.items())
+        return Rates(mid["vxlan"], mid["routed"], mid["same_host"], mid["underlay"], spread)
     finally:
         # The lab goes on to the next benchmark as it came.
         for ep in made:
