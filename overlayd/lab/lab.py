@@ -49,7 +49,7 @@ from typing import Any, Protocol, TypeVar
 
 from overlayd.api import schema
 from overlayd.api.client import AdminClient, ClientError
-from overlayd.lab import netns
+from overlayd.lab import neightable, netns
 from overlayd.lab.consul import ConsulError, ConsulServer, find_consul
 from overlayd.lab.etcd import EtcdError, EtcdServer, find_etcd
 from overlayd.lab.nshttp import NetnsHTTPConnection, request
@@ -535,6 +535,9 @@ class Lab:
         self._preflight(daemons)
         try:
             self._save()
+            raised = neightable.ensure_room(len(self.hosts), self._neigh_saved)
+            if raised is not None:
+                self._say(raised)
             self._build_underlay()
             if self.kv is not None:
                 self._say(f"starting {self.store} on {self.kv.url} in {self.kv_ns}")
@@ -970,6 +973,7 @@ class Lab:
         for ns in reversed(namespaces):
             attempt(f"delete namespace {ns}", partial(netns.delete_netns, ns))
         attempt(f"remove {self.dir}", self._remove_dir)
+        attempt("restore the neighbour-table limits", self._restore_neigh_limits)
         self.namespaces = []
         self.endpoints = []
         self.networks = []
@@ -978,6 +982,19 @@ class Lab:
     def _remove_dir(self) -> None:
         if self.dir.exists():
             shutil.rmtree(self.dir)
+
+    @property
+    def _neigh_saved(self) -> Path:
+        # Beside the labs' directories: shared by every lab on this machine.
+        return self.dir.parent / "neigh-limits.json"
+
+    def _restore_neigh_limits(self) -> None:
+        """The last lab to go down puts back the limits a lab raised."""
+        if any(self.dir.parent.glob("*/lab.json")):
+            return
+        restored = neightable.restore(self._neigh_saved)
+        if restored is not None:
+            self._say(restored)
 
     def __enter__(self) -> Lab:
         return self.up()

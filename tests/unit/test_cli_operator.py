@@ -13,6 +13,7 @@ import shutil
 import socket
 import stat
 import subprocess
+import sys
 from collections.abc import Iterator
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -248,3 +249,15 @@ def test_vxlan_probe_in_a_throwaway_namespace() -> None:
     after = subprocess.run(["ip", "-j", "link", "show"], capture_output=True, text=True, check=True).stdout
     assert "ovdoctor0" not in after
     assert doctor.check_vxlan().result == doctor.OK
+
+
+def test_a_reader_that_goes_away_is_no_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    # `overlayctl ... | head`: the pipe's reader is gone before we are done writing.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    out = os.fdopen(write_end, "w", buffering=1)
+    monkeypatch.setattr(sys, "stdout", out)
+    try:
+        assert cli.main(["completion", "bash"]) == cli.EXIT_OK
+    finally:
+        out.close()
