@@ -634,6 +634,8 @@ class Mirror:
                 t.neigh[(e.device, e.ip)] = e.mac
             case DeleteNeigh(e):
                 t.neigh.pop((e.device, e.ip), None)
+            case AnnounceArp():
+                pass  # one per new neighbour: matched here, not after every other command
             case ReplaceAddr(key):
                 t.addrs.add(key)
             case DeleteAddr(key):
@@ -660,5 +662,5 @@ class Mirror:
             case SetInnerLink(spec):
                 # The namespace's monitor may not be listening yet: record what was written.
                 t.inner[(spec.netns, spec.ifname)] = spec
-            case EnsureBridge() | EnsureVxlan() | SetPort() | DeleteLink() | EnsureVeth() | AnnounceArp():
+            case EnsureBridge() | EnsureVxlan() | SetPort() | DeleteLink() | EnsureVeth():
                 pass
