@@ -222,7 +222,18 @@ class Mirror:
             return
         for kind, _flags, _seq, start, end in nl.messages(data):
             self.notifications += 1
-            if kind == nl.RTM_NEWADDR or kind == nl.RTM_DELADDR:
+            # Entries first: two notifications per remote endpoint, every other kind is rare.
+            if kind == nl.RTM_NEWNEIGH or kind == nl.RTM_DELNEIGH:
+                raw = nl.parse_neigh(data, start, end)
+                if raw is None:
+                    continue
+                present = kind == nl.RTM_NEWNEIGH
+                family = nl.neigh_family(data, start)
+                if family == nl.AF_BRIDGE:
+                    self._fdb(raw, present=present)
+                elif family == nl.AF_INET:
+                    self._neigh(raw, present=present)
+            elif kind == nl.RTM_NEWADDR or kind == nl.RTM_DELADDR:
                 addr = nl.parse_addr_full(data, start, end)
                 if addr is not None:
                     self._addr(HOST_NS, addr, present=kind == nl.RTM_NEWADDR)
@@ -238,15 +249,6 @@ class Mirror:
                 netconf = nl.parse_netconf(data, start, end)
                 if netconf is not None:
                     self._netconf(netconf)
-            elif kind == nl.RTM_NEWNEIGH or kind == nl.RTM_DELNEIGH:
-                raw = nl.parse_neigh(data, start, end)
-                if raw is None:
-                    continue
-                present = kind == nl.RTM_NEWNEIGH
-                if nl.neigh_family(data, start) == nl.AF_BRIDGE:
-                    self._fdb(raw, present=present)
-                elif nl.neigh_family(data, start) == nl.AF_INET:
-                    self._neigh(raw, present=present)
             elif kind == nl.RTM_NEWLINK:
                 link = nl.parse_link(data, start, end)
                 if link is not None:
