@@ -120,6 +120,10 @@ class Mirror:
         self._addresses: dict[bytes, IPv4Address] = {}
         self.notifications = 0
         self.overruns = 0
+        # The netlink port our entry writes go out from (0: unknown). A neighbour
+        # notification carrying it is the echo of our own write, which `assume()`
+        # recorded when the kernel acknowledged it: not parsed again.
+        self.own_port = 0
 
     # --- full reads ---
 
@@ -224,6 +228,8 @@ class Mirror:
             self.notifications += 1
             # Entries first: two notifications per remote endpoint, every other kind is rare.
             if kind == nl.RTM_NEWNEIGH or kind == nl.RTM_DELNEIGH:
+                if self.own_port and nl.message_port(data, start) == self.own_port:
+                    continue  # our own write (anyone else's change carries another port, or 0)
                 raw = nl.parse_neigh(data, start, end)
                 if raw is None:
                     continue
