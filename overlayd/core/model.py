@@ -61,8 +61,10 @@ class Ip4(IPv4Address):
         return self._hash
 
     def __eq__(self, other: object) -> bool:
+        # Compared whenever a desired entry meets its mirrored one (a VTEP, a neighbour's
+        # address): `_ip` is the integer IPv4Address keeps, read without two int() calls.
         if other.__class__ is Ip4:
-            return self._hash == other._hash and int(self) == int(other)
+            return self._ip == other._ip  # type: ignore[attr-defined,no-any-return]
         return super().__eq__(other)
 
     def __reduce__(self) -> tuple[type[Ip4], tuple[int]]:

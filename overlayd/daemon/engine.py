@@ -17,6 +17,8 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 
+from prometheus_client import Histogram
+
 from overlayd.core.admission import Admission, Conflict, GossipFact, NetworkClaimed, Outcome
 from overlayd.core.model import Endpoint, Node
 from overlayd.core.view import ClusterView, EndpointChanged, Fact, NetworkChanged, NodeChanged
@@ -50,6 +52,11 @@ class Engine:
         self.remote = 0
         # Remote endpoints heard of but not yet programmed: key -> (created_at at the owner, path).
         self._unprogrammed: dict[str, tuple[float, str]] = {}
+        # Labelled children, looked up once: `labels()` costs microseconds, and these
+        # are updated per outcome and per programmed entry.
+        self._known_local = metrics.endpoints_known.labels(locality="local")
+        self._known_remote = metrics.endpoints_known.labels(locality="remote")
+        self._latency: dict[str, Histogram] = {}
 
     def attach(self, desired: DesiredState, reconciler: Reconciler) -> None:
         """Connect the kernel side; desired state starts from the view as it stands."""
@@ -92,8 +99,8 @@ class Engine:
                 case NodeChanged(_, new):
                     if new is not None and new.name != self.node and self._on_node is not None:
                         self._on_node(new)
-        self._metrics.endpoints_known.labels(locality="local").set(self.local)
-        self._metrics.endpoints_known.labels(locality="remote").set(self.remote)
+        self._known_local.set(self.local)
+        self._known_remote.set(self.remote)
         if networks_changed:
             self._metrics.networks_known.set(len(self.view.networks))
         if self.desired is not None:
@@ -128,4 +135,10 @@ class Engine:
                 continue
             pending = self._unprogrammed.pop(key, None)
             if pending is not None and pending[0] > 0:
-                self._metrics.convergence_latency.labels(path=pending[1]).observe(max(now - pending[0], 0.0))
+                self._latency_of(pending[1]).observe(max(now - pending[0], 0.0))
+
+    def _latency_of(self, path: str) -> Histogram:
+        child = self._latency.get(path)
+        if child is None:
+            child = self._latency[path] = self._metrics.convergence_latency.labels(path=path)
+        return child

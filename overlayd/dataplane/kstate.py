@@ -354,7 +354,20 @@ class Dirty:
         )
 
     def __bool__(self) -> bool:
-        return any(self._sets())
+        # Asked per notification and per view outcome: no tuple of sets built for it,
+        # and the entry sets, the ones a join fills, first.
+        return bool(
+            self.fdb
+            or self.neigh
+            or self.flood
+            or self.links
+            or self.netns
+            or self.inner
+            or self.addrs
+            or self.routes
+            or self.forwarding
+            or self.nft
+        )
 
     def __len__(self) -> int:
         return sum(len(s) for s in self._sets())

@@ -120,6 +120,10 @@ class Mirror:
         self._addresses: dict[bytes, IPv4Address] = {}
         self.notifications = 0
         self.overruns = 0
+        # The netlink port our entry writes go out from (0: unknown). A neighbour
+        # notification carrying it is the echo of our own write, which `assume()`
+        # recorded when the kernel acknowledged it: not parsed again.
+        self.own_port = 0
 
     # --- full reads ---
 
@@ -222,7 +226,20 @@ class Mirror:
             return
         for kind, _flags, _seq, start, end in nl.messages(data):
             self.notifications += 1
-            if kind == nl.RTM_NEWADDR or kind == nl.RTM_DELADDR:
+            # Entries first: two notifications per remote endpoint, every other kind is rare.
+            if kind == nl.RTM_NEWNEIGH or kind == nl.RTM_DELNEIGH:
+                if self.own_port and nl.message_port(data, start) == self.own_port:
+                    continue  # our own write (anyone else's change carries another port, or 0)
+                raw = nl.parse_neigh(data, start, end)
+                if raw is None:
+                    continue
+                present = kind == nl.RTM_NEWNEIGH
+                family = nl.neigh_family(data, start)
+                if family == nl.AF_BRIDGE:
+                    self._fdb(raw, present=present)
+                elif family == nl.AF_INET:
+                    self._neigh(raw, present=present)
+            elif kind == nl.RTM_NEWADDR or kind == nl.RTM_DELADDR:
                 addr = nl.parse_addr_full(data, start, end)
                 if addr is not None:
                     self._addr(HOST_NS, addr, present=kind == nl.RTM_NEWADDR)
@@ -238,15 +255,6 @@ class Mirror:
                 netconf = nl.parse_netconf(data, start, end)
                 if netconf is not None:
                     self._netconf(netconf)
-            elif kind == nl.RTM_NEWNEIGH or kind == nl.RTM_DELNEIGH:
-                raw = nl.parse_neigh(data, start, end)
-                if raw is None:
-                    continue
-                present = kind == nl.RTM_NEWNEIGH
-                if nl.neigh_family(data, start) == nl.AF_BRIDGE:
-                    self._fdb(raw, present=present)
-                elif nl.neigh_family(data, start) == nl.AF_INET:
-                    self._neigh(raw, present=present)
             elif kind == nl.RTM_NEWLINK:
                 link = nl.parse_link(data, start, end)
                 if link is not None:
@@ -634,6 +642,8 @@ class Mirror:
                 t.neigh[(e.device, e.ip)] = e.mac
             case DeleteNeigh(e):
                 t.neigh.pop((e.device, e.ip), None)
+            case AnnounceArp():
+                pass  # one per new neighbour: matched here, not after every other command
             case ReplaceAddr(key):
                 t.addrs.add(key)
             case DeleteAddr(key):
@@ -660,5 +670,5 @@ class Mirror:
             case SetInnerLink(spec):
                 # The namespace's monitor may not be listening yet: record what was written.
                 t.inner[(spec.netns, spec.ifname)] = spec
-            case EnsureBridge() | EnsureVxlan() | SetPort() | DeleteLink() | EnsureVeth() | AnnounceArp():
+            case EnsureBridge() | EnsureVxlan() | SetPort() | DeleteLink() | EnsureVeth():
                 pass

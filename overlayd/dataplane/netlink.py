@@ -599,6 +599,16 @@ def neigh_family(data: bytes, start: int) -> int:
     return data[start]
 
 
+def message_port(data: bytes, start: int) -> int:
+    """The nlmsg_pid of the message whose payload starts at `start`.
+
+    In a notification it is the port of the socket whose request caused it,
+    where the kernel says (neighbour entries do; VXLAN's FDB entries and the
+    kernel's own changes carry 0).
+    """
+    return int(U32.unpack_from(data, start - HDR.size + 12)[0])
+
+
 # How each entry operation goes on the wire: (message type, extra flags, family, NUD state, ndm flags).
 _BRIDGE_STATE = NUD_PERMANENT | NUD_NOARP
 ENTRY_OPS: Final[dict[str, tuple[int, int, int, int, int]]] = {

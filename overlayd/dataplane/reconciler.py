@@ -226,6 +226,8 @@ class Reconciler:
     def start_monitor(self) -> None:
         """Subscribe to notifications (before the first dump, so nothing falls between)."""
         self._monitor.start()
+        # Entry writes go out on the kernel's raw socket: their echoes need no parsing.
+        self.mirror.own_port = self._kernel.rtnl.port
 
     def close(self) -> None:
         self._monitor.close()

@@ -87,6 +87,11 @@ class Rtnl:
     def close(self) -> None:
         self._sock.close()
 
+    @property
+    def port(self) -> int:
+        """This socket's netlink port id: what the notifications of its writes carry as nlmsg_pid."""
+        return int(self._sock.getsockname()[0])
+
     def _next_seq(self) -> int:
         seq = next(self._seq) & 0xFFFFFFFF
         if seq == 0:

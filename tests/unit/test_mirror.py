@@ -5,8 +5,15 @@ from __future__ import annotations
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
 from overlayd.dataplane import netlink as nl
-from overlayd.dataplane.commands import DeleteNetns, EnsureNetns, ReplaceFdb, SetInnerLink
-from overlayd.dataplane.kstate import RTPROT_OVERLAYD, FdbEntry, InnerLinkSpec, NetnsSpec, RouteSpec
+from overlayd.dataplane.commands import DeleteNetns, EnsureNetns, ReplaceFdb, ReplaceNeigh, SetInnerLink
+from overlayd.dataplane.kstate import (
+    RTPROT_OVERLAYD,
+    FdbEntry,
+    InnerLinkSpec,
+    NeighEntry,
+    NetnsSpec,
+    RouteSpec,
+)
 from overlayd.dataplane.mirror import Dump, Mirror, NsDump
 
 A = IPv4Address
@@ -39,9 +46,11 @@ def fdb_msg(kind: int, index: int, mac: str, dst: IPv4Address, *, flags: int = n
     return bytes(msg)
 
 
-def neigh_msg(kind: int, index: int, ip: IPv4Address, mac: str, state: int = nl.NUD_PERMANENT) -> bytes:
+def neigh_msg(
+    kind: int, index: int, ip: IPv4Address, mac: str, state: int = nl.NUD_PERMANENT, *, port: int = 0
+) -> bytes:
     msg = bytearray(nl.entry_message("replace_neigh", index, nl.mac_bytes(mac), ip))
-    nl.HDR.pack_into(msg, 0, len(msg), kind, 0, 0, 0)
+    nl.HDR.pack_into(msg, 0, len(msg), kind, 0, 0, port)
     nl.NDMSG.pack_into(msg, nl.HDR.size, nl.AF_INET, index, state, 0, 0)
     return bytes(msg)
 
@@ -79,6 +88,24 @@ def test_the_echo_of_our_own_write_marks_nothing() -> None:
     m.assume(ReplaceFdb(FdbEntry(VX, MAC, VTEP_B)))
     m.apply_datagram(fdb_msg(nl.RTM_NEWNEIGH, VX_INDEX, MAC, VTEP_B))
     assert not m.dirty
+
+
+def test_a_neighbour_echo_from_our_own_port_is_skipped_any_other_port_is_not() -> None:
+    m = with_devices()
+    m.own_port = 4242
+    ip = A("10.1.0.11")
+    m.assume(ReplaceNeigh(NeighEntry(VX, ip, MAC)))
+    # Our write's echo (its request's port): already recorded by assume().
+    m.apply_datagram(neigh_msg(nl.RTM_NEWNEIGH, VX_INDEX, ip, MAC, port=4242))
+    assert not m.dirty
+    assert m.tables.neigh == {(VX, ip): MAC}
+    # Another program (its own port) or the kernel (0) changing the same entry is drift.
+    m.apply_datagram(neigh_msg(nl.RTM_NEWNEIGH, VX_INDEX, ip, "02:00:00:00:00:0c", port=999))
+    assert m.tables.neigh == {(VX, ip): "02:00:00:00:00:0c"}
+    assert m.dirty.take().neigh == {(VX, ip)}
+    m.apply_datagram(neigh_msg(nl.RTM_DELNEIGH, VX_INDEX, ip, "02:00:00:00:00:0c"))
+    assert m.tables.neigh == {}
+    assert m.dirty.take().neigh == {(VX, ip)}
 
 
 def test_a_change_behind_our_back_is_marked() -> None:
