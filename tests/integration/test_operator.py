@@ -6,6 +6,7 @@ import json
 import os
 import pty
 import socket
+import stat
 import subprocess
 import sys
 from collections.abc import Callable
@@ -224,3 +225,6 @@ def test_doctor_measures_clock_skew_against_gossiping_peers(make_lab: Callable[.
     _, checks = doctor(lab, "h1")
     assert checks["clock skew"]["result"] == "OK", checks["clock skew"]
     assert "measured" in checks["clock skew"]["message"]
+    # The lab's configs hold the gossip key: written for root's eyes only, so nothing warns.
+    assert checks["daemon warnings"]["result"] == "OK", checks["daemon warnings"]
+    assert stat.S_IMODE(lab.host("h1").config_path.stat().st_mode) == 0o600
