@@ -689,18 +689,20 @@ class Lab:
             f"dead_grace = {float(self.lease_ttl)!r}\nprobe_interval = 0.5\nanti_entropy_interval = 2.0\n"
         )
 
-    def start_daemon(self, host: str | Host, *, wait: bool = True) -> Proc:
-        """Start overlayd in the host's namespace (config rewritten first); wait until ready."""
+    def start_daemon(self, host: str | Host, *, wait: bool = True, rewrite_config: bool = True) -> Proc:
+        """Start overlayd in the host's namespace (config rewritten first, unless
+        `rewrite_config` is False: a test that changed the file itself); wait until ready."""
         h = self.host(host)
         if h.proc is not None and h.proc.alive():
             raise LabError(f"overlayd on {h.name} is already running (pid {h.proc.pid})")
         h.state_dir.mkdir(parents=True, exist_ok=True)
-        # 0600: it holds the gossip key, and the daemon (and doctor) warn about a config
-        # with secrets that others may read.
-        fd = os.open(h.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT
-        with os.fdopen(fd, "w") as out:
-            out.write(self.config_text(h))
+        if rewrite_config or not h.config_path.exists():
+            # 0600: it holds the gossip key, and the daemon (and doctor) warn about a
+            # config with secrets that others may read.
+            fd = os.open(h.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT
+            with os.fdopen(fd, "w") as out:
+                out.write(self.config_text(h))
         # In the host's network namespace only, sharing the machine's mounts as a daemon
         # started by the system does: its gateway namespaces' pins are seen by everyone.
         argv = netns.enter_argv(h.netns, [*overlayd_argv(), "--config", str(h.config_path)])
