@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from overlayd.lab import Lab
 from overlayd.lab.etcd import EtcdServer
@@ -30,7 +30,43 @@ def _all(servers: Sequence[Any], action: Callable[[Any], object]) -> None:
         list(pool.map(action, servers))
 
 
-class EtcdCluster:
+M = TypeVar("M", bound=EtcdServer | ZooKeeperServer)
+
+
+class _Members(Generic[M]):
+    """What the lab sees of a KV server made of several members: the first one's log
+    and PID, every member's address in `url`, start and stop acting on all."""
+
+    scheme = ""
+    members: list[M]
+    proc: Proc | None
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://" + ",".join(f"{m.host}:{m.client_port}" for m in self.members)
+
+    @property
+    def log_path(self) -> Path:
+        return self.members[0].log_path
+
+    @property
+    def pid(self) -> int | None:
+        return self.members[0].pid
+
+    def start(self, timeout: float) -> None:
+        _all(self.members, lambda m: m.start(timeout))
+        self.proc = self.members[0].proc
+
+    def stop(self, timeout: float = 10.0) -> None:
+        _all([m for m in self.members if m.running()], lambda m: m.stop(timeout))
+
+    def running(self) -> bool:
+        return any(m.running() for m in self.members)
+
+
+class EtcdCluster(_Members[EtcdServer]):
+    scheme = "etcd"
+
     def __init__(self, *, netns: str, workdir: Path, on_start: Callable[[Any], None]) -> None:
         self.workdir = workdir
         ports = [(2379 + 10000 * k, 2380 + 10000 * k) for k in range(MEMBERS)]
@@ -55,27 +91,8 @@ class EtcdCluster:
         ]
         self.proc: Proc | None = None
 
-    @property
-    def url(self) -> str:
-        return "etcd://" + ",".join(f"{m.host}:{m.client_port}" for m in self.members)
-
-    @property
-    def log_path(self) -> Path:
-        return self.members[0].log_path
-
-    @property
-    def pid(self) -> int | None:
-        return self.members[0].pid
-
     def start(self, timeout: float = 60.0) -> None:
-        _all(self.members, lambda m: m.start(timeout))
-        self.proc = self.members[0].proc
-
-    def stop(self, timeout: float = 10.0) -> None:
-        _all([m for m in self.members if m.running()], lambda m: m.stop(timeout))
-
-    def running(self) -> bool:
-        return any(m.running() for m in self.members)
+        super().start(timeout)
 
 
 class _EnsembleMember(ZooKeeperServer):
@@ -90,7 +107,9 @@ class _EnsembleMember(ZooKeeperServer):
         return super().config_text() + self.servers + "initLimit=10\nsyncLimit=5\n"
 
 
-class ZooKeeperEnsemble:
+class ZooKeeperEnsemble(_Members[_EnsembleMember]):
+    scheme = "zookeeper"
+
     def __init__(self, *, netns: str, workdir: Path, on_start: Callable[[Any], None]) -> None:
         self.workdir = workdir
         servers = "".join(
@@ -110,27 +129,8 @@ class ZooKeeperEnsemble:
         ]
         self.proc: Proc | None = None
 
-    @property
-    def url(self) -> str:
-        return "zookeeper://" + ",".join(f"{m.host}:{m.client_port}" for m in self.members)
-
-    @property
-    def log_path(self) -> Path:
-        return self.members[0].log_path
-
-    @property
-    def pid(self) -> int | None:
-        return self.members[0].pid
-
     def start(self, timeout: float = 90.0) -> None:
-        _all(self.members, lambda m: m.start(timeout))
-        self.proc = self.members[0].proc
-
-    def stop(self, timeout: float = 10.0) -> None:
-        _all([m for m in self.members if m.running()], lambda m: m.stop(timeout))
-
-    def running(self) -> bool:
-        return any(m.running() for m in self.members)
+        super().start(timeout)
 
 
 class ClusterLab(Lab):
