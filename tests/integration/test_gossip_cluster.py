@@ -389,7 +389,10 @@ async def test_flood_of_random_and_forged_datagrams_changes_nothing() -> None:
 
 async def test_push_that_skips_a_version_pulls_the_gap_at_once() -> None:
     """No anti-entropy at all: a node that hears version 2 but missed version 1 asks for it."""
-    config = GossipConfig(probe_interval=0.2, probe_timeout=0.1, anti_entropy_interval=3600.0)
+    # Default probe timing: with a 0.1 s probe timeout a loaded CI machine makes members
+    # flap dead and alive, and the state sync on rejoin hands over `first` before any gap
+    # shows, so the request this test is about never needs to happen.
+    config = GossipConfig(anti_entropy_interval=3600.0)
     async with cluster(3, config) as c:
         owner = c.members[0].node
         first = owner.publish("endpoint", "net1/first", {"ip": "10.0.0.1"})
