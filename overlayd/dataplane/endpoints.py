@@ -85,10 +85,11 @@ async def create_local_endpoint(
     state; pass its ifindex if known, to save a lookup). Raises
     `KernelError` and leaves nothing behind on any failure.
 
-    Four netlink round trips: the veth pair is created with its host side
-    up on the bridge and its peer born inside the namespace, named, with
-    its MAC and MTU; the host side gets its ifalias; inside, the peer's index
-    is read, then address, link up, loopback up and default route go in one batch.
+    Four netlink round trips: the veth pair is created, its peer born inside
+    the namespace, named, with its MAC and MTU; the host side gets its
+    ifalias, goes on the bridge and up in one change; inside, the peer's
+    index is read, then its settings, address, link up, loopback up and
+    default route go in one batch.
     """
     _check_name(ifname, "interface name")
     _check_name(host_ifname, "host interface name")
@@ -158,15 +159,7 @@ def _create_blocking(
     fd = _open_netns(netns)
     try:
         with BlockingRtnl(host_netns) as host:
-            request = nl.create_veth(
-                ifname=host_ifname,
-                mtu=mtu,
-                master=bridge_index,
-                peer=ifname,
-                peer_netns_fd=fd,
-                peer_mac=nl.mac_bytes(mac),
-            )
-            code, text = host.request(request)
+            code, text = host.request(_veth_request(host_ifname, mtu, ifname, fd, mac))
             if code == errno.EEXIST:
                 raise KernelError(
                     f"cannot create the endpoint: {ifname} already exists in netns {netns} "
@@ -175,14 +168,14 @@ def _create_blocking(
             if code:
                 raise KernelError(f"cannot create veth {host_ifname}: {error_code_text(code, text)}")
             try:
-                code, text = host.request(nl.set_alias(host_ifname, alias))
+                code, text = host.request(_port_request(host_ifname, alias, bridge_index))
+                if code == errno.EAFNOSUPPORT:  # a kernel without IPv6: nothing to silence
+                    code, text = host.request(_port_request(host_ifname, alias, bridge_index, ipv6=False))
                 if code:
                     raise KernelError(
-                        f"cannot mark {host_ifname} as overlayd's: {error_code_text(code, text)}"
+                        f"cannot put {host_ifname} on its bridge: {error_code_text(code, text)}"
                     )
-                # No IPv6 link-local on the port (down until its peer is up: not yet configured).
-                _silence_ipv6(host, host_ifname, f"{host_ifname} without IPv6 link-local")
-                _configure_inside(netns, ifname, ip, prefixlen, gateway)
+                _configure_inside(netns, fd, ifname, ip, prefixlen, gateway)
             except BaseException as exc:
                 # All or nothing: the container side goes with the host side.
                 note = ""
@@ -200,11 +193,63 @@ def _create_blocking(
         os.close(fd)
 
 
+def _veth_request(host_ifname: str, mtu: int, peer: str, peer_netns_fd: int, peer_mac: str) -> bytes:
+    """RTM_NEWLINK: the pair, the peer born in its namespace under its final name with its
+    MAC and MTU; the host side down and on no bridge yet.
+
+    Down and loose, the new link makes the host's monitors two notifications; made up on
+    the bridge it makes a dozen more, and the owner reads every one on its event loop.
+    """
+    peer_info = nl.IFINFOMSG.pack(0, 0, 0, 0, 0) + b"".join(
+        (
+            nl.nla_str(nl.IFLA_IFNAME, peer),
+            nl.nla_u32(nl.IFLA_NET_NS_FD, peer_netns_fd),
+            nl.nla(nl.IFLA_ADDRESS, nl.mac_bytes(peer_mac)),
+            nl.nla_u32(nl.IFLA_MTU, mtu),
+        )
+    )
+    linkinfo = nl.nla_str(nl.IFLA_INFO_KIND, "veth") + nl.nla(
+        nl.IFLA_INFO_DATA | nl.NLA_F_NESTED, nl.nla(nl.VETH_INFO_PEER | nl.NLA_F_NESTED, peer_info)
+    )
+    body = nl.IFINFOMSG.pack(0, 0, 0, 0, 0) + b"".join(
+        (
+            nl.nla_str(nl.IFLA_IFNAME, host_ifname),
+            nl.nla_u32(nl.IFLA_MTU, mtu),
+            nl.nla(nl.IFLA_LINKINFO | nl.NLA_F_NESTED, linkinfo),
+        )
+    )
+    return nl.message(nl.RTM_NEWLINK, nl.NLM_F_CREATE | nl.NLM_F_EXCL, body)
+
+
+def _port_request(host_ifname: str, alias: str, bridge_index: int, *, ipv6: bool = True) -> bytes:
+    """RTM_NEWLINK on the new host side, all in one change: marked overlayd's (ifalias), no
+    IPv6 link-local (see `nl.no_ipv6_link_local`), on the bridge and up.
+
+    The kernel brings it up before it applies the IPv6 setting, which is still in time: a
+    veth whose peer is down has no carrier, and a link gets its link-local address only
+    once it has one.
+    """
+    v6 = nl.nla(
+        nl.AF_INET6 | nl.NLA_F_NESTED,
+        nl.nla(nl.IFLA_INET6_ADDR_GEN_MODE, bytes([nl.IN6_ADDR_GEN_MODE_NONE])),
+    )
+    body = nl.IFINFOMSG.pack(0, 0, 0, nl.IFF_UP, nl.IFF_UP) + b"".join(
+        (
+            nl.nla_str(nl.IFLA_IFNAME, host_ifname),
+            nl.nla_str(nl.IFLA_IFALIAS, alias),
+            nl.nla_u32(nl.IFLA_MASTER, bridge_index),
+            nl.nla(nl.IFLA_AF_SPEC | nl.NLA_F_NESTED, v6) if ipv6 else b"",
+        )
+    )
+    return nl.message(nl.RTM_NEWLINK, 0, body)
+
+
 def _configure_inside(
-    netns: str, ifname: str, ip: IPv4Address, prefixlen: int, gateway: IPv4Address | None
+    netns: str, netns_fd: int, ifname: str, ip: IPv4Address, prefixlen: int, gateway: IPv4Address | None
 ) -> None:
+    """Inside the namespace: the peer's index, then everything else in one batch."""
     try:
-        inside = BlockingRtnl(netns)
+        inside = BlockingRtnl(netns_fd)
     except OSError as exc:
         raise KernelError(f"cannot open netlink in netns {netns}: {exc}") from exc
     with inside:
@@ -212,35 +257,39 @@ def _configure_inside(
         if found is None:
             raise KernelError(f"{ifname} did not appear in netns {netns}")
         index = found.index
-        # Before it is up: an IPv6 link-local address would have it multicast DAD, MLD
-        # reports and router solicitations for as long as it lives, each flooded to every
-        # port of the network on every host (see `nl.no_ipv6_link_local`).
-        _silence_ipv6(inside, ifname, f"{ifname} without IPv6 link-local")
-        # arp_notify: coming up, the interface announces its address (a gratuitous ARP). A
-        # gateway on this host (a routed bridge, a gateway namespace's gw0) may have cached
-        # another MAC for it, of an endpoint that had the address before.
+        # In this order, each applied before the next is read:
+        # - no IPv6 link-local, before it is up: the address would have it multicast DAD, MLD
+        #   reports and router solicitations for as long as it lives, each flooded to every
+        #   port of the network on every host (see `nl.no_ipv6_link_local`);
+        # - arp_notify: coming up, the interface announces its address (a gratuitous ARP). A
+        #   gateway on this host (a routed bridge, a gateway namespace's gw0) may have cached
+        #   another MAC for it, of an endpoint that had the address before. Hence the address
+        #   before up too.
         requests = [
-            nl.add_address(index, ip, prefixlen),
+            nl.no_ipv6_link_local(index),
             nl.set_devconf(index, {nl.IPV4_DEVCONF_ARP_NOTIFY: 1}),
+            nl.add_address(index, ip, prefixlen),
             nl.set_up(index),
             nl.set_up(nl.LOOPBACK_INDEX),
         ]
-        what = [f"address {ip}/{prefixlen}", f"{ifname} announces itself", f"{ifname} up", "loopback up"]
+        what = [
+            f"{ifname} without IPv6 link-local",
+            f"{ifname} announces itself",
+            f"address {ip}/{prefixlen}",
+            f"{ifname} up",
+            "loopback up",
+        ]
         if gateway is not None:
             # "add", not "replace": a namespace that already routes its
             # default elsewhere is a conflict to report, not to overwrite.
             requests.append(nl.add_default_route(index, gateway))
             what.append(f"default route via {gateway}")
-        for request, item in zip(requests, what, strict=True):
-            code, text = inside.request(request)
-            if code:
+        # One round trip. A failed step does not stop the kernel from applying the later
+        # ones, which is harmless: the caller then deletes the pair with all it carries
+        # (only "loopback up" outlives it, as it would have before the failure anyway).
+        for (code, text), item in zip(inside.requests(requests), what, strict=True):
+            if code and not (item.endswith("IPv6 link-local") and code == errno.EAFNOSUPPORT):
                 raise KernelError(f"{item}: {error_code_text(code, text)}")
-
-
-def _silence_ipv6(rtnl: BlockingRtnl, ifname: str, what: str) -> None:
-    code, text = rtnl.request(nl.no_ipv6_link_local(ifname=ifname))
-    if code and code != errno.EAFNOSUPPORT:  # EAFNOSUPPORT: a kernel without IPv6
-        raise KernelError(f"{what}: {error_code_text(code, text)}")
 
 
 def _delete_blocking(host_netns: str | None, host_ifname: str) -> tuple[int, str]:

@@ -19,15 +19,20 @@ from types import TracebackType
 from typing import Final
 
 from overlayd.dataplane import netlink as nl
-from overlayd.util.nsutil import socket_in_netns
+from overlayd.util.nsutil import check_thread_home, socket_in_netns, socket_in_netns_fd
 
 _RECV_SIZE: Final = 64 * 1024
 _TIMEOUT: Final = 10.0
 
 
 class BlockingRtnl:
-    def __init__(self, netns: str | None) -> None:
-        if netns is None:
+    def __init__(self, netns: str | int | None) -> None:
+        """`netns`: a namespace's name or path, an fd open on one (entered by this thread
+        for the moment it takes: no thread started), or None for this thread's own."""
+        if isinstance(netns, int):
+            sock = socket_in_netns_fd(netns, socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+        elif netns is None:
+            check_thread_home()
             sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
         else:
             sock = socket_in_netns(netns, socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
@@ -64,6 +69,30 @@ class BlockingRtnl:
                 if mseq == seq and mtype == nl.NLMSG_ERROR:
                     code = -nl.I32.unpack_from(data, start)[0]
                     return code, nl.extack_msg(data, start - nl.HDR.size, end, mflags)
+
+    def requests(self, msgs: list[bytes]) -> list[tuple[int, str]]:
+        """Send `msgs` in one datagram, each with NLM_F_ACK; their (errno, text) answers in order.
+
+        One system call for several changes: the kernel applies them one after the other,
+        and a failed one does not stop the rest (the caller decides what a failure undoes).
+        """
+        first = next(self._seq)
+        for _ in msgs[1:]:
+            next(self._seq)
+        out = bytearray()
+        for i, msg in enumerate(msgs):
+            length, kind, flags, _seq, pid = nl.HDR.unpack_from(msg, 0)
+            out += nl.HDR.pack(length, kind, flags | nl.NLM_F_ACK, first + i, pid) + msg[nl.HDR.size :]
+            out += bytes(-len(out) % 4)  # each message starts aligned
+        self._sock.send(bytes(out))
+        answers: dict[int, tuple[int, str]] = {}
+        while len(answers) < len(msgs):
+            data = self._sock.recv(_RECV_SIZE)
+            for mtype, mflags, mseq, start, end in nl.messages(data):
+                if mtype == nl.NLMSG_ERROR and first <= mseq < first + len(msgs):
+                    code = -nl.I32.unpack_from(data, start)[0]
+                    answers[mseq] = (code, nl.extack_msg(data, start - nl.HDR.size, end, mflags))
+        return [answers[first + i] for i in range(len(msgs))]
 
     def get_link(self, ifname: str) -> nl.LinkInfo | None:
         """One link by name, or None."""

@@ -56,3 +56,41 @@ def socket_in_netns(netns: str, family: int, kind: int, proto: int = 0) -> socke
     if isinstance(outcome, OSError):
         raise outcome
     return outcome
+
+
+class _Home(threading.local):
+    fd: int | None = None  # this thread's own namespace, opened on first use
+    lost: bool = False  # it could not return there: the thread must not be used again
+
+
+_home = _Home()
+
+
+def socket_in_netns_fd(netns_fd: int, family: int, kind: int, proto: int = 0) -> socket.socket:
+    """A new socket in the namespace open at `netns_fd`, made by this very thread.
+
+    For worker threads that open one socket per job (`socket_in_netns` would start a
+    thread each time, some 150 µs of CPU): the thread enters the namespace, makes the
+    socket and goes back at once. Should it ever fail to go back, the thread is marked,
+    and every later call from it (and `check_thread_home`) raises instead of making
+    sockets in the wrong place. Raises OSError.
+    """
+    check_thread_home()
+    if _home.fd is None:
+        _home.fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    if _libc.setns(netns_fd, _CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+    try:
+        return socket.socket(family, kind, proto)
+    finally:
+        if _libc.setns(_home.fd, _CLONE_NEWNET) != 0:
+            _home.lost = True
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns back to this thread's namespace: {os.strerror(err)}")
+
+
+def check_thread_home() -> None:
+    """Raise OSError if this thread is stranded in another namespace (see `socket_in_netns_fd`)."""
+    if _home.lost:
+        raise OSError(f"thread {threading.current_thread().name} lost its network namespace")
