@@ -161,7 +161,7 @@ class GossipClaims:
         except SubnetFull:
             pass
         else:
-            if block_of(network.subnet, ip) == mine[-1]:
+            if ip in mine[-1]:  # (two int comparisons; `block_of` builds a network each add)
                 # The last block is in use: have the next ones ready before anyone waits.
                 self._claim_blocks_soon(network).add_done_callback(_log_failure)
             return ip, False
