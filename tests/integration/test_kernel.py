@@ -8,6 +8,7 @@ independent reader, not only through `Kernel.observe()`.
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
 import json
 import os
@@ -20,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from overlayd.dataplane import netlink as nl
 from overlayd.dataplane.commands import (
     AppendFlood,
     Command,
@@ -53,6 +55,7 @@ from overlayd.dataplane.kstate import (
     veth_name,
     vxlan_name,
 )
+from overlayd.dataplane.nlsync import BlockingRtnl
 from overlayd.util.metrics import Metrics
 
 pytestmark = [
@@ -760,3 +763,28 @@ async def test_two_hosts_reach_each_other_over_the_overlay(
     ping(c1, ip2)
     # The container resolved the remote IP to the remote endpoint's MAC.
     assert [n["lladdr"] for n in ip_json(c1, "neigh", "show", str(ip2))] == [mac2]
+
+
+def test_blocking_batch_answers_each_request_in_order(make_netns: Callable[[], str]) -> None:
+    """`BlockingRtnl.requests`: one datagram, one answer per request in order; a failed request
+    is reported as its own and does not stop the ones after it. The socket is made by this
+    thread entering the namespace (`socket_in_netns_fd`), which leaves it back where it was."""
+    ns = make_netns()
+    run("ip", "-n", ns, "link", "add", "d0", "type", "veth", "peer", "name", "d1")
+    index = int(link_show(ns, "d0")["ifindex"])
+    home = os.stat("/proc/thread-self/ns/net").st_ino
+    fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
+    try:
+        with BlockingRtnl(fd) as rtnl:
+            assert os.stat("/proc/thread-self/ns/net").st_ino == home
+            answers = rtnl.requests(
+                [
+                    nl.add_address(index, IPv4Address("10.77.0.1"), 24),
+                    nl.add_address(index, IPv4Address("10.77.0.1"), 24),  # EEXIST
+                    nl.set_up(index),
+                ]
+            )
+    finally:
+        os.close(fd)
+    assert [code for code, _ in answers] == [0, errno.EEXIST, 0]
+    assert "UP" in link_show(ns, "d0")["flags"]
