@@ -1,0 +1,199 @@
+"""The Consul watch's memory: the keys it has reported, cut into units, and the diff.
+
+Pure: no I/O. Consul has no change feed: a blocking query on the prefix only
+says that something under it changed (its X-Consul-Index passed the one asked
+for), and only a listing with values (`?recurse`) carries each key's
+ModifyIndex. Re-listing the whole prefix on every change costs O(all records)
+per change. So the watch cuts the prefix into units and re-lists only those
+that moved:
+
+    networks/   nodes/   endpoints/<network>/   any other first-level folder or key
+
+`vni/` and `ipam/` hold claims, which state no facts (`keys.fact_for_put`
+gives None for them, and their deletion is no fact either): the watch never
+lists them, so IP claims cost nothing. Units are re-listed one by one, so a
+round does not see the prefix at one index as a single listing would; the
+driver lists endpoint units before networks/ and nodes/, so that an endpoint
+seen in a round comes with the network and node records written before it.
+
+Which units moved: a unit's index (its `X-Consul-Index`) is the highest
+ModifyIndex in it, or of a deletion in it while Consul keeps that tombstone
+(about 15 minutes), and every write gets an index above all earlier ones. So
+"something changed in the unit since we listed it at index I" is "its index is
+now above I", which a `?keys&separator=/` query on the unit's path without its
+trailing '/' answers in a few bytes (the query also covers siblings whose name
+starts the same: that only re-lists more than needed). Only units with many
+keys (`PROBE_ABOVE`) are probed first; small ones are listed at once, as
+cheaply. A watch that was away longer than a tombstone lives cannot trust an
+index that did not move, so the driver lists every unit then (`full`).
+
+What changed: keys missing from a listing are gone; keys with another
+ModifyIndex are put, and only their values are decoded. `Mirror.apply` takes a
+whole round and changes nothing before, so a round cut short by a disconnect is
+simply read again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+CLAIMS = ("vni/", "ipam/")  # first-level folders of claims: no facts, never listed
+SPLIT = "endpoints/"  # the first-level folder cut into one unit per network
+PROBE_ABOVE = 16  # a unit with more keys is probed (its index alone) before it is re-listed
+
+_EMPTY: Mapping[str, int] = MappingProxyType({})
+
+
+def unit_of(rel: str) -> str | None:
+    """The unit holding a key (relative to the prefix); None for claims.
+
+    Units are named by their path relative to the prefix: a folder unit ends
+    with '/' and holds every key below it; any other name is a single key
+    (not a record of ours: it is read to be reported). `SPLIT` itself, as a
+    unit, is the single key of that name, never the folder.
+    """
+    first, sep, rest = rel.partition("/")
+    if not sep:
+        return rel
+    folder = first + "/"
+    if folder in CLAIMS:
+        return None
+    if folder != SPLIT:
+        return folder
+    network, sep, _ = rest.partition("/")
+    return f"{SPLIT}{network}/" if sep else f"{SPLIT}{network}"
+
+
+def is_folder(unit: str) -> bool:
+    return unit.endswith("/") and unit != SPLIT
+
+
+def order(unit: str) -> tuple[bool, str]:
+    """Sort key: endpoint units first, then networks/, nodes/ and the rest."""
+    return (not unit.startswith(SPLIT), unit)
+
+
+@dataclass(frozen=True)
+class Put:
+    """A key that appeared or changed: its value still as Consul sends it (base64, or None)."""
+
+    key: str
+    modify_index: int
+    value: str | None
+
+
+@dataclass(frozen=True)
+class Diff:
+    """What a round found: keys gone (sorted), then puts in write (ModifyIndex) order."""
+
+    gone: list[str]
+    puts: list[Put]
+
+
+@dataclass(frozen=True)
+class Listing:
+    """One unit as read: its X-Consul-Index and Consul's entries (JSON objects)."""
+
+    index: int
+    items: list[dict[str, Any]]
+
+
+@dataclass
+class Round:
+    """What one pass read, handed to `Mirror.apply` whole."""
+
+    present: set[str] = field(default_factory=set)  # every unit that exists now
+    listings: dict[str, Listing] = field(default_factory=dict)  # the units re-listed
+    split_index: int | None = None  # the index of `SPLIT`'s folder listing, if it was read
+
+
+@dataclass
+class Unit:
+    index: int  # the unit's index when last listed (or the snapshot's it was built from)
+    known: dict[str, int] = field(default_factory=dict)  # Consul key -> ModifyIndex
+
+    def update(self, items: list[dict[str, Any]], puts: list[Put]) -> list[str]:
+        """Take a listing: append what changed to `puts`; the keys gone."""
+        known = self.known
+        fresh = [item for item in items if known.get(item["Key"]) != item.get("ModifyIndex", 0)]
+        new = sum(1 for item in fresh if item["Key"] not in known)
+        gone: list[str] = []
+        if len(items) - new != len(known):  # some known key is not listed any more
+            listed = {item["Key"] for item in items}
+            gone = [key for key in known if key not in listed]
+            for key in gone:
+                del known[key]
+        for item in fresh:
+            key, modify_index = item["Key"], item.get("ModifyIndex", 0)
+            known[key] = modify_index
+            puts.append(Put(key, modify_index, item.get("Value")))
+        return gone
+
+
+class Mirror:
+    """The units one watch stream has reported, keyed by unit name."""
+
+    def __init__(self, prefix: str, index: int, known: Mapping[str, int] = _EMPTY) -> None:
+        """`prefix`: Consul's form (no leading '/'); `known`: Consul key -> ModifyIndex at `index`."""
+        self.prefix = prefix
+        self.units: dict[str, Unit] = {}
+        self.split_index = index
+        for key, modify_index in known.items():
+            unit = self.unit_of_key(key)
+            if unit is not None:
+                self.units.setdefault(unit, Unit(index)).known[key] = modify_index
+
+    def unit_of_key(self, key: str) -> str | None:
+        return unit_of(key[len(self.prefix) :]) if key.startswith(self.prefix) else None
+
+    def top_units(self, keys: Iterable[str]) -> tuple[set[str], bool]:
+        """A `?keys&separator=/` listing of the prefix -> (its units but SPLIT's, whether SPLIT is there)."""
+        units: set[str] = set()
+        split = False
+        for key in keys:
+            rel = key[len(self.prefix) :]
+            if rel == SPLIT:
+                split = True
+            elif rel not in CLAIMS:
+                units.add(rel)
+        return units, split
+
+    def split_units(self, index: int, keys: Iterable[str], *, full: bool) -> set[str] | None:
+        """A `?keys&separator=/` listing of `SPLIT` -> its units, or None if nothing below it moved."""
+        if index <= self.split_index and not full:
+            return None
+        return {key[len(self.prefix) :] for key in keys}
+
+    def known_split_units(self) -> set[str]:
+        return {name for name in self.units if name.startswith(SPLIT)}
+
+    def probe_first(self, unit: str, *, full: bool) -> bool:
+        """Ask for the unit's index before listing it: a big folder, when indexes can be trusted."""
+        known = self.units.get(unit)
+        return not full and known is not None and is_folder(unit) and len(known.known) > PROBE_ABOVE
+
+    def moved(self, unit: str, index: int) -> bool:
+        """Whether a probe's index says the unit changed since it was listed."""
+        known = self.units.get(unit)
+        return known is None or index > known.index
+
+    def apply(self, round_: Round) -> Diff:
+        """Take a whole round: units gone and listings -> what changed, in order."""
+        gone: list[str] = []
+        puts: list[Put] = []
+        for name in [n for n in self.units if n not in round_.present]:
+            gone.extend(self.units.pop(name).known)
+        for name, listing in round_.listings.items():
+            unit = self.units.setdefault(name, Unit(listing.index))
+            gone.extend(unit.update(listing.items, puts))
+            unit.index = max(unit.index, listing.index)
+            if not unit.known:
+                del self.units[name]
+        if round_.split_index is not None:
+            self.split_index = max(self.split_index, round_.split_index)
+        gone.sort()
+        puts.sort(key=lambda p: (p.modify_index, p.key))
+        return Diff(gone, puts)
