@@ -86,7 +86,7 @@ from overlayd.store.common import (
     republish,
     retry_while_unavailable,
 )
-from overlayd.store.consultree import SPLIT, Diff, Listing, Mirror, Round, is_folder, order, unit_of
+from overlayd.store.consultree import SPLIT, Diff, Listing, Mirror, Round, is_folder, unit_of
 from overlayd.store.keys import KeyLayout, encode, fact_for_delete
 from overlayd.util.metrics import Metrics
 
@@ -651,11 +651,11 @@ class ConsulStore(Store):
                 round_.present |= below
                 units |= below
                 round_.split_index = folder.index
-        # Endpoints first: an endpoint seen comes with the network and node written before it.
-        for unit in sorted(units, key=order):
-            if mirror.probe_first(unit, full=full):
-                probe = await self._keys("watch", mirror.prefix + unit.rstrip("/"))
-                if not mirror.moved(unit, probe.index):
+        probe = mirror.to_probe(units, full=full)
+        for unit in mirror.reading_order(units, probe):
+            if unit in probe and not mirror.surely_moved(unit, round_):
+                probed = await self._keys("watch", mirror.prefix + unit.rstrip("/"))
+                if not mirror.moved(unit, probed.index):
                     continue
             round_.listings[unit] = await self._read_unit(mirror.prefix + unit, is_folder(unit))
         return round_

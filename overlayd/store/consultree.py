@@ -24,8 +24,10 @@ now above I", which a `?keys&separator=/` query on the unit's path without its
 trailing '/' answers in a few bytes (the query also covers siblings whose name
 starts the same: that only re-lists more than needed). Only units with many
 keys (`PROBE_ABOVE`) are probed first; small ones are listed at once, as
-cheaply. A watch that was away longer than a tombstone lives cannot trust an
-index that did not move, so the driver lists every unit then (`full`).
+cheaply, and so is a big network when endpoints/ moved and no other unit
+below it did (`Mirror.surely_moved`). A watch that
+was away longer than a tombstone lives cannot trust an index that did not
+move, so the driver lists every unit then (`full`).
 
 What changed: keys missing from a listing are gone; keys with another
 ModifyIndex are put, and only their values are decoded. `Mirror.apply` takes a
@@ -69,11 +71,6 @@ def unit_of(rel: str) -> str | None:
 
 def is_folder(unit: str) -> bool:
     return unit.endswith("/") and unit != SPLIT
-
-
-def order(unit: str) -> tuple[bool, str]:
-    """Sort key: endpoint units first, then networks/, nodes/ and the rest."""
-    return (not unit.startswith(SPLIT), unit)
 
 
 @dataclass(frozen=True)
@@ -170,10 +167,39 @@ class Mirror:
     def known_split_units(self) -> set[str]:
         return {name for name in self.units if name.startswith(SPLIT)}
 
-    def probe_first(self, unit: str, *, full: bool) -> bool:
-        """Ask for the unit's index before listing it: a big folder, when indexes can be trusted."""
-        known = self.units.get(unit)
-        return not full and known is not None and is_folder(unit) and len(known.known) > PROBE_ABOVE
+    def to_probe(self, units: Iterable[str], *, full: bool) -> set[str]:
+        """Which of `units` to ask for their index before listing them: the big folders.
+
+        None when indexes cannot be trusted (`full`): then every unit is listed.
+        """
+        if full:
+            return set()
+        return {
+            u for u in units if is_folder(u) and u in self.units and len(self.units[u].known) > PROBE_ABOVE
+        }
+
+    def reading_order(self, units: Iterable[str], probe: set[str]) -> list[str]:
+        """Endpoint units first (an endpoint seen then comes with the network and node
+        records written before it), the small ones before the big; then the rest."""
+        return sorted(units, key=lambda u: (not u.startswith(SPLIT), u in probe, u))
+
+    def surely_moved(self, unit: str, round_: Round) -> bool:
+        """Whether the move below `SPLIT` can only be in `unit`, so a probe would be a wasted trip.
+
+        So when `SPLIT` moved, no unit below it appeared or vanished, and every
+        other one was listed this round without moving. A wrong answer would
+        only cost a listing: listing without a probe never misses a change.
+        """
+        if round_.split_index is None or not unit.startswith(SPLIT):
+            return False
+        others = {u for u in round_.present if u.startswith(SPLIT) and u != unit}
+        if self.known_split_units() - others - {unit}:
+            return False  # a unit vanished: that is a move below SPLIT
+        for other in others:
+            listing, known = round_.listings.get(other), self.units.get(other)
+            if listing is None or known is None or listing.index > known.index:
+                return False
+        return True
 
     def moved(self, unit: str, index: int) -> bool:
         """Whether a probe's index says the unit changed since it was listed."""

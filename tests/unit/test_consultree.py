@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from overlayd.store.consultree import PROBE_ABOVE, Diff, Listing, Mirror, Put, Round, order, unit_of
+from overlayd.store.consultree import PROBE_ABOVE, Diff, Listing, Mirror, Put, Round, unit_of
 
 P = "t/v1/"
 
@@ -29,12 +29,6 @@ def test_units_are_networks_nodes_and_one_per_network_claims_are_none() -> None:
     assert unit_of("other/x") == "other/"
     assert unit_of("endpoints/stray") == "endpoints/stray"
     assert unit_of("endpoints/") == "endpoints/"  # the single key "endpoints/", not the folder
-    assert sorted(["nodes/", "endpoints/b/", "networks/", "endpoints/a/"], key=order) == [
-        "endpoints/a/",
-        "endpoints/b/",
-        "networks/",
-        "nodes/",
-    ]
 
 
 def test_a_mirror_from_a_snapshot_leaves_claims_out() -> None:
@@ -105,16 +99,49 @@ def test_nothing_is_changed_before_a_whole_round_is_applied() -> None:
     assert m.units["networks/"].known == known(("networks/a", 3)) and m.units["networks/"].index == 10
 
 
+def many(folder: str, n: int) -> dict[str, int]:
+    return known(*((f"{folder}{i}", i) for i in range(n)))
+
+
 def test_big_units_are_probed_unless_the_round_is_full_and_move_only_past_their_index() -> None:
-    small = known(*((f"endpoints/s/{i}", i) for i in range(PROBE_ABOVE)))
-    big = known(*((f"endpoints/b/{i}", i) for i in range(PROBE_ABOVE + 1)))
-    m = Mirror(P, 50, {**small, **big})
-    assert not m.probe_first("endpoints/s/", full=False)
-    assert m.probe_first("endpoints/b/", full=False)
-    assert not m.probe_first("endpoints/b/", full=True)
-    assert not m.probe_first("endpoints/new/", full=False)  # not known yet: listed at once
+    m = Mirror(P, 50, {**many("endpoints/s/", PROBE_ABOVE), **many("endpoints/b/", PROBE_ABOVE + 1)})
+    m.units.update(Mirror(P, 50, many("nodes/", 30)).units)
+    units = {"endpoints/s/", "endpoints/b/", "endpoints/new/", "nodes/", "networks/"}
+    probe = m.to_probe(units, full=False)
+    assert probe == {"endpoints/b/", "nodes/"}
+    assert m.to_probe(units, full=True) == set()
+    assert m.reading_order(units, probe) == [
+        "endpoints/new/",
+        "endpoints/s/",
+        "endpoints/b/",
+        "networks/",
+        "nodes/",
+    ]
     assert not m.moved("endpoints/b/", 50) and not m.moved("endpoints/b/", 40)  # 40: a tombstone was reaped
     assert m.moved("endpoints/b/", 51) and m.moved("endpoints/new/", 1)
+
+
+def test_a_big_network_is_listed_without_a_probe_when_nothing_else_below_endpoints_moved() -> None:
+    m = Mirror(P, 50, {**many("endpoints/s/", 3), **many("endpoints/b/", 30), **many("nodes/", 30)})
+    small = Listing(50, [item(k[len(P) :], i) for k, i in many("endpoints/s/", 3).items()])
+    present = {"endpoints/s/", "endpoints/b/", "nodes/"}
+    quiet = Round(present=present, listings={"endpoints/s/": small}, split_index=60)
+    assert m.surely_moved("endpoints/b/", quiet)
+    assert not m.surely_moved("nodes/", quiet)  # not below endpoints/
+    moved = Round(present=present, listings={"endpoints/s/": Listing(55, small.items)}, split_index=60)
+    assert not m.surely_moved("endpoints/b/", moved)
+    assert not m.surely_moved(
+        "endpoints/b/", Round(present=present, listings={}, split_index=60)
+    )  # s/ not read
+    assert not m.surely_moved(
+        "endpoints/b/", Round(present=present, listings={"endpoints/s/": small})
+    )  # no move
+    vanished = Round(present={"endpoints/b/", "nodes/"}, split_index=60)
+    assert not m.surely_moved("endpoints/b/", vanished)
+    appeared = Round(
+        present={*present, "endpoints/n/"}, listings={"endpoints/s/": small, "endpoints/n/": small}
+    )
+    assert not m.surely_moved("endpoints/b/", Round(appeared.present, appeared.listings, split_index=60))
 
 
 def test_split_folder_that_did_not_move_keeps_its_units_unless_full() -> None:
