@@ -33,9 +33,9 @@ What Consul really does, and how this module answers (see BACKENDS.md):
   it tells which units moved). Several changes to one key between two
   listings arrive as the last one. An index that goes backwards (or is 0)
   means the server lost its state (a dev agent restart drops everything): we
-  yield a Snapshot; the first-level index is read again after each round, so a
-  restart in the middle of one is not taken for deletions. An empty prefix
-  answers 404 with a valid index.
+  yield a Snapshot; the first-level index is read again before a round's
+  deletions are handed over, so a restart in the middle of a round is not
+  taken for deletions. An empty prefix answers 404 with a valid index.
 - Keys are stored without the prefix's leading "/" (Consul paths cannot
   start with one); values are base64 in JSON. Limits: 512 KiB per value, 64
   operations per transaction.
@@ -682,17 +682,22 @@ class ConsulStore(Store):
         if top.index == cursor.index:
             return None  # `wait` ran out, or woke up with nothing new
         round_ = await self._read_round(cursor.mirror, top, full=cursor.full)
-        # Read the index again: a server that lost its state while we read answered
-        # for an empty store, and that is no list of deletions.
-        check = await self._keys("watch", self._cprefix)
+        diff = cursor.mirror.diff(round_)
+        if diff.gone:
+            # Read the index again before deleting anything: a server that lost its
+            # state while we read answered for an empty store, and that is no list of
+            # deletions. (Puts are real either way; a restart after them is found by
+            # the next blocking query, which such a server answers with a lower index.)
+            check = await self._keys("watch", self._cprefix)
+            if check.index == 0 or check.index < top.index:
+                cursor.index, cursor.ahead = top.index, check  # the next step finds the index gone back
+                return None
+            # Written to while we read: go on at once, without a blocking query.
+            cursor.ahead = check if check.index > top.index else None
         cursor.index = top.index
-        if check.index == 0 or check.index < top.index:
-            cursor.ahead = check  # the next step finds the index gone back
-            return None
-        # Written to while we read: go on at once, without a blocking query.
-        cursor.ahead = check if check.index > top.index else None
+        cursor.mirror.commit(round_, diff)
         cursor.full = False
-        facts = self._changes(cursor.mirror.apply(round_))
+        facts = self._changes(diff)
         return Changes(facts, top.index) if facts else None
 
     async def watch(self, after_revision: int) -> AsyncIterator[Changes | Snapshot]:

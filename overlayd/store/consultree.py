@@ -30,9 +30,9 @@ was away longer than a tombstone lives cannot trust an index that did not
 move, so the driver lists every unit then (`full`).
 
 What changed: keys missing from a listing are gone; keys with another
-ModifyIndex are put, and only their values are decoded. `Mirror.apply` takes a
-whole round and changes nothing before, so a round cut short by a disconnect is
-simply read again.
+ModifyIndex are put, and only their values are decoded. The mirror takes a
+whole round at once (`diff`, then `commit` once it is delivered) and changes
+nothing before, so a round cut short by a disconnect is simply read again.
 """
 
 from __future__ import annotations
@@ -112,22 +112,16 @@ class Unit:
     index: int  # the unit's index when last listed (or the snapshot's it was built from)
     known: dict[str, int] = field(default_factory=dict)  # Consul key -> ModifyIndex
 
-    def update(self, items: list[dict[str, Any]], puts: list[Put]) -> list[str]:
-        """Take a listing: append what changed to `puts`; the keys gone."""
-        known = self.known
-        fresh = [item for item in items if known.get(item["Key"]) != item.get("ModifyIndex", 0)]
-        new = sum(1 for item in fresh if item["Key"] not in known)
-        gone: list[str] = []
-        if len(items) - new != len(known):  # some known key is not listed any more
-            listed = {item["Key"] for item in items}
-            gone = [key for key in known if key not in listed]
-            for key in gone:
-                del known[key]
-        for item in fresh:
-            key, modify_index = item["Key"], item.get("ModifyIndex", 0)
-            known[key] = modify_index
-            puts.append(Put(key, modify_index, item.get("Value")))
-        return gone
+
+def compare(known: Mapping[str, int], items: list[dict[str, Any]]) -> tuple[list[str], list[Put]]:
+    """A unit's listing against what was reported of it: (keys gone, keys put)."""
+    fresh = [item for item in items if known.get(item["Key"]) != item.get("ModifyIndex", 0)]
+    new = sum(1 for item in fresh if item["Key"] not in known)
+    gone: list[str] = []
+    if len(items) - new != len(known):  # some known key is not listed any more
+        listed = {item["Key"] for item in items}
+        gone = [key for key in known if key not in listed]
+    return gone, [Put(item["Key"], item.get("ModifyIndex", 0), item.get("Value")) for item in fresh]
 
 
 class Mirror:
@@ -206,20 +200,44 @@ class Mirror:
         known = self.units.get(unit)
         return known is None or index > known.index
 
-    def apply(self, round_: Round) -> Diff:
-        """Take a whole round: units gone and listings -> what changed, in order."""
+    def diff(self, round_: Round) -> Diff:
+        """What a whole round found, units gone and listings, in order; the mirror is left as it was."""
         gone: list[str] = []
         puts: list[Put] = []
-        for name in [n for n in self.units if n not in round_.present]:
-            gone.extend(self.units.pop(name).known)
+        for name, unit in self.units.items():
+            if name not in round_.present:
+                gone.extend(unit.known)
         for name, listing in round_.listings.items():
-            unit = self.units.setdefault(name, Unit(listing.index))
-            gone.extend(unit.update(listing.items, puts))
-            unit.index = max(unit.index, listing.index)
-            if not unit.known:
-                del self.units[name]
-        if round_.split_index is not None:
-            self.split_index = max(self.split_index, round_.split_index)
+            listed = self.units.get(name)
+            unit_gone, unit_puts = compare(listed.known if listed is not None else _EMPTY, listing.items)
+            gone.extend(unit_gone)
+            puts.extend(unit_puts)
         gone.sort()
         puts.sort(key=lambda p: (p.modify_index, p.key))
         return Diff(gone, puts)
+
+    def commit(self, round_: Round, diff: Diff) -> None:
+        """Take the round and its diff as reported."""
+        for name in [n for n in self.units if n not in round_.present]:
+            del self.units[name]
+        for key in diff.gone:
+            holder = self.units.get(self.unit_of_key(key) or "")
+            if holder is not None:
+                holder.known.pop(key, None)
+        for put in diff.puts:
+            into = self.unit_of_key(put.key)
+            if into is not None:
+                self.units.setdefault(into, Unit(0)).known[put.key] = put.modify_index
+        for name, listing in round_.listings.items():
+            unit = self.units.get(name)
+            if unit is not None:
+                unit.index = max(unit.index, listing.index)
+                if not unit.known:
+                    del self.units[name]
+        if round_.split_index is not None:
+            self.split_index = max(self.split_index, round_.split_index)
+
+    def apply(self, round_: Round) -> Diff:
+        diff = self.diff(round_)
+        self.commit(round_, diff)
+        return diff

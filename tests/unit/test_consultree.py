@@ -92,11 +92,19 @@ def test_a_unit_that_vanished_is_all_gone_and_an_emptied_one_forgotten() -> None
     assert m.units == {}
 
 
-def test_nothing_is_changed_before_a_whole_round_is_applied() -> None:
-    m = Mirror(P, 10, known(("networks/a", 3)))
-    listing = Listing(12, [item("networks/b", 12)])
-    Round(present={"networks/"}, listings={"networks/": listing})  # read, never applied (cut short)
+def test_nothing_is_changed_before_a_round_is_committed() -> None:
+    m = Mirror(P, 10, known(("networks/a", 3), ("endpoints/x/e", 4)))
+    round_ = Round(present={"networks/"}, listings={"networks/": Listing(12, [item("networks/b", 12)])})
+    diff = m.diff(round_)  # read, not delivered yet (a disconnect may still cut it short)
+    assert diff == Diff(
+        gone=[P + "endpoints/x/e", P + "networks/a"], puts=[Put(P + "networks/b", 12, "e30=")]
+    )
     assert m.units["networks/"].known == known(("networks/a", 3)) and m.units["networks/"].index == 10
+    assert "endpoints/x/" in m.units
+    m.commit(round_, diff)
+    assert m.units == {"networks/": m.units["networks/"]}
+    assert m.units["networks/"].known == known(("networks/b", 12)) and m.units["networks/"].index == 12
+    assert m.diff(round_) == Diff([], [])
 
 
 def many(folder: str, n: int) -> dict[str, int]:
