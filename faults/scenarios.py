@@ -668,13 +668,6 @@ def churn(run: Run) -> None:
     run.check(all(g <= 0.10 for g in grew.values()), f"memory grew more than 10%: {grew}")
 
 
-# Why scenario 13 fails on Consul here: not pings (none lost since the endpoints' links
-# carry no IPv6 link-local, see `nl.no_ipv6_link_local`), the daemons' memory after the churn.
-_CHURN_RSS_CONSUL = (
-    "RSS grows 10.1-10.7% over the churn of 1,000 endpoints on Consul (limit 10%; "
-    "gossip, etcd and ZooKeeper 5-7%); not investigated yet"
-)
-
 SCENARIOS: list[Scenario] = [
     Scenario(1, "KV server paused < TTL", kv_paused, KV_BACKENDS, "etcd", untouched=("h1", "h2", "h3")),
     Scenario(
@@ -728,7 +721,6 @@ SCENARIOS: list[Scenario] = [
         hosts=5,
         untouched=("h1", "h2"),
         short_options={"endpoints": 100},
-        known_failures={"consul": _CHURN_RSS_CONSUL},
     ),
 ]
 

@@ -23,12 +23,19 @@ What Consul really does, and how this module answers (see BACKENDS.md):
 - Networks and VNI claims are created together with `cas` index 0 (create
   only if absent), so two hosts never get the same name or VNI.
 - Watches are blocking queries on the prefix (`?index=N&wait=`), asked for
-  its first level of keys only, so an idle watch costs a few bytes; when the
-  index moves we list the prefix (`?recurse`). Consul has no change feed: we
-  diff successive listings by ModifyIndex and yield what changed. Several changes to one key between two
+  its first level of keys only, so an idle watch costs a few bytes. Consul has
+  no change feed, and only a listing with values (`?recurse`) carries each
+  key's ModifyIndex; re-listing the whole prefix on every change cost
+  O(all records) per change. So when the index moves the watch re-lists only
+  the units that moved (networks/, nodes/, each network's endpoints/<net>/;
+  never the claims under vni/ and ipam/), decodes only the values whose
+  ModifyIndex changed, and yields what changed (store/consultree.py says how
+  it tells which units moved). Several changes to one key between two
   listings arrive as the last one. An index that goes backwards (or is 0)
   means the server lost its state (a dev agent restart drops everything): we
-  yield a Snapshot. An empty prefix answers 404 with a valid index.
+  yield a Snapshot; the first-level index is read again before a round's
+  deletions are handed over, so a restart in the middle of a round is not
+  taken for deletions. An empty prefix answers 404 with a valid index.
 - Keys are stored without the prefix's leading "/" (Consul paths cannot
   start with one); values are base64 in JSON. Limits: 512 KiB per value, 64
   operations per transaction.
@@ -47,9 +54,10 @@ import json
 import logging
 import re
 import ssl
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
@@ -78,6 +86,7 @@ from overlayd.store.common import (
     republish,
     retry_while_unavailable,
 )
+from overlayd.store.consultree import SPLIT, Diff, Listing, Mirror, Round, is_folder, unit_of
 from overlayd.store.keys import KeyLayout, encode, fact_for_delete
 from overlayd.util.metrics import Metrics
 
@@ -92,6 +101,9 @@ _MAX_VALUE = 512 * 1024
 _MAX_TXN_OPS = 64
 _CAS_ATTEMPTS = 5  # re-read and retry a guarded write this often when it loses a race
 _BASELINES = 4  # recent snapshots remembered so watch() can diff from their index
+# A watch away longer than this lists every unit: Consul forgets a deletion's
+# tombstone after about 15 minutes, and then a unit's index need not move for it.
+_FULL_AFTER = 60.0
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 # Errors that mean "the server is not reachable right now" rather than "no".
@@ -134,6 +146,7 @@ class ConsulStore(Store):
     ) -> None:
         self._config = config
         self._layout = KeyLayout(config.prefix)
+        self._cprefix = self._ckey(config.prefix)  # the prefix as Consul stores keys
         self._session_file = SessionFile(state_dir, "consul-session")
         self._health = Health("consul", metrics=metrics, log=log)
         self._decoder = RecordDecoder(self._layout, metrics=metrics, on_invalid=on_invalid, log=log)
@@ -226,6 +239,12 @@ class ConsulStore(Store):
 
     async def connect(self) -> None:
         headers = {"X-Consul-Token": self._config.token} if self._config.token else {}
+        # No gzip: aiohttp asks for it by default, and Consul then compresses every
+        # listing. The HTTP API is normally the host's own agent (or a server on the
+        # LAN): compressing a 1,000-endpoint listing cost the server ~11 ms and us
+        # ~2 ms per change, for no transfer worth saving. Small answers are never
+        # compressed anyway.
+        headers["Accept-Encoding"] = "identity"
         context = _ssl_context(self._config)
         scheme = "https" if context is not None else "http"
         errors = []
@@ -275,8 +294,8 @@ class ConsulStore(Store):
             return None
         return _entry(response.body[0])
 
-    async def _list(self) -> tuple[list[_Entry], int]:
-        """Everything under the prefix and its index."""
+    async def _list(self) -> tuple[list[dict[str, Any]], int]:
+        """Everything under the prefix (Consul's entries, values still base64) and its index."""
         response = await self._request(
             "list",
             "GET",
@@ -285,25 +304,30 @@ class ConsulStore(Store):
             expect=(200, 404),
         )
         # 404: the prefix is empty; its index is still valid.
-        entries = [_entry(item) for item in response.body or []]
-        return entries, response.index
+        return list(response.body or []), response.index
 
-    async def _wait_index(self, index: int) -> int:
-        """Block until the prefix's index passes `index` (or `wait` runs out); the index then.
+    async def _keys(self, operation: str, path: str, index: int | None = None) -> _Response:
+        """The keys under `path` up to the next '/', and the index of all below `path`.
 
-        Asks for the prefix's first level of keys only (a few bytes): the
-        index is the same as the full listing's, and an idle watch does not
-        move the whole prefix every `wait`.
+        With `index`, a blocking query: it answers when the index passes it (or
+        `wait` runs out). The index is the same as a full listing's, at a few
+        bytes per first-level name.
         """
-        response = await self._request(
-            "watch",
-            "GET",
-            self._kv_path(self._config.prefix),
-            params={"keys": "", "separator": "/", "index": str(index), "wait": f"{_WATCH_WAIT}s"},
-            timeout=REQUEST_TIMEOUT + _WATCH_WAIT * (1 + 1 / 16),
-            expect=(200, 404),
+        params = {"keys": "", "separator": "/"}
+        timeout = REQUEST_TIMEOUT
+        if index is not None:
+            params.update(index=str(index), wait=f"{_WATCH_WAIT}s")
+            timeout += _WATCH_WAIT * (1 + 1 / 16)
+        return await self._request(
+            operation, "GET", self._kv_path(path), params=params, timeout=timeout, expect=(200, 404)
         )
-        return response.index
+
+    async def _read_unit(self, path: str, folder: bool) -> Listing:
+        """One unit of the watch: a folder with every key below it, or a single key."""
+        response = await self._request(
+            "list", "GET", self._kv_path(path), params={"recurse": ""} if folder else None, expect=(200, 404)
+        )
+        return Listing(response.index, list(response.body or []))
 
     async def _txn(self, operation: str, ops: list[dict[str, Any]]) -> None:
         """Run KV ops atomically; _TxnFailed when Consul rolled them back."""
@@ -567,89 +591,161 @@ class ConsulStore(Store):
     # ----------------------------------------------------------------- reading
 
     async def snapshot(self) -> Snapshot:
-        entries, index = await self._list()
-        self._remember(index, entries)
-        return Snapshot(facts=self._facts(entries), revision=index)
+        items, index = await self._list()
+        self._remember(index, items)
+        return Snapshot(facts=self._facts(items), revision=index)
 
-    def _remember(self, index: int, entries: list[_Entry]) -> None:
-        self._baselines[index] = {e.key: e.modify_index for e in entries}
+    def _remember(self, index: int, items: list[dict[str, Any]]) -> None:
+        self._baselines[index] = self._known(items)
         self._baselines.move_to_end(index)
         while len(self._baselines) > _BASELINES:
             self._baselines.popitem(last=False)
 
-    def _facts(self, entries: list[_Entry]) -> list[Fact]:
+    def _watched(self, key: str) -> bool:
+        """Whether a key can state a fact (claims cannot: they are skipped undecoded)."""
+        return unit_of(key[len(self._cprefix) :]) is not None
+
+    def _known(self, items: list[dict[str, Any]]) -> dict[str, int]:
+        """Key -> ModifyIndex of a listing, claims left out: what a watch diffs from."""
+        return {item["Key"]: item.get("ModifyIndex", 0) for item in items if self._watched(item["Key"])}
+
+    def _facts(self, items: list[dict[str, Any]]) -> list[Fact]:
         facts = []
-        for entry in sorted(entries, key=lambda e: e.modify_index):
-            fact = self._decoder.put(self._okey(entry.key), entry.value)
+        watched = [item for item in items if self._watched(item["Key"])]
+        for item in sorted(watched, key=lambda i: i.get("ModifyIndex", 0)):
+            fact = self._decoder.put(self._okey(item["Key"]), _value(item.get("Value")))
             if fact is not None:
                 facts.append(fact)
         return facts
 
-    def _diff(self, known: dict[str, int], entries: list[_Entry]) -> list[Fact]:
-        """What changed from `known` to `entries`: deletions, then puts in write order.
+    def _changes(self, diff: Diff) -> list[Fact]:
+        """A round's diff as facts: deletions, then puts in write order.
 
         Deletions carry no index, so they cannot be placed among the puts;
         they concern other keys than the puts, so the merged view is the same.
         """
-        current = {e.key for e in entries}
         facts: list[Fact] = []
-        for key in sorted(known.keys() - current):
+        for key in diff.gone:
             fact = fact_for_delete(self._layout, self._okey(key))
             if fact is not None:
                 self._health.count_event(fact, "delete")
                 facts.append(fact)
-        changed = [e for e in entries if known.get(e.key) != e.modify_index]
-        for entry in sorted(changed, key=lambda e: e.modify_index):
-            fact = self._decoder.put(self._okey(entry.key), entry.value)
+        for put in diff.puts:
+            fact = self._decoder.put(self._okey(put.key), _value(put.value))
             if fact is not None:
                 self._health.count_event(fact, "put")
                 facts.append(fact)
         return facts
 
+    async def _read_round(self, mirror: Mirror, top: _Response, *, full: bool) -> Round:
+        """Read the units that moved (every unit if `full`); the mirror is left as it was."""
+        round_ = Round()
+        units, split = mirror.top_units(top.body or [])
+        round_.present |= units
+        if split:
+            folder = await self._keys("watch", mirror.prefix + SPLIT)
+            below = mirror.split_units(folder.index, folder.body or [], full=full)
+            if below is None:  # nothing moved below endpoints/: its units stay as they are
+                round_.present |= mirror.known_split_units()
+            else:
+                round_.present |= below
+                units |= below
+                round_.split_index = folder.index
+        probe = mirror.to_probe(units, full=full)
+        for unit in mirror.reading_order(units, probe):
+            if unit in probe and not mirror.surely_moved(unit, round_):
+                probed = await self._keys("watch", mirror.prefix + unit.rstrip("/"))
+                if not mirror.moved(unit, probed.index):
+                    continue
+            round_.listings[unit] = await self._read_unit(mirror.prefix + unit, is_folder(unit))
+        return round_
+
+    async def _lost(self, index: int, now: int) -> tuple[Mirror, Snapshot]:
+        """The server's index went back from `index` to `now`: what it holds, marked data_lost."""
+        log.warning("consul index went from %d to %d: the server lost its state", index, now)
+        items, listed = await self._list()
+        lost = f"consul index went back from {index} to {now}"
+        return self._mirror(listed, items), Snapshot(self._facts(items), listed, data_lost=lost)
+
+    def _mirror(self, index: int, items: list[dict[str, Any]]) -> Mirror:
+        return Mirror(self._cprefix, index, self._known(items))
+
+    async def _advance(self, cursor: _Cursor) -> Changes | Snapshot | None:
+        """One step of a watch: wait for the index to move, then read what moved."""
+        top = cursor.ahead or await self._keys("watch", self._cprefix, cursor.index if cursor.block else None)
+        cursor.ahead, cursor.block = None, True
+        cursor.seen_now()
+        if top.index == 0 or top.index < cursor.index:
+            cursor.mirror, snapshot = await self._lost(cursor.index, top.index)
+            cursor.index = snapshot.revision
+            return snapshot
+        if top.index == cursor.index:
+            return None  # `wait` ran out, or woke up with nothing new
+        round_ = await self._read_round(cursor.mirror, top, full=cursor.full)
+        diff = cursor.mirror.diff(round_)
+        if diff.gone:
+            # Read the index again before deleting anything: a server that lost its
+            # state while we read answered for an empty store, and that is no list of
+            # deletions. (Puts are real either way; a restart after them is found by
+            # the next blocking query, which such a server answers with a lower index.)
+            check = await self._keys("watch", self._cprefix)
+            if check.index == 0 or check.index < top.index:
+                cursor.index, cursor.ahead = top.index, check  # the next step finds the index gone back
+                return None
+            # Written to while we read: go on at once, without a blocking query.
+            cursor.ahead = check if check.index > top.index else None
+        cursor.index = top.index
+        cursor.mirror.commit(round_, diff)
+        cursor.full = False
+        facts = self._changes(diff)
+        return Changes(facts, top.index) if facts else None
+
     async def watch(self, after_revision: int) -> AsyncIterator[Changes | Snapshot]:
-        index = after_revision
         baseline = self._baselines.get(after_revision)
-        known: dict[str, int]
         if baseline is not None:
-            known = dict(baseline)
+            cursor = _Cursor(after_revision, Mirror(self._cprefix, after_revision, baseline))
         else:
             # Not from one of our snapshots: nothing to diff against unless the
             # prefix is still exactly at that index.
-            entries, now = await retry_while_unavailable(self._list)
-            known = {e.key: e.modify_index for e in entries}
+            items, now = await retry_while_unavailable(self._list)
+            cursor = _Cursor(now, self._mirror(now, items))
             if now != after_revision:
-                index = now
-                yield Snapshot(self._facts(entries), now)
+                yield Snapshot(self._facts(items), now)
         backoff = Backoff()
-        # After a disconnect, list without blocking first: a restarted server's
-        # index may be below ours, and it would hold a blocking query all `wait`.
-        block = True
         while True:
             try:
-                if block and await self._wait_index(index) == index:
-                    continue  # `wait` ran out, or woke up with nothing new
-                entries, now = await self._list()
+                out = await self._advance(cursor)
             except StoreUnavailable as exc:
-                log.warning("consul watch interrupted (%s); resuming after index %d", _strip_url(exc), index)
-                block = False
+                log.warning(
+                    "consul watch interrupted (%s); resuming after index %d", _strip_url(exc), cursor.index
+                )
+                cursor.block, cursor.full = False, True
                 await backoff.wait()
                 continue
             backoff.reset()
-            block = True
-            if now == 0 or now < index:
-                log.warning("consul index went from %d to %d: the server lost its state", index, now)
-                known = {e.key: e.modify_index for e in entries}
-                lost = f"consul index went back from {index} to {now}"
-                index = now
-                yield Snapshot(self._facts(entries), now, data_lost=lost)
-                continue
-            if now == index:
-                continue  # the query timed out, or woke up with nothing new
-            facts = self._diff(known, entries)
-            known = {e.key: e.modify_index for e in entries}
-            index = now
-            if facts:
-                yield Changes(facts, now)
+            if out is not None:
+                yield out
+
+
+@dataclass
+class _Cursor:
+    """Where a watch stands: the index it has delivered up to and the mirror of what it delivered."""
+
+    index: int
+    mirror: Mirror
+    # False after a disconnect: read without blocking first, as a restarted server's
+    # index may be below ours and it would hold a blocking query all `wait`.
+    block: bool = True
+    # List every unit, trusting no index that did not move: in the first round, after
+    # a disconnect, and after a gap longer than `_FULL_AFTER`.
+    full: bool = True
+    ahead: _Response | None = None  # a first-level listing past `index`, read after the last round
+    last_seen: float = field(default_factory=time.monotonic)
+
+    def seen_now(self) -> None:
+        now = time.monotonic()
+        self.full = self.full or now - self.last_seen > _FULL_AFTER
+        self.last_seen = now
 
 
 def _ssl_context(config: StoreConfig) -> ssl.SSLContext | None:
@@ -671,11 +767,15 @@ def _ssl_context(config: StoreConfig) -> ssl.SSLContext | None:
     return context
 
 
+def _value(raw: str | None) -> bytes:
+    return base64.b64decode(raw) if raw else b""
+
+
 def _entry(item: dict[str, Any]) -> _Entry:
     raw = item.get("Value")
     return _Entry(
         key=str(item["Key"]),
-        value=base64.b64decode(raw) if raw else b"",
+        value=_value(raw),
         modify_index=int(item.get("ModifyIndex", 0)),
         session=item.get("Session") or None,
     )

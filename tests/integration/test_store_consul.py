@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
@@ -433,3 +434,70 @@ async def test_a_mangled_saved_session_is_replaced(make_store: Any, tmp_path: Pa
     await store.open_session(node("h1", 1))
     assert "h1" in (await view_of(store)).nodes
     assert (tmp_path / "h1" / "consul-session").read_text().strip() == store._session_id
+
+
+async def test_watch_re_reading_only_what_moved_still_sees_every_change(
+    make_store: Any, consul_server: ConsulServer, tmp_path: Path
+) -> None:
+    """The watch re-lists only the units whose index moved (store/consultree.py): changes
+    inside big networks (probed first) and small ones, in place or not, a network's
+    endpoints all gone, and junk outside the record kinds all still come through."""
+    writer = await make_store("h1")
+    invalid: list[str] = []
+    watcher = ConsulStore(
+        store_config(consul_server.url),
+        state_dir=str(tmp_path / "w"),
+        metrics=Metrics(),
+        on_invalid=invalid.append,
+    )
+    await watcher.connect()
+    await writer.open_session(node("h1", 1))
+    big = [net("a", 11), net("b", 12)]
+    for n in [*big, net("c", 13)]:
+        await writer.create_network(n)
+    eps = {
+        n.name: [endpoint(f"e{i}", f"10.{n.vni}.0.{10 + i}", "h1", n.name) for i in range(20)] for n in big
+    }
+    await asyncio.gather(*(writer.create_endpoint(ep) for group in eps.values() for ep in group))
+    lone = endpoint("lone", "10.13.0.5", "h1", "c")
+    await writer.create_endpoint(lone)
+    snap = await watcher.snapshot()
+    view = ClusterView()
+    view.replace_all(snap.facts)
+    batches: list[Changes | Snapshot] = []
+
+    async def collect() -> None:
+        async for batch in watcher.watch(snap.revision):
+            batches.append(batch)
+            view.replace_all(batch.facts) if isinstance(batch, Snapshot) else [
+                view.apply(f) for f in batch.facts
+            ]
+
+    async def caught_up() -> bool:
+        now = await view_of(writer)
+        return (now.networks, now.nodes, now.endpoints) == (view.networks, view.nodes, view.endpoints)
+
+    task = asyncio.create_task(collect())
+    try:
+        for step in range(3):  # after the first round (every unit listed), rounds probe big units
+            moved = replace(eps["a"][step], mac=random_mac())
+            await writer.publish_endpoint(moved)  # the same key, written in place
+            await writer.delete_endpoint(eps["b"][step])
+            await poll(caught_up, 10, f"step {step}")
+            assert view.endpoints[moved.key] == moved and eps["b"][step].key not in view.endpoints
+        await writer.delete_endpoint(lone)  # endpoints/c/ disappears as a folder
+        await writer.create_network(net("d", 14))
+        await poll(caught_up, 10, "the folder gone and the new network")
+        assert lone.key not in view.endpoints and "d" in view.networks
+        await raw(consul_server, "PUT", "/v1/kv/t/v1/junk", b"x")
+        await raw(consul_server, "PUT", "/v1/kv/t/v1/other/thing", b"y")
+        await raw(consul_server, "PUT", "/v1/kv/t/v1/endpoints/stray", b"z")
+        await writer.create_network(net("after-junk", 15))
+        await poll(caught_up, 10, "the network after the junk")
+        await poll(lambda: _true(len(invalid) >= 3), 10, "the junk reported")
+    finally:
+        task.cancel()
+        await watcher.close()
+    reported = "\n".join(invalid)
+    assert all(key in reported for key in ("t/v1/junk", "t/v1/other/thing", "t/v1/endpoints/stray"))
+    assert not any(isinstance(b, Snapshot) for b in batches)

@@ -1,0 +1,165 @@
+"""The Consul watch's mirror: listings in, ordered changes out (no server needed)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from overlayd.store.consultree import PROBE_ABOVE, Diff, Listing, Mirror, Put, Round, unit_of
+
+P = "t/v1/"
+
+
+def item(rel: str, modify_index: int, value: str | None = "e30=") -> dict[str, Any]:
+    """One entry as Consul lists it."""
+    return {"Key": P + rel, "ModifyIndex": modify_index, "Value": value, "LockIndex": 0, "Flags": 0}
+
+
+def known(*pairs: tuple[str, int]) -> dict[str, int]:
+    return {P + rel: index for rel, index in pairs}
+
+
+def test_units_are_networks_nodes_and_one_per_network_claims_are_none() -> None:
+    assert unit_of("networks/demo") == "networks/"
+    assert unit_of("nodes/h1") == "nodes/"
+    assert unit_of("endpoints/demo/web") == "endpoints/demo/"
+    assert unit_of("endpoints/demo/deeper/x") == "endpoints/demo/"
+    assert unit_of("vni/42") is None and unit_of("ipam/demo/10.1.0.5") is None
+    # What is not a record of ours is a unit too, so that it is read and reported.
+    assert unit_of("junk") == "junk"
+    assert unit_of("other/x") == "other/"
+    assert unit_of("endpoints/stray") == "endpoints/stray"
+    assert unit_of("endpoints/") == "endpoints/"  # the single key "endpoints/", not the folder
+
+
+def test_a_mirror_from_a_snapshot_leaves_claims_out() -> None:
+    m = Mirror(P, 9, known(("networks/demo", 3), ("vni/42", 3), ("endpoints/demo/a", 5), ("ipam/demo/x", 5)))
+    assert sorted(m.units) == ["endpoints/demo/", "networks/"]
+    assert m.units["endpoints/demo/"].known == known(("endpoints/demo/a", 5))
+    assert all(u.index == 9 for u in m.units.values())
+
+
+def test_first_level_listing_names_units_and_the_split_folder_claims_skipped() -> None:
+    m = Mirror(P, 1)
+    units, split = m.top_units(
+        [P + "endpoints/", P + "ipam/", P + "networks/", P + "nodes/", P + "vni/", P + "x"]
+    )
+    assert units == {"networks/", "nodes/", "x"} and split
+    assert m.top_units([P + "networks/"]) == ({"networks/"}, False)
+
+
+def test_listing_gives_puts_in_write_order_and_gone_keys_and_only_what_changed() -> None:
+    m = Mirror(P, 10, known(("networks/a", 3), ("networks/b", 4), ("networks/c", 5)))
+    diff = m.apply(
+        Round(
+            present={"networks/"},
+            listings={
+                "networks/": Listing(
+                    12, [item("networks/a", 3), item("networks/c", 12), item("networks/d", 11)]
+                )
+            },
+        )
+    )
+    assert diff == Diff(
+        gone=[P + "networks/b"], puts=[Put(P + "networks/d", 11, "e30="), Put(P + "networks/c", 12, "e30=")]
+    )
+    assert m.units["networks/"].known == known(("networks/a", 3), ("networks/c", 12), ("networks/d", 11))
+    assert m.units["networks/"].index == 12
+    # The same listing again: nothing.
+    again = Listing(12, [item("networks/a", 3), item("networks/c", 12), item("networks/d", 11)])
+    assert m.apply(Round(present={"networks/"}, listings={"networks/": again})) == Diff([], [])
+
+
+def test_puts_across_units_come_in_write_order_deletions_first() -> None:
+    m = Mirror(P, 10, known(("endpoints/a/x", 4), ("nodes/h1", 2)))
+    diff = m.apply(
+        Round(
+            present={"endpoints/a/", "networks/", "nodes/"},
+            listings={
+                "endpoints/a/": Listing(15, [item("endpoints/a/y", 15)]),
+                "networks/": Listing(13, [item("networks/a", 13)]),
+                "nodes/": Listing(2, [item("nodes/h1", 2)]),
+            },
+        )
+    )
+    assert diff.gone == [P + "endpoints/a/x"]
+    assert [p.key for p in diff.puts] == [P + "networks/a", P + "endpoints/a/y"]
+
+
+def test_a_unit_that_vanished_is_all_gone_and_an_emptied_one_forgotten() -> None:
+    m = Mirror(P, 10, known(("endpoints/a/x", 4), ("endpoints/a/y", 5), ("endpoints/b/z", 6)))
+    diff = m.apply(Round(present={"endpoints/b/"}, listings={"endpoints/b/": Listing(20, [])}))
+    assert diff.gone == [P + "endpoints/a/x", P + "endpoints/a/y", P + "endpoints/b/z"]
+    assert m.units == {}
+
+
+def test_nothing_is_changed_before_a_round_is_committed() -> None:
+    m = Mirror(P, 10, known(("networks/a", 3), ("endpoints/x/e", 4)))
+    round_ = Round(present={"networks/"}, listings={"networks/": Listing(12, [item("networks/b", 12)])})
+    diff = m.diff(round_)  # read, not delivered yet (a disconnect may still cut it short)
+    assert diff == Diff(
+        gone=[P + "endpoints/x/e", P + "networks/a"], puts=[Put(P + "networks/b", 12, "e30=")]
+    )
+    assert m.units["networks/"].known == known(("networks/a", 3)) and m.units["networks/"].index == 10
+    assert "endpoints/x/" in m.units
+    m.commit(round_, diff)
+    assert m.units == {"networks/": m.units["networks/"]}
+    assert m.units["networks/"].known == known(("networks/b", 12)) and m.units["networks/"].index == 12
+    assert m.diff(round_) == Diff([], [])
+
+
+def many(folder: str, n: int) -> dict[str, int]:
+    return known(*((f"{folder}{i}", i) for i in range(n)))
+
+
+def test_big_units_are_probed_unless_the_round_is_full_and_move_only_past_their_index() -> None:
+    m = Mirror(P, 50, {**many("endpoints/s/", PROBE_ABOVE), **many("endpoints/b/", PROBE_ABOVE + 1)})
+    m.units.update(Mirror(P, 50, many("nodes/", 30)).units)
+    units = {"endpoints/s/", "endpoints/b/", "endpoints/new/", "nodes/", "networks/"}
+    probe = m.to_probe(units, full=False)
+    assert probe == {"endpoints/b/", "nodes/"}
+    assert m.to_probe(units, full=True) == set()
+    assert m.reading_order(units, probe) == [
+        "endpoints/new/",
+        "endpoints/s/",
+        "endpoints/b/",
+        "networks/",
+        "nodes/",
+    ]
+    assert not m.moved("endpoints/b/", 50) and not m.moved("endpoints/b/", 40)  # 40: a tombstone was reaped
+    assert m.moved("endpoints/b/", 51) and m.moved("endpoints/new/", 1)
+
+
+def test_a_big_network_is_listed_without_a_probe_when_nothing_else_below_endpoints_moved() -> None:
+    m = Mirror(P, 50, {**many("endpoints/s/", 3), **many("endpoints/b/", 30), **many("nodes/", 30)})
+    small = Listing(50, [item(k[len(P) :], i) for k, i in many("endpoints/s/", 3).items()])
+    present = {"endpoints/s/", "endpoints/b/", "nodes/"}
+    quiet = Round(present=present, listings={"endpoints/s/": small}, split_index=60)
+    assert m.surely_moved("endpoints/b/", quiet)
+    assert not m.surely_moved("nodes/", quiet)  # not below endpoints/
+    moved = Round(present=present, listings={"endpoints/s/": Listing(55, small.items)}, split_index=60)
+    assert not m.surely_moved("endpoints/b/", moved)
+    assert not m.surely_moved(
+        "endpoints/b/", Round(present=present, listings={}, split_index=60)
+    )  # s/ not read
+    assert not m.surely_moved(
+        "endpoints/b/", Round(present=present, listings={"endpoints/s/": small})
+    )  # no move
+    vanished = Round(present={"endpoints/b/", "nodes/"}, split_index=60)
+    assert not m.surely_moved("endpoints/b/", vanished)
+    appeared = Round(
+        present={*present, "endpoints/n/"}, listings={"endpoints/s/": small, "endpoints/n/": small}
+    )
+    assert not m.surely_moved("endpoints/b/", Round(appeared.present, appeared.listings, split_index=60))
+
+
+def test_split_folder_that_did_not_move_keeps_its_units_unless_full() -> None:
+    m = Mirror(P, 50, known(("endpoints/a/x", 4)))
+    assert m.split_units(50, [P + "endpoints/a/"], full=False) is None
+    assert m.split_units(50, [P + "endpoints/a/"], full=True) == {"endpoints/a/"}
+    assert m.split_units(51, [P + "endpoints/a/", P + "endpoints/b/"], full=False) == {
+        "endpoints/a/",
+        "endpoints/b/",
+    }
+    assert m.known_split_units() == {"endpoints/a/"}
+    m.apply(Round(present={"endpoints/a/"}, split_index=51))
+    assert m.split_units(51, [P + "endpoints/a/"], full=False) is None
