@@ -36,6 +36,14 @@ What Consul really does, and how this module answers (see BACKENDS.md):
   yield a Snapshot; the first-level index is read again before a round's
   deletions are handed over, so a restart in the middle of a round is not
   taken for deletions. An empty prefix answers 404 with a valid index.
+- The index alone misses a loss when the emptied server has been written to
+  past our index before the watch looks again (daemons re-publishing after a
+  wipe do that within milliseconds). So the watch keeps a marker,
+  `<prefix>generation`, holding a random token: created if absent (cas 0),
+  read when a watch starts and again before any round hands over deletions.
+  Gone or holding another token means the data we watched is not there any
+  more: the round becomes a Snapshot marked data_lost, and the watch adopts
+  the new generation (creating it if no one has yet).
 - Keys are stored without the prefix's leading "/" (Consul paths cannot
   start with one); values are base64 in JSON. Limits: 512 KiB per value, 64
   operations per transaction.
@@ -53,6 +61,7 @@ import base64
 import json
 import logging
 import re
+import secrets
 import ssl
 import time
 from collections import OrderedDict
@@ -86,7 +95,7 @@ from overlayd.store.common import (
     republish,
     retry_while_unavailable,
 )
-from overlayd.store.consultree import SPLIT, Diff, Listing, Mirror, Round, is_folder, unit_of
+from overlayd.store.consultree import GENERATION, SPLIT, Diff, Listing, Mirror, Round, is_folder, unit_of
 from overlayd.store.keys import KeyLayout, encode, fact_for_delete
 from overlayd.util.metrics import Metrics
 
@@ -163,6 +172,8 @@ class ConsulStore(Store):
         self._owned: dict[str, Endpoint] = {}
         # index -> {key: ModifyIndex} of recent snapshots, the base a watch diffs from.
         self._baselines: OrderedDict[int, dict[str, int]] = OrderedDict()
+        # The token in `<prefix>generation` when the watch last read it (None: not yet).
+        self._generation: str | None = None
 
     # ----------------------------------------------------------------- plumbing
 
@@ -660,12 +671,39 @@ class ConsulStore(Store):
             round_.listings[unit] = await self._read_unit(mirror.prefix + unit, is_folder(unit))
         return round_
 
-    async def _lost(self, index: int, now: int) -> tuple[Mirror, Snapshot]:
-        """The server's index went back from `index` to `now`: what it holds, marked data_lost."""
-        log.warning("consul index went from %d to %d: the server lost its state", index, now)
+    async def _lost(self, why: str) -> tuple[Mirror, Snapshot]:
+        """The server lost what we watched (`why`): what it holds now, marked data_lost."""
+        log.warning("%s: the server lost its state", why)
         items, listed = await self._list()
-        lost = f"consul index went back from {index} to {now}"
-        return self._mirror(listed, items), Snapshot(self._facts(items), listed, data_lost=lost)
+        return self._mirror(listed, items), Snapshot(self._facts(items), listed, data_lost=why)
+
+    async def _read_generation(self) -> str:
+        """The token in the prefix's generation marker, made now if there is none.
+
+        Two watchers making it at once: one create wins (cas 0), and both read its token.
+        """
+        key = self._layout.prefix + GENERATION
+        entry = await self._get(key)
+        if entry is None:
+            token = secrets.token_hex(8)
+            try:
+                await self._txn("generation", [self._value_op("cas", key, token.encode(), Index=0)])
+                return token
+            except _TxnFailed:
+                entry = await self._get(key)
+                if entry is None:
+                    raise StoreUnavailable("consul: generation marker vanished while made") from None
+        return entry.value.decode(errors="replace")
+
+    def _generation_lost(self, current: str) -> str | None:
+        """Why `current` says the data we watched is gone, or None if it is the generation we saw."""
+        seen = self._generation
+        if seen is None or seen == current:
+            return None
+        return (
+            f"consul generation marker {self._layout.prefix}{GENERATION} is gone or made anew "
+            f"(was {seen}, now {current})"
+        )
 
     def _mirror(self, index: int, items: list[dict[str, Any]]) -> Mirror:
         return Mirror(self._cprefix, index, self._known(items))
@@ -676,9 +714,8 @@ class ConsulStore(Store):
         cursor.ahead, cursor.block = None, True
         cursor.seen_now()
         if top.index == 0 or top.index < cursor.index:
-            cursor.mirror, snapshot = await self._lost(cursor.index, top.index)
-            cursor.index = snapshot.revision
-            return snapshot
+            back = f"consul index went back from {cursor.index} to {top.index}"
+            return await self._restart(cursor, back, await self._read_generation())
         if top.index == cursor.index:
             return None  # `wait` ran out, or woke up with nothing new
         round_ = await self._read_round(cursor.mirror, top, full=cursor.full)
@@ -692,6 +729,13 @@ class ConsulStore(Store):
             if check.index == 0 or check.index < top.index:
                 cursor.index, cursor.ahead = top.index, check  # the next step finds the index gone back
                 return None
+            # An emptied server written to past our index since: its index did not go
+            # back, but the generation marker is gone or new.
+            generation = await self._read_generation()
+            why = self._generation_lost(generation)
+            if why is not None:
+                return await self._restart(cursor, why, generation)
+            self._generation = generation
             # Written to while we read: go on at once, without a blocking query.
             cursor.ahead = check if check.index > top.index else None
         cursor.index = top.index
@@ -700,7 +744,20 @@ class ConsulStore(Store):
         facts = self._changes(diff)
         return Changes(facts, top.index) if facts else None
 
+    async def _restart(self, cursor: _Cursor, why: str, generation: str) -> Snapshot:
+        """Start the cursor over from what the server holds now, handed over as data_lost.
+
+        The new `generation` is taken in only here, with the snapshot that reports the
+        loss: if reading fails first, the next round finds the same loss again.
+        """
+        cursor.mirror, snapshot = await self._lost(why)
+        cursor.index, cursor.ahead = snapshot.revision, None
+        self._generation = generation
+        return snapshot
+
     async def watch(self, after_revision: int) -> AsyncIterator[Changes | Snapshot]:
+        if self._generation is None:  # a watch started again keeps the one it saw
+            self._generation = await retry_while_unavailable(self._read_generation)
         baseline = self._baselines.get(after_revision)
         if baseline is not None:
             cursor = _Cursor(after_revision, Mirror(self._cprefix, after_revision, baseline))

@@ -10,11 +10,13 @@ that moved:
     networks/   nodes/   endpoints/<network>/   any other first-level folder or key
 
 `vni/` and `ipam/` hold claims, which state no facts (`keys.fact_for_put`
-gives None for them, and their deletion is no fact either): the watch never
-lists them, so IP claims cost nothing. Units are re-listed one by one, so a
-round does not see the prefix at one index as a single listing would; the
-driver lists endpoint units before networks/ and nodes/, so that an endpoint
-seen in a round comes with the network and node records written before it.
+gives None for them, and their deletion is no fact either), and the key
+`generation` names the prefix's generation, which the driver reads itself
+(store/consul.py): the watch never lists them, so IP claims cost nothing.
+Units are re-listed one by one, so a round does not see the prefix at one
+index as a single listing would; the driver lists endpoint units before
+networks/ and nodes/, so that an endpoint seen in a round comes with the
+network and node records written before it.
 
 Which units moved: a unit's index (its `X-Consul-Index`) is the highest
 ModifyIndex in it, or of a deletion in it while Consul keeps that tombstone
@@ -43,6 +45,8 @@ from types import MappingProxyType
 from typing import Any
 
 CLAIMS = ("vni/", "ipam/")  # first-level folders of claims: no facts, never listed
+# The key that names the prefix's generation (see store/consul.py): no fact, never listed.
+GENERATION = "generation"
 SPLIT = "endpoints/"  # the first-level folder cut into one unit per network
 PROBE_ABOVE = 16  # a unit with more keys is probed (its index alone) before it is re-listed
 
@@ -59,7 +63,7 @@ def unit_of(rel: str) -> str | None:
     """
     first, sep, rest = rel.partition("/")
     if not sep:
-        return rel
+        return None if rel == GENERATION else rel
     folder = first + "/"
     if folder in CLAIMS:
         return None
@@ -148,7 +152,7 @@ class Mirror:
             rel = key[len(self.prefix) :]
             if rel == SPLIT:
                 split = True
-            elif rel not in CLAIMS:
+            elif rel not in CLAIMS and rel != GENERATION:
                 units.add(rel)
         return units, split
 
