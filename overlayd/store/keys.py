@@ -46,6 +46,12 @@ class KeyLayout:
     def ip_claim(self, network: str, ip: IPv4Address) -> str:
         return f"{self.prefix}ipam/{network}/{ip}"
 
+    def ip_claim_prefix(self) -> str:
+        return f"{self.prefix}ipam/"
+
+    def vni_prefix(self) -> str:
+        return f"{self.prefix}vni/"
+
 
 def encode(record: Network | Node | Endpoint) -> bytes:
     return json.dumps(record.to_dict(), sort_keys=True, separators=(",", ":")).encode()
