@@ -304,7 +304,9 @@ class Node:
         )
 
 
-@dataclass(frozen=True)
+# Slots: a daemon holds one per endpoint in the cluster (tens of thousands); without
+# an instance dict each is ~250 bytes smaller and one object fewer for the collector.
+@dataclass(frozen=True, slots=True)
 class Endpoint:
     network: str
     name: str
