@@ -239,7 +239,10 @@ class Admission:
         self._released: dict[str, tuple[str, float]] = {}
         # The winning claim per key, and the keys whose winners claim each address.
         self._winner: dict[str, _Claim] = {}
-        self._by_addr: dict[_Group, dict[str, None]] = {}
+        # Holders per address: one key (the rule: an address has one claimant), or a dict
+        # of keys when several claim it; a dict per address would cost ~200 bytes and one
+        # more object for the collector per endpoint, twice (IP and MAC).
+        self._by_addr: dict[_Group, str | dict[str, None]] = {}
         self._lost: dict[str, Conflict] = {}  # own endpoint key -> why it is not in the view
         # Networks and nodes: few, recomputed per event.
         self._net_store: dict[str, Network] = {}
@@ -487,23 +490,19 @@ class Admission:
         groups: list[_Group] = []
         if old is not None:
             for group in _groups(old[1]):
-                holders = self._by_addr.get(group)
-                if holders is not None:
-                    holders.pop(key, None)
-                    if not holders:
-                        del self._by_addr[group]
+                self._unhold(group, key)
                 groups.append(group)
         if new is None:
             self._winner.pop(key, None)
         else:
             self._winner[key] = new
             for group in _groups(new[1]):
-                self._by_addr.setdefault(group, {})[key] = None
+                self._hold(group, key)
                 if group not in groups:
                     groups.append(group)
         affected = {key}
         for group in groups:
-            affected.update(self._by_addr.get(group, ()))
+            affected.update(self._holders(group))
         if len(affected) == 1:  # nobody shares its addresses: the common case
             ep = self._shown(key)
             delta = self.view.put_endpoint(ep) if ep is not None else self.view.remove_endpoint(key)
@@ -523,12 +522,42 @@ class Admission:
         for k, ep in shown.items():
             self._check_own(k, ep, out)
 
+    def _hold(self, group: _Group, key: str) -> None:
+        holders = self._by_addr.get(group)
+        if holders is None:
+            self._by_addr[group] = key
+        elif isinstance(holders, str):
+            if holders != key:
+                self._by_addr[group] = {holders: None, key: None}
+        else:
+            holders[key] = None
+
+    def _unhold(self, group: _Group, key: str) -> None:
+        holders = self._by_addr.get(group)
+        if holders is None:
+            return
+        if isinstance(holders, str):
+            if holders == key:
+                del self._by_addr[group]
+            return
+        holders.pop(key, None)
+        if len(holders) == 1:
+            self._by_addr[group] = next(iter(holders))
+        elif not holders:
+            del self._by_addr[group]
+
+    def _holders(self, group: _Group) -> Iterable[str]:
+        holders = self._by_addr.get(group)
+        if holders is None:
+            return ()
+        return (holders,) if isinstance(holders, str) else holders
+
     def _group_winner(self, group: _Group) -> str | None:
         holders = self._by_addr.get(group)
+        if holders is None or isinstance(holders, str):
+            return holders
         if not holders:
             return None
-        if len(holders) == 1:
-            return next(iter(holders))
         return min(holders, key=lambda k: _endpoint_rank(self._winner[k]))
 
     def _shown(self, key: str) -> Endpoint | None:

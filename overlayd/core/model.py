@@ -13,6 +13,7 @@ import ipaddress
 import re
 import secrets
 import socket
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
@@ -79,14 +80,19 @@ class ValidationError(ValueError):
 
 
 # Names repeat across records (one network, one owner for thousands of endpoints):
-# remember the ones already checked. Bounded, so a flood of distinct names costs no memory.
-_VALID_NAMES: set[str] = set()
+# remember the ones already checked, and hand back the first copy of each, so that the
+# records decoded from the store share one string per network and owner instead of
+# one each. Bounded, so a flood of distinct names costs no memory.
+_VALID_NAMES: dict[str, str] = {}
 _VALID_NAMES_MAX = 65536
 
 
 def validate_name(value: object, what: str) -> str:
-    if isinstance(value, str) and value in _VALID_NAMES:
-        return value
+    """`value` if it is a valid name (the copy first seen of an equal one)."""
+    if isinstance(value, str):
+        known = _VALID_NAMES.get(value)
+        if known is not None:
+            return known
     if not isinstance(value, str) or not _NAME_RE.fullmatch(value):
         raise ValidationError(
             f"invalid {what} {value!r}: use 1-63 characters of letters, digits, '_', '.', '-', "
@@ -94,7 +100,7 @@ def validate_name(value: object, what: str) -> str:
         )
     if len(_VALID_NAMES) >= _VALID_NAMES_MAX:
         _VALID_NAMES.clear()
-    _VALID_NAMES.add(value)
+    _VALID_NAMES[value] = value
     return value
 
 
@@ -304,7 +310,9 @@ class Node:
         )
 
 
-@dataclass(frozen=True)
+# Slots: a daemon holds one per endpoint in the cluster (tens of thousands); without
+# an instance dict each is ~250 bytes smaller and one object fewer for the collector.
+@dataclass(frozen=True, slots=True)
 class Endpoint:
     network: str
     name: str
@@ -351,16 +359,18 @@ class Endpoint:
     @classmethod
     def from_dict(cls, data: object) -> Endpoint:
         d = _as_dict(data, "endpoint")
+        # Network, owner and interface names repeat across thousands of records: each
+        # record keeps a shared copy (`validate_name`, `sys.intern`), not its own.
         return cls(
-            network=_require(d, "network", "endpoint"),
+            network=validate_name(_require(d, "network", "endpoint"), "network name"),
             name=_require(d, "name", "endpoint"),
             ip=parse_ipv4(_require(d, "ip", "endpoint"), "endpoint IP"),
             mac=_require(d, "mac", "endpoint"),
-            owner=_require(d, "owner", "endpoint"),
+            owner=validate_name(_require(d, "owner", "endpoint"), "owner node name"),
             version=d.get("version", 1),
             created_at=d.get("created_at", 0.0),
-            netns=str(d.get("netns") or ""),
-            ifname=str(d.get("ifname") or "eth0"),
+            netns=sys.intern(str(d.get("netns") or "")),
+            ifname=sys.intern(str(d.get("ifname") or "eth0")),
         )
 
 

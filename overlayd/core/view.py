@@ -118,7 +118,9 @@ class ClusterView:
     # network -> key -> endpoint; owner -> keys; (network, ip) -> keys holding it.
     _members: dict[str, dict[str, Endpoint]] = field(default_factory=dict, repr=False)
     _owned: dict[str, dict[str, None]] = field(default_factory=dict, repr=False)
-    _ips: dict[tuple[str, IPv4Address], list[str]] = field(default_factory=dict, repr=False)
+    # One holder (the rule) is kept as its key, several as a list of keys, oldest first:
+    # a list per endpoint would cost ~90 bytes and one more object for the collector.
+    _ips: dict[tuple[str, IPv4Address], str | list[str]] = field(default_factory=dict, repr=False)
 
     # --- changing ---
 
@@ -222,7 +224,14 @@ class ClusterView:
     def _index(self, ep: Endpoint) -> None:
         self._members.setdefault(ep.network, {})[ep.key] = ep
         self._owned.setdefault(ep.owner, {})[ep.key] = None
-        self._ips.setdefault((ep.network, ep.ip), []).append(ep.key)
+        where = (ep.network, ep.ip)
+        holders = self._ips.get(where)
+        if holders is None:
+            self._ips[where] = ep.key
+        elif isinstance(holders, str):
+            self._ips[where] = [holders, ep.key]
+        else:
+            holders.append(ep.key)
 
     def _unindex(self, ep: Endpoint) -> None:
         key = ep.key
@@ -236,12 +245,20 @@ class ClusterView:
             owned.pop(key, None)
             if not owned:
                 del self._owned[ep.owner]
-        holders = self._ips.get((ep.network, ep.ip))
-        if holders is not None:
-            if key in holders:
-                holders.remove(key)
-            if not holders:
-                del self._ips[(ep.network, ep.ip)]
+        where = (ep.network, ep.ip)
+        holders = self._ips.get(where)
+        if holders is None:
+            return
+        if isinstance(holders, str):
+            if holders == key:
+                del self._ips[where]
+            return
+        if key in holders:
+            holders.remove(key)
+        if len(holders) == 1:
+            self._ips[where] = holders[0]
+        elif not holders:
+            del self._ips[where]
 
     # --- asking (each O(answer)) ---
 
@@ -262,6 +279,8 @@ class ClusterView:
     def ip_holder(self, network: str, ip: IPv4Address) -> str | None:
         """The key of an endpoint holding `ip` in `network`, or None."""
         holders = self._ips.get((network, ip))
+        if holders is None or isinstance(holders, str):
+            return holders
         return holders[-1] if holders else None
 
     def owned_by(self, node: str) -> list[Endpoint]:

@@ -132,6 +132,9 @@ def transit_address(vni: int) -> IPv4Address:
     return TRANSIT_NETWORK.network_address + vni
 
 
+_device_names: dict[int, str] = {}  # VNI -> its VXLAN device's name (VNIs are few)
+
+
 class _Claimed(Generic[K, V]):
     """Entry key -> value where a key is held by the first endpoint that claims it.
 
@@ -553,7 +556,10 @@ class DesiredState:
         if ep.key in self._remote:
             self._drop_remote(ep.key)  # a replace: take back what the older record gave
         direct = self._routes_on(network) and self.path_to(node.vtep) == PATH_DIRECT
-        remote = _Remote(vxlan_name(network.vni), ep.mac, ep.ip, node.vtep, direct)
+        # One device-name string per VNI, shared by every entry on it (a fresh one per
+        # endpoint would be ~60 bytes each, kept in the remote, the FDB and the neighbour key).
+        device = _device_names.setdefault(network.vni, vxlan_name(network.vni))
+        remote = _Remote(device, ep.mac, ep.ip, node.vtep, direct)
         key = ep.key
         self._remote[key] = remote
         if direct:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import aetcd
+import aetcd.utils
 import aetcd.watcher
 import grpc
 import grpc.aio
@@ -57,6 +58,8 @@ from overlayd.store.keys import KeyLayout, encode, fact_for_delete
 from overlayd.util.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+_DELETE = aetcd.rpc.Event.EventType.DELETE
 
 # Errors that mean "the server is not reachable right now" rather than "no".
 _UNREACHABLE = (
@@ -92,6 +95,11 @@ class EtcdStore(Store):
         self._lease_lock = asyncio.Lock()
         self._failover_lock = asyncio.Lock()
         self._current = 0  # index in store.url's members of the one the client talks to
+        # Keys of claims, not records: the watch skips them without decoding.
+        self._claim_prefixes = (
+            self._layout.ip_claim_prefix().encode(),
+            self._layout.vni_prefix().encode(),
+        )
 
     # ----------------------------------------------------------------- plumbing
 
@@ -436,16 +444,15 @@ class EtcdStore(Store):
                         log.warning("%s: the server lost its data", lost.data_lost)
                         revision = lost.revision
                         yield lost
-                stream = await self.client.watch_prefix(
-                    self._config.prefix.encode(), start_revision=revision + 1
-                )
-                async for event in stream:
+                async for response in self._responses(revision + 1):
                     backoff.reset()
                     self._health.set(True)
-                    revision = int(event.kv.mod_revision)
-                    fact = self._event_fact(event)
-                    if fact is not None:
-                        yield Changes([fact], revision)
+                    # etcd never splits one revision across responses (no `fragment`):
+                    # resuming after the last event's revision loses nothing.
+                    revision = int(response.events[-1].kv.mod_revision)
+                    facts = self._response_facts(response.events)
+                    if facts:
+                        yield Changes(facts, revision)
                 # The stream ended without an error: treat as a disconnect.
                 raise aetcd.ConnectionFailedError("watch stream ended")
             except aetcd.RevisionCompactedError:
@@ -471,15 +478,63 @@ class EtcdStore(Store):
                 )
                 await backoff.wait()
 
-    def _event_fact(self, event: Any) -> Fact | None:
-        key = event.kv.key.decode(errors="replace")
-        if event.kind == aetcd.EventKind.DELETE:
-            action, fact = "delete", fact_for_delete(self._layout, key)
-        else:
-            action, fact = "put", self._decoder.put(key, event.kv.value)
-        if fact is not None:
-            self._health.count_event(fact, action)
-        return fact
+    async def _responses(self, start_revision: int) -> AsyncIterator[Any]:
+        """The watch responses that carry events, from `start_revision` on, as etcd sends them.
+
+        Our own Watch stream rather than aetcd's `watch_prefix`: that one hands out one
+        event at a time (an object and a queue hop each), so a response carrying a
+        transaction's hundred records became a hundred passes through admission, desired
+        state and the reconciler's trigger. Errors come out as aetcd's exceptions.
+        """
+        client = self.client
+        prefix = self._config.prefix.encode()
+        create = aetcd.rpc.WatchCreateRequest(
+            key=prefix, range_end=aetcd.utils.prefix_range_end(prefix), start_revision=start_revision
+        )
+        call = aetcd.rpc.WatchStub(client.channel).Watch(metadata=client.metadata)
+        try:
+            await asyncio.wait_for(call.write(aetcd.rpc.WatchRequest(create_request=create)), REQUEST_TIMEOUT)
+            created = await asyncio.wait_for(call.read(), REQUEST_TIMEOUT)
+            while True:
+                response = created if created is not None else await call.read()
+                created = None
+                if response is grpc.aio.EOF:
+                    return
+                if response.compact_revision:
+                    raise aetcd.RevisionCompactedError(int(response.compact_revision))
+                if response.canceled:
+                    raise aetcd.ConnectionFailedError(f"etcd canceled the watch: {response.cancel_reason}")
+                if response.events:
+                    yield response
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.CANCELLED:
+                # Its channel was closed under it (another call moved to another member).
+                raise aetcd.ConnectionFailedError(f"watch stream cancelled: {exc.details()}") from None
+            aetcd.exceptions._handle_exception(exc)  # raises the matching aetcd error
+        except asyncio.InvalidStateError:  # the call had ended before the first write
+            raise aetcd.ConnectionFailedError("watch stream ended before it started") from None
+        finally:
+            call.cancel()
+
+    def _response_facts(self, events: Any) -> list[Fact]:
+        """The facts of one response's events, in order. Address and VNI claims (half of
+        the events of an endpoint's creation) are dropped by their key, before any decoding."""
+        claims = self._claim_prefixes
+        facts: list[Fact] = []
+        for event in events:
+            kv = event.kv
+            raw = kv.key
+            if raw.startswith(claims):
+                continue
+            key = raw.decode(errors="replace")
+            if event.type == _DELETE:
+                action, fact = "delete", fact_for_delete(self._layout, key)
+            else:
+                action, fact = "put", self._decoder.put(key, kv.value)
+            if fact is not None:
+                self._health.count_event(fact, action)
+                facts.append(fact)
+        return facts
 
 
 class _TlsClient(aetcd.Client):  # type: ignore[misc]

@@ -46,6 +46,12 @@ class KeyLayout:
     def ip_claim(self, network: str, ip: IPv4Address) -> str:
         return f"{self.prefix}ipam/{network}/{ip}"
 
+    def ip_claim_prefix(self) -> str:
+        return f"{self.prefix}ipam/"
+
+    def vni_prefix(self) -> str:
+        return f"{self.prefix}vni/"
+
 
 def encode(record: Network | Node | Endpoint) -> bytes:
     return json.dumps(record.to_dict(), sort_keys=True, separators=(",", ":")).encode()
@@ -61,7 +67,7 @@ def fact_for_put(layout: KeyLayout, key: str, value: bytes) -> Fact | None:
     if kind in ("vni", "ipam") or kind is None:
         return None
     try:
-        data = json.loads(value)
+        data = _json_object(value)
         if kind == "networks":
             network = Network.from_dict(data)
             _check_name(key, name, network.name)
@@ -77,6 +83,22 @@ def fact_for_put(layout: KeyLayout, key: str, value: bytes) -> Fact | None:
     except (ValueError, ValidationError, TypeError) as exc:
         raise InvalidRecord(f"{key}: {exc}") from None
     raise InvalidRecord(f"{key}: unknown record kind {kind!r}")
+
+
+_decode_json = json.JSONDecoder().decode
+
+
+def _json_object(value: bytes) -> object:
+    """`json.loads(value)`, without its encoding detection for what every writer of ours
+    stores: UTF-8 text of an object. Anything else (UTF-16/32, a BOM, escaped surrogates)
+    takes `json.loads`'s own path, so the same values decode or fail as before."""
+    if value[:1] == b"{" and value[1:2] != b"\0":
+        try:
+            text = value.decode()
+        except UnicodeDecodeError:
+            return json.loads(value)
+        return _decode_json(text)
+    return json.loads(value)
 
 
 def fact_for_delete(layout: KeyLayout, key: str) -> Fact | None:

@@ -18,9 +18,10 @@ import pytest
 
 from overlayd.core.config import StoreConfig, parse_store_url
 from overlayd.core.model import Endpoint, Network, Node, random_mac
-from overlayd.core.view import ClusterView
-from overlayd.store.base import Snapshot
+from overlayd.core.view import ClusterView, EndpointPut
+from overlayd.store.base import Changes, Snapshot
 from overlayd.store.etcd import EtcdStore
+from overlayd.store.keys import encode
 from overlayd.util.metrics import Metrics
 
 PREFIX = "/t/v1/"
@@ -85,3 +86,32 @@ async def test_compacted_history_yields_a_snapshot(make_store: Any, etcd_server:
     view.replace_all(batch.facts)
     assert ep.key not in view.endpoints and "demo" in view.networks
     await stream.aclose()
+
+
+async def test_a_transaction_of_records_is_one_batch(make_store: Any, etcd_server: Any) -> None:
+    # What a joining host writes: many endpoints with their address claims in one
+    # transaction. etcd sends it as one watch response; followers get one batch of
+    # the records (the claims are not records) instead of one pass per record.
+    store = await make_store("h2")
+    await store.create_network(DEMO)
+    start = (await store.snapshot()).revision
+    eps = [endpoint(f"e{i}", f"10.1.0.{10 + i}", "h1") for i in range(20)]
+    raw = aetcd.Client(host="127.0.0.1", port=etcd_server.client_port)
+    await raw.connect()
+    try:
+        tx = raw.transactions
+        puts = []
+        for ep in eps:
+            puts.append(tx.put(f"{PREFIX}endpoints/{ep.key}".encode(), encode(ep)))
+            puts.append(tx.put(f"{PREFIX}ipam/demo/{ep.ip}".encode(), ep.key.encode()))
+        ok, _ = await raw.transaction(compare=[], success=puts, failure=[])
+        assert ok
+    finally:
+        await raw.close()
+    stream = store.watch(start).__aiter__()
+    try:
+        batch = await asyncio.wait_for(stream.__anext__(), 10)
+    finally:
+        await stream.aclose()
+    assert isinstance(batch, Changes)
+    assert batch.facts == [EndpointPut(ep) for ep in eps]
