@@ -95,7 +95,7 @@ from overlayd.store.common import (
     republish,
     retry_while_unavailable,
 )
-from overlayd.store.consultree import GENERATION, SPLIT, Diff, Listing, Mirror, Round, is_folder, unit_of
+from overlayd.store.consultree import SPLIT, Diff, Listing, Mirror, Round, is_folder, unit_of
 from overlayd.store.keys import KeyLayout, encode, fact_for_delete
 from overlayd.util.metrics import Metrics
 
@@ -603,6 +603,10 @@ class ConsulStore(Store):
 
     async def snapshot(self) -> Snapshot:
         items, index = await self._list()
+        if self._generation is None:  # the generation a watch from this snapshot starts in
+            marker = self._ckey(self._layout.generation())
+            held = next((item for item in items if item["Key"] == marker), None)
+            self._generation = _value(held.get("Value")).decode(errors="replace") if held else None
         self._remember(index, items)
         return Snapshot(facts=self._facts(items), revision=index)
 
@@ -682,7 +686,7 @@ class ConsulStore(Store):
 
         Two watchers making it at once: one create wins (cas 0), and both read its token.
         """
-        key = self._layout.prefix + GENERATION
+        key = self._layout.generation()
         entry = await self._get(key)
         if entry is None:
             token = secrets.token_hex(8)
@@ -701,7 +705,7 @@ class ConsulStore(Store):
         if seen is None or seen == current:
             return None
         return (
-            f"consul generation marker {self._layout.prefix}{GENERATION} is gone or made anew "
+            f"consul generation marker {self._layout.generation()} is gone or made anew "
             f"(was {seen}, now {current})"
         )
 
@@ -756,7 +760,7 @@ class ConsulStore(Store):
         return snapshot
 
     async def watch(self, after_revision: int) -> AsyncIterator[Changes | Snapshot]:
-        if self._generation is None:  # a watch started again keeps the one it saw
+        if self._generation is None:  # not in the snapshot (nobody made it yet): make it
             self._generation = await retry_while_unavailable(self._read_generation)
         baseline = self._baselines.get(after_revision)
         if baseline is not None:

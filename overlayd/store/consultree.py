@@ -44,9 +44,9 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from overlayd.store.keys import GENERATION  # the generation marker: no fact, never listed
+
 CLAIMS = ("vni/", "ipam/")  # first-level folders of claims: no facts, never listed
-# The key that names the prefix's generation (see store/consul.py): no fact, never listed.
-GENERATION = "generation"
 SPLIT = "endpoints/"  # the first-level folder cut into one unit per network
 PROBE_ABOVE = 16  # a unit with more keys is probed (its index alone) before it is re-listed
 

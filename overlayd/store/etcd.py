@@ -14,6 +14,12 @@ What etcd and aetcd really do, and how this module answers (see BACKENDS.md):
   re-read the whole prefix and hand the caller a Snapshot (deletions that
   happened in the gap fall out of the replaced view).
 - One transaction holds at most 128 operations and each key once.
+- A wiped member re-initialised with the same configuration gets the same
+  cluster ID, and once written to past the revision a watch stood at, its
+  revision has not gone back either. So the watch also keeps the prefix's
+  generation marker (store/keys.py): learnt when a watch starts, made if
+  absent, and read with the listing after every interruption; gone or
+  holding another token means the data we watched was lost.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import secrets
 from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -87,6 +94,7 @@ class EtcdStore(Store):
         self._decoder = RecordDecoder(self._layout, metrics=metrics, on_invalid=on_invalid, log=log)
         self._on_invalid = on_invalid
         self._cluster_id = 0  # of the server we first read; another one means it lost its data
+        self._generation: bytes | None = None  # the marker's token as the watch last read it
         self._client: aetcd.Client | None = None
         self._lease_id: int | None = None
         # Everything this node owns, as last published: re-put on a new lease.
@@ -403,7 +411,12 @@ class EtcdStore(Store):
     async def snapshot(self) -> Snapshot:
         result = await self._call("list", lambda: self.client.get_prefix(self._config.prefix.encode()))
         facts: list[Fact] = []
+        marker = self._layout.generation().encode()
         for kv in result:
+            if kv.key == marker:
+                # The generation the watch from this snapshot starts in, if it has none yet.
+                self._generation = self._generation or kv.value
+                continue
             fact = self._decoder.put(kv.key.decode(errors="replace"), kv.value)
             if fact is not None:
                 facts.append(fact)
@@ -420,15 +433,40 @@ class EtcdStore(Store):
         known = self._cluster_id
         result = await self._call("list", lambda: self.client.get_prefix(self._config.prefix.encode()))
         cluster, now = int(result.header.cluster_id), int(result.header.revision)
+        marker = self._layout.generation().encode()
+        listed = next((kv.value for kv in result if kv.key == marker), None)
+        generation = listed if listed is not None else await self._read_generation()
         if known and cluster != known:
             why = f"etcd cluster ID changed from {known:x} to {cluster:x}"
         elif now < revision:
             why = f"etcd revision went back from {revision} to {now}"
+        elif self._generation is not None and generation != self._generation:
+            why = f"etcd generation marker {marker.decode()} is gone or made anew"
         else:
+            self._generation = generation
             return None
-        self._cluster_id = cluster
+        self._cluster_id, self._generation = cluster, generation
         facts = [f for kv in result if (f := self._decoder.put(kv.key.decode(errors="replace"), kv.value))]
         return Snapshot(facts=facts, revision=now, data_lost=why)
+
+    async def _read_generation(self) -> bytes:
+        """The token in the prefix's generation marker, made now if there is none
+        (two watchers making it at once: one create wins, and both read its token)."""
+        key = self._layout.generation().encode()
+        tx = self.client.transactions
+        token = secrets.token_hex(8).encode()
+        ok, responses = await self._call(
+            "txn",
+            lambda: self.client.transaction(
+                compare=[tx.create(key) == 0], success=[tx.put(key, token)], failure=[tx.get(key)]
+            ),
+        )
+        if ok:
+            return token
+        held = _txn_values(responses, 0)
+        if not held:
+            raise StoreUnavailable("etcd: generation marker vanished while made")
+        return held[0]
 
     async def watch(self, after_revision: int) -> AsyncIterator[Changes | Snapshot]:
         revision = after_revision
@@ -437,6 +475,8 @@ class EtcdStore(Store):
         while True:
             watching = self._client
             try:
+                if self._generation is None:  # not in the snapshot (nobody made it yet): make it
+                    self._generation = await self._read_generation()
                 if interrupted:
                     lost = await self._data_lost(revision)
                     interrupted = False

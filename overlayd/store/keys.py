@@ -7,6 +7,11 @@ Pure: no I/O. Shared by every backend, so all of them store the same bytes.
     <prefix>nodes/<name>             Node JSON             owned by the node's lease
     <prefix>endpoints/<net>/<name>   Endpoint JSON         owned by the owner's lease
     <prefix>ipam/<net>/<ip>          endpoint key          owned by the owner's lease (claim)
+    <prefix>generation               random token          permanent (made by the first watch)
+
+The generation marker tells a watch that the server is not the one it watched
+any more, when nothing else can: a server emptied (or restored) and written to
+again past the revision the watch stood at before it looked again.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from overlayd.core.view import (
     NodeDeleted,
     NodePut,
 )
+
+GENERATION = "generation"  # the key (under the prefix) of the generation marker
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,9 @@ class KeyLayout:
     def ip_claim(self, network: str, ip: IPv4Address) -> str:
         return f"{self.prefix}ipam/{network}/{ip}"
 
+    def generation(self) -> str:
+        return f"{self.prefix}{GENERATION}"
+
     def ip_claim_prefix(self) -> str:
         return f"{self.prefix}ipam/"
 
@@ -62,9 +72,9 @@ class InvalidRecord(ValueError):
 
 
 def fact_for_put(layout: KeyLayout, key: str, value: bytes) -> Fact | None:
-    """Decode a stored value; None for keys that are not records (claims)."""
+    """Decode a stored value; None for keys that are not records (claims, the marker)."""
     kind, name = _split(layout, key)
-    if kind in ("vni", "ipam") or kind is None:
+    if kind in ("vni", "ipam") or kind is None or (kind == GENERATION and not name):
         return None
     try:
         data = _json_object(value)
