@@ -40,7 +40,7 @@ import logging
 import math
 import random
 import socket
-from collections.abc import Callable, Coroutine, Iterable, Iterator
+from collections.abc import Callable, Collection, Coroutine, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -422,10 +422,7 @@ class GossipNode:
 
     def _send_push(self, records: list[Record], hops: int, targets: list[MemberInfo]) -> None:
         for chunk in _chunks(records, _size, self._budget):
-            msg = Push(hops, tuple(chunk))
-            body = schema.encode(msg)  # once, however many peers it goes to
-            for m in targets:
-                self._send((m.addr, m.port), msg, body)
+            self._send_all([(m.addr, m.port) for m in targets], Push(hops, tuple(chunk)))
 
     def _relay(self, sender: str, hops: int, records: tuple[Record, ...], learned: list[Record]) -> None:
         """Forward what a push taught us: once to our ring neighbours if its owner sent it
@@ -674,16 +671,27 @@ class GossipNode:
 
     def _send(self, addr: Addr, msg: Message, body: bytes | None = None) -> None:
         """Seal and send `msg` (`body`: its encoding, when the caller has it already)."""
-        if self._sender is None:
+        self._send_all((addr,), msg, body)
+
+    def _send_all(self, addrs: Collection[Addr], msg: Message, body: bytes | None = None) -> None:
+        """Send `msg` to each of `addrs`, sealed once.
+
+        One packet for all is as safe as one each: a packet names its sender, not its
+        receiver, so a copy meant for one peer could always be replayed to another; each
+        receiver keeps its own replay window, so each takes the packet once. Sealing once
+        saves the owner of a change most of the cost of telling every member (`_spread`).
+        """
+        if self._sender is None or not addrs:
             return
         packet = self._framer.seal(schema.encode(msg) if body is None else body)
         if len(packet) > self.config.mtu:
             # Every sender sizes its message to the MTU; reaching this is a bug of ours.
             log.error("gossip: %s of %d bytes exceeds the MTU; not sent", _TYPE[type(msg)], len(packet))
             return
-        self._sender.sendto(packet, addr)
+        for addr in addrs:
+            self._sender.sendto(packet, addr)
         if self._metrics:
-            self._metrics.sent(_TYPE[type(msg)], len(packet))
+            self._metrics.sent(_TYPE[type(msg)], len(packet), len(addrs))
 
     def _piggyback(self, to: str | None) -> tuple[MemberUpdate, ...]:
         return tuple(self._ms.piggyback(self._budget // 2, to))
