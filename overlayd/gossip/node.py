@@ -101,10 +101,12 @@ _TYPE = {
     MemberEntries: "member-entries",
 }
 # The hops of a push its owner sent to every live member itself (`GossipNode._spread`);
-# each receiver forwards it once, to the `_RING` members nearest it on the ring, with hops 0.
-# An epidemic push never reaches a peer with hops 1 from the records' owner unless
-# `push_hops` is 1 (then its receivers forward two copies each where they forwarded none).
+# the member that learns the change, from it or from a forwarded copy, forwards it once
+# to the `_RING` members nearest it on the ring, with hops `_FORWARDED`. The epidemic
+# push never sends hops 0, nor hops 1 from the records' owner unless `push_hops` is 1
+# (then its receivers forward three copies each where they forwarded none).
 _DIRECT = 1
+_FORWARDED = 0
 _RING = 3
 # Room for a message's own fields around its list of items (type, seq, owner name, stamps...).
 _ENVELOPE = 64 + schema.MAX_NAME
@@ -364,15 +366,16 @@ class GossipNode:
         """Send a change of ours on its way.
 
         In a small cluster, to every live peer directly, marked `_DIRECT`: each of them
-        forwards it once to the `_RING` members nearest it on the ring (distance 1, -1,
-        2), so every member gets four copies and sends three. The epidemic push (below)
-        would have each of N members send ln(N) + 4: at ten members 70 datagrams per
-        change instead of 36, each sealed, opened and decoded, which is most of what a
-        change costs the cluster in CPU; and the change arrives in one hop, not log2 N.
-        A member misses it only if its own copy is lost and each of the three forwarded
-        ones is (lost, or its forwarder missed its own): about 8 p^4 at loss p, 5e-5 at
-        5%. Beyond `direct_push` peers the owner's serial sends would delay the last
-        ones more than the epidemic's hops do.
+        forwards it once (whichever copy it learned it from) to the `_RING` members
+        nearest it on the ring (distance 1, -1, 2), so every member gets four copies and
+        sends three. The epidemic push (below) would have each of N members send
+        ln(N) + 4: at ten members 70 datagrams per change instead of 36, each sealed,
+        opened and decoded, which is most of what a change costs the cluster in CPU; and
+        the change arrives in one hop, not log2 N. A member misses it only if its own
+        copy is lost and so is each of the three forwarded to it (or its forwarder never
+        learned it): at most about 8 p^4 at loss p, 5e-5 at 5%. Beyond `direct_push`
+        peers the owner's serial sends would delay the last ones more than the epidemic's
+        hops do.
         """
         live = self._ms.live()
         if self.config.fanout == 0 or len(live) > self.config.direct_push:
@@ -425,12 +428,15 @@ class GossipNode:
             self._send_all([(m.addr, m.port) for m in targets], Push(hops, tuple(chunk)))
 
     def _relay(self, sender: str, hops: int, records: tuple[Record, ...], learned: list[Record]) -> None:
-        """Forward what a push taught us: once to our ring neighbours if its owner sent it
-        to every member itself (`_spread`), else on with the epidemic."""
-        if hops == _DIRECT and all(r.owner == sender for r in records):
-            # Their copies stand in for a lost one of our neighbours'; nobody forwards them.
+        """Forward what a push taught us: to our nearest on the ring if its owner sent it to
+        every member itself (`_spread`), else on with the epidemic."""
+        if hops == _FORWARDED or (hops == _DIRECT and all(r.owner == sender for r in records)):
+            # Whichever copy came first: a forwarded one can overtake the owner's, and a
+            # member that forwarded nothing then would leave its ring members a copy short.
+            # A record is learned once per member, so each member forwards it once.
             if learned:
-                self._send_push(learned, 0, self._ms.ring(_RING, exclude={sender}))
+                exclude = {sender, *(r.owner for r in learned)}
+                self._send_push(learned, _FORWARDED, self._ms.ring(_RING, exclude=exclude))
             return
         self._push(learned, hops - 1, exclude=(sender,))
 
