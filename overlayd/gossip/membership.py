@@ -156,14 +156,24 @@ class Membership:
         """The live members just after and just before this node in name order, wrapping
         around: its neighbours on a ring every node draws the same way (while they agree on
         who is alive). One member when there is only one other, none when alone."""
+        return self.ring(2)
+
+    def ring(self, k: int, exclude: Collection[str] = ()) -> list[MemberInfo]:
+        """The first `k` live members not in `exclude` at ring distance 1, -1, 2, -2, ...
+        from this node (fewer if there are not that many): the same every node draws."""
         if self._ring is None:
             self._ring = sorted([*self._live_list(), self.name])
         ring = self._ring
-        if len(ring) < 2:
-            return []
+        n = len(ring)
         at = bisect.bisect_left(ring, self.name)
-        names = dict.fromkeys((ring[(at + 1) % len(ring)], ring[at - 1]))  # one if they are the same
-        return [self._members[n].info for n in names]
+        names: dict[str, None] = {}  # ordered and distinct: a small ring wraps onto itself
+        for d in range(1, n // 2 + 1):
+            if len(names) >= k:
+                break
+            for name in (ring[(at + d) % n], ring[(at - d) % n]):
+                if name not in exclude and len(names) < k:
+                    names[name] = None
+        return [self._members[name].info for name in names]
 
     def cluster_size(self) -> int:
         return 1 + len(self._live_list())

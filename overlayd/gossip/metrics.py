@@ -69,12 +69,13 @@ class GossipMetrics:
         self._sent: dict[str, Counter] = {}
         self._received: dict[str, Counter] = {}
 
-    def sent(self, kind: str, size: int) -> None:
+    def sent(self, kind: str, size: int, count: int = 1) -> None:
+        """`count` datagrams of `size` bytes each (one message sent to several peers)."""
         child = self._sent.get(kind)
         if child is None:
             child = self._sent[kind] = self.messages_sent.labels(kind)
-        child.inc()
-        self.bytes_sent.inc(size)
+        child.inc(count)
+        self.bytes_sent.inc(size * count)
 
     def received(self, kind: str) -> None:
         child = self._received.get(kind)

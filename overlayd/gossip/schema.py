@@ -323,6 +323,14 @@ def to_wire(msg: Message) -> list[Any]:
 
 def decode(data: bytes) -> Message:
     """The message in `data`, fully validated, or SchemaError."""
+    return parse(unpack(data))
+
+
+def unpack(data: bytes) -> list[Any]:
+    """The msgpack array in `data`, or SchemaError; only its shape is checked (`parse` the rest).
+
+    Apart so a receiver can tell a copy of what it holds from the array alone
+    (`push_records`): the full check costs several times the unpacking."""
     if len(data) > MAX_MESSAGE:
         raise SchemaError(f"message of {len(data)} bytes is over {MAX_MESSAGE}")
     try:
@@ -333,6 +341,18 @@ def decode(data: bytes) -> Message:
         raise SchemaError(f"not msgpack: {type(e).__name__}") from None
     if not isinstance(v, list) or len(v) < 2:
         raise SchemaError("a message is an array [version, type, ...]")
+    return v
+
+
+def push_records(v: list[Any]) -> list[Any] | None:
+    """The records of an unpacked push, as arrays still unchecked; None if `v` is no push."""
+    if len(v) == 4 and v[1] == "push" and v[0] == SCHEMA_VERSION and isinstance(v[3], list):
+        return v[3]
+    return None
+
+
+def parse(v: list[Any]) -> Message:
+    """The message of an `unpack`ed array, fully validated, or SchemaError."""
     version, kind, *rest = v
     if version != SCHEMA_VERSION or isinstance(version, bool):
         raise SchemaError(f"unsupported schema version {version!r}")

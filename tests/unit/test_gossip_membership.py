@@ -208,3 +208,17 @@ def test_ring_neighbours_are_the_live_names_around_ours() -> None:
     for name in ("a", "b"):
         ms.apply(upd(name, L, 1))
     assert [m.name for m in ms.neighbours()] == ["x", "z"]  # wraps around
+
+
+def test_ring_takes_the_nearest_live_names_alternating_sides() -> None:
+    ms = table()  # this node is "me"
+    assert ms.ring(3) == []
+    for name in ("a", "b", "c", "x", "y", "z"):
+        ms.apply(upd(name, A, 1))
+    # ring: a b c me x y z -> distance 1, -1, 2, -2, ...
+    assert [m.name for m in ms.ring(3)] == ["x", "c", "y"]
+    assert [m.name for m in ms.ring(2)] == [m.name for m in ms.neighbours()]
+    assert [m.name for m in ms.ring(3, exclude={"c"})] == ["x", "y", "b"]
+    assert [m.name for m in ms.ring(10)] == ["x", "c", "y", "b", "z", "a"]  # each once
+    ms.apply(upd("x", D, 1))  # the dead are off the ring
+    assert [m.name for m in ms.ring(2)] == ["y", "c"]
