@@ -159,24 +159,28 @@ class Mirror:
             self.dirty.links = links_dirty  # _link marks what it loads: not wanted here
         # The entry loops are the hot part of a full verify (two messages per remote
         # endpoint): locals only, no method call per entry.
+        # The caches are read inline; a method call is made only for an address not seen yet.
         t = self.tables
         devices = self._vxlan_name
-        vtep_of = self._vtep
-        flood_mac = nl.FLOOD_MAC_BYTES
+        table, flood = t.fdb, t.flood
+        vteps, vtep_of = self._vteps, self._vtep
+        flood_mac, own = nl.FLOOD_MAC_BYTES, nl.NTF_SELF
         for index, flags, _state, mac, dst in fdb:
             device = devices.get(index)
-            if device is None or not flags & nl.NTF_SELF:
+            if device is None or not flags & own:
                 continue
+            vtep = vteps.get(dst) or vtep_of(dst)
             if mac == flood_mac:
-                t.flood.add((device, vtep_of(dst)))
+                flood.add((device, vtep))
             else:
-                t.fdb[(device, mac.hex(":"))] = vtep_of(dst)
-        address_of = self._address
+                table[device, mac.hex(":")] = vtep
+        neighbours = t.neigh
+        addresses, address_of = self._addresses, self._address
         permanent = nl.NUD_PERMANENT
         for index, _flags, state, mac, dst in neigh:
             device = devices.get(index)
             if device is not None and state & permanent:
-                t.neigh[(device, address_of(dst))] = mac.hex(":")
+                neighbours[device, addresses.get(dst) or address_of(dst)] = mac.hex(":")
         if dump is not None:
             self._load_layer3(dump)
         if mark:
