@@ -194,3 +194,80 @@ def test_a_truncated_datagram_yields_what_is_whole() -> None:
     data = fdb("02:43:00:00:00:02", "198.18.5.2") + fdb("02:43:00:00:00:03", "198.18.5.2")
     rows, part = read(data[: len(data) - 10], devices={VX_INDEX}, flags=nl.NTF_SELF)
     assert [r[3].hex(":") for r in rows] == ["02:43:00:00:00:02"] and not part.done
+
+
+# --- datagrams of entries all of one length: read whole (`_uniform_rows`) -----------------
+
+
+def fdb_run(count: int, **kw: Any) -> list[bytes]:
+    return [
+        fdb(f"02:43:00:00:{i >> 8:02x}:{i & 255:02x}", f"198.18.5.{2 + i % 3}", **kw) for i in range(count)
+    ]
+
+
+def check_uniform(data: bytes, *, whole: bool, **kw: Any) -> tuple[list[nl.RawNeigh], nl.DumpPart]:
+    """Read `data` both ways: the same rows as the attribute scan, and taken whole or not as said."""
+    rows, part = read(data, **kw)
+    assert rows == reference(data, **kw)
+    taken: list[nl.RawNeigh] = []
+    assert (
+        nl._uniform_rows(data, SEQ, taken, kw["devices"], kw.get("flags", 0), kw.get("state", 0)) is not None
+    ) == whole
+    return rows, part
+
+
+def test_a_run_of_entries_of_one_length_is_read_whole() -> None:
+    data = b"".join([*fdb_run(300), fdb("00:00:00:00:00:00", "198.18.5.9"), done()])
+    rows, part = check_uniform(data, whole=True, devices={VX_INDEX}, flags=nl.NTF_SELF)
+    assert len(rows) == 301 and part == nl.DumpPart(True, False)
+    neighbours = b"".join(
+        neigh(f"10.43.{i >> 8}.{i & 255}", f"02:43:00:00:00:{i & 255:02x}") for i in range(200)
+    )
+    rows, part = check_uniform(neighbours, whole=True, devices={VX_INDEX}, state=nl.NUD_PERMANENT)
+    assert len(rows) == 200 and part == nl.DumpPart(False, False)
+
+
+def test_unwanted_entries_of_the_same_length_are_left_out_of_a_whole_read() -> None:
+    data = b"".join(
+        [
+            *fdb_run(50),
+            *fdb_run(20, index=OTHER_INDEX),
+            *fdb_run(20, flags=0),  # the same length, but not the device's own
+            *fdb_run(10),
+        ]
+    )
+    rows, _ = check_uniform(data, whole=True, devices={VX_INDEX}, flags=nl.NTF_SELF)
+    assert len(rows) == 60
+    rows, _ = check_uniform(data, whole=True, devices={OTHER_INDEX}, flags=nl.NTF_SELF)
+    assert len(rows) == 20
+
+
+def test_a_wanted_entry_laid_out_otherwise_sends_the_datagram_to_the_walk() -> None:
+    # The same length as the others, the addresses in the other order.
+    swapped = entry(
+        nl.AF_BRIDGE,
+        VX_INDEX,
+        [("NDA_DST", "198.18.5.7"), ("NDA_LLADDR", "02:43:00:00:07:07"), CACHEINFO],
+        flags=2,
+    )
+    data = b"".join([*fdb_run(30), swapped, *fdb_run(30)])
+    assert len(swapped) == len(fdb_run(1)[0])
+    rows, _ = check_uniform(data, whole=False, devices={VX_INDEX}, flags=nl.NTF_SELF)
+    assert len(rows) == 61 and rows[30][3].hex(":") == "02:43:00:00:07:07"
+    # Unwanted, it changes nothing.
+    rows, _ = check_uniform(data, whole=True, devices={OTHER_INDEX}, flags=nl.NTF_SELF)
+    assert rows == []
+
+
+def test_a_whole_read_sees_another_request_and_an_interrupted_dump() -> None:
+    stale = b"".join([*fdb_run(10), fdb("02:43:00:00:09:09", "198.18.5.2", seq=SEQ + 5), *fdb_run(10)])
+    rows, _ = check_uniform(stale, whole=False, devices={VX_INDEX}, flags=nl.NTF_SELF)
+    assert len(rows) == 20
+    flags = nl.NLM_F_MULTI | nl.NLM_F_DUMP_INTR
+    changed = b"".join([*fdb_run(10), fdb("02:43:00:00:09:09", "198.18.5.2", msg_flags=flags), *fdb_run(10)])
+    rows, part = check_uniform(changed, whole=True, devices={VX_INDEX}, flags=nl.NTF_SELF)
+    assert len(rows) == 21 and part == nl.DumpPart(False, True)
+    rows, part = check_uniform(
+        b"".join(fdb_run(10)) + done(flags=flags), whole=True, devices={VX_INDEX}, flags=2
+    )
+    assert part == nl.DumpPart(True, True)
