@@ -53,6 +53,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from overlayd.dataplane import netlink as nl
 from overlayd.dataplane import nft
+from overlayd.dataplane.bulk import gc_paused
 from overlayd.dataplane.commands import (
     AnnounceArp,
     AppendFlood,
@@ -351,17 +352,19 @@ class Kernel:
         if ours:
             # The bulk of the dump, two messages per remote endpoint: read a datagram at a
             # time, keeping only what the mirror keeps (entries the device holds itself, not
-            # its bridge's; permanent neighbours), each in one or two unpacks.
-            out.fdb = await self._dump_rows(
-                nl.RTM_GETNEIGH,
-                nl.NDMSG.pack(nl.AF_BRIDGE, 0, 0, 0, 0),
-                partial(nl.neigh_dump_rows, devices=ours, flags=nl.NTF_SELF),
-            )
-            out.neigh = await self._dump_rows(
-                nl.RTM_GETNEIGH,
-                nl.NDMSG.pack(nl.AF_INET, 0, 0, 0, 0),
-                partial(nl.neigh_dump_rows, devices=ours, state=nl.NUD_PERMANENT),
-            )
+            # its bridge's; permanent neighbours). Tens of thousands of rows: made without
+            # the cycle collector stepping in (`bulk`).
+            with gc_paused():
+                out.fdb = await self._dump_rows(
+                    nl.RTM_GETNEIGH,
+                    nl.NDMSG.pack(nl.AF_BRIDGE, 0, 0, 0, 0),
+                    partial(nl.neigh_dump_rows, devices=ours, flags=nl.NTF_SELF),
+                )
+                out.neigh = await self._dump_rows(
+                    nl.RTM_GETNEIGH,
+                    nl.NDMSG.pack(nl.AF_INET, 0, 0, 0, 0),
+                    partial(nl.neigh_dump_rows, devices=ours, state=nl.NUD_PERMANENT),
+                )
         out.addrs = await self._dump(
             nl.RTM_GETADDR, nl.IFADDRMSG.pack(nl.AF_INET, 0, 0, 0, 0), nl.parse_addr_full
         )

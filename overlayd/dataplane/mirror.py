@@ -30,6 +30,7 @@ from ipaddress import IPv4Address
 
 from overlayd.core.model import Ip4
 from overlayd.dataplane import netlink as nl
+from overlayd.dataplane.bulk import gc_paused
 from overlayd.dataplane.commands import (
     AnnounceArp,
     AppendFlood,
@@ -153,6 +154,18 @@ class Mirror:
         without, the caller compares the tables itself (a full verify
         compares whole dictionaries at C speed and marks only what differs).
         """
+        with gc_paused():
+            self._load(links, fdb, neigh, mark=mark, dump=dump)
+
+    def _load(
+        self,
+        links: list[LinkInfo],
+        fdb: list[RawNeigh],
+        neigh: list[RawNeigh],
+        *,
+        mark: bool,
+        dump: Dump | None,
+    ) -> None:
         if mark:
             self.dirty.add_tables(self.tables)
         self.tables = Tables()
