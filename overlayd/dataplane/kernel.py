@@ -339,10 +339,11 @@ class Kernel:
         return Underlay(found.ifname, address, found.mtu, subnet[(found.index, address)])
 
     async def dump(self, *, nft_tables: bool = True) -> Dump:
-        """Every link, bridge FDB entry and IPv4 neighbour entry, address, route and
-        per-interface setting in the namespace, unparsed; each gateway namespace's links,
-        addresses and routes; overlayd's nftables tables (unless `nft_tables` is false:
-        reading them runs `nft`, a few milliseconds a namespace).
+        """Every link, address, route and per-interface setting in the namespace, the
+        FDB and neighbour entries the mirror keeps (on our VXLAN devices: the FDB entries
+        the device holds itself, the permanent neighbours), as raw rows; each gateway
+        namespace's links, addresses and routes; overlayd's nftables tables (unless
+        `nft_tables` is false: reading them runs `nft`, a few milliseconds a namespace).
 
         The neighbour tables are read only if one of our VXLAN devices exists:
         entries are ours only on those.
