@@ -30,6 +30,7 @@ from ipaddress import IPv4Address
 
 from overlayd.core.model import Ip4
 from overlayd.dataplane import netlink as nl
+from overlayd.dataplane.bulk import gc_paused
 from overlayd.dataplane.commands import (
     AnnounceArp,
     AppendFlood,
@@ -124,6 +125,18 @@ class Mirror:
         # notification carrying it is the echo of our own write, which `assume()`
         # recorded when the kernel acknowledged it: not parsed again.
         self.own_port = 0
+        self._written_vtep: IPv4Address | None = None  # the VTEP object of the last FDB write
+
+    def _adopt_vtep(self, vtep: IPv4Address) -> None:
+        """Read this VTEP off the wire as this very object from now on.
+
+        FDB writes carry desired state's own VTEP objects (one per node). With the same
+        object in the mirror, a full verify's comparison of 10,000 FDB entries finds each
+        value equal by identity, without an `IPv4Address.__eq__` call per entry.
+        """
+        self._written_vtep = vtep
+        if vtep.__class__ is Ip4:  # a plain IPv4Address hashes slowly: the cache keeps its own Ip4
+            self._vteps[vtep.packed] = vtep
 
     # --- full reads ---
 
@@ -142,6 +155,18 @@ class Mirror:
         without, the caller compares the tables itself (a full verify
         compares whole dictionaries at C speed and marks only what differs).
         """
+        with gc_paused():
+            self._load(links, fdb, neigh, mark=mark, dump=dump)
+
+    def _load(
+        self,
+        links: list[LinkInfo],
+        fdb: list[RawNeigh],
+        neigh: list[RawNeigh],
+        *,
+        mark: bool,
+        dump: Dump | None,
+    ) -> None:
         if mark:
             self.dirty.add_tables(self.tables)
         self.tables = Tables()
@@ -159,24 +184,28 @@ class Mirror:
             self.dirty.links = links_dirty  # _link marks what it loads: not wanted here
         # The entry loops are the hot part of a full verify (two messages per remote
         # endpoint): locals only, no method call per entry.
+        # The caches are read inline; a method call is made only for an address not seen yet.
         t = self.tables
         devices = self._vxlan_name
-        vtep_of = self._vtep
-        flood_mac = nl.FLOOD_MAC_BYTES
+        table, flood = t.fdb, t.flood
+        vteps, vtep_of = self._vteps, self._vtep
+        flood_mac, own = nl.FLOOD_MAC_BYTES, nl.NTF_SELF
         for index, flags, _state, mac, dst in fdb:
             device = devices.get(index)
-            if device is None or not flags & nl.NTF_SELF:
+            if device is None or not flags & own:
                 continue
+            vtep = vteps.get(dst) or vtep_of(dst)
             if mac == flood_mac:
-                t.flood.add((device, vtep_of(dst)))
+                flood.add((device, vtep))
             else:
-                t.fdb[(device, mac.hex(":"))] = vtep_of(dst)
-        address_of = self._address
+                table[device, mac.hex(":")] = vtep
+        neighbours = t.neigh
+        addresses, address_of = self._addresses, self._address
         permanent = nl.NUD_PERMANENT
         for index, _flags, state, mac, dst in neigh:
             device = devices.get(index)
             if device is not None and state & permanent:
-                t.neigh[(device, address_of(dst))] = mac.hex(":")
+                neighbours[device, addresses.get(dst) or address_of(dst)] = mac.hex(":")
         if dump is not None:
             self._load_layer3(dump)
         if mark:
@@ -566,6 +595,20 @@ class Mirror:
             vtep = self._vteps[raw] = Ip4(raw)
         return vtep
 
+    def _adopt_address(self, ip: IPv4Address) -> None:
+        """Read this endpoint address off the wire as this very object from now on.
+
+        Neighbour writes carry desired state's own address objects. Adopted when written,
+        the next full verify neither parses the address again (a few us each: 10,000 of
+        them in the first verify after a big join) nor compares the mirror's neighbour keys
+        with desired state's by `IPv4Address.__eq__`: they are the same objects.
+        """
+        if ip.__class__ is not Ip4:
+            return  # a plain IPv4Address hashes slowly: the cache keeps its own Ip4
+        if len(self._addresses) >= _ADDRESS_CACHE:
+            self._addresses.clear()
+        self._addresses[ip.packed] = ip
+
     def _address(self, raw: bytes) -> IPv4Address:
         """An endpoint address from the wire; the same few thousand repeat in every dump."""
         ip = self._addresses.get(raw)
@@ -632,14 +675,19 @@ class Mirror:
         match cmd:
             case ReplaceFdb(e):
                 t.fdb[(e.device, e.mac)] = e.dst
+                if e.dst is not self._written_vtep:
+                    self._adopt_vtep(e.dst)
             case DeleteFdb(e):
                 t.fdb.pop((e.device, e.mac), None)
             case AppendFlood(e):
                 t.flood.add((e.device, e.dst))
+                if e.dst is not self._written_vtep:
+                    self._adopt_vtep(e.dst)
             case DeleteFlood(e):
                 t.flood.discard((e.device, e.dst))
             case ReplaceNeigh(e):
                 t.neigh[(e.device, e.ip)] = e.mac
+                self._adopt_address(e.ip)
             case DeleteNeigh(e):
                 t.neigh.pop((e.device, e.ip), None)
             case AnnounceArp():

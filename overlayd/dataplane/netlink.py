@@ -9,12 +9,14 @@ Every request is built with sequence number 0; the socket code stamps it.
 
 from __future__ import annotations
 
+import errno
 import socket
 import struct
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
-from typing import Final, NamedTuple
+from itertools import compress
+from typing import Any, Final, NamedTuple
 
 from overlayd.dataplane.kstate import ALIAS_PREFIX, FLOOD_MAC, is_ours
 
@@ -593,6 +595,189 @@ def parse_neigh(data: bytes, start: int, end: int) -> RawNeigh | None:
     if len(mac) != 6 or len(dst) != 4:
         return None
     return index, flags, state, mac, dst
+
+
+# A full verify reads the whole FDB and neighbour tables: two messages per remote endpoint
+# and, on a VXLAN device that is a bridge port, the bridge's own entries for the same MACs.
+# The kernel writes the two attributes overlayd reads first and in a fixed order (a VXLAN
+# FDB entry: NDA_LLADDR, NDA_DST; a neighbour: NDA_DST, NDA_LLADDR), so one unpack of a
+# fixed layout reads a message's header and ndmsg, a second its address pair; anything
+# laid out otherwise goes through `parse_neigh`'s attribute scan.
+_NEIGH_HEAD = struct.Struct("=IHHI4xBxxxiHBx")  # nlmsghdr without pid, ndmsg without type
+_LLADDR_DST = struct.Struct("=HH6sxxHH4s")
+_DST_LLADDR = struct.Struct("=HH4sHH6sxx")
+_FIXED_END = _NEIGH_HEAD.size + _LLADDR_DST.size  # both layouts are 20 bytes
+
+
+class DumpPart(NamedTuple):
+    """What one datagram of a dump said about the dump as a whole."""
+
+    done: bool  # NLMSG_DONE (or an error) came: nothing more follows
+    interrupted: bool  # NLM_F_DUMP_INTR: the table changed while it was read
+    error: int = 0  # errno of an NLMSG_ERROR answering the request, 0 for none
+    text: str = ""  # the kernel's explanation of it
+
+
+def neigh_dump_rows(
+    data: bytes, seq: int, out: list[RawNeigh], *, devices: Container[int], flags: int = 0, state: int = 0
+) -> DumpPart:
+    """Add to `out` the entries of one datagram of an FDB or neighbour dump (the answer to
+    request `seq`) that lie on one of `devices` and carry a bit of `flags` in ndm_flags
+    or of `state` in ndm_state, as `parse_neigh` would read them; every other message
+    costs one unpack. Messages of another sequence number (a late answer to an abandoned
+    request) are skipped."""
+    uniform = _uniform_rows(data, seq, out, devices, flags, state)
+    if uniform is not None:
+        return uniform
+    return _walk_rows(data, 0, seq, out, devices, flags, state)
+
+
+def _walk_rows(
+    data: bytes, offset: int, seq: int, out: list[RawNeigh], devices: Container[int], flags: int, state: int
+) -> DumpPart:
+    """`neigh_dump_rows` message by message, from `offset`."""
+    size = len(data)
+    seen = 0  # the nlmsg_flags of the dump's messages, or-ed (NLM_F_DUMP_INTR)
+    head = _NEIGH_HEAD.unpack_from
+    head_size = _NEIGH_HEAD.size
+    lladdr_dst = _LLADDR_DST.unpack_from
+    dst_lladdr = _DST_LLADDR.unpack_from
+    append = out.append
+    # Inline, without a call per message: this is the loop a full verify spends its time in.
+    # A message shorter than an entry's head (NLMSG_DONE, 20 bytes) comes last; it is read
+    # after the loop. Inside it, the head of a shorter message reads into the next one, but
+    # only its nlmsghdr is looked at then.
+    while offset + head_size <= size:
+        length, kind, mflags, mseq, family, index, nstate, nflags = head(data, offset)
+        end = offset + length
+        if length < HDR.size or end > size:
+            return DumpPart(False, bool(seen & NLM_F_DUMP_INTR))  # malformed: nothing more to read
+        if mseq == seq:
+            seen |= mflags
+            if kind == RTM_NEWNEIGH:
+                if (nflags & flags or nstate & state) and index in devices:
+                    if end >= offset + _FIXED_END:
+                        if family == AF_BRIDGE:
+                            mac_len, mac_type, mac, dst_len, dst_type, dst = lladdr_dst(
+                                data, offset + head_size
+                            )
+                        else:
+                            dst_len, dst_type, dst, mac_len, mac_type, mac = dst_lladdr(
+                                data, offset + head_size
+                            )
+                        if mac_len == 10 and mac_type == NDA_LLADDR and dst_len == 8 and dst_type == NDA_DST:
+                            append((index, nflags, nstate, mac, dst))
+                            offset = (end + 3) & ~3
+                            continue
+                    if length >= head_size:
+                        row = parse_neigh(data, offset + HDR.size, end)
+                        if row is not None:
+                            append(row)
+            elif kind == NLMSG_DONE or kind == NLMSG_ERROR:
+                return _dump_end(data, offset, seen)
+        offset = (end + 3) & ~3
+    if offset + HDR.size <= size:
+        length, kind, mflags, mseq, _pid = HDR.unpack_from(data, offset)
+        if mseq == seq and (kind == NLMSG_DONE or kind == NLMSG_ERROR) and offset + length <= size:
+            return _dump_end(data, offset, seen | mflags)
+    return DumpPart(False, bool(seen & NLM_F_DUMP_INTR))
+
+
+# A datagram of a big dump is nearly always a run of entries of one length and layout
+# (~450 of them in the 32 KiB the kernel fills per datagram), then maybe NLMSG_DONE: read
+# whole with iter_unpack, every field checked for every entry at C speed (counting, not
+# looping), it costs a fraction of the message-by-message walk.
+_UNIFORM: dict[tuple[int, bool], struct.Struct] = {}
+
+
+def _uniform_layout(length: int, bridge: bool) -> struct.Struct:
+    layout = _UNIFORM.get((length, bridge))
+    if layout is None:
+        pair = "HH6sxxHH4s" if bridge else "HH4sHH6sxx"
+        layout = _UNIFORM[(length, bridge)] = struct.Struct(
+            f"={_NEIGH_HEAD.format[1:]}{pair}{length - _FIXED_END}x"
+        )
+    return layout
+
+
+def _uniform_rows(
+    data: bytes, seq: int, out: list[RawNeigh], devices: Container[int], flags: int, state: int
+) -> DumpPart | None:
+    """`neigh_dump_rows` for a datagram whose messages (but a last, shorter one) are all
+    entries of one length whose wanted ones are in the kernel's usual layout; None, having
+    added nothing, for any other datagram."""
+    size = len(data)
+    if size < _FIXED_END:
+        return None
+    length, kind, _mflags, _seq, _pid = HDR.unpack_from(data, 0)
+    if kind != RTM_NEWNEIGH or length < _FIXED_END or length % 4:
+        return None
+    count = size // length
+    if count == 0:
+        return None
+    bridge = data[HDR.size] == AF_BRIDGE
+    records = _uniform_layout(length, bridge).iter_unpack(memoryview(data)[: count * length])
+    fields: tuple[tuple[Any, ...], ...] = tuple(zip(*records, strict=True))
+    lengths, kinds, mflags, seqs, families, indexes, states, nflags, len_a, type_a, a, len_b, type_b, b = (
+        fields
+    )
+    if (
+        lengths.count(length) != count
+        or kinds.count(RTM_NEWNEIGH) != count
+        or seqs.count(seq) != count
+        or families.count(data[HDR.size]) != count
+    ):
+        return None
+    seen = 0
+    for mflag in set(mflags):
+        seen |= mflag
+    # Which entries are wanted depends on (device, flags, state): a few distinct triples.
+    triples = set(zip(indexes, nflags, states, strict=True))
+    wanted = {t for t in triples if (t[1] & flags or t[2] & state) and t[0] in devices}
+    if wanted:
+        columns: tuple[tuple[Any, ...], ...] = (indexes, nflags, states, len_a, type_a, a, len_b, type_b, b)
+        if len(wanted) != len(triples):
+            keep = list(map(wanted.__contains__, zip(indexes, nflags, states, strict=True)))
+            columns = tuple(tuple(compress(column, keep)) for column in columns)
+        indexes, nflags, states, len_a, type_a, a, len_b, type_b, b = columns
+        kept = len(indexes)
+        mac_len, dst_len = 10, 8
+        if bridge:  # NDA_LLADDR, NDA_DST
+            layout = (
+                len_a.count(mac_len),
+                type_a.count(NDA_LLADDR),
+                len_b.count(dst_len),
+                type_b.count(NDA_DST),
+            )
+            macs, dsts = a, b
+        else:  # NDA_DST, NDA_LLADDR
+            layout = (
+                len_a.count(dst_len),
+                type_a.count(NDA_DST),
+                len_b.count(mac_len),
+                type_b.count(NDA_LLADDR),
+            )
+            macs, dsts = b, a
+        if layout != (kept, kept, kept, kept):
+            return None  # a wanted entry laid out otherwise: the walk reads it
+        out.extend(zip(indexes, nflags, states, macs, dsts, strict=True))
+    if count * length == size:
+        return DumpPart(False, bool(seen & NLM_F_DUMP_INTR))
+    rest = _walk_rows(data, count * length, seq, out, devices, flags, state)
+    return DumpPart(rest.done, rest.interrupted or bool(seen & NLM_F_DUMP_INTR), rest.error, rest.text)
+
+
+def _dump_end(data: bytes, offset: int, seen: int) -> DumpPart:
+    """The NLMSG_DONE or NLMSG_ERROR at `offset` that ends a dump."""
+    length, kind, mflags, _seq, _pid = HDR.unpack_from(data, offset)
+    interrupted = bool((seen | mflags) & NLM_F_DUMP_INTR)
+    if kind == NLMSG_DONE:
+        return DumpPart(True, interrupted)
+    if length < HDR.size + 4:
+        return DumpPart(True, interrupted, errno.EPROTO, "truncated error message")
+    code = -I32.unpack_from(data, offset + HDR.size)[0]
+    text = extack_msg(data, offset, offset + length, mflags) if code else ""
+    return DumpPart(True, interrupted, code, text)
 
 
 def neigh_family(data: bytes, start: int) -> int:

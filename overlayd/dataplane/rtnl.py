@@ -168,6 +168,40 @@ class Rtnl:
                 # conversation that was abandoned (cancelled); skip it.
                 offset = (end + 3) & ~3
 
+    async def dump_rows(
+        self, msg_type: int, body: bytes, read: Callable[[bytes, int, list[T]], nl.DumpPart]
+    ) -> list[T]:
+        """A dump read a datagram at a time: `read(data, seq, rows)` walks one datagram
+        itself and appends what it keeps to `rows` (a big table's loop, without a call per
+        message). A dump the kernel marks as interrupted is read again, a few times at most.
+        """
+        for _attempt in range(5):
+            try:
+                async with self._lock:
+                    rows, interrupted = await self._dump_rows_once(msg_type, body, read)
+            except OSError as exc:
+                raise KernelError(f"netlink request (type {msg_type}) failed: {exc}") from exc
+            if not interrupted:
+                return rows
+        raise KernelError(f"netlink dump (type {msg_type}) kept being interrupted by changes")
+
+    async def _dump_rows_once(
+        self, msg_type: int, body: bytes, read: Callable[[bytes, int, list[T]], nl.DumpPart]
+    ) -> tuple[list[T], bool]:
+        seq = self._next_seq()
+        self._sock.send(
+            nl.HDR.pack(nl.HDR.size + len(body), msg_type, nl.NLM_F_REQUEST | nl.NLM_F_DUMP, seq, 0) + body
+        )
+        rows: list[T] = []
+        interrupted = False
+        while True:
+            part = read(await self._recv(), seq, rows)
+            interrupted = interrupted or part.interrupted
+            if part.done:
+                if part.error:
+                    raise NetlinkError(part.error, part.text)
+                return rows, interrupted
+
     async def batch(self, msgs: Sequence[bytes]) -> list[tuple[int, str]]:
         """Send write requests (packed with seq 0) in chunks; (errno, text) per message.
 

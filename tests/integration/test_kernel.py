@@ -112,6 +112,14 @@ def ping(ns: str, ip: IPv4Address) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+def run_batch(ns: str, tool: str, lines: list[str]) -> None:
+    """Many `bridge` or `ip` commands in one process (`-batch`)."""
+    done = subprocess.run(
+        [tool, "-n", ns, "-batch", "-"], input="\n".join(lines), capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+
+
 def link_exists(ns: str, name: str) -> bool:
     return any(link["ifname"] == name for link in ip_json(ns, "link", "show"))
 
@@ -478,6 +486,56 @@ async def test_two_thousand_entries_in_one_execute(host: str, kernel: Kernel) ->
     assert await kernel.observe() == want
     assert len(fdb_show(host, VX)) == 2002
     assert len(neigh_show(host, VX)) == 2000
+
+
+async def test_the_dump_reads_entries_as_the_attribute_scan_does(host: str, kernel: Kernel) -> None:
+    """`Kernel.dump` reads the FDB and neighbour tables a datagram at a time in the kernel's
+    usual layout; on the real kernel's bytes it must keep exactly what the message-by-message
+    attribute scan (`parse_neigh`) keeps: the device's own FDB entries and the permanent
+    neighbours on our VXLAN device, over many datagrams, whatever else is in the tables."""
+    want = network_state()
+    for i in range(1500):
+        want.fdb.add(FdbEntry(VX, mac_of(i), PEER_A if i % 3 else PEER_B))
+        want.neigh.add(NeighEntry(VX, ip_of(i), mac_of(i)))
+    want.flood |= {FloodEntry(VX, PEER_A), FloodEntry(VX, PEER_B)}
+    await converge(kernel, want)
+    batch = [
+        # The bridge's own entries on the VXLAN port, remotes with their own port and VNI,
+        # neighbours that are not permanent, entries on a device that is not ours.
+        *(f"fdb add {mac_of(i, 0x0B)} dev {VX} master static" for i in range(300)),
+        f"fdb append {mac_of(7, 0x0C)} dev {VX} dst {PEER_B} port 5555 vni 77 self permanent",
+        *(f"fdb add {mac_of(i, 0x0D)} dev ul0 self permanent" for i in range(50)),
+    ]
+    run_batch(host, "bridge", batch)
+    neigh = [
+        *(
+            f"neigh replace {ip_of(5000 + i)} lladdr {mac_of(i, 0x0E)} dev {VX} nud reachable"
+            for i in range(99)
+        ),
+        *(
+            f"neigh replace 198.18.5.{100 + i} lladdr {mac_of(i, 0x0F)} dev ul0 nud permanent"
+            for i in range(50)
+        ),
+    ]
+    run_batch(host, "ip", neigh)
+
+    dump = await kernel.dump(nft_tables=False)
+    ours = {link.index for link in dump.links if link.ifname == VX}
+    rtnl = kernel.rtnl
+    fdb_request, neigh_request = (
+        nl.NDMSG.pack(nl.AF_BRIDGE, 0, 0, 0, 0),
+        nl.NDMSG.pack(nl.AF_INET, 0, 0, 0, 0),
+    )
+    every_fdb = await rtnl.query(nl.RTM_GETNEIGH, fdb_request, nl.parse_neigh)
+    every_neigh = await rtnl.query(nl.RTM_GETNEIGH, neigh_request, nl.parse_neigh)
+    messages = await rtnl.query(nl.RTM_GETNEIGH, fdb_request, lambda data, start, end: end - start)
+    assert len(messages) > 1500 + 2 + 300 + 1 + 50  # many datagrams, most of them read
+    assert sorted(dump.fdb) == sorted(r for r in every_fdb if r[0] in ours and r[1] & nl.NTF_SELF)
+    assert sorted(dump.neigh) == sorted(r for r in every_neigh if r[0] in ours and r[2] & nl.NUD_PERMANENT)
+    assert len(dump.fdb) == 1500 + 2 + 1 and len(dump.neigh) == 1500
+    have = await kernel.observe()
+    assert FdbEntry(VX, mac_of(7, 0x0C), PEER_B) in have.fdb
+    assert have.neigh == want.neigh
 
 
 async def test_unknown_command_raises_before_anything_is_applied(kernel: Kernel) -> None:

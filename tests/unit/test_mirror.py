@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
+from overlayd.core.model import Ip4
 from overlayd.dataplane import netlink as nl
 from overlayd.dataplane.commands import DeleteNetns, EnsureNetns, ReplaceFdb, ReplaceNeigh, SetInnerLink
 from overlayd.dataplane.kstate import (
@@ -344,3 +345,46 @@ def test_our_own_namespace_writes_are_assumed() -> None:
     assert m.tables.inner[(NS, "gw0")].up
     m.assume(DeleteNetns(NS))
     assert m.tables.netns == {} and m.tables.inner == {}
+
+
+def test_a_dump_reads_a_written_vtep_as_the_object_that_was_written() -> None:
+    # Desired state's VTEP objects come back from every full verify as themselves: comparing
+    # 10,000 FDB entries then finds each value equal by identity.
+    m = with_devices()
+    vtep = Ip4(str(VTEP_B))  # as records carry them
+    m.assume(ReplaceFdb(FdbEntry(VX, MAC, vtep)))
+    links = [
+        nl.parse_link(msg, nl.HDR.size, len(msg))
+        for msg in (
+            link_msg(nl.RTM_NEWLINK, BR_INDEX, BR, "overlayd:bridge:blue", "bridge"),
+            link_msg(nl.RTM_NEWLINK, VX_INDEX, VX, "overlayd:vxlan:blue", "vxlan", master=BR_INDEX),
+        )
+    ]
+    other = "02:00:00:00:00:0c"
+    fdb = [
+        (VX_INDEX, nl.NTF_SELF, 0, nl.mac_bytes(MAC), VTEP_B.packed),
+        (VX_INDEX, nl.NTF_SELF, 0, nl.mac_bytes(other), VTEP_B.packed),
+        (VX_INDEX, nl.NTF_SELF, 0, nl.FLOOD_MAC_BYTES, VTEP_B.packed),
+    ]
+    m.load([link for link in links if link], fdb, [], mark=False)
+    assert m.tables.fdb == {(VX, MAC): VTEP_B, (VX, other): VTEP_B}
+    assert all(value is vtep for value in m.tables.fdb.values())
+    assert m.tables.flood == {(VX, VTEP_B)}
+
+
+def test_a_dump_reads_a_written_neighbour_address_as_the_object_that_was_written() -> None:
+    m = with_devices()
+    ip = Ip4("10.1.0.11")  # as records carry them
+    m.assume(ReplaceNeigh(NeighEntry(VX, ip, MAC)))
+    links = [
+        nl.parse_link(msg, nl.HDR.size, len(msg))
+        for msg in (
+            link_msg(nl.RTM_NEWLINK, BR_INDEX, BR, "overlayd:bridge:blue", "bridge"),
+            link_msg(nl.RTM_NEWLINK, VX_INDEX, VX, "overlayd:vxlan:blue", "vxlan", master=BR_INDEX),
+        )
+    ]
+    neigh = [(VX_INDEX, 0, nl.NUD_PERMANENT, nl.mac_bytes(MAC), ip.packed)]
+    m.load([link for link in links if link], [], neigh, mark=False)
+    assert m.tables.neigh == {(VX, ip): MAC}
+    ((_, key_ip),) = m.tables.neigh
+    assert key_ip is ip
