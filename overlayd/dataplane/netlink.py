@@ -741,24 +741,11 @@ def _uniform_rows(
             columns = tuple(tuple(compress(column, keep)) for column in columns)
         indexes, nflags, states, len_a, type_a, a, len_b, type_b, b = columns
         kept = len(indexes)
-        mac_len, dst_len = 10, 8
-        if bridge:  # NDA_LLADDR, NDA_DST
-            layout = (
-                len_a.count(mac_len),
-                type_a.count(NDA_LLADDR),
-                len_b.count(dst_len),
-                type_b.count(NDA_DST),
-            )
-            macs, dsts = a, b
-        else:  # NDA_DST, NDA_LLADDR
-            layout = (
-                len_a.count(dst_len),
-                type_a.count(NDA_DST),
-                len_b.count(mac_len),
-                type_b.count(NDA_LLADDR),
-            )
-            macs, dsts = b, a
-        if layout != (kept, kept, kept, kept):
+        # The bridge writes NDA_LLADDR then NDA_DST; the neighbour table the other way round.
+        sides = ((len_a, type_a, a), (len_b, type_b, b))
+        (mac_lens, mac_types, macs), (dst_lens, dst_types, dsts) = sides if bridge else sides[::-1]
+        macs_ok = mac_lens.count(10) == mac_types.count(NDA_LLADDR) == kept
+        if not (macs_ok and dst_lens.count(8) == dst_types.count(NDA_DST) == kept):
             return None  # a wanted entry laid out otherwise: the walk reads it
         out.extend(zip(indexes, nflags, states, macs, dsts, strict=True))
     if count * length == size:

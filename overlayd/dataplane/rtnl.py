@@ -11,7 +11,7 @@ import asyncio
 import errno
 import itertools
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Final, TypeVar
 
 from pyroute2.netlink.exceptions import NetlinkError
@@ -119,10 +119,15 @@ class Rtnl:
         A dump that the kernel marks as interrupted (the table changed while
         it was read) is read again, a few times at most.
         """
+        return await self._whole(msg_type, lambda: self._query_once(msg_type, body, parse, dump))
+
+    async def _whole(self, msg_type: int, once: Callable[[], Awaitable[tuple[list[T], bool]]]) -> list[T]:
+        """Run one conversation (`once`) under the lock until the kernel does not mark it
+        interrupted (the table changed while it was read), a few times at most."""
         for _attempt in range(5):
             try:
                 async with self._lock:
-                    result, interrupted = await self._query_once(msg_type, body, parse, dump)
+                    result, interrupted = await once()
             except OSError as exc:
                 raise KernelError(f"netlink request (type {msg_type}) failed: {exc}") from exc
             if not interrupted:
@@ -175,15 +180,7 @@ class Rtnl:
         itself and appends what it keeps to `rows` (a big table's loop, without a call per
         message). A dump the kernel marks as interrupted is read again, a few times at most.
         """
-        for _attempt in range(5):
-            try:
-                async with self._lock:
-                    rows, interrupted = await self._dump_rows_once(msg_type, body, read)
-            except OSError as exc:
-                raise KernelError(f"netlink request (type {msg_type}) failed: {exc}") from exc
-            if not interrupted:
-                return rows
-        raise KernelError(f"netlink dump (type {msg_type}) kept being interrupted by changes")
+        return await self._whole(msg_type, lambda: self._dump_rows_once(msg_type, body, read))
 
     async def _dump_rows_once(
         self, msg_type: int, body: bytes, read: Callable[[bytes, int, list[T]], nl.DumpPart]
