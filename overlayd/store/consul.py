@@ -720,6 +720,14 @@ class ConsulStore(Store):
         if top.index == 0 or top.index < cursor.index:
             back = f"consul index went back from {cursor.index} to {top.index}"
             return await self._restart(cursor, back, await self._read_generation())
+        if cursor.reconnected:
+            # A server emptied while we were away may have been written to up to exactly
+            # our index (or past it with nothing we held deleted): only the marker tells.
+            generation = await self._read_generation()
+            why = self._generation_lost(generation)
+            if why is not None:
+                return await self._restart(cursor, why, generation)
+            self._generation, cursor.reconnected = generation, False
         if top.index == cursor.index:
             return None  # `wait` ran out, or woke up with nothing new
         round_ = await self._read_round(cursor.mirror, top, full=cursor.full)
@@ -755,7 +763,7 @@ class ConsulStore(Store):
         loss: if reading fails first, the next round finds the same loss again.
         """
         cursor.mirror, snapshot = await self._lost(why)
-        cursor.index, cursor.ahead = snapshot.revision, None
+        cursor.index, cursor.ahead, cursor.reconnected = snapshot.revision, None, False
         self._generation = generation
         return snapshot
 
@@ -780,7 +788,7 @@ class ConsulStore(Store):
                 log.warning(
                     "consul watch interrupted (%s); resuming after index %d", _strip_url(exc), cursor.index
                 )
-                cursor.block, cursor.full = False, True
+                cursor.block, cursor.full, cursor.reconnected = False, True, True
                 await backoff.wait()
                 continue
             backoff.reset()
@@ -800,6 +808,8 @@ class _Cursor:
     # List every unit, trusting no index that did not move: in the first round, after
     # a disconnect, and after a gap longer than `_FULL_AFTER`.
     full: bool = True
+    # Set by a disconnect: the next round reads the generation marker whatever the index says.
+    reconnected: bool = False
     ahead: _Response | None = None  # a first-level listing past `index`, read after the last round
     last_seen: float = field(default_factory=time.monotonic)
 
