@@ -108,6 +108,11 @@ _WATCH_WAIT = 5
 _MIN_TTL = 10  # Consul refuses shorter session TTLs
 _MAX_VALUE = 512 * 1024
 _MAX_TXN_OPS = 64
+# Words of a 500 that a server says while it starts, stops or changes leader ("No
+# cluster leader", "rpc error ...", "raft is already shutdown" as a write races a
+# stop, "leadership lost while committing log", "timed out enqueuing operation"):
+# the request may work on a retry, so they mean "unavailable", not "refused".
+_PASSING_500 = ("leader", "rpc error", "shutdown", "timed out")
 _CAS_ATTEMPTS = 5  # re-read and retry a guarded write this often when it loses a race
 _BASELINES = 4  # recent snapshots remembered so watch() can diff from their index
 # A watch away longer than this lists every unit: Consul forgets a deletion's
@@ -242,7 +247,7 @@ class ConsulStore(Store):
         if status == 403:
             self._health.set(True)
             raise StoreError(f"consul {operation} denied: {text} (check store.token)")
-        if status >= 500 and ("leader" in text or "rpc error" in text or status != 500):
+        if passing_failure(status, text):
             self._health.set(False)
             raise StoreUnavailable(f"consul at {self._config.url} cannot serve {operation}: {text}")
         self._health.set(True)
@@ -817,6 +822,11 @@ class _Cursor:
         now = time.monotonic()
         self.full = self.full or now - self.last_seen > _FULL_AFTER
         self.last_seen = now
+
+
+def passing_failure(status: int, text: str) -> bool:
+    """Whether a failed answer is the server (or its cluster) passing through a bad moment."""
+    return status > 500 or (status == 500 and any(word in text for word in _PASSING_500))
 
 
 def _ssl_context(config: StoreConfig) -> ssl.SSLContext | None:
