@@ -711,7 +711,7 @@ class GossipNode:
         if not changed:
             return False
         if self._metrics:
-            self._metrics.records_learned.labels(path).inc()
+            self._metrics.learned(path)
         if self._on_change is not None:
             try:
                 self._on_change(rec)
