@@ -111,6 +111,9 @@ _TYPE = {
 # where they would have forwarded nothing).
 _DIRECT = 1
 _FORWARDED = 0
+# A member acks one owner's direct pushes at most once per this many seconds (more
+# arrive together: one ack for all, at the end of the window). Well below `push_retry`.
+_ACK_WINDOW = 0.005
 # Room for a message's own fields around its list of items (type, seq, owner name, stamps...).
 _ENVELOPE = 64 + schema.MAX_NAME
 
@@ -248,6 +251,9 @@ class GossipNode:
         self._unacked: dict[str, _Unacked] = {}
         self._resend_timer: asyncio.TimerHandle | None = None
         self._ack_delay = 0.0  # smoothed seconds from a direct push to its ack
+        # Acks we send (see `_ack`): owner -> loop time of the last, and the one held back.
+        self._acked_at: dict[str, float] = {}
+        self._acks_held: dict[str, _HeldAck] = {}
         # Anti-entropy rounds left in which we ask the peer for our own records: after a
         # restart, peers may hold records of our previous life that we must re-publish or delete.
         self._own_sync_rounds = 2
@@ -515,11 +521,40 @@ class GossipNode:
         """Answer a push its owner sent to every member itself (`_spread`) with an ack; pass
         an epidemic one on."""
         if hops == _DIRECT and all(r.owner == sender for r in records):
-            self._send(addr, PushAck(max(r.stamp for r in records)))
+            self._ack(sender, addr, max(r.stamp for r in records))
             return
         if hops == _FORWARDED:
             return  # a copy forwarded by a member of an earlier release: the end of its way
         self._push(learned, hops - 1, exclude=(sender,))
+
+    def _ack(self, owner: str, addr: Addr, stamp: Stamp) -> None:
+        """Ack `owner`'s direct push: at once, unless we acked it less than `_ACK_WINDOW` ago;
+        then once at the end of the window, for everything it pushed meanwhile (the newest
+        stamp: a lost one below it shows as a gap here, which we fill at once, `_pull_gap`).
+        An owner publishing a burst then hears one ack per window from each member, not one
+        per change."""
+        if self._sender is None:
+            return  # not started (or stopped): nothing can be sent
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        held = self._acks_held.get(owner)
+        if held is not None:
+            held.stamp = max(held.stamp, stamp)
+            held.addr = addr
+            return
+        last = self._acked_at.get(owner)
+        if last is None or now - last >= _ACK_WINDOW:
+            self._acked_at[owner] = now
+            self._send(addr, PushAck(stamp))
+            return
+        self._acks_held[owner] = held = _HeldAck(addr, stamp)
+        loop.call_at(last + _ACK_WINDOW, self._release_ack, owner)
+
+    def _release_ack(self, owner: str) -> None:
+        held = self._acks_held.pop(owner, None)
+        if held is not None:
+            self._acked_at[owner] = asyncio.get_running_loop().time()
+            self._send(held.addr, PushAck(held.stamp))
 
     # --- receiving ---
 
@@ -581,7 +616,7 @@ class GossipNode:
         owners = {r[2] for r in records}
         if wire[2] == _DIRECT and owners == {sender}:
             # A resend: our ack was lost, or is slower than the owner's patience.
-            self._send(addr, PushAck(max((r[3], r[4]) for r in records)))
+            self._ack(sender, addr, max((r[3], r[4]) for r in records))
         for owner in owners:
             if self._table.has_gap(owner):
                 self._pull_gap(addr, owner)
@@ -1014,6 +1049,14 @@ class GossipNode:
         others = sorted(self._seeds - live - {self.address})
         if others and peers:
             self._knock(self._rng.choice(others))
+
+
+@dataclass
+class _HeldAck:
+    """An ack held back to the end of its window: the newest stamp of the owner's pushes."""
+
+    addr: Addr
+    stamp: Stamp
 
 
 @dataclass

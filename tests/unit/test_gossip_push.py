@@ -95,6 +95,31 @@ def test_in_a_small_cluster_the_owner_sends_to_each_member_and_each_acks() -> No
     simulate(main)
 
 
+def test_a_burst_of_changes_is_acked_once_per_window_and_never_resent() -> None:
+    async def main() -> None:
+        c = SimCluster(5, CONFIG)
+        await c.start()
+        owner = c.nodes[0]
+        # A first record, so the members hold the owner's records without a gap (the first
+        # record of an incarnation is one: they fill it from the owner, and ack that too).
+        first = owner.publish("endpoint", "demo/first", {"ip": "10.1.0.100"})
+        await c.until(lambda: all(n.get(*first.ident) == first for n in c.nodes), 1, "the first record")
+        await asyncio.sleep(0.5)
+        acks = c.count("overlayd_gossip_messages_sent_total", "push-ack")
+        pushes = c.count("overlayd_gossip_messages_sent_total", "push")
+        recs = [owner.publish("endpoint", f"demo/e{i}", {"ip": f"10.1.0.{i + 1}"}) for i in range(10)]
+        await c.until(lambda: all(n.get(*r.ident) == r for n in c.nodes for r in recs), 1, "the burst")
+        await asyncio.sleep(0.5)
+        # Each of the 4 members: one ack at once, one for the rest at the end of the window
+        # (and one more if copies overtook each other: it fills that gap from the owner).
+        assert c.count("overlayd_gossip_messages_sent_total", "push-ack") - acks <= 4 * 3
+        assert c.count("overlayd_gossip_messages_sent_total", "push") - pushes == 4 * 10
+        assert not owner._unacked
+        await c.stop()
+
+    simulate(main)
+
+
 class _DropFirst:
     """A sender that loses the first datagram to `victim`, then passes everything."""
 
