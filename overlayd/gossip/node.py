@@ -114,6 +114,8 @@ _FORWARDED = 0
 # A member acks one owner's direct pushes at most once per this many seconds (more
 # arrive together: one ack for all, at the end of the window). Well below `push_retry`.
 _ACK_WINDOW = 0.005
+# However slow acks have been, a lost copy is resent within this many seconds.
+_MAX_RESEND_AFTER = 0.25
 # Room for a message's own fields around its list of items (type, seq, owner name, stamps...).
 _ENVELOPE = 64 + schema.MAX_NAME
 
@@ -424,11 +426,16 @@ class GossipNode:
         self._schedule_resend()
 
     def _schedule_resend(self) -> None:
-        if self._resend_timer is not None or not self._unacked:
+        """Run `_resend` when the earliest resend is due (sooner than a timer already set for
+        a later one: a member waiting long after its own resends must not hold up another's)."""
+        if not self._unacked:
             return
-        loop = asyncio.get_running_loop()
         due = min(w.due for w in self._unacked.values())
-        self._resend_timer = loop.call_at(due, self._resend)
+        if self._resend_timer is not None:
+            if self._resend_timer.when() <= due:
+                return
+            self._resend_timer.cancel()
+        self._resend_timer = asyncio.get_running_loop().call_at(due, self._resend)
 
     def _resend(self) -> None:
         """Send our records again to the members that have not acked them (one datagram each)."""
@@ -460,7 +467,7 @@ class GossipNode:
     def _resend_after(self) -> float:
         """Seconds to wait for an ack: members busy with a burst of changes (many of them
         sharing a few cores) answer late, and resending to them would only add to it."""
-        return max(self.config.push_retry, 3 * self._ack_delay)
+        return max(self.config.push_retry, min(3 * self._ack_delay, _MAX_RESEND_AFTER))
 
     def _acked(self, sender: str, stamp: Stamp) -> None:
         waiting = self._unacked.get(sender)

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 from overlayd.gossip import GossipConfig, GossipMetrics, GossipNode, Keyring, Record, schema
 from overlayd.gossip.clock import LoopClock
 from overlayd.gossip.framing import Framer
+from overlayd.gossip.node import _Unacked
 from overlayd.gossip.simnet import LinkModel, SimNetwork
 from overlayd.gossip.virtualtime import VirtualTimeLoop
 
@@ -150,6 +151,24 @@ def test_a_member_whose_copy_was_lost_gets_it_again_from_the_owner_at_once() -> 
         assert CONFIG.push_retry <= c.learned[(victim.name, rec.ident)] - t0 < 2 * CONFIG.push_retry
         await asyncio.sleep(0.5)
         assert not owner._unacked  # acked: no more resends
+        await c.stop()
+
+    simulate(main)
+
+
+def test_a_resend_due_soon_is_not_held_up_by_one_due_later() -> None:
+    async def main() -> None:
+        c = SimCluster(5, CONFIG)
+        await c.start()
+        owner, victim, slow = c.nodes[0], c.nodes[2], c.nodes[3]
+        # `slow` has been waited on for a while: its next resend is seconds away.
+        owner._unacked[slow.name] = _Unacked(slow.address, (0, 0), (0, 0), 2, c.loop.time() + 5.0, 0.0)
+        owner._schedule_resend()
+        owner._sender = _DropFirst(owner._sender, victim.address)
+        t0 = c.loop.time()
+        rec = owner.publish("endpoint", "demo/e1", {"ip": "10.1.0.1"})
+        await c.until(lambda: victim.get(*rec.ident) == rec, 1, "the resent copy")
+        assert c.learned[(victim.name, rec.ident)] - t0 < 2 * CONFIG.push_retry
         await c.stop()
 
     simulate(main)
