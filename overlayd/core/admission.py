@@ -487,6 +487,17 @@ class Admission:
         if old is not None and new is not None and old == new:
             self._winner[key] = new  # the same claim heard again: nothing changes
             return
+        if (
+            self.authority
+            and old is not None
+            and new is not None
+            and old[1] == new[1]
+            and self._sole(key, new[1])
+        ):
+            # The same record from another source (gossip ahead of the store's watch, or the
+            # watch ahead of gossip): its addresses keep their one holder, the view its record.
+            self._winner[key] = new
+            return
         groups: list[_Group] = []
         if old is not None:
             for group in _groups(old[1]):
@@ -521,6 +532,10 @@ class Admission:
                 out.deltas.append(delta)
         for k, ep in shown.items():
             self._check_own(k, ep, out)
+
+    def _sole(self, key: str, ep: Endpoint) -> bool:
+        """`key` is the only holder of both of `ep`'s addresses."""
+        return all(self._by_addr.get(group) == key for group in _groups(ep))
 
     def _hold(self, group: _Group, key: str) -> None:
         holders = self._by_addr.get(group)

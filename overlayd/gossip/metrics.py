@@ -68,6 +68,7 @@ class GossipMetrics:
         # Labelled children, looked up once: `labels()` per datagram costs more than the send.
         self._sent: dict[str, Counter] = {}
         self._received: dict[str, Counter] = {}
+        self._learned: dict[str, Counter] = {}
 
     def sent(self, kind: str, size: int, count: int = 1) -> None:
         """`count` datagrams of `size` bytes each (one message sent to several peers)."""
@@ -81,6 +82,13 @@ class GossipMetrics:
         child = self._received.get(kind)
         if child is None:
             child = self._received[kind] = self.messages_received.labels(kind)
+        child.inc()
+
+    def learned(self, path: str) -> None:
+        """A record that changed this node's table, by `path` (per record pushed: cached child)."""
+        child = self._learned.get(path)
+        if child is None:
+            child = self._learned[path] = self.records_learned.labels(path)
         child.inc()
 
     def set_peers(self, counts: dict[MemberState, int]) -> None:

@@ -8,9 +8,10 @@ ever sent, so any amount of state moves as many small datagrams.
 Three ways a record travels:
 
 1. push — in a cluster of up to `direct_push` members, `publish` sends the new
-   record to every live member itself, and each forwards it once to its three
-   nearest on the ring (loss tolerance: a member misses it only if its own copy
-   and the three forwarded to it are lost); in a bigger one it sends it to about ln(N) + 4 peers
+   record to every live member itself, each answers with a small ack, and the
+   owner sends again to those that did not answer (loss tolerance: a member
+   misses it only if its copy and every resend, or their acks, are lost);
+   in a bigger one it sends it to about ln(N) + 4 peers
    (its two ring neighbours, the rest random) and a peer that learns something
    new forwards it the same way, `hops` times at most (about log2 N), so news
    reaches a thousand members in a few LAN round trips (bench/gossip_scale.py);
@@ -66,6 +67,7 @@ from overlayd.gossip.schema import (
     Ping,
     PingReq,
     Push,
+    PushAck,
     Record,
     Records,
     Request,
@@ -91,6 +93,7 @@ _TYPE = {
     PingReq: "ping-req",
     Ack: "ack",
     Push: "push",
+    PushAck: "push-ack",
     Digest: "digest",
     Request: "request",
     Records: "records",
@@ -100,14 +103,19 @@ _TYPE = {
     Watermarks: "watermarks",
     MemberEntries: "member-entries",
 }
-# The hops of a push its owner sent to every live member itself (`GossipNode._spread`);
-# the member that learns the change, from it or from a forwarded copy, forwards it once
-# to the `_RING` members nearest it on the ring, with hops `_FORWARDED`. The epidemic
-# push never sends hops 0, nor hops 1 from the records' owner unless `push_hops` is 1
-# (then its receivers forward three copies each where they forwarded none).
+# The hops of a push its owner sent to every live member itself (`GossipNode._spread`):
+# the member acks it (`PushAck`) and forwards nothing. Members of an earlier release
+# forwarded such a push to their three nearest on the ring with hops `_FORWARDED`; a
+# copy like that is taken in and not passed on. The epidemic push never sends hops 0,
+# nor hops 1 from the records' owner unless `push_hops` is 1 (then its receivers ack
+# where they would have forwarded nothing).
 _DIRECT = 1
 _FORWARDED = 0
-_RING = 3
+# A member acks one owner's direct pushes at most once per this many seconds (more
+# arrive together: one ack for all, at the end of the window). Well below `push_retry`.
+_ACK_WINDOW = 0.005
+# However slow acks have been, a lost copy is resent within this many seconds.
+_MAX_RESEND_AFTER = 0.25
 # Room for a message's own fields around its list of items (type, seq, owner name, stamps...).
 _ENVELOPE = 64 + schema.MAX_NAME
 
@@ -124,6 +132,11 @@ class GossipConfig:
     # Up to this many live peers, a change goes from its owner straight to each of them
     # (see GossipNode._spread); beyond, the epidemic push above.
     direct_push: int = 64
+    # A direct push not acked within `push_retry` seconds (or three times the usual ack
+    # delay, when members are slower than that) is sent again, after twice as long the
+    # next time, `push_retries` times at most; anti-entropy repairs the rest.
+    push_retry: float = 0.025
+    push_retries: int = 3
     anti_entropy_interval: float = 5.0
     # Anti-entropy pace until a peer said our tables match (a restart catching up), for at
     # most `catch_up_rounds` rounds (a node alone in its cluster never hears it).
@@ -139,8 +152,10 @@ class GossipConfig:
             raise ValueError("probe_timeout must be positive and below probe_interval")
         if self.mtu < 576 or self.mtu > schema.MAX_MESSAGE:
             raise ValueError(f"mtu must be 576..{schema.MAX_MESSAGE}")
-        if self.fanout < 0 or self.indirect_checks < 0 or self.direct_push < 0:
-            raise ValueError("fanout, indirect_checks and direct_push must not be negative")
+        if self.fanout < 0 or self.indirect_checks < 0 or self.direct_push < 0 or self.push_retries < 0:
+            raise ValueError("fanout, indirect_checks, direct_push and push_retries must not be negative")
+        if self.push_retry <= 0:
+            raise ValueError("push_retry must be positive")
         if self.anti_entropy_interval <= 0 or self.tombstone_ttl <= 0:
             raise ValueError("intervals must be positive")
 
@@ -234,6 +249,13 @@ class GossipNode:
         self._failures: list[tuple[str, BaseException]] = []
         self._rng = random.Random()
         self._gap_pulls: dict[str, float] = {}  # owner -> when we last asked to fill a gap
+        # Members that have not acked a direct push of ours yet (see `_spread`).
+        self._unacked: dict[str, _Unacked] = {}
+        self._resend_timer: asyncio.TimerHandle | None = None
+        self._ack_delay = 0.0  # smoothed seconds from a direct push to its ack
+        # Acks we send (see `_ack`): owner -> loop time of the last, and the one held back.
+        self._acked_at: dict[str, float] = {}
+        self._acks_held: dict[str, _HeldAck] = {}
         # Anti-entropy rounds left in which we ask the peer for our own records: after a
         # restart, peers may hold records of our previous life that we must re-publish or delete.
         self._own_sync_rounds = 2
@@ -315,6 +337,10 @@ class GossipNode:
         for probe in self._probes.values():
             probe.answered.cancel()
         self._probes.clear()
+        if self._resend_timer is not None:
+            self._resend_timer.cancel()
+            self._resend_timer = None
+        self._unacked.clear()
         self._sender.close()
         self._sender = self._transport = None
 
@@ -366,22 +392,91 @@ class GossipNode:
         """Send a change of ours on its way.
 
         In a small cluster, to every live peer directly, marked `_DIRECT`: each of them
-        forwards it once (whichever copy it learned it from) to the `_RING` members
-        nearest it on the ring (distance 1, -1, 2), so every member gets four copies and
-        sends three. The epidemic push (below) would have each of N members send
-        ln(N) + 4: at ten members 70 datagrams per change instead of 36, each sealed,
-        opened and decoded, which is most of what a change costs the cluster in CPU; and
-        the change arrives in one hop, not log2 N. A member misses it only if its own
-        copy is lost and so is each of the three forwarded to it (or its forwarder never
-        learned it): at most about 8 p^4 at loss p, 5e-5 at 5%. Beyond `direct_push`
-        peers the owner's serial sends would delay the last ones more than the epidemic's
-        hops do.
+        answers with a `PushAck` and passes nothing on, and those that have not acked
+        within `push_retry` get it again (`_resend`). Per change a member handles one
+        datagram in and one out, the owner one out (sealed once) and one in per member:
+        datagrams are most of what a change costs a member in CPU, and members share the
+        cores (every copy forwarded "just in case" cost each member three more in and
+        three out). The change arrives in one hop. A member misses it for longer than
+        the first resend only if its copy or its ack is lost (about 2p), and for longer
+        than k resends about (2p)^(k+1): at 5% loss, 1e-3 after the second, some 50 ms
+        on a LAN. Beyond `direct_push` peers the owner's serial sends would delay the
+        last ones more than the epidemic's hops do.
         """
         live = self._ms.live()
         if self.config.fanout == 0 or len(live) > self.config.direct_push:
             self._push([rec], self._hops(), exclude=())
             return
         self._send_push([rec], _DIRECT, live)
+        self._await_acks(live, rec.stamp)
+
+    def _await_acks(self, members: list[MemberInfo], stamp: Stamp) -> None:
+        """Expect `members` to ack our records up to `stamp`; resend to those that do not."""
+        if self.config.push_retries == 0 or not members or self._sender is None:
+            return
+        before = (stamp[0], stamp[1] - 1)  # they hold at most what came before this one
+        now = asyncio.get_running_loop().time()
+        due = now + self._resend_after()
+        for m in members:
+            waiting = self._unacked.get(m.name)
+            if waiting is None:
+                self._unacked[m.name] = _Unacked((m.addr, m.port), before, stamp, 0, due, now)
+            else:
+                waiting.need = max(waiting.need, stamp)
+        self._schedule_resend()
+
+    def _schedule_resend(self) -> None:
+        """Run `_resend` when the earliest resend is due (sooner than a timer already set for
+        a later one: a member waiting long after its own resends must not hold up another's)."""
+        if not self._unacked:
+            return
+        due = min(w.due for w in self._unacked.values())
+        if self._resend_timer is not None:
+            if self._resend_timer.when() <= due:
+                return
+            self._resend_timer.cancel()
+        self._resend_timer = asyncio.get_running_loop().call_at(due, self._resend)
+
+    def _resend(self) -> None:
+        """Send our records again to the members that have not acked them (one datagram each)."""
+        self._resend_timer = None
+        now = asyncio.get_running_loop().time()
+        for name, waiting in list(self._unacked.items()):
+            if waiting.due > now:
+                continue
+            member = self._ms.get(name)
+            if (
+                waiting.tries >= self.config.push_retries
+                or member is None
+                or member.state not in (MemberState.ALIVE, MemberState.SUSPECT)
+            ):
+                del self._unacked[name]  # anti-entropy takes it from here
+                continue
+            waiting.tries += 1
+            waiting.due = now + self._resend_after() * 2**waiting.tries
+            waiting.addr = (member.addr, member.port)
+            chunk = next(
+                _chunks(self._table.records_after(self.name, waiting.since), _size, self._budget), []
+            )
+            if chunk:
+                self._send(waiting.addr, Push(_DIRECT, tuple(chunk)))
+            else:
+                del self._unacked[name]  # nothing newer left to send (e.g. reaped)
+        self._schedule_resend()
+
+    def _resend_after(self) -> float:
+        """Seconds to wait for an ack: members busy with a burst of changes (many of them
+        sharing a few cores) answer late, and resending to them would only add to it."""
+        return max(self.config.push_retry, min(3 * self._ack_delay, _MAX_RESEND_AFTER))
+
+    def _acked(self, sender: str, stamp: Stamp) -> None:
+        waiting = self._unacked.get(sender)
+        if waiting is None or stamp < waiting.need:
+            return
+        del self._unacked[sender]
+        if waiting.tries == 0:  # an ack of a resent push could answer either copy: not timed
+            delay = asyncio.get_running_loop().time() - waiting.sent
+            self._ack_delay += 0.1 * (delay - self._ack_delay)
 
     def _hops(self) -> int:
         if self.config.push_hops is not None:
@@ -427,18 +522,46 @@ class GossipNode:
         for chunk in _chunks(records, _size, self._budget):
             self._send_all([(m.addr, m.port) for m in targets], Push(hops, tuple(chunk)))
 
-    def _relay(self, sender: str, hops: int, records: tuple[Record, ...], learned: list[Record]) -> None:
-        """Forward what a push taught us: to our nearest on the ring if its owner sent it to
-        every member itself (`_spread`), else on with the epidemic."""
-        if hops == _FORWARDED or (hops == _DIRECT and all(r.owner == sender for r in records)):
-            # Whichever copy came first: a forwarded one can overtake the owner's, and a
-            # member that forwarded nothing then would leave its ring members a copy short.
-            # A record is learned once per member, so each member forwards it once.
-            if learned:
-                exclude = {sender, *(r.owner for r in learned)}
-                self._send_push(learned, _FORWARDED, self._ms.ring(_RING, exclude=exclude))
+    def _relay(
+        self, sender: str, addr: Addr, hops: int, records: tuple[Record, ...], learned: list[Record]
+    ) -> None:
+        """Answer a push its owner sent to every member itself (`_spread`) with an ack; pass
+        an epidemic one on."""
+        if hops == _DIRECT and all(r.owner == sender for r in records):
+            self._ack(sender, addr, max(r.stamp for r in records))
             return
+        if hops == _FORWARDED:
+            return  # a copy forwarded by a member of an earlier release: the end of its way
         self._push(learned, hops - 1, exclude=(sender,))
+
+    def _ack(self, owner: str, addr: Addr, stamp: Stamp) -> None:
+        """Ack `owner`'s direct push: at once, unless we acked it less than `_ACK_WINDOW` ago;
+        then once at the end of the window, for everything it pushed meanwhile (the newest
+        stamp: a lost one below it shows as a gap here, which we fill at once, `_pull_gap`).
+        An owner publishing a burst then hears one ack per window from each member, not one
+        per change."""
+        if self._sender is None:
+            return  # not started (or stopped): nothing can be sent
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        held = self._acks_held.get(owner)
+        if held is not None:
+            held.stamp = max(held.stamp, stamp)
+            held.addr = addr
+            return
+        last = self._acked_at.get(owner)
+        if last is None or now - last >= _ACK_WINDOW:
+            self._acked_at[owner] = now
+            self._send(addr, PushAck(stamp))
+            return
+        self._acks_held[owner] = held = _HeldAck(addr, stamp)
+        loop.call_at(last + _ACK_WINDOW, self._release_ack, owner)
+
+    def _release_ack(self, owner: str) -> None:
+        held = self._acks_held.pop(owner, None)
+        if held is not None:
+            self._acked_at[owner] = asyncio.get_running_loop().time()
+            self._send(held.addr, PushAck(held.stamp))
 
     # --- receiving ---
 
@@ -458,7 +581,7 @@ class GossipNode:
             return
         try:
             wire = schema.unpack(opened.body)
-            if self._known_push(wire, addr):
+            if self._known_push(wire, opened.sender, addr):
                 return
             msg = schema.parse(wire)
         except SchemaError as e:
@@ -474,7 +597,7 @@ class GossipNode:
             log.exception("gossip: handling %s from %s failed", _TYPE[type(msg)], opened.sender)
             self._reject("error")
 
-    def _known_push(self, wire: list[Any], addr: Addr) -> bool:
+    def _known_push(self, wire: list[Any], sender: str, addr: Addr) -> bool:
         """True if `wire` is a push of records we hold exactly as they are: handled here.
 
         Every member gets each change several times over (see `_spread`), and all but the
@@ -497,7 +620,11 @@ class GossipNode:
                 return False
         if self._metrics:
             self._metrics.received("push")
-        for owner in {r[2] for r in records}:
+        owners = {r[2] for r in records}
+        if wire[2] == _DIRECT and owners == {sender}:
+            # A resend: our ack was lost, or is slower than the owner's patience.
+            self._ack(sender, addr, max((r[3], r[4]) for r in records))
+        for owner in owners:
             if self._table.has_gap(owner):
                 self._pull_gap(addr, owner)
         return True
@@ -543,10 +670,12 @@ class GossipNode:
                     probe.answered.set_result(None)
             case Push(hops, records):
                 learned = [r for r in records if self._merge(r, "push")]
-                self._relay(sender, hops, records, learned)
+                self._relay(sender, addr, hops, records, learned)
                 for owner in {r.owner for r in records}:
                     if self._table.has_gap(owner):
                         self._pull_gap(addr, owner)
+            case PushAck(stamp):
+                self._acked(sender, stamp)
             case Sums(table, level, nodes, sums):
                 if level == 0 and self._metrics:
                     self._metrics.anti_entropy.labels("responder").inc()
@@ -596,6 +725,9 @@ class GossipNode:
                     if self._merge(r, "anti_entropy") and self._metrics:
                         self._metrics.records_repaired.inc()
                 self._table.advance(owner, after, upto)
+                if owner == sender and records:
+                    # The owner filling a gap of ours: tell it, or it resends what it waits on.
+                    self._send(addr, PushAck(records[-1].stamp))
                 # Ask for the next chunk only while chunks move us on (no loops on a stuck peer).
                 if more and self._table.watermark(owner) > before:
                     self._send(addr, Request(owner, self._table.watermark(owner)))
@@ -621,7 +753,7 @@ class GossipNode:
         if not changed:
             return False
         if self._metrics:
-            self._metrics.records_learned.labels(path).inc()
+            self._metrics.learned(path)
         if self._on_change is not None:
             try:
                 self._on_change(rec)
@@ -924,6 +1056,26 @@ class GossipNode:
         others = sorted(self._seeds - live - {self.address})
         if others and peers:
             self._knock(self._rng.choice(others))
+
+
+@dataclass
+class _HeldAck:
+    """An ack held back to the end of its window: the newest stamp of the owner's pushes."""
+
+    addr: Addr
+    stamp: Stamp
+
+
+@dataclass
+class _Unacked:
+    """A member that has not acked our record `need`; what we push after `since` is unacked."""
+
+    addr: Addr
+    since: Stamp
+    need: Stamp
+    tries: int
+    due: float  # loop time of the next resend
+    sent: float  # loop time of the first push it has not acked
 
 
 @dataclass

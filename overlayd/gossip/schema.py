@@ -175,6 +175,16 @@ class Push:
 
 
 @dataclass(frozen=True)
+class PushAck:
+    """The answer to a push its owner sent straight to us: the newest stamp in it, which we
+    now hold. The owner sends again, for a while, to whoever has not acked the stamp it
+    pushed (a lost copy or ack), so members need not forward copies. A gap below it is
+    the member's to fill (it asks the owner at once, `GossipNode._pull_gap`)."""
+
+    stamp: Stamp
+
+
+@dataclass(frozen=True)
 class Digest:
     """The sender's watermarks (owner -> stamp) for exactly the owners in [lo, hi).
 
@@ -276,6 +286,7 @@ Message = (
     | PingReq
     | Ack
     | Push
+    | PushAck
     | Digest
     | Request
     | Records
@@ -302,6 +313,8 @@ def to_wire(msg: Message) -> list[Any]:
             return [v, "ack", seq, target, [u.to_wire() for u in updates]]
         case Push(hops, records):
             return [v, "push", hops, [r.to_wire() for r in records]]
+        case PushAck((inc, ver)):
+            return [v, "push-ack", inc, ver]
         case Digest(lo, hi, entries):
             return [v, "digest", lo, hi, [[o, i, n] for o, (i, n) in entries]]
         case Request(owner, (inc, ver)):
@@ -397,6 +410,11 @@ def _p_push(f: list[Any]) -> Push:
     if hops > 64:
         raise SchemaError(f"hops {hops} is absurd")
     return Push(hops, _records(records))
+
+
+def _p_push_ack(f: list[Any]) -> PushAck:
+    inc, ver = _fields(f, 2, "push-ack")
+    return PushAck((_uint(inc, "incarnation"), _uint(ver, "version")))
 
 
 def _p_digest(f: list[Any]) -> Digest:
@@ -504,6 +522,7 @@ _PARSERS: dict[str, Callable[[list[Any]], Message]] = {
     "ping-req": _p_ping_req,
     "ack": _p_ack,
     "push": _p_push,
+    "push-ack": _p_push_ack,
     "digest": _p_digest,
     "request": _p_request,
     "records": _p_records,

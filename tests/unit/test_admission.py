@@ -164,6 +164,20 @@ def test_gossip_runs_ahead_of_the_store_only_for_live_owners() -> None:
     assert lines(a.from_store([EndpointPut(fresh), NodePut(node("hb", 2))])) == []
 
 
+def test_the_store_confirming_a_gossip_record_makes_it_a_store_claim() -> None:
+    a = kv()
+    b1 = ep("b1", "10.1.0.11", "hb", 300.0)
+    a.from_gossip([MemberAdmissible("hb", True), MemberAdmissible("hc", True), EndpointClaimed(b1)])
+    assert lines(a.from_store([EndpointPut(b1)])) == []
+    # Now it stands on the store's word: an older gossip claim of its address cannot take it.
+    assert lines(a.from_gossip([EndpointClaimed(ep("stale", "10.1.0.11", "hc", 100.0, mac=8))])) == []
+    # Without the store's word, the first gossip claim of the address wins.
+    assert lines(a.from_store([EndpointDeleted("blue/b1")])) == [
+        "- blue/b1",
+        "+ blue/stale 10.1.0.11@hc",
+    ]
+
+
 def test_a_host_cut_off_from_the_store_keeps_its_endpoints_while_gossip_hears_it() -> None:
     a = kv()
     b1 = ep("b1", "10.1.0.11", "hb", 1)

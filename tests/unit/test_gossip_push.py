@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 from overlayd.gossip import GossipConfig, GossipMetrics, GossipNode, Keyring, Record, schema
 from overlayd.gossip.clock import LoopClock
 from overlayd.gossip.framing import Framer
+from overlayd.gossip.node import _Unacked
 from overlayd.gossip.simnet import LinkModel, SimNetwork
 from overlayd.gossip.virtualtime import VirtualTimeLoop
 
@@ -79,26 +80,108 @@ class SimCluster:
             await node.stop(leave=False)
 
 
-def test_in_a_small_cluster_the_owner_sends_to_each_member_and_each_forwards_three() -> None:
+def test_in_a_small_cluster_the_owner_sends_to_each_member_and_each_acks() -> None:
     async def main() -> None:
         c = SimCluster(10, CONFIG)
         await c.start()
         sent = c.count("overlayd_gossip_messages_sent_total", "push")
+        acks = c.count("overlayd_gossip_messages_sent_total", "push-ack")
         rec = c.nodes[3].publish("endpoint", "demo/e1", {"ip": "10.1.0.1"})
         await c.until(lambda: all(n.get(*rec.ident) == rec for n in c.nodes), 1, "the change everywhere")
-        await asyncio.sleep(0.5)  # the forwarded copies land
-        # 9 from the owner, then 3 from each of the 9 (the epidemic push sent 10 x 7), even
-        # where a forwarded copy overtook the owner's: the member forwards what it learned.
-        assert c.count("overlayd_gossip_messages_sent_total", "push") - sent == 9 + 9 * 3
+        await asyncio.sleep(0.5)  # past every resend the owner would make
+        # 9 from the owner and nothing more: no member forwards a copy (the epidemic push
+        # sent 10 x 7, the ring forwarding 9 x 3 more), and every member acked in time.
+        assert c.count("overlayd_gossip_messages_sent_total", "push") - sent == 9
+        assert c.count("overlayd_gossip_messages_sent_total", "push-ack") - acks >= 9
+        assert not c.nodes[3]._unacked
         assert all(c.learned[(n.name, rec.ident)] for n in c.nodes if n is not c.nodes[3])
         await c.stop()
 
     simulate(main)
 
 
+def test_a_burst_of_changes_is_acked_once_per_window_and_never_resent() -> None:
+    async def main() -> None:
+        c = SimCluster(5, CONFIG)
+        await c.start()
+        owner = c.nodes[0]
+        # A first record, so the members hold the owner's records without a gap (the first
+        # record of an incarnation is one: they fill it from the owner, and ack that too).
+        first = owner.publish("endpoint", "demo/first", {"ip": "10.1.0.100"})
+        await c.until(lambda: all(n.get(*first.ident) == first for n in c.nodes), 1, "the first record")
+        await asyncio.sleep(0.5)
+        acks = c.count("overlayd_gossip_messages_sent_total", "push-ack")
+        pushes = c.count("overlayd_gossip_messages_sent_total", "push")
+        recs = [owner.publish("endpoint", f"demo/e{i}", {"ip": f"10.1.0.{i + 1}"}) for i in range(10)]
+        await c.until(lambda: all(n.get(*r.ident) == r for n in c.nodes for r in recs), 1, "the burst")
+        await asyncio.sleep(0.5)
+        # Each of the 4 members: one ack at once, one for the rest at the end of the window
+        # (and one more if copies overtook each other: it fills that gap from the owner).
+        assert c.count("overlayd_gossip_messages_sent_total", "push-ack") - acks <= 4 * 3
+        assert c.count("overlayd_gossip_messages_sent_total", "push") - pushes == 4 * 10
+        assert not owner._unacked
+        await c.stop()
+
+    simulate(main)
+
+
+class _DropFirst:
+    """A sender that loses the first datagram to `victim`, then passes everything."""
+
+    def __init__(self, inner: Any, victim: tuple[str, int]) -> None:
+        self.inner, self.victim, self.dropped = inner, victim, 0
+
+    def sendto(self, data: bytes, addr: tuple[str, int]) -> None:
+        if addr == self.victim and not self.dropped:
+            self.dropped += 1
+            return
+        self.inner.sendto(data, addr)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_a_member_whose_copy_was_lost_gets_it_again_from_the_owner_at_once() -> None:
+    async def main() -> None:
+        c = SimCluster(5, CONFIG)
+        await c.start()
+        owner, victim = c.nodes[0], c.nodes[2]
+        owner._sender = _DropFirst(owner._sender, victim.address)
+        t0 = c.loop.time()
+        rec = owner.publish("endpoint", "demo/e1", {"ip": "10.1.0.1"})
+        await c.until(lambda: victim.get(*rec.ident) == rec, 1, "the resent copy")
+        # Not forwarded by another member: resent by the owner after `push_retry`.
+        assert owner._sender.dropped == 1
+        assert CONFIG.push_retry <= c.learned[(victim.name, rec.ident)] - t0 < 2 * CONFIG.push_retry
+        await asyncio.sleep(0.5)
+        assert not owner._unacked  # acked: no more resends
+        await c.stop()
+
+    simulate(main)
+
+
+def test_a_resend_due_soon_is_not_held_up_by_one_due_later() -> None:
+    async def main() -> None:
+        c = SimCluster(5, CONFIG)
+        await c.start()
+        owner, victim, slow = c.nodes[0], c.nodes[2], c.nodes[3]
+        # `slow` has been waited on for a while: its next resend is seconds away.
+        owner._unacked[slow.name] = _Unacked(slow.address, (0, 0), (0, 0), 2, c.loop.time() + 5.0, 0.0)
+        owner._schedule_resend()
+        owner._sender = _DropFirst(owner._sender, victim.address)
+        t0 = c.loop.time()
+        rec = owner.publish("endpoint", "demo/e1", {"ip": "10.1.0.1"})
+        await c.until(lambda: victim.get(*rec.ident) == rec, 1, "the resent copy")
+        assert c.learned[(victim.name, rec.ident)] - t0 < 2 * CONFIG.push_retry
+        await c.stop()
+
+    simulate(main)
+
+
 def test_in_a_small_cluster_a_change_still_arrives_by_push_at_5_percent_loss() -> None:
-    """A member misses a change only if its own copy and the three forwarded to it are all
-    lost: about 8 p^4, so at 5% loss nearly every delivery is a push, within milliseconds."""
+    """A member misses a change for longer than k resends only if its copy or its ack was
+    lost each time: about (2p)^(k+1), so at 5% loss nearly every delivery takes at most one
+    resend, within some 30 ms."""
 
     async def main() -> None:
         c = SimCluster(30, FORMING, loss=0.05)
