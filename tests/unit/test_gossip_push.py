@@ -150,9 +150,11 @@ def test_a_member_whose_copy_was_lost_gets_it_again_from_the_owner_at_once() -> 
         t0 = c.loop.time()
         rec = owner.publish("endpoint", "demo/e1", {"ip": "10.1.0.1"})
         await c.until(lambda: victim.get(*rec.ident) == rec, 1, "the resent copy")
-        # Not forwarded by another member: resent by the owner after `push_retry`.
+        # Not forwarded by another member: resent by the owner after `push_retry` (or, now and
+        # then, sooner by one of the anti-entropy catch-up rounds a node runs as it starts).
         assert owner._sender.dropped == 1
-        assert CONFIG.push_retry <= c.learned[(victim.name, rec.ident)] - t0 < 2 * CONFIG.push_retry
+        took = c.learned[(victim.name, rec.ident)] - t0
+        assert took < 2 * CONFIG.push_retry, (took, CONFIG.push_retry)
         await asyncio.sleep(0.5)
         assert not owner._unacked  # acked: no more resends
         await c.stop()
