@@ -24,7 +24,7 @@ from overlayd.core.model import Endpoint, Network, Node
 from overlayd.core.view import ClusterView, EndpointPut, NetworkPut, NodePut
 from overlayd.dataplane import netlink as nl
 from overlayd.dataplane.desired import DesiredState
-from overlayd.dataplane.endpoints import create_local_endpoint
+from overlayd.dataplane.endpoints import create_local_endpoint, delete_local_endpoint
 from overlayd.dataplane.kernel import Kernel
 from overlayd.dataplane.kstate import bridge_name, veth_name, vxlan_name
 from overlayd.dataplane.monitor import Monitor
@@ -260,6 +260,13 @@ async def test_a_local_endpoint_s_port_taken_off_its_bridge_is_put_back(
         run("ip", "-n", host, "link", "set", port, "nomaster")
         await wait_until(lambda: link_show(host, port).get("master") == BR, "the port back on its bridge")
         assert reconciler.mirror.tables.ports[port].bridge == BR
+        # Gone, and the reconciler done with that, before the fixture stops it: a stop that
+        # meets a wake-up can be lost (`asyncio.wait_for` on Python 3.11).
+        await delete_local_endpoint(kernel, host_ifname=port)
+        await wait_until(
+            lambda: port not in reconciler.mirror.tables.ports and not reconciler.mirror.dirty,
+            "the port gone from the mirror, and that taken by a pass",
+        )
     finally:
         run("ip", "netns", "del", container)
 
