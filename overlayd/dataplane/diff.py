@@ -151,7 +151,7 @@ def plan(want: Tables, have: Tables, dirty: Dirty, *, hold_deletions: bool = Fal
             links.append(SetInnerLink(inner))
 
     # Links about to go: what is on them goes with them.
-    dying = {name for name in dirty_links if name in have.links() and name not in want.links()}
+    dying = {name for name in dirty_links if have.has_link(name) and not want.has_link(name)}
 
     layer3: list[Command] = []
     layer3_removals: list[Command] = []

@@ -320,6 +320,10 @@ class Tables:
     def links(self) -> set[str]:
         return set(self.bridges) | set(self.vxlans) | set(self.ports) | set(self.veths)
 
+    def has_link(self, name: str) -> bool:
+        """`name in self.links()` without building the set (a host's ports are many)."""
+        return name in self.bridges or name in self.vxlans or name in self.ports or name in self.veths
+
     def entry_count(self) -> int:
         return len(self.fdb) + len(self.neigh) + len(self.flood) + len(self.routes)
 

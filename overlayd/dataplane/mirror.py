@@ -284,6 +284,11 @@ class Mirror:
                 netconf = nl.parse_netconf(data, start, end)
                 if netconf is not None:
                     self._netconf(netconf)
+            elif (kind == nl.RTM_NEWLINK or kind == nl.RTM_DELLINK) and data[start] == nl.AF_BRIDGE:
+                # A bridge's word about one of its ports (its port state; RTM_DELLINK when it
+                # leaves the bridge): no alias, no kind, nothing the mirror keeps, and read as
+                # a link it would look unmarked, i.e. gone. The link's own messages follow.
+                continue
             elif kind == nl.RTM_NEWLINK:
                 link = nl.parse_link(data, start, end)
                 if link is not None:

@@ -18,14 +18,15 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
-from test_kernel import RUN_PREFIX, VTEP, fdb_show, link_exists, neigh_show, run
+from test_kernel import RUN_PREFIX, VTEP, fdb_show, link_exists, link_show, neigh_show, run
 
 from overlayd.core.model import Endpoint, Network, Node
 from overlayd.core.view import ClusterView, EndpointPut, NetworkPut, NodePut
 from overlayd.dataplane import netlink as nl
 from overlayd.dataplane.desired import DesiredState
+from overlayd.dataplane.endpoints import create_local_endpoint, delete_local_endpoint
 from overlayd.dataplane.kernel import Kernel
-from overlayd.dataplane.kstate import bridge_name, vxlan_name
+from overlayd.dataplane.kstate import bridge_name, veth_name, vxlan_name
 from overlayd.dataplane.monitor import Monitor
 from overlayd.dataplane.reconciler import Reconciler
 from overlayd.util.metrics import Metrics
@@ -229,6 +230,45 @@ async def test_a_deleted_bridge_is_recreated_and_the_vxlan_device_put_back_on_it
         return f"master {BR}" in details
 
     await wait_until(back, "the bridge and the VXLAN device's master")
+
+
+async def test_a_local_endpoint_s_port_taken_off_its_bridge_is_put_back(
+    host: str, running: tuple[Reconciler, ClusterView, Kernel]
+) -> None:
+    # Leaving the bridge, the port's bridge-family messages say "deleted"; the mirror
+    # follows the link's own messages instead, which say it lost its master.
+    reconciler, _, kernel = running
+    local = endpoint(1, LOCAL)
+    port = veth_name(NET.name, local.name)
+    container = f"{host}-c1"
+    run("ip", "netns", "add", container)
+    try:
+        await create_local_endpoint(
+            kernel,
+            netns=container,
+            ifname="eth0",
+            host_ifname=port,
+            ip=local.ip,
+            prefixlen=NET.subnet.prefixlen,
+            mac=local.mac,
+            mtu=1450,
+            gateway=None,
+            bridge=BR,
+            network=NET.name,
+        )
+        await wait_until(lambda: port in reconciler.mirror.tables.ports, "the port in the mirror")
+        run("ip", "-n", host, "link", "set", port, "nomaster")
+        await wait_until(lambda: link_show(host, port).get("master") == BR, "the port back on its bridge")
+        assert reconciler.mirror.tables.ports[port].bridge == BR
+        # Gone, and the reconciler done with that, before the fixture stops it: a stop that
+        # meets a wake-up can be lost (`asyncio.wait_for` on Python 3.11).
+        await delete_local_endpoint(kernel, host_ifname=port)
+        await wait_until(
+            lambda: port not in reconciler.mirror.tables.ports and not reconciler.mirror.dirty,
+            "the port gone from the mirror, and that taken by a pass",
+        )
+    finally:
+        run("ip", "netns", "del", container)
 
 
 async def test_view_changes_cost_only_what_they_touch(

@@ -388,3 +388,29 @@ def test_a_dump_reads_a_written_neighbour_address_as_the_object_that_was_written
     assert m.tables.neigh == {(VX, ip): MAC}
     ((_, key_ip),) = m.tables.neigh
     assert key_ip is ip
+
+
+def bridge_family_link_msg(kind: int, index: int, name: str, master: int) -> bytes:
+    """What a bridge sends about one of its ports: name, master, MTU; no alias, no kind."""
+    attrs = nl.nla_str(nl.IFLA_IFNAME, name) + nl.nla_u32(nl.IFLA_MTU, 1450)
+    attrs += nl.nla_u32(nl.IFLA_MASTER, master)
+    body = nl.IFINFOMSG.pack(nl.AF_BRIDGE, 0, index, nl.IFF_UP, 0) + attrs
+    return nl.HDR.pack(nl.HDR.size + len(body), kind, 0, 0, 0) + body
+
+
+def test_a_bridge_port_s_bridge_family_messages_leave_it_as_it_is() -> None:
+    # A port coming up sends about five of these: read as link messages they would make
+    # the port look unmarked (gone) until the next full one.
+    m = with_devices()
+    port, index = "ovep1", 12
+    m.apply_datagram(link_msg(nl.RTM_NEWLINK, index, port, "overlayd:port:blue", "veth", master=BR_INDEX))
+    before = m.tables.ports[port]
+    m.dirty.take()
+    m.apply_datagram(bridge_family_link_msg(nl.RTM_NEWLINK, index, port, BR_INDEX))
+    assert m.tables.ports[port] == before
+    assert not m.dirty.links
+    # Leaving the bridge also sends a bridge-family RTM_DELLINK: the link itself stays.
+    m.apply_datagram(bridge_family_link_msg(nl.RTM_DELLINK, index, port, BR_INDEX))
+    assert m.tables.ports[port] == before
+    m.apply_datagram(link_msg(nl.RTM_DELLINK, index, port, "overlayd:port:blue", "veth"))
+    assert port not in m.tables.ports and port in m.dirty.links
