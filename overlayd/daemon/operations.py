@@ -236,7 +236,7 @@ class Operations:
         try:
             endpoint = await self._claim(net, name, requested, netns, ifname)
             try:
-                await self._plumb(net, endpoint, named=requested is not None)
+                await self._plumb(net, endpoint)
             except BaseException as exc:
                 await self._unclaim(endpoint)
                 if isinstance(exc, KernelError):
@@ -294,16 +294,8 @@ class Operations:
         except SubnetFull as exc:
             raise Conflict(str(exc)) from None
 
-    async def _plumb(self, net: Network, endpoint: Endpoint, *, named: bool) -> None:
-        """Once the network's bridge and VXLAN device are up, the veth into the namespace.
-
-        The endpoint announces its address (a gratuitous ARP, flooded to every port on this
-        host: its cost grows with the host's endpoints) only where a stale MAC for it is
-        likely cached: in a network with a gateway (which talks to every endpoint), or for
-        an address the caller named (typically one given back and taken again). An address
-        the allocator picks in a network without a gateway skips it: the allocator walks
-        forward through the subnet, so a recently freed address is the last it takes again.
-        """
+    async def _plumb(self, net: Network, endpoint: Endpoint) -> None:
+        """Once the network's bridge and VXLAN device are up, the veth into the namespace."""
         bridge = bridge_name(net.vni)
         await self._reconciler.wait_links([bridge, vxlan_name(net.vni)], timeout=_LINKS_TIMEOUT)
         await create_local_endpoint(
@@ -319,7 +311,6 @@ class Operations:
             bridge=bridge,
             bridge_index=self._reconciler.mirror.link_index(bridge),
             network=net.name,
-            announce=net.gateway is not None or named,
         )
 
     async def _unclaim(self, endpoint: Endpoint) -> None:

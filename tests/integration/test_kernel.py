@@ -14,7 +14,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 from collections.abc import AsyncIterator, Callable, Iterator
 from ipaddress import IPv4Address
@@ -58,7 +57,6 @@ from overlayd.dataplane.kstate import (
 )
 from overlayd.dataplane.nlsync import BlockingRtnl
 from overlayd.util.metrics import Metrics
-from overlayd.util.nsutil import socket_in_netns
 
 pytestmark = [
     pytest.mark.root,
@@ -626,61 +624,6 @@ async def test_our_links_carry_no_ipv6_link_local(
     assert sent[sent.index("Icmp6OutMsgs") + 1] == "0"
     ping(container, IPv4Address("10.20.0.7"))  # IPv4 unaffected
     await delete_local_endpoint(kernel, host_ifname=port)
-
-
-def _gratuitous_arps(sock: socket.socket) -> set[IPv4Address]:
-    """The addresses announced (ARP with sender IP = target IP) in the frames queued on `sock`."""
-    seen: set[IPv4Address] = set()
-    while True:
-        try:
-            frame = sock.recv(2048)
-        except BlockingIOError:
-            return seen
-        arp = frame[14:42]
-        if frame[12:14] == b"\x08\x06" and len(arp) == 28 and arp[14:18] == arp[24:28]:
-            seen.add(IPv4Address(arp[14:18]))
-
-
-async def test_an_endpoint_announces_its_address_only_when_asked(
-    host: str, kernel: Kernel, make_netns: Callable[[], str]
-) -> None:
-    """The announcement is flooded to every port of the bridge (the bridge itself is one,
-    which is how the test sees it): work that grows with the host's endpoints, so only
-    where someone may hold a stale MAC for the address. The quiet one comes up first: the
-    kernel announces links in the order they got their carrier, so once the second one's
-    announcement is in, the first one's would be too."""
-    await converge(kernel, network_state())
-    sniffer = socket_in_netns(host, socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806))
-    with sniffer:
-        sniffer.bind((BR, 0))
-        sniffer.setblocking(False)
-        made = {}
-        for i, announce in ((11, False), (12, True)):
-            container = make_netns()
-            made[announce] = IPv4Address(f"10.20.0.{i}")
-            await create_local_endpoint(
-                kernel,
-                netns=container,
-                ifname="eth0",
-                host_ifname=veth_name(NET, f"garp-{i}"),
-                ip=made[announce],
-                prefixlen=24,
-                mac=f"02:aa:bb:cc:dd:{i}",
-                mtu=1450,
-                gateway=None,
-                bridge=BR,
-                network=NET,
-                announce=announce,
-            )
-        seen: set[IPv4Address] = set()
-        for _ in range(100):  # the kernel sends it as the link comes up: wait for it
-            seen |= _gratuitous_arps(sniffer)
-            if made[True] in seen:
-                break
-            await asyncio.sleep(0.05)
-    assert seen == {made[True]}
-    for i in (11, 12):
-        await delete_local_endpoint(kernel, host_ifname=veth_name(NET, f"garp-{i}"))
 
 
 async def test_set_port_puts_an_endpoint_back_on_its_bridge(
