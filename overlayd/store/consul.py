@@ -170,6 +170,8 @@ class ConsulStore(Store):
         # Everything this node owns, as last published: re-acquired on a new session.
         self._node: Node | None = None
         self._owned: dict[str, Endpoint] = {}
+        # Endpoint key -> the ModifyIndex our last write gave its IP claim.
+        self._claim_index: dict[str, int] = {}
         # index -> {key: ModifyIndex} of recent snapshots, the base a watch diffs from.
         self._baselines: OrderedDict[int, dict[str, int]] = OrderedDict()
         # The token in `<prefix>generation` when the watch last read it (None: not yet).
@@ -340,8 +342,12 @@ class ConsulStore(Store):
         )
         return Listing(response.index, list(response.body or []))
 
-    async def _txn(self, operation: str, ops: list[dict[str, Any]]) -> None:
-        """Run KV ops atomically; _TxnFailed when Consul rolled them back."""
+    async def _txn(self, operation: str, ops: list[dict[str, Any]]) -> dict[str, int]:
+        """Run KV ops atomically; _TxnFailed when Consul rolled them back.
+
+        Returns the ModifyIndex of each key a write op left in place (Consul
+        answers the writes with their entries; checks and deletions give none).
+        """
         if len(ops) > _MAX_TXN_OPS:
             raise StoreError(f"consul {operation}: {len(ops)} ops exceed the {_MAX_TXN_OPS} per transaction")
         response = await self._request(
@@ -350,6 +356,12 @@ class ConsulStore(Store):
         if response.status == 409:
             errors = (response.body or {}).get("Errors") or []
             raise _TxnFailed({int(e.get("OpIndex", -1)): str(e.get("What", "")) for e in errors})
+        written: dict[str, int] = {}
+        for result in (response.body or {}).get("Results") or []:
+            entry = result.get("KV") if isinstance(result, dict) else None
+            if isinstance(entry, dict) and "Key" in entry:
+                written[str(entry["Key"])] = _int(str(entry.get("ModifyIndex", 0)))
+        return written
 
     def _value_op(self, verb: str, key: str, value: bytes, **extra: Any) -> dict[str, Any]:
         if len(value) > _MAX_VALUE:
@@ -472,6 +484,7 @@ class ConsulStore(Store):
             await self._request("session", "PUT", f"/v1/session/destroy/{quote(session_id, safe='')}")
             self._session_id = None
             self._owned.clear()
+            self._claim_index.clear()
             self._node = None
         self._session_file.remove()
 
@@ -533,7 +546,7 @@ class ConsulStore(Store):
         ep_key = self._layout.endpoint(endpoint.network, endpoint.name)
         ip_key = self._layout.ip_claim(endpoint.network, endpoint.ip)
         try:
-            await self._txn(
+            written = await self._txn(
                 "txn",
                 [
                     self._op("check-not-exists", ep_key),
@@ -552,6 +565,14 @@ class ConsulStore(Store):
                 ) from None
             raise self._lock_failed(exc, range(2, 4)) from None
         self._owned[endpoint.key] = endpoint
+        self._remember_claim(endpoint, written.get(self._ckey(ip_key)))
+
+    def _remember_claim(self, endpoint: Endpoint, modify_index: int | None) -> None:
+        """The ModifyIndex our write gave the endpoint's IP claim: its delete needs no read then."""
+        if modify_index:
+            self._claim_index[endpoint.key] = modify_index
+        else:
+            self._claim_index.pop(endpoint.key, None)
 
     async def publish_endpoint(self, endpoint: Endpoint) -> None:
         ep_key = self._layout.endpoint(endpoint.network, endpoint.name)
@@ -564,7 +585,7 @@ class ConsulStore(Store):
             if ip_now is not None and ip_now.value != claim:
                 raise AlreadyExists("IP", str(endpoint.ip), ip_now.value.decode(errors="replace"))
             try:
-                await self._txn(
+                written = await self._txn(
                     "txn",
                     [
                         self._guard(ep_key, ep_now),
@@ -578,12 +599,27 @@ class ConsulStore(Store):
                     raise self._lock_failed(exc, range(2, 4)) from None
                 continue  # a guard lost a race: read again
             self._owned[endpoint.key] = endpoint
+            self._remember_claim(endpoint, written.get(self._ckey(ip_key)))
             return
         raise StoreError(f"endpoint {endpoint.key} kept changing while being published")
 
     async def delete_endpoint(self, endpoint: Endpoint) -> None:
         ep_key = self._layout.endpoint(endpoint.network, endpoint.name)
         ip_key = self._layout.ip_claim(endpoint.network, endpoint.ip)
+        # The claim as our own write left it: if it is still at that index it names this
+        # endpoint, so one transaction deletes both, without reading the claim first (a
+        # round trip the deletion, and the gossip removal after it, waited for).
+        written = self._claim_index.pop(endpoint.key, None)
+        if written is not None:
+            try:
+                await self._txn(
+                    "txn", [self._op("delete", ep_key), self._op("delete-cas", ip_key, Index=written)]
+                )
+            except _TxnFailed:
+                pass  # the claim changed since (or is gone): read it, as below
+            else:
+                self._owned.pop(endpoint.key, None)
+                return
         for _ in range(_CAS_ATTEMPTS):
             ops = [self._op("delete", ep_key)]
             # Release the IP only if this endpoint still holds it: never free a
