@@ -690,7 +690,7 @@ class ConsulStore(Store):
 
     async def _read_round(self, mirror: Mirror, top: _Response, *, full: bool) -> Round:
         """Read the units that moved (every unit if `full`); the mirror is left as it was."""
-        round_ = Round()
+        round_ = Round(top=top.index)
         units, split = mirror.top_units(top.body or [])
         round_.present |= units
         if split:
@@ -703,13 +703,30 @@ class ConsulStore(Store):
                 units |= below
                 round_.split_index = folder.index
         probe = mirror.to_probe(units, full=full)
-        for unit in mirror.reading_order(units, probe):
-            if unit in probe and not mirror.surely_moved(unit, round_):
-                probed = await self._keys("watch", mirror.prefix + unit.rstrip("/"))
-                if not mirror.moved(unit, probed.index):
-                    continue
-            round_.listings[unit] = await self._read_unit(mirror.prefix + unit, is_folder(unit))
+        order = mirror.reading_order(units, probe)
+        for unit in [unit for unit in order if unit.startswith(SPLIT)]:
+            await self._read_if_moved(mirror, round_, unit, probe)
+        rest = [unit for unit in order if not unit.startswith(SPLIT)]
+        # After the endpoint units, as the reading order wants. networks/ and nodes/ go in
+        # one probe: when only endpoints moved (most rounds), neither is read.
+        start = mirror.probe_group(rest, full=full)
+        if start is not None:
+            grouped = await self._keys("watch", mirror.prefix + start)
+            if not mirror.group_moved(rest, grouped.index):
+                round_.unmoved.update(rest)
+                return round_
+        for unit in rest:
+            await self._read_if_moved(mirror, round_, unit, probe)
         return round_
+
+    async def _read_if_moved(self, mirror: Mirror, round_: Round, unit: str, probe: set[str]) -> None:
+        """List `unit` into the round, unless it is one to probe first and the probe says it did not move."""
+        if unit in probe and not mirror.surely_moved(unit, round_):
+            probed = await self._keys("watch", mirror.prefix + unit.rstrip("/"))
+            if not mirror.moved(unit, probed.index):
+                round_.unmoved.add(unit)
+                return
+        round_.listings[unit] = await self._read_unit(mirror.prefix + unit, is_folder(unit))
 
     async def _lost(self, why: str) -> tuple[Mirror, Snapshot]:
         """The server lost what we watched (`why`): what it holds now, marked data_lost."""
