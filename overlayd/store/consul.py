@@ -693,7 +693,16 @@ class ConsulStore(Store):
         round_ = Round(top=top.index)
         units, split = mirror.top_units(top.body or [])
         round_.present |= units
-        if split:
+        if split and len(mirror.known_split_units()) <= 1:
+            # One network (or none yet): listing all of endpoints/ is listing that network,
+            # which a round that moved it does anyway, and the listing names the units
+            # below as well as the keys query would: one request instead of two.
+            folder_listing = await self._read_unit(mirror.prefix + SPLIT, True)
+            cut = mirror.split_listing(folder_listing)
+            round_.present |= set(cut)
+            round_.listings.update(cut)
+            round_.split_index = folder_listing.index
+        elif split:
             folder = await self._keys("watch", mirror.prefix + SPLIT)
             below = mirror.split_units(folder.index, folder.body or [], full=full)
             if below is None:  # nothing moved below endpoints/: its units stay as they are

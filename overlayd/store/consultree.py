@@ -27,11 +27,14 @@ trailing '/' answers in a few bytes (the query also covers siblings whose name
 starts the same: that only re-lists more than needed). Only units with many
 keys (`PROBE_ABOVE`) are probed first; small ones are listed at once, as
 cheaply, and so is a big network when endpoints/ moved and no other unit
-below it did (`Mirror.surely_moved`). `networks/` and `nodes/` are probed
-together, as the keys starting "n" (`Mirror.probe_group`): most rounds move
-one endpoint unit only, and then neither is read. For that, a unit read (or
-probed unmoved) in a round is known up to the round's top index, not only
-up to its own last write: a write it missed came after, with a higher index. A watch that
+below it did (`Mirror.surely_moved`). While `endpoints/` holds one network
+(or none), all of it is listed at once instead (`Mirror.split_listing`):
+the same data as that network's listing, without the keys query before it.
+`networks/` and `nodes/` are probed together, as the keys starting "n"
+(`Mirror.probe_group`): most rounds move one endpoint unit only, and then
+neither is read. For that, a unit read (or probed unmoved) in a round is
+known up to the round's top index, not only up to its own last write: a
+write it missed came after, with a higher index. A watch that
 was away longer than a tombstone lives cannot trust an index that did not
 move, so the driver lists every unit then (`full`).
 
@@ -179,6 +182,18 @@ class Mirror:
         if index <= self.split_index and not full:
             return None
         return {key[len(self.prefix) :] for key in keys}
+
+    def split_listing(self, listing: Listing) -> dict[str, Listing]:
+        """A `?recurse` listing of all of `SPLIT`, cut into the listings of its units.
+
+        Each gets the folder's index: every write below it up to that index is in the listing.
+        """
+        items: dict[str, list[dict[str, Any]]] = {}
+        for item in listing.items:
+            unit = self.unit_of_key(item["Key"])
+            if unit is not None and unit.startswith(SPLIT):
+                items.setdefault(unit, []).append(item)
+        return {unit: Listing(listing.index, listed) for unit, listed in items.items()}
 
     def known_split_units(self) -> set[str]:
         return {name for name in self.units if name.startswith(SPLIT)}

@@ -200,3 +200,20 @@ def test_a_unit_read_in_a_round_knows_every_write_up_to_the_rounds_top_index() -
     # A unit never raised to the top (known only from the snapshot at 10) keeps the group honest.
     m.units["nodes/"].index = 10
     assert m.group_moved(["networks/", "nodes/"], 30)
+
+
+def test_a_listing_of_all_endpoints_is_cut_into_network_units() -> None:
+    m = Mirror(P, 10, known(("endpoints/demo/a", 4), ("endpoints/demo/b", 5)))
+    listing = Listing(
+        20, [item("endpoints/demo/a", 4), item("endpoints/new/c", 20), item("endpoints/stray", 7)]
+    )
+    cut = m.split_listing(listing)
+    assert sorted(cut) == ["endpoints/demo/", "endpoints/new/", "endpoints/stray"]
+    assert cut["endpoints/demo/"] == Listing(20, [item("endpoints/demo/a", 4)])
+    diff = m.apply(Round(present=set(cut), listings=cut, split_index=20, top=20))
+    assert diff == Diff(
+        gone=[P + "endpoints/demo/b"],
+        puts=[Put(P + "endpoints/stray", 7, "e30="), Put(P + "endpoints/new/c", 20, "e30=")],
+    )
+    assert m.split_index == 20 and m.units["endpoints/demo/"].index == 20
+    assert m.split_listing(Listing(21, [])) == {}  # all gone: no unit is present
