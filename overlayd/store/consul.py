@@ -175,6 +175,8 @@ class ConsulStore(Store):
         # Everything this node owns, as last published: re-acquired on a new session.
         self._node: Node | None = None
         self._owned: dict[str, Endpoint] = {}
+        # Endpoint key -> the ModifyIndex our last write gave its IP claim.
+        self._claim_index: dict[str, int] = {}
         # index -> {key: ModifyIndex} of recent snapshots, the base a watch diffs from.
         self._baselines: OrderedDict[int, dict[str, int]] = OrderedDict()
         # The token in `<prefix>generation` when the watch last read it (None: not yet).
@@ -345,8 +347,12 @@ class ConsulStore(Store):
         )
         return Listing(response.index, list(response.body or []))
 
-    async def _txn(self, operation: str, ops: list[dict[str, Any]]) -> None:
-        """Run KV ops atomically; _TxnFailed when Consul rolled them back."""
+    async def _txn(self, operation: str, ops: list[dict[str, Any]]) -> dict[str, int]:
+        """Run KV ops atomically; _TxnFailed when Consul rolled them back.
+
+        Returns the ModifyIndex of each key a write op left in place (Consul
+        answers the writes with their entries; checks and deletions give none).
+        """
         if len(ops) > _MAX_TXN_OPS:
             raise StoreError(f"consul {operation}: {len(ops)} ops exceed the {_MAX_TXN_OPS} per transaction")
         response = await self._request(
@@ -355,6 +361,12 @@ class ConsulStore(Store):
         if response.status == 409:
             errors = (response.body or {}).get("Errors") or []
             raise _TxnFailed({int(e.get("OpIndex", -1)): str(e.get("What", "")) for e in errors})
+        written: dict[str, int] = {}
+        for result in (response.body or {}).get("Results") or []:
+            entry = result.get("KV") if isinstance(result, dict) else None
+            if isinstance(entry, dict) and "Key" in entry:
+                written[str(entry["Key"])] = _int(str(entry.get("ModifyIndex", 0)))
+        return written
 
     def _value_op(self, verb: str, key: str, value: bytes, **extra: Any) -> dict[str, Any]:
         if len(value) > _MAX_VALUE:
@@ -477,6 +489,7 @@ class ConsulStore(Store):
             await self._request("session", "PUT", f"/v1/session/destroy/{quote(session_id, safe='')}")
             self._session_id = None
             self._owned.clear()
+            self._claim_index.clear()
             self._node = None
         self._session_file.remove()
 
@@ -538,7 +551,7 @@ class ConsulStore(Store):
         ep_key = self._layout.endpoint(endpoint.network, endpoint.name)
         ip_key = self._layout.ip_claim(endpoint.network, endpoint.ip)
         try:
-            await self._txn(
+            written = await self._txn(
                 "txn",
                 [
                     self._op("check-not-exists", ep_key),
@@ -557,6 +570,14 @@ class ConsulStore(Store):
                 ) from None
             raise self._lock_failed(exc, range(2, 4)) from None
         self._owned[endpoint.key] = endpoint
+        self._remember_claim(endpoint, written.get(self._ckey(ip_key)))
+
+    def _remember_claim(self, endpoint: Endpoint, modify_index: int | None) -> None:
+        """The ModifyIndex our write gave the endpoint's IP claim: its delete needs no read then."""
+        if modify_index:
+            self._claim_index[endpoint.key] = modify_index
+        else:
+            self._claim_index.pop(endpoint.key, None)
 
     async def publish_endpoint(self, endpoint: Endpoint) -> None:
         ep_key = self._layout.endpoint(endpoint.network, endpoint.name)
@@ -569,7 +590,7 @@ class ConsulStore(Store):
             if ip_now is not None and ip_now.value != claim:
                 raise AlreadyExists("IP", str(endpoint.ip), ip_now.value.decode(errors="replace"))
             try:
-                await self._txn(
+                written = await self._txn(
                     "txn",
                     [
                         self._guard(ep_key, ep_now),
@@ -583,12 +604,27 @@ class ConsulStore(Store):
                     raise self._lock_failed(exc, range(2, 4)) from None
                 continue  # a guard lost a race: read again
             self._owned[endpoint.key] = endpoint
+            self._remember_claim(endpoint, written.get(self._ckey(ip_key)))
             return
         raise StoreError(f"endpoint {endpoint.key} kept changing while being published")
 
     async def delete_endpoint(self, endpoint: Endpoint) -> None:
         ep_key = self._layout.endpoint(endpoint.network, endpoint.name)
         ip_key = self._layout.ip_claim(endpoint.network, endpoint.ip)
+        # The claim as our own write left it: if it is still at that index it names this
+        # endpoint, so one transaction deletes both, without reading the claim first (a
+        # round trip the deletion, and the gossip removal after it, waited for).
+        written = self._claim_index.pop(endpoint.key, None)
+        if written is not None:
+            try:
+                await self._txn(
+                    "txn", [self._op("delete", ep_key), self._op("delete-cas", ip_key, Index=written)]
+                )
+            except _TxnFailed:
+                pass  # the claim changed since (or is gone): read it, as below
+            else:
+                self._owned.pop(endpoint.key, None)
+                return
         for _ in range(_CAS_ATTEMPTS):
             ops = [self._op("delete", ep_key)]
             # Release the IP only if this endpoint still holds it: never free a
@@ -659,10 +695,19 @@ class ConsulStore(Store):
 
     async def _read_round(self, mirror: Mirror, top: _Response, *, full: bool) -> Round:
         """Read the units that moved (every unit if `full`); the mirror is left as it was."""
-        round_ = Round()
+        round_ = Round(top=top.index)
         units, split = mirror.top_units(top.body or [])
         round_.present |= units
-        if split:
+        if split and len(mirror.known_split_units()) <= 1:
+            # One network (or none yet): listing all of endpoints/ is listing that network,
+            # which a round that moved it does anyway, and the listing names the units
+            # below as well as the keys query would: one request instead of two.
+            folder_listing = await self._read_unit(mirror.prefix + SPLIT, True)
+            cut = mirror.split_listing(folder_listing)
+            round_.present |= set(cut)
+            round_.listings.update(cut)
+            round_.split_index = folder_listing.index
+        elif split:
             folder = await self._keys("watch", mirror.prefix + SPLIT)
             below = mirror.split_units(folder.index, folder.body or [], full=full)
             if below is None:  # nothing moved below endpoints/: its units stay as they are
@@ -672,13 +717,30 @@ class ConsulStore(Store):
                 units |= below
                 round_.split_index = folder.index
         probe = mirror.to_probe(units, full=full)
-        for unit in mirror.reading_order(units, probe):
-            if unit in probe and not mirror.surely_moved(unit, round_):
-                probed = await self._keys("watch", mirror.prefix + unit.rstrip("/"))
-                if not mirror.moved(unit, probed.index):
-                    continue
-            round_.listings[unit] = await self._read_unit(mirror.prefix + unit, is_folder(unit))
+        order = mirror.reading_order(units, probe)
+        for unit in [unit for unit in order if unit.startswith(SPLIT)]:
+            await self._read_if_moved(mirror, round_, unit, probe)
+        rest = [unit for unit in order if not unit.startswith(SPLIT)]
+        # After the endpoint units, as the reading order wants. networks/ and nodes/ go in
+        # one probe: when only endpoints moved (most rounds), neither is read.
+        start = mirror.probe_group(rest, full=full)
+        if start is not None:
+            grouped = await self._keys("watch", mirror.prefix + start)
+            if not mirror.group_moved(rest, grouped.index):
+                round_.unmoved.update(rest)
+                return round_
+        for unit in rest:
+            await self._read_if_moved(mirror, round_, unit, probe)
         return round_
+
+    async def _read_if_moved(self, mirror: Mirror, round_: Round, unit: str, probe: set[str]) -> None:
+        """List `unit` into the round, unless it is one to probe first and the probe says it did not move."""
+        if unit in probe and not mirror.surely_moved(unit, round_):
+            probed = await self._keys("watch", mirror.prefix + unit.rstrip("/"))
+            if not mirror.moved(unit, probed.index):
+                round_.unmoved.add(unit)
+                return
+        round_.listings[unit] = await self._read_unit(mirror.prefix + unit, is_folder(unit))
 
     async def _lost(self, why: str) -> tuple[Mirror, Snapshot]:
         """The server lost what we watched (`why`): what it holds now, marked data_lost."""

@@ -27,7 +27,14 @@ trailing '/' answers in a few bytes (the query also covers siblings whose name
 starts the same: that only re-lists more than needed). Only units with many
 keys (`PROBE_ABOVE`) are probed first; small ones are listed at once, as
 cheaply, and so is a big network when endpoints/ moved and no other unit
-below it did (`Mirror.surely_moved`). A watch that
+below it did (`Mirror.surely_moved`). While `endpoints/` holds one network
+(or none), all of it is listed at once instead (`Mirror.split_listing`):
+the same data as that network's listing, without the keys query before it.
+`networks/` and `nodes/` are probed together, as the keys starting "n"
+(`Mirror.probe_group`): most rounds move one endpoint unit only, and then
+neither is read. For that, a unit read (or probed unmoved) in a round is
+known up to the round's top index, not only up to its own last write: a
+write it missed came after, with a higher index. A watch that
 was away longer than a tombstone lives cannot trust an index that did not
 move, so the driver lists every unit then (`full`).
 
@@ -73,6 +80,14 @@ def unit_of(rel: str) -> str | None:
     return f"{SPLIT}{network}/" if sep else f"{SPLIT}{network}"
 
 
+def _common_start(a: str, b: str) -> str:
+    """The characters `a` and `b` start with alike (not whole path parts: "networks/", "nodes/" -> "n")."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return a[:n]
+
+
 def is_folder(unit: str) -> bool:
     return unit.endswith("/") and unit != SPLIT
 
@@ -109,11 +124,17 @@ class Round:
     present: set[str] = field(default_factory=set)  # every unit that exists now
     listings: dict[str, Listing] = field(default_factory=dict)  # the units re-listed
     split_index: int | None = None  # the index of `SPLIT`'s folder listing, if it was read
+    # The prefix's index the round started from, and the units a probe found unmoved: a
+    # unit listed or found unmoved in this round holds every write up to `top` (see `commit`).
+    top: int = 0
+    unmoved: set[str] = field(default_factory=set)
 
 
 @dataclass
 class Unit:
-    index: int  # the unit's index when last listed (or the snapshot's it was built from)
+    # Every write to the unit up to this index is known: its index when last listed, or the
+    # round's top index if that is higher (or the snapshot's index it was built from).
+    index: int
     known: dict[str, int] = field(default_factory=dict)  # Consul key -> ModifyIndex
 
 
@@ -162,6 +183,18 @@ class Mirror:
             return None
         return {key[len(self.prefix) :] for key in keys}
 
+    def split_listing(self, listing: Listing) -> dict[str, Listing]:
+        """A `?recurse` listing of all of `SPLIT`, cut into the listings of its units.
+
+        Each gets the folder's index: every write below it up to that index is in the listing.
+        """
+        items: dict[str, list[dict[str, Any]]] = {}
+        for item in listing.items:
+            unit = self.unit_of_key(item["Key"])
+            if unit is not None and unit.startswith(SPLIT):
+                items.setdefault(unit, []).append(item)
+        return {unit: Listing(listing.index, listed) for unit, listed in items.items()}
+
     def known_split_units(self) -> set[str]:
         return {name for name in self.units if name.startswith(SPLIT)}
 
@@ -199,6 +232,31 @@ class Mirror:
                 return False
         return True
 
+    def probe_group(self, units: Iterable[str], *, full: bool) -> str | None:
+        """The common start of `units` if one probe of it can tell that none of them moved.
+
+        Only for two or more known units whose names share a start that no claim
+        folder, `SPLIT` or the generation marker has (claims move with every
+        endpoint write): `networks/` and `nodes/` share "n", so one request of a
+        few bytes stands for two listings in a round that only an endpoint moved.
+        None when indexes cannot be trusted (`full`).
+        """
+        names = sorted(units)
+        if full or len(names) < 2 or any(n not in self.units or n.startswith(SPLIT) for n in names):
+            return None
+        start = _common_start(names[0], names[-1])  # sorted: the first and last differ soonest
+        if not start or any(other.startswith(start) for other in (*CLAIMS, SPLIT, GENERATION)):
+            return None
+        return start
+
+    def group_moved(self, units: Iterable[str], index: int) -> bool:
+        """Whether a probe of the units' common start says any of them may have changed.
+
+        The probe's index is the highest write below that start; a write any of them
+        has not seen is above that unit's index, so it is enough to compare with the lowest.
+        """
+        return index > min(self.units[u].index for u in units)
+
     def moved(self, unit: str, index: int) -> bool:
         """Whether a probe's index says the unit changed since it was listed."""
         known = self.units.get(unit)
@@ -235,9 +293,15 @@ class Mirror:
         for name, listing in round_.listings.items():
             unit = self.units.get(name)
             if unit is not None:
-                unit.index = max(unit.index, listing.index)
+                # Read after the round's top index was: any write it missed comes later,
+                # with a higher index. That lets a later probe of a group compare with one index.
+                unit.index = max(unit.index, listing.index, round_.top)
                 if not unit.known:
                     del self.units[name]
+        for name in round_.unmoved:
+            unit = self.units.get(name)
+            if unit is not None:
+                unit.index = max(unit.index, round_.top)
         if round_.split_index is not None:
             self.split_index = max(self.split_index, round_.split_index)
 

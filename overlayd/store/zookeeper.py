@@ -529,8 +529,12 @@ class ZooKeeperStore(Store):
             txn.create(ep_path, value, ephemeral=True)
             txn.create(ip_path, endpoint.key.encode(), ephemeral=True)
 
-        for _attempt in range(3):
-            await self._ensure_network_dirs(endpoint.network)
+        for attempt in range(4):
+            if attempt:
+                # The network's directories were missing (its first endpoint, or the network
+                # was deleted and re-created). Not made before the first try: that cost two
+                # round trips on every add, before the gossip publish that follows it.
+                await self._ensure_network_dirs(endpoint.network)
             results = await self._commit("txn", build)
             if _ok(results):
                 self._owned[endpoint.key] = endpoint
@@ -542,7 +546,6 @@ class ZooKeeperStore(Store):
                 raise AlreadyExists("IP", str(endpoint.ip), holder.data.decode() if holder else None)
             if not any(isinstance(r, NoNodeError) for r in results):
                 break
-            # The network's directory was removed meanwhile (network deleted and re-created): again.
         raise StoreError(f"creating endpoint {endpoint.key} failed: {_first_failure(results)}")
 
     async def publish_endpoint(self, endpoint: Endpoint) -> None:
@@ -611,10 +614,10 @@ class ZooKeeperStore(Store):
         ep_path = self._layout.endpoint(endpoint.network, endpoint.name)
         ip_path = self._layout.ip_claim(endpoint.network, endpoint.ip)
         # Record first, then the claim: the IP is never free while the record exists.
-        await self._delete_if(ep_path)
+        # The claim is read meanwhile (one round trip less before the gossip removal).
+        _, held = await asyncio.gather(self._delete_if(ep_path), self._get_stat(ip_path))
         # Release the IP only if this endpoint still holds it: never free a
         # claim that someone else took after ours lapsed.
-        held = await self._get_stat(ip_path)
         if held is not None and held[0] == endpoint.key.encode():
             await self._delete_if(ip_path, held[1].version)
         self._owned.pop(endpoint.key, None)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import time
 
-from support import DEMO, Collector, Stores, endpoint, node, poll, view_of
+import pytest
+from support import DEMO, Collector, Stores, endpoint, node, poll, retry, view_of
 
 from overlayd.core.view import EndpointDeleted, NodeDeleted
-from overlayd.store.base import StoreUnavailable
+from overlayd.store.base import AlreadyExists, StoreUnavailable
 
 
 async def test_owned_records_expire_after_the_owner_dies_and_not_before(stores: Stores) -> None:
@@ -122,3 +123,27 @@ async def test_lost_session_is_replaced_and_records_republished(stores: Stores) 
     finally:
         keeper.cancel()
         await asyncio.gather(keeper, return_exceptions=True)
+
+
+async def test_deleting_a_lapsed_endpoint_leaves_the_ip_to_whoever_took_it(stores: Stores) -> None:
+    ttl = stores.backend.min_ttl
+    first, second = await stores.make("h1", ttl=ttl), await stores.make("h2")
+    await first.open_session(node("h1", 1))
+    await first.create_network(DEMO)
+    ours = endpoint("web", "10.1.0.40", "h1")
+    await first.create_endpoint(ours)
+    await stores.expire(first)  # our claim lapses with the session...
+
+    async def lapsed() -> bool:
+        return ours.key not in (await view_of(second)).endpoints
+
+    await poll(lapsed, 4 * ttl + 5, "the lapsed endpoint to vanish")
+    await second.open_session(node("h2", 2))
+    theirs = endpoint("db", "10.1.0.40", "h2")
+    await second.create_endpoint(theirs)  # ...and someone else takes the address
+    await retry(lambda: first.delete_endpoint(ours))
+
+    assert (await view_of(second)).endpoints.get(theirs.key) == theirs
+    with pytest.raises(AlreadyExists) as info:
+        await second.create_endpoint(endpoint("other", "10.1.0.40", "h2"))
+    assert info.value.what == "IP" and info.value.holder == theirs.key

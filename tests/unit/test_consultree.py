@@ -163,3 +163,57 @@ def test_split_folder_that_did_not_move_keeps_its_units_unless_full() -> None:
     assert m.known_split_units() == {"endpoints/a/"}
     m.apply(Round(present={"endpoints/a/"}, split_index=51))
     assert m.split_units(51, [P + "endpoints/a/"], full=False) is None
+
+
+def test_networks_and_nodes_are_probed_as_one_group_and_never_with_claims() -> None:
+    m = Mirror(P, 50, known(("networks/demo", 3), ("nodes/h1", 40), ("endpoints/demo/a", 45)))
+    assert m.probe_group(["networks/", "nodes/"], full=False) == "n"
+    assert m.probe_group(["networks/", "nodes/"], full=True) is None  # indexes not trusted
+    assert m.probe_group(["networks/"], full=False) is None  # one unit: its own probe or listing
+    assert m.probe_group(["networks/", "newcomer/"], full=False) is None  # not known yet
+    m.units.update(Mirror(P, 50, known(("ivy/x", 3), ("gadget", 4))).units)
+    assert m.probe_group(["ivy/", "networks/", "nodes/"], full=False) is None  # no common start
+    assert m.probe_group(["gadget", "networks/"], full=False) is None  # "" would take in the claims
+    m.units.update(Mirror(P, 50, known(("vn/x", 3), ("vnet/y", 4))).units)
+    assert m.probe_group(["vn/", "vnet/"], full=False) is None  # "vn" would take in vni/ claims
+
+
+def test_a_unit_read_in_a_round_knows_every_write_up_to_the_rounds_top_index() -> None:
+    # A probe of both answers the higher last write: known only up to its own last write,
+    # networks/ (3) could hide a new write (5) below nodes' (8). Read in a round, each is
+    # known up to the round's top index, and any write it missed comes after that.
+    m = Mirror(P, 10, known(("networks/demo", 3), ("nodes/h1", 8), ("endpoints/demo/a", 9)))
+    top = 60
+    round_ = Round(
+        present={"networks/", "nodes/", "endpoints/demo/"},
+        listings={
+            "networks/": Listing(3, [item("networks/demo", 3)]),
+            "endpoints/demo/": Listing(60, [item("endpoints/demo/a", 9), item("endpoints/demo/b", 60)]),
+        },
+        top=top,
+        unmoved={"nodes/"},
+    )
+    m.apply(round_)
+    assert m.units["networks/"].index == 60 and m.units["nodes/"].index == 60
+    assert not m.group_moved(["networks/", "nodes/"], 8)  # their own last writes: nothing new
+    assert m.group_moved(["networks/", "nodes/"], 61)  # a write after the round, in either
+    # A unit never raised to the top (known only from the snapshot at 10) keeps the group honest.
+    m.units["nodes/"].index = 10
+    assert m.group_moved(["networks/", "nodes/"], 30)
+
+
+def test_a_listing_of_all_endpoints_is_cut_into_network_units() -> None:
+    m = Mirror(P, 10, known(("endpoints/demo/a", 4), ("endpoints/demo/b", 5)))
+    listing = Listing(
+        20, [item("endpoints/demo/a", 4), item("endpoints/new/c", 20), item("endpoints/stray", 7)]
+    )
+    cut = m.split_listing(listing)
+    assert sorted(cut) == ["endpoints/demo/", "endpoints/new/", "endpoints/stray"]
+    assert cut["endpoints/demo/"] == Listing(20, [item("endpoints/demo/a", 4)])
+    diff = m.apply(Round(present=set(cut), listings=cut, split_index=20, top=20))
+    assert diff == Diff(
+        gone=[P + "endpoints/demo/b"],
+        puts=[Put(P + "endpoints/stray", 7, "e30="), Put(P + "endpoints/new/c", 20, "e30=")],
+    )
+    assert m.split_index == 20 and m.units["endpoints/demo/"].index == 20
+    assert m.split_listing(Listing(21, [])) == {}  # all gone: no unit is present
