@@ -25,6 +25,7 @@ in the mirror only by a full dump or by `assume`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address
 
@@ -241,6 +242,10 @@ class Mirror:
     def namespaces(self) -> set[str]:
         """The gateway namespaces the mirror knows are there."""
         return set(self.tables.netns)
+
+    def vxlan_indexes(self) -> dict[str, int]:
+        """Our VXLAN devices the kernel holds, by name: their ifindex (few: one per network)."""
+        return {name: index for index, name in self._vxlan_name.items()}
 
     def link_index(self, name: str) -> int | None:
         """The ifindex of our link `name` (bridge, VXLAN device or port), if the kernel has it."""
@@ -661,6 +666,23 @@ class Mirror:
             self.dirty.neigh.add(key)
 
     # --- our own writes ---
+
+    def assume_all(self, cmds: Iterable[Command]) -> None:
+        """`assume` each of `cmds`, in order; entries (all but a few of a big batch) inline."""
+        t = self.tables
+        fdb, neigh = t.fdb, t.neigh
+        for cmd in cmds:
+            if type(cmd) is ReplaceFdb:
+                fdb_entry = cmd.entry
+                fdb[fdb_entry.device, fdb_entry.mac] = fdb_entry.dst
+                if fdb_entry.dst is not self._written_vtep:
+                    self._adopt_vtep(fdb_entry.dst)
+            elif type(cmd) is ReplaceNeigh:
+                neigh_entry = cmd.entry
+                neigh[neigh_entry.device, neigh_entry.ip] = neigh_entry.mac
+                self._adopt_address(neigh_entry.ip)
+            elif type(cmd) is not AnnounceArp:
+                self.assume(cmd)
 
     def assume(self, cmd: Command) -> None:
         """Record a write the kernel acknowledged, ahead of its notification.

@@ -37,6 +37,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
+from overlayd.dataplane.announce import Removed
 from overlayd.dataplane.commands import (
     AnnounceArp,
     AppendFlood,
@@ -66,7 +67,7 @@ from overlayd.dataplane.commands import (
 from overlayd.dataplane.desired import DesiredState
 from overlayd.dataplane.diff import diff, plan
 from overlayd.dataplane.kernel import Kernel, OpResult
-from overlayd.dataplane.kstate import Dirty, PortSpec, Tables
+from overlayd.dataplane.kstate import HOST_NS, Dirty, PortSpec, Tables
 from overlayd.dataplane.mirror import Mirror
 from overlayd.dataplane.monitor import INSIDE_GROUPS, RCVBUF, Monitor
 from overlayd.util.metrics import Metrics
@@ -145,6 +146,9 @@ class Reconciler:
         self.last_full: PassReport | None = None
         self.errors: deque[str] = deque(maxlen=50)
         self._ports_seen: set[str] = set()  # local endpoints' ports seen in the kernel, still wanted
+        # Neighbour entries removed lately, with their MAC: a new entry is announced on the
+        # local bridge only if a local container may hold another MAC for its address.
+        self._removed = Removed()
         self._logged: dict[str, float] = {}  # failure line -> monotonic time it was last logged
         self._repeats: dict[str, int] = {}  # failure line -> times it recurred since
         self.passes = 0
@@ -325,7 +329,14 @@ class Reconciler:
         held = 0
         missing: list[PortSpec] = []
         if dirty:
-            result = plan(self.desired.tables, self.mirror.tables, dirty, hold_deletions=self.hold_deletions)
+            self._removed.expire()
+            result = plan(
+                self.desired.tables,
+                self.mirror.tables,
+                dirty,
+                hold_deletions=self.hold_deletions,
+                previous=self._removed,
+            )
             held = result.held
             # A port is missing only once it was there: an endpoint being added has its
             # record (and port) wanted a moment before its veth exists.
@@ -337,25 +348,25 @@ class Reconciler:
                     self._ports_seen.discard(name)
             if result.commands:
                 try:
-                    outcomes = await self._kernel.execute(result.commands)
+                    devices = self.mirror.vxlan_indexes()
+                    outcomes = await self._kernel.execute(result.commands, devices=devices)
                 except Exception as exc:  # a failed write must not kill the loop: retry
                     log.exception("kernel write failed")
                     outcomes = [OpResult(cmd, f"{exc}") for cmd in result.commands]
                 done: list[Command] = []
-                renewed: list[str] = []
-                for outcome in outcomes:
-                    if outcome.error is None:
-                        applied += 1
-                        self.mirror.assume(outcome.command)
-                        done.append(outcome.command)
-                        if isinstance(outcome.command, EnsureNetns | DeleteNetns):
-                            renewed.append(_netns_of(outcome.command))
+                for cmd, error in outcomes:
+                    if error is None:
+                        done.append(cmd)
                     else:
-                        errors.append(f"{describe(outcome.command)}: {outcome.error}")
-                        _mark(self._retry, outcome.command)
+                        errors.append(f"{describe(cmd)}: {error}")
+                        _mark(self._retry, cmd)
+                applied = len(done)
+                self.mirror.assume_all(done)
+                self._remember(done)
                 if done and log.isEnabledFor(logging.DEBUG):
                     for cmd in done:
                         log.debug("applied: %s", describe(cmd))
+                renewed = [_netns_of(cmd) for cmd in done if cmd.__class__ in _NETNS_COMMANDS]
                 if renewed:
                     self._follow_namespaces(self.mirror.namespaces(), renew=renewed)
                 if done and self._on_applied is not None:
@@ -373,6 +384,22 @@ class Reconciler:
             for port in missing
         ]
         return self._report(trigger, kind, started, t0, applied, errors, held, reported)
+
+    def _remember(self, done: list[Command]) -> None:
+        """Remote addresses removed (and back) for `_removed`. Deletions are few, and a join's
+        additions are looked at only while something was removed lately."""
+        removed = self._removed
+        if not removed and not any(type(cmd) is DeleteNeigh or type(cmd) is DeleteRoute for cmd in done):
+            return
+        for cmd in done:
+            if type(cmd) is DeleteNeigh:
+                removed.removed(cmd.entry.ip, cmd.entry.mac)
+            elif type(cmd) is ReplaceNeigh:
+                removed.added(cmd.entry.ip)
+            elif type(cmd) is DeleteRoute:
+                netns, dst = cmd.key
+                if netns == HOST_NS and dst.prefixlen == 32:
+                    removed.removed(dst.network_address, "")  # the gateway answered for it
 
     def _log_failure(self, fmt: str, line: str) -> None:
         """The same failure is logged once per `_LOG_REPEAT_EVERY` seconds, with how often it
@@ -487,6 +514,9 @@ def differences(want: Tables, have: Tables) -> Dirty:
     out.forwarding = want.forwarding - have.forwarding
     out.nft = want.nft.keys() | have.nft.keys()
     return out
+
+
+_NETNS_COMMANDS = (EnsureNetns, DeleteNetns)
 
 
 def _netns_of(cmd: EnsureNetns | DeleteNetns) -> str:
