@@ -258,6 +258,14 @@ class Mirror:
         if netns != HOST_NS:
             self._apply_inside(netns, data)
             return
+        lone = nl.lone_fdb_note(data)
+        if lone is not None and lone[2] == nl.AF_BRIDGE:
+            # One FDB entry (the echo of our own writes, mostly): no walk over the message.
+            note, port, _family, entry = lone
+            self.notifications += 1
+            if not (self.own_port and port == self.own_port):
+                self._fdb(entry, present=note == nl.RTM_NEWNEIGH)
+            return
         for kind, _flags, _seq, start, end in nl.messages(data):
             self.notifications += 1
             # Entries first: two notifications per remote endpoint, every other kind is rare.
@@ -640,8 +648,10 @@ class Mirror:
             return
         key = (device, mac.hex(":"))
         if present:
-            vtep = self._vtep(dst)
-            if t.fdb.get(key) != vtep:
+            vtep = self._vteps.get(dst) or self._vtep(dst)
+            current = t.fdb.get(key)
+            # `is` first: the echo of our own write finds desired state's own VTEP object.
+            if current is not vtep and current != vtep:
                 t.fdb[key] = vtep
                 self.dirty.fdb.add(key)
         elif t.fdb.get(key) == self._vtep(dst):
