@@ -760,7 +760,9 @@ class Kernel:
         answers = await self._raw.batch(msgs)
         for i, (code, text) in zip(sent, answers, strict=True):
             cmd = cmds[i]
-            if code == 0 or (code == errno.ENOENT and isinstance(cmd, _DELETES)):
+            if code == 0:
+                results[i] = _applied((cmd, None))
+            elif code == errno.ENOENT and isinstance(cmd, _DELETES):
                 results[i] = OpResult(cmd, None)
             elif code == LOST:
                 results[i] = OpResult(cmd, text)
@@ -1017,6 +1019,8 @@ _KIND_OF: dict[type, str] = {
     AnnounceArp: _ANNOUNCE,
 }
 _UNRESOLVED: Any = object()
+# OpResult((command, None)) without NamedTuple's Python-level __new__: one per entry of a batch.
+_applied: Callable[[tuple[Command, None]], OpResult] = partial(tuple.__new__, OpResult)
 _command_class = operator.attrgetter("command.__class__")
 
 

@@ -361,13 +361,14 @@ class Reconciler:
                         errors.append(f"{describe(cmd)}: {error}")
                         _mark(self._retry, cmd)
                 applied = len(done)
+                kinds = set(map(type, done))  # at C speed: the loops below run only if needed
                 self.mirror.assume_all(done)
-                self._remember(done)
+                self._remember(done, kinds)
                 if done and log.isEnabledFor(logging.DEBUG):
                     for cmd in done:
                         log.debug("applied: %s", describe(cmd))
-                renewed = [_netns_of(cmd) for cmd in done if cmd.__class__ in _NETNS_COMMANDS]
-                if renewed:
+                if kinds & _NETNS_COMMANDS:
+                    renewed = [_netns_of(cmd) for cmd in done if isinstance(cmd, EnsureNetns | DeleteNetns)]
                     self._follow_namespaces(self.mirror.namespaces(), renew=renewed)
                 if done and self._on_applied is not None:
                     self._on_applied(done)
@@ -385,11 +386,12 @@ class Reconciler:
         ]
         return self._report(trigger, kind, started, t0, applied, errors, held, reported)
 
-    def _remember(self, done: list[Command]) -> None:
-        """Remote addresses removed (and back) for `_removed`. Deletions are few, and a join's
-        additions are looked at only while something was removed lately."""
+    def _remember(self, done: list[Command], kinds: set[type]) -> None:
+        """Remote addresses removed (and back) for `_removed`; `kinds`: the classes in `done`.
+        Deletions are few, and a join's additions are looked at only while something was
+        removed lately."""
         removed = self._removed
-        if not removed and not any(type(cmd) is DeleteNeigh or type(cmd) is DeleteRoute for cmd in done):
+        if not removed and DeleteNeigh not in kinds and DeleteRoute not in kinds:
             return
         for cmd in done:
             if type(cmd) is DeleteNeigh:
@@ -516,7 +518,7 @@ def differences(want: Tables, have: Tables) -> Dirty:
     return out
 
 
-_NETNS_COMMANDS = (EnsureNetns, DeleteNetns)
+_NETNS_COMMANDS: frozenset[type] = frozenset((EnsureNetns, DeleteNetns))
 
 
 def _netns_of(cmd: EnsureNetns | DeleteNetns) -> str:
