@@ -230,8 +230,10 @@ class Reconciler:
     def start_monitor(self) -> None:
         """Subscribe to notifications (before the first dump, so nothing falls between)."""
         self._monitor.start()
-        # Entry writes go out on the kernel's raw socket: their echoes need no parsing.
+        # Entry writes go out on the kernel's raw socket: their neighbour echoes are dropped
+        # by the kernel (or, without the filter, not parsed).
         self.mirror.own_port = self._kernel.rtnl.port
+        self._monitor.ignore_echoes(self.mirror.own_port)
 
     def close(self) -> None:
         self._monitor.close()
