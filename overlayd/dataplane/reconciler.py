@@ -146,8 +146,9 @@ class Reconciler:
         self.last_full: PassReport | None = None
         self.errors: deque[str] = deque(maxlen=50)
         self._ports_seen: set[str] = set()  # local endpoints' ports seen in the kernel, still wanted
-        # Neighbour entries removed lately, with their MAC: a new entry is announced on the
-        # local bridge only if a local container may hold another MAC for its address.
+        # Remote addresses removed lately, with the MAC they were known by: a new neighbour
+        # entry is announced on the local bridge only if a local container may hold another
+        # MAC for its address (`dataplane.announce`).
         self._removed = Removed()
         self._logged: dict[str, float] = {}  # failure line -> monotonic time it was last logged
         self._repeats: dict[str, int] = {}  # failure line -> times it recurred since
