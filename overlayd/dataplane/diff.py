@@ -18,7 +18,8 @@ device: bridges, VXLAN devices, ports, the veths into gateway namespaces,
 then the far ends of those inside), then addresses, routes and forwarding,
 then new and changed entries (FDB before neighbour, so an answered ARP
 always has a path; each new neighbour followed by an ARP announcement on the
-local bridge), then nftables tables; then everything stale in the reverse
+local bridge, or, given what was removed lately, only those whose address a
+local container may hold with another MAC), then nftables tables; then everything stale in the reverse
 order: tables, routes, addresses, entries, links, namespaces.
 
 What lives inside a namespace that is about to be deleted (or made anew,
@@ -33,7 +34,10 @@ instead, and compared again once the hold ends.
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from ipaddress import IPv4Address
 
 from overlayd.dataplane.commands import (
     AnnounceArp,
@@ -66,6 +70,7 @@ from overlayd.dataplane.kstate import (
     FloodEntry,
     KernelState,
     NeighEntry,
+    NeighKey,
     PortSpec,
     Tables,
 )
@@ -89,8 +94,23 @@ def diff(want: KernelState, have: KernelState) -> list[Command]:
     return plan(w, h, everything).commands
 
 
-def plan(want: Tables, have: Tables, dirty: Dirty, *, hold_deletions: bool = False) -> Plan:
-    """The commands that make the keys in `dirty` in `have` what they are in `want`."""
+def plan(
+    want: Tables,
+    have: Tables,
+    dirty: Dirty,
+    *,
+    hold_deletions: bool = False,
+    previous: Mapping[IPv4Address, str] | None = None,
+) -> Plan:
+    """The commands that make the keys in `dirty` in `have` what they are in `want`.
+
+    `previous`: the MAC each remote address removed lately was known by
+    (`announce.Removed`). With it, a new neighbour entry is announced only if a local
+    container may have another MAC cached for its address: the entry held another
+    MAC until now, a host route to the address goes in this plan (the gateway
+    answered for it), or the address was removed lately with another MAC (reused).
+    Without it, every new neighbour entry is announced.
+    """
     out = Plan()
     links: list[Command] = []
     recreated: set[str] = set()
@@ -200,11 +220,15 @@ def plan(want: Tables, have: Tables, dirty: Dirty, *, hold_deletions: bool = Fal
     removals: list[Command] = []
     fdb_adds: list[FdbEntry] = []
     fdb_dels: list[FdbEntry] = []
+    want_fdb, have_fdb = want.fdb, have.fdb
     for fkey in dirty.fdb:
-        dst = want.fdb.get(fkey)
-        current_dst = None if fkey[0] in gone else have.fdb.get(fkey)
+        dst = want_fdb.get(fkey)
+        current_dst = None if gone and fkey[0] in gone else have_fdb.get(fkey)
         if dst is not None:
-            if dst != current_dst:
+            # `is None` first: `IPv4Address != None` costs a caught AttributeError (~1 us,
+            # once per new entry of a join); `is` next: the mirror holds desired state's own
+            # VTEP objects (`Mirror._adopt_vtep`).
+            if current_dst is None or (dst is not current_dst and dst != current_dst):
                 fdb_adds.append(FdbEntry(fkey[0], fkey[1], dst))
         elif current_dst is not None:
             fdb_dels.append(FdbEntry(fkey[0], fkey[1], current_dst))
@@ -221,23 +245,47 @@ def plan(want: Tables, have: Tables, dirty: Dirty, *, hold_deletions: bool = Fal
 
     neigh_adds: list[NeighEntry] = []
     neigh_dels: list[NeighEntry] = []
+    # The new neighbours to announce: all of them without `previous`; with it, those
+    # whose address a local container may hold with another MAC.
+    announced: set[NeighKey] | None = None if previous is None else set()
+    reused = previous if previous else None  # nothing removed lately: no lookup per entry
+    if announced is not None:
+        # Host routes going now: the gateway's MAC is what local containers knew them by.
+        unrouted = {
+            rkey[1].network_address: ""
+            for rkey in dirty.routes
+            if rkey[1].prefixlen == 32 and rkey in have.routes and rkey not in want.routes
+        }
+        if unrouted:
+            reused = {**(reused or {}), **unrouted}
+    want_neigh, have_neigh = want.neigh, have.neigh
     for nkey in dirty.neigh:
-        mac = want.neigh.get(nkey)
-        current_mac = None if nkey[0] in gone else have.neigh.get(nkey)
+        mac = want_neigh.get(nkey)
+        current_mac = None if gone and nkey[0] in gone else have_neigh.get(nkey)
         if mac is not None:
             if mac != current_mac:
                 neigh_adds.append(NeighEntry(nkey[0], nkey[1], mac))
+                if announced is not None and (
+                    current_mac is not None or (reused is not None and reused.get(nkey[1], mac) != mac)
+                ):
+                    announced.add(nkey)
         elif current_mac is not None:
             neigh_dels.append(NeighEntry(nkey[0], nkey[1], current_mac))
 
     adds += [ReplaceFdb(e) for e in sorted(fdb_adds)]
     adds += [AppendFlood(e) for e in sorted(flood_adds)]
-    for entry in sorted(neigh_adds, key=_neigh_order):
-        adds.append(ReplaceNeigh(entry))
-        device = want.vxlans.get(entry.device)
-        if device is not None:
-            # Local containers may have cached another MAC for this IP.
-            adds.append(AnnounceArp(device.bridge, entry.ip, entry.mac))
+    ordered_neigh = sorted(neigh_adds, key=_neigh_order)
+    if announced is not None and not announced:
+        adds += [ReplaceNeigh(e) for e in ordered_neigh]  # new addresses (a join): none announced
+    else:
+        for entry in ordered_neigh:
+            adds.append(ReplaceNeigh(entry))
+            if announced is not None and (entry.device, entry.ip) not in announced:
+                continue
+            device = want.vxlans.get(entry.device)
+            if device is not None:
+                # Local containers may have cached another MAC for this IP.
+                adds.append(AnnounceArp(device.bridge, entry.ip, entry.mac))
 
     removals += [DeleteNeigh(e) for e in sorted(neigh_dels, key=_neigh_order)]
     removals += [DeleteFdb(e) for e in sorted(fdb_dels)]
@@ -269,7 +317,7 @@ def _route_order(key: tuple[str, object]) -> tuple[str, str]:
     return (key[0], str(key[1]))
 
 
-def _neigh_order(entry: NeighEntry) -> tuple[str, int]:
-    # The order of sorted(entries), without IPv4Address's comparisons in Python (a 10,000-entry
-    # batch makes ~140,000 of them).
-    return (entry.device, int(entry.ip))
+# The order of sorted(entries) by (device, address as an integer), without IPv4Address's
+# comparisons in Python (a 10,000-entry batch makes ~140,000 of them) and without a Python
+# call per entry: `_ip` is the integer every IPv4Address keeps.
+_neigh_order = operator.attrgetter("device", "ip._ip")

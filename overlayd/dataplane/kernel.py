@@ -37,12 +37,13 @@ import asyncio
 import errno
 import json
 import logging
+import operator
 import os
 import re
 import shutil
 import socket
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from ipaddress import IPv4Address, IPv4Network
@@ -543,7 +544,9 @@ class Kernel:
 
     # --- writing ---------------------------------------------------------------
 
-    async def execute(self, commands: Sequence[Command]) -> list[OpResult]:
+    async def execute(
+        self, commands: Sequence[Command], *, devices: Mapping[str, int] | None = None
+    ) -> list[OpResult]:
         """Apply commands in order; one result per command, in the same order.
 
         Consecutive entry commands go to the kernel as one batch; link
@@ -551,54 +554,65 @@ class Kernel:
         ahead of the device it needs. Announcements go out after everything
         else in this call: by then the entries that make the announced
         address reachable are in place.
+
+        `devices`: overlayd VXLAN devices the caller knows the kernel holds right now
+        (name -> ifindex; the reconciler's mirror, kept from notifications). Entries on
+        them are written without asking the kernel for the device first, a round trip
+        per device and batch. Any link command in this call may change them: from
+        there on every device is asked for again.
         """
+        kinds = _KIND_OF
         for cmd in commands:
-            if not isinstance(cmd, _KNOWN_COMMANDS):
+            if cmd.__class__ not in kinds:
                 raise TypeError(f"the kernel executor does not know {cmd!r}")
+        known: Mapping[str, int] = devices if devices is not None else {}
         results: list[OpResult | None] = [None] * len(commands)
         pending: list[int] = []  # positions of entry commands waiting for their batch
         pending_l3: list[int] = []  # addresses, routes, forwarding: batched per namespace
         announcements: list[int] = []
         for i, cmd in enumerate(commands):
-            if isinstance(cmd, AnnounceArp):
-                announcements.append(i)
-            elif isinstance(cmd, _ENTRY_COMMANDS):
+            kind = kinds[cmd.__class__]
+            if kind is _ENTRY:
                 if pending_l3:
                     await self._apply_l3(commands, pending_l3, results)
                     pending_l3 = []
                 pending.append(i)
-            elif isinstance(cmd, _L3_COMMANDS):
+            elif kind is _ANNOUNCE:
+                announcements.append(i)
+            elif kind is _L3:
                 if pending:
-                    await self._apply_batch(commands, pending, results)
+                    await self._apply_batch(commands, pending, results, known)
                     pending = []
                 pending_l3.append(i)
             else:
                 if pending:
-                    await self._apply_batch(commands, pending, results)
+                    await self._apply_batch(commands, pending, results, known)
                     pending = []
                 if pending_l3:
                     await self._apply_l3(commands, pending_l3, results)
                     pending_l3 = []
+                known = {}
                 results[i] = await self._apply_link(cmd)
         if pending:
-            await self._apply_batch(commands, pending, results)
+            await self._apply_batch(commands, pending, results, known)
         if pending_l3:
             await self._apply_l3(commands, pending_l3, results)
         for i in announcements:
             results[i] = self._announce(commands[i])  # type: ignore[arg-type]
         done = [r for r in results if r is not None]
         if self._metrics is not None:
-            # One counter update per (kind, result), not per command: labels() costs microseconds.
-            tally = Counter((r.command.op.value, r.error is None) for r in done)
-            for (kind, ok), count in tally.items():
-                self._metrics.kernel_ops.labels(kind=kind, result="ok" if ok else "error").inc(count)
+            _count(self._metrics, done)
         return done
 
     async def _apply_batch(
-        self, commands: Sequence[Command], positions: list[int], results: list[OpResult | None]
+        self,
+        commands: Sequence[Command],
+        positions: list[int],
+        results: list[OpResult | None],
+        known: Mapping[str, int],
     ) -> None:
         batch: list[_EntryCommand] = [commands[i] for i in positions]  # type: ignore[misc]
-        for i, result in zip(positions, await self._apply_entries(batch), strict=True):
+        for i, result in zip(positions, await self._apply_entries(batch, known), strict=True):
             results[i] = result
 
     async def _apply_l3(
@@ -703,50 +717,58 @@ class Kernel:
             self._packet = sock
         return self._packet
 
-    async def _apply_entries(self, cmds: Sequence[_EntryCommand]) -> list[OpResult]:
-        # Resolve each device once: it must be one of our VXLAN devices.
-        devices: dict[str, LinkInfo | KernelError | None] = {}
-        for cmd in cmds:
-            name = cmd.entry.device
-            if name not in devices:
-                try:
-                    devices[name] = await self.link(name)
-                except KernelError as exc:
-                    devices[name] = exc
+    async def _entry_device(self, name: str) -> int | str | None:
+        """The ifindex of our VXLAN device `name`; None if there is none; else why not."""
+        try:
+            dev = await self.link(name)
+        except KernelError as exc:
+            return str(exc)
+        if dev is None:
+            return None
+        if not dev.ours or dev.kind != "vxlan" or not dev.ifname.startswith(VXLAN_PREFIX):
+            return f"{dev.ifname} is not an overlayd VXLAN device; not touching it"
+        return dev.index
 
+    async def _apply_entries(self, cmds: Sequence[_EntryCommand], known: Mapping[str, int]) -> list[OpResult]:
+        # Each device resolved once: one of ours the caller knows, or asked for (it must
+        # be one of our VXLAN devices). Tens of thousands of entries in a join: one loop,
+        # the packer picked by the command's class.
+        devices: dict[str, int | str | None] = {}
         results: list[OpResult | None] = [None] * len(cmds)
         msgs: list[bytes] = []
         sent: list[int] = []  # position in cmds of each message
+        packers = _PACKERS
         for i, cmd in enumerate(cmds):
-            dev = devices[cmd.entry.device]
-            if isinstance(dev, KernelError):
-                results[i] = OpResult(cmd, str(dev))
-                continue
-            if dev is None:
+            name = cmd.entry.device
+            dev = devices.get(name, _UNRESOLVED)
+            if dev is _UNRESOLVED:
+                dev = devices[name] = known[name] if name in known else await self._entry_device(name)
+            if dev.__class__ is int:
+                try:
+                    msgs.append(packers[cmd.__class__](cmd, dev))
+                except ValueError as exc:
+                    results[i] = OpResult(cmd, str(exc))
+                    continue
+                sent.append(i)
+            elif dev is None:
                 # An entry cannot outlive its device: deleting it is done.
-                error = None if isinstance(cmd, _DELETES) else (f"device {cmd.entry.device} does not exist")
+                error = None if isinstance(cmd, _DELETES) else (f"device {name} does not exist")
                 results[i] = OpResult(cmd, error)
-                continue
-            if not dev.ours or dev.kind != "vxlan" or not dev.ifname.startswith(VXLAN_PREFIX):
-                results[i] = OpResult(cmd, f"{dev.ifname} is not an overlayd VXLAN device; not touching it")
-                continue
-            try:
-                msgs.append(entry_message(cmd, dev.index))
-            except ValueError as exc:
-                results[i] = OpResult(cmd, str(exc))
-                continue
-            sent.append(i)
+            else:
+                results[i] = OpResult(cmd, str(dev))
 
         answers = await self._raw.batch(msgs)
         for i, (code, text) in zip(sent, answers, strict=True):
             cmd = cmds[i]
-            if code == 0 or (code == errno.ENOENT and isinstance(cmd, _DELETES)):
+            if code == 0:
+                results[i] = _applied((cmd, None))
+            elif code == errno.ENOENT and isinstance(cmd, _DELETES):
                 results[i] = OpResult(cmd, None)
             elif code == LOST:
                 results[i] = OpResult(cmd, text)
             else:
                 results[i] = OpResult(cmd, _errno_text(code, text))
-        return [r for r in results if r is not None]
+        return results  # type: ignore[return-value]  # every position was filled
 
     async def _apply_link(self, cmd: Command) -> OpResult:
         try:
@@ -988,7 +1010,32 @@ _LINK_COMMANDS = (
 _EntryCommand = ReplaceFdb | DeleteFdb | AppendFlood | DeleteFlood | ReplaceNeigh | DeleteNeigh
 _L3Command = ReplaceAddr | DeleteAddr | ReplaceRoute | DeleteRoute | EnableForwarding
 _DELETES = (DeleteFdb, DeleteFlood, DeleteNeigh)
-_KNOWN_COMMANDS = (*_ENTRY_COMMANDS, *_L3_COMMANDS, *_LINK_COMMANDS, AnnounceArp)
+# What `execute` does with each command class (looked up once per command).
+_ENTRY, _L3, _LINK, _ANNOUNCE = "entry", "l3", "link", "announce"
+_KIND_OF: dict[type, str] = {
+    **dict.fromkeys(_ENTRY_COMMANDS, _ENTRY),
+    **dict.fromkeys(_L3_COMMANDS, _L3),
+    **dict.fromkeys(_LINK_COMMANDS, _LINK),
+    AnnounceArp: _ANNOUNCE,
+}
+_UNRESOLVED: Any = object()
+# OpResult((command, None)) without NamedTuple's Python-level __new__: one per entry of a batch.
+_applied: Callable[[tuple[Command, None]], OpResult] = partial(tuple.__new__, OpResult)
+_command_class = operator.attrgetter("command.__class__")
+
+
+def _count(metrics: Metrics, done: list[OpResult]) -> None:
+    """The ops metric: one update per (kind, result), not per command (`labels()` costs
+    microseconds); tallied by class at C speed (an enum's `.value` is a Python call)."""
+    tally = Counter(map(_command_class, done))
+    failed = Counter(r.command.__class__ for r in done if r.error is not None)
+    for cls, count in tally.items():
+        kind = cls.op.value
+        bad = failed.get(cls, 0)
+        if count > bad:
+            metrics.kernel_ops.labels(kind=kind, result="ok").inc(count - bad)
+        if bad:
+            metrics.kernel_ops.labels(kind=kind, result="error").inc(bad)
 
 
 def _exists(name: str) -> bool:
@@ -1019,13 +1066,45 @@ def _l3_netns(cmd: _L3Command) -> str:
 
 def entry_message(cmd: _EntryCommand, ifindex: int) -> bytes:
     """The netlink request for one entry command, with sequence number 0."""
-    match cmd:
-        case ReplaceFdb(e) | DeleteFdb(e):
-            return nl.entry_message(cmd.op.value, ifindex, nl.mac_bytes(e.mac), e.dst)
-        case AppendFlood(e) | DeleteFlood(e):
-            return nl.entry_message(cmd.op.value, ifindex, nl.FLOOD_MAC_BYTES, e.dst)
-        case ReplaceNeigh(e):
-            return nl.entry_message(cmd.op.value, ifindex, nl.mac_bytes(e.mac), e.ip)
-        case DeleteNeigh(e):
-            return nl.delete_neigh_message(ifindex, e.ip)
-    raise TypeError(f"not an entry command: {cmd!r}")
+    packer = _PACKERS.get(cmd.__class__)
+    if packer is None:
+        raise TypeError(f"not an entry command: {cmd!r}")
+    return packer(cmd, ifindex)
+
+
+def _replace_fdb(cmd: ReplaceFdb, ifindex: int) -> bytes:
+    e = cmd.entry
+    return nl.entry_message("replace_fdb", ifindex, nl.mac_bytes(e.mac), e.dst)
+
+
+def _delete_fdb(cmd: DeleteFdb, ifindex: int) -> bytes:
+    e = cmd.entry
+    return nl.entry_message("delete_fdb", ifindex, nl.mac_bytes(e.mac), e.dst)
+
+
+def _append_flood(cmd: AppendFlood, ifindex: int) -> bytes:
+    return nl.entry_message("append_flood", ifindex, nl.FLOOD_MAC_BYTES, cmd.entry.dst)
+
+
+def _delete_flood(cmd: DeleteFlood, ifindex: int) -> bytes:
+    return nl.entry_message("delete_flood", ifindex, nl.FLOOD_MAC_BYTES, cmd.entry.dst)
+
+
+def _replace_neigh(cmd: ReplaceNeigh, ifindex: int) -> bytes:
+    e = cmd.entry
+    return nl.entry_message("replace_neigh", ifindex, nl.mac_bytes(e.mac), e.ip)
+
+
+def _delete_neigh(cmd: DeleteNeigh, ifindex: int) -> bytes:
+    return nl.delete_neigh_message(ifindex, cmd.entry.ip)
+
+
+# Per entry command class, its request (a dict lookup per entry, not a match over six classes).
+_PACKERS: dict[type, Callable[[Any, int], bytes]] = {
+    ReplaceFdb: _replace_fdb,
+    DeleteFdb: _delete_fdb,
+    AppendFlood: _append_flood,
+    DeleteFlood: _delete_flood,
+    ReplaceNeigh: _replace_neigh,
+    DeleteNeigh: _delete_neigh,
+}

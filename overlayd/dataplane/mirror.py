@@ -25,6 +25,7 @@ in the mirror only by a full dump or by `assume`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address
 
@@ -242,6 +243,10 @@ class Mirror:
         """The gateway namespaces the mirror knows are there."""
         return set(self.tables.netns)
 
+    def vxlan_indexes(self) -> dict[str, int]:
+        """Our VXLAN devices the kernel holds, by name: their ifindex (few: one per network)."""
+        return {name: index for index, name in self._vxlan_name.items()}
+
     def link_index(self, name: str) -> int | None:
         """The ifindex of our link `name` (bridge, VXLAN device or port), if the kernel has it."""
         return self._index_of.get(name)
@@ -252,6 +257,14 @@ class Mirror:
         """Every message of one notification datagram (from namespace `netns`), in order."""
         if netns != HOST_NS:
             self._apply_inside(netns, data)
+            return
+        lone = nl.lone_fdb_note(data)
+        if lone is not None and lone[2] == nl.AF_BRIDGE:
+            # One FDB entry (the echo of our own writes, mostly): no walk over the message.
+            note, port, _family, entry = lone
+            self.notifications += 1
+            if not (self.own_port and port == self.own_port):
+                self._fdb(entry, present=note == nl.RTM_NEWNEIGH)
             return
         for kind, _flags, _seq, start, end in nl.messages(data):
             self.notifications += 1
@@ -640,8 +653,10 @@ class Mirror:
             return
         key = (device, mac.hex(":"))
         if present:
-            vtep = self._vtep(dst)
-            if t.fdb.get(key) != vtep:
+            vtep = self._vteps.get(dst) or self._vtep(dst)
+            current = t.fdb.get(key)
+            # `is` first: the echo of our own write finds desired state's own VTEP object.
+            if current is not vtep and current != vtep:
                 t.fdb[key] = vtep
                 self.dirty.fdb.add(key)
         elif t.fdb.get(key) == self._vtep(dst):
@@ -666,6 +681,23 @@ class Mirror:
             self.dirty.neigh.add(key)
 
     # --- our own writes ---
+
+    def assume_all(self, cmds: Iterable[Command]) -> None:
+        """`assume` each of `cmds`, in order; entries (all but a few of a big batch) inline."""
+        t = self.tables
+        fdb, neigh = t.fdb, t.neigh
+        for cmd in cmds:
+            if type(cmd) is ReplaceFdb:
+                fdb_entry = cmd.entry
+                fdb[fdb_entry.device, fdb_entry.mac] = fdb_entry.dst
+                if fdb_entry.dst is not self._written_vtep:
+                    self._adopt_vtep(fdb_entry.dst)
+            elif type(cmd) is ReplaceNeigh:
+                neigh_entry = cmd.entry
+                neigh[neigh_entry.device, neigh_entry.ip] = neigh_entry.mac
+                self._adopt_address(neigh_entry.ip)
+            elif type(cmd) is not AnnounceArp:
+                self.assume(cmd)
 
     def assume(self, cmd: Command) -> None:
         """Record a write the kernel acknowledged, ahead of its notification.

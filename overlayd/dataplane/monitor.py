@@ -18,9 +18,11 @@ Never ignored.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import errno
 import logging
 import socket
+import struct
 from collections.abc import Callable
 from typing import Final
 
@@ -39,6 +41,33 @@ GROUPS: Final = (
     nl.RTMGRP_LINK | nl.RTMGRP_NEIGH | nl.RTMGRP_IPV4_IFADDR | nl.RTMGRP_IPV4_ROUTE | nl.RTMGRP_IPV4_NETCONF
 )
 INSIDE_GROUPS: Final = nl.RTMGRP_LINK | nl.RTMGRP_IPV4_IFADDR | nl.RTMGRP_IPV4_ROUTE | nl.RTMGRP_IPV4_NETCONF
+
+
+_SO_ATTACH_FILTER: Final = 26
+_BPF_INSN = struct.Struct("=HBBI")  # struct sock_filter: code, jt, jf, k
+_BPF_LD_H_ABS, _BPF_LD_W_ABS, _BPF_JEQ_K, _BPF_RET_K = 0x28, 0x20, 0x15, 0x06
+
+
+def _as_loaded(fmt: str, value: int) -> int:
+    """`value` packed in host order as the message carries it, read back the way BPF's
+    absolute loads read (network order)."""
+    return int.from_bytes(struct.pack(fmt, value), "big")
+
+
+def echo_filter(port: int) -> bytes:
+    """A classic BPF program: drop RTM_NEWNEIGH / RTM_DELNEIGH whose nlmsg_pid is `port`,
+    accept everything else."""
+    new, gone = _as_loaded("=H", nl.RTM_NEWNEIGH), _as_loaded("=H", nl.RTM_DELNEIGH)
+    insns = [
+        (_BPF_LD_H_ABS, 0, 0, 4),  # nlmsg_type
+        (_BPF_JEQ_K, 1, 0, new),  # -> load the port
+        (_BPF_JEQ_K, 0, 3, gone),  # not a neighbour message -> accept
+        (_BPF_LD_W_ABS, 0, 0, 12),  # nlmsg_pid
+        (_BPF_JEQ_K, 0, 1, _as_loaded("=I", port)),  # ours -> drop, else accept
+        (_BPF_RET_K, 0, 0, 0),
+        (_BPF_RET_K, 0, 0, 0xFFFFFFFF),
+    ]
+    return b"".join(_BPF_INSN.pack(*insn) for insn in insns)
 
 
 class Monitor:
@@ -79,6 +108,27 @@ class Monitor:
         self._sock = sock
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(sock.fileno(), self._readable)
+
+    def ignore_echoes(self, port: int) -> bool:
+        """Have the kernel drop, before they are queued here, the neighbour notifications
+        of changes the socket with netlink port `port` asked for (our own entry writes: the
+        mirror recorded each when the kernel acknowledged it). A join writes one neighbour
+        entry per remote endpoint: that many datagrams not woken for, copied or looked at.
+
+        A socket filter (classic BPF) on the message header. False if it could not be
+        attached: the echoes then arrive, and the mirror skips them by their port.
+        """
+        if self._sock is None or not port:
+            return False
+        program = echo_filter(port)
+        code = ctypes.create_string_buffer(program, len(program))
+        fprog = struct.pack("HL", len(program) // _BPF_INSN.size, ctypes.addressof(code))
+        try:
+            self._sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, fprog)
+        except OSError as exc:
+            log.warning("cannot filter our own neighbour echoes out (%s): reading them", exc)
+            return False
+        return True
 
     def close(self) -> None:
         if self._sock is not None:

@@ -767,6 +767,36 @@ def _dump_end(data: bytes, offset: int, seen: int) -> DumpPart:
     return DumpPart(True, interrupted, code, text)
 
 
+# One FDB notification alone in its datagram, as VXLAN devices send them: the header,
+# the ndmsg, then the MAC and the (IPv4) destination first, at fixed places.
+_FDB_NOTE = struct.Struct("=IHHIIBxxxiHBB" + "HH6sxx" + "HH4s")
+_FDB_LLADDR_LEN, _FDB_DST_LEN = 4 + 6, 4 + 4
+
+
+def lone_fdb_note(data: bytes) -> tuple[int, int, int, RawNeigh] | None:
+    """(type, sender's port, family, entry) of a datagram that holds one neighbour message
+    laid out as the kernel lays out a VXLAN FDB entry (MAC, then an IPv4 destination,
+    first); None for anything else (then `messages` + `parse_neigh` read it).
+
+    The bulk of what the mirror hears in a join is the echo of its own FDB writes, one
+    datagram each: read at fixed offsets, without walking the attributes.
+    """
+    if len(data) < _FDB_NOTE.size:
+        return None
+    (length, kind, _flags, _seq, port, family, index, state, ndm_flags, _type,
+     ll_len, ll_type, mac, dst_len, dst_type, dst) = _FDB_NOTE.unpack_from(data, 0)  # fmt: skip
+    if (
+        length != len(data)
+        or (kind != RTM_NEWNEIGH and kind != RTM_DELNEIGH)
+        or ll_len != _FDB_LLADDR_LEN
+        or ll_type & NLA_TYPE_MASK != NDA_LLADDR
+        or dst_len != _FDB_DST_LEN
+        or dst_type & NLA_TYPE_MASK != NDA_DST
+    ):
+        return None
+    return kind, port, family, (index, ndm_flags, state, mac, dst)
+
+
 def neigh_family(data: bytes, start: int) -> int:
     return data[start]
 

@@ -37,6 +37,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
+from overlayd.dataplane.announce import Removed
 from overlayd.dataplane.commands import (
     AnnounceArp,
     AppendFlood,
@@ -66,7 +67,7 @@ from overlayd.dataplane.commands import (
 from overlayd.dataplane.desired import DesiredState
 from overlayd.dataplane.diff import diff, plan
 from overlayd.dataplane.kernel import Kernel, OpResult
-from overlayd.dataplane.kstate import Dirty, PortSpec, Tables
+from overlayd.dataplane.kstate import HOST_NS, Dirty, PortSpec, Tables
 from overlayd.dataplane.mirror import Mirror
 from overlayd.dataplane.monitor import INSIDE_GROUPS, RCVBUF, Monitor
 from overlayd.util.metrics import Metrics
@@ -145,6 +146,10 @@ class Reconciler:
         self.last_full: PassReport | None = None
         self.errors: deque[str] = deque(maxlen=50)
         self._ports_seen: set[str] = set()  # local endpoints' ports seen in the kernel, still wanted
+        # Remote addresses removed lately, with the MAC they were known by: a new neighbour
+        # entry is announced on the local bridge only if a local container may hold another
+        # MAC for its address (`dataplane.announce`).
+        self._removed = Removed()
         self._logged: dict[str, float] = {}  # failure line -> monotonic time it was last logged
         self._repeats: dict[str, int] = {}  # failure line -> times it recurred since
         self.passes = 0
@@ -226,8 +231,10 @@ class Reconciler:
     def start_monitor(self) -> None:
         """Subscribe to notifications (before the first dump, so nothing falls between)."""
         self._monitor.start()
-        # Entry writes go out on the kernel's raw socket: their echoes need no parsing.
+        # Entry writes go out on the kernel's raw socket: their neighbour echoes are dropped
+        # by the kernel (or, without the filter, not parsed).
         self.mirror.own_port = self._kernel.rtnl.port
+        self._monitor.ignore_echoes(self.mirror.own_port)
 
     def close(self) -> None:
         self._monitor.close()
@@ -325,7 +332,14 @@ class Reconciler:
         held = 0
         missing: list[PortSpec] = []
         if dirty:
-            result = plan(self.desired.tables, self.mirror.tables, dirty, hold_deletions=self.hold_deletions)
+            self._removed.expire()
+            result = plan(
+                self.desired.tables,
+                self.mirror.tables,
+                dirty,
+                hold_deletions=self.hold_deletions,
+                previous=self._removed,
+            )
             held = result.held
             # A port is missing only once it was there: an endpoint being added has its
             # record (and port) wanted a moment before its veth exists.
@@ -337,26 +351,27 @@ class Reconciler:
                     self._ports_seen.discard(name)
             if result.commands:
                 try:
-                    outcomes = await self._kernel.execute(result.commands)
+                    devices = self.mirror.vxlan_indexes()
+                    outcomes = await self._kernel.execute(result.commands, devices=devices)
                 except Exception as exc:  # a failed write must not kill the loop: retry
                     log.exception("kernel write failed")
                     outcomes = [OpResult(cmd, f"{exc}") for cmd in result.commands]
                 done: list[Command] = []
-                renewed: list[str] = []
-                for outcome in outcomes:
-                    if outcome.error is None:
-                        applied += 1
-                        self.mirror.assume(outcome.command)
-                        done.append(outcome.command)
-                        if isinstance(outcome.command, EnsureNetns | DeleteNetns):
-                            renewed.append(_netns_of(outcome.command))
+                for cmd, error in outcomes:
+                    if error is None:
+                        done.append(cmd)
                     else:
-                        errors.append(f"{describe(outcome.command)}: {outcome.error}")
-                        _mark(self._retry, outcome.command)
+                        errors.append(f"{describe(cmd)}: {error}")
+                        _mark(self._retry, cmd)
+                applied = len(done)
+                kinds = set(map(type, done))  # at C speed: the loops below run only if needed
+                self.mirror.assume_all(done)
+                self._remember(done, kinds)
                 if done and log.isEnabledFor(logging.DEBUG):
                     for cmd in done:
                         log.debug("applied: %s", describe(cmd))
-                if renewed:
+                if kinds & _NETNS_COMMANDS:
+                    renewed = [_netns_of(cmd) for cmd in done if isinstance(cmd, EnsureNetns | DeleteNetns)]
                     self._follow_namespaces(self.mirror.namespaces(), renew=renewed)
                 if done and self._on_applied is not None:
                     self._on_applied(done)
@@ -373,6 +388,23 @@ class Reconciler:
             for port in missing
         ]
         return self._report(trigger, kind, started, t0, applied, errors, held, reported)
+
+    def _remember(self, done: list[Command], kinds: set[type]) -> None:
+        """Remote addresses removed (and back) for `_removed`; `kinds`: the classes in `done`.
+        Deletions are few, and a join's additions are looked at only while something was
+        removed lately."""
+        removed = self._removed
+        if not removed and DeleteNeigh not in kinds and DeleteRoute not in kinds:
+            return
+        for cmd in done:
+            if type(cmd) is DeleteNeigh:
+                removed.removed(cmd.entry.ip, cmd.entry.mac)
+            elif type(cmd) is ReplaceNeigh:
+                removed.added(cmd.entry.ip)
+            elif type(cmd) is DeleteRoute:
+                netns, dst = cmd.key
+                if netns == HOST_NS and dst.prefixlen == 32:
+                    removed.removed(dst.network_address, "")  # the gateway answered for it
 
     def _log_failure(self, fmt: str, line: str) -> None:
         """The same failure is logged once per `_LOG_REPEAT_EVERY` seconds, with how often it
@@ -487,6 +519,9 @@ def differences(want: Tables, have: Tables) -> Dirty:
     out.forwarding = want.forwarding - have.forwarding
     out.nft = want.nft.keys() | have.nft.keys()
     return out
+
+
+_NETNS_COMMANDS: frozenset[type] = frozenset((EnsureNetns, DeleteNetns))
 
 
 def _netns_of(cmd: EnsureNetns | DeleteNetns) -> str:

@@ -21,11 +21,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
 
-from prometheus_client import Counter
+from prometheus_client import Counter as _Counter
 
 from overlayd.core.model import Endpoint
 from overlayd.core.view import Fact
@@ -134,7 +135,7 @@ class Health:
         self._metrics = metrics
         self._log = log  # the backend's own, so its lines keep their logger name
         self._up = False
-        self._events: dict[tuple[type, str], Counter] = {}
+        self._events: dict[tuple[type, str], _Counter] = {}
 
     @property
     def up(self) -> bool:
@@ -155,14 +156,26 @@ class Health:
     def count_event(self, fact: Fact, action: str) -> None:
         """One fact the watch delivered ("put" or "delete"), by record kind."""
         if self._metrics:
-            kind = type(fact)
-            child = self._events.get((kind, action))
-            if child is None:
-                # `labels()` costs microseconds, more than the rest of a watch event's accounting.
-                name = kind.__name__.removesuffix("Put").removesuffix("Deleted").lower()
-                child = self._metrics.store_watch_events.labels(kind=name, action=action)
-                self._events[(kind, action)] = child
-            child.inc()
+            self._event_counter(self._metrics, type(fact), action).inc()
+
+    def count_facts(self, facts: Iterable[Fact]) -> None:
+        """Facts a watch response delivered, counted once per record kind and action
+        (each `inc()` takes a lock: once per response, not per record). The action is
+        the fact's: a put or a deletion."""
+        if not self._metrics:
+            return
+        for kind, count in Counter(map(type, facts)).items():
+            action = "delete" if kind.__name__.endswith("Deleted") else "put"
+            self._event_counter(self._metrics, kind, action).inc(count)
+
+    def _event_counter(self, metrics: Metrics, kind: type, action: str) -> _Counter:
+        child = self._events.get((kind, action))
+        if child is None:
+            # `labels()` costs microseconds, more than the rest of a watch event's accounting.
+            name = kind.__name__.removesuffix("Put").removesuffix("Deleted").lower()
+            child = metrics.store_watch_events.labels(kind=name, action=action)
+            self._events[(kind, action)] = child
+        return child
 
 
 class RecordDecoder:

@@ -561,19 +561,17 @@ class EtcdStore(Store):
         the events of an endpoint's creation) are dropped by their key, before any decoding."""
         claims = self._claim_prefixes
         facts: list[Fact] = []
+        put = self._decoder.put
         for event in events:
             kv = event.kv
             raw = kv.key
             if raw.startswith(claims):
                 continue
             key = raw.decode(errors="replace")
-            if event.type == _DELETE:
-                action, fact = "delete", fact_for_delete(self._layout, key)
-            else:
-                action, fact = "put", self._decoder.put(key, kv.value)
+            fact = fact_for_delete(self._layout, key) if event.type == _DELETE else put(key, kv.value)
             if fact is not None:
-                self._health.count_event(fact, action)
                 facts.append(fact)
+        self._health.count_facts(facts)
         return facts
 
 

@@ -365,3 +365,33 @@ async def test_a_failing_write_is_retried_with_backoff_until_it_succeeds(host: s
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_the_monitor_filter_drops_only_the_neighbour_echoes_of_the_given_port(host: str) -> None:
+    """Our own neighbour writes never reach the mirror's socket; anyone else's do."""
+    seen: list[tuple[int, int, bytes]] = []  # (port, message type, destination)
+
+    def datagram(data: bytes) -> None:
+        for kind, _flags, _seq, start, end in nl.messages(data):
+            if kind in (nl.RTM_NEWNEIGH, nl.RTM_DELNEIGH):
+                raw = nl.parse_neigh(data, start, end)
+                if raw is not None:
+                    seen.append((nl.message_port(data, start), kind, raw[4]))
+
+    monitor = Monitor(netns=host, on_datagram=datagram, on_overrun=lambda: None)
+    monitor.start()
+    try:
+        async with Kernel(netns=host) as kernel:
+            assert monitor.ignore_echoes(kernel.rtnl.port)
+            link = await kernel.link("ul0")
+            assert link is not None
+            ours, theirs = IPv4Address("198.18.5.77"), IPv4Address("198.18.5.78")
+            message = nl.entry_message("replace_neigh", link.index, nl.mac_bytes("02:77:00:00:00:01"), ours)
+            assert await kernel.rtnl.batch([message]) == [(0, "")]
+            mac = "02:77:00:00:00:02"
+            run("ip", "-n", host, "neigh", "replace", str(theirs), "lladdr", mac, "dev", "ul0")
+            await wait_until(lambda: any(dst == theirs.packed for _, _, dst in seen), "iproute2's neighbour")
+            assert any(n["dst"] == str(ours) for n in neigh_show(host, "ul0"))  # ours was written
+            assert [dst for port, _, dst in seen if dst == ours.packed or port == kernel.rtnl.port] == []
+    finally:
+        monitor.close()

@@ -26,6 +26,7 @@ from overlayd.core.view import (
     NodeDeleted,
     NodePut,
 )
+from overlayd.dataplane.announce import Removed
 from overlayd.dataplane.commands import (
     AnnounceArp,
     AppendFlood,
@@ -1094,3 +1095,51 @@ def test_property_incremental_desired_and_dirty_plan_track_the_view() -> None:
                 expected.flood,
             )
             assert diff(scratch, kernel) == []
+
+
+# --- announcements given what was removed lately (the reconciler's rule) ---
+
+
+def announcements(cmds: list[Command]) -> list[AnnounceArp]:
+    return [c for c in cmds if isinstance(c, AnnounceArp)]
+
+
+def plan_all(after: ClusterView, have: KernelState, previous: Removed) -> list[Command]:
+    """`plan` over every key, as the reconciler calls it (with its memory of removals)."""
+    w, h = Tables.of(want(after)), Tables.of(have)
+    everything = Dirty()
+    everything.add_tables(w)
+    everything.add_tables(h)
+    return plan(w, h, everything, previous=previous).commands
+
+
+def test_new_addresses_nobody_had_are_not_announced() -> None:
+    before = base_view(A1)
+    after = base_view(A1, B1, B2, C1)
+    cmds = plan_all(after, converged(before), Removed())
+    assert [c for c in cmds if isinstance(c, ReplaceNeigh)] == [
+        ReplaceNeigh(NeighEntry(VX, A("10.1.0.11"), mac(11))),
+        ReplaceNeigh(NeighEntry(VX, A("10.1.0.12"), mac(12))),
+        ReplaceNeigh(NeighEntry(VX, A("10.1.0.21"), mac(21))),
+    ]
+    assert announcements(cmds) == []
+
+
+def test_an_address_whose_mac_changed_is_announced() -> None:
+    before = base_view(A1, B1, B2)
+    after = base_view(A1, B2, ep("c9", "10.1.0.11", "host-c", 88, created_at=5.0))
+    cmds = plan_all(after, converged(before), Removed())
+    assert announcements(cmds) == [AnnounceArp(BR, A("10.1.0.11"), mac(88))]
+
+
+def test_an_address_removed_lately_and_back_with_another_mac_is_announced() -> None:
+    removed = Removed()
+    removed.removed(A("10.1.0.11"), mac(11))
+    removed.removed(A("10.1.0.12"), mac(12))
+    before = base_view(A1)
+    # 10.1.0.11 comes back with another MAC (reused), 10.1.0.12 with its own (same endpoint).
+    after = base_view(A1, ep("c9", "10.1.0.11", "host-c", 88), B2)
+    cmds = plan_all(after, converged(before), removed)
+    assert announcements(cmds) == [AnnounceArp(BR, A("10.1.0.11"), mac(88))]
+    i = cmds.index(ReplaceNeigh(NeighEntry(VX, A("10.1.0.11"), mac(88))))
+    assert cmds[i + 1] == AnnounceArp(BR, A("10.1.0.11"), mac(88))

@@ -414,3 +414,25 @@ def test_a_bridge_port_s_bridge_family_messages_leave_it_as_it_is() -> None:
     assert m.tables.ports[port] == before
     m.apply_datagram(link_msg(nl.RTM_DELLINK, index, port, "overlayd:port:blue", "veth"))
     assert port not in m.tables.ports and port in m.dirty.links
+
+
+def test_an_fdb_notification_alone_reads_as_the_same_in_a_batch() -> None:
+    # Alone in its datagram (the echo of a write) it is read at fixed offsets; several in
+    # one datagram are walked message by message: the mirror ends the same either way.
+    msgs = [
+        fdb_msg(nl.RTM_NEWNEIGH, VX_INDEX, "02:00:00:00:00:01", A("198.18.0.12")),
+        fdb_msg(nl.RTM_NEWNEIGH, VX_INDEX, "00:00:00:00:00:00", A("198.18.0.12")),
+        fdb_msg(nl.RTM_NEWNEIGH, VX_INDEX, "02:00:00:00:00:02", A("198.18.0.13"), flags=0),  # the bridge's
+        fdb_msg(nl.RTM_NEWNEIGH, OTHER_INDEX, "02:00:00:00:00:03", A("198.18.0.13")),  # not our device
+        fdb_msg(nl.RTM_DELNEIGH, VX_INDEX, "02:00:00:00:00:01", A("198.18.0.12")),
+        fdb_msg(nl.RTM_NEWNEIGH, VX_INDEX, "02:00:00:00:00:04", A("198.18.0.14")),
+    ]
+    assert nl.lone_fdb_note(msgs[0]) is not None
+    alone, together = with_devices(), with_devices()
+    for msg in msgs:
+        alone.apply_datagram(msg)
+    together.apply_datagram(b"".join(msgs))
+    assert alone.tables.fdb == together.tables.fdb == {(VX, "02:00:00:00:00:04"): A("198.18.0.14")}
+    assert alone.tables.flood == together.tables.flood == {(VX, A("198.18.0.12"))}
+    assert alone.dirty == together.dirty
+    assert alone.notifications == together.notifications
