@@ -345,6 +345,7 @@ class Operations:
             except StoreError as exc:
                 raise Unavailable(str(exc)) from None
             await delete_local_endpoint(self._kernel, host_ifname=veth_name(network, name))
+            self._reconciler.local_endpoint_gone(endpoint.ip, endpoint.mac)
             await self._registry.remove(key)
         finally:
             self._busy.discard(key)

@@ -11,8 +11,9 @@ remembers the last kind for `WINDOW` seconds; the diff announces nothing
 else, so a host that joins with 10,000 new addresses sends no 10,000 ARPs
 to containers that never heard of them.
 
-Not seen here: an address that was a local endpoint's and comes back as a
-remote one (no kernel object of overlayd's names a local endpoint's IP).
+An address that was a local endpoint's and comes back as a remote one is
+told by the endpoint's removal (`Reconciler.local_endpoint_gone`): no kernel
+object of overlayd's names a local endpoint's IP.
 
 Past the window a container that still holds the old MAC (a stale entry it
 has not used since) re-validates it on first use: its unicast probe reaches

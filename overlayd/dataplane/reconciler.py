@@ -36,6 +36,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from ipaddress import IPv4Address
 
 from overlayd.dataplane.announce import Removed
 from overlayd.dataplane.commands import (
@@ -163,6 +164,14 @@ class Reconciler:
 
     def trigger(self) -> None:
         self._wake.set()
+
+    def local_endpoint_gone(self, ip: IPv4Address, mac: str) -> None:
+        """A local endpoint left: if its address comes back as a remote one, announce that.
+
+        Its neighbours on this bridge may have cached `mac` for `ip`, and no entry
+        of ours named the address (a local endpoint needs none), so only this says so.
+        """
+        self._removed.removed(ip, mac)
 
     def request_full(self, reason: str = "overrun") -> None:
         """Read and compare everything at the next pass (e.g. after a netlink overrun)."""

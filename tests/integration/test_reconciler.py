@@ -21,8 +21,9 @@ import pytest
 from test_kernel import RUN_PREFIX, VTEP, fdb_show, link_exists, link_show, neigh_show, run
 
 from overlayd.core.model import Endpoint, Network, Node
-from overlayd.core.view import ClusterView, EndpointPut, NetworkPut, NodePut
+from overlayd.core.view import ClusterView, EndpointDeleted, EndpointPut, NetworkPut, NodePut
 from overlayd.dataplane import netlink as nl
+from overlayd.dataplane.commands import Op
 from overlayd.dataplane.desired import DesiredState
 from overlayd.dataplane.endpoints import create_local_endpoint, delete_local_endpoint
 from overlayd.dataplane.kernel import Kernel
@@ -395,3 +396,43 @@ async def test_the_monitor_filter_drops_only_the_neighbour_echoes_of_the_given_p
             assert [dst for port, _, dst in seen if dst == ours.packed or port == kernel.rtnl.port] == []
     finally:
         monitor.close()
+
+
+async def test_an_address_a_local_endpoint_gave_up_is_announced_when_it_comes_back_remote(host: str) -> None:
+    """New addresses (a join) go in unannounced; one that local containers knew by a local
+    endpoint's MAC is announced when a remote endpoint takes it, with its new MAC."""
+    view = view_with(remote=4)
+    view.apply(EndpointPut(endpoint(299, LOCAL)))  # the network stays on this host after e1 goes
+    metrics = Metrics()
+
+    def announced() -> float:
+        # Sent or not: this bridge has no ports, so without carrier the send itself fails.
+        return sum(
+            metrics.registry.get_sample_value(
+                "overlayd_kernel_ops_total", {"kind": Op.ANNOUNCE_ARP.value, "result": result}
+            )
+            or 0.0
+            for result in ("ok", "error")
+        )
+
+    async with Kernel(netns=host, metrics=metrics) as kernel:
+        desired = DesiredState(view, local_node=LOCAL, local_vtep=VTEP, underlay_mtu=1500)
+        reconciler = Reconciler(kernel=kernel, desired=desired, metrics=metrics, verify_interval=3600)
+        await reconciler.reconcile_full("setup")
+        before = announced()
+
+        fresh = endpoint(300, "r0")  # an address nobody here knew
+        reconciler.desired.apply([d for d in [view.change(EndpointPut(fresh))] if d is not None])
+        await reconciler.reconcile("change")
+        assert fresh.mac in fdb_of(host)
+        assert announced() == before
+
+        local = endpoint(1, LOCAL)  # its container is gone; the address is taken elsewhere
+        reconciler.local_endpoint_gone(local.ip, local.mac)
+        taker = Endpoint(network=NET.name, name="taker", ip=local.ip, mac="02:43:00:00:ff:01", owner="r1")
+        deltas = [view.change(EndpointDeleted(local.key)), view.change(EndpointPut(taker))]
+        reconciler.desired.apply([d for d in deltas if d is not None])
+        await reconciler.reconcile("change")
+        assert taker.mac in fdb_of(host)
+        assert announced() == before + 1
+        reconciler.close()
