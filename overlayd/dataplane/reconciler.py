@@ -268,17 +268,19 @@ class Reconciler:
 
     async def _sleep(self) -> None:
         loop = asyncio.get_running_loop()
-        now = loop.time()
         deadline = self._full_at + self._verify_interval
         if self._retry_at is not None:
             deadline = min(deadline, self._retry_at)
         self._wake.clear()
         if self._has_work():
             return
+        # A timer that sets the event, not `wait_for`: no task per pass, and on Python 3.11
+        # `wait_for` could swallow a cancel that came as the event was set (a stop hung).
+        alarm = loop.call_at(deadline, self._wake.set)
         try:
-            await asyncio.wait_for(self._wake.wait(), max(0.0, deadline - now))
-        except TimeoutError:
-            pass
+            await self._wake.wait()
+        finally:
+            alarm.cancel()
         now = loop.time()
         if self._retry_at is not None and now >= self._retry_at:
             self._retry_at = None
