@@ -1064,14 +1064,6 @@ def _l3_netns(cmd: _L3Command) -> str:
     raise TypeError(f"not a layer 3 command: {cmd!r}")
 
 
-def entry_message(cmd: _EntryCommand, ifindex: int) -> bytes:
-    """The netlink request for one entry command, with sequence number 0."""
-    packer = _PACKERS.get(cmd.__class__)
-    if packer is None:
-        raise TypeError(f"not an entry command: {cmd!r}")
-    return packer(cmd, ifindex)
-
-
 def _replace_fdb(cmd: ReplaceFdb, ifindex: int) -> bytes:
     e = cmd.entry
     return nl.entry_message("replace_fdb", ifindex, nl.mac_bytes(e.mac), e.dst)
