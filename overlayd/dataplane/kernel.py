@@ -1033,9 +1033,9 @@ def _count(metrics: Metrics, done: list[OpResult]) -> None:
         kind = cls.op.value
         bad = failed.get(cls, 0)
         if count > bad:
-            metrics.kernel_ops.labels(kind=kind, result="ok").inc(count - bad)
+            metrics.kernel_ops_by(kind, "ok").inc(count - bad)
         if bad:
-            metrics.kernel_ops.labels(kind=kind, result="error").inc(bad)
+            metrics.kernel_ops_by(kind, "error").inc(bad)
 
 
 def _exists(name: str) -> bool:

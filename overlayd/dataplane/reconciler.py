@@ -445,8 +445,8 @@ class Reconciler:
         reported: Sequence[str] = (),
     ) -> PassReport:
         duration = time.perf_counter() - t0
-        self._metrics.reconcile_duration.labels(kind=kind).observe(duration)
-        self._metrics.reconciles.labels(trigger=trigger).inc()
+        self._metrics.reconcile_duration_of(kind).observe(duration)
+        self._metrics.reconciles_by(trigger).inc()
         report = PassReport(trigger, started, duration, applied, len(errors), kind, held, errors)
         self.passes += 1
         if applied or errors or kind == "full":

@@ -6,7 +6,12 @@ several daemons' parts in one process from colliding.
 
 from __future__ import annotations
 
+from typing import Generic, TypeVar
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
+
+M = TypeVar("M", bound=MetricWrapperBase)
 
 # Convergence is expected in milliseconds; the tail matters up to a lease TTL.
 _LATENCY_BUCKETS = (
@@ -31,6 +36,27 @@ _LATENCY_BUCKETS = (
 _PASS_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 
 
+class Labelled(Generic[M]):
+    """The children of a labelled metric, each looked up once.
+
+    `labels()` costs microseconds (it validates the values and takes a lock), and the
+    paths every change takes (a reconcile pass, a kernel batch) update the same few
+    children each time: a dict lookup instead is most of that saved.
+    """
+
+    __slots__ = ("_children", "_metric")
+
+    def __init__(self, metric: M) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], M] = {}
+
+    def __call__(self, *values: str) -> M:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -51,12 +77,15 @@ class Metrics:
         self.reconciles = Counter(
             "overlayd_reconciles_total", "Reconcile passes by trigger.", ["trigger"], registry=r
         )
+        self.reconcile_duration_of = Labelled(self.reconcile_duration)
+        self.reconciles_by = Labelled(self.reconciles)
         self.kernel_ops = Counter(
             "overlayd_kernel_ops_total",
             "Kernel operations by kind and result.",
             ["kind", "result"],
             registry=r,
         )
+        self.kernel_ops_by = Labelled(self.kernel_ops)
         self.store_watch_events = Counter(
             "overlayd_store_watch_events_total",
             "Events received from the KV store watch, by record kind and action.",
