@@ -135,16 +135,26 @@ class KvClaims:
             self._peering.publish_endpoint(endpoint)
 
     async def delete_endpoint(self, endpoint: Endpoint) -> None:
+        # The owner's gossip removal goes out first, not after the store's round trip: on
+        # every peer it withdraws the store's record of it too (`Admission`: an owner's
+        # tombstone), so the peers' kernels let go a store write and a watch event sooner.
+        if self._peering is not None:
+            self._peering.delete_endpoint(endpoint.key)
         if self.pending.creates.pop(endpoint.key, None) is None:
             try:
                 await self._store.delete_endpoint(endpoint)
             except StoreUnavailable as exc:
                 if self._peering is None:
                     raise
-                log.warning("%s: removal of %s goes out by gossip, stored later", exc, endpoint.key)
+                log.warning("%s: removal of %s went out by gossip, stored later", exc, endpoint.key)
                 self.pending.deletes[endpoint.key] = endpoint
-        if self._peering is not None:
-            self._peering.delete_endpoint(endpoint.key)
+            except StoreError:
+                # Refused (not unreachable): the endpoint stays, and so must its record on
+                # the peers that dropped it on the removal; published again, it is newer
+                # than the removal everywhere. The caller reports the refusal.
+                if self._peering is not None:
+                    self._peering.publish_endpoint(endpoint)
+                raise
         self._engine.from_own([EndpointDeleted(endpoint.key)])
 
     async def release(self) -> None:

@@ -186,7 +186,9 @@ class EtcdStore(Store):
             where = f"{endpoint.host}:{endpoint.port}"
             try:
                 await client.connect()
-                await client.get(b"\0overlayd-ping")  # connect() alone does not reach the server
+                # connect() alone does not reach the server. A key under our prefix: a user
+                # whose role grants that prefix alone (least privilege) may read nothing else.
+                await client.get(self._config.prefix.encode())
             except aetcd.exceptions.UnauthenticatedError as exc:
                 await _close_quietly(client)
                 raise StoreError(
