@@ -127,7 +127,9 @@ def own_announcement_needed(ip: IPv4Address, mac: str, *, removed: Removed, curr
       cache the old MAC without an announcement; each recovers by itself within
       about a minute (its entry stays trusted for up to 45 s, then 5 s of delay and
       3 unanswered unicast probes, then a broadcast query the new endpoint answers);
-    - likewise an entry cached longer ago than the window (see `WINDOW`).
+    - an address removed longer ago than the window, whose old MAC a container still
+      holds without having used it since: it re-validates the entry on first use
+      (5 s of delay, 3 unanswered unicast probes, then the broadcast query).
     """
     if current is not None and current != mac:
         return True
