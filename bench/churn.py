@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from bench.common import expected_view, overrun_note, remote_entries, vxlan_device
 from bench.context import Context, lab_key
 from bench.floors import FloorError, Scratch, kv_floor, udp_floor
+from bench.procstat import sample
 from bench.report import BenchResult, Figure
 from bench.stats import Summary, paired_sums
 from overlayd.api.client import ClientError
@@ -139,8 +140,14 @@ def measure(ctx: Context, lab: Lab, store: str, result: BenchResult) -> None:
     try:
         watch.expect(expected_view(lab, anchors, device, others)).wait(15.0)
         ctx.say(f"churn {LABEL[store]}: {len(names)} adds from {scale.churn_clients} clients")
+        cpu_before = _owner_cpu(owner)
         adds, errors, start = _add_all(ctx, lab, names)
+        cpu_after = _owner_cpu(owner)
         done = [a for a in adds if a is not None]
+        if cpu_before is not None and cpu_after is not None and done:
+            per_add = (cpu_after - cpu_before) / len(done) * 1e3
+            note = f"owner daemon CPU {per_add:.2f} ms per add (/proc, all threads)"
+            result.notes.append(f"{LABEL[store]}: {note}")
         wanted: dict[str, list[Entry]] = {h.netns: [] for h in others}
         for a in done:
             for h in others:
@@ -182,6 +189,16 @@ def measure(ctx: Context, lab: Lab, store: str, result: BenchResult) -> None:
         batch_seconds,
         withheld,
     )
+
+
+def _owner_cpu(owner: Host) -> float | None:
+    """CPU seconds the owner's daemon has used so far (None if it is not running)."""
+    if owner.proc is None:
+        return None
+    try:
+        return sample(owner.proc.pid).cpu_seconds
+    except OSError:
+        return None
 
 
 def _arrived(watch: KernelWatch, others: list[Host], device: str, vtep: str, add: Add) -> float:

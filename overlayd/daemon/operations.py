@@ -236,8 +236,10 @@ class Operations:
         try:
             endpoint = await self._claim(net, name, requested, netns, ifname)
             try:
-                await self._plumb(net, endpoint)
+                await self._plumb(net, endpoint, named=requested is not None)
             except BaseException as exc:
+                # It may have come up (and been heard) before it failed: remembered as a removal.
+                self._reconciler.local_endpoint_gone(endpoint.ip, endpoint.mac)
                 await self._unclaim(endpoint)
                 if isinstance(exc, KernelError):
                     raise BadRequest(str(exc)) from None
@@ -294,10 +296,26 @@ class Operations:
         except SubnetFull as exc:
             raise Conflict(str(exc)) from None
 
-    async def _plumb(self, net: Network, endpoint: Endpoint) -> None:
-        """Once the network's bridge and VXLAN device are up, the veth into the namespace."""
+    async def _plumb(self, net: Network, endpoint: Endpoint, *, named: bool) -> None:
+        """Once the network's bridge and VXLAN device are up, the veth into the namespace.
+
+        The endpoint announces its address (a gratuitous ARP, flooded to every port on this
+        host: its cost grows with the host's endpoints) where another MAC for it may be
+        cached here: in a network with a gateway (which talks to every endpoint, and whose
+        stale entry would cut the endpoint off from the outside), for an address the caller
+        named (typically one given back and taken again: announced even where the memory
+        of removals, lost in a restart, cannot tell), and for an address used lately with
+        another MAC (`announce.own_announcement_needed`). Decided with no wait between the
+        decision and the kernel work, so no removal can slip in between.
+        """
         bridge = bridge_name(net.vni)
-        await self._reconciler.wait_links([bridge, vxlan_name(net.vni)], timeout=_LINKS_TIMEOUT)
+        vxlan = vxlan_name(net.vni)
+        await self._reconciler.wait_links([bridge, vxlan], timeout=_LINKS_TIMEOUT)
+        announce = (
+            net.gateway is not None
+            or named
+            or self._reconciler.own_announcement_needed(vxlan, endpoint.ip, endpoint.mac)
+        )
         await create_local_endpoint(
             self._kernel,
             netns=endpoint.netns,
@@ -311,6 +329,7 @@ class Operations:
             bridge=bridge,
             bridge_index=self._reconciler.mirror.link_index(bridge),
             network=net.name,
+            announce=announce,
         )
 
     async def _unclaim(self, endpoint: Endpoint) -> None:
@@ -340,12 +359,14 @@ class Operations:
             raise Conflict(f"endpoint {key} is being changed by another request; try again")
         self._busy.add(key)
         try:
+            # Remembered before the address is free: an add may take it again at once, and
+            # must know that local containers may still hold this MAC for it.
+            self._reconciler.local_endpoint_gone(endpoint.ip, endpoint.mac)
             try:
                 await self._claims.delete_endpoint(endpoint)
             except StoreError as exc:
                 raise Unavailable(str(exc)) from None
             await delete_local_endpoint(self._kernel, host_ifname=veth_name(network, name))
-            self._reconciler.local_endpoint_gone(endpoint.ip, endpoint.mac)
             await self._registry.remove(key)
         finally:
             self._busy.discard(key)
@@ -379,6 +400,8 @@ class Operations:
         log.error("endpoint %s withdrawn from the overlay: %s", key, why)
         self._state.conflicts[key] = (endpoint, why)
         self._state.report_invalid(f"endpoint {key} withdrawn: {why}")
+        # Its neighbours here may hold its MAC for the address it gives up (see `endpoint_remove`).
+        self._reconciler.local_endpoint_gone(endpoint.ip, endpoint.mac)
         try:
             await self._claims.delete_endpoint(endpoint)
         except StoreError as exc:

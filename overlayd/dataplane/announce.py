@@ -18,11 +18,15 @@ object of overlayd's names a local endpoint's IP.
 Past the window a container that still holds the old MAC (a stale entry it
 has not used since) re-validates it on first use: its unicast probe reaches
 the VXLAN device, which answers from the new neighbour entry (`proxy`).
+
+The same memory tells a new *local* endpoint whether to announce its own
+address (`own_announcement_needed`): see there.
 Pure: no I/O; the clock is given.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from ipaddress import IPv4Address
@@ -46,6 +50,9 @@ class Removed(Mapping[IPv4Address, str]):
         self._clock = clock
         self._macs: dict[IPv4Address, str] = {}
         self._since: dict[IPv4Address, float] = {}  # insertion order is removal order
+        # Until then an address removed within the window may be missing: the limit pushed
+        # it out early.
+        self._partial_until = -math.inf
 
     def removed(self, key: IPv4Address, mac: str) -> None:
         """The address `key` (known by `mac`) left the kernel now."""
@@ -53,7 +60,15 @@ class Removed(Mapping[IPv4Address, str]):
         self._since[key] = self._clock()
         self._macs[key] = mac
         while len(self._since) > self._limit:
-            self._forget(next(iter(self._since)))
+            oldest = next(iter(self._since))
+            self._partial_until = max(self._partial_until, self._since[oldest] + self._window)
+            self._forget(oldest)
+
+    def complete(self) -> bool:
+        """Whether every address removed within the window is here (the limit pushed none of
+        them out early): only then does an address missing here prove it was not removed lately.
+        """
+        return self._clock() >= self._partial_until
 
     def added(self, key: IPv4Address) -> None:
         """The address `key` has a neighbour entry again: what it had before is announced or moot."""
@@ -87,3 +102,38 @@ class Removed(Mapping[IPv4Address, str]):
 
     def __len__(self) -> int:
         return len(self._macs)
+
+
+def own_announcement_needed(ip: IPv4Address, mac: str, *, removed: Removed, current: str | None) -> bool:
+    """Whether a new local endpoint (`ip`, `mac`) must announce itself (a gratuitous ARP).
+
+    The announcement is flooded to every port of the host's bridge (and each
+    namespace behind it processes it): per-add work that grows with the host's
+    endpoints. It matters only to a container that cached another MAC for `ip`,
+    which it can have only if `ip` was in use lately with another MAC on this
+    network: as a remote endpoint (`current`: the neighbour entry the mirror holds
+    for it on the network's VXLAN device, None if none; or, removed since, in
+    `removed`), as a local one (its removal is in `removed`,
+    `Reconciler.local_endpoint_gone`), or behind a routed network's gateway (in
+    `removed` with ""). The caller covers what this cannot see: a gateway on this
+    host caches every endpoint's MAC, and a named address is typically one given
+    back and taken again.
+
+    What it does not know, the announcement is sent for:
+    - `removed` pushed some address out early (`Removed.complete`);
+    - not known at all, hence not covered: removals before this daemon started (the
+      memory is not persisted). An address freed just before a restart and picked
+      again just after (the allocator starts over) reaches containers that still
+      cache the old MAC without an announcement; each recovers by itself within
+      about a minute (its entry stays trusted for up to 45 s, then 5 s of delay and
+      3 unanswered unicast probes, then a broadcast query the new endpoint answers);
+    - an address removed longer ago than the window, whose old MAC a container still
+      holds without having used it since: it re-validates the entry on first use
+      (5 s of delay, 3 unanswered unicast probes, then the broadcast query).
+    """
+    if current is not None and current != mac:
+        return True
+    if not removed.complete():
+        return True
+    previous = removed.get(ip)
+    return previous is not None and previous != mac

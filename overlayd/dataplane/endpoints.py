@@ -78,12 +78,19 @@ async def create_local_endpoint(
     bridge: str,
     network: str,
     bridge_index: int | None = None,
+    announce: bool = True,
 ) -> None:
     """Wire namespace `netns` (a name under /run/netns, or a path) to `bridge`.
 
     The bridge must exist already (the reconciler creates it from desired
     state; pass its ifindex if known, to save a lookup). Raises
     `KernelError` and leaves nothing behind on any failure.
+
+    `announce`: the endpoint broadcasts its address as it comes up (a gratuitous
+    ARP), for whoever may have cached another MAC for it. The bridge floods it to
+    every port on the host, and each endpoint's namespace processes it: kernel
+    work that grows with the endpoints on the host, on every add. The caller
+    knows when nobody can hold such a cache (`announce.own_announcement_needed`).
 
     Four netlink round trips: the veth pair is created, its peer born inside
     the namespace, named, with its MAC and MTU; the host side gets its
@@ -125,6 +132,7 @@ async def create_local_endpoint(
             gateway=gateway,
             bridge_index=bridge_index,
             alias=link_alias(network, "port"),
+            announce=announce,
         ),
     )
     try:
@@ -154,6 +162,7 @@ def _create_blocking(
     gateway: IPv4Address | None,
     bridge_index: int,
     alias: str,
+    announce: bool,
 ) -> None:
     """`create_local_endpoint`'s kernel work, in a worker thread (see `nlsync`)."""
     fd = _open_netns(netns)
@@ -175,7 +184,7 @@ def _create_blocking(
                     raise KernelError(
                         f"cannot put {host_ifname} on its bridge: {error_code_text(code, text)}"
                     )
-                _configure_inside(netns, fd, ifname, ip, prefixlen, gateway)
+                _configure_inside(netns, fd, ifname, ip, prefixlen, gateway, announce=announce)
             except BaseException as exc:
                 # All or nothing: the container side goes with the host side.
                 note = ""
@@ -245,7 +254,14 @@ def _port_request(host_ifname: str, alias: str, bridge_index: int, *, ipv6: bool
 
 
 def _configure_inside(
-    netns: str, netns_fd: int, ifname: str, ip: IPv4Address, prefixlen: int, gateway: IPv4Address | None
+    netns: str,
+    netns_fd: int,
+    ifname: str,
+    ip: IPv4Address,
+    prefixlen: int,
+    gateway: IPv4Address | None,
+    *,
+    announce: bool,
 ) -> None:
     """Inside the namespace: the peer's index, then everything else in one batch."""
     try:
@@ -261,20 +277,20 @@ def _configure_inside(
         # - no IPv6 link-local, before it is up: the address would have it multicast DAD, MLD
         #   reports and router solicitations for as long as it lives, each flooded to every
         #   port of the network on every host (see `nl.no_ipv6_link_local`);
-        # - arp_notify: coming up, the interface announces its address (a gratuitous ARP). A
-        #   gateway on this host (a routed bridge, a gateway namespace's gw0) may have cached
-        #   another MAC for it, of an endpoint that had the address before. Hence the address
-        #   before up too.
+        # - arp_notify (if `announce`): coming up, the interface announces its address (a
+        #   gratuitous ARP). A gateway or a container on this host may have cached another
+        #   MAC for it, of an endpoint that had the address before. Hence the address before
+        #   up too. Set either way: the namespace's default could be on.
         requests = [
             nl.no_ipv6_link_local(index),
-            nl.set_devconf(index, {nl.IPV4_DEVCONF_ARP_NOTIFY: 1}),
+            nl.set_devconf(index, {nl.IPV4_DEVCONF_ARP_NOTIFY: int(announce)}),
             nl.add_address(index, ip, prefixlen),
             nl.set_up(index),
             nl.set_up(nl.LOOPBACK_INDEX),
         ]
         what = [
             f"{ifname} without IPv6 link-local",
-            f"{ifname} announces itself",
+            f"{ifname} arp_notify {int(announce)}",
             f"address {ip}/{prefixlen}",
             f"{ifname} up",
             "loopback up",

@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 
-from overlayd.dataplane.announce import Removed
+from overlayd.dataplane.announce import Removed, own_announcement_needed
 from overlayd.dataplane.commands import (
     AnnounceArp,
     AppendFlood,
@@ -172,6 +172,12 @@ class Reconciler:
         of ours named the address (a local endpoint needs none), so only this says so.
         """
         self._removed.removed(ip, mac)
+
+    def own_announcement_needed(self, device: str, ip: IPv4Address, mac: str) -> bool:
+        """Whether a new local endpoint (`ip`, `mac`) on the network of VXLAN device `device`
+        must announce itself: see `announce.own_announcement_needed`."""
+        current = self.mirror.tables.neigh.get((device, ip))
+        return own_announcement_needed(ip, mac, removed=self._removed, current=current)
 
     def request_full(self, reason: str = "overrun") -> None:
         """Read and compare everything at the next pass (e.g. after a netlink overrun)."""

@@ -436,3 +436,26 @@ async def test_an_address_a_local_endpoint_gave_up_is_announced_when_it_comes_ba
         assert taker.mac in fdb_of(host)
         assert announced() == before + 1
         reconciler.close()
+
+
+async def test_a_new_local_endpoint_announces_itself_if_a_remote_one_had_its_address(host: str) -> None:
+    """The reconciler says whether a new local endpoint must announce its address: while a
+    remote endpoint's neighbour entry holds it with another MAC, and after that entry is
+    removed (a container here may still know that MAC); never for an address nobody had."""
+    view = view_with(remote=2)  # e2 and e3, remote
+    metrics = Metrics()
+    async with Kernel(netns=host, metrics=metrics) as kernel:
+        desired = DesiredState(view, local_node=LOCAL, local_vtep=VTEP, underlay_mtu=1500)
+        reconciler = Reconciler(kernel=kernel, desired=desired, metrics=metrics, verify_interval=3600)
+        await reconciler.reconcile_full("setup")
+        device, gone, fresh = VX, endpoint(2, "r0"), endpoint(300, LOCAL)
+        assert reconciler.own_announcement_needed(device, gone.ip, "02:43:00:00:ff:02")
+        assert not reconciler.own_announcement_needed(device, gone.ip, gone.mac)  # its own MAC
+        assert not reconciler.own_announcement_needed(device, fresh.ip, fresh.mac)
+
+        reconciler.desired.apply([d for d in [view.change(EndpointDeleted(gone.key))] if d is not None])
+        await reconciler.reconcile("change")
+        assert gone.ip not in {ip for _, ip in reconciler.mirror.tables.neigh}
+        assert reconciler.own_announcement_needed(device, gone.ip, "02:43:00:00:ff:02")
+        assert not reconciler.own_announcement_needed(device, fresh.ip, fresh.mac)
+        reconciler.close()

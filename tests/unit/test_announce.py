@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ipaddress import IPv4Address
 
-from overlayd.dataplane.announce import Removed
+from overlayd.dataplane.announce import Removed, own_announcement_needed
 
 A = IPv4Address
 K1, K2, K3 = A("10.0.0.1"), A("10.0.0.2"), A("10.0.0.3")
@@ -52,3 +52,43 @@ def test_holds_at_most_its_limit_the_oldest_going_first() -> None:
     removed.removed(K2, "02:00:00:00:00:02")
     removed.removed(K3, "02:00:00:00:00:03")
     assert list(removed) == [K2, K3]
+
+
+def test_an_address_pushed_out_by_the_limit_leaves_the_memory_partial_for_a_window() -> None:
+    clock = Clock()
+    removed = Removed(window=10.0, limit=2, clock=clock)
+    removed.removed(K1, "02:00:00:00:00:01")
+    clock.now = 3.0
+    removed.removed(K2, "02:00:00:00:00:02")
+    assert removed.complete()
+    removed.removed(K3, "02:00:00:00:00:03")  # K1 (removed at 0) goes 7 s early
+    assert not removed.complete()
+    clock.now = 9.9
+    assert not removed.complete()
+    clock.now = 10.0  # K1 would have expired by now anyway
+    assert removed.complete()
+
+
+MAC, OTHER = "02:00:00:00:00:01", "02:00:00:00:00:02"
+
+
+def test_a_new_local_endpoint_announces_itself_only_if_its_address_was_used_lately_with_another_mac() -> None:
+    removed = Removed()
+    assert not own_announcement_needed(K1, MAC, removed=removed, current=None)  # never used
+    # A neighbour entry (a remote endpoint) still holds it with another MAC; with ours: moot.
+    assert own_announcement_needed(K1, MAC, removed=removed, current=OTHER)
+    assert not own_announcement_needed(K1, MAC, removed=removed, current=MAC)
+    removed.removed(K1, OTHER)  # removed lately (remote or local) with another MAC
+    assert own_announcement_needed(K1, MAC, removed=removed, current=None)
+    assert not own_announcement_needed(K1, OTHER, removed=removed, current=None)
+    removed.removed(K2, "")  # a routed network's host route: containers knew the gateway's MAC
+    assert own_announcement_needed(K2, MAC, removed=removed, current=None)
+    assert not own_announcement_needed(K3, MAC, removed=removed, current=None)
+
+
+def test_a_partial_memory_proves_nothing_every_new_endpoint_announces_itself() -> None:
+    removed = Removed(limit=1)
+    removed.removed(K1, OTHER)
+    removed.removed(K2, OTHER)  # K1 pushed out early
+    assert own_announcement_needed(K1, MAC, removed=removed, current=None)
+    assert own_announcement_needed(K3, MAC, removed=removed, current=None)

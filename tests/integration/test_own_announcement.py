@@ -1,0 +1,65 @@
+"""A new endpoint announces its own address (a gratuitous ARP, flooded to every port of the
+host's bridge) only where a container here may have cached another MAC for it: real daemon,
+real kernel, the announcements seen on the bridge."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+from ipaddress import IPv4Address
+
+import pytest
+
+from overlayd.dataplane.kstate import bridge_name
+from overlayd.lab import Lab
+from overlayd.util.nsutil import socket_in_netns
+
+pytestmark = pytest.mark.root
+
+NET = "garp"
+
+
+def gratuitous_arps(sock: socket.socket) -> set[IPv4Address]:
+    """The addresses announced (ARP with sender IP = target IP) in the frames queued on `sock`."""
+    seen: set[IPv4Address] = set()
+    while True:
+        try:
+            frame = sock.recv(2048)
+        except BlockingIOError:
+            return seen
+        arp = frame[14:42]
+        if frame[12:14] == b"\x08\x06" and len(arp) == 28 and arp[14:18] == arp[24:28]:
+            seen.add(IPv4Address(arp[14:18]))
+
+
+def test_an_address_freed_and_taken_again_is_announced_and_a_fresh_one_is_not(
+    make_lab: Callable[..., Lab],
+) -> None:
+    """A /30 holds two endpoints, so the allocator must hand the first one's address out
+    again once it is removed. The fresh address goes in unannounced; the reused one, which a
+    container here may still know by the old MAC, is announced with the new one. The quiet
+    endpoint comes up first: once the later announcement is in, the earlier one's would be
+    too."""
+    lab = make_lab(1, store="gossip", up=False).up(demo=False)
+    client = lab.admin("h1")
+    vni = int(client.network_create(name=NET, subnet="10.77.0.0/30").vni)
+    first = lab.add_endpoint("h1", "g1", network=NET)
+    # The bridge exists once the host has an endpoint in the network.
+    sniffer = socket_in_netns(lab.host("h1").netns, socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806))
+    with sniffer:
+        sniffer.bind((bridge_name(vni), 0))
+        sniffer.setblocking(False)
+        fresh = lab.add_endpoint("h1", "g2", network=NET)
+        client.endpoint_remove(network=NET, name=first.name)
+        lab.forget_endpoint(first)
+        again = lab.add_endpoint("h1", "g3", network=NET)
+        assert again.ip == first.ip and again.mac != first.mac
+        seen: set[IPv4Address] = set()
+        deadline = time.monotonic() + 5.0
+        while IPv4Address(again.ip) not in seen and time.monotonic() < deadline:
+            time.sleep(0.05)
+            seen |= gratuitous_arps(sniffer)
+    assert seen == {IPv4Address(again.ip)}, (seen, fresh.ip, again.ip)
+    # Both reach each other: no announcement is needed for that.
+    assert lab.ping(fresh.netns, again.ip) and lab.ping(again.netns, fresh.ip)
