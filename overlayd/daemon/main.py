@@ -181,6 +181,7 @@ class Daemon:
                 hold_deletions=True,
             )
             self._reconciler = reconciler
+            reconciler.recall_local_removals(self.registry.recent_removals())
             self.engine.attach(desired, reconciler)
             self.engine.from_own(
                 [NodePut(self._self_node()), *(EndpointPut(ep) for ep in self.registry.all())]

@@ -11,6 +11,11 @@ rewrite of every endpoint, and changes made at the same time share one
 fsync (group commit), in a thread so the event loop never waits on the disk.
 The journal is folded into a new snapshot once it is longer than the
 snapshot itself. A torn last line (a crash mid-append) is ignored on load.
+
+Removals keep the address and MAC the endpoint had, and when it went, for
+`announce.WINDOW` (the snapshot carries those still that young): after a
+restart, a new endpoint given an address freed just before it still knows
+that local containers may cache the old MAC (`announce.Removed.recall`).
 """
 
 from __future__ import annotations
@@ -19,10 +24,13 @@ import asyncio
 import json
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
+from ipaddress import IPv4Address
 from pathlib import Path
 
 from overlayd.core.model import Endpoint, ValidationError
+from overlayd.dataplane.announce import WINDOW
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +43,8 @@ class LocalRegistry:
         self._path = self._dir / "endpoints.json"
         self._journal = self._dir / "endpoints.journal"
         self._endpoints: dict[str, Endpoint] = {}
+        # Removals younger than `WINDOW`, oldest first: (address, MAC, wall-clock time).
+        self._removals: list[tuple[str, str, float]] = []
         self._journal_lines = 0
         self._pending: list[str] = []
         self._lock = asyncio.Lock()
@@ -51,6 +61,8 @@ class LocalRegistry:
             raise RuntimeError(f"{self._path}: cannot read local endpoint registry: {exc}") from None
         for item in raw.get("endpoints", []):
             self._load_one(item)
+        for item in raw.get("removed", []):
+            self._load_removal(item)
         try:
             lines = self._journal.read_text().splitlines()
         except FileNotFoundError:
@@ -69,6 +81,7 @@ class LocalRegistry:
                 self._load_one(change["put"])
             elif "remove" in change:
                 self._endpoints.pop(str(change["remove"]), None)
+                self._load_removal(change)  # (a line of an older release has no address)
         self._journal_lines = len(lines)
 
     def _load_one(self, item: object) -> None:
@@ -78,6 +91,25 @@ class LocalRegistry:
             log.error("%s: skipping invalid entry: %s", self._path, exc)
             return
         self._endpoints[endpoint.key] = endpoint
+
+    def _load_removal(self, item: object) -> None:
+        """One remembered removal; anything malformed is only a lost hint, never an error."""
+        if not isinstance(item, dict):
+            return
+        ip, mac, at = item.get("ip"), item.get("mac"), item.get("at")
+        if not (isinstance(ip, str) and isinstance(mac, str) and isinstance(at, int | float)):
+            return
+        try:
+            IPv4Address(ip)
+        except ValueError:
+            return
+        self._removals.append((ip, mac, float(at)))
+
+    def recent_removals(self, now: float | None = None) -> list[tuple[IPv4Address, str, float]]:
+        """Removals younger than `WINDOW`, oldest first: (address, MAC, seconds ago)."""
+        now = time.time() if now is None else now
+        ordered = sorted(self._removals, key=lambda r: r[2])
+        return [(IPv4Address(ip), mac, now - at) for ip, mac, at in ordered if now - at < WINDOW]
 
     def all(self) -> list[Endpoint]:
         return list(self._endpoints.values())
@@ -97,13 +129,17 @@ class LocalRegistry:
         await self._persist(json.dumps({"put": endpoint.to_dict()}, sort_keys=True))
 
     async def remove(self, key: str) -> None:
-        if self._endpoints.pop(key, None) is not None:
-            await self._persist(json.dumps({"remove": key}))
+        endpoint = self._endpoints.pop(key, None)
+        if endpoint is not None:
+            removal = (str(endpoint.ip), endpoint.mac, time.time())
+            self._removals.append(removal)
+            ip, mac, at = removal
+            await self._persist(json.dumps({"remove": key, "ip": ip, "mac": mac, "at": at}))
 
     async def compact(self) -> None:
         """Fold the journal into the snapshot now (e.g. after a teardown emptied the registry)."""
         async with self._lock:
-            snapshot = [ep.to_dict() for ep in self._endpoints.values()]
+            snapshot = self._snapshot()
             batch, self._pending = self._pending, []
             await asyncio.get_running_loop().run_in_executor(self._writer, self._write, batch, snapshot)
 
@@ -115,16 +151,26 @@ class LocalRegistry:
             batch, self._pending = self._pending, []
             snapshot = None
             if self._journal_lines + len(batch) > max(_MIN_COMPACT, 2 * len(self._endpoints)):
-                snapshot = [ep.to_dict() for ep in self._endpoints.values()]
+                snapshot = self._snapshot()
             await asyncio.get_running_loop().run_in_executor(self._writer, self._write, batch, snapshot)
 
-    def _write(self, batch: list[str], snapshot: list[dict[str, object]] | None) -> None:
+    def _snapshot(self) -> dict[str, object]:
+        """What a new snapshot holds: every endpoint, and the removals younger than `WINDOW`
+        (older ones are forgotten here). Made on the event loop, written in the thread."""
+        now = time.time()
+        self._removals = [r for r in self._removals if now - r[2] < WINDOW]
+        return {
+            "endpoints": [ep.to_dict() for ep in self._endpoints.values()],
+            "removed": [{"ip": ip, "mac": mac, "at": at} for ip, mac, at in self._removals],
+        }
+
+    def _write(self, batch: list[str], snapshot: dict[str, object] | None) -> None:
         self._dir.mkdir(parents=True, exist_ok=True)
         if snapshot is not None:
             # The snapshot holds every change up to now, the batch included.
             tmp = self._path.with_suffix(".tmp")
             with open(tmp, "w") as f:
-                json.dump({"endpoints": snapshot}, f, indent=1, sort_keys=True)
+                json.dump(snapshot, f, indent=1, sort_keys=True)
                 f.flush()
                 os.fsync(f.fileno())
             tmp.replace(self._path)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from ipaddress import IPv4Address
 
 # Longer than a container's ARP entry stays trusted without a probe (reachable for
@@ -59,6 +59,23 @@ class Removed(Mapping[IPv4Address, str]):
         self._since.pop(key, None)  # to the end: removed last
         self._since[key] = self._clock()
         self._macs[key] = mac
+        self._trim()
+
+    def recall(self, removals: Iterable[tuple[IPv4Address, str, float]]) -> None:
+        """Removals of an earlier life, oldest first: (address, MAC, seconds ago).
+
+        Called once at start, before any removal of this life (the order of `_since` is
+        the order of removal). What is older than the window is not taken; a removal "in
+        the future" (the wall clock stepped back since) counts as one just now.
+        """
+        now = self._clock()
+        for key, mac, ago in removals:
+            if ago < self._window and key not in self._since:
+                self._since[key] = now - max(ago, 0.0)
+                self._macs[key] = mac
+        self._trim()
+
+    def _trim(self) -> None:
         while len(self._since) > self._limit:
             oldest = next(iter(self._since))
             self._partial_until = max(self._partial_until, self._since[oldest] + self._window)

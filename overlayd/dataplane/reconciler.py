@@ -173,6 +173,15 @@ class Reconciler:
         """
         self._removed.removed(ip, mac)
 
+    def recall_local_removals(self, removals: Iterable[tuple[IPv4Address, str, float]]) -> None:
+        """Local endpoints removed by an earlier life of the daemon, oldest first: (address,
+        MAC, seconds ago), from the local registry. A restart then forgets none of them."""
+        before = len(self._removed)
+        self._removed.recall(removals)
+        if len(self._removed) > before:
+            recalled = len(self._removed) - before
+            log.info("remembering %d local endpoint removals of the last minutes", recalled)
+
     def own_announcement_needed(self, device: str, ip: IPv4Address, mac: str) -> bool:
         """Whether a new local endpoint (`ip`, `mac`) on the network of VXLAN device `device`
         must announce itself: see `announce.own_announcement_needed`."""

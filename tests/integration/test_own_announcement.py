@@ -63,3 +63,30 @@ def test_an_address_freed_and_taken_again_is_announced_and_a_fresh_one_is_not(
     assert seen == {IPv4Address(again.ip)}, (seen, fresh.ip, again.ip)
     # Both reach each other: no announcement is needed for that.
     assert lab.ping(fresh.netns, again.ip) and lab.ping(again.netns, fresh.ip)
+
+
+def test_an_address_freed_before_a_crash_is_announced_after_it(make_lab: Callable[..., Lab]) -> None:
+    """The memory of removals outlives the daemon (the local registry keeps it): an address
+    freed just before a SIGKILL and handed out again just after the restart is announced.
+    (Two hosts: a restarted daemon takes adds once it has synced with a live peer.)"""
+    lab = make_lab(2, store="gossip", up=False).up(demo=False)
+    client = lab.admin("h1")
+    vni = int(client.network_create(name=NET, subnet="10.77.0.0/30").vni)
+    first = lab.add_endpoint("h1", "g1", network=NET)
+    lab.add_endpoint("h1", "g2", network=NET)
+    client.endpoint_remove(network=NET, name=first.name)
+    lab.forget_endpoint(first)
+    lab.kill_daemon("h1")
+    lab.start_daemon("h1")
+    sniffer = socket_in_netns(lab.host("h1").netns, socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806))
+    with sniffer:
+        sniffer.bind((bridge_name(vni), 0))
+        sniffer.setblocking(False)
+        again = lab.add_endpoint("h1", "g3", network=NET)
+        assert again.ip == first.ip and again.mac != first.mac
+        seen: set[IPv4Address] = set()
+        deadline = time.monotonic() + 5.0
+        while IPv4Address(again.ip) not in seen and time.monotonic() < deadline:
+            time.sleep(0.05)
+            seen |= gratuitous_arps(sniffer)
+    assert IPv4Address(again.ip) in seen

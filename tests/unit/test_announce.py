@@ -92,3 +92,17 @@ def test_a_partial_memory_proves_nothing_every_new_endpoint_announces_itself() -
     removed.removed(K2, OTHER)  # K1 pushed out early
     assert own_announcement_needed(K1, MAC, removed=removed, current=None)
     assert own_announcement_needed(K3, MAC, removed=removed, current=None)
+
+
+def test_recall_takes_an_earlier_lifes_removals_within_the_window() -> None:
+    now = [1000.0]
+    removed = Removed(window=600.0, clock=lambda: now[0])
+    old, young, future = IPv4Address("10.9.0.1"), IPv4Address("10.9.0.2"), IPv4Address("10.9.0.3")
+    removed.recall(
+        [(old, "02:00:00:00:00:01", 700.0), (young, "02:00:00:00:00:02", 100.0), (future, "", -5.0)]
+    )
+    assert old not in removed  # older than the window
+    assert removed.get(young) == "02:00:00:00:00:02" and removed.get(future) == ""
+    now[0] += 501.0  # the young one is 601 s old now; the one "from the future" 501 s
+    removed.expire()
+    assert young not in removed and future in removed

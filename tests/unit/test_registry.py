@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from ipaddress import IPv4Address
 from pathlib import Path
 
@@ -82,3 +83,45 @@ def test_a_corrupt_line_in_the_middle_is_an_error(tmp_path: Path) -> None:
 def test_the_snapshot_of_an_older_version_still_loads(tmp_path: Path) -> None:
     (tmp_path / "endpoints.json").write_text(json.dumps({"endpoints": [ep("old", 9).to_dict()]}))
     assert [e.key for e in reopened(tmp_path).all()] == ["blue/old"]
+
+
+async def test_removals_are_remembered_across_a_restart_for_the_window(tmp_path: Path) -> None:
+    """A removal keeps the address and MAC the endpoint had, from the journal and, once
+    folded, from the snapshot; older than `announce.WINDOW` it is forgotten."""
+    from overlayd.dataplane.announce import WINDOW
+
+    registry = LocalRegistry(str(tmp_path))
+    registry.load()
+    await registry.add(ep("a", 2))
+    await registry.add(ep("b", 3))
+    await registry.remove("blue/a")
+    await registry.remove("blue/b")
+    again = reopened(tmp_path)
+    recalled = again.recent_removals()
+    assert [(ip, mac) for ip, mac, _ in recalled] == [
+        (IPv4Address("10.1.0.2"), "02:00:00:00:00:02"),
+        (IPv4Address("10.1.0.3"), "02:00:00:00:00:03"),
+    ]
+    assert all(0 <= ago < 60 for _, _, ago in recalled)
+    await again.compact()  # into the snapshot, the journal emptied
+    assert json.loads((tmp_path / "endpoints.journal").read_text() or "null") is None
+    folded = reopened(tmp_path)
+    assert [ip for ip, _, _ in folded.recent_removals()] == [IPv4Address("10.1.0.2"), IPv4Address("10.1.0.3")]
+    later = folded.recent_removals(now=time.time() + WINDOW + 1)
+    assert later == []
+
+
+def test_malformed_or_older_removal_lines_are_only_lost_hints(tmp_path: Path) -> None:
+    """A journal of an older release (no address on its removals) and junk in the removal
+    fields load: the endpoint is removed, the hint skipped."""
+    snapshot = {"endpoints": [ep("a", 2).to_dict(), ep("b", 3).to_dict()]}
+    (tmp_path / "endpoints.json").write_text(json.dumps(snapshot))
+    lines = [
+        {"remove": "blue/a"},
+        {"remove": "blue/b", "ip": "not an ip", "mac": "02:00:00:00:00:03", "at": 1.0},
+        {"remove": "blue/c", "ip": "10.1.0.9", "mac": 7, "at": "x"},
+    ]
+    (tmp_path / "endpoints.journal").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    registry = reopened(tmp_path)
+    assert registry.all() == []
+    assert registry.recent_removals() == []
