@@ -304,7 +304,7 @@ class Operations:
         cached here: in a network with a gateway (which talks to every endpoint, and whose
         stale entry would cut the endpoint off from the outside), for an address the caller
         named (typically one given back and taken again: announced even where the memory
-        of removals, lost in a restart, cannot tell), and for an address used lately with
+        of removals cannot tell), and for an address used lately with
         another MAC (`announce.own_announcement_needed`). Decided with no wait between the
         decision and the kernel work, so no removal can slip in between.
         """

@@ -138,12 +138,13 @@ def own_announcement_needed(ip: IPv4Address, mac: str, *, removed: Removed, curr
 
     What it does not know, the announcement is sent for:
     - `removed` pushed some address out early (`Removed.complete`);
-    - not known at all, hence not covered: removals before this daemon started (the
-      memory is not persisted). An address freed just before a restart and picked
-      again just after (the allocator starts over) reaches containers that still
-      cache the old MAC without an announcement; each recovers by itself within
-      about a minute (its entry stays trusted for up to 45 s, then 5 s of delay and
-      3 unanswered unicast probes, then a broadcast query the new endpoint answers);
+    - not known at all, hence not covered: remote endpoints removed before this daemon
+      started (local ones it recalls from its registry, `Reconciler.recall_local_removals`).
+      A remote address freed just before a restart of this daemon and handed to a
+      local endpoint just after reaches containers here that still cache the old MAC
+      without an announcement; each recovers by itself within about a minute (its
+      entry stays trusted for up to 45 s, then 5 s of delay and 3 unanswered unicast
+      probes, then a broadcast query the new endpoint answers);
     - an address removed longer ago than the window, whose old MAC a container still
       holds without having used it since: it re-validates the entry on first use
       (5 s of delay, 3 unanswered unicast probes, then the broadcast query).
