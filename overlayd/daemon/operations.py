@@ -43,6 +43,7 @@ from overlayd.core.model import (
 from overlayd.daemon.engine import Engine
 from overlayd.daemon.registry import LocalRegistry
 from overlayd.daemon.runstate import RunState
+from overlayd.dataplane.commands import AnnounceArp
 from overlayd.dataplane.desired import overlay_mtu
 from overlayd.dataplane.endpoints import (
     create_local_endpoint,
@@ -331,6 +332,17 @@ class Operations:
             network=net.name,
             announce=announce,
         )
+        if announce:
+            # Sent again from the bridge, now that the port is in place. The endpoint's own
+            # announcement (arp_notify, as it comes up) did not always reach the bridge:
+            # under load, right after a restart, one add in two (likely the port's carrier,
+            # which the kernel turns on a moment after the peer comes up). From the bridge
+            # it reaches every port already forwarding: every container that may hold the
+            # old MAC. (The endpoint's own stays for a gateway on this bridge, which only
+            # an announcement coming in through a port updates.)
+            for _, error in await self._kernel.execute([AnnounceArp(bridge, endpoint.ip, endpoint.mac)]):
+                if error is not None:
+                    log.warning("endpoint %s: %s", endpoint.key, error)
 
     async def _unclaim(self, endpoint: Endpoint) -> None:
         """Undo `_claim` after a failure, so nothing stays half-created."""
