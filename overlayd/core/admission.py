@@ -302,13 +302,15 @@ class Admission:
         """Changes the store's watch reported, in its order."""
         out = Outcome()
         networks_changed = False
+        me, store, settle = self.node, self._store, self._settle
         for fact in facts:
+            if type(fact) is EndpointPut:  # nearly every fact of a watch: no match for it
+                put = fact.endpoint
+                if put.owner != me:
+                    store[put.key] = put
+                    settle(put.key, out)
+                continue
             match fact:
-                case EndpointPut(ep):
-                    if ep.owner == self.node:
-                        continue
-                    self._store[ep.key] = ep
-                    self._settle(ep.key, out)
                 case EndpointDeleted(key):
                     self._released.pop(key, None)
                     if self._store.pop(key, None) is not None:
@@ -484,6 +486,8 @@ class Admission:
         new = self._best(key)
         if old is new:
             return
+        if old is None and new is not None and self._first_holder(key, new, out):
+            return
         if old is not None and new is not None and old == new:
             self._winner[key] = new  # the same claim heard again: nothing changes
             return
@@ -532,6 +536,24 @@ class Admission:
                 out.deltas.append(delta)
         for k, ep in shown.items():
             self._check_own(k, ep, out)
+
+    def _first_holder(self, key: str, claim: _Claim, out: Outcome) -> bool:
+        """A key heard of for the first time whose addresses nobody holds (every record of a
+        join): it holds them and is shown, at no more cost than that. False, and nothing
+        changed, if anyone holds either address (then `_settle` weighs them all)."""
+        ep = claim[1]
+        ip_group, mac_group = _groups(ep)
+        by_addr = self._by_addr
+        if ip_group in by_addr or mac_group in by_addr:
+            return False
+        self._winner[key] = claim
+        by_addr[ip_group] = key
+        by_addr[mac_group] = key
+        delta = self.view.put_endpoint(ep)
+        if delta is not None:
+            out.deltas.append(delta)
+        self._check_own(key, ep, out)
+        return True
 
     def _sole(self, key: str, ep: Endpoint) -> bool:
         """`key` is the only holder of both of `ep`'s addresses."""

@@ -170,9 +170,9 @@ class ClusterView:
     def put_endpoint(self, endpoint: Endpoint) -> EndpointChanged | None:
         key = endpoint.key
         old = self.endpoints.get(key)
-        if old == endpoint:
-            return None
-        if old is not None:
+        if old is not None:  # (not `old == endpoint` first: None == a record is a slow False)
+            if old == endpoint:
+                return None
             self._unindex(old)
         self.endpoints[key] = endpoint
         self._index(endpoint)
