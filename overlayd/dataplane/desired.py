@@ -54,6 +54,7 @@ from typing import Generic, TypeVar
 
 from overlayd.core.model import (
     EGRESS_VNI_MAX,
+    MODE_ROUTED,
     VXLAN_OVERHEAD,
     Endpoint,
     Network,
@@ -180,15 +181,21 @@ class _Claimed(Generic[K, V]):
         self._dirty.add(key)
 
 
-@dataclass(frozen=True, slots=True)
 class _Remote:
-    """What one remote endpoint contributes: kept so that it can be taken back exactly."""
+    """What one remote endpoint contributes: kept so that it can be taken back exactly.
 
-    device: str
-    mac: str
-    ip: IPv4Address
-    vtep: IPv4Address
-    direct: bool  # routed without encapsulation: a host route, nothing on the VXLAN device
+    A plain class, not a frozen dataclass: one is made per remote endpoint (10,000 in a
+    join), and a frozen dataclass sets each field through `object.__setattr__`.
+    """
+
+    __slots__ = ("device", "direct", "ip", "mac", "vtep")
+
+    def __init__(self, device: str, mac: str, ip: IPv4Address, vtep: IPv4Address, direct: bool) -> None:
+        self.device = device
+        self.mac = mac
+        self.ip = ip
+        self.vtep = vtep
+        self.direct = direct  # routed without encapsulation: a host route, nothing on the VXLAN device
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,12 +262,13 @@ class DesiredState:
 
     def apply(self, deltas: Iterable[Delta]) -> None:
         for delta in deltas:
+            if type(delta) is EndpointChanged:  # nearly every delta: no match for it
+                if delta.old is not None:
+                    self._endpoint_removed(delta.old)
+                if delta.new is not None:
+                    self._endpoint_added(delta.new)
+                continue
             match delta:
-                case EndpointChanged(old, new):
-                    if old is not None:
-                        self._endpoint_removed(old)
-                    if new is not None:
-                        self._endpoint_added(new)
                 case NodeChanged(old, new):
                     self._node_changed(delta.name)
                 case NetworkChanged(old, new):
@@ -553,22 +561,29 @@ class DesiredState:
             # local in all but name: nothing to tunnel to.
             return
         network = self._instantiated[ep.network]
-        if ep.key in self._remote:
-            self._drop_remote(ep.key)  # a replace: take back what the older record gave
-        direct = self._routes_on(network) and self.path_to(node.vtep) == PATH_DIRECT
+        key = ep.key
+        if key in self._remote:
+            self._drop_remote(key)  # a replace: take back what the older record gave
+        # `mode` first: a VXLAN network (most) never routes, and `_routes_on` formats a name.
+        direct = (
+            network.mode == MODE_ROUTED
+            and self._routes_on(network)
+            and self.path_to(node.vtep) == PATH_DIRECT
+        )
         # One device-name string per VNI, shared by every entry on it (a fresh one per
         # endpoint would be ~60 bytes each, kept in the remote, the FDB and the neighbour key).
-        device = _device_names.setdefault(network.vni, vxlan_name(network.vni))
-        remote = _Remote(device, ep.mac, ep.ip, node.vtep, direct)
-        key = ep.key
-        self._remote[key] = remote
+        device = _device_names.get(network.vni) or _device_names.setdefault(
+            network.vni, vxlan_name(network.vni)
+        )
+        vtep = node.vtep
+        self._remote[key] = _Remote(device, ep.mac, ep.ip, vtep, direct)
         if direct:
-            route = RouteSpec(self.underlay_ifname, node.vtep, bridge_name(network.vni), gateway_mac(network))
+            route = RouteSpec(self.underlay_ifname, vtep, bridge_name(network.vni), gateway_mac(network))
             self._routes.claim((HOST_NS, IPv4Network(f"{ep.ip}/32")), key, route)
             return
-        self._fdb.claim((remote.device, remote.mac), key, remote.vtep)
-        self._neigh.claim((remote.device, remote.ip), key, remote.mac)
-        flood = (remote.device, remote.vtep)
+        self._fdb.claim((device, ep.mac), key, vtep)
+        self._neigh.claim((device, ep.ip), key, ep.mac)
+        flood = (device, vtep)
         refs = self._flood_refs.get(flood, 0)
         self._flood_refs[flood] = refs + 1
         if refs == 0:
