@@ -40,6 +40,9 @@ EGRESS_VNI_MAX = 2**22 - 1
 # Matched with fullmatch: `$` would also accept a trailing newline.
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _MAC_RE = re.compile(r"([0-9a-f]{2}:){5}[0-9a-f]{2}")
+# A MAC `parse_mac` accepts as it is: lower case, unicast (bit 0x01 clear) and locally
+# administered (bit 0x02 set) in the first octet.
+_UNICAST_LAA_RE = re.compile(r"[0-9a-f][26ae](:[0-9a-f]{2}){5}")
 
 
 class Ip4(IPv4Address):
@@ -366,11 +369,15 @@ class Endpoint:
 
     @classmethod
     def from_dict(cls, data: object) -> Endpoint:
+        if data.__class__ is dict:
+            ep = cls._from_common_dict(data)
+            if ep is not None:
+                return ep
         d = _as_dict(data, "endpoint")
-        # Each field is checked once, in the order the constructor checks them, and the
-        # record built without checking them again (`_checked`): a join decodes thousands
-        # of records in a row. Network, owner and interface names repeat across them: each
-        # record keeps a shared copy (`validate_name`, `sys.intern`), not its own.
+        # Each field is checked once, in the order from_dict always checked them, and the
+        # record built without checking them again (`_checked`). Network, owner and interface
+        # names repeat across records: each record keeps a shared copy (`validate_name`,
+        # `sys.intern`), not its own.
         network = validate_name(_require(d, "network", "endpoint"), "network name")
         name = _require(d, "name", "endpoint")
         ip = parse_ipv4(_require(d, "ip", "endpoint"), "endpoint IP")
@@ -389,6 +396,55 @@ class Endpoint:
             created_at,
             sys.intern(str(d.get("netns") or "")),
             sys.intern(str(d.get("ifname") or "eth0")),
+        )
+
+    @classmethod
+    def _from_common_dict(cls, d: dict[str, Any]) -> Endpoint | None:
+        """The record `d` holds if it has the shape every writer of ours gives it, checked
+        inline; None for anything else, valid or not, which `from_dict`'s checks then
+        accept or reject with the field named. A join decodes thousands of records in a
+        row: their network and owner are names checked before (`_VALID_NAMES`), the
+        rest is matched here without a call per field.
+        """
+        get = d.get
+        network, owner, name, mac = get("network"), get("owner"), get("name"), get("mac")
+        ip, created_at, version = get("ip"), get("created_at", 0.0), get("version", 1)
+        if not (
+            network.__class__ is str
+            and owner.__class__ is str
+            and name.__class__ is str
+            and mac.__class__ is str
+            and ip.__class__ is str
+            and created_at.__class__ is float
+            and version.__class__ is int
+            and version >= 1
+        ):
+            return None
+        network, owner = _VALID_NAMES.get(network), _VALID_NAMES.get(owner)
+        if (
+            network is None
+            or owner is None
+            or not _NAME_RE.fullmatch(name)
+            or not _UNICAST_LAA_RE.fullmatch(mac)
+        ):
+            return None
+        try:
+            packed = socket.inet_pton(socket.AF_INET, ip)
+        except OSError:
+            return None
+        netns, ifname = get("netns") or "", get("ifname") or "eth0"
+        if netns.__class__ is not str or ifname.__class__ is not str:
+            return None
+        return cls._checked(
+            network,
+            name,
+            Ip4._of_int(int.from_bytes(packed, "big")),
+            mac,
+            owner,
+            version,
+            created_at,
+            sys.intern(netns),
+            sys.intern(ifname),
         )
 
     @classmethod
