@@ -131,14 +131,13 @@ class Engine:
         if not self._unprogrammed or self.desired is None:
             return
         now = time.time()
-        holder_of, unprogrammed = self.desired.holder_of_mac, self._unprogrammed
+        holders, unprogrammed = self.desired.fdb_holders(), self._unprogrammed
         latency: Histogram | None = None
         latency_path = ""
         for cmd in commands:
             if type(cmd) is not ReplaceFdb:
                 continue
-            entry = cmd.entry
-            key = holder_of(entry.device, entry.mac)
+            key = holders.get(cmd.entry[:2])  # (device, mac)
             if key is None:
                 continue
             pending = unprogrammed.pop(key, None)

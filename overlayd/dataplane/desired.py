@@ -47,7 +47,7 @@ wants it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import Generic, TypeVar
@@ -58,6 +58,7 @@ from overlayd.core.model import (
     VXLAN_OVERHEAD,
     Endpoint,
     Network,
+    Node,
     routed_overlap,
     stable_mac,
 )
@@ -151,9 +152,9 @@ class _Claimed(Generic[K, V]):
         self._dirty = dirty
 
     def claim(self, key: K, who: str, value: V) -> None:
-        holder = self._holder.get(key)
-        if holder is None or holder == who:
-            self._holder[key] = who
+        # One lookup that also takes a free key: a neighbour key hashes its address in Python.
+        holder = self._holder.setdefault(key, who)
+        if holder == who:
             self.table[key] = value
             self._dirty.add(key)
         else:
@@ -247,6 +248,7 @@ class DesiredState:
         self._routes: _Claimed[RouteKey, RouteSpec] = _Claimed(self.tables.routes, self.dirty.routes)
         self._flood_refs: dict[FloodKey, int] = {}
         self._remote: dict[str, _Remote] = {}  # endpoint key -> its entries
+        self._last_node: tuple[Node, bool] | None = None  # `_on_local_vtep`'s last answer
         self._local_count: dict[str, int] = {}  # network -> local endpoints in it
         self._instantiated: dict[str, Network] = {}  # network name -> as instantiated
         self._gateways: dict[str, _Gateway] = {}  # network name -> its gateway side here
@@ -555,7 +557,7 @@ class DesiredState:
 
     def _add_remote(self, ep: Endpoint) -> None:
         node = self.view.nodes.get(ep.owner)
-        if node is None or node.vtep == self.local_vtep:
+        if node is None or self._on_local_vtep(node):
             # Without the owner's node record we do not know where to send; the
             # entries appear as soon as it arrives. A record on our own VTEP is
             # local in all but name: nothing to tunnel to.
@@ -590,6 +592,16 @@ class DesiredState:
             self.tables.flood.add(flood)
             self.dirty.flood.add(flood)
 
+    def _on_local_vtep(self, node: Node) -> bool:
+        # Asked once per remote endpoint, nearly always of the node asked about last (a
+        # join's thousands of one owner): remembered, with no address comparison per call.
+        last = self._last_node
+        if last is not None and last[0] is node:
+            return last[1]
+        local = node.vtep == self.local_vtep
+        self._last_node = (node, local)
+        return local
+
     def _drop_remote(self, key: str) -> None:
         remote = self._remote.pop(key, None)
         if remote is None:
@@ -613,6 +625,10 @@ class DesiredState:
     def holder_of_mac(self, device: str, mac: str) -> str | None:
         """The endpoint key whose FDB entry (device, mac) is, or None."""
         return self._fdb._holder.get((device, mac))
+
+    def fdb_holders(self) -> Mapping[FdbKey, str]:
+        """The endpoint key per FDB entry (device, mac): `holder_of_mac` for a whole batch."""
+        return self._fdb._holder
 
     def holder_of_route(self, key: RouteKey) -> str | None:
         """The endpoint key whose host route `key` is (routed mode), or None."""
