@@ -50,6 +50,7 @@ import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from types import MappingProxyType
 from typing import Generic, TypeVar
 
 from overlayd.core.model import (
@@ -622,13 +623,10 @@ class DesiredState:
 
     # --- asking ---
 
-    def holder_of_mac(self, device: str, mac: str) -> str | None:
-        """The endpoint key whose FDB entry (device, mac) is, or None."""
-        return self._fdb._holder.get((device, mac))
-
     def fdb_holders(self) -> Mapping[FdbKey, str]:
-        """The endpoint key per FDB entry (device, mac): `holder_of_mac` for a whole batch."""
-        return self._fdb._holder
+        """The endpoint key whose FDB entry each (device, mac) is (read-only; the engine
+        looks up a whole batch of applied entries in it)."""
+        return MappingProxyType(self._fdb._holder)
 
     def holder_of_route(self, key: RouteKey) -> str | None:
         """The endpoint key whose host route `key` is (routed mode), or None."""
