@@ -79,6 +79,11 @@ class Tier(IntEnum):
     CONFIRMED = 3
 
 
+# The members as module constants for the per-endpoint paths: `Tier.STORE` goes through
+# the enum's class machinery on every read (Python 3.11), several times slower than a global.
+_GOSSIP, _STORE, _CONFIRMED = Tier.GOSSIP, Tier.STORE, Tier.CONFIRMED
+
+
 # --- gossip facts: what peers say ---------------------------------------------
 
 
@@ -195,7 +200,7 @@ def _groups(ep: Endpoint) -> tuple[_Group, _Group]:
 
 def rank(tier: Tier, created_at: float, owner: str, name: str) -> tuple[int, float, str, str]:
     """Sort key of a claim: the smallest wins (see the module docstring)."""
-    order = created_at if tier == Tier.GOSSIP else -created_at
+    order = created_at if tier == _GOSSIP else -created_at
     return (-tier, order, owner, name)
 
 
@@ -302,13 +307,15 @@ class Admission:
         """Changes the store's watch reported, in its order."""
         out = Outcome()
         networks_changed = False
+        me, store, settle = self.node, self._store, self._settle
         for fact in facts:
+            if type(fact) is EndpointPut:  # nearly every fact of a watch: no match for it
+                put = fact.endpoint
+                if put.owner != me:
+                    store[put.key] = put
+                    settle(put.key, out)
+                continue
             match fact:
-                case EndpointPut(ep):
-                    if ep.owner == self.node:
-                        continue
-                    self._store[ep.key] = ep
-                    self._settle(ep.key, out)
                 case EndpointDeleted(key):
                     self._released.pop(key, None)
                     if self._store.pop(key, None) is not None:
@@ -455,13 +462,13 @@ class Admission:
     def _claims(self, key: str) -> Iterator[_Claim]:
         own = self._own.get(key)
         if own is not None:
-            yield (Tier.CONFIRMED, own)
+            yield (_CONFIRMED, own)
         stored = self._store.get(key)
         if stored is not None and not self._withdrawn(stored):
-            yield (Tier.STORE, stored)
+            yield (_STORE, stored)
         for owner, ep in self._gossip.get(key, {}).items():
             if self.is_admissible(owner):
-                yield (Tier.GOSSIP, ep)
+                yield (_GOSSIP, ep)
 
     def _withdrawn(self, stored: Endpoint) -> bool:
         """The store's record is one its owner has withdrawn by gossip since."""
@@ -473,9 +480,9 @@ class Admission:
         if gossip is None and key not in self._released:  # the common case: one source, no ranking
             own = self._own.get(key)
             if own is not None:
-                return (Tier.CONFIRMED, own)
+                return (_CONFIRMED, own)
             stored = self._store.get(key)
-            return (Tier.STORE, stored) if stored is not None else None
+            return (_STORE, stored) if stored is not None else None
         return min(self._claims(key), key=_endpoint_rank, default=None)
 
     def _settle(self, key: str, out: Outcome) -> None:
@@ -483,6 +490,8 @@ class Admission:
         old = self._winner.get(key)
         new = self._best(key)
         if old is new:
+            return
+        if old is None and new is not None and self._first_holder(key, new, out):
             return
         if old is not None and new is not None and old == new:
             self._winner[key] = new  # the same claim heard again: nothing changes
@@ -532,6 +541,24 @@ class Admission:
                 out.deltas.append(delta)
         for k, ep in shown.items():
             self._check_own(k, ep, out)
+
+    def _first_holder(self, key: str, claim: _Claim, out: Outcome) -> bool:
+        """A key heard of for the first time whose addresses nobody holds (every record of a
+        join): it holds them and is shown, at no more cost than that. False, and nothing
+        changed, if anyone holds either address (then `_settle` weighs them all)."""
+        ep = claim[1]
+        ip_group, mac_group = _groups(ep)
+        by_addr = self._by_addr
+        if ip_group in by_addr or mac_group in by_addr:
+            return False
+        self._winner[key] = claim
+        by_addr[ip_group] = key
+        by_addr[mac_group] = key
+        delta = self.view.put_endpoint(ep)
+        if delta is not None:
+            out.deltas.append(delta)
+        self._check_own(key, ep, out)
+        return True
 
     def _sole(self, key: str, ep: Endpoint) -> bool:
         """`key` is the only holder of both of `ep`'s addresses."""

@@ -40,6 +40,9 @@ EGRESS_VNI_MAX = 2**22 - 1
 # Matched with fullmatch: `$` would also accept a trailing newline.
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _MAC_RE = re.compile(r"([0-9a-f]{2}:){5}[0-9a-f]{2}")
+# A MAC `parse_mac` accepts as it is: lower case, unicast (bit 0x01 clear) and locally
+# administered (bit 0x02 set) in the first octet.
+_UNICAST_LAA_RE = re.compile(r"[0-9a-f][26ae](:[0-9a-f]{2}){5}")
 
 
 class Ip4(IPv4Address):
@@ -57,6 +60,15 @@ class Ip4(IPv4Address):
     def __init__(self, address: int | str | bytes) -> None:
         super().__init__(address)
         self._hash = hash(hex(int(self)))
+
+    @classmethod
+    def _of_int(cls, value: int) -> Ip4:
+        """The address `value`, already known to be in 0..2**32-1 (from four packed bytes):
+        without `IPv4Address.__init__`'s checks, once per endpoint decoded."""
+        ip = cls.__new__(cls)
+        ip._ip = value  # type: ignore[attr-defined]
+        ip._hash = hash(hex(value))
+        return ip
 
     def __hash__(self) -> int:
         return self._hash
@@ -93,14 +105,19 @@ def validate_name(value: object, what: str) -> str:
         known = _VALID_NAMES.get(value)
         if known is not None:
             return known
+    value = _valid_name(value, what)
+    if len(_VALID_NAMES) >= _VALID_NAMES_MAX:
+        _VALID_NAMES.clear()
+    _VALID_NAMES[value] = value
+    return value
+
+
+def _valid_name(value: object, what: str) -> str:
     if not isinstance(value, str) or not _NAME_RE.fullmatch(value):
         raise ValidationError(
             f"invalid {what} {value!r}: use 1-63 characters of letters, digits, '_', '.', '-', "
             "starting with a letter or digit"
         )
-    if len(_VALID_NAMES) >= _VALID_NAMES_MAX:
-        _VALID_NAMES.clear()
-    _VALID_NAMES[value] = value
     return value
 
 
@@ -142,7 +159,7 @@ def parse_ipv4(value: object, what: str) -> IPv4Address:
         except OSError:
             pass
         else:
-            return Ip4(int.from_bytes(packed, "big"))
+            return Ip4._of_int(int.from_bytes(packed, "big"))
     try:
         return Ip4(str(value))
     except ValueError:
@@ -182,10 +199,6 @@ def stable_mac(*parts: str) -> str:
 
 def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _require(data: dict[str, Any], key: str, kind: str) -> Any:
@@ -326,22 +339,20 @@ class Endpoint:
     # Where the endpoint lives on its owner (namespace name or path, interface name).
     netns: str = ""
     ifname: str = "eth0"
-    extra: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
     # "network/name", computed once: it is looked up several times per change.
     key: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        validate_name(self.network, "network name")
-        validate_name(self.name, "endpoint name")
-        object.__setattr__(self, "key", endpoint_key(self.network, self.name))
-        validate_name(self.owner, "owner node name")
-        object.__setattr__(self, "ip", parse_ipv4(self.ip, "endpoint IP"))
-        object.__setattr__(self, "mac", parse_mac(self.mac))
-        if not _is_number(self.created_at):
-            raise ValidationError(f"invalid created_at {self.created_at!r}")
-        object.__setattr__(self, "created_at", float(self.created_at))
-        if not _is_int(self.version) or self.version < 1:
-            raise ValidationError(f"invalid endpoint version {self.version!r}")
+        network, name, owner, ip, mac, created_at, _version = _checked_endpoint(
+            self.network, self.name, self.owner, self.ip, self.mac, self.created_at, self.version
+        )
+        # The checked names are the shared copies of equal ones (`validate_name`).
+        object.__setattr__(self, "network", network)
+        object.__setattr__(self, "owner", owner)
+        object.__setattr__(self, "key", endpoint_key(network, name))
+        object.__setattr__(self, "ip", ip)
+        object.__setattr__(self, "mac", mac)
+        object.__setattr__(self, "created_at", created_at)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -358,20 +369,127 @@ class Endpoint:
 
     @classmethod
     def from_dict(cls, data: object) -> Endpoint:
+        if data.__class__ is dict:
+            ep = cls._from_common_dict(data)
+            if ep is not None:
+                return ep
         d = _as_dict(data, "endpoint")
-        # Network, owner and interface names repeat across thousands of records: each
-        # record keeps a shared copy (`validate_name`, `sys.intern`), not its own.
-        return cls(
-            network=validate_name(_require(d, "network", "endpoint"), "network name"),
-            name=_require(d, "name", "endpoint"),
-            ip=parse_ipv4(_require(d, "ip", "endpoint"), "endpoint IP"),
-            mac=_require(d, "mac", "endpoint"),
-            owner=validate_name(_require(d, "owner", "endpoint"), "owner node name"),
-            version=d.get("version", 1),
-            created_at=d.get("created_at", 0.0),
-            netns=sys.intern(str(d.get("netns") or "")),
-            ifname=sys.intern(str(d.get("ifname") or "eth0")),
+        # Each field is checked once, in the order from_dict always checked them, and the
+        # record built without checking them again (`_checked`). Network, owner and interface
+        # names repeat across records: each record keeps a shared copy (`validate_name`,
+        # `sys.intern`), not its own.
+        network = validate_name(_require(d, "network", "endpoint"), "network name")
+        name = _require(d, "name", "endpoint")
+        ip = parse_ipv4(_require(d, "ip", "endpoint"), "endpoint IP")
+        mac = _require(d, "mac", "endpoint")
+        owner = validate_name(_require(d, "owner", "endpoint"), "owner node name")
+        network, name, owner, ip, mac, created_at, version = _checked_endpoint(
+            network, name, owner, ip, mac, d.get("created_at", 0.0), d.get("version", 1)
         )
+        return cls._checked(
+            network,
+            name,
+            ip,
+            mac,
+            owner,
+            version,
+            created_at,
+            sys.intern(str(d.get("netns") or "")),
+            sys.intern(str(d.get("ifname") or "eth0")),
+        )
+
+    @classmethod
+    def _from_common_dict(cls, d: dict[str, Any]) -> Endpoint | None:
+        """The record `d` holds if it has the shape every writer of ours gives it, checked
+        inline; None for anything else, valid or not, which `from_dict`'s checks then
+        accept or reject with the field named. A join decodes thousands of records in a
+        row: their network and owner are names checked before (`_VALID_NAMES`), the
+        rest is matched here without a call per field.
+        """
+        get = d.get
+        network, owner, name, mac = get("network"), get("owner"), get("name"), get("mac")
+        ip, created_at, version = get("ip"), get("created_at", 0.0), get("version", 1)
+        if not (
+            network.__class__ is str
+            and owner.__class__ is str
+            and name.__class__ is str
+            and mac.__class__ is str
+            and ip.__class__ is str
+            and created_at.__class__ is float
+            and version.__class__ is int
+            and version >= 1
+        ):
+            return None
+        network, owner = _VALID_NAMES.get(network), _VALID_NAMES.get(owner)
+        if (
+            network is None
+            or owner is None
+            or not _NAME_RE.fullmatch(name)
+            or not _UNICAST_LAA_RE.fullmatch(mac)
+        ):
+            return None
+        try:
+            packed = socket.inet_pton(socket.AF_INET, ip)
+        except OSError:
+            return None
+        netns, ifname = get("netns") or "", get("ifname") or "eth0"
+        if netns.__class__ is not str or ifname.__class__ is not str:
+            return None
+        return cls._checked(
+            network,
+            name,
+            Ip4._of_int(int.from_bytes(packed, "big")),
+            mac,
+            owner,
+            version,
+            created_at,
+            sys.intern(netns),
+            sys.intern(ifname),
+        )
+
+    @classmethod
+    def _checked(
+        cls,
+        network: str,
+        name: str,
+        ip: IPv4Address,
+        mac: str,
+        owner: str,
+        version: int,
+        created_at: float,
+        netns: str,
+        ifname: str,
+    ) -> Endpoint:
+        """A record of fields `_checked_endpoint` has already passed (and normalised)."""
+        ep = object.__new__(cls)
+        setattr_ = object.__setattr__
+        setattr_(ep, "network", network)
+        setattr_(ep, "name", name)
+        setattr_(ep, "ip", ip)
+        setattr_(ep, "mac", mac)
+        setattr_(ep, "owner", owner)
+        setattr_(ep, "version", version)
+        setattr_(ep, "created_at", created_at)
+        setattr_(ep, "netns", netns)
+        setattr_(ep, "ifname", ifname)
+        setattr_(ep, "key", f"{network}/{name}")
+        return ep
+
+
+def _checked_endpoint(
+    network: object, name: object, owner: object, ip: object, mac: object, created_at: object, version: object
+) -> tuple[str, str, str, IPv4Address, str, float, int]:
+    """An endpoint's fields checked (each error names its field) and normalised."""
+    checked_network = validate_name(network, "network name")
+    checked_name = _valid_name(name, "endpoint name")  # one per endpoint: nothing to share, not remembered
+    checked_owner = validate_name(owner, "owner node name")
+    checked_ip = parse_ipv4(ip, "endpoint IP")
+    checked_mac = parse_mac(mac)
+    if isinstance(created_at, bool) or not isinstance(created_at, int | float):
+        raise ValidationError(f"invalid created_at {created_at!r}")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValidationError(f"invalid endpoint version {version!r}")
+    return checked_network, checked_name, checked_owner, checked_ip, checked_mac, float(created_at), version
 
 
 def routed_overlap(network: Network, others: Iterable[Network]) -> Network | None:

@@ -170,9 +170,9 @@ class ClusterView:
     def put_endpoint(self, endpoint: Endpoint) -> EndpointChanged | None:
         key = endpoint.key
         old = self.endpoints.get(key)
-        if old == endpoint:
-            return None
-        if old is not None:
+        if old is not None:  # (not `old == endpoint` first: None == a record is a slow False)
+            if old == endpoint:
+                return None
             self._unindex(old)
         self.endpoints[key] = endpoint
         self._index(endpoint)
@@ -222,16 +222,24 @@ class ClusterView:
         return deltas
 
     def _index(self, ep: Endpoint) -> None:
-        self._members.setdefault(ep.network, {})[ep.key] = ep
-        self._owned.setdefault(ep.owner, {})[ep.key] = None
+        key = ep.key
+        # get, not setdefault: setdefault makes an empty dict per call, kept or not.
+        members = self._members.get(ep.network)
+        if members is None:
+            members = self._members[ep.network] = {}
+        members[key] = ep
+        owned = self._owned.get(ep.owner)
+        if owned is None:
+            owned = self._owned[ep.owner] = {}
+        owned[key] = None
         where = (ep.network, ep.ip)
         holders = self._ips.get(where)
         if holders is None:
-            self._ips[where] = ep.key
+            self._ips[where] = key
         elif isinstance(holders, str):
-            self._ips[where] = [holders, ep.key]
+            self._ips[where] = [holders, key]
         else:
-            holders.append(ep.key)
+            holders.append(key)
 
     def _unindex(self, ep: Endpoint) -> None:
         key = ep.key

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from prometheus_client import Histogram
 
 from overlayd.core.admission import Admission, Conflict, GossipFact, NetworkClaimed, Outcome
-from overlayd.core.model import Endpoint, Node
+from overlayd.core.model import Node
 from overlayd.core.view import ClusterView, EndpointChanged, Fact, NetworkChanged, NodeChanged
 from overlayd.dataplane.commands import Command, ReplaceFdb
 from overlayd.dataplane.desired import DesiredState
@@ -84,21 +84,33 @@ class Engine:
         if not outcome:
             return outcome
         networks_changed = False
+        me, unprogrammed = self.node, self._unprogrammed
+        local = remote = 0  # this outcome's steps
         for delta in outcome.deltas:
+            if type(delta) is EndpointChanged:  # nearly every delta: no match for it
+                old, new = delta.old, delta.new
+                if old is not None:
+                    if old.owner == me:
+                        local -= 1
+                    else:
+                        remote -= 1
+                if new is None:
+                    unprogrammed.pop(delta.key, None)
+                elif new.owner == me:
+                    local += 1
+                else:
+                    remote += 1
+                    if old is None or old.mac != new.mac or old.owner != new.owner:
+                        unprogrammed[new.key] = (new.created_at, path)
+                continue
             match delta:
-                case EndpointChanged(old, new):
-                    self._count(old, -1)
-                    self._count(new, +1)
-                    if new is not None and new.owner != self.node:
-                        if old is None or (old.mac, old.owner) != (new.mac, new.owner):
-                            self._unprogrammed[new.key] = (new.created_at, path)
-                    elif new is None:
-                        self._unprogrammed.pop(delta.key, None)
                 case NetworkChanged():
                     networks_changed = True
-                case NodeChanged(_, new):
-                    if new is not None and new.name != self.node and self._on_node is not None:
-                        self._on_node(new)
+                case NodeChanged(_, new_node):
+                    if new_node is not None and new_node.name != me and self._on_node is not None:
+                        self._on_node(new_node)
+        self.local += local
+        self.remote += remote
         self._known_local.set(self.local)
         self._known_remote.set(self.remote)
         if networks_changed:
@@ -112,14 +124,6 @@ class Engine:
                 self._on_conflict(conflict)
         return outcome
 
-    def _count(self, ep: Endpoint | None, step: int) -> None:
-        if ep is None:
-            return
-        if ep.owner == self.node:
-            self.local += step
-        else:
-            self.remote += step
-
     # --- the kernel said ---
 
     def applied(self, commands: Sequence[Command]) -> None:
@@ -127,15 +131,21 @@ class Engine:
         if not self._unprogrammed or self.desired is None:
             return
         now = time.time()
+        holders, unprogrammed = self.desired.fdb_holders(), self._unprogrammed
+        latency: Histogram | None = None
+        latency_path = ""
         for cmd in commands:
-            if not isinstance(cmd, ReplaceFdb):
+            if type(cmd) is not ReplaceFdb:
                 continue
-            key = self.desired.holder_of_mac(cmd.entry.device, cmd.entry.mac)
+            key = holders.get(cmd.entry[:2])  # (device, mac)
             if key is None:
                 continue
-            pending = self._unprogrammed.pop(key, None)
+            pending = unprogrammed.pop(key, None)
             if pending is not None and pending[0] > 0:
-                self._latency_of(pending[1]).observe(max(now - pending[0], 0.0))
+                if latency is None or pending[1] != latency_path:  # one path per batch, nearly always
+                    latency_path = pending[1]
+                    latency = self._latency_of(latency_path)
+                latency.observe(max(now - pending[0], 0.0))
 
     def _latency_of(self, path: str) -> Histogram:
         child = self._latency.get(path)

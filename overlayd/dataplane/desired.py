@@ -47,16 +47,19 @@ wants it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from types import MappingProxyType
 from typing import Generic, TypeVar
 
 from overlayd.core.model import (
     EGRESS_VNI_MAX,
+    MODE_ROUTED,
     VXLAN_OVERHEAD,
     Endpoint,
     Network,
+    Node,
     routed_overlap,
     stable_mac,
 )
@@ -150,9 +153,9 @@ class _Claimed(Generic[K, V]):
         self._dirty = dirty
 
     def claim(self, key: K, who: str, value: V) -> None:
-        holder = self._holder.get(key)
-        if holder is None or holder == who:
-            self._holder[key] = who
+        # One lookup that also takes a free key: a neighbour key hashes its address in Python.
+        holder = self._holder.setdefault(key, who)
+        if holder == who:
             self.table[key] = value
             self._dirty.add(key)
         else:
@@ -180,15 +183,21 @@ class _Claimed(Generic[K, V]):
         self._dirty.add(key)
 
 
-@dataclass(frozen=True, slots=True)
 class _Remote:
-    """What one remote endpoint contributes: kept so that it can be taken back exactly."""
+    """What one remote endpoint contributes: kept so that it can be taken back exactly.
 
-    device: str
-    mac: str
-    ip: IPv4Address
-    vtep: IPv4Address
-    direct: bool  # routed without encapsulation: a host route, nothing on the VXLAN device
+    A plain class, not a frozen dataclass: one is made per remote endpoint (10,000 in a
+    join), and a frozen dataclass sets each field through `object.__setattr__`.
+    """
+
+    __slots__ = ("device", "direct", "ip", "mac", "vtep")
+
+    def __init__(self, device: str, mac: str, ip: IPv4Address, vtep: IPv4Address, direct: bool) -> None:
+        self.device = device
+        self.mac = mac
+        self.ip = ip
+        self.vtep = vtep
+        self.direct = direct  # routed without encapsulation: a host route, nothing on the VXLAN device
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,6 +249,7 @@ class DesiredState:
         self._routes: _Claimed[RouteKey, RouteSpec] = _Claimed(self.tables.routes, self.dirty.routes)
         self._flood_refs: dict[FloodKey, int] = {}
         self._remote: dict[str, _Remote] = {}  # endpoint key -> its entries
+        self._last_node: tuple[Node, bool] | None = None  # `_on_local_vtep`'s last answer
         self._local_count: dict[str, int] = {}  # network -> local endpoints in it
         self._instantiated: dict[str, Network] = {}  # network name -> as instantiated
         self._gateways: dict[str, _Gateway] = {}  # network name -> its gateway side here
@@ -255,12 +265,13 @@ class DesiredState:
 
     def apply(self, deltas: Iterable[Delta]) -> None:
         for delta in deltas:
+            if type(delta) is EndpointChanged:  # nearly every delta: no match for it
+                if delta.old is not None:
+                    self._endpoint_removed(delta.old)
+                if delta.new is not None:
+                    self._endpoint_added(delta.new)
+                continue
             match delta:
-                case EndpointChanged(old, new):
-                    if old is not None:
-                        self._endpoint_removed(old)
-                    if new is not None:
-                        self._endpoint_added(new)
                 case NodeChanged(old, new):
                     self._node_changed(delta.name)
                 case NetworkChanged(old, new):
@@ -547,33 +558,50 @@ class DesiredState:
 
     def _add_remote(self, ep: Endpoint) -> None:
         node = self.view.nodes.get(ep.owner)
-        if node is None or node.vtep == self.local_vtep:
+        if node is None or self._on_local_vtep(node):
             # Without the owner's node record we do not know where to send; the
             # entries appear as soon as it arrives. A record on our own VTEP is
             # local in all but name: nothing to tunnel to.
             return
         network = self._instantiated[ep.network]
-        if ep.key in self._remote:
-            self._drop_remote(ep.key)  # a replace: take back what the older record gave
-        direct = self._routes_on(network) and self.path_to(node.vtep) == PATH_DIRECT
+        key = ep.key
+        if key in self._remote:
+            self._drop_remote(key)  # a replace: take back what the older record gave
+        # `mode` first: a VXLAN network (most) never routes, and `_routes_on` formats a name.
+        direct = (
+            network.mode == MODE_ROUTED
+            and self._routes_on(network)
+            and self.path_to(node.vtep) == PATH_DIRECT
+        )
         # One device-name string per VNI, shared by every entry on it (a fresh one per
         # endpoint would be ~60 bytes each, kept in the remote, the FDB and the neighbour key).
-        device = _device_names.setdefault(network.vni, vxlan_name(network.vni))
-        remote = _Remote(device, ep.mac, ep.ip, node.vtep, direct)
-        key = ep.key
-        self._remote[key] = remote
+        device = _device_names.get(network.vni) or _device_names.setdefault(
+            network.vni, vxlan_name(network.vni)
+        )
+        vtep = node.vtep
+        self._remote[key] = _Remote(device, ep.mac, ep.ip, vtep, direct)
         if direct:
-            route = RouteSpec(self.underlay_ifname, node.vtep, bridge_name(network.vni), gateway_mac(network))
+            route = RouteSpec(self.underlay_ifname, vtep, bridge_name(network.vni), gateway_mac(network))
             self._routes.claim((HOST_NS, IPv4Network(f"{ep.ip}/32")), key, route)
             return
-        self._fdb.claim((remote.device, remote.mac), key, remote.vtep)
-        self._neigh.claim((remote.device, remote.ip), key, remote.mac)
-        flood = (remote.device, remote.vtep)
+        self._fdb.claim((device, ep.mac), key, vtep)
+        self._neigh.claim((device, ep.ip), key, ep.mac)
+        flood = (device, vtep)
         refs = self._flood_refs.get(flood, 0)
         self._flood_refs[flood] = refs + 1
         if refs == 0:
             self.tables.flood.add(flood)
             self.dirty.flood.add(flood)
+
+    def _on_local_vtep(self, node: Node) -> bool:
+        # Asked once per remote endpoint, nearly always of the node asked about last (a
+        # join's thousands of one owner): remembered, with no address comparison per call.
+        last = self._last_node
+        if last is not None and last[0] is node:
+            return last[1]
+        local = node.vtep == self.local_vtep
+        self._last_node = (node, local)
+        return local
 
     def _drop_remote(self, key: str) -> None:
         remote = self._remote.pop(key, None)
@@ -595,9 +623,10 @@ class DesiredState:
 
     # --- asking ---
 
-    def holder_of_mac(self, device: str, mac: str) -> str | None:
-        """The endpoint key whose FDB entry (device, mac) is, or None."""
-        return self._fdb._holder.get((device, mac))
+    def fdb_holders(self) -> Mapping[FdbKey, str]:
+        """The endpoint key whose FDB entry each (device, mac) is (read-only; the engine
+        looks up a whole batch of applied entries in it)."""
+        return MappingProxyType(self._fdb._holder)
 
     def holder_of_route(self, key: RouteKey) -> str | None:
         """The endpoint key whose host route `key` is (routed mode), or None."""

@@ -35,8 +35,9 @@ instead, and compared again once the hold ends.
 from __future__ import annotations
 
 import operator
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from ipaddress import IPv4Address
 
 from overlayd.dataplane.commands import (
@@ -229,7 +230,7 @@ def plan(
             # once per new entry of a join); `is` next: the mirror holds desired state's own
             # VTEP objects (`Mirror._adopt_vtep`).
             if current_dst is None or (dst is not current_dst and dst != current_dst):
-                fdb_adds.append(FdbEntry(fkey[0], fkey[1], dst))
+                fdb_adds.append(_fdb_entry((*fkey, dst)))
         elif current_dst is not None:
             fdb_dels.append(FdbEntry(fkey[0], fkey[1], current_dst))
 
@@ -264,7 +265,7 @@ def plan(
         current_mac = None if gone and nkey[0] in gone else have_neigh.get(nkey)
         if mac is not None:
             if mac != current_mac:
-                neigh_adds.append(NeighEntry(nkey[0], nkey[1], mac))
+                neigh_adds.append(_neigh_entry((*nkey, mac)))
                 if announced is not None and (
                     current_mac is not None or (reused is not None and reused.get(nkey[1], mac) != mac)
                 ):
@@ -316,6 +317,11 @@ def _addr_order(key: tuple[str, str, object]) -> tuple[str, str, str]:
 def _route_order(key: tuple[str, object]) -> tuple[str, str]:
     return (key[0], str(key[1]))
 
+
+# An entry from its key and value as one tuple, without the Python-level `__new__` of a
+# NamedTuple: two per remote endpoint of a join.
+_fdb_entry: Callable[[tuple[str, str, IPv4Address]], FdbEntry] = partial(tuple.__new__, FdbEntry)
+_neigh_entry: Callable[[tuple[str, IPv4Address, str]], NeighEntry] = partial(tuple.__new__, NeighEntry)
 
 # The order of sorted(entries) by (device, address as an integer), without IPv4Address's
 # comparisons in Python (a 10,000-entry batch makes ~140,000 of them) and without a Python

@@ -382,13 +382,13 @@ class Reconciler:
                 except Exception as exc:  # a failed write must not kill the loop: retry
                     log.exception("kernel write failed")
                     outcomes = [OpResult(cmd, f"{exc}") for cmd in result.commands]
-                done: list[Command] = []
-                for cmd, error in outcomes:
-                    if error is None:
-                        done.append(cmd)
-                    else:
-                        errors.append(f"{describe(cmd)}: {error}")
-                        _mark(self._retry, cmd)
+                # A comprehension (a join's thousands of outcomes), then the failures, if any.
+                done = [cmd for cmd, error in outcomes if error is None]
+                if len(done) != len(outcomes):
+                    for cmd, error in outcomes:
+                        if error is not None:
+                            errors.append(f"{describe(cmd)}: {error}")
+                            _mark(self._retry, cmd)
                 applied = len(done)
                 kinds = set(map(type, done))  # at C speed: the loops below run only if needed
                 self.mirror.assume_all(done)

@@ -118,12 +118,6 @@ def test_endpoint_keyed_by_network_and_name() -> None:
     assert set(v.endpoints) == {"blue/w1", "red/w1"}
 
 
-def test_endpoint_extra_only_change_is_not_a_change() -> None:
-    v = ClusterView()
-    v.apply(EndpointPut(W1))
-    assert v.apply(EndpointPut(replace(W1, extra={"k": "v"}))) is False
-
-
 def test_delete_does_not_touch_other_tables() -> None:
     v = ClusterView()
     v.apply(NetworkPut(BLUE))
