@@ -262,6 +262,23 @@ class Mirror:
         known = self.units.get(unit)
         return known is None or index > known.index
 
+    def gone_at_top(self, round_: Round, gone: Iterable[str]) -> bool:
+        """Whether every key in `gone` was found missing by a listing of its unit that
+        answered at the round's top index or above.
+
+        Such a listing came from a server that had reached the index the round woke
+        up for, so it is not a server that restarted empty and answered below it: the
+        check of the prefix's index the driver makes before delivering deletions would
+        tell nothing more. A unit that vanished (no listing), or one whose index is
+        below the top (writes elsewhere since, or a reaped tombstone), still asks for
+        that check.
+        """
+        for key in gone:
+            listing = round_.listings.get(self.unit_of_key(key) or "")
+            if listing is None or listing.index < round_.top or listing.index <= 0:
+                return False
+        return True
+
     def diff(self, round_: Round) -> Diff:
         """What a whole round found, units gone and listings, in order; the mirror is left as it was."""
         gone: list[str] = []

@@ -88,6 +88,33 @@ class Dirs:
                 records.add(path)
         return top, dirs, records
 
+    def plan(self, events: Iterable[tuple[str, bool]]) -> Reads:
+        """Events as (path, whether it announced the znode's deletion) -> what to read.
+
+        A record's deletion is not read back (a read of a deleted znode answers
+        nothing): its directory is listed instead, which its own child watch
+        asks for anyway (the two events mostly come together: one listing for
+        both). The record stays `deleted`: if the listing still shows it, it was
+        made again since and is read, which also arms its data watch again.
+        """
+        events = list(events)
+        deleted = {path for path, gone in events if gone}
+        top, dirs, records = self.classify(path for path, gone in events if not gone)
+        _, _, gone_records = self.classify(deleted)
+        gone_top, gone_dirs, _ = self.classify(deleted - gone_records)
+        dirs |= gone_dirs | {_parent(path) for path in gone_records}
+        return Reads(top or gone_top, dirs, records - gone_records, gone_records)
+
+
+@dataclass(frozen=True)
+class Reads:
+    """What one batch of events asks to read (see `Dirs.plan`)."""
+
+    top: bool  # endpoints/ itself: its network directories
+    dirs: set[str]  # record directories to list
+    records: set[str]  # records to read
+    deleted: set[str]  # records whose deletion an event announced: read only if listed again
+
 
 class Mirror:
     """What one watch stream has reported: record znodes by path, indexed by directory."""
@@ -130,12 +157,15 @@ class Mirror:
                 del self._children[_parent(path)]
         return Gone(path, zxid)
 
-    def sync_dir(self, directory: str, children: Iterable[str], zxid: int) -> tuple[list[Change], set[str]]:
-        """A directory listing: Gone for known records no longer listed; the paths not known yet."""
+    def sync_dir(
+        self, directory: str, children: Iterable[str], zxid: int, reread: Iterable[str] = ()
+    ) -> tuple[list[Change], set[str]]:
+        """A directory listing: Gone for known records no longer listed; the paths to read:
+        those not known yet, and those of `reread` that are listed."""
         listed = {f"{directory}/{name}" for name in children}
         known = self.in_dir(directory)
         gone = [g for path in sorted(known - listed) if (g := self.remove(path, zxid)) is not None]
-        return list(gone), listed - known
+        return list(gone), (listed - known) | (listed & set(reread))
 
     def drop_dir(self, directory: str, zxid: int) -> list[Change]:
         """The directory itself vanished: every record in it is gone."""

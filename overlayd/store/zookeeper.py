@@ -22,7 +22,8 @@ What ZooKeeper and kazoo really do, and how this module answers (BACKENDS.md):
   the connection without ending the session for the same reason.
 - kazoo 2.11 has only one-shot watches, dropped on disconnect. `watch()`
   keeps a mirror of every record znode (`zktree.py`, pure): each event re-reads the znode or
-  directory it names (re-arming its watch) and the difference to the mirror
+  directory it names (re-arming its watch; a record's deletion lists its directory, as the
+  directory's own event does: one listing for both) and the difference to the mirror
   becomes facts, ordered by zxid (the revision). After a reconnect the whole
   tree is re-read and diffed the same way, so changes made while the watch
   was away are delivered too. Several changes to one znode between two reads
@@ -724,7 +725,8 @@ class ZooKeeperStore(Store):
                 if any(e.type == EventType.NONE or e.path is None for e in dirty):
                     full = True  # the connection dropped and took every watch with it
                     continue
-                if batch := await self._refresh(mirror, {e.path for e in dirty}, on_event):
+                deletions = ((e.path, e.type == EventType.DELETED) for e in dirty)
+                if batch := await self._refresh(mirror, deletions, on_event):
                     yield batch
             except StoreUnavailable as exc:
                 log.warning("zookeeper watch interrupted (%s); re-reading after reconnect", exc)
@@ -749,11 +751,15 @@ class ZooKeeperStore(Store):
         return Changes(facts, mirror.revision) if facts else None
 
     async def _refresh(
-        self, mirror: Mirror, paths: Iterable[str], watch: Callable[[WatchedEvent], None]
+        self, mirror: Mirror, events: Iterable[tuple[str, bool]], watch: Callable[[WatchedEvent], None]
     ) -> Changes | None:
-        """Re-read the znodes events named (re-arming their watches); the differences as facts."""
+        """Re-read the znodes events named (re-arming their watches); the differences as facts.
+
+        `events`: (path, whether the event announced the znode's deletion), see `Dirs.plan`.
+        """
         dirs_of = self._dirs
-        top, dirs, records = dirs_of.classify(paths)
+        reads = dirs_of.plan(events)
+        top, dirs, records = reads.top, reads.dirs, reads.records
         changes: list[Change] = []
         revision = mirror.revision
         if top:
@@ -771,16 +777,17 @@ class ZooKeeperStore(Store):
                 changes += mirror.drop_dir(directory, revision)
                 continue
             revision = max(revision, listed[1])
-            gone, new = mirror.sync_dir(directory, listed[0], listed[1])
+            gone, new = mirror.sync_dir(directory, listed[0], listed[1], reads.deleted)
             changes += gone
-            # New children are read (arming their data watch); known ones have theirs armed.
+            # New children are read (arming their data watch); known ones have theirs armed,
+            # but for those whose deletion an event announced: listed again, they were made anew.
             records |= new
         paths_list = sorted(records)
         got = await asyncio.gather(*(self._get(p, watch) for p in paths_list))
         for path, rec in zip(paths_list, got, strict=True):
             if rec is not None and (put := mirror.put(path, rec)) is not None:
                 changes.append(put)
-            # Gone: the parent's child watch fires too and its listing reports the deletion.
+            # Gone: its directory's listing (here or in the next batch) reports the deletion.
         return self._changes(mirror, changes, revision)
 
 

@@ -217,3 +217,27 @@ def test_a_listing_of_all_endpoints_is_cut_into_network_units() -> None:
     )
     assert m.split_index == 20 and m.units["endpoints/demo/"].index == 20
     assert m.split_listing(Listing(21, [])) == {}  # all gone: no unit is present
+
+
+def test_deletions_need_no_index_check_only_when_listed_at_the_rounds_top_index() -> None:
+    m = Mirror(P, 10, known(("endpoints/demo/a", 4), ("endpoints/demo/b", 5), ("nodes/h1", 3)))
+    gone = [P + "endpoints/demo/b"]
+    # The deletion's own write is the top index: the listing answered at it.
+    at_top = Round(
+        present={"endpoints/demo/", "nodes/"},
+        listings={"endpoints/demo/": Listing(12, [item("endpoints/demo/a", 4)])},
+        top=12,
+    )
+    assert m.diff(at_top).gone == gone and m.gone_at_top(at_top, gone)
+    # Answered below the top: a server that restarted empty, a tombstone reaped, or writes
+    # elsewhere since; the driver checks the prefix's index.
+    below = Round(present=at_top.present, listings=at_top.listings, top=13)
+    assert not m.gone_at_top(below, gone)
+    # A unit that vanished has no listing to vouch for it; nor has an index of 0.
+    vanished = Round(present={"endpoints/demo/"}, listings=at_top.listings, top=12)
+    assert m.diff(vanished).gone == [*gone, P + "nodes/h1"] and not m.gone_at_top(
+        vanished, m.diff(vanished).gone
+    )
+    zero = Round(present=at_top.present, listings={"endpoints/demo/": Listing(0, [])}, top=0)
+    assert not m.gone_at_top(zero, [P + "endpoints/demo/a", *gone])
+    assert m.gone_at_top(at_top, [])  # nothing gone: nothing to check
