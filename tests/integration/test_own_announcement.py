@@ -33,6 +33,16 @@ def gratuitous_arps(sock: socket.socket) -> set[IPv4Address]:
             seen.add(IPv4Address(arp[14:18]))
 
 
+def announced_until(sniffer: socket.socket, ip: IPv4Address, timeout: float = 5.0) -> set[IPv4Address]:
+    """Every address announced on `sniffer` until `ip` is (or `timeout` seconds pass)."""
+    seen: set[IPv4Address] = set()
+    deadline = time.monotonic() + timeout
+    while ip not in seen and time.monotonic() < deadline:
+        time.sleep(0.05)
+        seen |= gratuitous_arps(sniffer)
+    return seen
+
+
 def test_an_address_freed_and_taken_again_is_announced_and_a_fresh_one_is_not(
     make_lab: Callable[..., Lab],
 ) -> None:
@@ -55,11 +65,7 @@ def test_an_address_freed_and_taken_again_is_announced_and_a_fresh_one_is_not(
         lab.forget_endpoint(first)
         again = lab.add_endpoint("h1", "g3", network=NET)
         assert again.ip == first.ip and again.mac != first.mac
-        seen: set[IPv4Address] = set()
-        deadline = time.monotonic() + 5.0
-        while IPv4Address(again.ip) not in seen and time.monotonic() < deadline:
-            time.sleep(0.05)
-            seen |= gratuitous_arps(sniffer)
+        seen = announced_until(sniffer, IPv4Address(again.ip))
     assert seen == {IPv4Address(again.ip)}, (seen, fresh.ip, again.ip)
     # Both reach each other: no announcement is needed for that.
     assert lab.ping(fresh.netns, again.ip) and lab.ping(again.netns, fresh.ip)
@@ -85,9 +91,5 @@ def test_an_address_freed_before_a_crash_is_announced_after_it(make_lab: Callabl
         sniffer.setblocking(False)
         again = lab.add_endpoint("h1", "g3", network=NET)
         assert again.ip == first.ip and again.mac != first.mac
-        seen: set[IPv4Address] = set()
-        deadline = time.monotonic() + 5.0
-        while IPv4Address(again.ip) not in seen and time.monotonic() < deadline:
-            time.sleep(0.05)
-            seen |= gratuitous_arps(sniffer)
+        seen = announced_until(sniffer, IPv4Address(again.ip))
     assert IPv4Address(again.ip) in seen
