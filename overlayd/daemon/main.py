@@ -181,7 +181,7 @@ class Daemon:
                 hold_deletions=True,
             )
             self._reconciler = reconciler
-            reconciler.recall_local_removals(self.registry.recent_removals())
+            reconciler.recall_removals(self.registry.recent_removals())
             self.engine.attach(desired, reconciler)
             self.engine.from_own(
                 [NodePut(self._self_node()), *(EndpointPut(ep) for ep in self.registry.all())]
@@ -226,11 +226,19 @@ class Daemon:
             self.notifier.stopping("stopping")
             await self.tasks.cancel_all()
             if self._reconciler is not None:
+                await self._keep_removals(self._reconciler)
                 self._reconciler.close()
             await _close_all(reversed(closers))
             self.notifier.close()
         if self.state.fatal is not None:
             raise RuntimeError(self.state.fatal)
+
+    async def _keep_removals(self, reconciler: Reconciler) -> None:
+        """Hand the addresses removed lately to the next life (a lost hint is no error)."""
+        try:
+            await self.registry.keep_removals(reconciler.recent_removals())
+        except OSError as exc:
+            log.warning("cannot keep the recent address removals for the next start: %s", exc)
 
     async def _start_mode(self, closers: list[tuple[str, Awaitable[Any]]]) -> Claims:
         """The store (and gossip beside it), or gossip alone; how this host claims things."""

@@ -15,7 +15,9 @@ snapshot itself. A torn last line (a crash mid-append) is ignored on load.
 Removals keep the address and MAC the endpoint had, and when it went, for
 `announce.WINDOW` (the snapshot carries those still that young): after a
 restart, a new endpoint given an address freed just before it still knows
-that local containers may cache the old MAC (`announce.Removed.recall`).
+that local containers may cache the old MAC (`announce.Removed.recall`). A
+clean stop adds the remote addresses the kernel lost lately (`keep_removals`),
+which only the reconciler's memory knew.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -135,6 +138,18 @@ class LocalRegistry:
             self._removals.append(removal)
             ip, mac, at = removal
             await self._persist(json.dumps({"remove": key, "ip": ip, "mac": mac, "at": at}))
+
+    async def keep_removals(
+        self, removals: Iterable[tuple[IPv4Address, str, float]], now: float | None = None
+    ) -> None:
+        """Keep `removals` (address, MAC, seconds ago) for the next life, beside this host's
+        own: they are written with a new snapshot now (on a clean stop)."""
+        now = time.time() if now is None else now
+        known = {(ip, mac) for ip, mac, _ in self._removals}
+        for address, mac, ago in removals:
+            if (str(address), mac) not in known:
+                self._removals.append((str(address), mac, now - ago))
+        await self.compact()
 
     async def compact(self) -> None:
         """Fold the journal into the snapshot now (e.g. after a teardown emptied the registry)."""

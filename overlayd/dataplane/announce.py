@@ -69,11 +69,20 @@ class Removed(Mapping[IPv4Address, str]):
         the future" (the wall clock stepped back since) counts as one just now.
         """
         now = self._clock()
+        ours = set(self._since)
         for key, mac, ago in removals:
-            if ago < self._window and key not in self._since:
+            if ago < self._window and key not in ours:
+                self._since.pop(key, None)  # an address removed twice: the later MAC is the one to beat
                 self._since[key] = now - max(ago, 0.0)
                 self._macs[key] = mac
         self._trim()
+
+    def export(self) -> list[tuple[IPv4Address, str, float]]:
+        """What `recall` takes in the next life: (address, MAC, seconds ago), oldest first,
+        within the window."""
+        now = self._clock()
+        young = ((key, now - since) for key, since in self._since.items())
+        return [(key, self._macs[key], ago) for key, ago in young if ago < self._window]
 
     def _trim(self) -> None:
         while len(self._since) > self._limit:
@@ -139,12 +148,14 @@ def own_announcement_needed(ip: IPv4Address, mac: str, *, removed: Removed, curr
     What it does not know, the announcement is sent for:
     - `removed` pushed some address out early (`Removed.complete`);
     - not known at all, hence not covered: remote endpoints removed before this daemon
-      started (local ones it recalls from its registry, `Reconciler.recall_local_removals`).
-      A remote address freed just before a restart of this daemon and handed to a
-      local endpoint just after reaches containers here that still cache the old MAC
-      without an announcement; each recovers by itself within about a minute (its
-      entry stays trusted for up to 45 s, then 5 s of delay and 3 unanswered unicast
-      probes, then a broadcast query the new endpoint answers);
+      was killed (SIGKILL, a crash). A clean stop keeps the whole memory in the local
+      registry, and a crash keeps the local endpoints' removals (the registry's journal);
+      the next life recalls them (`Reconciler.recall_removals`). A remote address freed
+      just before a crash of this daemon and handed to a local endpoint just after
+      reaches containers here that still cache the old MAC without an announcement;
+      each recovers by itself within about a minute (its entry stays trusted for up to
+      45 s, then 5 s of delay and 3 unanswered unicast probes, then a broadcast query
+      the new endpoint answers);
     - an address removed longer ago than the window, whose old MAC a container still
       holds without having used it since: it re-validates the entry on first use
       (5 s of delay, 3 unanswered unicast probes, then the broadcast query).

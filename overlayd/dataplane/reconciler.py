@@ -173,14 +173,20 @@ class Reconciler:
         """
         self._removed.removed(ip, mac)
 
-    def recall_local_removals(self, removals: Iterable[tuple[IPv4Address, str, float]]) -> None:
-        """Local endpoints removed by an earlier life of the daemon, oldest first: (address,
-        MAC, seconds ago), from the local registry. A restart then forgets none of them."""
+    def recall_removals(self, removals: Iterable[tuple[IPv4Address, str, float]]) -> None:
+        """Addresses removed in an earlier life of the daemon, oldest first: (address, MAC,
+        seconds ago), from the local registry (`recent_removals` of that life on a clean
+        stop; after a crash, the local endpoints' removals only)."""
         before = len(self._removed)
         self._removed.recall(removals)
         if len(self._removed) > before:
             recalled = len(self._removed) - before
-            log.info("remembering %d local endpoint removals of the last minutes", recalled)
+            log.info("remembering %d address removals of the last minutes", recalled)
+
+    def recent_removals(self) -> list[tuple[IPv4Address, str, float]]:
+        """The addresses removed lately, remote and local, for the next life: (address, MAC,
+        seconds ago), oldest first."""
+        return self._removed.export()
 
     def own_announcement_needed(self, device: str, ip: IPv4Address, mac: str) -> bool:
         """Whether a new local endpoint (`ip`, `mac`) on the network of VXLAN device `device`

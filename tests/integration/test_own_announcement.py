@@ -93,3 +93,36 @@ def test_an_address_freed_before_a_crash_is_announced_after_it(make_lab: Callabl
         assert again.ip == first.ip and again.mac != first.mac
         seen = announced_until(sniffer, IPv4Address(again.ip))
     assert IPv4Address(again.ip) in seen
+
+
+def test_a_remote_address_freed_before_a_clean_restart_is_announced_after_it(
+    make_lab: Callable[..., Lab],
+) -> None:
+    """Only the reconciler knew that a remote endpoint's address left this host's kernel; a
+    clean stop keeps that for the next life. The store hands out addresses cluster-wide:
+    h1 takes the /30's first address, h2 the second; h2's goes, h1 restarts (SIGTERM) and
+    its next endpoint gets the freed address with a new MAC, which the container beside it
+    may know by the old one."""
+    lab = make_lab(2, store="etcd", up=False).up(demo=False)
+    client = lab.admin("h1")
+    client.network_create(name=NET, subnet="10.77.0.0/30")
+    neighbour = lab.add_endpoint("h1", "g1", network=NET)
+    remote = lab.add_endpoint("h2", "g2", network=NET)
+
+    def in_h1_kernel() -> bool:
+        return any(entry.get("dst") == remote.ip for entry in lab.neighbours("h1"))
+
+    lab.wait_for(in_h1_kernel, 10.0, "h2's endpoint in h1's kernel")
+    lab.admin("h2").endpoint_remove(network=NET, name=remote.name)
+    lab.forget_endpoint(remote)
+    lab.wait_for(lambda: not in_h1_kernel(), 10.0, "its removal in h1's kernel")
+    assert lab.stop_daemon("h1") == 0
+    lab.start_daemon("h1")
+    sniffer = socket_in_netns(neighbour.netns, socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806))
+    with sniffer:
+        sniffer.bind(("eth0", 0))
+        sniffer.setblocking(False)
+        again = lab.add_endpoint("h1", "g3", network=NET)
+        assert again.ip == remote.ip and again.mac != remote.mac
+        seen = announced_until(sniffer, IPv4Address(again.ip))
+    assert IPv4Address(again.ip) in seen

@@ -106,3 +106,25 @@ def test_recall_takes_an_earlier_lifes_removals_within_the_window() -> None:
     now[0] += 501.0  # the young one is 601 s old now; the one "from the future" 501 s
     removed.expire()
     assert young not in removed and future in removed
+
+
+def test_export_hands_the_next_life_what_recall_takes() -> None:
+    """A clean stop exports the memory (oldest first, with its age); the next life recalls
+    it. An address removed twice in the earlier life keeps the later MAC, and what this life
+    removed itself wins over any recalled one."""
+    clock = Clock()
+    removed = Removed(window=600.0, clock=clock)
+    removed.removed(K1, "02:00:00:00:00:01")
+    clock.now = 100.0
+    removed.removed(K2, "02:00:00:00:00:02")
+    clock.now = 650.0
+    assert removed.export() == [(K2, "02:00:00:00:00:02", 550.0)]  # K1 (650 s old) left out
+    clock.now = 200.0
+    assert removed.export() == [(K1, "02:00:00:00:00:01", 200.0), (K2, "02:00:00:00:00:02", 100.0)]
+
+    next_life = Removed(window=600.0, clock=Clock())
+    next_life.removed(K3, "02:00:00:00:00:33")  # this life's own
+    next_life.recall(
+        [(K2, "02:00:00:00:00:02", 300.0), (K2, "02:00:00:00:00:22", 10.0), (K3, "02:00:00:00:00:03", 5.0)]
+    )
+    assert next_life.get(K2) == "02:00:00:00:00:22" and next_life.get(K3) == "02:00:00:00:00:33"

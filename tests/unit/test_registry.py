@@ -125,3 +125,21 @@ def test_malformed_or_older_removal_lines_are_only_lost_hints(tmp_path: Path) ->
     registry = reopened(tmp_path)
     assert registry.all() == []
     assert registry.recent_removals() == []
+
+
+async def test_a_clean_stop_keeps_the_reconcilers_removals_too(tmp_path: Path) -> None:
+    """`keep_removals` adds addresses only the reconciler knew (remote endpoints' removals)
+    to the snapshot, beside this host's own, without doubling one it already has; the next
+    life recalls them all, oldest first, with their age."""
+    registry = LocalRegistry(str(tmp_path))
+    registry.load()
+    await registry.add(ep("a", 2))
+    await registry.remove("blue/a")
+    now = time.time()
+    remote = (IPv4Address("10.1.0.7"), "02:00:00:00:00:77", 30.0)
+    own = (IPv4Address("10.1.0.2"), "02:00:00:00:00:02", 0.0)
+    await registry.keep_removals([remote, own], now=now)
+    recalled = reopened(tmp_path).recent_removals(now=now)
+    assert [(ip, mac) for ip, mac, _ in recalled] == [remote[:2], own[:2]]
+    assert recalled[0][2] == pytest.approx(30.0)
+    assert json.loads((tmp_path / "endpoints.journal").read_text() or "null") is None  # a snapshot
