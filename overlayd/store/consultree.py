@@ -140,7 +140,8 @@ class Unit:
 
 def compare(known: Mapping[str, int], items: list[dict[str, Any]]) -> tuple[list[str], list[Put]]:
     """A unit's listing against what was reported of it: (keys gone, keys put)."""
-    fresh = [item for item in items if known.get(item["Key"]) != item.get("ModifyIndex", 0)]
+    seen = known.get  # once: this runs over every key of a unit that moved
+    fresh = [item for item in items if seen(item["Key"]) != item.get("ModifyIndex", 0)]
     new = sum(1 for item in fresh if item["Key"] not in known)
     gone: list[str] = []
     if len(items) - new != len(known):  # some known key is not listed any more
@@ -189,10 +190,23 @@ class Mirror:
         Each gets the folder's index: every write below it up to that index is in the listing.
         """
         items: dict[str, list[dict[str, Any]]] = {}
+        # Consul lists keys in order, so a network's keys come one after another: each
+        # key that starts like the last folder unit's is that unit's without working out
+        # its unit again (the listing is the whole network, at every change of it).
+        head: str | None = None
+        into: list[dict[str, Any]] = []
         for item in listing.items:
-            unit = self.unit_of_key(item["Key"])
-            if unit is not None and unit.startswith(SPLIT):
-                items.setdefault(unit, []).append(item)
+            key = item["Key"]
+            if head is not None and key.startswith(head):
+                into.append(item)
+                continue
+            unit = self.unit_of_key(key)
+            if unit is None or not unit.startswith(SPLIT):
+                head = None
+                continue
+            into = items.setdefault(unit, [])
+            into.append(item)
+            head = self.prefix + unit if is_folder(unit) else None
         return {unit: Listing(listing.index, listed) for unit, listed in items.items()}
 
     def known_split_units(self) -> set[str]:

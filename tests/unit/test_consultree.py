@@ -219,6 +219,46 @@ def test_a_listing_of_all_endpoints_is_cut_into_network_units() -> None:
     assert m.split_listing(Listing(21, [])) == {}  # all gone: no unit is present
 
 
+def test_a_listing_of_all_endpoints_is_cut_the_same_in_any_order() -> None:
+    """Runs of one network's keys take a shortcut; names that start alike (demo, demo2, the
+    single key "endpoints/demo"), claims and keys outside the prefix must not follow it, in
+    Consul's sorted order or any other."""
+    m = Mirror(P, 10)
+    rels = [
+        "endpoints/demo",
+        "endpoints/demo/a",
+        "endpoints/demo/b",
+        "endpoints/demo/sub/c",
+        "endpoints/demo2/a",
+        "endpoints/demo2/b",
+        "endpoints/dem/x",
+        "endpoints/stray",
+        "nodes/h1",
+    ]
+    entries = [item(rel, n) for n, rel in enumerate(rels, 1)] + [{"Key": "elsewhere/endpoints/demo/z"}]
+    expected: dict[str, list[dict[str, Any]]] = {}
+    for entry in entries:
+        unit = m.unit_of_key(entry["Key"])
+        if unit is not None and unit.startswith("endpoints/"):
+            expected.setdefault(unit, []).append(entry)
+    for order in (
+        sorted(entries, key=lambda e: e["Key"]),
+        list(reversed(entries)),
+        entries[1::2] + entries[::2],
+    ):
+        cut = m.split_listing(Listing(30, order))
+        assert {unit: sorted(map(str, got.items)) for unit, got in cut.items()} == {
+            unit: sorted(map(str, want)) for unit, want in expected.items()
+        }
+    assert sorted(expected) == [
+        "endpoints/dem/",
+        "endpoints/demo",
+        "endpoints/demo/",
+        "endpoints/demo2/",
+        "endpoints/stray",
+    ]
+
+
 def test_deletions_need_no_index_check_only_when_listed_at_the_rounds_top_index() -> None:
     m = Mirror(P, 10, known(("endpoints/demo/a", 4), ("endpoints/demo/b", 5), ("nodes/h1", 3)))
     gone = [P + "endpoints/demo/b"]
