@@ -186,6 +186,19 @@ async def test_an_altered_neighbour_is_put_back(
     await wait_until(restored, "the neighbour entry to be put back")
 
 
+async def test_a_deleted_neighbour_is_put_back(
+    host: str, running: tuple[Reconciler, ClusterView, Kernel]
+) -> None:
+    # The kernel's notification of a deleted neighbour carries no MAC: read all the same.
+    victim = endpoint(11, "r1")
+    run("ip", "-n", host, "neigh", "del", str(victim.ip), "dev", VX)
+
+    def restored() -> bool:
+        return any(n["dst"] == str(victim.ip) and n["lladdr"] == victim.mac for n in neigh_show(host, VX))
+
+    await wait_until(restored, "the neighbour entry to be put back", timeout=1.0)
+
+
 async def test_an_entry_added_behind_our_back_is_removed(
     host: str, running: tuple[Reconciler, ClusterView, Kernel]
 ) -> None:
