@@ -393,6 +393,9 @@ class Reconciler:
                 kinds = set(map(type, done))  # at C speed: the loops below run only if needed
                 self.mirror.assume_all(done)
                 self._remember(done, kinds)
+                # The echoes of these writes wait in the notification socket already: read
+                # now, they find the mirror as assumed, and the loop is not woken for them.
+                self._monitor.read_some()
                 if done and log.isEnabledFor(logging.DEBUG):
                     for cmd in done:
                         log.debug("applied: %s", describe(cmd))

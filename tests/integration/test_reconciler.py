@@ -143,6 +143,22 @@ async def test_converges_and_a_pass_with_nothing_dirty_writes_nothing(
     assert (report.applied, report.failed) == (0, 0)
 
 
+async def test_a_pass_reads_the_echoes_of_its_own_writes_and_they_change_nothing(
+    host: str, running: tuple[Reconciler, ClusterView, Kernel]
+) -> None:
+    reconciler, view, _ = running
+    heard = reconciler.mirror.notifications
+    fresh = endpoint(77, "r1")
+    reconciler.desired.apply([d for d in [view.change(EndpointPut(fresh))] if d is not None])
+    report = await reconciler.reconcile("test")
+    # Read within the pass (the kernel queued the FDB echo within the write), not at the
+    # event loop's next turn; equal to what the pass wrote, so nothing is left to compare.
+    assert report.applied == 2
+    assert reconciler.mirror.notifications > heard
+    assert not reconciler.mirror.dirty
+    assert fdb_of(host)[fresh.mac] == str(REMOTE_VTEPS[1])
+
+
 async def test_a_deleted_fdb_entry_is_repaired_and_nothing_else_flaps(
     host: str, running: tuple[Reconciler, ClusterView, Kernel]
 ) -> None:
