@@ -159,6 +159,30 @@ async def test_a_pass_reads_the_echoes_of_its_own_writes_and_they_change_nothing
     assert fdb_of(host)[fresh.mac] == str(REMOTE_VTEPS[1])
 
 
+async def test_periodic_verifies_keep_their_pace_between_changes(host: str) -> None:
+    view = view_with(remote=4)
+    async with Kernel(netns=host) as kernel:
+        desired = DesiredState(view, local_node=LOCAL, local_vtep=VTEP, underlay_mtu=1500)
+        reconciler = Reconciler(kernel=kernel, desired=desired, metrics=Metrics(), verify_interval=0.2)
+        task = asyncio.create_task(reconciler.run())
+        try:
+            await asyncio.wait_for(reconciler.first_pass_done.wait(), 10)
+            periodic: set[float] = set()
+            fresh = endpoint(88, "r0")
+            for i in range(40):  # 2 s of a change every 50 ms: the wake-up timer outlives passes
+                fact = EndpointPut(fresh) if i % 2 == 0 else EndpointDeleted(fresh.key)
+                desired.apply([d for d in [view.change(fact)] if d is not None])
+                reconciler.trigger()
+                await asyncio.sleep(0.05)
+                last = reconciler.last_full
+                if last is not None and last.trigger == "periodic":
+                    periodic.add(last.started_at)
+            assert len(periodic) >= 3, periodic
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
 async def test_a_deleted_fdb_entry_is_repaired_and_nothing_else_flaps(
     host: str, running: tuple[Reconciler, ClusterView, Kernel]
 ) -> None:

@@ -1172,3 +1172,14 @@ def test_a_plan_of_entries_only_is_what_the_whole_plan_gives(hold: bool, with_pr
     assert (fast.commands, fast.held) == (whole.commands, whole.held)
     assert any(isinstance(c, DeleteNeigh) for c in whole.commands) != hold
     assert announcements(fast.commands)
+
+
+def test_taking_dirty_keys_with_another_set_of_them_empties_both_in_place() -> None:
+    mine = Dirty(fdb={(VX, mac(1))}, links={"ovbr100"})
+    theirs = Dirty(fdb={(VX, mac(2))}, neigh={(VX, A("10.1.0.2"))})
+    held = mine.fdb, theirs.neigh  # desired state writes into its sets: they must stay
+    taken = mine.take(theirs)
+    assert taken == Dirty(fdb={(VX, mac(1)), (VX, mac(2))}, neigh={(VX, A("10.1.0.2"))}, links={"ovbr100"})
+    assert not mine and not theirs
+    assert (mine.fdb, theirs.neigh) == held and mine.fdb is held[0] and theirs.neigh is held[1]
+    assert mine.take() == Dirty()
