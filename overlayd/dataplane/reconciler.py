@@ -293,6 +293,9 @@ class Reconciler:
             deadline = min(deadline, self._retry_at)
         self._wake.clear()
         if self._has_work():
+            # Another pass at once, once the rest of the daemon (gossip, API) had a turn: a
+            # pass may not suspend at all (its writes' answers and echoes are read at once).
+            await asyncio.sleep(0)
             return
         # A timer that sets the event, not `wait_for`: no task per pass, and on Python 3.11
         # `wait_for` could swallow a cancel that came as the event was set (a stop hung).

@@ -10,11 +10,12 @@ change, so "nothing else was touched" is observed, not assumed.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import shutil
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
@@ -23,7 +24,7 @@ from test_kernel import RUN_PREFIX, VTEP, fdb_show, link_exists, link_show, neig
 from overlayd.core.model import Endpoint, Network, Node
 from overlayd.core.view import ClusterView, EndpointDeleted, EndpointPut, NetworkPut, NodePut
 from overlayd.dataplane import netlink as nl
-from overlayd.dataplane.commands import Op
+from overlayd.dataplane.commands import Command, Op
 from overlayd.dataplane.desired import DesiredState
 from overlayd.dataplane.endpoints import create_local_endpoint, delete_local_endpoint
 from overlayd.dataplane.kernel import Kernel
@@ -181,6 +182,43 @@ async def test_periodic_verifies_keep_their_pace_between_changes(host: str) -> N
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_passes_one_after_another_leave_the_rest_of_the_daemon_its_turns(
+    host: str, running: tuple[Reconciler, ClusterView, Kernel]
+) -> None:
+    reconciler, _, _ = running
+    mirror = reconciler.mirror
+    key = next(iter(mirror.tables.fdb))
+    ticks = 0
+    seen: list[int] = []  # the ticker's count at each pass's writes
+    assume_all = mirror.assume_all
+
+    def flapping(cmds: Iterable[Command]) -> None:
+        # As if each write's echo came back other than written: the key is dirty again.
+        assume_all(cmds)
+        if len(seen) < 20:
+            seen.append(ticks)
+            del mirror.tables.fdb[key]
+            mirror.dirty.fdb.add(key)
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    mirror.assume_all = flapping  # type: ignore[method-assign]
+    task = asyncio.create_task(ticker())
+    try:
+        del mirror.tables.fdb[key]
+        mirror.dirty.fdb.add(key)
+        reconciler.trigger()
+        await wait_until(lambda: len(seen) == 20, "20 passes")
+    finally:
+        task.cancel()
+        mirror.assume_all = assume_all  # type: ignore[method-assign]
+    assert all(later > earlier for earlier, later in itertools.pairwise(seen)), seen
 
 
 async def test_a_deleted_fdb_entry_is_repaired_and_nothing_else_flaps(
