@@ -112,6 +112,18 @@ def plan(
     answered for it), or the address was removed lately with another MAC (reused).
     Without it, every new neighbour entry is announced.
     """
+    if not (
+        dirty.links
+        or dirty.netns
+        or dirty.inner
+        or dirty.addrs
+        or dirty.routes
+        or dirty.forwarding
+        or dirty.nft
+    ):
+        # Only entries (a remote endpoint came or went: one FDB and one neighbour entry):
+        # no link, namespace, layer 3 or table to look at, nothing of theirs to sort.
+        return _plan_entries(want, have, dirty, hold_deletions, previous)
     out = Plan()
     links: list[Command] = []
     recreated: set[str] = set()
@@ -217,6 +229,52 @@ def plan(
     # with it: never delete them one by one, and re-add everything wanted.
     gone = recreated | (have.vxlans.keys() - want.vxlans.keys())
 
+    adds, removals = _entries(want, have, dirty, gone, previous)
+
+    # VXLAN devices and veths before their bridges, namespaces last.
+    stale_links: list[Command] = [
+        DeleteLink(name) for name in dirty_links if name in have.vxlans and name not in want.vxlans
+    ]
+    stale_links += [DeleteLink(name) for name in dirty_links if name in have.veths and name not in want.veths]
+    stale_links += [
+        DeleteLink(name) for name in dirty_links if name in have.bridges and name not in want.bridges
+    ]
+    stale_links += [DeleteNetns(ns) for ns in sorted(gone_ns & dirty.netns)]
+
+    removals = table_removals + route_removals + layer3_removals + removals
+    if hold_deletions:
+        out.held = len(removals) + len(stale_links)
+        removals, stale_links = [], []
+    out.commands = links + layer3 + adds + announcements + tables + removals + stale_links
+    return out
+
+
+def _plan_entries(
+    want: Tables,
+    have: Tables,
+    dirty: Dirty,
+    hold_deletions: bool,
+    previous: Mapping[IPv4Address, str] | None,
+) -> Plan:
+    """`plan` for a `dirty` that holds entries only (FDB, flood, neighbour keys)."""
+    vxlans = have.vxlans
+    gone = vxlans.keys() - want.vxlans.keys() if vxlans else set()
+    adds, removals = _entries(want, have, dirty, gone, previous)
+    if hold_deletions and removals:
+        return Plan(adds, held=len(removals))
+    return Plan(adds + removals if removals else adds)
+
+
+def _entries(
+    want: Tables,
+    have: Tables,
+    dirty: Dirty,
+    gone: set[str],
+    previous: Mapping[IPv4Address, str] | None,
+) -> tuple[list[Command], list[Command]]:
+    """The entry commands for the entry keys in `dirty`: (new and changed entries, each new
+    neighbour followed by its announcement; stale entries). `gone`: devices about to be
+    deleted or made anew, whose entries go with them."""
     adds: list[Command] = []
     removals: list[Command] = []
     fdb_adds: list[FdbEntry] = []
@@ -292,22 +350,7 @@ def plan(
     removals += [DeleteFdb(e) for e in sorted(fdb_dels)]
     removals += [DeleteFlood(e) for e in sorted(flood_dels)]
 
-    # VXLAN devices and veths before their bridges, namespaces last.
-    stale_links: list[Command] = [
-        DeleteLink(name) for name in dirty_links if name in have.vxlans and name not in want.vxlans
-    ]
-    stale_links += [DeleteLink(name) for name in dirty_links if name in have.veths and name not in want.veths]
-    stale_links += [
-        DeleteLink(name) for name in dirty_links if name in have.bridges and name not in want.bridges
-    ]
-    stale_links += [DeleteNetns(ns) for ns in sorted(gone_ns & dirty.netns)]
-
-    removals = table_removals + route_removals + layer3_removals + removals
-    if hold_deletions:
-        out.held = len(removals) + len(stale_links)
-        removals, stale_links = [], []
-    out.commands = links + layer3 + adds + announcements + tables + removals + stale_links
-    return out
+    return adds, removals
 
 
 def _addr_order(key: tuple[str, str, object]) -> tuple[str, str, str]:

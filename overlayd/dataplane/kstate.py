@@ -380,12 +380,21 @@ class Dirty:
         for mine, theirs in zip(self._sets(), other._sets(), strict=True):
             mine |= theirs
 
-    def take(self) -> Dirty:
-        """Everything marked so far; this one starts empty again."""
-        taken = Dirty(*(set(s) for s in self._sets()))
+    def take(self, also: Dirty | None = None) -> Dirty:
+        """Everything marked so far, and in `also`; both start empty again."""
+        mine = self._sets()
+        if also is None:
+            taken = Dirty(*map(set, mine))
+        else:
+            theirs = also._sets()
+            taken = Dirty(*map(set.union, mine, theirs))
+            for s in theirs:
+                if s:
+                    s.clear()
         # Cleared in place: desired state keeps references to these sets.
-        for s in self._sets():
-            s.clear()
+        for s in mine:
+            if s:
+                s.clear()
         return taken
 
     def add_tables(self, tables: Tables) -> None:

@@ -272,15 +272,17 @@ class Mirror:
             if kind == nl.RTM_NEWNEIGH or kind == nl.RTM_DELNEIGH:
                 if self.own_port and nl.message_port(data, start) == self.own_port:
                     continue  # our own write (anyone else's change carries another port, or 0)
-                raw = nl.parse_neigh(data, start, end)
-                if raw is None:
-                    continue
                 present = kind == nl.RTM_NEWNEIGH
                 family = nl.neigh_family(data, start)
                 if family == nl.AF_BRIDGE:
-                    self._fdb(raw, present=present)
+                    raw = nl.parse_neigh(data, start, end)
+                    if raw is not None:
+                        self._fdb(raw, present=present)
                 elif family == nl.AF_INET:
-                    self._neigh(raw, present=present)
+                    # Without a MAC too: the kernel's RTM_DELNEIGH of a neighbour has none.
+                    raw = nl.parse_neigh(data, start, end, lladdr=False)
+                    if raw is not None:
+                        self._neigh(raw, present=present)
             elif kind == nl.RTM_NEWADDR or kind == nl.RTM_DELADDR:
                 addr = nl.parse_addr_full(data, start, end)
                 if addr is not None:
@@ -670,13 +672,14 @@ class Mirror:
             return
         t = self.tables
         key = (device, self._address(dst))
-        if present and state & nl.NUD_PERMANENT:
+        if present and state & nl.NUD_PERMANENT and mac:
             value = mac.hex(":")
             if t.neigh.get(key) != value:
                 t.neigh[key] = value
                 self.dirty.neigh.add(key)
         elif key in t.neigh:
-            # Gone, or no longer permanent (someone replaced it): not ours as it stands.
+            # Gone, or no longer permanent (someone replaced it), or without a MAC:
+            # not ours as it stands.
             del t.neigh[key]
             self.dirty.neigh.add(key)
 

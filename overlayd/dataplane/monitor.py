@@ -145,6 +145,12 @@ class Monitor:
     def _readable(self) -> None:
         self._read(_PER_WAKEUP)
 
+    def read_some(self) -> None:
+        """Read what waits now, as much as one wake-up of the event loop would: a caller that
+        just wrote to the kernel takes its echoes here (the kernel queued them within the
+        write), without a loop iteration to be woken for them."""
+        self._read(_PER_WAKEUP)
+
     def _read(self, limit: int) -> int:
         sock = self._sock
         if sock is None:

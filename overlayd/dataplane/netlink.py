@@ -574,7 +574,10 @@ def add_default_route(index: int, gateway: IPv4Address) -> bytes:
 RawNeigh = tuple[int, int, int, bytes, bytes]
 
 
-def parse_neigh(data: bytes, start: int, end: int) -> RawNeigh | None:
+def parse_neigh(data: bytes, start: int, end: int, *, lladdr: bool = True) -> RawNeigh | None:
+    """An FDB or neighbour entry; None without an IPv4 destination, or without a MAC
+    unless `lladdr` is false (then the MAC is b"" when the message carries none: the
+    kernel sends none in an RTM_DELNEIGH of a neighbour, nor for an entry gone FAILED)."""
     # The hot loop of dumps and notifications (two messages per remote
     # endpoint): scan for the two attributes inline instead of building a
     # dict per message.
@@ -592,7 +595,7 @@ def parse_neigh(data: bytes, start: int, end: int) -> RawNeigh | None:
         elif kind == NDA_DST:
             dst = data[pos + 4 : pos + length]
         pos += (length + 3) & ~3
-    if len(mac) != 6 or len(dst) != 4:
+    if len(dst) != 4 or (len(mac) != 6 and (lladdr or mac)):
         return None
     return index, flags, state, mac, dst
 

@@ -140,6 +140,8 @@ class Reconciler:
         self._retry_delay = _RETRY_MIN
         self._retry_at: float | None = None
         self._full_at = 0.0  # loop time of the last full pass
+        self._alarm: asyncio.TimerHandle | None = None  # wakes `_sleep` at `_alarm_at`
+        self._alarm_at = 0.0
         self._lock = asyncio.Lock()
         self._passed = asyncio.Event()  # pulsed after every pass
         self.first_pass_done = asyncio.Event()
@@ -267,6 +269,9 @@ class Reconciler:
         self._monitor.ignore_echoes(self.mirror.own_port)
 
     def close(self) -> None:
+        if self._alarm is not None:
+            self._alarm.cancel()
+            self._alarm = None
         self._monitor.close()
         for monitor in self._inside.values():
             monitor.close()
@@ -294,20 +299,35 @@ class Reconciler:
             deadline = min(deadline, self._retry_at)
         self._wake.clear()
         if self._has_work():
+            # Another pass at once, once the rest of the daemon (gossip, API) had a turn: a
+            # pass may not suspend at all (its writes' answers and echoes are read at once).
+            await asyncio.sleep(0)
             return
         # A timer that sets the event, not `wait_for`: no task per pass, and on Python 3.11
         # `wait_for` could swallow a cancel that came as the event was set (a stop hung).
-        alarm = loop.call_at(deadline, self._wake.set)
-        try:
-            await self._wake.wait()
-        finally:
-            alarm.cancel()
+        self._arm(loop, deadline)
+        await self._wake.wait()
         now = loop.time()
         if self._retry_at is not None and now >= self._retry_at:
             self._retry_at = None
             self.desired.dirty.update(self._retry.take())
         if now >= self._full_at + self._verify_interval and not self._full_requested:
             self._full_requested = "periodic"
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
+        """The wake-up at `deadline` (the next periodic verify or retry). Kept from pass to
+        pass while the deadline stays: not a timer made and cancelled for every change."""
+        alarm = self._alarm
+        if alarm is not None:
+            if self._alarm_at == deadline:
+                return
+            alarm.cancel()
+        self._alarm_at = deadline
+        self._alarm = loop.call_at(deadline, self._ring)
+
+    def _ring(self) -> None:
+        self._alarm = None
+        self._wake.set()
 
     def _has_work(self) -> bool:
         return bool(self._full_requested or self.desired.dirty or self.mirror.dirty)
@@ -316,8 +336,7 @@ class Reconciler:
         """One incremental pass over what is dirty. Passes never overlap."""
         async with self._lock:
             self._drain()
-            dirty = self.desired.dirty.take()
-            dirty.update(self.mirror.dirty.take())
+            dirty = self.desired.dirty.take(self.mirror.dirty)
             return await self._apply(trigger, "incremental", dirty)
 
     async def reconcile_full(self, trigger: str) -> PassReport:
@@ -399,6 +418,9 @@ class Reconciler:
                 kinds = set(map(type, done))  # at C speed: the loops below run only if needed
                 self.mirror.assume_all(done)
                 self._remember(done, kinds)
+                # The echoes of these writes wait in the notification socket already: read
+                # now, they find the mirror as assumed, and the loop is not woken for them.
+                self._monitor.read_some()
                 if done and log.isEnabledFor(logging.DEBUG):
                     for cmd in done:
                         log.debug("applied: %s", describe(cmd))

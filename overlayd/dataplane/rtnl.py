@@ -207,11 +207,13 @@ class Rtnl:
         """
         results: list[tuple[int, str]] = [(0, "")] * len(msgs)
         for start in range(0, len(msgs), _CHUNK):
+            if start:
+                # Give the rest of the daemon (gossip, API) a turn between chunks (not after
+                # the last: a one-chunk batch, every remote change, costs no loop iteration).
+                await asyncio.sleep(0)
             chunk = msgs[start : start + _CHUNK]
             async with self._lock:
                 await self._batch_chunk(chunk, results, start)
-            # Give the rest of the daemon (gossip, API) a turn between chunks.
-            await asyncio.sleep(0)
         return results
 
     async def _batch_chunk(self, chunk: Sequence[bytes], results: list[tuple[int, str]], base: int) -> None:
@@ -226,31 +228,28 @@ class Rtnl:
         fence = self._next_seq()
         buf += nl.HDR.pack(nl.HDR.size, nl.NLMSG_NOOP, nl.NLM_F_REQUEST | nl.NLM_F_ACK, fence, 0)
         answered: set[int] = set()
+        sock = self._sock
         try:
-            self._sock.send(buf)
+            sock.send(buf)
         except OSError as exc:
             # The kernel did not take the datagram: nothing in it was applied.
             for index in seqs.values():
                 results[index] = (exc.errno or errno.EIO, f"sending to the kernel failed: {exc}")
             return
         try:
+            # The kernel handles the batch within send() and queues its answers there and
+            # then: read them at once, with no timer to arm, while they are there.
+            while True:
+                try:
+                    data = sock.recv(_RECV_SIZE)
+                except BlockingIOError:
+                    break
+                if _acks(data, fence, seqs, results, answered):
+                    return
             async with asyncio.timeout(_ACK_TIMEOUT):
                 while True:
-                    data = await self._recv()
-                    offset = 0
-                    while offset + nl.HDR.size <= len(data):
-                        length, kind, mflags, mseq, _pid = nl.HDR.unpack_from(data, offset)
-                        if length < nl.HDR.size:
-                            break
-                        end = offset + length
-                        if kind == nl.NLMSG_ERROR and mseq == fence:
-                            return
-                        pos = seqs.get(mseq)
-                        if kind == nl.NLMSG_ERROR and pos is not None:
-                            code = -nl.I32.unpack_from(data, offset + nl.HDR.size)[0]
-                            results[pos] = (code, nl.extack_msg(data, offset, end, mflags))
-                            answered.add(pos)
-                        offset = (end + 3) & ~3
+                    if _acks(await self._recv(), fence, seqs, results, answered):
+                        return
         except (TimeoutError, OSError) as exc:
             # ENOBUFS (receive buffer overrun) or no fence: some error acks
             # may be lost, so nothing unanswered in this chunk is known to be
@@ -259,3 +258,26 @@ class Rtnl:
             for index in seqs.values():
                 if index not in answered:
                     results[index] = (LOST, reason)
+
+
+def _acks(
+    data: bytes, fence: int, seqs: dict[int, int], results: list[tuple[int, str]], answered: set[int]
+) -> bool:
+    """The error acks in one datagram of a batch's answers into `results` (and their
+    positions into `answered`); True once the fence's ack came: the batch is answered."""
+    offset = 0
+    while offset + nl.HDR.size <= len(data):
+        length, kind, mflags, mseq, _pid = nl.HDR.unpack_from(data, offset)
+        if length < nl.HDR.size:
+            break
+        end = offset + length
+        if kind == nl.NLMSG_ERROR:
+            if mseq == fence:
+                return True
+            pos = seqs.get(mseq)
+            if pos is not None:
+                code = -nl.I32.unpack_from(data, offset + nl.HDR.size)[0]
+                results[pos] = (code, nl.extack_msg(data, offset, end, mflags))
+                answered.add(pos)
+        offset = (end + 3) & ~3
+    return False

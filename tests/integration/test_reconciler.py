@@ -10,11 +10,12 @@ change, so "nothing else was touched" is observed, not assumed.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import shutil
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
@@ -23,7 +24,7 @@ from test_kernel import RUN_PREFIX, VTEP, fdb_show, link_exists, link_show, neig
 from overlayd.core.model import Endpoint, Network, Node
 from overlayd.core.view import ClusterView, EndpointDeleted, EndpointPut, NetworkPut, NodePut
 from overlayd.dataplane import netlink as nl
-from overlayd.dataplane.commands import Op
+from overlayd.dataplane.commands import Command, Op
 from overlayd.dataplane.desired import DesiredState
 from overlayd.dataplane.endpoints import create_local_endpoint, delete_local_endpoint
 from overlayd.dataplane.kernel import Kernel
@@ -143,6 +144,83 @@ async def test_converges_and_a_pass_with_nothing_dirty_writes_nothing(
     assert (report.applied, report.failed) == (0, 0)
 
 
+async def test_a_pass_reads_the_echoes_of_its_own_writes_and_they_change_nothing(
+    host: str, running: tuple[Reconciler, ClusterView, Kernel]
+) -> None:
+    reconciler, view, _ = running
+    heard = reconciler.mirror.notifications
+    fresh = endpoint(77, "r1")
+    reconciler.desired.apply([d for d in [view.change(EndpointPut(fresh))] if d is not None])
+    report = await reconciler.reconcile("test")
+    # Read within the pass (the kernel queued the FDB echo within the write), not at the
+    # event loop's next turn; equal to what the pass wrote, so nothing is left to compare.
+    assert report.applied == 2
+    assert reconciler.mirror.notifications > heard
+    assert not reconciler.mirror.dirty
+    assert fdb_of(host)[fresh.mac] == str(REMOTE_VTEPS[1])
+
+
+async def test_periodic_verifies_keep_their_pace_between_changes(host: str) -> None:
+    view = view_with(remote=4)
+    async with Kernel(netns=host) as kernel:
+        desired = DesiredState(view, local_node=LOCAL, local_vtep=VTEP, underlay_mtu=1500)
+        reconciler = Reconciler(kernel=kernel, desired=desired, metrics=Metrics(), verify_interval=0.2)
+        task = asyncio.create_task(reconciler.run())
+        try:
+            await asyncio.wait_for(reconciler.first_pass_done.wait(), 10)
+            periodic: set[float] = set()
+            fresh = endpoint(88, "r0")
+            for i in range(40):  # 2 s of a change every 50 ms: the wake-up timer outlives passes
+                fact = EndpointPut(fresh) if i % 2 == 0 else EndpointDeleted(fresh.key)
+                desired.apply([d for d in [view.change(fact)] if d is not None])
+                reconciler.trigger()
+                await asyncio.sleep(0.05)
+                last = reconciler.last_full
+                if last is not None and last.trigger == "periodic":
+                    periodic.add(last.started_at)
+            assert len(periodic) >= 3, periodic
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_passes_one_after_another_leave_the_rest_of_the_daemon_its_turns(
+    host: str, running: tuple[Reconciler, ClusterView, Kernel]
+) -> None:
+    reconciler, _, _ = running
+    mirror = reconciler.mirror
+    key = next(iter(mirror.tables.fdb))
+    ticks = 0
+    seen: list[int] = []  # the ticker's count at each pass's writes
+    assume_all = mirror.assume_all
+
+    def flapping(cmds: Iterable[Command]) -> None:
+        # As if each write's echo came back other than written: the key is dirty again.
+        assume_all(cmds)
+        if len(seen) < 20:
+            seen.append(ticks)
+            del mirror.tables.fdb[key]
+            mirror.dirty.fdb.add(key)
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    mirror.assume_all = flapping  # type: ignore[method-assign]
+    task = asyncio.create_task(ticker())
+    try:
+        del mirror.tables.fdb[key]
+        mirror.dirty.fdb.add(key)
+        reconciler.trigger()
+        await wait_until(lambda: len(seen) == 20, "20 passes")
+    finally:
+        task.cancel()
+        mirror.assume_all = assume_all  # type: ignore[method-assign]
+    assert all(later > earlier for earlier, later in itertools.pairwise(seen)), seen
+
+
 async def test_a_deleted_fdb_entry_is_repaired_and_nothing_else_flaps(
     host: str, running: tuple[Reconciler, ClusterView, Kernel]
 ) -> None:
@@ -184,6 +262,19 @@ async def test_an_altered_neighbour_is_put_back(
         return any(n["dst"] == str(victim.ip) and n["lladdr"] == victim.mac for n in neigh_show(host, VX))
 
     await wait_until(restored, "the neighbour entry to be put back")
+
+
+async def test_a_deleted_neighbour_is_put_back(
+    host: str, running: tuple[Reconciler, ClusterView, Kernel]
+) -> None:
+    # The kernel's notification of a deleted neighbour carries no MAC: read all the same.
+    victim = endpoint(11, "r1")
+    run("ip", "-n", host, "neigh", "del", str(victim.ip), "dev", VX)
+
+    def restored() -> bool:
+        return any(n["dst"] == str(victim.ip) and n["lladdr"] == victim.mac for n in neigh_show(host, VX))
+
+    await wait_until(restored, "the neighbour entry to be put back", timeout=1.0)
 
 
 async def test_an_entry_added_behind_our_back_is_removed(

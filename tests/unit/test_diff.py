@@ -1143,3 +1143,43 @@ def test_an_address_removed_lately_and_back_with_another_mac_is_announced() -> N
     assert announcements(cmds) == [AnnounceArp(BR, A("10.1.0.11"), mac(88))]
     i = cmds.index(ReplaceNeigh(NeighEntry(VX, A("10.1.0.11"), mac(88))))
     assert cmds[i + 1] == AnnounceArp(BR, A("10.1.0.11"), mac(88))
+
+
+@pytest.mark.parametrize("hold", [False, True])
+@pytest.mark.parametrize("with_previous", [False, True])
+def test_a_plan_of_entries_only_is_what_the_whole_plan_gives(hold: bool, with_previous: bool) -> None:
+    # `plan` takes a shorter way when only entries are dirty (every remote change): it
+    # must give what the way through links, layer 3 and tables gives.
+    removed = Removed()
+    removed.removed(A("10.1.0.11"), mac(11))
+    before = base_view(A1, B1, B2)
+    after = base_view(A1, B2, ep("c9", "10.1.0.11", "host-c", 88), C1)
+    w, h = Tables.of(want(after)), Tables.of(converged(before))
+    h.neigh[(VX, A("10.1.0.99"))] = mac(99)  # stale
+    h.fdb[(VX, mac(12))] = VTEP_D  # wrong value
+    # A device no longer wanted: its entries go with it, not one by one.
+    h.vxlans["ovvx77"] = replace(vxlan(), ifname="ovvx77")
+    h.fdb[("ovvx77", mac(5))] = VTEP_B
+    h.neigh[("ovvx77", A("10.7.0.5"))] = mac(5)
+    entries = Dirty(
+        fdb=w.fdb.keys() | h.fdb.keys(), neigh=w.neigh.keys() | h.neigh.keys(), flood=w.flood | h.flood
+    )
+    previous = removed if with_previous else None
+    fast = plan(w, h, entries, hold_deletions=hold, previous=previous)
+    through_links = copy.deepcopy(entries)
+    through_links.links.add("no-such-link")  # in neither table: no command of its own
+    whole = plan(w, h, through_links, hold_deletions=hold, previous=previous)
+    assert (fast.commands, fast.held) == (whole.commands, whole.held)
+    assert any(isinstance(c, DeleteNeigh) for c in whole.commands) != hold
+    assert announcements(fast.commands)
+
+
+def test_taking_dirty_keys_with_another_set_of_them_empties_both_in_place() -> None:
+    mine = Dirty(fdb={(VX, mac(1))}, links={"ovbr100"})
+    theirs = Dirty(fdb={(VX, mac(2))}, neigh={(VX, A("10.1.0.2"))})
+    held = mine.fdb, theirs.neigh  # desired state writes into its sets: they must stay
+    taken = mine.take(theirs)
+    assert taken == Dirty(fdb={(VX, mac(1)), (VX, mac(2))}, neigh={(VX, A("10.1.0.2"))}, links={"ovbr100"})
+    assert not mine and not theirs
+    assert (mine.fdb, theirs.neigh) == held and mine.fdb is held[0] and theirs.neigh is held[1]
+    assert mine.take() == Dirty()

@@ -129,6 +129,26 @@ def test_a_neighbour_that_is_no_longer_permanent_counts_as_gone() -> None:
     assert m.dirty.take().neigh == {(VX, A("10.1.0.11"))}
 
 
+def neigh_gone_msg(index: int, ip: IPv4Address, *, port: int = 0) -> bytes:
+    """An RTM_DELNEIGH as the kernel sends it for a neighbour: no link-layer address,
+    the cache info after the destination."""
+    body = nl.NDMSG.pack(nl.AF_INET, index, 0x20, 0, 0)  # NUD_FAILED
+    body += nl.nla(nl.NDA_DST, ip.packed) + nl.nla(3, bytes(16))  # NDA_CACHEINFO
+    return nl.HDR.pack(nl.HDR.size + len(body), nl.RTM_DELNEIGH, 0, 0, port) + body
+
+
+def test_a_neighbour_deleted_behind_our_back_is_marked_though_its_note_has_no_mac() -> None:
+    m = with_devices()
+    ip = A("10.1.0.11")
+    m.assume(ReplaceNeigh(NeighEntry(VX, ip, MAC)))
+    m.apply_datagram(neigh_gone_msg(VX_INDEX, ip))
+    assert m.tables.neigh == {}
+    assert m.dirty.take().neigh == {(VX, ip)}
+    # The same note again (our own delete's echo, after assume): nothing more to compare.
+    m.apply_datagram(neigh_gone_msg(VX_INDEX, ip))
+    assert not m.dirty
+
+
 def test_foreign_devices_and_bridge_learned_entries_are_ignored() -> None:
     m = with_devices()
     m.apply_datagram(
