@@ -567,7 +567,7 @@ class GossipNode:
 
     def _datagram(self, data: bytes, addr: Addr) -> None:
         if self._metrics:
-            self._metrics.bytes_received.inc(len(data))
+            self._metrics.received_bytes(len(data))
         if len(data) > self.config.mtu:
             self._reject("oversized")
             return
