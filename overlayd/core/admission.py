@@ -483,6 +483,11 @@ class Admission:
                 return (_CONFIRMED, own)
             stored = self._store.get(key)
             return (_STORE, stored) if stored is not None else None
+        if gossip is not None and len(gossip) == 1 and key not in self._own and key not in self._store:
+            # Gossip-only mode's common case: one peer's claim and nothing else to rank it
+            # against (what `_claims` would yield alone, without the generator and `min`).
+            ((owner, ep),) = gossip.items()
+            return (_GOSSIP, ep) if self.is_admissible(owner) else None
         return min(self._claims(key), key=_endpoint_rank, default=None)
 
     def _settle(self, key: str, out: Outcome) -> None:
