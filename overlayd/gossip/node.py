@@ -635,7 +635,15 @@ class GossipNode:
 
     def _handle(self, sender: str, addr: Addr, msg: Message, sent_at: float) -> None:
         """`sent_at`: the sender's wall clock when it sealed the datagram."""
-        match msg:
+        match msg:  # the types are disjoint: the most frequent first (a push and its ack per change)
+            case Push(hops, records):
+                learned = [r for r in records if self._merge(r, "push")]
+                self._relay(sender, addr, hops, records, learned)
+                for owner in {r.owner for r in records}:
+                    if self._table.has_gap(owner):
+                        self._pull_gap(addr, owner)
+            case PushAck(stamp):
+                self._acked(sender, stamp)
             case Ping(seq, target, updates):
                 self._apply_members(updates)
                 if target == self.name:
@@ -668,14 +676,6 @@ class GossipNode:
                     self._ms.record_clock(target, offset_sample(probe.sent_wall, sent_at, rtt), rtt)
                 if not probe.answered.done():
                     probe.answered.set_result(None)
-            case Push(hops, records):
-                learned = [r for r in records if self._merge(r, "push")]
-                self._relay(sender, addr, hops, records, learned)
-                for owner in {r.owner for r in records}:
-                    if self._table.has_gap(owner):
-                        self._pull_gap(addr, owner)
-            case PushAck(stamp):
-                self._acked(sender, stamp)
             case Sums(table, level, nodes, sums):
                 if level == 0 and self._metrics:
                     self._metrics.anti_entropy.labels("responder").inc()

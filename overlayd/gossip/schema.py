@@ -330,17 +330,17 @@ def encode(msg: Message) -> bytes:
 
 def to_wire(msg: Message) -> list[Any]:
     v = SCHEMA_VERSION
-    match msg:
+    match msg:  # the types are disjoint: the most frequent first (a push and its ack per change)
+        case PushAck((inc, ver)):
+            return [v, "push-ack", inc, ver]
+        case Push(hops, records):
+            return [v, "push", hops, [r.to_wire() for r in records]]
         case Ping(seq, target, updates):
             return [v, "ping", seq, target, [u.to_wire() for u in updates]]
         case PingReq(seq, target, addr, port, updates):
             return [v, "ping-req", seq, target, addr, port, [u.to_wire() for u in updates]]
         case Ack(seq, target, updates):
             return [v, "ack", seq, target, [u.to_wire() for u in updates]]
-        case Push(hops, records):
-            return [v, "push", hops, [r.to_wire() for r in records]]
-        case PushAck((inc, ver)):
-            return [v, "push-ack", inc, ver]
         case Digest(lo, hi, entries):
             return [v, "digest", lo, hi, [[o, i, n] for o, (i, n) in entries]]
         case Request(owner, (inc, ver)):
