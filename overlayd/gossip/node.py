@@ -527,9 +527,14 @@ class GossipNode:
     ) -> None:
         """Answer a push its owner sent to every member itself (`_spread`) with an ack; pass
         an epidemic one on."""
-        if hops == _DIRECT and all(r.owner == sender for r in records):
-            self._ack(sender, addr, max(r.stamp for r in records))
-            return
+        if hops == _DIRECT:
+            if len(records) == 1:  # a change of one record: spare the generators below
+                if records[0].owner == sender:
+                    self._ack(sender, addr, records[0].stamp)
+                    return
+            elif all(r.owner == sender for r in records):
+                self._ack(sender, addr, max(r.stamp for r in records))
+                return
         if hops == _FORWARDED:
             return  # a copy forwarded by a member of an earlier release: the end of its way
         self._push(learned, hops - 1, exclude=(sender,))
