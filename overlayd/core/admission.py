@@ -567,7 +567,8 @@ class Admission:
 
     def _sole(self, key: str, ep: Endpoint) -> bool:
         """`key` is the only holder of both of `ep`'s addresses."""
-        return all(self._by_addr.get(group) == key for group in _groups(ep))
+        ip_group, mac_group = _groups(ep)
+        return self._by_addr.get(ip_group) == key and self._by_addr.get(mac_group) == key
 
     def _hold(self, group: _Group, key: str) -> None:
         holders = self._by_addr.get(group)
@@ -612,7 +613,8 @@ class Admission:
         claim = self._winner.get(key)
         if claim is None:
             return None
-        if all(self._group_winner(group) == key for group in _groups(claim[1])):
+        ip_group, mac_group = _groups(claim[1])  # (not all() over a generator: once per change)
+        if self._group_winner(ip_group) == key and self._group_winner(mac_group) == key:
             return claim[1]
         return None
 

@@ -644,7 +644,8 @@ class GossipNode:
             case Push(hops, records):
                 learned = [r for r in records if self._merge(r, "push")]
                 self._relay(sender, addr, hops, records, learned)
-                for owner in {r.owner for r in records}:
+                owners = (records[0].owner,) if len(records) == 1 else {r.owner for r in records}
+                for owner in owners:
                     if self._table.has_gap(owner):
                         self._pull_gap(addr, owner)
             case PushAck(stamp):
