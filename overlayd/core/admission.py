@@ -483,6 +483,11 @@ class Admission:
                 return (_CONFIRMED, own)
             stored = self._store.get(key)
             return (_STORE, stored) if stored is not None else None
+        if gossip is not None and len(gossip) == 1 and key not in self._own and key not in self._store:
+            # Gossip-only mode's common case: one peer's claim and nothing else to rank it
+            # against (what `_claims` would yield alone, without the generator and `min`).
+            ((owner, ep),) = gossip.items()
+            return (_GOSSIP, ep) if self.is_admissible(owner) else None
         return min(self._claims(key), key=_endpoint_rank, default=None)
 
     def _settle(self, key: str, out: Outcome) -> None:
@@ -562,7 +567,8 @@ class Admission:
 
     def _sole(self, key: str, ep: Endpoint) -> bool:
         """`key` is the only holder of both of `ep`'s addresses."""
-        return all(self._by_addr.get(group) == key for group in _groups(ep))
+        ip_group, mac_group = _groups(ep)
+        return self._by_addr.get(ip_group) == key and self._by_addr.get(mac_group) == key
 
     def _hold(self, group: _Group, key: str) -> None:
         holders = self._by_addr.get(group)
@@ -607,7 +613,8 @@ class Admission:
         claim = self._winner.get(key)
         if claim is None:
             return None
-        if all(self._group_winner(group) == key for group in _groups(claim[1])):
+        ip_group, mac_group = _groups(claim[1])  # (not all() over a generator: once per change)
+        if self._group_winner(ip_group) == key and self._group_winner(mac_group) == key:
             return claim[1]
         return None
 

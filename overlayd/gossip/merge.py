@@ -132,13 +132,14 @@ class RecordTable:
 
     def apply(self, rec: Record) -> bool:
         """Merge one record; True if it replaced what was held (the view changed)."""
-        old = self._records.get(rec.ident)
-        if old is None and rec.stamp <= self.watermark(rec.owner):
+        ident, stamp = rec.ident, rec.stamp  # properties that build a tuple on each use
+        old = self._records.get(ident)
+        if old is None and stamp <= self._watermarks.get(rec.owner, ZERO):
             # Covered by the watermark yet not held: it was superseded by a deletion
             # that has since been reaped. Taking it would bring a deleted record back.
             return False
-        self._seen(rec.owner, rec.stamp)
-        return self._store(rec)
+        self._seen(rec.owner, stamp)
+        return self._store(rec, ident, stamp, old)
 
     def adopt(self, rec: Record) -> bool:
         """Keep a record of this node's own earlier life that peers still hold.
@@ -147,16 +148,17 @@ class RecordTable:
         as superseded; but nothing superseded it, the owner simply forgot it on
         restart. Adopting it lets the owner see it and then re-publish or delete it.
         """
-        return self._store(rec)
+        ident = rec.ident
+        return self._store(rec, ident, rec.stamp, self._records.get(ident))
 
-    def _store(self, rec: Record) -> bool:
-        old = self._records.get(rec.ident)
+    def _store(self, rec: Record, ident: Ident, stamp: Stamp, old: Record | None) -> bool:
+        """`old`: what is held under `ident` now."""
         if not wins(rec, old):
             return False
         if old is not None:
             self._unindex(old)
-        self._records[rec.ident] = rec
-        self._stamps.setdefault(rec.owner, {})[rec.stamp] = rec.ident
+        self._records[ident] = rec
+        self._stamps.setdefault(rec.owner, {})[stamp] = ident
         self._sorted.pop(rec.owner, None)
         return True
 

@@ -6,36 +6,85 @@ daemon passes its own registry and the figures appear on its /metrics.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from overlayd.gossip.schema import MemberState
+
+
+class _Tally:
+    """One counter as plain numbers, by label value ("" when unlabelled), with the time each
+    label value was first counted (the `_created` sample a prometheus Counter shows)."""
+
+    __slots__ = ("counts", "created", "doc", "label", "name")
+
+    def __init__(self, name: str, doc: str, label: str | None) -> None:
+        self.name = name
+        self.doc = doc
+        self.label = label
+        self.counts: dict[str, float] = {}
+        self.created: dict[str, float] = {}
+        if label is None:
+            self.add("", 0)
+
+    def add(self, value: str, amount: float) -> None:
+        counts = self.counts
+        if value in counts:
+            counts[value] += amount
+        else:
+            counts[value] = amount
+            self.created[value] = time.time()
+
+    def family(self) -> CounterMetricFamily:
+        family = CounterMetricFamily(self.name, self.doc, labels=[self.label] if self.label else None)
+        created = self.created
+        for value, count in dict(self.counts).items():  # a copy: a scrape from another thread
+            family.add_metric([value] if self.label else [], count, created=created.get(value))
+        return family
+
+
+class _Tallies(Collector):
+    """The counters bumped once or more per datagram, as `_Tally`s read at scrape time.
+
+    A prometheus `Counter.inc` takes a lock and checks its state, about a microsecond
+    each: several per datagram, on every member, for every change. What a scrape shows
+    is the same: the same names, labels, `_total` and `_created` samples."""
+
+    def __init__(self) -> None:
+        self.sent = _Tally("overlayd_gossip_messages_sent", "Gossip datagrams sent, by message type.", "type")
+        self.received = _Tally(
+            "overlayd_gossip_messages_received", "Gossip datagrams accepted, by message type.", "type"
+        )
+        self.bytes_sent = _Tally("overlayd_gossip_sent_bytes", "Gossip bytes sent.", None)
+        self.bytes_received = _Tally(
+            "overlayd_gossip_received_bytes", "Gossip bytes received (accepted or not).", None
+        )
+        self.learned = _Tally(
+            "overlayd_gossip_records_learned",
+            "Records that changed this node's table, by path (push, anti_entropy).",
+            "path",
+        )
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        for tally in (self.sent, self.received, self.bytes_sent, self.bytes_received, self.learned):
+            yield tally.family()
 
 
 class GossipMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         r = registry
-        self.messages_sent = Counter(
-            "overlayd_gossip_messages_sent_total",
-            "Gossip datagrams sent, by message type.",
-            ["type"],
-            registry=r,
-        )
-        self.messages_received = Counter(
-            "overlayd_gossip_messages_received_total",
-            "Gossip datagrams accepted, by message type.",
-            ["type"],
-            registry=r,
-        )
+        self._tallies = _Tallies()
+        r.register(self._tallies)
         self.messages_rejected = Counter(
             "overlayd_gossip_messages_rejected_total",
             "Gossip datagrams dropped, by reason (auth, unknown_key, stale, future, replay, "
             "malformed, schema, oversized, ...).",
             ["reason"],
             registry=r,
-        )
-        self.bytes_sent = Counter("overlayd_gossip_sent_bytes_total", "Gossip bytes sent.", registry=r)
-        self.bytes_received = Counter(
-            "overlayd_gossip_received_bytes_total", "Gossip bytes received (accepted or not).", registry=r
         )
         self.peers = Gauge(
             "overlayd_gossip_peers", "Known gossip peers, by SWIM state.", ["state"], registry=r
@@ -57,39 +106,30 @@ class GossipMetrics:
             "Records that changed this node's table through anti-entropy (missed by dissemination).",
             registry=r,
         )
-        self.records_learned = Counter(
-            "overlayd_gossip_records_learned_total",
-            "Records that changed this node's table, by path (push, anti_entropy).",
-            ["path"],
-            registry=r,
-        )
         for state in MemberState:
             self.peers.labels(state.value).set(0)
-        # Labelled children, looked up once: `labels()` per datagram costs more than the send.
-        self._sent: dict[str, Counter] = {}
-        self._received: dict[str, Counter] = {}
-        self._learned: dict[str, Counter] = {}
+        tallies = self._tallies
+        self._sent = tallies.sent.add
+        self._sent_bytes = tallies.bytes_sent.add
+        self._received = tallies.received.add
+        self._received_bytes = tallies.bytes_received.add
+        self._learned = tallies.learned.add
 
     def sent(self, kind: str, size: int, count: int = 1) -> None:
         """`count` datagrams of `size` bytes each (one message sent to several peers)."""
-        child = self._sent.get(kind)
-        if child is None:
-            child = self._sent[kind] = self.messages_sent.labels(kind)
-        child.inc(count)
-        self.bytes_sent.inc(size * count)
+        self._sent(kind, count)
+        self._sent_bytes("", size * count)
 
     def received(self, kind: str) -> None:
-        child = self._received.get(kind)
-        if child is None:
-            child = self._received[kind] = self.messages_received.labels(kind)
-        child.inc()
+        self._received(kind, 1)
+
+    def received_bytes(self, size: int) -> None:
+        """A datagram of `size` bytes arrived (counted before any check)."""
+        self._received_bytes("", size)
 
     def learned(self, path: str) -> None:
-        """A record that changed this node's table, by `path` (per record pushed: cached child)."""
-        child = self._learned.get(path)
-        if child is None:
-            child = self._learned[path] = self.records_learned.labels(path)
-        child.inc()
+        """A record that changed this node's table, by `path`."""
+        self._learned(path, 1)
 
     def set_peers(self, counts: dict[MemberState, int]) -> None:
         for state in MemberState:

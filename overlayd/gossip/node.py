@@ -527,9 +527,14 @@ class GossipNode:
     ) -> None:
         """Answer a push its owner sent to every member itself (`_spread`) with an ack; pass
         an epidemic one on."""
-        if hops == _DIRECT and all(r.owner == sender for r in records):
-            self._ack(sender, addr, max(r.stamp for r in records))
-            return
+        if hops == _DIRECT:
+            if len(records) == 1:  # a change of one record: spare the generators below
+                if records[0].owner == sender:
+                    self._ack(sender, addr, records[0].stamp)
+                    return
+            elif all(r.owner == sender for r in records):
+                self._ack(sender, addr, max(r.stamp for r in records))
+                return
         if hops == _FORWARDED:
             return  # a copy forwarded by a member of an earlier release: the end of its way
         self._push(learned, hops - 1, exclude=(sender,))
@@ -567,7 +572,7 @@ class GossipNode:
 
     def _datagram(self, data: bytes, addr: Addr) -> None:
         if self._metrics:
-            self._metrics.bytes_received.inc(len(data))
+            self._metrics.received_bytes(len(data))
         if len(data) > self.config.mtu:
             self._reject("oversized")
             return
@@ -635,7 +640,16 @@ class GossipNode:
 
     def _handle(self, sender: str, addr: Addr, msg: Message, sent_at: float) -> None:
         """`sent_at`: the sender's wall clock when it sealed the datagram."""
-        match msg:
+        match msg:  # the types are disjoint: the most frequent first (a push and its ack per change)
+            case Push(hops, records):
+                learned = [r for r in records if self._merge(r, "push")]
+                self._relay(sender, addr, hops, records, learned)
+                owners = (records[0].owner,) if len(records) == 1 else {r.owner for r in records}
+                for owner in owners:
+                    if self._table.has_gap(owner):
+                        self._pull_gap(addr, owner)
+            case PushAck(stamp):
+                self._acked(sender, stamp)
             case Ping(seq, target, updates):
                 self._apply_members(updates)
                 if target == self.name:
@@ -668,14 +682,6 @@ class GossipNode:
                     self._ms.record_clock(target, offset_sample(probe.sent_wall, sent_at, rtt), rtt)
                 if not probe.answered.done():
                     probe.answered.set_result(None)
-            case Push(hops, records):
-                learned = [r for r in records if self._merge(r, "push")]
-                self._relay(sender, addr, hops, records, learned)
-                for owner in {r.owner for r in records}:
-                    if self._table.has_gap(owner):
-                        self._pull_gap(addr, owner)
-            case PushAck(stamp):
-                self._acked(sender, stamp)
             case Sums(table, level, nodes, sums):
                 if level == 0 and self._metrics:
                     self._metrics.anti_entropy.labels("responder").inc()

@@ -93,7 +93,8 @@ class Record:
             if not isinstance(payload, dict):
                 raise SchemaError("record payload must be a map")
             _check_plain(payload, 0)
-        return cls(
+        return _trusted_record(
+            cls,
             _name(kind, "kind"),
             _text(key, "key"),
             _name(owner, "owner"),
@@ -110,6 +111,31 @@ class Record:
         except (TypeError, ValueError) as e:
             raise SchemaError(f"record cannot be encoded: {e}") from None
         return Record.from_wire(wire)
+
+
+def _trusted_record(
+    cls: type[Record],
+    kind: str,
+    key: str,
+    owner: str,
+    incarnation: int,
+    version: int,
+    payload: dict[str, Any] | None,
+    deleted_at: float | None,
+) -> Record:
+    """A Record of fields `from_wire` has checked, built without the frozen dataclass's
+    `__init__`: that sets each field through `object.__setattr__`, three times the cost
+    of filling the instance's dict, and every record a member receives is built here."""
+    rec = object.__new__(cls)
+    fields = rec.__dict__
+    fields["kind"] = kind
+    fields["key"] = key
+    fields["owner"] = owner
+    fields["incarnation"] = incarnation
+    fields["version"] = version
+    fields["payload"] = payload
+    fields["deleted_at"] = deleted_at
+    return rec
 
 
 @dataclass(frozen=True)
@@ -304,17 +330,17 @@ def encode(msg: Message) -> bytes:
 
 def to_wire(msg: Message) -> list[Any]:
     v = SCHEMA_VERSION
-    match msg:
+    match msg:  # the types are disjoint: the most frequent first (a push and its ack per change)
+        case PushAck((inc, ver)):
+            return [v, "push-ack", inc, ver]
+        case Push(hops, records):
+            return [v, "push", hops, [r.to_wire() for r in records]]
         case Ping(seq, target, updates):
             return [v, "ping", seq, target, [u.to_wire() for u in updates]]
         case PingReq(seq, target, addr, port, updates):
             return [v, "ping-req", seq, target, addr, port, [u.to_wire() for u in updates]]
         case Ack(seq, target, updates):
             return [v, "ack", seq, target, [u.to_wire() for u in updates]]
-        case Push(hops, records):
-            return [v, "push", hops, [r.to_wire() for r in records]]
-        case PushAck((inc, ver)):
-            return [v, "push-ack", inc, ver]
         case Digest(lo, hi, entries):
             return [v, "digest", lo, hi, [[o, i, n] for o, (i, n) in entries]]
         case Request(owner, (inc, ver)):
@@ -556,7 +582,7 @@ def _updates(v: Any) -> tuple[MemberUpdate, ...]:
 
 
 def _records(v: Any) -> tuple[Record, ...]:
-    return tuple(Record.from_wire(r) for r in _list(v, "records"))
+    return tuple([Record.from_wire(r) for r in _list(v, "records")])
 
 
 def _uint(v: Any, what: str) -> int:
@@ -599,6 +625,22 @@ def _check_plain(v: Any, depth: int) -> None:
     """Payloads hold only JSON-like data (no bytes, no extension types), nested at most MAX_DEPTH."""
     if depth > MAX_DEPTH:
         raise SchemaError("record payload nested too deep")
+    if type(v) is dict and depth < MAX_DEPTH:
+        # The common payload: a flat map of strings and numbers (an endpoint, a node).
+        # What msgpack gives is of these exact types; anything else takes the full check.
+        for k, item in v.items():
+            if type(k) is not str:
+                if not isinstance(k, str):
+                    raise SchemaError("payload map keys must be strings")
+            t = type(item)
+            if t is str or item is None or t is bool:
+                continue
+            if t is float and math.isfinite(item):
+                continue
+            if t is int and -_INT64 <= item < _INT64:
+                continue
+            _check_plain(item, depth + 1)
+        return
     if v is None or isinstance(v, bool | str):
         return
     if isinstance(v, int):

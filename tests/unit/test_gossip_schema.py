@@ -114,6 +114,46 @@ def test_deep_payload_rejected() -> None:
         schema.decode(wire(1, "push", 1, [[*REC[:5], deep, None]]))
 
 
+def _nested(depth: int, leaf: Any) -> Any:
+    """`leaf` at `depth` levels below the payload map (depth 1: a value of the payload)."""
+    value = leaf
+    for _ in range(depth - 1):
+        value = {"d": value}
+    return {"d": value}
+
+
+@pytest.mark.parametrize("leaf", ["x", 1, 1.5, None, True, [], {}])
+def test_payload_depth_limit_is_exact(leaf: Any) -> None:
+    # Flat maps take a fast path; the limit must be the same on it and off it.
+    ok = schema.decode(wire(1, "push", 1, [[*REC[:5], _nested(schema.MAX_DEPTH, leaf), None]]))
+    assert isinstance(ok, Push)
+    with pytest.raises(SchemaError, match="too deep"):
+        schema.decode(wire(1, "push", 1, [[*REC[:5], _nested(schema.MAX_DEPTH + 1, leaf), None]]))
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"a": "x", "n": 2**63},
+        {"a": "x", "n": 2**64 - 1},
+        {"a": "x", "n": float("nan")},
+        {"a": "x", "n": float("-inf")},
+        {"a": "x", "l": [1, b"\x00"]},
+        {"a": "x", "m": {"k": float("inf")}},
+    ],
+    ids=["int over", "uint64 max", "nan", "-inf", "bytes in list", "inf in map"],
+)
+def test_payload_values_checked_on_every_path(payload: dict[str, Any]) -> None:
+    with pytest.raises(SchemaError):
+        schema.decode(wire(1, "push", 1, [[*REC[:5], payload, None]]))
+
+
+def test_payload_extreme_values_accepted() -> None:
+    payload = {"s": "x", "lo": -(2**63), "hi": 2**63 - 1, "f": -0.0, "b": False, "z": None}
+    msg = schema.decode(wire(1, "push", 1, [[*REC[:5], payload, None]]))
+    assert isinstance(msg, Push) and msg.records[0].payload == payload
+
+
 def test_oversized_rejected_before_parsing() -> None:
     with pytest.raises(SchemaError, match="over"):
         schema.decode(b"\x00" * (schema.MAX_MESSAGE + 1))
