@@ -188,8 +188,10 @@ class ZooKeeperStore(Store):
             raise StoreUnavailable(f"zookeeper at {self._hosts} is unreachable (reconnecting)")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        # A timer of our own rather than `wait_for` (a second future and a task step
-        # per request, on the path of every watch event).
+        # A timer of our own rather than `wait_for`: no second future and task step per
+        # request, on the path of every watch event; and on Python 3.11 `wait_for` returns
+        # an answer that came in the same loop iteration as a cancel and drops the cancel,
+        # so a watch stopped at that moment ran on for ever (a test hung on `stop()`).
         timer = loop.call_later(REQUEST_TIMEOUT, _expire, future)
         try:
             start(client).rawlink(_Handoff(loop, functools.partial(_settle, future)))
@@ -389,7 +391,10 @@ class ZooKeeperStore(Store):
         backoff = Backoff()
         while True:
             try:
-                await asyncio.wait_for(self._session_replaced.wait(), self._config.lease_ttl / 2)
+                # Not `wait_for`: on Python 3.11 it drops a cancel that comes as the event is
+                # set, and this loop would run on past the daemon's stop.
+                async with asyncio.timeout(self._config.lease_ttl / 2):
+                    await self._session_replaced.wait()
             except TimeoutError:
                 self._unstick()
                 continue
