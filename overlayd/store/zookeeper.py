@@ -11,7 +11,8 @@ What ZooKeeper and kazoo really do, and how this module answers (BACKENDS.md):
 
 - kazoo runs its connection and callbacks on threads of its own. Requests go
   through its `*_async` calls; completions and watch events are handed to the
-  event loop with `call_soon_threadsafe`. Requests are refused at once while
+  event loop with `call_soon_threadsafe`, straight from kazoo's connection
+  thread (`_Handler`: not through kazoo's worker threads, a second hop). Requests are refused at once while
   disconnected (kazoo would queue them until reconnected).
 - SUSPENDED (disconnected, session alive) changes nothing we own. LOST
   (session expired) means the server deleted our ephemeral znodes: kazoo
@@ -40,6 +41,7 @@ What ZooKeeper and kazoo really do, and how this module answers (BACKENDS.md):
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 import ssl
@@ -62,7 +64,7 @@ from kazoo.exceptions import (
     RolledBackError,
     SessionExpiredError,
 )
-from kazoo.handlers.threading import KazooTimeoutError
+from kazoo.handlers.threading import AsyncResult, KazooTimeoutError, SequentialThreadingHandler
 from kazoo.protocol.states import EventType, WatchedEvent, ZnodeStat
 from kazoo.retry import KazooRetry
 from kazoo.security import make_digest_acl
@@ -186,16 +188,14 @@ class ZooKeeperStore(Store):
             raise StoreUnavailable(f"zookeeper at {self._hosts} is unreachable (reconnecting)")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-
-        def done(result: Any) -> None:  # on a kazoo thread
-            if result.successful():
-                _threadsafe(loop, _resolve, future, result.value, None)
-            else:
-                _threadsafe(loop, _resolve, future, None, result.exception)
-
+        # A timer of our own rather than `wait_for`: no second future and task step per
+        # request, on the path of every watch event; and on Python 3.11 `wait_for` returns
+        # an answer that came in the same loop iteration as a cancel and drops the cancel,
+        # so a watch stopped at that moment ran on for ever (a test hung on `stop()`).
+        timer = loop.call_later(REQUEST_TIMEOUT, _expire, future)
         try:
-            start(client).rawlink(done)
-            return await asyncio.wait_for(future, REQUEST_TIMEOUT)
+            start(client).rawlink(_Handoff(loop, functools.partial(_settle, future)))
+            return await future
         except expect:
             raise
         except _UNREACHABLE as exc:
@@ -209,6 +209,8 @@ class ZooKeeperStore(Store):
         except KazooException as exc:
             self._health.count_error(operation)
             raise StoreError(f"zookeeper {operation} failed: {first_line(exc)}") from None
+        finally:
+            timer.cancel()
 
     async def _get(self, path: str, watch: Callable[[WatchedEvent], None] | None = None) -> Rec | None:
         try:
@@ -252,6 +254,7 @@ class ZooKeeperStore(Store):
             auth = [("digest", f"{self._config.username}:{self._config.password or ''}")]
         client = KazooClient(
             hosts=self._hosts,
+            handler=_Handler(),
             timeout=float(self._config.lease_ttl),
             client_id=saved,
             auth_data=auth,
@@ -388,7 +391,10 @@ class ZooKeeperStore(Store):
         backoff = Backoff()
         while True:
             try:
-                await asyncio.wait_for(self._session_replaced.wait(), self._config.lease_ttl / 2)
+                # Not `wait_for`: on Python 3.11 it drops a cancel that comes as the event is
+                # set, and this loop would run on past the daemon's stop.
+                async with asyncio.timeout(self._config.lease_ttl / 2):
+                    await self._session_replaced.wait()
             except TimeoutError:
                 self._unstick()
                 continue
@@ -684,8 +690,7 @@ class ZooKeeperStore(Store):
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[WatchedEvent] = asyncio.Queue()
 
-        def on_event(event: WatchedEvent) -> None:  # on a kazoo thread
-            _threadsafe(loop, events.put_nowait, event)
+        on_event = _Handoff(loop, events.put_nowait)  # one object: kazoo keeps a set of watchers per path
 
         baseline = self._snapshots.pop(after_revision, None)
         mirror = Mirror(baseline, after_revision)
@@ -783,7 +788,12 @@ class ZooKeeperStore(Store):
             # but for those whose deletion an event announced: listed again, they were made anew.
             records |= new
         paths_list = sorted(records)
-        got = await asyncio.gather(*(self._get(p, watch) for p in paths_list))
+        # Mostly one record (an endpoint added): no task for it.
+        got = (
+            [await self._get(paths_list[0], watch)]
+            if len(paths_list) == 1
+            else await asyncio.gather(*(self._get(p, watch) for p in paths_list))
+        )
         for path, rec in zip(paths_list, got, strict=True):
             if rec is not None and (put := mirror.put(path, rec)) is not None:
                 changes.append(put)
@@ -834,13 +844,71 @@ def _first_failure(results: list[Any]) -> str:
     return "transaction failed"
 
 
-def _resolve(future: asyncio.Future[Any], value: Any, exc: BaseException | None) -> None:
+def _settle(future: asyncio.Future[Any], result: Any) -> None:
+    """Hand a kazoo AsyncResult's outcome to `future` (on the event loop)."""
     if future.done():
         return  # the caller gave up (timeout, cancellation)
-    if exc is not None:
-        future.set_exception(exc)
+    if result.successful():
+        future.set_result(result.value)
     else:
-        future.set_result(value)
+        future.set_exception(result.exception)
+
+
+def _expire(future: asyncio.Future[Any]) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError("zookeeper request timed out"))
+
+
+class _Handoff:
+    """A kazoo callback that only hands its call to the event loop (`call_soon_threadsafe`).
+
+    kazoo runs callbacks on worker threads of its own, fed by queues: from its
+    connection thread to a worker (a queue put, a condition notified, a thread
+    woken) and only then to the event loop. A handoff never blocks, so `_Handler`
+    runs it on the thread that has the answer or the event: one thread hop per
+    request and per watch event instead of two. Nothing it raises reaches kazoo.
+    """
+
+    __slots__ = ("_fn", "_loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fn: Callable[..., None]) -> None:
+        self._loop = loop
+        self._fn = fn
+
+    def __call__(self, *args: Any) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._fn, *args)
+        except RuntimeError:
+            pass  # the loop is closed: nobody is waiting any more
+
+
+class _Result(AsyncResult):  # type: ignore[misc]
+    """kazoo's AsyncResult, running `_Handoff` callbacks where the result is set.
+
+    The rest as kazoo 2.11's `_do_callbacks` does: queued to its completion
+    worker while the handler runs, called at once when it is stopped.
+    """
+
+    def _do_callbacks(self) -> None:
+        for callback in self._callbacks:
+            if isinstance(callback, _Handoff) or not self._handler.running:
+                callback(self)
+            else:
+                self._handler.completion_queue.put(functools.partial(callback, self))
+
+
+class _Handler(SequentialThreadingHandler):  # type: ignore[misc]
+    """kazoo's threading handler, running `_Handoff` callbacks (results and watch
+    events) on the thread that delivers them; others go through its workers as before."""
+
+    def async_result(self) -> _Result:
+        return _Result(self)
+
+    def dispatch_callback(self, callback: Any) -> None:
+        if isinstance(callback.func, _Handoff):
+            callback.func(*callback.args)
+        else:
+            super().dispatch_callback(callback)
 
 
 def _threadsafe(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> None:
