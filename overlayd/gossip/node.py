@@ -994,8 +994,11 @@ class GossipNode:
         self._probes[seq] = _Probe(target.name, fut, self._clock.monotonic(), self._clock.wall())
         try:
             self._send((target.addr, target.port), Ping(seq, target.name, self._piggyback(target.name)))
+            # `asyncio.timeout`, not `wait_for`: on Python 3.11 that drops a cancel that comes
+            # as the ack does, and the probe loop would run on past the node's stop.
             try:
-                await asyncio.wait_for(asyncio.shield(fut), cfg.probe_timeout)
+                async with asyncio.timeout(cfg.probe_timeout):
+                    await asyncio.shield(fut)
                 return
             except TimeoutError:
                 pass
@@ -1004,7 +1007,8 @@ class GossipNode:
                 req = PingReq(seq, target.name, target.addr, target.port, self._piggyback(h.name))
                 self._send((h.addr, h.port), req)
             try:
-                await asyncio.wait_for(asyncio.shield(fut), cfg.probe_interval - cfg.probe_timeout)
+                async with asyncio.timeout(cfg.probe_interval - cfg.probe_timeout):
+                    await asyncio.shield(fut)
                 return
             except TimeoutError:
                 pass

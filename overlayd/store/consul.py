@@ -457,7 +457,10 @@ class ConsulStore(Store):
         interval = renew_interval(self._ttl)
         while True:
             try:
-                await asyncio.wait_for(self._session_suspect.wait(), interval)
+                # Not `wait_for`: on Python 3.11 it drops a cancel that comes as the event is
+                # set, and this loop would run on past the daemon's stop.
+                async with asyncio.timeout(interval):
+                    await self._session_suspect.wait()
             except TimeoutError:
                 pass
             self._session_suspect.clear()
