@@ -10,7 +10,8 @@
   as `overlayd_store_up`), and the error and watch-event counters;
 - `RecordDecoder`: a stored value as a fact, or reported and skipped when it is
   not one of ours (someone else wrote under our prefix), never a crash;
-- `republish`: put every owned endpoint back after a new lease/session.
+- `EndpointWrites` and `republish`: put every owned endpoint back after a new
+  lease/session, never one the daemon deleted meanwhile.
 
 The server-specific parts (clients, transactions, watches) stay in the
 backends' own modules.
@@ -19,10 +20,11 @@ backends' own modules.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TypeVar
 
@@ -210,22 +212,63 @@ class RecordDecoder:
             return None
 
 
+class EndpointWrites:
+    """One store write at a time per endpoint this host owns.
+
+    A re-publish after a new lease/session walks the owned endpoints while the
+    daemon may delete one of them. Were the delete to run between the walk's
+    start and that endpoint's turn, or while its re-publish is in flight, the
+    record and its IP claim would come back after the delete: an endpoint that
+    is gone, announced to every host. So each publish and delete of an endpoint
+    holds its key (`hold`), and a re-publish takes an endpoint only if it is
+    still the one owned once it holds the key (`republish_one`).
+    """
+
+    def __init__(self, owned: Mapping[str, Endpoint]) -> None:
+        self._owned = owned
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._users: Counter[str] = Counter()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        """Hold the endpoint `key` for one write (a lock made when wanted, dropped when unused)."""
+        lock = self._locks.get(key)
+        if lock is None:
+            lock = self._locks[key] = asyncio.Lock()
+        self._users[key] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            self._users[key] -= 1
+            if not self._users[key]:
+                del self._users[key], self._locks[key]
+
+    async def republish_one(self, endpoint: Endpoint, put: Callable[[Endpoint], Awaitable[None]]) -> None:
+        """`put` the endpoint again, unless it was deleted or replaced since the walk began."""
+        async with self.hold(endpoint.key):
+            if self._owned.get(endpoint.key) is endpoint:
+                await put(endpoint)
+
+
 async def republish(
-    endpoints: Iterable[Endpoint],
-    publish: Callable[[Endpoint], Awaitable[None]],
+    writes: EndpointWrites,
+    endpoints: Mapping[str, Endpoint],
+    put: Callable[[Endpoint], Awaitable[None]],
     *,
     log: logging.Logger,
     report: Callable[[str], None] | None = None,
 ) -> None:
-    """Publish every owned endpoint again after a new lease/session.
+    """Publish every owned endpoint (`endpoints`, the map `writes` watches) again after a
+    new lease/session; `put` writes one without holding it (`EndpointWrites`).
 
     An IP that another endpoint claimed while ours had lapsed stays theirs:
     that one endpoint is logged, reported (/status shows it) and left out,
     the others still go back.
     """
-    for endpoint in list(endpoints):
+    for endpoint in list(endpoints.values()):
         try:
-            await publish(endpoint)
+            await writes.republish_one(endpoint, put)
         except AlreadyExists as exc:
             message = f"endpoint {endpoint.key} cannot be re-published: {exc}"
             log.error("%s", message)

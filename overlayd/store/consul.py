@@ -87,6 +87,7 @@ from overlayd.store.base import (
 from overlayd.store.common import (
     REQUEST_TIMEOUT,
     Backoff,
+    EndpointWrites,
     Health,
     RecordDecoder,
     SessionFile,
@@ -175,6 +176,7 @@ class ConsulStore(Store):
         # Everything this node owns, as last published: re-acquired on a new session.
         self._node: Node | None = None
         self._owned: dict[str, Endpoint] = {}
+        self._writes = EndpointWrites(self._owned)
         # Endpoint key -> the ModifyIndex our last write gave its IP claim.
         self._claim_index: dict[str, int] = {}
         # index -> {key: ModifyIndex} of recent snapshots, the base a watch diffs from.
@@ -484,7 +486,7 @@ class ConsulStore(Store):
             log.warning("consul session %s is gone: creating a new one and re-publishing", self._session_id)
             await self._new_session(self._node.name)
             await self._publish_node()
-            await republish(self._owned.values(), self.publish_endpoint, log=log, report=self._on_invalid)
+            await republish(self._writes, self._owned, self._put_endpoint, log=log, report=self._on_invalid)
 
     async def release_session(self) -> None:
         if self._session_id is not None:
@@ -583,6 +585,10 @@ class ConsulStore(Store):
             self._claim_index.pop(endpoint.key, None)
 
     async def publish_endpoint(self, endpoint: Endpoint) -> None:
+        async with self._writes.hold(endpoint.key):
+            await self._put_endpoint(endpoint)
+
+    async def _put_endpoint(self, endpoint: Endpoint) -> None:
         ep_key = self._layout.endpoint(endpoint.network, endpoint.name)
         ip_key = self._layout.ip_claim(endpoint.network, endpoint.ip)
         claim = endpoint.key.encode()
@@ -612,6 +618,10 @@ class ConsulStore(Store):
         raise StoreError(f"endpoint {endpoint.key} kept changing while being published")
 
     async def delete_endpoint(self, endpoint: Endpoint) -> None:
+        async with self._writes.hold(endpoint.key):
+            await self._delete_endpoint(endpoint)
+
+    async def _delete_endpoint(self, endpoint: Endpoint) -> None:
         ep_key = self._layout.endpoint(endpoint.network, endpoint.name)
         ip_key = self._layout.ip_claim(endpoint.network, endpoint.ip)
         # The claim as our own write left it: if it is still at that index it names this

@@ -53,6 +53,7 @@ from overlayd.store.base import (
 from overlayd.store.common import (
     REQUEST_TIMEOUT,
     Backoff,
+    EndpointWrites,
     Health,
     RecordDecoder,
     SessionFile,
@@ -100,6 +101,7 @@ class EtcdStore(Store):
         # Everything this node owns, as last published: re-put on a new lease.
         self._node: Node | None = None
         self._owned: dict[str, Endpoint] = {}
+        self._writes = EndpointWrites(self._owned)
         self._lease_lock = asyncio.Lock()
         self._failover_lock = asyncio.Lock()
         self._current = 0  # index in store.url's members of the one the client talks to
@@ -271,7 +273,7 @@ class EtcdStore(Store):
             log.warning("etcd lease %x expired: taking a new one and re-publishing", self._lease_id or 0)
             await self._new_lease()
             await self._put_node()
-            await republish(self._owned.values(), self.publish_endpoint, log=log, report=self._on_invalid)
+            await republish(self._writes, self._owned, self._put_endpoint, log=log, report=self._on_invalid)
 
     async def release_session(self) -> None:
         if self._lease_id is not None:
@@ -365,6 +367,10 @@ class EtcdStore(Store):
         self._owned[endpoint.key] = endpoint
 
     async def publish_endpoint(self, endpoint: Endpoint) -> None:
+        async with self._writes.hold(endpoint.key):
+            await self._put_endpoint(endpoint)
+
+    async def _put_endpoint(self, endpoint: Endpoint) -> None:
         lease_id = self._require_lease()
         tx = self.client.transactions
         ep_key = self._layout.endpoint(endpoint.network, endpoint.name).encode()
@@ -393,6 +399,10 @@ class EtcdStore(Store):
         self._owned[endpoint.key] = endpoint
 
     async def delete_endpoint(self, endpoint: Endpoint) -> None:
+        async with self._writes.hold(endpoint.key):
+            await self._delete_endpoint(endpoint)
+
+    async def _delete_endpoint(self, endpoint: Endpoint) -> None:
         tx = self.client.transactions
         ep_key = self._layout.endpoint(endpoint.network, endpoint.name)
         ip_key = self._layout.ip_claim(endpoint.network, endpoint.ip)

@@ -84,6 +84,7 @@ from overlayd.store.base import (
 from overlayd.store.common import (
     REQUEST_TIMEOUT,
     Backoff,
+    EndpointWrites,
     Health,
     RecordDecoder,
     SessionFile,
@@ -152,6 +153,7 @@ class ZooKeeperStore(Store):
         self._owns_session = False  # resumed or opened: close() must not end it
         self._node: Node | None = None
         self._owned: dict[str, Endpoint] = {}
+        self._writes = EndpointWrites(self._owned)
         self._session_lock = asyncio.Lock()
         self._acl: list[Any] | None = None
         if config.username is not None:
@@ -443,7 +445,7 @@ class ZooKeeperStore(Store):
             self._save_session(client_id)
             if self._node is not None:
                 await self._put_owned(self._layout.node(self._node.name), encode(self._node))
-            await republish(self._owned.values(), self.publish_endpoint, log=log, report=self._on_invalid)
+            await republish(self._writes, self._owned, self._put_endpoint, log=log, report=self._on_invalid)
 
     async def release_session(self) -> None:
         client = self.client
@@ -556,6 +558,10 @@ class ZooKeeperStore(Store):
         raise StoreError(f"creating endpoint {endpoint.key} failed: {_first_failure(results)}")
 
     async def publish_endpoint(self, endpoint: Endpoint) -> None:
+        async with self._writes.hold(endpoint.key):
+            await self._put_endpoint(endpoint)
+
+    async def _put_endpoint(self, endpoint: Endpoint) -> None:
         self._require_session()
         ep_path = self._layout.endpoint(endpoint.network, endpoint.name)
         ip_path = self._layout.ip_claim(endpoint.network, endpoint.ip)
@@ -618,6 +624,10 @@ class ZooKeeperStore(Store):
         raise StoreError(f"publishing {path} failed: {_first_failure(results)}")
 
     async def delete_endpoint(self, endpoint: Endpoint) -> None:
+        async with self._writes.hold(endpoint.key):
+            await self._delete_endpoint(endpoint)
+
+    async def _delete_endpoint(self, endpoint: Endpoint) -> None:
         ep_path = self._layout.endpoint(endpoint.network, endpoint.name)
         ip_path = self._layout.ip_claim(endpoint.network, endpoint.ip)
         # Record first, then the claim: the IP is never free while the record exists.

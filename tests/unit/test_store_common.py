@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import stat
@@ -124,9 +125,11 @@ async def test_republish_skips_an_ip_taken_meanwhile_and_goes_on(caplog: pytest.
             raise AlreadyExists("IP", str(ep.ip), "demo/other")
         published.append(ep.name)
 
+    owned = {ep.key: ep for ep in endpoints}
+    writes = common.EndpointWrites(owned)
     reported: list[str] = []
     with caplog.at_level(logging.ERROR, logger=log.name):
-        await common.republish(endpoints, publish, log=log, report=reported.append)
+        await common.republish(writes, owned, publish, log=log, report=reported.append)
     assert published == ["a", "c"]
     assert "endpoint demo/b cannot be re-published" in caplog.text
     # Reported, not only logged: /status shows it among the store's invalid records.
@@ -137,7 +140,64 @@ async def test_republish_skips_an_ip_taken_meanwhile_and_goes_on(caplog: pytest.
         raise StoreUnavailable("down")
 
     with pytest.raises(StoreUnavailable):  # an outage is the caller's to retry
-        await common.republish(endpoints, down, log=log)
+        await common.republish(writes, owned, down, log=log)
+
+
+def _endpoints(*names: str) -> dict[str, Endpoint]:
+    made = [
+        Endpoint("demo", name, IPv4Address(f"10.1.0.{k}"), f"02:00:00:00:00:0{k}", "h1")
+        for k, name in enumerate(names, 1)
+    ]
+    return {ep.key: ep for ep in made}
+
+
+async def test_republish_never_brings_back_an_endpoint_deleted_meanwhile() -> None:
+    """The daemon deletes endpoints while a re-publish after a new lease walks them: one
+    deleted before its turn is skipped, and a delete that comes while its re-publish is in
+    flight waits for it and then goes through (the store ends without the record)."""
+    owned = _endpoints("a", "b", "c")
+    writes = common.EndpointWrites(owned)
+    store: dict[str, str] = {}  # what the server would hold
+    a_in_flight, a_may_finish = asyncio.Event(), asyncio.Event()
+
+    async def put(ep: Endpoint) -> None:
+        if ep.name == "a":
+            a_in_flight.set()
+            await a_may_finish.wait()
+        store[ep.key] = ep.mac
+        owned[ep.key] = ep  # as a store's publish does
+
+    async def delete(ep: Endpoint) -> None:
+        async with writes.hold(ep.key):
+            store.pop(ep.key, None)
+            owned.pop(ep.key, None)
+
+    walk = asyncio.create_task(common.republish(writes, owned, put, log=log))
+    await a_in_flight.wait()
+    deletes = [asyncio.create_task(delete(owned[key])) for key in ("demo/a", "demo/b")]
+    await asyncio.sleep(0)
+    a_may_finish.set()
+    await asyncio.gather(walk, *deletes)
+    assert sorted(store) == ["demo/c"] and sorted(owned) == ["demo/c"]
+    assert not writes._locks  # no lock left behind per key
+
+
+async def test_republish_skips_an_endpoint_replaced_meanwhile() -> None:
+    """An endpoint published anew (another record under the same key) since the walk began
+    is the daemon's write, not the walk's: the walk leaves it."""
+    owned = _endpoints("a")
+    writes = common.EndpointWrites(owned)
+    old = owned["demo/a"]
+    put_seen: list[Endpoint] = []
+
+    async def put(ep: Endpoint) -> None:
+        put_seen.append(ep)
+
+    endpoints_then = dict(owned)
+    owned["demo/a"] = Endpoint("demo", "a", old.ip, "02:00:00:00:00:99", "h1")
+    for ep in endpoints_then.values():
+        await writes.republish_one(ep, put)
+    assert put_seen == []
 
 
 def test_first_line() -> None:
