@@ -447,7 +447,8 @@ class Operations:
         removed_endpoints = []
         for endpoint in self._registry.all():
             try:
-                await asyncio.wait_for(self._claims.delete_endpoint(endpoint), STORE_CALL_TIMEOUT)
+                async with asyncio.timeout(STORE_CALL_TIMEOUT):  # not wait_for: it can drop a cancel
+                    await self._claims.delete_endpoint(endpoint)
             except (StoreError, TimeoutError) as exc:
                 errors.append(f"endpoint {endpoint.key}: store: {_why(exc)}")
             try:
@@ -469,7 +470,8 @@ class Operations:
         await self._registry.compact()
         lease_released = False
         try:
-            await asyncio.wait_for(self._claims.release(), STORE_CALL_TIMEOUT)
+            async with asyncio.timeout(STORE_CALL_TIMEOUT):
+                await self._claims.release()
             lease_released = True
         except (StoreError, TimeoutError) as exc:
             errors.append(f"lease not released ({_why(exc)}); this host's records expire {self._lease_ttl}")

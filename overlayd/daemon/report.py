@@ -271,7 +271,8 @@ class Report:
             error = "not connected yet"
         else:
             try:
-                await asyncio.wait_for(store.snapshot(), _PROBE_TIMEOUT)
+                async with asyncio.timeout(_PROBE_TIMEOUT):  # not wait_for: it can drop a cancel
+                    await store.snapshot()
             except TimeoutError:
                 error = f"no answer within {_PROBE_TIMEOUT:g}s"
             except StoreError as exc:

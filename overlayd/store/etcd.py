@@ -545,8 +545,12 @@ class EtcdStore(Store):
         )
         call = aetcd.rpc.WatchStub(client.channel).Watch(metadata=client.metadata)
         try:
-            await asyncio.wait_for(call.write(aetcd.rpc.WatchRequest(create_request=create)), REQUEST_TIMEOUT)
-            created = await asyncio.wait_for(call.read(), REQUEST_TIMEOUT)
+            # `asyncio.timeout`, not `wait_for`: on Python 3.11 that drops a cancel that comes
+            # as the answer does, and the watch would go on reading after its collector stopped.
+            async with asyncio.timeout(REQUEST_TIMEOUT):
+                await call.write(aetcd.rpc.WatchRequest(create_request=create))
+            async with asyncio.timeout(REQUEST_TIMEOUT):
+                created = await call.read()
             while True:
                 response = created if created is not None else await call.read()
                 created = None
