@@ -370,7 +370,7 @@ class Endpoint:
     @classmethod
     def from_dict(cls, data: object) -> Endpoint:
         if data.__class__ is dict:
-            ep = cls._from_common_dict(data)
+            ep = cls.from_common_dict(data)
             if ep is not None:
                 return ep
         d = _as_dict(data, "endpoint")
@@ -399,7 +399,7 @@ class Endpoint:
         )
 
     @classmethod
-    def _from_common_dict(cls, d: dict[str, Any]) -> Endpoint | None:
+    def from_common_dict(cls, d: dict[str, Any]) -> Endpoint | None:
         """The record `d` holds if it has the shape every writer of ours gives it, checked
         inline; None for anything else, valid or not, which `from_dict`'s checks then
         accept or reject with the field named. A join decodes thousands of records in a
