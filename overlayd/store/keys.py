@@ -112,15 +112,15 @@ def _fact_for_put(layout: KeyLayout, key: str, value: bytes) -> Fact | None:
         data = _json_object(value)
         if kind == "networks":
             network = Network.from_dict(data)
-            _check_name(key, name, network.name)
+            _check_name(name, network.name)
             return NetworkPut(network)
         if kind == "nodes":
             node = Node.from_dict(data)
-            _check_name(key, name, node.name)
+            _check_name(name, node.name)
             return NodePut(node)
         if kind == "endpoints":
             endpoint = Endpoint.from_dict(data)
-            _check_name(key, name, endpoint.key)
+            _check_name(name, endpoint.key)
             return EndpointPut(endpoint)
     except (ValueError, ValidationError, TypeError) as exc:
         raise InvalidRecord(f"{key}: {exc}") from None
@@ -165,7 +165,8 @@ def _split(layout: KeyLayout, key: str) -> tuple[str | None, str]:
     return kind, name
 
 
-def _check_name(key: str, name_in_key: str, name_in_value: str) -> None:
+def _check_name(name_in_key: str, name_in_value: str) -> None:
     # A record stored under another record's key would let one writer shadow another.
+    # (The caller puts the key before the message, as for every other failure.)
     if name_in_key != name_in_value:
-        raise InvalidRecord(f"{key}: value names {name_in_value!r}, key names {name_in_key!r}")
+        raise InvalidRecord(f"value names {name_in_value!r}, key names {name_in_key!r}")
