@@ -12,7 +12,7 @@ from ipaddress import IPv4Address
 import pytest
 
 from overlayd.dataplane.kstate import bridge_name
-from overlayd.lab import Lab
+from overlayd.lab import Endpoint, Lab
 from overlayd.util.nsutil import socket_in_netns
 
 pytestmark = pytest.mark.root
@@ -41,6 +41,19 @@ def announced_until(sniffer: socket.socket, ip: IPv4Address, timeout: float = 5.
         time.sleep(0.05)
         seen |= gratuitous_arps(sniffer)
     return seen
+
+
+def assert_taken_again_and_heard(lab: Lab, *, freed: Endpoint, beside: Endpoint) -> None:
+    """h1's next endpoint gets `freed`'s address with a new MAC, and its announcement is heard
+    where it matters: in the container `beside` it, which may have cached the old MAC."""
+    sniffer = socket_in_netns(beside.netns, socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806))
+    with sniffer:
+        sniffer.bind(("eth0", 0))
+        sniffer.setblocking(False)
+        again = lab.add_endpoint("h1", "g3", network=NET)
+        assert again.ip == freed.ip and again.mac != freed.mac
+        seen = announced_until(sniffer, IPv4Address(again.ip))
+    assert IPv4Address(again.ip) in seen
 
 
 def test_an_address_freed_and_taken_again_is_announced_and_a_fresh_one_is_not(
@@ -84,15 +97,7 @@ def test_an_address_freed_before_a_crash_is_announced_after_it(make_lab: Callabl
     lab.forget_endpoint(first)
     lab.kill_daemon("h1")
     lab.start_daemon("h1")
-    # Heard where it matters: in the container that may have cached the old MAC.
-    sniffer = socket_in_netns(neighbour.netns, socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806))
-    with sniffer:
-        sniffer.bind(("eth0", 0))
-        sniffer.setblocking(False)
-        again = lab.add_endpoint("h1", "g3", network=NET)
-        assert again.ip == first.ip and again.mac != first.mac
-        seen = announced_until(sniffer, IPv4Address(again.ip))
-    assert IPv4Address(again.ip) in seen
+    assert_taken_again_and_heard(lab, freed=first, beside=neighbour)
 
 
 def test_a_remote_address_freed_before_a_clean_restart_is_announced_after_it(
@@ -118,11 +123,4 @@ def test_a_remote_address_freed_before_a_clean_restart_is_announced_after_it(
     lab.wait_for(lambda: not in_h1_kernel(), 10.0, "its removal in h1's kernel")
     assert lab.stop_daemon("h1") == 0
     lab.start_daemon("h1")
-    sniffer = socket_in_netns(neighbour.netns, socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806))
-    with sniffer:
-        sniffer.bind(("eth0", 0))
-        sniffer.setblocking(False)
-        again = lab.add_endpoint("h1", "g3", network=NET)
-        assert again.ip == remote.ip and again.mac != remote.mac
-        seen = announced_until(sniffer, IPv4Address(again.ip))
-    assert IPv4Address(again.ip) in seen
+    assert_taken_again_and_heard(lab, freed=remote, beside=neighbour)
