@@ -21,6 +21,10 @@ NETNS_DIR = "/run/netns"
 IFNAMSIZ = 16  # including the terminating NUL: names are at most 15 characters
 
 
+# CommandError.returncode of a command that ran past its timeout (and was killed).
+PROCESS_TIMED_OUT = -1
+
+
 class CommandError(RuntimeError):
     """A command exited non-zero; the message names it and quotes its stderr."""
 
@@ -52,7 +56,7 @@ def run(
     except FileNotFoundError:
         raise CommandError(argv, 127, f"{argv[0]}: command not found") from None
     except subprocess.TimeoutExpired as exc:
-        raise CommandError(argv, -1, f"timed out after {timeout:g}s") from exc
+        raise CommandError(argv, PROCESS_TIMED_OUT, f"timed out after {timeout:g}s") from exc
     if check and result.returncode != 0:
         raise CommandError(argv, result.returncode, result.stderr)
     return result
