@@ -60,7 +60,11 @@ def run(ctx: Context) -> BenchResult:
         result.add(Figure(NAME, f"{name}: all pairs answer", None, "s", base_total, BASE_WHAT, why))
         return result
     formed = time.monotonic() - start
-    pings = lab.ping_all(timeout=timeout)
+    try:
+        pings = lab.ping_all(timeout=timeout)
+    except BaseException:
+        ctx.discard(lab)  # else it holds the prefix convergence builds its 30-host lab under
+        raise
     total = time.monotonic() - start
     ctx.release(lab, lab_key("gossip", hosts))
     answered = sum(r.ok for r in pings)
