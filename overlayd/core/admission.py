@@ -83,6 +83,10 @@ class Tier(IntEnum):
 # the enum's class machinery on every read (Python 3.11), several times slower than a global.
 _GOSSIP, _STORE, _CONFIRMED = Tier.GOSSIP, Tier.STORE, Tier.CONFIRMED
 
+# Gossip withdrawals kept while the store's record of them may still be on its way
+# (see `Admission._released_early`): far more than the deletions one watch round can lag.
+EARLY_RELEASES = 4096
+
 
 # --- gossip facts: what peers say ---------------------------------------------
 
@@ -242,6 +246,12 @@ class Admission:
         self._gossip_keys: dict[str, set[str]] = {}  # owner -> keys it claims by gossip
         # Keys whose owner withdrew them by gossip while the store still lists them: key -> (owner, when).
         self._released: dict[str, tuple[str, float]] = {}
+        # Withdrawals heard before the store's record of them came: the store's watch lags
+        # gossip (a paced watch by up to its pace), and its record of an endpoint already
+        # deleted must come in withdrawn, not put the entries back until the store's delete
+        # follows. The store may never show such a record (it read the put and the delete in
+        # one round), so at most EARLY_RELEASES are kept, the oldest forgotten first.
+        self._released_early: dict[str, tuple[str, float]] = {}
         # The winning claim per key, and the keys whose winners claim each address.
         self._winner: dict[str, _Claim] = {}
         # Holders per address: one key (the rule: an address has one claimant), or a dict
@@ -313,11 +323,14 @@ class Admission:
                 put = fact.endpoint
                 if put.owner != me:
                     store[put.key] = put
+                    if self._released_early:
+                        self._released_before(put)
                     settle(put.key, out)
                 continue
             match fact:
                 case EndpointDeleted(key):
                     self._released.pop(key, None)
+                    self._released_early.pop(key, None)
                     if self._store.pop(key, None) is not None:
                         self._settle(key, out)
                 case NodePut(node):
@@ -364,6 +377,8 @@ class Admission:
         node_touched |= {n for n in nodes if n not in self._node_store}
         self._store, self._node_store = endpoints, nodes
         self._released = {k: v for k, v in self._released.items() if k in endpoints}
+        for key in [k for k in self._released_early if k in endpoints]:
+            self._released_before(endpoints[key])
         networks_changed = networks != self._net_store
         self._net_store = networks
         if networks_changed:
@@ -391,6 +406,8 @@ class Admission:
                         # unless it is unreachable just now (then not for a while).
                         self._released[key] = (owner, at)
                         dropped = True
+                    elif stored is None and self.authority:
+                        self._remember_early_release(key, owner, at)
                     if dropped:
                         self._settle(key, out)
                 case NodeHeard(node):
@@ -469,6 +486,19 @@ class Admission:
         for owner, ep in self._gossip.get(key, {}).items():
             if self.is_admissible(owner):
                 yield (_GOSSIP, ep)
+
+    def _remember_early_release(self, key: str, owner: str, at: float) -> None:
+        early = self._released_early
+        early.pop(key, None)  # re-inserted: the newest goes last
+        early[key] = (owner, at)
+        if len(early) > EARLY_RELEASES:
+            del early[next(iter(early))]
+
+    def _released_before(self, put: Endpoint) -> None:
+        """The store's record `put` came: withdrawn if its owner let it go before we saw it."""
+        early = self._released_early.pop(put.key, None)
+        if early is not None and early[0] == put.owner and put.created_at <= early[1]:
+            self._released[put.key] = early
 
     def _withdrawn(self, stored: Endpoint) -> bool:
         """The store's record is one its owner has withdrawn by gossip since."""

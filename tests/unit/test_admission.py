@@ -14,6 +14,7 @@ from ipaddress import IPv4Address, IPv4Network
 import pytest
 
 from overlayd.core.admission import (
+    EARLY_RELEASES,
     Admission,
     EndpointClaimed,
     EndpointReleased,
@@ -428,3 +429,45 @@ def test_view_never_holds_two_endpoints_on_one_address(seed: int) -> None:
             macs = [(e.network, e.mac) for e in a.view.endpoints.values()]
             assert len(ips) == len(set(ips))
             assert len(macs) == len(set(macs))
+
+
+def test_a_store_record_that_comes_after_its_owner_withdrew_it_comes_in_withdrawn() -> None:
+    """The store's watch lags gossip (a paced one by up to its pace): the owner's tombstone
+    can come before the store's record of the endpoint. That record must not put the
+    entries back until the store's delete follows."""
+    a = kv()
+    b1 = ep("b1", "10.1.0.11", "hb", 10.0)
+    a.from_gossip([MemberAdmissible("hb", True)])
+    assert lines(a.from_gossip([EndpointClaimed(b1)])) == ["+ blue/b1 10.1.0.11@hb"]
+    assert lines(a.from_gossip([EndpointReleased("hb", "blue/b1", 20.0)])) == ["- blue/b1"]
+    assert lines(a.from_store([EndpointPut(b1)])) == []
+    assert lines(a.from_store([EndpointDeleted("blue/b1")])) == []
+    # A re-creation after the tombstone is a new claim, by either source.
+    again = ep("b1", "10.1.0.11", "hb", 30.0)
+    assert lines(a.from_store([EndpointPut(again)])) == ["+ blue/b1 10.1.0.11@hb"]
+
+
+def test_an_early_withdrawal_holds_only_its_owners_older_record_and_also_in_a_snapshot() -> None:
+    a = kv()
+    a.from_gossip([MemberAdmissible("hb", True), MemberAdmissible("hc", True)])
+    a.from_gossip([EndpointReleased("hb", "blue/b1", 20.0), EndpointReleased("hb", "blue/b2", 20.0)])
+    # Another owner's record under the key is not what hb withdrew.
+    assert lines(a.from_store([EndpointPut(ep("b1", "10.1.0.11", "hc", 10.0))])) == ["+ blue/b1 10.1.0.11@hc"]
+    # A snapshot (after a reconnect) carrying hb's old record of b2: withdrawn as well.
+    b2 = ep("b2", "10.1.0.12", "hb", 10.0)
+    assert lines(a.store_snapshot([EndpointPut(ep("b1", "10.1.0.11", "hc", 10.0)), EndpointPut(b2)])) == []
+
+
+def test_early_withdrawals_are_bounded_the_oldest_forgotten_first() -> None:
+    a = kv()
+    a.from_gossip([MemberAdmissible("hb", True)])
+    a.from_gossip([EndpointReleased("hb", f"blue/e{i}", 20.0) for i in range(EARLY_RELEASES + 1)])
+    # e0 was forgotten: its late record is taken as it is; e1 is still withdrawn.
+    assert lines(a.from_store([EndpointPut(ep("e0", "10.1.0.20", "hb", 10.0))])) == ["+ blue/e0 10.1.0.20@hb"]
+    assert lines(a.from_store([EndpointPut(ep("e1", "10.1.0.21", "hb", 10.0))])) == []
+
+
+def test_without_a_store_a_withdrawal_is_not_kept_for_a_record_to_come() -> None:
+    a = Admission(node=ME, authority=False)
+    a.from_gossip([EndpointReleased("hb", "blue/b1", 20.0)])
+    assert a._released_early == {}  # gossip-only: no store record will ever come
