@@ -56,6 +56,10 @@ class StoreConfig:
     tls_ca: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
+    # Consul and ZooKeeper only (their watches poll): seconds between the starts of two
+    # read rounds at least. A change after a quiet spell is read at once; what changes
+    # within the pace is read in one round. Beside gossip the default is WATCH_PACE_BESIDE_GOSSIP.
+    watch_pace: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,7 @@ _KEYS: dict[str, type | tuple[type, ...]] = {
     "store.tls_ca": str,
     "store.tls_cert": str,
     "store.tls_key": str,
+    "store.watch_pace": (int, float),
     "admin.socket": str,
     "status.listen": str,
     "state.dir": str,
@@ -136,6 +141,12 @@ _EXPECTED: dict[type | tuple[type, ...], str] = {
     list: "a list of strings",
 }
 GOSSIP_STORE = "gossip"
+# Beside gossip, peers hear of a change from gossip within milliseconds and the store's
+# watch is the backstop: a Consul or ZooKeeper watch then reads at most ten rounds a
+# second, so a burst of changes costs every daemon (and the server) one listing of the
+# network, not one per change. consul-template paces its requests the same way.
+WATCH_PACE_BESIDE_GOSSIP = 0.1
+MAX_WATCH_PACE = 10.0
 _NETNS_PREFIX_RE = re.compile(r"[A-Za-z0-9_.-]{0,39}[A-Za-z_.-]")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -214,7 +225,7 @@ def from_flat(flat: dict[str, Any]) -> Config:
         if gossip is None:
             raise ConfigError('store.url: "gossip" (no KV store) needs gossip; remove gossip.enabled = false')
     else:
-        store = _store_config(flat, prefix, ttl)
+        store = _store_config(flat, prefix, ttl, beside_gossip=gossip is not None)
     return Config(
         node_name=node_name,
         underlay_interface=interface,
@@ -240,9 +251,12 @@ def _has_type(value: object, expected: type | tuple[type, ...]) -> bool:
     return not isinstance(value, bool) and isinstance(value, expected)
 
 
-def _store_config(flat: dict[str, Any], prefix: str, ttl: int) -> StoreConfig:
+def _store_config(flat: dict[str, Any], prefix: str, ttl: int, *, beside_gossip: bool) -> StoreConfig:
     if ("store.tls_cert" in flat) != ("store.tls_key" in flat):
         raise ConfigError("store.tls_cert: set together with store.tls_key (a certificate and its key)")
+    pace = float(flat.get("store.watch_pace", WATCH_PACE_BESIDE_GOSSIP if beside_gossip else 0.0))
+    if not 0.0 <= pace <= MAX_WATCH_PACE:
+        raise ConfigError(f"store.watch_pace: must be 0 to {MAX_WATCH_PACE:g} seconds (got {pace:g})")
     scheme, endpoints = parse_store_url(flat["store.url"])
     store = StoreConfig(
         url=flat["store.url"],
@@ -257,6 +271,7 @@ def _store_config(flat: dict[str, Any], prefix: str, ttl: int) -> StoreConfig:
         tls_ca=flat.get("store.tls_ca"),
         tls_cert=flat.get("store.tls_cert"),
         tls_key=flat.get("store.tls_key"),
+        watch_pace=pace,
     )
     return store
 

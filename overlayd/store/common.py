@@ -3,6 +3,8 @@
 - timing: how long one request may take, the bounds of retry delays, and
   when to renew a lease;
 - `Backoff`: delays that double up to a cap, with jitter, reset after a success;
+- `RoundPace`: how long a polling watch (Consul, ZooKeeper) waits before its
+  next read round, so that bursts of changes are read together;
 - `retry_while_unavailable`: run a read until the server answers;
 - `SessionFile`: the lease/session a restarted daemon resumes, saved atomically
   in the state directory (each backend keeps its own format in it);
@@ -23,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
@@ -87,6 +90,35 @@ class Backoff:
 
     async def wait(self) -> None:
         await asyncio.sleep(self.next_delay())
+
+
+class RoundPace:
+    """Starts of a polling watch's read rounds at least `interval` seconds apart.
+
+    A round that starts after a quiet spell starts at once: pacing only holds
+    back a round that would follow the last one closely, and whatever changes
+    meanwhile is read in that one round. `interval` 0 never waits.
+    """
+
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._interval = interval
+        self._clock = clock
+        self._last: float | None = None
+
+    def delay(self) -> float:
+        """Seconds to wait before the next round may start (0: now)."""
+        if self._last is None or self._interval <= 0:
+            return 0.0
+        return max(0.0, self._last + self._interval - self._clock())
+
+    def started(self) -> None:
+        """A round starts now."""
+        self._last = self._clock()
+
+    async def wait(self) -> None:
+        delay = self.delay()
+        if delay > 0:
+            await asyncio.sleep(delay)
 
 
 async def retry_while_unavailable(op: Callable[[], Awaitable[T]], backoff: Backoff | None = None) -> T:

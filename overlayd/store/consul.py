@@ -90,6 +90,7 @@ from overlayd.store.common import (
     EndpointWrites,
     Health,
     RecordDecoder,
+    RoundPace,
     SessionFile,
     first_line,
     renew_interval,
@@ -794,6 +795,9 @@ class ConsulStore(Store):
 
     async def _advance(self, cursor: _Cursor) -> Changes | Snapshot | None:
         """One step of a watch: wait for the index to move, then read what moved."""
+        if cursor.ahead is None:
+            # Changes made while we wait out the pace make the query below answer at once.
+            await cursor.pace.wait()
         top = cursor.ahead or await self._keys("watch", self._cprefix, cursor.index if cursor.block else None)
         cursor.ahead, cursor.block = None, True
         cursor.seen_now()
@@ -810,6 +814,7 @@ class ConsulStore(Store):
             self._generation, cursor.reconnected = generation, False
         if top.index == cursor.index:
             return None  # `wait` ran out, or woke up with nothing new
+        cursor.pace.started()
         round_ = await self._read_round(cursor.mirror, top, full=cursor.full)
         diff = cursor.mirror.diff(round_)
         if diff.gone:
@@ -854,14 +859,15 @@ class ConsulStore(Store):
     async def watch(self, after_revision: int) -> AsyncIterator[Changes | Snapshot]:
         if self._generation is None:  # not in the snapshot (nobody made it yet): make it
             self._generation = await retry_while_unavailable(self._read_generation)
+        pace = RoundPace(self._config.watch_pace)
         baseline = self._baselines.get(after_revision)
         if baseline is not None:
-            cursor = _Cursor(after_revision, Mirror(self._cprefix, after_revision, baseline))
+            cursor = _Cursor(after_revision, Mirror(self._cprefix, after_revision, baseline), pace=pace)
         else:
             # Not from one of our snapshots: nothing to diff against unless the
             # prefix is still exactly at that index.
             items, now = await retry_while_unavailable(self._list)
-            cursor = _Cursor(now, self._mirror(now, items))
+            cursor = _Cursor(now, self._mirror(now, items), pace=pace)
             if now != after_revision:
                 yield Snapshot(self._facts(items), now)
         backoff = Backoff()
@@ -895,6 +901,7 @@ class _Cursor:
     # Set by a disconnect: the next round reads the generation marker whatever the index says.
     reconnected: bool = False
     ahead: _Response | None = None  # a first-level listing past `index`, read after the last round
+    pace: RoundPace = field(default_factory=lambda: RoundPace(0.0))
     last_seen: float = field(default_factory=time.monotonic)
 
     def seen_now(self) -> None:

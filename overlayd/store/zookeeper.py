@@ -87,6 +87,7 @@ from overlayd.store.common import (
     EndpointWrites,
     Health,
     RecordDecoder,
+    RoundPace,
     SessionFile,
     first_line,
     republish,
@@ -707,6 +708,7 @@ class ZooKeeperStore(Store):
         full = True
         first = baseline is None
         backoff = Backoff()
+        pace = RoundPace(self._config.watch_pace)
         while True:
             try:
                 if full:
@@ -734,7 +736,10 @@ class ZooKeeperStore(Store):
                         if batch := self._changes(mirror, changes, tree.revision):
                             yield batch
                     backoff.reset()
+                # Events that come while the pace is waited out are read in the same round.
+                await pace.wait()
                 dirty = [await events.get()]
+                pace.started()
                 while not events.empty():
                     dirty.append(events.get_nowait())
                 if any(e.type == EventType.NONE or e.path is None for e in dirty):

@@ -148,7 +148,14 @@ class Stores:
     def url(self) -> str:
         return str(self.server.url) + self.backend.url_path
 
-    async def make(self, node: str = "h1", ttl: int = 10, state: str | None = None) -> Store:
+    async def make(
+        self,
+        node: str = "h1",
+        ttl: int = 10,
+        state: str | None = None,
+        settings: dict[str, Any] | None = None,
+    ) -> Store:
+        """`settings`: more configuration keys (flat, e.g. {"store.watch_pace": 1.0})."""
         config = from_flat(
             {
                 "node.name": node,
@@ -156,6 +163,7 @@ class Stores:
                 "store.url": self.url(),
                 "store.prefix": PREFIX,
                 "store.lease_ttl": ttl,
+                **(settings or {}),
             }
         )
         store = factory_make_store(

@@ -216,3 +216,31 @@ async def test_watch_follows_a_burst_of_concurrent_writers(make_store: MakeStore
         await seen.stop()
     assert len(seen.view.endpoints) == 16  # 15 survivors of the burst + "x" (its network is gone)
     assert seen.revisions == sorted(seen.revisions)
+
+
+async def test_a_paced_watch_reads_what_changed_within_the_pace_in_one_round(stores: Stores) -> None:
+    """`store.watch_pace`: Consul's and ZooKeeper's watches poll, and beside gossip they read
+    at most one round per pace. The first change after a quiet spell is read at once; the
+    ones made while the pace runs come in one batch. etcd's watch is a stream: it has no
+    rounds to pace and delivers the same facts."""
+    pace = 3.0  # far longer than the writes below take, even on a loaded machine
+    writer = await stores.make("h1")
+    watcher = await stores.make("h2", settings={"store.watch_pace": pace})
+    await writer.open_session(node("h1", 1))
+    await writer.create_network(DEMO)
+    snap = await watcher.snapshot()
+    seen = Collector(watcher, snap.revision)
+    try:
+        first = endpoint("first", "10.1.0.2", "h1")
+        await writer.create_endpoint(first)
+        await seen.wait(lambda: EndpointPut(first) in seen.facts, 10, "the first endpoint")
+        before = len(seen.batches)
+        burst = [endpoint(f"b{i}", f"10.1.0.{10 + i}", "h1") for i in range(5)]
+        for ep in burst:
+            await writer.create_endpoint(ep)
+        await seen.wait(lambda: all(EndpointPut(ep) in seen.facts for ep in burst), 10 + pace, "the burst")
+    finally:
+        await seen.stop()
+    assert seen.snapshots == 0
+    if not stores.backend.name.startswith("etcd"):
+        assert len(seen.batches) == before + 1, [b.facts for b in seen.batches[before:]]

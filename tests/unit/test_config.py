@@ -41,6 +41,16 @@ def test_example_config_in_deploy_is_valid() -> None:
     assert cfg.store.url.startswith("etcd://")
 
 
+def test_a_polling_watch_is_paced_beside_gossip_unless_told_otherwise(tmp_path: Path) -> None:
+    alone = config.load(write(tmp_path, GOOD), env={})
+    beside = config.load(write(tmp_path, GOOD + "[gossip]\ninsecure = true\n"), env={})
+    told = config.load(write(tmp_path, GOOD + "watch_pace = 0.5\n[gossip]\ninsecure = true\n"), env={})
+    off = config.load(write(tmp_path, GOOD + "watch_pace = 0\n[gossip]\ninsecure = true\n"), env={})
+    assert alone.store.watch_pace == 0.0  # the watch is the only way changes arrive: never held back
+    assert beside.store.watch_pace == config.WATCH_PACE_BESIDE_GOSSIP > 0
+    assert (told.store.watch_pace, off.store.watch_pace) == (0.5, 0.0)
+
+
 def test_environment_overrides(tmp_path: Path) -> None:
     env = {"OVERLAYD_STORE_LEASE_TTL": "4", "OVERLAYD_UNDERLAY_ADDRESS": "198.18.0.11"}
     cfg = config.load(write(tmp_path, GOOD), env=env)
@@ -62,6 +72,9 @@ def test_environment_overrides(tmp_path: Path) -> None:
         (GOOD + '[log]\nlevel = "loud"\n', "log.level"),
         (GOOD + "[store2]\nx = 1\n", "store2.x"),
         (GOOD + 'prefix = "no-slashes"\n', "store.prefix"),
+        (GOOD + "watch_pace = -0.1\n", "store.watch_pace"),
+        (GOOD + "watch_pace = 60\n", "store.watch_pace"),
+        (GOOD + 'watch_pace = "fast"\n', "store.watch_pace"),
         ("node = 3\n", "node"),
     ],
 )

@@ -204,3 +204,34 @@ def test_first_line() -> None:
     assert common.first_line(RuntimeError("one\ntwo")) == "one"
     assert common.first_line(TimeoutError()) == "TimeoutError"
     assert common.first_line("  text\nmore") == "text" and common.first_line("") == ""
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_round_pace_holds_back_only_a_round_that_follows_the_last_one_closely() -> None:
+    clock = FakeClock()
+    pace = common.RoundPace(0.1, clock)
+    assert pace.delay() == 0.0  # no round yet
+    pace.started()
+    assert pace.delay() == pytest.approx(0.1)
+    clock.now += 0.04
+    assert pace.delay() == pytest.approx(0.06)
+    clock.now += 0.5  # a quiet spell: the next round starts at once
+    assert pace.delay() == 0.0
+    pace.started()
+    clock.now += 0.1
+    assert pace.delay() == 0.0
+
+
+def test_round_pace_zero_never_waits() -> None:
+    clock = FakeClock()
+    pace = common.RoundPace(0.0, clock)
+    pace.started()
+    assert pace.delay() == 0.0
+    asyncio.run(asyncio.wait_for(pace.wait(), 1.0))
