@@ -143,7 +143,9 @@ class Reconciler:
         self._alarm: asyncio.TimerHandle | None = None  # wakes `_sleep` at `_alarm_at`
         self._alarm_at = 0.0
         self._lock = asyncio.Lock()
-        self._passed = asyncio.Event()  # pulsed after every pass
+        # Set after the next pass, for whoever waits for one (`wait_links`); made only then:
+        # not a new Event per pass.
+        self._passed: asyncio.Event | None = None
         self.first_pass_done = asyncio.Event()
         self.last: PassReport | None = None
         self.last_full: PassReport | None = None
@@ -531,8 +533,9 @@ class Reconciler:
             # than never ready, which a service manager turns into a restart loop.
             log.warning("ready with %d kernel errors still failing (see /status errors)", len(errors))
             self.first_pass_done.set()
-        self._passed.set()
-        self._passed = asyncio.Event()
+        if self._passed is not None:
+            self._passed.set()
+            self._passed = None
         return report
 
     # --- asking ---
@@ -564,6 +567,8 @@ class Reconciler:
                 if self.converged_links(wanted):
                     return
                 passed = self._passed
+                if passed is None:
+                    passed = self._passed = asyncio.Event()
                 self.trigger()
                 await passed.wait()
 
