@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import time
+from abc import ABC, abstractmethod
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 from itertools import accumulate
@@ -103,7 +104,7 @@ class HistogramSeries:
 S = TypeVar("S", CounterSeries, GaugeSeries, HistogramSeries)
 
 
-class _Family(Generic[S]):
+class _Family(ABC, Generic[S]):
     """A metric's series by label values (one series, under (), when it has no labels)."""
 
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> None:
@@ -115,8 +116,9 @@ class _Family(Generic[S]):
         if not self.labelnames:
             self._only = self._series[()] = self._new()
 
+    @abstractmethod
     def _new(self) -> S:
-        raise NotImplementedError
+        """A fresh series of this kind of metric."""
 
     def labels(self, *values: str, **named: str) -> S:
         """The series of these label values (by position or by name), made the first time:
@@ -142,8 +144,9 @@ class _Family(Generic[S]):
         """(label values, series), a copy: a scrape may run in another thread."""
         return list(self._series.items())
 
+    @abstractmethod
     def family(self) -> Metric:
-        raise NotImplementedError
+        """The metric as prometheus_client shows it, made now (at scrape time)."""
 
 
 class CounterFamily(_Family[CounterSeries]):
