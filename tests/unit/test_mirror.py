@@ -461,7 +461,7 @@ def test_an_fdb_notification_alone_reads_as_the_same_in_a_batch() -> None:
     assert alone.notifications == together.notifications
 
 
-# Notifications captured from a real kernel (6.1) in a scratch namespace, ifindex 4:
+# Notifications captured from a real kernel (6.18) in a scratch namespace, ifindex 4:
 # overlayd's own neighbour delete of 10.42.0.100 (the entry gone FAILED, from our port;
 # then its removal, from port 0), iproute2's delete of a reachable entry, a delete of an
 # entry written with a protocol (one attribute more), and an FDB entry's removal.
