@@ -17,15 +17,13 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 
-from prometheus_client import Histogram
-
 from overlayd.core.admission import Admission, Conflict, GossipFact, NetworkClaimed, Outcome
 from overlayd.core.model import Node
 from overlayd.core.view import ClusterView, EndpointChanged, Fact, NetworkChanged, NodeChanged
 from overlayd.dataplane.commands import Command, ReplaceFdb
 from overlayd.dataplane.desired import DesiredState
 from overlayd.dataplane.reconciler import Reconciler
-from overlayd.util.metrics import Metrics
+from overlayd.util.metrics import HistogramSeries, Metrics
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +50,10 @@ class Engine:
         self.remote = 0
         # Remote endpoints heard of but not yet programmed: key -> (created_at at the owner, path).
         self._unprogrammed: dict[str, tuple[float, str]] = {}
-        # Labelled children, looked up once: `labels()` costs microseconds, and these
-        # are updated per outcome and per programmed entry.
+        # Series looked up once: these are updated per outcome and per programmed entry.
         self._known_local = metrics.endpoints_known.labels(locality="local")
         self._known_remote = metrics.endpoints_known.labels(locality="remote")
-        self._latency: dict[str, Histogram] = {}
+        self._latency: dict[str, HistogramSeries] = {}
 
     def attach(self, desired: DesiredState, reconciler: Reconciler) -> None:
         """Connect the kernel side; desired state starts from the view as it stands."""
@@ -132,7 +129,7 @@ class Engine:
             return
         now = time.time()
         holders, unprogrammed = self.desired.fdb_holders(), self._unprogrammed
-        latency: Histogram | None = None
+        latency: HistogramSeries | None = None
         latency_path = ""
         for cmd in commands:
             if type(cmd) is not ReplaceFdb:
@@ -147,7 +144,7 @@ class Engine:
                     latency = self._latency_of(latency_path)
                 latency.observe(max(now - pending[0], 0.0))
 
-    def _latency_of(self, path: str) -> Histogram:
+    def _latency_of(self, path: str) -> HistogramSeries:
         child = self._latency.get(path)
         if child is None:
             child = self._latency[path] = self._metrics.convergence_latency.labels(path=path)

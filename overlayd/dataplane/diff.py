@@ -308,7 +308,7 @@ def _entries(
     # whose address a local container may hold with another MAC.
     announced: set[NeighKey] | None = None if previous is None else set()
     reused = previous if previous else None  # nothing removed lately: no lookup per entry
-    if announced is not None:
+    if announced is not None and dirty.routes:
         # Host routes going now: the gateway's MAC is what local containers knew them by.
         unrouted = {
             rkey[1].network_address: ""
@@ -331,11 +331,15 @@ def _entries(
         elif current_mac is not None:
             neigh_dels.append(NeighEntry(nkey[0], nkey[1], current_mac))
 
-    adds += [ReplaceFdb(e) for e in sorted(fdb_adds)]
-    adds += [AppendFlood(e) for e in sorted(flood_adds)]
-    ordered_neigh = sorted(neigh_adds, key=_neigh_order)
+    # `map`, not comprehensions: each of those is a function call of its own (Python 3.11),
+    # made per pass even for an empty list; a remote change fills two of these six lists.
+    if fdb_adds:
+        adds += map(ReplaceFdb, sorted(fdb_adds))
+    if flood_adds:
+        adds += map(AppendFlood, sorted(flood_adds))
+    ordered_neigh = sorted(neigh_adds, key=_neigh_order) if neigh_adds else neigh_adds
     if announced is not None and not announced:
-        adds += [ReplaceNeigh(e) for e in ordered_neigh]  # new addresses (a join): none announced
+        adds += map(ReplaceNeigh, ordered_neigh)  # new addresses (a join): none announced
     else:
         for entry in ordered_neigh:
             adds.append(ReplaceNeigh(entry))
@@ -346,9 +350,12 @@ def _entries(
                 # Local containers may have cached another MAC for this IP.
                 adds.append(AnnounceArp(device.bridge, entry.ip, entry.mac))
 
-    removals += [DeleteNeigh(e) for e in sorted(neigh_dels, key=_neigh_order)]
-    removals += [DeleteFdb(e) for e in sorted(fdb_dels)]
-    removals += [DeleteFlood(e) for e in sorted(flood_dels)]
+    if neigh_dels:
+        removals += map(DeleteNeigh, sorted(neigh_dels, key=_neigh_order))
+    if fdb_dels:
+        removals += map(DeleteFdb, sorted(fdb_dels))
+    if flood_dels:
+        removals += map(DeleteFlood, sorted(flood_dels))
 
     return adds, removals
 

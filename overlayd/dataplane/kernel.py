@@ -1018,34 +1018,34 @@ _KIND_OF: dict[type, str] = {
     **dict.fromkeys(_LINK_COMMANDS, _LINK),
     AnnounceArp: _ANNOUNCE,
 }
+# The `kind` label of each command class: its `Op`'s value (a Python-level property), read once.
+# Every command class has `op`; `type` does not say so, hence getattr.
+_OP_KIND: dict[type, str] = {cls: getattr(cls, "op").value for cls in _KIND_OF}  # noqa: B009
 _UNRESOLVED: Any = object()
 # OpResult((command, None)) without NamedTuple's Python-level __new__: one per entry of a batch.
 _applied: Callable[[tuple[Command, None]], OpResult] = partial(tuple.__new__, OpResult)
 _command_class = operator.attrgetter("command.__class__")
 
 
-# Tallied by a loop up to this many results (a remote change's two or three: no Counter
-# to build, ~2 us each), by a Counter at C speed above (a join's thousands).
+# Tallied one result at a time up to this many results (a remote change's two or three),
+# by a Counter at C speed above (a join's thousands).
 _SMALL_TALLY = 32
 
 
 def _count(metrics: Metrics, done: list[OpResult]) -> None:
-    """The ops metric: one update per (kind, result), not per command (`labels()` costs
-    microseconds), tallied by class (an enum's `.value` is a Python call)."""
-    tally: Mapping[type, int]
-    if len(done) > _SMALL_TALLY:
-        tally = Counter(map(_command_class, done))
-    else:
-        small: dict[type, int] = {}
-        for result in done:
-            cls = result.command.__class__
-            small[cls] = small.get(cls, 0) + 1
-        tally = small
-    failures = [r.command.__class__ for r in done if r.error is not None]
-    failed = Counter(failures) if failures else None
+    """The ops metric, by kind and result; the kind by class (an enum's `.value` is a
+    Python call)."""
+    kind_of = _OP_KIND
+    if len(done) <= _SMALL_TALLY:
+        series = metrics.kernel_ops_by
+        for command, error in done:
+            series(kind_of[command.__class__], "ok" if error is None else "error").inc()
+        return
+    tally = Counter(map(_command_class, done))
+    failed = Counter(r.command.__class__ for r in done if r.error is not None)
     for cls, count in tally.items():
-        kind = cls.op.value
-        bad = failed.get(cls, 0) if failed is not None else 0
+        kind = kind_of[cls]
+        bad = failed.get(cls, 0)
         if count > bad:
             metrics.kernel_ops_by(kind, "ok").inc(count - bad)
         if bad:

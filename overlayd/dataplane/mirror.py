@@ -266,6 +266,14 @@ class Mirror:
             if not (self.own_port and port == self.own_port):
                 self._fdb(entry, present=note == nl.RTM_NEWNEIGH)
             return
+        if len(data) == nl.NEIGH_GONE_SIZE:
+            gone = nl.lone_neigh_gone(data)
+            if gone is not None:
+                # A neighbour entry's removal, alone (every remote endpoint's last echo).
+                self.notifications += 1
+                if not (self.own_port and gone[0] == self.own_port):
+                    self._neigh(gone[1], present=False)
+                return
         for kind, _flags, _seq, start, end in nl.messages(data):
             self.notifications += 1
             # Entries first: two notifications per remote endpoint, every other kind is rare.

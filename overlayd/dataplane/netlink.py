@@ -71,6 +71,8 @@ NTF_SELF: Final = 0x02
 
 NDA_DST: Final = 1
 NDA_LLADDR: Final = 2
+NDA_CACHEINFO: Final = 3
+NDA_PROBES: Final = 4
 
 IFA_ADDRESS: Final = 1
 IFA_LOCAL: Final = 2
@@ -798,6 +800,44 @@ def lone_fdb_note(data: bytes) -> tuple[int, int, int, RawNeigh] | None:
     ):
         return None
     return kind, port, family, (index, ndm_flags, state, mac, dst)
+
+
+# The kernel's RTM_DELNEIGH of an IPv4 neighbour entry, alone in its datagram: the last
+# notification of every remote endpoint's removal (the echo of our own delete: the kernel
+# sends it with port 0, so no socket filter can tell it from anyone else's). Its entry
+# went FAILED first, so it carries no MAC: the ndmsg, then exactly NDA_DST, NDA_PROBES
+# and NDA_CACHEINFO, as `neigh_fill_info` writes them.
+_NEIGH_GONE_NOTE = struct.Struct("=IHHIIBxxxiHBB" + "HH4s" + "HHI" + "HH16s")
+NEIGH_GONE_SIZE: Final = _NEIGH_GONE_NOTE.size
+_DST_LEN, _PROBES_LEN, _CACHEINFO_LEN = 4 + 4, 4 + 4, 4 + 16
+
+
+def lone_neigh_gone(data: bytes) -> tuple[int, RawNeigh] | None:
+    """(sender's port, entry) of a datagram that is one RTM_DELNEIGH of an IPv4 neighbour
+    laid out exactly as above (the entry without a MAC); None for anything else (then
+    `messages` + `parse_neigh` read it).
+
+    Every byte of the message is accounted for by the checked layout: it holds no other
+    attribute, so `parse_neigh(..., lladdr=False)` would read the very same entry.
+    """
+    if len(data) != _NEIGH_GONE_NOTE.size:
+        return None
+    (length, kind, _flags, _seq, port, family, index, state, ndm_flags, _type,
+     dst_len, dst_type, dst, probes_len, probes_type, _probes,
+     info_len, info_type, _info) = _NEIGH_GONE_NOTE.unpack_from(data, 0)  # fmt: skip
+    if (
+        length != _NEIGH_GONE_NOTE.size
+        or kind != RTM_DELNEIGH
+        or family != AF_INET
+        or dst_len != _DST_LEN
+        or dst_type & NLA_TYPE_MASK != NDA_DST
+        or probes_len != _PROBES_LEN
+        or probes_type & NLA_TYPE_MASK != NDA_PROBES
+        or info_len != _CACHEINFO_LEN
+        or info_type & NLA_TYPE_MASK != NDA_CACHEINFO
+    ):
+        return None
+    return port, (index, ndm_flags, state, b"", dst)
 
 
 def neigh_family(data: bytes, start: int) -> int:

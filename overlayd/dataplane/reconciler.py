@@ -143,7 +143,9 @@ class Reconciler:
         self._alarm: asyncio.TimerHandle | None = None  # wakes `_sleep` at `_alarm_at`
         self._alarm_at = 0.0
         self._lock = asyncio.Lock()
-        self._passed = asyncio.Event()  # pulsed after every pass
+        # Set after the next pass, for whoever waits for one (`wait_links`); made only then:
+        # not a new Event per pass.
+        self._passed: asyncio.Event | None = None
         self.first_pass_done = asyncio.Event()
         self.last: PassReport | None = None
         self.last_full: PassReport | None = None
@@ -420,7 +422,11 @@ class Reconciler:
                 self._remember(done, kinds)
                 # The echoes of these writes wait in the notification socket already: read
                 # now, they find the mirror as assumed, and the loop is not woken for them.
-                self._monitor.read_some()
+                echoes = self._echoes(done, kinds)
+                if echoes is None:
+                    self._monitor.read_some()
+                else:
+                    self._monitor.read_echoes(echoes)
                 if done and log.isEnabledFor(logging.DEBUG):
                     for cmd in done:
                         log.debug("applied: %s", describe(cmd))
@@ -442,6 +448,19 @@ class Reconciler:
             for port in missing
         ]
         return self._report(trigger, kind, started, t0, applied, errors, held, reported)
+
+    def _echoes(self, done: list[Command], kinds: set[type]) -> int | None:
+        """How many notifications the host's monitor gets for `done`, if only entries were
+        written (else None: links and layer 3 send a varying number). One per FDB or flood
+        write (VXLAN sends them from port 0, past the socket filter) and per neighbour
+        delete (the kernel's removal notice, port 0); a neighbour write's own (our port)
+        only where the filter is not attached; none for an announcement. An entry the write left as
+        it was sends none: then the count is one too high, which costs the one read that
+        finds the socket empty, as before."""
+        counts = _ECHOES_FILTERED if self._monitor.echoes_filtered else _ECHOES
+        if not kinds <= counts.keys():
+            return None
+        return sum(map(counts.__getitem__, map(type, done)))
 
     def _remember(self, done: list[Command], kinds: set[type]) -> None:
         """Remote addresses removed (and back) for `_removed`; `kinds`: the classes in `done`.
@@ -514,8 +533,9 @@ class Reconciler:
             # than never ready, which a service manager turns into a restart loop.
             log.warning("ready with %d kernel errors still failing (see /status errors)", len(errors))
             self.first_pass_done.set()
-        self._passed.set()
-        self._passed = asyncio.Event()
+        if self._passed is not None:
+            self._passed.set()
+            self._passed = None
         return report
 
     # --- asking ---
@@ -547,6 +567,8 @@ class Reconciler:
                 if self.converged_links(wanted):
                     return
                 passed = self._passed
+                if passed is None:
+                    passed = self._passed = asyncio.Event()
                 self.trigger()
                 await passed.wait()
 
@@ -576,6 +598,19 @@ def differences(want: Tables, have: Tables) -> Dirty:
 
 
 _NETNS_COMMANDS: frozenset[type] = frozenset((EnsureNetns, DeleteNetns))
+# Notifications the host's monitor receives per entry command written (`Reconciler._echoes`).
+_ECHOES: dict[type, int] = {
+    ReplaceFdb: 1,
+    DeleteFdb: 1,
+    AppendFlood: 1,
+    DeleteFlood: 1,
+    # Unfiltered, a neighbour delete comes back twice: the entry gone FAILED (our port),
+    # then its removal (port 0).
+    ReplaceNeigh: 1,
+    DeleteNeigh: 2,
+    AnnounceArp: 0,
+}
+_ECHOES_FILTERED: dict[type, int] = {**_ECHOES, ReplaceNeigh: 0, DeleteNeigh: 1}
 
 
 def _netns_of(cmd: EnsureNetns | DeleteNetns) -> str:

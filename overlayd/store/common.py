@@ -31,13 +31,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from pathlib import Path
 from typing import TypeVar
 
-from prometheus_client import Counter as _Counter
-
 from overlayd.core.model import Endpoint
 from overlayd.core.view import Fact
 from overlayd.store.base import AlreadyExists, StoreUnavailable
 from overlayd.store.keys import InvalidRecord, KeyLayout, fact_for_put
-from overlayd.util.metrics import Metrics
+from overlayd.util.metrics import CounterSeries, Metrics
 
 T = TypeVar("T")
 
@@ -169,7 +167,7 @@ class Health:
         self._metrics = metrics
         self._log = log  # the backend's own, so its lines keep their logger name
         self._up = False
-        self._events: dict[tuple[type, str], _Counter] = {}
+        self._events: dict[tuple[type, str], CounterSeries] = {}
 
     @property
     def up(self) -> bool:
@@ -194,7 +192,7 @@ class Health:
 
     def count_facts(self, facts: Iterable[Fact]) -> None:
         """Facts a watch response delivered, counted once per record kind and action
-        (each `inc()` takes a lock: once per response, not per record). The action is
+        (a call per kind and action per response, not per record). The action is
         the fact's: a put or a deletion."""
         if not self._metrics:
             return
@@ -202,10 +200,10 @@ class Health:
             action = "delete" if kind.__name__.endswith("Deleted") else "put"
             self._event_counter(self._metrics, kind, action).inc(count)
 
-    def _event_counter(self, metrics: Metrics, kind: type, action: str) -> _Counter:
+    def _event_counter(self, metrics: Metrics, kind: type, action: str) -> CounterSeries:
         child = self._events.get((kind, action))
         if child is None:
-            # `labels()` costs microseconds, more than the rest of a watch event's accounting.
+            # Kept by (class, action): no label name to derive per event.
             name = kind.__name__.removesuffix("Put").removesuffix("Deleted").lower()
             child = metrics.store_watch_events.labels(kind=name, action=action)
             self._events[(kind, action)] = child

@@ -160,6 +160,79 @@ async def test_a_pass_reads_the_echoes_of_its_own_writes_and_they_change_nothing
     assert fdb_of(host)[fresh.mac] == str(REMOTE_VTEPS[1])
 
 
+async def test_a_pass_reads_just_the_echoes_its_entry_writes_cause(
+    host: str, running: tuple[Reconciler, ClusterView, Kernel]
+) -> None:
+    """After a remote endpoint's entries are written or removed, the pass reads as many
+    notifications as the writes cause and stops there, without a read that finds the socket
+    empty; its drain before the writes reads nothing when nothing waits; and no echo is
+    left behind: the next drain finds nothing to read."""
+    reconciler, view, _ = running
+    monitor = reconciler._monitor
+    reads: list[tuple[int, int]] = []  # (limit, datagrams read)
+    read = monitor._read
+
+    def counted(limit: int) -> int:
+        got = read(limit)
+        reads.append((limit, got))
+        return got
+
+    monitor._read = counted  # type: ignore[method-assign]
+    try:
+        fresh = endpoint(78, "r0")
+        for fact in (EndpointPut(fresh), EndpointDeleted(fresh.key)):
+            reconciler.desired.apply([d for d in [view.change(fact)] if d is not None])
+            heard = reconciler.mirror.notifications
+            reads.clear()
+            report = await reconciler.reconcile("test")
+            assert report.applied == 2  # FDB and neighbour entry
+            # No read before the writes (nothing waited), then the writes' echoes: an FDB
+            # entry's, and on removal the neighbour's too (the kernel sends it from port 0).
+            echoes = 1 if isinstance(fact, EndpointPut) else 2
+            assert reads == [(echoes, echoes)]
+            assert reconciler.mirror.notifications == heard + echoes
+            assert not reconciler.mirror.dirty
+            reads.clear()
+            monitor.drain()
+            assert reads == []
+        assert fresh.mac not in fdb_of(host)
+    finally:
+        monitor._read = read  # type: ignore[method-assign]
+
+
+async def test_a_drain_reads_what_waits_and_reports_an_overrun(host: str) -> None:
+    """The drain asks the socket before reading: whatever waits is still read, and an
+    overrun (ENOBUFS) is still reported. The event loop does not run in between: only the
+    drain reads."""
+    heard: list[bytes] = []
+    overruns: list[int] = []
+    monitor = Monitor(netns=host, on_datagram=heard.append, on_overrun=lambda: overruns.append(1))
+    small = Monitor(
+        netns=host, on_datagram=lambda _: None, on_overrun=lambda: overruns.append(2), rcvbuf=4096
+    )
+    monitor.start()
+    small.start()
+    try:
+        monitor.drain()
+        small.drain()
+        assert heard == [] and overruns == []
+        run("ip", "-n", host, "link", "set", "ul0", "mtu", "1400")
+        monitor.drain()
+        assert any(nl.RTM_NEWLINK in [m[0] for m in nl.messages(data)] for data in heard)
+        heard.clear()
+        batch = "".join(
+            f"neigh replace 198.18.6.{i} lladdr 02:66:00:00:00:{i:02x} dev ul0\n" for i in range(1, 250)
+        )
+        subprocess.run(["ip", "-n", host, "-batch", "-"], input=batch, text=True, check=True)  # noqa: ASYNC221
+        small.drain()
+        assert overruns == [2] and small.overruns == 1
+        monitor.drain()  # its buffer held them all
+        assert len(heard) == 249 and overruns == [2]
+    finally:
+        monitor.close()
+        small.close()
+
+
 async def test_periodic_verifies_keep_their_pace_between_changes(host: str) -> None:
     view = view_with(remote=4)
     async with Kernel(netns=host) as kernel:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import struct
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+
+import pytest
 
 from overlayd.core.model import Ip4
 from overlayd.dataplane import netlink as nl
@@ -456,3 +459,119 @@ def test_an_fdb_notification_alone_reads_as_the_same_in_a_batch() -> None:
     assert alone.tables.flood == together.tables.flood == {(VX, A("198.18.0.12"))}
     assert alone.dirty == together.dirty
     assert alone.notifications == together.notifications
+
+
+# Notifications captured from a real kernel (6.18) in a scratch namespace, ifindex 4:
+# overlayd's own neighbour delete of 10.42.0.100 (the entry gone FAILED, from our port;
+# then its removal, from port 0), iproute2's delete of a reachable entry, a delete of an
+# entry written with a protocol (one attribute more), and an FDB entry's removal.
+_CAPTURED = {
+    "own delete, FAILED": "400000001c00000000000000f9a73fbe020000000400000020000001080001000a2a0064"
+    "0800040000000000140003000a0000000a0000000a00000001000000",
+    "own delete, removal": "400000001d0000000000000000000000020000000400000020000001080001000a2a0064"
+    "0800040000000000140003000a0000000a0000000a00000000000000",
+    "iproute2 delete of a reachable entry": "400000001d0000000000000000000000020000000400000020000001"
+    "080001000a2a006508000400000000001400030005000000050000000500000000000000",
+    "delete with a protocol": "480000001d0000000000000000000000020000000400000020000001080001000a2a0066"
+    "08000400000000001400030005000000050000000500000000000000" + "05000c0004000000",
+    "FDB removal": "440000001d00000000000000000000000700000004000000c00002010a000200024200000064000008000100"
+    "c612070a14000300000000000a0000000a00000000000000",
+}
+
+
+def _at(data: bytes, index: int) -> bytes:
+    """The message with its ifindex set to `index`."""
+    out = bytearray(data)
+    nl.I32.pack_into(out, nl.HDR.size + 4, index)
+    return bytes(out)
+
+
+def _edited(data: bytes, offset: int, fmt: str, value: int) -> bytes:
+    out = bytearray(data)
+    struct.pack_into(fmt, out, offset, value)
+    return bytes(out)
+
+
+def _neigh_gone_cases() -> dict[str, bytes]:
+    removal = _at(bytes.fromhex(_CAPTURED["own delete, removal"]), VX_INDEX)
+    cases = {name: _at(bytes.fromhex(text), VX_INDEX) for name, text in _CAPTURED.items()}
+    cases |= {
+        "from our port": _edited(removal, 12, "=I", 4242),
+        "from another port": _edited(removal, 12, "=I", 999),
+        "another device": _at(removal, OTHER_INDEX),
+        "a bridge entry": _edited(removal, 16, "=B", nl.AF_BRIDGE),
+        "an RTM_NEWNEIGH": _edited(removal, 4, "=H", nl.RTM_NEWNEIGH),
+        "a length that is not the datagram's": _edited(removal, 0, "=I", 60),
+        "NDA_LLADDR where NDA_DST is": _edited(removal, 30, "=H", nl.NDA_LLADDR),
+        "a 6-byte destination": _edited(removal, 28, "=H", 10),
+        "another attribute where NDA_PROBES is": _edited(removal, 38, "=H", nl.NDA_LLADDR),
+        "another attribute where NDA_CACHEINFO is": _edited(removal, 46, "=H", nl.NDA_DST),
+        "cache info of another size": _edited(removal, 44, "=H", 16),
+        "two in one datagram": removal + removal,
+        "with a MAC after the destination": removal[:36]
+        + nl.nla(nl.NDA_LLADDR, nl.mac_bytes(MAC))
+        + removal[36:],
+    }
+    # The header's length follows the message where one was inserted.
+    cases["with a MAC after the destination"] = _edited(
+        cases["with a MAC after the destination"], 0, "=I", len(cases["with a MAC after the destination"])
+    )
+    return cases
+
+
+def _full_read(data: bytes) -> list[tuple[int, int, nl.RawNeigh | None]]:
+    """(type, port, entry) of every neighbour message, read by the attribute walk."""
+    return [
+        (kind, nl.message_port(data, start), nl.parse_neigh(data, start, end, lladdr=False))
+        for kind, _flags, _seq, start, end in nl.messages(data)
+        if kind in (nl.RTM_NEWNEIGH, nl.RTM_DELNEIGH) and data[start] == nl.AF_INET
+    ]
+
+
+def test_a_neighbour_removal_read_at_fixed_offsets_is_what_the_full_read_says() -> None:
+    taken = []
+    for name, data in _neigh_gone_cases().items():
+        fast = nl.lone_neigh_gone(data)
+        if fast is None:
+            continue
+        taken.append(name)
+        port, entry = fast
+        assert _full_read(data) == [(nl.RTM_DELNEIGH, port, entry)], name
+    # The kernel's removal notices take the fixed-offset path; nothing else does.
+    assert taken == [
+        "own delete, removal",
+        "iproute2 delete of a reachable entry",
+        "from our port",
+        "from another port",
+        "another device",
+    ]
+
+
+def test_a_neighbour_removal_changes_the_mirror_as_the_full_read_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ip, other = A("10.42.0.100"), A("10.42.0.101")
+
+    def fed(data: bytes) -> Mirror:
+        m = with_devices()
+        m.own_port = 4242
+        for address in (ip, other):
+            m.assume(ReplaceNeigh(NeighEntry(VX, address, MAC)))
+        m.apply_datagram(data)
+        return m
+
+    cases = _neigh_gone_cases()
+    fast = {name: fed(data) for name, data in cases.items()}
+    monkeypatch.setattr(nl, "lone_neigh_gone", lambda data: None)
+    for name, data in cases.items():
+        full = fed(data)
+        assert (fast[name].tables, fast[name].dirty, fast[name].notifications) == (
+            full.tables,
+            full.dirty,
+            full.notifications,
+        ), name
+    # Taken by the fixed-offset path: a removal from anyone but us is drift to compare.
+    assert fast["own delete, removal"].tables.neigh == {(VX, other): MAC}
+    assert fast["own delete, removal"].dirty.neigh == {(VX, ip)}
+    assert fast["from our port"].tables.neigh == {(VX, ip): MAC, (VX, other): MAC}
+    assert not fast["from our port"].dirty
