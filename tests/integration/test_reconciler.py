@@ -165,8 +165,8 @@ async def test_a_pass_reads_just_the_echoes_its_entry_writes_cause(
 ) -> None:
     """After a remote endpoint's entries are written or removed, the pass reads as many
     notifications as the writes cause and stops there, without a read that finds the socket
-    empty; its drain before the writes reads nothing when nothing waits; and no echo is
-    left behind: the next drain finds nothing to read."""
+    empty; its drain before the writes reads only if something waits (a late notification of
+    an earlier change may); and no echo is left behind: the next drain finds nothing to read."""
     reconciler, view, _ = running
     monitor = reconciler._monitor
     reads: list[tuple[int, int]] = []  # (limit, datagrams read)
@@ -186,11 +186,13 @@ async def test_a_pass_reads_just_the_echoes_its_entry_writes_cause(
             reads.clear()
             report = await reconciler.reconcile("test")
             assert report.applied == 2  # FDB and neighbour entry
-            # No read before the writes (nothing waited), then the writes' echoes: an FDB
-            # entry's, and on removal the neighbour's too (the kernel sends it from port 0).
+            # The writes' echoes, last: an FDB entry's, and on removal the neighbour's too
+            # (the kernel sends it from port 0). Before them, only a drain that found something.
             echoes = 1 if isinstance(fact, EndpointPut) else 2
-            assert reads == [(echoes, echoes)]
-            assert reconciler.mirror.notifications == heard + echoes
+            *drained, last = reads
+            assert last == (echoes, echoes)
+            assert all(got > 0 for _, got in drained), reads  # never an empty read
+            assert reconciler.mirror.notifications == heard + echoes + sum(got for _, got in drained)
             assert not reconciler.mirror.dirty
             reads.clear()
             monitor.drain()
@@ -215,7 +217,8 @@ async def test_a_drain_reads_what_waits_and_reports_an_overrun(host: str) -> Non
     try:
         monitor.drain()
         small.drain()
-        assert heard == [] and overruns == []
+        heard.clear()  # a late notice of the namespace's making may have waited
+        assert overruns == []
         run("ip", "-n", host, "link", "set", "ul0", "mtu", "1400")
         monitor.drain()
         assert any(nl.RTM_NEWLINK in [m[0] for m in nl.messages(data)] for data in heard)
@@ -227,7 +230,7 @@ async def test_a_drain_reads_what_waits_and_reports_an_overrun(host: str) -> Non
         small.drain()
         assert overruns == [2] and small.overruns == 1
         monitor.drain()  # its buffer held them all
-        assert len(heard) == 249 and overruns == [2]
+        assert len(heard) >= 249 and overruns == [2]
     finally:
         monitor.close()
         small.close()
