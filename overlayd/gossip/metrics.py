@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import metrics as _prometheus_metrics
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
@@ -41,7 +42,9 @@ class _Tally:
 
     def family(self) -> CounterMetricFamily:
         family = CounterMetricFamily(self.name, self.doc, labels=[self.label] if self.label else None)
-        created = self.created
+        # prometheus_client's switch for `_created` samples (PROMETHEUS_DISABLE_CREATED_SERIES),
+        # read at scrape time as its own counters read it.
+        created = self.created if getattr(_prometheus_metrics, "_use_created", True) else {}
         for value, count in dict(self.counts).items():  # a copy: a scrape from another thread
             family.add_metric([value] if self.label else [], count, created=created.get(value))
         return family

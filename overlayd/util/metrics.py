@@ -24,6 +24,7 @@ from itertools import accumulate
 from typing import Any, Generic, TypeVar
 
 from prometheus_client import CollectorRegistry
+from prometheus_client import metrics as _prometheus_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
@@ -104,6 +105,13 @@ class HistogramSeries:
 S = TypeVar("S", CounterSeries, GaugeSeries, HistogramSeries)
 
 
+def created_shown() -> bool:
+    """Whether a scrape shows `_created` samples: prometheus_client's own switch, which
+    PROMETHEUS_DISABLE_CREATED_SERIES=true or `disable_created_metrics()` turns off, read
+    at scrape time as its own metrics read it (its one public form is the setter)."""
+    return bool(getattr(_prometheus_metrics, "_use_created", True))
+
+
 class _Family(ABC, Generic[S]):
     """A metric's series by label values (one series, under (), when it has no labels)."""
 
@@ -158,8 +166,9 @@ class CounterFamily(_Family[CounterSeries]):
 
     def family(self) -> Metric:
         family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        show_created = created_shown()
         for values, s in self.series():
-            family.add_metric(values, s.value, created=s.created)
+            family.add_metric(values, s.value, created=s.created if show_created else None)
         return family
 
 
@@ -199,11 +208,13 @@ class HistogramFamily(_Family[HistogramSeries]):
 
     def family(self) -> Metric:
         family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        show_created = created_shown()
         for values, s in self.series():
             cumulative = list(accumulate(s.counts))
             family.add_metric(values, list(zip(self._le, cumulative, strict=True)), s.sum)
-            labels = dict(zip(self.labelnames, values, strict=True))
-            family.samples.append(Sample(f"{self.name}_created", labels, s.created))
+            if show_created:
+                labels = dict(zip(self.labelnames, values, strict=True))
+                family.samples.append(Sample(f"{self.name}_created", labels, s.created))
         return family
 
 

@@ -3,7 +3,9 @@ must show them as the prometheus Counters they were: names, labels, _total and _
 
 from __future__ import annotations
 
+import pytest
 from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import metrics as prometheus_metrics
 from prometheus_client.parser import text_string_to_metric_families
 
 from overlayd.gossip import GossipMetrics
@@ -54,3 +56,18 @@ def test_unlabelled_counters_show_zero_before_the_first_datagram() -> None:
     assert registry.get_sample_value("overlayd_gossip_sent_bytes_total") == 0
     assert registry.get_sample_value("overlayd_gossip_received_bytes_total") == 0
     assert registry.get_sample_value("overlayd_gossip_messages_sent_total", {"type": "ping"}) is None
+
+
+def test_no_created_samples_when_prometheus_client_is_told_to_show_none(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # What PROMETHEUS_DISABLE_CREATED_SERIES=true sets; the other gossip metrics obey it too.
+    monkeypatch.setattr(prometheus_metrics, "_use_created", False)
+    registry = CollectorRegistry()
+    m = GossipMetrics(registry)
+    m.sent("push", 120)
+    m.received("push")
+    m.learned("push")
+    text = generate_latest(registry).decode()
+    assert "_created" not in text
+    assert registry.get_sample_value("overlayd_gossip_messages_sent_total", {"type": "push"}) == 1

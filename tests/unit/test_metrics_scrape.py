@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import metrics as prometheus_metrics
 
 from overlayd.util.metrics import Metrics
 
@@ -130,6 +131,20 @@ def test_scrape_is_what_prometheus_client_showed(update: Callable[[Metrics | _Re
     update(ours)
     update(reference)
     assert _scrape(ours.registry) == _scrape(reference.registry)
+
+
+def test_without_created_series_the_scrape_is_what_prometheus_client_showed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # PROMETHEUS_DISABLE_CREATED_SERIES=true, read by prometheus_client at import, sets this
+    # switch; operators use it to keep `_created` series out of their Prometheus.
+    monkeypatch.setattr(prometheus_metrics, "_use_created", False)
+    ours, reference = Metrics(), _Reference()
+    _updates(ours)
+    _updates(reference)
+    text = generate_latest(ours.registry).decode()
+    assert "_created" not in text
+    assert text == generate_latest(reference.registry).decode()
 
 
 def test_the_series_a_pass_updates_are_the_labelled_ones() -> None:
