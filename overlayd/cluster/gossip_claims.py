@@ -166,20 +166,19 @@ class GossipClaims:
     async def take_address(self, network: Network) -> tuple[IPv4Address, bool]:
         """A free address (reserved in the address book) and whether claiming it is contested."""
         self._note_demand(network.name)
-        mine = self.blocks.mine(network.name)
-        try:
-            ip = self._addresses.take(network, within=mine)
-        except SubnetFull:
-            pass
-        else:
+        for _ in range(2):
+            mine = self.blocks.mine(network.name)
+            try:
+                ip = self._addresses.take(network, within=mine)
+            except SubnetFull:
+                # Out of addresses (the first add, or a burst faster than the claims ahead):
+                # wait for a claim, then take from any own block again, the blocks claimed
+                # ahead meanwhile by the adds that took the claim's addresses first included.
+                if not await self._claim_blocks_soon(network):
+                    break
+                continue
             self._claim_ahead(network, mine)
             return ip, False
-        blocks = await self._claim_blocks_soon(network)
-        if blocks:
-            try:
-                return self._addresses.take(network, within=blocks), False
-            except SubnetFull:
-                pass  # taken by concurrent adds meanwhile: borrow
         # No block is free: borrow any free address, and settle for it.
         return self._addresses.take(network), True
 

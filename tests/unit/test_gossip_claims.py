@@ -117,3 +117,16 @@ async def test_with_every_block_held_adds_do_not_search_for_one_each_time() -> N
             ip, contested = await claims.take_address(SMALL)
             assert not contested and ip in blocks_of(SMALL.subnet)[0]
     assert searches == 1
+
+
+async def test_adds_waiting_for_the_first_claim_all_get_an_own_block_none_borrows() -> None:
+    # 100 adds at once on a host with no block yet: they all wait for one claim, whose
+    # block holds 64 addresses. The old rule then had the other 36 borrow an address
+    # anywhere in the subnet and settle for it (another 0.3 s each).
+    claims, blocks, _ = claims_for(settle=0.05)
+    async with asyncio.timeout(5.0):
+        taken = await asyncio.gather(*(claims.take_address(WIDE) for _ in range(100)))
+    assert [ip for ip, contested in taken if contested] == []
+    assert len({ip for ip, _ in taken}) == 100
+    mine = blocks.mine(WIDE.name)
+    assert all(any(ip in b for b in mine) for ip, _ in taken)
