@@ -9,9 +9,10 @@ What the KV servers give, gossip approximates:
   operator is told, never silently overruled. Networks and address blocks
   pay this settle time; endpoints do not:
 - addresses: each host claims blocks of a network's subnet (`ipam`), once,
-  and allocates inside its own blocks without waiting for anyone. The next
-  block is claimed in the background as soon as the last one starts to be
-  used, so adds rarely wait even for that. Only an address the user names
+  and allocates inside its own blocks without waiting for anyone. More
+  blocks are claimed in the background while the addresses left in its
+  blocks still cover a few settle times of adds at the recent rate, so adds
+  do not wait for a claim, from the first block to the last. Only an address the user names
   outside this host's blocks (or one borrowed when no block is free) is
   contested and settles like a network;
 - lease expiry: a member SWIM confirms dead (or that left) keeps its
@@ -40,9 +41,17 @@ log = logging.getLogger(__name__)
 # How long a contested claim waits for concurrent writers elsewhere to be heard.
 SETTLE_SECONDS = 0.3
 _BLOCK_ATTEMPTS = 8
-# How far back the add rate is measured, and the most blocks claimed in one settle.
+# How far back the add rate is measured. (It is measured over one settle time at least:
+# a burst of a few adds at once is not a rate that would claim many blocks.)
 _DEMAND_WINDOW = 2.0
-_MAX_BLOCKS_AT_ONCE = 16
+# Addresses kept free ahead, in settle times of adds at the recent rate: a block claimed
+# that early has settled before the adds reach it (a claim takes one settle time, and the
+# rate may keep rising meanwhile).
+_AHEAD_SETTLES = 3
+# The most blocks kept ahead, and the share of a subnet's blocks that may be (a small
+# subnet's blocks are few: one host's burst must not take them all from the others).
+_MAX_BLOCKS_AHEAD = 16
+_SUBNET_SHARE = 16
 
 
 class GossipClaims:
@@ -65,6 +74,8 @@ class GossipClaims:
         self._settle = settle
         self.settling: set[str] = set()  # own endpoints inside their settle wait
         self._block_claims: dict[str, asyncio.Task[list[IPv4Network]]] = {}  # network -> claim in flight
+        self._ahead: set[asyncio.Task[list[IPv4Network]]] = set()  # claims ahead of need, settling
+        self._no_free_block: dict[str, float] = {}  # network -> no search for a free block before then
         self._takes: dict[str, collections.deque[float]] = {}  # network -> recent address takes
 
     # --- networks ---
@@ -155,24 +166,45 @@ class GossipClaims:
     async def take_address(self, network: Network) -> tuple[IPv4Address, bool]:
         """A free address (reserved in the address book) and whether claiming it is contested."""
         self._note_demand(network.name)
-        mine = self.blocks.mine(network.name)
-        try:
-            ip = self._addresses.take(network, within=mine)
-        except SubnetFull:
-            pass
-        else:
-            if ip in mine[-1]:  # (two int comparisons; `block_of` builds a network each add)
-                # The last block is in use: have the next ones ready before anyone waits.
-                self._claim_blocks_soon(network).add_done_callback(_log_failure)
-            return ip, False
-        blocks = await self._claim_blocks_soon(network)
-        if blocks:
+        for _ in range(2):
+            mine = self.blocks.mine(network.name)
             try:
-                return self._addresses.take(network, within=blocks), False
+                ip = self._addresses.take(network, within=mine)
             except SubnetFull:
-                pass  # taken by concurrent adds meanwhile: borrow
+                # Out of addresses (the first add, or a burst faster than the claims ahead):
+                # wait for a claim, then take from any own block again, the blocks claimed
+                # ahead meanwhile by the adds that took the claim's addresses first included.
+                if not await self._claim_blocks_soon(network):
+                    break
+                continue
+            self._claim_ahead(network, mine)
+            return ip, False
         # No block is free: borrow any free address, and settle for it.
         return self._addresses.take(network), True
+
+    def _claim_ahead(self, network: Network, mine: list[IPv4Network]) -> None:
+        """Claim more blocks now if the addresses left in `mine` may not last a claim's settle.
+
+        Published at once (not in a task: the next add must already count them), settled
+        in the background. Claims already settling count as room, so a burst neither
+        claims again for every add nor waits for the first, too small, claim.
+        """
+        wanted = self._spare_wanted(network)
+        missing = wanted - self._addresses.room(network, mine, wanted)
+        if missing <= 0 or time.monotonic() < self._no_free_block.get(network.name, 0.0):
+            return
+        claimed = self._publish_blocks(network, self._blocks_for(network, missing))
+        if not claimed:
+            # Every block is held: searching them all again on every add would cost O(subnet)
+            # each; blocks come free rarely (a host gone for good, a network re-created).
+            self._no_free_block[network.name] = time.monotonic() + self._settle
+        else:
+            task = asyncio.get_running_loop().create_task(
+                self._settle_blocks(network, claimed), name=f"ipam-ahead-{network.name}"
+            )
+            self._ahead.add(task)
+            task.add_done_callback(self._ahead.discard)
+            task.add_done_callback(_log_failure)
 
     def _note_demand(self, network: str) -> None:
         now = time.monotonic()
@@ -181,47 +213,74 @@ class GossipClaims:
         while recent and recent[0] < now - _DEMAND_WINDOW:
             recent.popleft()
 
-    def _blocks_wanted(self, network: Network) -> int:
-        """Enough blocks for twice the adds one settle time takes at the recent rate."""
-        rate = len(self._takes.get(network.name, ())) / _DEMAND_WINDOW
-        size = 2 ** (32 - block_prefixlen(network.subnet))
-        wanted: int = math.ceil(2 * rate * self._settle / size)
-        return max(1, min(_MAX_BLOCKS_AT_ONCE, wanted))
+    def _rate(self, network: str) -> float:
+        """Address takes per second lately: over the span the takes kept cover (a full deque
+        covers less than the window at a high rate), and one settle time at least."""
+        recent = self._takes.get(network)
+        if not recent:
+            return 0.0
+        span = max(self._settle, 0.001, time.monotonic() - recent[0])
+        return len(recent) / span
+
+    def _spare_wanted(self, network: Network) -> int:
+        """Free addresses to keep ahead: a few settle times of adds, one block at least, and
+        at most `_ahead_blocks`."""
+        size = 1 << (32 - block_prefixlen(network.subnet))
+        demand = math.ceil(_AHEAD_SETTLES * self._settle * self._rate(network.name))
+        return max(size, min(demand, _ahead_blocks(network) * size))
+
+    def _blocks_for(self, network: Network, missing: int) -> int:
+        """How many blocks one claim takes for `missing` addresses (bounded)."""
+        size = 1 << (32 - block_prefixlen(network.subnet))
+        return max(1, min(_ahead_blocks(network), math.ceil(missing / size)))
 
     def _claim_blocks_soon(self, network: Network) -> asyncio.Task[list[IPv4Network]]:
+        """The claim every add out of addresses waits for (one at a time per network)."""
         task = self._block_claims.get(network.name)
         if task is None or task.done():
             task = asyncio.get_running_loop().create_task(
-                self._claim_blocks(network, self._blocks_wanted(network)), name=f"ipam-blocks-{network.name}"
+                self._claim_blocks(network, self._blocks_for(network, self._spare_wanted(network))),
+                name=f"ipam-blocks-{network.name}",
             )
             self._block_claims[network.name] = task
         return task
 
     async def _claim_blocks(self, network: Network, count: int) -> list[IPv4Network]:
         """Claim up to `count` free blocks at once: one settle time for all of them."""
-        # Hosts start looking at different blocks, so they rarely race for one.
-        start = zlib.crc32(self._node.encode()) % max(1, sum(1 for _ in blocks_of(network.subnet)))
         for _ in range(_BLOCK_ATTEMPTS):
-            claimed: list[IPv4Network] = []
-            for _ in range(count):
-                block = self.blocks.free_block(network, start=start)
-                if block is None:
-                    break
-                claim = BlockClaim(self._node, network.name, block, time.time())
-                self._peering.publish_block(claim)
-                self.blocks.claim(self._node, network.name, block, claim.created_at)
-                claimed.append(block)
+            claimed = self._publish_blocks(network, count)
             if not claimed:
                 return []
-            await asyncio.sleep(self._settle)
-            won = [b for b in claimed if self.blocks.holder(network.name, b) == self._node]
-            for block in claimed:
-                if block not in won:
-                    self.release_block(network.name, block)
+            won = await self._settle_blocks(network, claimed)
             if won:
-                log.info("claimed address block(s) %s of network %s", ", ".join(map(str, won)), network.name)
                 return won
         return []
+
+    def _publish_blocks(self, network: Network, count: int) -> list[IPv4Network]:
+        """Claim up to `count` free blocks: published, and this host's until a settle says otherwise."""
+        # Hosts start looking at different blocks, so they rarely race for one.
+        start = zlib.crc32(self._node.encode()) % max(1, len(blocks_of(network.subnet)))
+        claimed: list[IPv4Network] = []
+        for _ in range(count):
+            block = self.blocks.free_block(network, start=start)
+            if block is None:
+                break
+            claim = BlockClaim(self._node, network.name, block, time.time())
+            self._peering.publish_block(claim)
+            self.blocks.claim(self._node, network.name, block, claim.created_at)
+            claimed.append(block)
+        return claimed
+
+    async def _settle_blocks(self, network: Network, claimed: list[IPv4Network]) -> list[IPv4Network]:
+        """After one settle time: the blocks of `claimed` this host won; the others given back."""
+        await asyncio.sleep(self._settle)
+        won = [b for b in claimed if self.blocks.holder(network.name, b) == self._node]
+        for block in claimed:
+            if block not in won:
+                self.release_block(network.name, block)
+        if won:
+            log.info("claimed address block(s) %s of network %s", ", ".join(map(str, won)), network.name)
+        return won
 
     def release_block(self, network: str, block: IPv4Network) -> None:
         self.blocks.release(self._node, network, block)
@@ -231,6 +290,11 @@ class GossipClaims:
         """A block this host held before a restart: keep it (with its original time) if in use."""
         self.blocks.claim(self._node, network, block, created_at)
         self._peering.publish_block(BlockClaim(self._node, network, block, created_at))
+
+
+def _ahead_blocks(network: Network) -> int:
+    """The most blocks this host keeps ahead of need in `network` (one at least)."""
+    return max(1, min(_MAX_BLOCKS_AHEAD, len(blocks_of(network.subnet)) // _SUBNET_SHARE))
 
 
 def _log_failure(task: asyncio.Task[list[IPv4Network]]) -> None:

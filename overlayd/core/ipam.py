@@ -91,6 +91,30 @@ class AddressBook:
         self.reserve(network.name, ip)
         return ip
 
+    def room(self, network: Network, within: Sequence[IPv4Network], enough: int) -> int:
+        """Addresses of `within` that `take` has not passed yet, counted until `enough`.
+
+        A lower bound on the free ones: the rest of the block `take` works in and the
+        blocks it has not started, but not the holes (given back) behind its cursors.
+        Counted from that block on and stopped at `enough`, so an add that has room
+        ahead costs one or two blocks' look, not one per block the host holds.
+        """
+        if not within:
+            return 0
+        start = self._block_hint.get(network.name, 0) % len(within)
+        total = 0
+        for step in range(len(within)):
+            i = (start + step) % len(within)
+            block = within[i]
+            cursor = self._cursor.get(f"{network.name}/{block}")
+            if cursor is None:
+                total += block.num_addresses
+            elif step == 0:
+                total += block.num_addresses - cursor
+            if total >= enough:
+                break
+        return total
+
     def _next_in(self, network: Network, block: IPv4Network, *, key: str) -> IPv4Address | None:
         first, size = int(block.network_address), block.num_addresses
         start = self._cursor.get(key, 0)

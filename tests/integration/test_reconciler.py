@@ -565,6 +565,39 @@ async def test_the_monitor_filter_drops_only_the_neighbour_echoes_of_the_given_p
         monitor.close()
 
 
+async def test_the_monitor_filter_drops_a_bridges_port_messages_and_keeps_the_links_own(host: str) -> None:
+    """A port put on a bridge and taken off: the bridge's AF_BRIDGE messages about it (which
+    the mirror skips) never arrive; the link's own, which say where it is, all do."""
+    seen: list[tuple[int, int, int, int | None]] = []  # (type, family, ifindex, master)
+
+    def datagram(data: bytes) -> None:
+        for kind, _flags, _seq, start, end in nl.messages(data):
+            if kind in (nl.RTM_NEWLINK, nl.RTM_DELLINK):
+                link = nl.parse_link(data, start, end)
+                master = link.master if link is not None else None
+                seen.append((kind, data[start], nl.link_index_of(data, start), master))
+
+    run("ip", "-n", host, "link", "add", "fbr0", "type", "bridge")
+    monitor = Monitor(netns=host, on_datagram=datagram, on_overrun=lambda: None)
+    monitor.start()
+    try:
+        async with Kernel(netns=host) as kernel:
+            assert monitor.ignore_echoes(kernel.rtnl.port)
+            run("ip", "-n", host, "link", "add", "fp0", "type", "veth", "peer", "name", "fp1")
+            bridge, port = await kernel.link("fbr0"), int(link_show(host, "fp0")["ifindex"])
+            assert bridge is not None
+            run("ip", "-n", host, "link", "set", "fp0", "master", "fbr0", "up")
+            run("ip", "-n", host, "link", "set", "fp0", "nomaster")
+            run("ip", "-n", host, "link", "del", "fp0")
+            deleted = (nl.RTM_DELLINK, 0, port)
+            await wait_until(lambda: any((k, f, i) == deleted for k, f, i, _ in seen), "the delete")
+            assert [f for _, f, i, _ in seen if i == port and f == nl.AF_BRIDGE] == []
+            masters = [m for k, _, i, m in seen if i == port and k == nl.RTM_NEWLINK]
+            assert bridge.index in masters and masters[-1] in (None, 0)
+    finally:
+        monitor.close()
+
+
 async def test_an_address_a_local_endpoint_gave_up_is_announced_when_it_comes_back_remote(host: str) -> None:
     """New addresses (a join) go in unannounced; one that local containers knew by a local
     endpoint's MAC is announced when a remote endpoint takes it, with its new MAC."""

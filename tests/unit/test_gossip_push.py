@@ -118,8 +118,47 @@ def test_a_burst_of_changes_is_acked_once_per_window_and_never_resent() -> None:
         # Each of the 4 members: one ack at once, one for the rest at the end of the window
         # (and one more if copies overtook each other: it fills that gap from the owner).
         assert c.count("overlayd_gossip_messages_sent_total", "push-ack") - acks <= 4 * 3
-        assert c.count("overlayd_gossip_messages_sent_total", "push") - pushes == 4 * 10
+        # Made in one turn of the loop, the 10 changes went in one push to each member.
+        assert c.count("overlayd_gossip_messages_sent_total", "push") - pushes == 4
         assert not owner._unacked
+        await c.stop()
+
+    simulate(main)
+
+
+def test_changes_of_one_turn_share_a_push_and_later_ones_go_in_their_own() -> None:
+    async def main() -> None:
+        c = SimCluster(3, CONFIG)
+        await c.start()
+        owner = c.nodes[0]
+        pushes = c.count("overlayd_gossip_messages_sent_total", "push")
+        a = owner.publish("endpoint", "demo/a", {"ip": "10.1.0.1"})
+        b = owner.publish("endpoint", "demo/b", {"ip": "10.1.0.2"})
+        assert c.count("overlayd_gossip_messages_sent_total", "push") == pushes  # at the turn's end
+        await asyncio.sleep(0)
+        assert c.count("overlayd_gossip_messages_sent_total", "push") - pushes == 2  # one per member
+        later = owner.publish("endpoint", "demo/c", {"ip": "10.1.0.3"})
+        await c.until(
+            lambda: all(n.get(*r.ident) == r for n in c.nodes for r in (a, b, later)), 1, "all three"
+        )
+        assert c.count("overlayd_gossip_messages_sent_total", "push") - pushes == 4
+        await asyncio.sleep(0.5)
+        assert not owner._unacked  # acked, nothing resent
+        await c.stop()
+
+    simulate(main)
+
+
+def test_a_change_made_just_before_a_stop_is_still_pushed() -> None:
+    async def main() -> None:
+        c = SimCluster(3, CONFIG)
+        await c.start()
+        owner = c.nodes[0]
+        pushes = c.count("overlayd_gossip_messages_sent_total", "push")
+        gone = owner.delete("endpoint", "demo/gone")
+        await owner.stop(leave=True)
+        assert c.count("overlayd_gossip_messages_sent_total", "push") - pushes == 2
+        await c.until(lambda: all(n.get(*gone.ident) == gone for n in c.nodes[1:]), 1, "the tombstone")
         await c.stop()
 
     simulate(main)

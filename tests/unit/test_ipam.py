@@ -107,3 +107,18 @@ def test_free_block_search_starts_where_asked_and_wraps() -> None:
     assert table.free_block(NET, start=5) == blocks[0]
     table.claim("h9", "blue", blocks[0], 1.0)
     assert table.free_block(NET, start=0) == blocks[1]
+
+
+def test_room_counts_what_take_has_not_passed_and_stops_at_enough() -> None:
+    book = AddressBook(ClusterView())
+    blocks = list(blocks_of(NET.subnet))[4:8]  # 10.1.0.64/28 .. 10.1.0.112/28
+    assert book.room(NET, [], 10) == 0
+    assert book.room(NET, blocks, 1000) == 64
+    for _ in range(5):
+        book.take(NET, within=blocks)
+    assert book.room(NET, blocks, 1000) == 11 + 48
+    assert book.room(NET, blocks, 20) == 11 + 16  # counted block by block until enough
+    for _ in range(11):
+        book.take(NET, within=blocks)
+    book.take(NET, within=blocks)  # the second block now
+    assert book.room(NET, blocks, 1000) == 15 + 32  # the first one's holes are not counted
