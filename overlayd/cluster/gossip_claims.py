@@ -11,10 +11,10 @@ What the KV servers give, gossip approximates:
 - addresses: each host claims blocks of a network's subnet (`ipam`), once,
   and allocates inside its own blocks without waiting for anyone. More
   blocks are claimed in the background while the addresses left in its
-  blocks still cover a few settle times of adds at the recent rate, so adds
-  do not wait for a claim, from the first block to the last. Only an address the user names
-  outside this host's blocks (or one borrowed when no block is free) is
-  contested and settles like a network;
+  blocks still cover a few settle times of adds at the recent rate, so only
+  a host's first add in a network waits (for its first block's settle).
+  An address the user names outside this host's blocks (or one borrowed
+  when no block is free) is contested and settles like a network;
 - lease expiry: a member SWIM confirms dead (or that left) keeps its
   endpoints for `dead_grace` seconds (`feeds.GossipFeed`).
 """
