@@ -75,6 +75,12 @@ class Ip4(IPv4Address):
     def __hash__(self) -> int:
         return self._hash
 
+    @property
+    def packed(self) -> bytes:
+        # Every netlink message for an entry carries it: without the base class's two
+        # Python calls and its range check (`_ip` is in range by construction).
+        return self._ip.to_bytes(4, "big")  # type: ignore[attr-defined,no-any-return]
+
     def __eq__(self, other: object) -> bool:
         # Compared whenever a desired entry meets its mirrored one (a VTEP, a neighbour's
         # address): `_ip` is the integer IPv4Address keeps, read without two int() calls.
