@@ -43,6 +43,8 @@ _MAC_RE = re.compile(r"([0-9a-f]{2}:){5}[0-9a-f]{2}")
 # A MAC `parse_mac` accepts as it is: lower case, unicast (bit 0x01 clear) and locally
 # administered (bit 0x02 set) in the first octet.
 _UNICAST_LAA_RE = re.compile(r"[0-9a-f][26ae](:[0-9a-f]{2}){5}")
+# For decoders that match names and MACs inside a larger pattern (`store.keys`).
+NAME_PATTERN, UNICAST_LAA_PATTERN = _NAME_RE.pattern, _UNICAST_LAA_RE.pattern
 
 
 class Ip4(IPv4Address):
@@ -72,6 +74,12 @@ class Ip4(IPv4Address):
 
     def __hash__(self) -> int:
         return self._hash
+
+    @property
+    def packed(self) -> bytes:
+        # Every netlink message for an entry carries it: without the base class's two
+        # Python calls and its range check (`_ip` is in range by construction).
+        return self._ip.to_bytes(4, "big")  # type: ignore[attr-defined,no-any-return]
 
     def __eq__(self, other: object) -> bool:
         # Compared whenever a desired entry meets its mirrored one (a VTEP, a neighbour's
@@ -409,6 +417,7 @@ class Endpoint:
         get = d.get
         network, owner, name, mac = get("network"), get("owner"), get("name"), get("mac")
         ip, created_at, version = get("ip"), get("created_at", 0.0), get("version", 1)
+        netns, ifname = get("netns") or "", get("ifname") or "eth0"
         if not (
             network.__class__ is str
             and owner.__class__ is str
@@ -417,30 +426,60 @@ class Endpoint:
             and ip.__class__ is str
             and created_at.__class__ is float
             and version.__class__ is int
-            and version >= 1
+            and netns.__class__ is str
+            and ifname.__class__ is str
         ):
             return None
-        network, owner = _VALID_NAMES.get(network), _VALID_NAMES.get(owner)
-        if (
-            network is None
-            or owner is None
-            or not _NAME_RE.fullmatch(name)
-            or not _UNICAST_LAA_RE.fullmatch(mac)
-        ):
+        return cls.from_common_fields(network, owner, name, mac, ip, created_at, version, netns, ifname)
+
+    @classmethod
+    def from_common_fields(
+        cls,
+        network: str,
+        owner: str,
+        name: str,
+        mac: str,
+        ip: str,
+        created_at: float,
+        version: int,
+        netns: str,
+        ifname: str,
+    ) -> Endpoint | None:
+        """`from_common_dict` once each field is known to be of its type (`netns` and
+        `ifname` with their defaults applied): the record, or None if a value is not of
+        the usual shape."""
+        if not _NAME_RE.fullmatch(name) or not _UNICAST_LAA_RE.fullmatch(mac):
+            return None
+        return cls.from_shaped_fields(network, owner, name, mac, ip, created_at, version, netns, ifname)
+
+    @classmethod
+    def from_shaped_fields(
+        cls,
+        network: str,
+        owner: str,
+        name: str,
+        mac: str,
+        ip: str,
+        created_at: float,
+        version: int,
+        netns: str,
+        ifname: str,
+    ) -> Endpoint | None:
+        """`from_common_fields` once `name` is known to match `NAME_PATTERN` and `mac`
+        `UNICAST_LAA_PATTERN` (a decoder that matched them already)."""
+        network_, owner_ = _VALID_NAMES.get(network), _VALID_NAMES.get(owner)
+        if version < 1 or network_ is None or owner_ is None:
             return None
         try:
             packed = socket.inet_pton(socket.AF_INET, ip)
         except OSError:
             return None
-        netns, ifname = get("netns") or "", get("ifname") or "eth0"
-        if netns.__class__ is not str or ifname.__class__ is not str:
-            return None
         return cls._checked(
-            network,
+            network_,
             name,
             Ip4._of_int(int.from_bytes(packed, "big")),
             mac,
-            owner,
+            owner_,
             version,
             created_at,
             sys.intern(netns),

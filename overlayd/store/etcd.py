@@ -62,7 +62,7 @@ from overlayd.store.common import (
     republish,
     retry_while_unavailable,
 )
-from overlayd.store.keys import KeyLayout, encode, fact_for_delete
+from overlayd.store.keys import InvalidRecord, KeyLayout, encode, fact_for_delete, fact_for_put
 from overlayd.util.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -575,16 +575,24 @@ class EtcdStore(Store):
     def _response_facts(self, events: Any) -> list[Fact]:
         """The facts of one response's events, in order. Address and VNI claims (half of
         the events of an endpoint's creation) are dropped by their key, before any decoding."""
-        claims = self._claim_prefixes
+        claims, layout = self._claim_prefixes, self._layout
         facts: list[Fact] = []
-        put = self._decoder.put
+        report = self._decoder.put
         for event in events:
             kv = event.kv
             raw = kv.key
             if raw.startswith(claims):
                 continue
             key = raw.decode(errors="replace")
-            fact = fact_for_delete(self._layout, key) if event.type == _DELETE else put(key, kv.value)
+            if event.type == _DELETE:
+                fact = fact_for_delete(layout, key)
+            else:
+                # Decoded here, not through the decoder (a call less per record of a join);
+                # a value that is not a record goes to it to be reported and skipped.
+                try:
+                    fact = fact_for_put(layout, key, kv.value)
+                except InvalidRecord:
+                    fact = report(key, kv.value)
             if fact is not None:
                 facts.append(fact)
         self._health.count_facts(facts)

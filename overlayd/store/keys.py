@@ -17,12 +17,13 @@ again past the revision the watch stood at before it looked again.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from typing import Any
 
-from overlayd.core.model import Endpoint, Network, Node, ValidationError
+from overlayd.core.model import NAME_PATTERN, UNICAST_LAA_PATTERN, Endpoint, Network, Node, ValidationError
 from overlayd.core.view import (
     EndpointDeleted,
     EndpointPut,
@@ -89,11 +90,24 @@ def fact_for_put(layout: KeyLayout, key: str, value: bytes) -> Fact | None:
     endpoints = layout.endpoints
     if value[:1] == b"{" and key.startswith(endpoints):
         try:
+            text = value.decode()
+        except ValueError:  # not UTF-8: the full path says why
+            return _fact_for_put(layout, key, value)
+        canonical = _ENCODED_ENDPOINT.fullmatch(text)
+        if canonical is not None:
+            created_at, ifname, ip, mac, name, netns, network, owner, version = canonical.group(*_FIELDS)
+            endpoint = Endpoint.from_shaped_fields(
+                network, owner, name, mac, ip, float(created_at), int(version), netns, ifname or "eth0"
+            )
+            if endpoint is not None and endpoint.key == key[len(endpoints) :]:
+                return EndpointPut(endpoint)
+            # The scanner would give these same fields, and the same answer: skip it.
+            return _fact_for_put(layout, key, value)
+        try:
             # What `json.loads` does for a value that opens with "{" and ends where the
             # object does; anything else (trailing blanks, extra data) falls through.
-            text = value.decode()
             data, end = _scan_json(text, 0)
-        except (ValueError, StopIteration):  # not UTF-8, not JSON: the full path says why
+        except (ValueError, StopIteration):  # not JSON: the full path says why
             pass
         else:
             if end == len(text) and data.__class__ is dict:
@@ -132,6 +146,40 @@ _decode_json = _decoder.decode
 # The C scanner under `decode`: (value, end) of the JSON value at an index, without
 # `decode`'s two whitespace matches and its Python frames.
 _scan_json: Callable[[str, int], tuple[Any, int]] = _decoder.scan_once  # type: ignore[attr-defined]
+
+
+def _string(name: str, pattern: str = r'[^"\\\x00-\x1f]*') -> str:
+    """A JSON string field of the encoded endpoint: no escapes, no control characters."""
+    return f'"{name}":"(?P<{name}>{pattern})"'
+
+
+# An endpoint's value exactly as `encode` writes it: sorted keys, no blanks, strings with
+# no escapes and no control characters, a float `created_at` and an int `version`, in
+# ASCII digits, a name and a MAC of the shapes `from_common_fields` checks. Its groups are
+# the very values `json.loads` gives for such text (a JSON string without escapes is its
+# characters; a number is `float` or `int` of its text), found by one match instead of the
+# scanner, a dict, a lookup per field and two more matches: a join decodes thousands of
+# records in a row. Every other text takes the scanner, as before.
+_ENCODED_ENDPOINT = re.compile(
+    r'\{"created_at":(?P<created_at>-?(?:0|[1-9][0-9]*)(?:\.[0-9]+(?:[eE][-+]?[0-9]+)?|[eE][-+]?[0-9]+)),'
+    + ",".join(
+        (
+            _string("ifname"),
+            _string("ip", r"[0-9.]{7,15}"),
+            _string("mac", UNICAST_LAA_PATTERN),
+            _string("name", NAME_PATTERN),
+            _string("netns"),
+            _string("network"),
+            _string("owner"),
+        )
+    )
+    + r',"version":(?P<version>[1-9][0-9]{0,17})\}'
+)
+# Their group numbers, in this order (a number is found faster than a name).
+_FIELDS = tuple(
+    _ENCODED_ENDPOINT.groupindex[name]
+    for name in ("created_at", "ifname", "ip", "mac", "name", "netns", "network", "owner", "version")
+)
 
 
 def _json_object(value: bytes) -> object:

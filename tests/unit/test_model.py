@@ -13,6 +13,7 @@ from overlayd.core.model import (
     VNI_MAX,
     VNI_MIN,
     Endpoint,
+    Ip4,
     Network,
     Node,
     ValidationError,
@@ -681,3 +682,10 @@ def test_endpoint_from_dict_uncommon_shapes_normalise_alike(
     for name, value in expected.items():
         assert getattr(ep, name) == value
         assert type(getattr(ep, name)) is type(value) or name == "ip"
+
+
+@pytest.mark.parametrize("value", [0, 1, 255, 256, 0x0A010005, 0x7FFFFFFF, 0x80000000, 2**32 - 1])
+def test_ip4_packs_as_an_ipv4_address_does(value: int) -> None:
+    # Ip4 packs its integer itself (netlink messages carry it): the same four bytes.
+    assert Ip4(value).packed == Ip4._of_int(value).packed == IPv4Address(value).packed
+    assert Ip4(str(IPv4Address(value))).packed == IPv4Address(value).packed
