@@ -473,6 +473,12 @@ class Kernel:
             proc.kill()
             await proc.wait()
             raise KernelError(f"{' '.join(argv[:3])} did not finish in {_PROGRAM_TIMEOUT:g}s") from None
+        except asyncio.CancelledError:
+            # The program runs on without us. A cancelled pass (a teardown stops the
+            # reconciler) must not leave it behind: an `ip netns add` finishing after the
+            # teardown has looked would leave a gateway namespace nobody owns.
+            await _finish(proc)
+            raise
         if proc.returncode != 0:
             text = err.decode(errors="replace").strip().splitlines()
             raise KernelError(f"{' '.join(argv)}: {text[-1] if text else f'exit {proc.returncode}'}")
@@ -1114,3 +1120,13 @@ _PACKERS: dict[type, Callable[[Any, int], bytes]] = {
     ReplaceNeigh: _replace_neigh,
     DeleteNeigh: _delete_neigh,
 }
+
+
+async def _finish(proc: asyncio.subprocess.Process) -> None:
+    """Wait for a program whose caller was cancelled (killed after `_PROGRAM_TIMEOUT`)."""
+    try:
+        async with asyncio.timeout(_PROGRAM_TIMEOUT):
+            await proc.wait()
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()

@@ -17,6 +17,7 @@ import shutil
 import subprocess
 from collections.abc import AsyncIterator, Callable, Iterator
 from ipaddress import IPv4Address
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -846,3 +847,21 @@ def test_blocking_batch_answers_each_request_in_order(make_netns: Callable[[], s
         os.close(fd)
     assert [code for code, _ in answers] == [0, errno.EEXIST, 0]
     assert "UP" in link_show(ns, "d0")["flags"]
+
+
+async def test_a_cancelled_program_has_finished_when_the_cancel_arrives(
+    kernel: Kernel, tmp_path: Path
+) -> None:
+    # A teardown cancels the reconciler mid-pass; an `ip netns add` it had started must not
+    # finish after the teardown has looked (it would leave a namespace nobody owns).
+    started, done = tmp_path / "started", tmp_path / "done"
+    script = f"touch {started}; sleep 0.3; touch {done}"
+    running = asyncio.create_task(kernel._program(["sh", "-c", script]))
+    deadline = asyncio.get_running_loop().time() + 10
+    while not started.exists():  # cancel once the program runs, not while it is being started
+        assert asyncio.get_running_loop().time() < deadline, "the program never started"
+        await asyncio.sleep(0.01)
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    assert done.exists()
