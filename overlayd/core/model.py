@@ -430,24 +430,6 @@ class Endpoint:
             and ifname.__class__ is str
         ):
             return None
-        return cls.from_common_fields(network, owner, name, mac, ip, created_at, version, netns, ifname)
-
-    @classmethod
-    def from_common_fields(
-        cls,
-        network: str,
-        owner: str,
-        name: str,
-        mac: str,
-        ip: str,
-        created_at: float,
-        version: int,
-        netns: str,
-        ifname: str,
-    ) -> Endpoint | None:
-        """`from_common_dict` once each field is known to be of its type (`netns` and
-        `ifname` with their defaults applied): the record, or None if a value is not of
-        the usual shape."""
         if not _NAME_RE.fullmatch(name) or not _UNICAST_LAA_RE.fullmatch(mac):
             return None
         return cls.from_shaped_fields(network, owner, name, mac, ip, created_at, version, netns, ifname)
@@ -465,7 +447,8 @@ class Endpoint:
         netns: str,
         ifname: str,
     ) -> Endpoint | None:
-        """`from_common_fields` once `name` is known to match `NAME_PATTERN` and `mac`
+        """`from_common_dict` once each field is known to be of its type (`netns` and
+        `ifname` with their defaults applied) and `name` to match `NAME_PATTERN` and `mac`
         `UNICAST_LAA_PATTERN` (a decoder that matched them already)."""
         network_, owner_ = _VALID_NAMES.get(network), _VALID_NAMES.get(owner)
         if version < 1 or network_ is None or owner_ is None:

@@ -155,7 +155,7 @@ def _string(name: str, pattern: str = r'[^"\\\x00-\x1f]*') -> str:
 
 # An endpoint's value exactly as `encode` writes it: sorted keys, no blanks, strings with
 # no escapes and no control characters, a float `created_at` and an int `version`, in
-# ASCII digits, a name and a MAC of the shapes `from_common_fields` checks. Its groups are
+# ASCII digits, a name and a MAC of the shapes `from_common_dict` checks. Its groups are
 # the very values `json.loads` gives for such text (a JSON string without escapes is its
 # characters; a number is `float` or `int` of its text), found by one match instead of the
 # scanner, a dict, a lookup per field and two more matches: a join decodes thousands of
