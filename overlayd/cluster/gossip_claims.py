@@ -223,11 +223,17 @@ class GossipClaims:
         return len(recent) / span
 
     def _spare_wanted(self, network: Network) -> int:
-        """Free addresses to keep ahead: a few settle times of adds, one block at least, and
-        at most `_ahead_blocks`."""
+        """Free addresses to keep ahead: a few settle times of adds at the recent rate (one
+        at least), and at most `_ahead_blocks`' worth.
+
+        Not a whole block more whatever the rate: a host that adds now and then in a small
+        subnet would hold two blocks where one does, and the subnet's blocks are for every
+        host. The rate counts one settle time at least, so a burst's demand grows three
+        addresses for every add and claims ahead long before its blocks run out.
+        """
         size = 1 << (32 - block_prefixlen(network.subnet))
         demand = math.ceil(_AHEAD_SETTLES * self._settle * self._rate(network.name))
-        return max(size, min(demand, _ahead_blocks(network) * size))
+        return max(1, min(demand, _ahead_blocks(network) * size))
 
     def _blocks_for(self, network: Network, missing: int) -> int:
         """How many blocks one claim takes for `missing` addresses (bounded)."""

@@ -29,9 +29,13 @@ class SubnetFull(Exception):
 
 
 def block_prefixlen(subnet: IPv4Network) -> int:
-    """The size of one allocation block: at least 16 blocks a subnet, at most 64 addresses a block."""
-    p = subnet.prefixlen
-    return min(30, max(p + 4, 26 if p <= 20 else 28))
+    """The size of one allocation block: at most 64 addresses, and at least 64 blocks a subnet
+    down to blocks of 4 (a /24 has 64 blocks of 4).
+
+    Every host that adds endpoints in a network holds a block of it, and a host without one
+    settles each add: a /24 in 16 blocks of 16 left half of a 30-host cluster without.
+    """
+    return min(30, max(subnet.prefixlen + 6, 26))
 
 
 @functools.lru_cache(maxsize=64)
@@ -136,9 +140,13 @@ class BlockTable:
         self._claims: dict[tuple[str, IPv4Network], dict[str, float]] = {}
         self._excluded: set[str] = set()
         self._mine: dict[str, list[IPv4Network]] = {}  # network -> `mine()`, until a claim changes
+        # network -> the block sizes its claims have used: one, unless some were claimed under
+        # an earlier block-size rule and kept across an upgrade (`holder` honours those)
+        self._prefixlens: dict[str, set[int]] = {}
 
     def claim(self, owner: str, network: str, block: IPv4Network, created_at: float) -> None:
         self._claims.setdefault((network, block), {})[owner] = created_at
+        self._prefixlens.setdefault(network, set()).add(block.prefixlen)
         self._mine.pop(network, None)
 
     def release(self, owner: str, network: str, block: IPv4Network) -> None:
@@ -158,6 +166,19 @@ class BlockTable:
         self._mine.clear()
 
     def holder(self, network: str, block: IPv4Network) -> str | None:
+        """Who allocates in `block`: its first live claim's owner; for a block no one claimed,
+        whoever holds a bigger block around it (a claim made under an earlier, coarser block
+        size and adopted across the restart that upgraded its owner)."""
+        found = self._first_claim(network, block)
+        if found is None:
+            for prefixlen in self._prefixlens.get(network, ()):
+                if prefixlen < block.prefixlen:
+                    found = self._first_claim(network, block.supernet(new_prefix=prefixlen))
+                    if found is not None:
+                        break
+        return found
+
+    def _first_claim(self, network: str, block: IPv4Network) -> str | None:
         claims = self._claims.get((network, block), {})
         live = [(o, at) for o, at in claims.items() if o == self.node or o not in self._excluded]
         if not live:

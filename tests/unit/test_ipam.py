@@ -12,6 +12,7 @@ from overlayd.core.view import ClusterView, EndpointDeleted, EndpointPut
 
 A = IPv4Address
 NET = Network(name="blue", vni=100, subnet=IPv4Network("10.1.0.0/24"), gateway=A("10.1.0.1"))
+WIDER = Network(name="blue", vni=100, subnet=IPv4Network("10.1.0.0/22"))  # 64 blocks of 16
 
 
 def put(view: ClusterView, name: str, ip: str) -> None:
@@ -67,12 +68,20 @@ def test_take_within_blocks_stays_inside_them() -> None:
 
 @pytest.mark.parametrize(
     ("subnet", "prefix"),
-    [("10.0.0.0/16", 26), ("10.0.0.0/20", 26), ("10.0.0.0/22", 28), ("10.0.0.0/24", 28), ("10.0.0.0/28", 30)],
+    [
+        ("10.0.0.0/16", 26),
+        ("10.0.0.0/20", 26),
+        ("10.0.0.0/22", 28),
+        ("10.0.0.0/23", 29),
+        ("10.0.0.0/24", 30),
+        ("10.0.0.0/28", 30),
+    ],
 )
 def test_block_size(subnet: str, prefix: int) -> None:
     net = IPv4Network(subnet)
     assert block_prefixlen(net) == prefix
-    assert sum(1 for _ in blocks_of(net)) >= 4
+    # Blocks for 64 hosts where blocks of 4 allow it (a /24: a 30-host cluster all hold one).
+    assert len(blocks_of(net)) >= min(64, net.num_addresses // 4)
     assert block_of(net, net.network_address + 5).prefixlen == prefix
 
 
@@ -90,7 +99,7 @@ def test_first_claim_of_a_block_holds_it() -> None:
 
 def test_excluded_owner_frees_its_blocks_until_it_returns() -> None:
     table = BlockTable("h1")
-    block = IPv4Network("10.1.0.16/28")
+    block = blocks_of(NET.subnet)[1]
     table.claim("h2", "blue", block, 100.0)
     table.set_admissible("h2", False)
     assert table.holder("blue", block) is None
@@ -111,14 +120,29 @@ def test_free_block_search_starts_where_asked_and_wraps() -> None:
 
 def test_room_counts_what_take_has_not_passed_and_stops_at_enough() -> None:
     book = AddressBook(ClusterView())
-    blocks = list(blocks_of(NET.subnet))[4:8]  # 10.1.0.64/28 .. 10.1.0.112/28
-    assert book.room(NET, [], 10) == 0
-    assert book.room(NET, blocks, 1000) == 64
+    blocks = list(blocks_of(WIDER.subnet))[4:8]  # 10.1.0.64/28 .. 10.1.0.112/28
+    assert book.room(WIDER, [], 10) == 0
+    assert book.room(WIDER, blocks, 1000) == 64
     for _ in range(5):
-        book.take(NET, within=blocks)
-    assert book.room(NET, blocks, 1000) == 11 + 48
-    assert book.room(NET, blocks, 20) == 11 + 16  # counted block by block until enough
+        book.take(WIDER, within=blocks)
+    assert book.room(WIDER, blocks, 1000) == 11 + 48
+    assert book.room(WIDER, blocks, 20) == 11 + 16  # counted block by block until enough
     for _ in range(11):
-        book.take(NET, within=blocks)
-    book.take(NET, within=blocks)  # the second block now
-    assert book.room(NET, blocks, 1000) == 15 + 32  # the first one's holes are not counted
+        book.take(WIDER, within=blocks)
+    book.take(WIDER, within=blocks)  # the second block now
+    assert book.room(WIDER, blocks, 1000) == 15 + 32  # the first one's holes are not counted
+
+
+def test_a_block_claimed_under_a_coarser_earlier_size_holds_the_blocks_inside_it() -> None:
+    # Before a /24 had blocks of 4 it had blocks of 16; a host that kept such a block across
+    # its upgrade still allocates in all of it, so no one else may claim a part.
+    table = BlockTable("h1")
+    old = IPv4Network("10.1.0.16/28")
+    table.claim("h2", "blue", old, 100.0)
+    inside = [b for b in blocks_of(NET.subnet) if b.subnet_of(old)]
+    assert len(inside) == 4
+    assert {table.holder("blue", b) for b in inside} == {"h2"}
+    assert table.holder("blue", blocks_of(NET.subnet)[3]) is None  # 10.1.0.12/30: outside it
+    assert table.free_block(NET, start=4) == blocks_of(NET.subnet)[8]  # past 10.1.0.16/28
+    table.release("h2", "blue", old)
+    assert table.holder("blue", inside[0]) is None
