@@ -45,6 +45,7 @@ class Scale:
     churn_adds: int
     churn_clients: int
     churn_budget: float
+    churn_paced: int  # adds offered at a fixed rate after the saturating run
     drift_timeout: float
     iperf_seconds: int
     iperf_rounds: int  # each path once per round, the order reversed every other round
@@ -72,6 +73,7 @@ FULL = Scale(
     churn_adds=500,
     churn_clients=16,
     churn_budget=40.0,
+    churn_paced=400,
     drift_timeout=35.0,
     iperf_seconds=4,
     iperf_rounds=5,
@@ -99,6 +101,7 @@ QUICK = Scale(
     churn_adds=50,
     churn_clients=16,
     churn_budget=20.0,
+    churn_paced=60,
     drift_timeout=10.0,
     iperf_seconds=2,
     iperf_rounds=2,
