@@ -618,12 +618,20 @@ class Lab:
             )
         except ClientError as exc:
             raise self._daemon_error(first, f"creating network {DEMO_NETWORK}", exc) from exc
-        for host in self.hosts:
+        # All at once: a host's first endpoint in a network waits for its first address block
+        # to settle (gossip-only mode, 0.3 s), so one after another took 10 s on 30 hosts.
+        with ThreadPoolExecutor(max_workers=min(16, len(self.hosts))) as pool:
+            adds = [pool.submit(self.add_endpoint, host, f"{host.name}-ep") for host in self.hosts]
+        for host, add in zip(self.hosts, adds, strict=True):
             try:
-                ep = self.add_endpoint(host, f"{host.name}-ep")
+                ep = add.result()
             except ClientError as exc:
                 raise self._daemon_error(host, f"creating endpoint {host.name}-ep", exc) from exc
             self._say(f"endpoint {ep.name} on {host.name}: {ep.ip} ({ep.mac}) in {ep.netns}")
+        order = {host.name: i for i, host in enumerate(self.hosts)}
+        with self._lock:  # listed in host order, as they were made before
+            self.endpoints.sort(key=lambda ep: order.get(ep.host, len(order)))
+            self._save()
 
     def _daemon_error(self, host: Host, what: str, exc: Exception) -> LabError:
         """A failed admin call, with the end of that daemon's log (removed by the cleanup)."""
