@@ -4,7 +4,8 @@
   when to renew a lease;
 - `Backoff`: delays that double up to a cap, with jitter, reset after a success;
 - `RoundPace`: how long a polling watch (Consul, ZooKeeper) waits before its
-  next read round, so that bursts of changes are read together;
+  next read round, so that bursts of changes are read together; `StreamPace`:
+  the same for a streaming one (etcd), which closes its stream for the pace;
 - `retry_while_unavailable`: run a read until the server answers;
 - `SessionFile`: the lease/session a restarted daemon resumes, saved atomically
   in the state directory (each backend keeps its own format in it);
@@ -117,6 +118,30 @@ class RoundPace:
         delay = self.delay()
         if delay > 0:
             await asyncio.sleep(delay)
+
+
+class StreamPace:
+    """When a streaming watch (etcd's) closes its stream for a while, in a burst of changes.
+
+    A stream brings each change as it happens: one message to receive and decode per
+    change, on every host. Beside gossip the watch is the backstop, so a response that
+    follows the last one within `interval` closes the stream for `interval`, and the
+    reopened stream (resumed after the last revision read) brings everything that changed
+    meanwhile in its first response. A change after a quiet spell is read at once, as
+    without a pace. `interval` 0 never holds back.
+    """
+
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self._clock = clock
+        self._last: float | None = None
+
+    def hold_back(self) -> bool:
+        """A response was read just now: whether to close the stream for `interval`."""
+        now = self._clock()
+        held = self.interval > 0 and self._last is not None and now - self._last < self.interval
+        self._last = now
+        return held
 
 
 async def retry_while_unavailable(op: Callable[[], Awaitable[T]], backoff: Backoff | None = None) -> T:

@@ -28,7 +28,7 @@ import asyncio
 import json
 import logging
 import secrets
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,7 @@ from overlayd.store.common import (
     Health,
     RecordDecoder,
     SessionFile,
+    StreamPace,
     first_line,
     renew_interval,
     republish,
@@ -92,6 +93,7 @@ class EtcdStore(Store):
         self._layout = KeyLayout(config.prefix)
         self._lease_file = SessionFile(state_dir, "etcd-lease")
         self._health = Health("etcd", metrics=metrics, log=log)
+        self._pace = StreamPace(config.watch_pace)
         self._decoder = RecordDecoder(self._layout, metrics=metrics, on_invalid=on_invalid, log=log)
         self._on_invalid = on_invalid
         self._cluster_id = 0  # of the server we first read; another one means it lost its data
@@ -530,38 +532,35 @@ class EtcdStore(Store):
                 )
                 await backoff.wait()
 
-    async def _responses(self, start_revision: int) -> AsyncIterator[Any]:
+    async def _responses(self, start_revision: int) -> AsyncGenerator[Any, None]:
         """The watch responses that carry events, from `start_revision` on, as etcd sends them.
 
         Our own Watch stream rather than aetcd's `watch_prefix`: that one hands out one
         event at a time (an object and a queue hop each), so a response carrying a
         transaction's hundred records became a hundred passes through admission, desired
         state and the reconciler's trigger. Errors come out as aetcd's exceptions.
+
+        Paced (`store.watch_pace`, beside gossip): in a burst, the watch is cancelled for
+        the pace and made again after the last revision read, on the same stream (so a
+        server restart meanwhile still ends it, and the resume checks for lost data); the
+        new watch's first response brings what changed meanwhile, not one per change.
         """
-        client = self.client
-        prefix = self._config.prefix.encode()
-        create = aetcd.rpc.WatchCreateRequest(
-            key=prefix, range_end=aetcd.utils.prefix_range_end(prefix), start_revision=start_revision
-        )
-        call = aetcd.rpc.WatchStub(client.channel).Watch(metadata=client.metadata)
+        call = aetcd.rpc.WatchStub(self.client.channel).Watch(metadata=self.client.metadata)
         try:
-            # `asyncio.timeout`, not `wait_for`: on Python 3.11 that drops a cancel that comes
-            # as the answer does, and the watch would go on reading after its collector stopped.
-            async with asyncio.timeout(REQUEST_TIMEOUT):
-                await call.write(aetcd.rpc.WatchRequest(create_request=create))
-            async with asyncio.timeout(REQUEST_TIMEOUT):
-                created = await call.read()
+            watch_id = await self._create_watch(call, start_revision)
             while True:
-                response = created if created is not None else await call.read()
-                created = None
-                if response is grpc.aio.EOF:
+                response = await _read(call)
+                if response is None:
                     return
-                if response.compact_revision:
-                    raise aetcd.RevisionCompactedError(int(response.compact_revision))
-                if response.canceled:
-                    raise aetcd.ConnectionFailedError(f"etcd canceled the watch: {response.cancel_reason}")
                 if response.events:
                     yield response
+                    if self._pace.hold_back():
+                        last = int(response.events[-1].kv.mod_revision)
+                        async for response in self._cancel_watch(call, watch_id):
+                            last = int(response.events[-1].kv.mod_revision)
+                            yield response
+                        await asyncio.sleep(self._pace.interval)
+                        watch_id = await self._create_watch(call, last + 1)
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.CANCELLED:
                 # Its channel was closed under it (another call moved to another member).
@@ -571,6 +570,38 @@ class EtcdStore(Store):
             raise aetcd.ConnectionFailedError("watch stream ended before it started") from None
         finally:
             call.cancel()
+
+    async def _create_watch(self, call: Any, start_revision: int) -> int:
+        """Watch the prefix from `start_revision` on `call`: the new watch's ID."""
+        prefix = self._config.prefix.encode()
+        create = aetcd.rpc.WatchCreateRequest(
+            key=prefix, range_end=aetcd.utils.prefix_range_end(prefix), start_revision=start_revision
+        )
+        # `asyncio.timeout`, not `wait_for`: on Python 3.11 that drops a cancel that comes
+        # as the answer does, and the watch would go on reading after its collector stopped.
+        async with asyncio.timeout(REQUEST_TIMEOUT):
+            await call.write(aetcd.rpc.WatchRequest(create_request=create))
+        async with asyncio.timeout(REQUEST_TIMEOUT):
+            created = await _read(call)
+        if created is None:
+            raise aetcd.ConnectionFailedError("watch stream ended as the watch was made")
+        return int(created.watch_id)
+
+    async def _cancel_watch(self, call: Any, watch_id: int) -> AsyncGenerator[Any, None]:
+        """Cancel watch `watch_id` on `call`: the responses with events etcd sent before
+        its answer (they are read, not lost)."""
+        cancel = aetcd.rpc.WatchCancelRequest(watch_id=watch_id)
+        async with asyncio.timeout(REQUEST_TIMEOUT):
+            await call.write(aetcd.rpc.WatchRequest(cancel_request=cancel))
+        while True:
+            async with asyncio.timeout(REQUEST_TIMEOUT):
+                response = await _read(call, cancelling=watch_id)
+            if response is None:
+                raise aetcd.ConnectionFailedError("watch stream ended as the watch was cancelled")
+            if response.canceled:
+                return
+            if response.events:
+                yield response
 
     def _response_facts(self, events: Any) -> list[Fact]:
         """The facts of one response's events, in order. Address and VNI claims (half of
@@ -598,6 +629,22 @@ class EtcdStore(Store):
         self._health.count_facts(facts)
         return facts
 
+
+async def _read(call: Any, *, cancelling: int | None = None) -> Any:
+    """The next response of a Watch stream (None: the stream ended), or the error it means.
+
+    `cancelling`: the ID of a watch we asked etcd to cancel, whose `canceled` answer is
+    handed back; any other cancellation (a compacted start revision, a server that gave
+    up) is an error.
+    """
+    response = await call.read()
+    if response is grpc.aio.EOF:
+        return None
+    if response.compact_revision:
+        raise aetcd.RevisionCompactedError(int(response.compact_revision))
+    if response.canceled and not (cancelling is not None and response.watch_id == cancelling):
+        raise aetcd.ConnectionFailedError(f"etcd canceled the watch: {response.cancel_reason}")
+    return response
 
 class _TlsClient(aetcd.Client):  # type: ignore[misc]
     """aetcd over TLS: aetcd itself only builds plaintext gRPC channels.

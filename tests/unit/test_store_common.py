@@ -235,3 +235,24 @@ def test_round_pace_zero_never_waits() -> None:
     pace.started()
     assert pace.delay() == 0.0
     asyncio.run(asyncio.wait_for(pace.wait(), 1.0))
+
+
+def test_stream_pace_closes_the_stream_only_after_a_response_that_follows_the_last_closely() -> None:
+    clock = FakeClock()
+    pace = common.StreamPace(0.3, clock)
+    assert not pace.hold_back()  # the first response: a change after a quiet spell
+    clock.now += 0.01
+    assert pace.hold_back()  # a burst: closed for 0.3 s
+    clock.now += 0.3 + 0.05  # the reopened stream's first response, with what changed meanwhile
+    assert not pace.hold_back()
+    clock.now += 0.299
+    assert pace.hold_back()
+    clock.now += 5.0
+    assert not pace.hold_back()
+
+
+def test_stream_pace_zero_never_holds_back() -> None:
+    clock = FakeClock()
+    pace = common.StreamPace(0.0, clock)
+    assert not pace.hold_back()
+    assert not pace.hold_back()
