@@ -46,7 +46,10 @@ INSIDE_GROUPS: Final = nl.RTMGRP_LINK | nl.RTMGRP_IPV4_IFADDR | nl.RTMGRP_IPV4_R
 
 _SO_ATTACH_FILTER: Final = 26
 _BPF_INSN = struct.Struct("=HBBI")  # struct sock_filter: code, jt, jf, k
-_BPF_LD_H_ABS, _BPF_LD_W_ABS, _BPF_LD_B_ABS, _BPF_JEQ_K, _BPF_RET_K = 0x28, 0x20, 0x30, 0x15, 0x06
+_BPF_LD_H_ABS, _BPF_LD_W_ABS, _BPF_LD_B_ABS = 0x28, 0x20, 0x30
+_BPF_JEQ_K, _BPF_JSET_K, _BPF_RET_K = 0x15, 0x45, 0x06
+# struct ndmsg after the header: family, 3 pad bytes, ifindex (4), state (2), then flags.
+_NDM_FLAGS: Final = nl.HDR.size + 10
 
 
 def _as_loaded(fmt: str, value: int) -> int:
@@ -57,27 +60,38 @@ def _as_loaded(fmt: str, value: int) -> int:
 
 def echo_filter(port: int) -> bytes:
     """A classic BPF program: drop RTM_NEWNEIGH / RTM_DELNEIGH whose nlmsg_pid is `port`,
+    a bridge's own forwarding entries (AF_BRIDGE neighbour messages without NTF_SELF:
+    the entry of each port's MAC and every MAC the bridge learns or forgets, which the
+    mirror skips unread: it keeps only the VXLAN devices' entries, which carry NTF_SELF),
     and a bridge's link messages about its ports (RTM_NEWLINK / RTM_DELLINK of family
-    AF_BRIDGE, which the mirror skips unread: five of the thirteen notifications an
-    endpoint added on this host makes); accept everything else.
+    AF_BRIDGE, which the mirror skips unread too); accept everything else.
+
+    Of the notifications an endpoint added on this host makes, the kernel drops five
+    bridge port messages and two forwarding entries (its port's MAC, and the container's
+    as the bridge learns it) here.
 
     Each notification is a datagram of one message, so the header and the family byte
     after it are the message's own.
     """
     new, gone = _as_loaded("=H", nl.RTM_NEWNEIGH), _as_loaded("=H", nl.RTM_DELNEIGH)
     link, unlink = _as_loaded("=H", nl.RTM_NEWLINK), _as_loaded("=H", nl.RTM_DELLINK)
+    family = nl.HDR.size  # ifi_family or ndm_family: the payload's first byte
     insns = [
         (_BPF_LD_H_ABS, 0, 0, 4),  # 0: nlmsg_type
         (_BPF_JEQ_K, 5, 0, new),  # 1: -> 7, load the port
         (_BPF_JEQ_K, 4, 0, gone),  # 2: -> 7
         (_BPF_JEQ_K, 1, 0, link),  # 3: -> 5, load the family
-        (_BPF_JEQ_K, 0, 5, unlink),  # 4: neither kind -> 10, accept
-        (_BPF_LD_B_ABS, 0, 0, nl.HDR.size),  # 5: ifi_family, the payload's first byte
-        (_BPF_JEQ_K, 2, 3, nl.AF_BRIDGE),  # 6: a bridge's word on a port -> 9, drop; else accept
+        (_BPF_JEQ_K, 0, 9, unlink),  # 4: neither kind -> 14, accept
+        (_BPF_LD_B_ABS, 0, 0, family),  # 5
+        (_BPF_JEQ_K, 6, 7, nl.AF_BRIDGE),  # 6: a bridge's word on a port -> 13, drop; else accept
         (_BPF_LD_W_ABS, 0, 0, 12),  # 7: nlmsg_pid
-        (_BPF_JEQ_K, 0, 1, _as_loaded("=I", port)),  # 8: ours -> 9, drop; else accept
-        (_BPF_RET_K, 0, 0, 0),  # 9: drop
-        (_BPF_RET_K, 0, 0, 0xFFFFFFFF),  # 10: accept
+        (_BPF_JEQ_K, 4, 0, _as_loaded("=I", port)),  # 8: ours -> 13, drop
+        (_BPF_LD_B_ABS, 0, 0, family),  # 9
+        (_BPF_JEQ_K, 0, 3, nl.AF_BRIDGE),  # 10: an IPv4 neighbour -> 14, accept
+        (_BPF_LD_B_ABS, 0, 0, _NDM_FLAGS),  # 11
+        (_BPF_JSET_K, 1, 0, nl.NTF_SELF),  # 12: a device's own entry (VXLAN) -> 14, accept
+        (_BPF_RET_K, 0, 0, 0),  # 13: drop
+        (_BPF_RET_K, 0, 0, 0xFFFFFFFF),  # 14: accept
     ]
     return b"".join(_BPF_INSN.pack(*insn) for insn in insns)
 
@@ -132,7 +146,8 @@ class Monitor:
         of changes the socket with netlink port `port` asked for (our own entry writes: the
         mirror recorded each when the kernel acknowledged it). A join writes one neighbour
         entry per remote endpoint: that many datagrams not woken for, copied or looked at.
-        And a bridge's messages about its ports, which the mirror skips (`echo_filter`).
+        And a bridge's messages about its ports and its own forwarding entries, which the
+        mirror skips (`echo_filter`).
 
         A socket filter (classic BPF) on the message header. False if it could not be
         attached: the echoes then arrive, and the mirror skips them by their port.

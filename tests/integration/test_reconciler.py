@@ -598,6 +598,44 @@ async def test_the_monitor_filter_drops_a_bridges_port_messages_and_keeps_the_li
         monitor.close()
 
 
+async def test_the_monitor_filter_drops_a_bridges_own_entries_and_keeps_a_vxlan_devices(host: str) -> None:
+    """A bridge's forwarding entries (a port's own MAC, one added by hand), which the mirror
+    skips, never arrive; a VXLAN device's own (NTF_SELF) entries
+    by anyone else, which the mirror keeps, all do, added and removed."""
+    seen: list[tuple[int, int, int, bytes]] = []  # (type, ifindex, ndm_flags, MAC)
+
+    def datagram(data: bytes) -> None:
+        for kind, _flags, _seq, start, end in nl.messages(data):
+            if kind in (nl.RTM_NEWNEIGH, nl.RTM_DELNEIGH) and data[start] == nl.AF_BRIDGE:
+                # By hand: `parse_neigh` skips entries without a destination (a bridge's).
+                _family, index, _state, flags, _type = nl.NDMSG.unpack_from(data, start)
+                mac = nl.attrs(data, start + nl.NDMSG.size, end).get(nl.NDA_LLADDR, b"")
+                seen.append((kind, index, flags, mac))
+
+    run("ip", "-n", host, "link", "add", "fbr1", "type", "bridge")
+    run("ip", "-n", host, "link", "add", "fvx1", "type", "vxlan", "id", "4242", "dstport", "4789")
+    monitor = Monitor(netns=host, on_datagram=datagram, on_overrun=lambda: None)
+    monitor.start()
+    try:
+        async with Kernel(netns=host) as kernel:
+            assert monitor.ignore_echoes(kernel.rtnl.port)
+            run("ip", "-n", host, "link", "add", "fq0", "type", "veth", "peer", "name", "fq1")
+            run("ip", "-n", host, "link", "set", "fq0", "master", "fbr1", "up")
+            run("bridge", "-n", host, "fdb", "add", "02:51:00:00:00:01", "dev", "fq0", "master", "static")
+            vxlan = int(link_show(host, "fvx1")["ifindex"])
+            mac = "02:51:00:00:00:02"
+            run("bridge", "-n", host, "fdb", "append", mac, "dev", "fvx1", "dst", "198.18.9.2", "self")
+            run("bridge", "-n", host, "fdb", "del", mac, "dev", "fvx1", "dst", "198.18.9.2", "self")
+            gone = (nl.RTM_DELNEIGH, vxlan, bytes.fromhex(mac.replace(":", "")))
+            await wait_until(lambda: any((k, i, m) == gone for k, i, _, m in seen), "the VXLAN removal")
+            assert [flags for _, _, flags, _ in seen if not flags & nl.NTF_SELF] == []
+            assert [(k, i) for k, i, _, _ in seen] == [(nl.RTM_NEWNEIGH, vxlan), (nl.RTM_DELNEIGH, vxlan)]
+            # The bridge did make them (sent before the VXLAN ones: they would have come first).
+            assert "02:51:00:00:00:01" in run("bridge", "-n", host, "fdb", "show", "dev", "fq0")
+    finally:
+        monitor.close()
+
+
 async def test_an_address_a_local_endpoint_gave_up_is_announced_when_it_comes_back_remote(host: str) -> None:
     """New addresses (a join) go in unannounced; one that local containers knew by a local
     endpoint's MAC is announced when a remote endpoint takes it, with its new MAC."""
