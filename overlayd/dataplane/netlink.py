@@ -124,6 +124,7 @@ NETLINK_EXT_ACK: Final = 11
 NLMSGERR_ATTR_MSG: Final = 1
 
 NLA_TYPE_MASK: Final = 0x3FFF
+NLA_F_NET_BYTEORDER: Final = 0x4000
 IFNAMSIZ: Final = 15  # without the terminating NUL
 LOOPBACK_INDEX: Final = 1  # "lo" has ifindex 1 in every network namespace
 
@@ -246,6 +247,14 @@ class LinkInfo:
         return role, network
 
 
+# The attributes `parse_link` reads, by their type as sent (either flag set or not).
+_LINK_WANTED: Final = {
+    kind | flag: kind
+    for kind in (IFLA_IFNAME, IFLA_MTU, IFLA_MASTER, IFLA_IFALIAS, IFLA_ADDRESS, IFLA_LINKINFO, IFLA_AF_SPEC)
+    for flag in (0, NLA_F_NESTED, NLA_F_NET_BYTEORDER, NLA_F_NESTED | NLA_F_NET_BYTEORDER)
+}
+
+
 def parse_link(data: bytes, start: int, end: int) -> LinkInfo | None:
     # A link message carries 40-odd attributes (statistics blocks among them) and the
     # mirror reads one for every link change: pick the few it needs in one pass, with
@@ -256,25 +265,29 @@ def parse_link(data: bytes, start: int, end: int) -> LinkInfo | None:
     linkinfo = af_spec = None
     pos = start + IFINFOMSG.size
     unpack = NLA.unpack_from
+    wanted = _LINK_WANTED
     while pos + 4 <= end:
         length, kind = unpack(data, pos)
         if length < 4:
             break
-        kind &= NLA_TYPE_MASK
-        if kind == IFLA_IFNAME:
-            name = data[pos + 4 : pos + length]
-        elif kind == IFLA_MTU:
-            mtu = U32.unpack_from(data, pos + 4)[0]
-        elif kind == IFLA_MASTER:
-            master = U32.unpack_from(data, pos + 4)[0]
-        elif kind == IFLA_IFALIAS:
-            alias = data[pos + 4 : pos + length]
-        elif kind == IFLA_ADDRESS:
-            mac = data[pos + 4 : pos + length]
-        elif kind == IFLA_LINKINFO:
-            linkinfo = data[pos + 4 : pos + length]
-        elif kind == IFLA_AF_SPEC:
-            af_spec = data[pos + 4 : pos + length]
+        # One lookup for the 35-odd attributes skipped: a chain of seven comparisons for
+        # each of them was half the cost of the message (the mirror reads six per add).
+        if kind in wanted:
+            kind = wanted[kind]
+            if kind == IFLA_IFNAME:
+                name = data[pos + 4 : pos + length]
+            elif kind == IFLA_MTU:
+                mtu = U32.unpack_from(data, pos + 4)[0]
+            elif kind == IFLA_MASTER:
+                master = U32.unpack_from(data, pos + 4)[0]
+            elif kind == IFLA_IFALIAS:
+                alias = data[pos + 4 : pos + length]
+            elif kind == IFLA_ADDRESS:
+                mac = data[pos + 4 : pos + length]
+            elif kind == IFLA_LINKINFO:
+                linkinfo = data[pos + 4 : pos + length]
+            else:
+                af_spec = data[pos + 4 : pos + length]
         pos += (length + 3) & ~3
     ifname = cstr(name)
     if ifname is None:

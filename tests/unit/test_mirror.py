@@ -575,3 +575,22 @@ def test_a_neighbour_removal_changes_the_mirror_as_the_full_read_does(
     assert fast["own delete, removal"].dirty.neigh == {(VX, ip)}
     assert fast["from our port"].tables.neigh == {(VX, ip): MAC, (VX, other): MAC}
     assert not fast["from our port"].dirty
+
+
+def test_a_link_reads_the_same_with_its_nested_attributes_flagged_and_others_between() -> None:
+    """The kernel sets NLA_F_NESTED on some nests and not others, and sends 40-odd
+    attributes `parse_link` skips: neither changes what it reads."""
+    plain = link_msg(nl.RTM_NEWLINK, VX_INDEX, VX, "overlayd:vxlan:blue", "vxlan", master=BR_INDEX)
+    body = bytearray(plain[nl.HDR.size :])
+    pos = nl.IFINFOMSG.size
+    while pos < len(body):  # flag the nests, as a newer kernel's notifications may
+        length, kind = nl.NLA.unpack_from(body, pos)
+        if kind == nl.IFLA_LINKINFO:
+            nl.NLA.pack_into(body, pos, length, kind | nl.NLA_F_NESTED)
+        pos += (length + 3) & ~3
+    skipped = nl.nla_u32(13, 1000) + nl.nla(23, bytes(200))  # IFLA_TXQLEN, IFLA_STATS64
+    body = body[: nl.IFINFOMSG.size] + skipped + body[nl.IFINFOMSG.size :] + skipped
+    flagged = nl.HDR.pack(nl.HDR.size + len(body), nl.RTM_NEWLINK, 0, 0, 0) + bytes(body)
+    want = nl.parse_link(plain, nl.HDR.size, len(plain))
+    assert want is not None and want.kind == "vxlan" and want.vni == 100 and want.master == BR_INDEX
+    assert nl.parse_link(flagged, nl.HDR.size, len(flagged)) == want
