@@ -15,6 +15,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -847,6 +848,22 @@ def test_blocking_batch_answers_each_request_in_order(make_netns: Callable[[], s
         os.close(fd)
     assert [code for code, _ in answers] == [0, errno.EEXIST, 0]
     assert "UP" in link_show(ns, "d0")["flags"]
+
+
+def test_blocking_rtnl_waits_in_the_kernel_and_times_out(make_netns: Callable[[], str]) -> None:
+    """`BlockingRtnl`'s socket blocks without a Python timeout (which would poll before every
+    send and receive); the kernel's receive timeout still bounds a wait for an answer."""
+    fd = os.open(f"/run/netns/{make_netns()}", os.O_RDONLY)
+    try:
+        with BlockingRtnl(fd, timeout=0.2) as rtnl:
+            assert rtnl._sock.gettimeout() is None
+            assert rtnl.get_link("lo") is not None
+            start = time.monotonic()
+            with pytest.raises(TimeoutError, match=r"within 0\.2 s"):
+                rtnl._recv()  # nothing was asked: no answer comes
+            assert 0.15 < time.monotonic() - start < 2.0
+    finally:
+        os.close(fd)
 
 
 async def test_a_cancelled_program_has_finished_when_the_cancel_arrives(
