@@ -14,10 +14,13 @@ existing host side on its bridge with its MTU (`SetPort`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import functools
 import os
 import re
+import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from ipaddress import IPv4Address
 
@@ -35,6 +38,37 @@ _IFNAMSIZ = 15
 # its RTNL lock anyway, a few threads keep every add's share of it off the event loop.
 _LINK_WORKERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="links")
 _MAC_RE = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+
+
+class _HostSocket(threading.local):
+    netns: str | None = None
+    rtnl: BlockingRtnl | None = None
+
+
+_host = _HostSocket()
+
+
+@contextlib.contextmanager
+def _host_rtnl(host_netns: str | None) -> Iterator[BlockingRtnl]:
+    """This thread's netlink socket in the host's namespace, kept from one job to the next:
+    a socket of its own per add cost six system calls more (made, set up, bound, closed),
+    each a release of the GIL the event loop waits for. Answers are matched by sequence
+    number, so a later job never takes an earlier one's. One namespace per thread (the
+    daemon has one). After a job that failed, the socket is closed and not used again:
+    it may be broken, or owe a timed-out answer (failures are rare, a new one is cheap)."""
+    rtnl = _host.rtnl
+    if rtnl is None or _host.netns != host_netns:
+        _host.rtnl = None
+        if rtnl is not None:
+            rtnl.close()
+        rtnl = BlockingRtnl(host_netns)
+        _host.rtnl, _host.netns = rtnl, host_netns
+    try:
+        yield rtnl
+    except BaseException:
+        _host.rtnl = None
+        rtnl.close()
+        raise
 
 
 def _check_name(name: str, what: str) -> None:
@@ -167,7 +201,7 @@ def _create_blocking(
     """`create_local_endpoint`'s kernel work, in a worker thread (see `nlsync`)."""
     fd = _open_netns(netns)
     try:
-        with BlockingRtnl(host_netns) as host:
+        with _host_rtnl(host_netns) as host:
             code, text = host.request(_veth_request(host_ifname, mtu, ifname, fd, mac))
             if code == errno.EEXIST:
                 raise KernelError(
@@ -312,7 +346,7 @@ def _configure_inside(
 
 
 def _delete_blocking(host_netns: str | None, host_ifname: str) -> tuple[int, str]:
-    with BlockingRtnl(host_netns) as host:
+    with _host_rtnl(host_netns) as host:
         return host.request(nl.delete_link_by_name(host_ifname))
 
 

@@ -39,6 +39,7 @@ from overlayd.dataplane.commands import (
 )
 from overlayd.dataplane.diff import diff
 from overlayd.dataplane.endpoints import (
+    _host_rtnl,
     create_local_endpoint,
     delete_local_endpoint,
     port_exists,
@@ -882,3 +883,22 @@ async def test_a_cancelled_program_has_finished_when_the_cancel_arrives(
     with pytest.raises(asyncio.CancelledError):
         await running
     assert done.exists()
+
+
+def test_a_link_thread_keeps_its_host_socket_until_a_job_fails(make_netns: Callable[[], str]) -> None:
+    """`_host_rtnl`: one socket per thread and namespace, reused from job to job; another
+    namespace gets a new one; a job that fails leaves it closed, and the next gets a new one."""
+    first, second = make_netns(), make_netns()
+    with _host_rtnl(first) as a:
+        assert a.get_link("lo") is not None
+    with _host_rtnl(first) as again:
+        assert again is a
+    with _host_rtnl(second) as b:
+        assert b is not a and b.get_link("lo") is not None
+    assert a._sock.fileno() == -1  # closed when the thread moved on
+    with pytest.raises(KernelError), _host_rtnl(second) as failing:
+        assert failing is b
+        raise KernelError("the job failed")
+    assert b._sock.fileno() == -1
+    with _host_rtnl(second) as fresh:
+        assert fresh is not b and fresh.get_link("lo") is not None
