@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import itertools
 import socket
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Final, TypeVar
@@ -52,7 +51,7 @@ class Rtnl:
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
-        self._seq = itertools.count(1)
+        self._seq = 0  # the last sequence number given out
         # One conversation at a time: replies are matched by sequence number,
         # but a dump and a batch interleaved on one socket would each have to
         # skip the other's messages.
@@ -93,10 +92,17 @@ class Rtnl:
         return int(self._sock.getsockname()[0])
 
     def _next_seq(self) -> int:
-        seq = next(self._seq) & 0xFFFFFFFF
-        if seq == 0:
-            seq = next(self._seq) & 0xFFFFFFFF
-        return seq
+        return self._seqs(1).start
+
+    def _seqs(self, count: int) -> range:
+        """`count` sequence numbers in a row, never 0 (the kernel's own messages carry 0):
+        a batch's are stamped in one loop, without a call per message. Past 2**32 - 1
+        they start again at 1."""
+        first = self._seq + 1
+        if first + count > 1 << 32:
+            first = 1
+        self._seq = first + count - 1
+        return range(first, first + count)
 
     async def _recv(self) -> bytes:
         # The kernel answers within sendmsg/recvmsg itself, so data is almost
@@ -218,14 +224,15 @@ class Rtnl:
 
     async def _batch_chunk(self, chunk: Sequence[bytes], results: list[tuple[int, str]], base: int) -> None:
         buf = bytearray(b"".join(chunk))
-        seqs: dict[int, int] = {}  # sequence number -> index in results
+        numbers = self._seqs(len(chunk) + 1)  # one per message, then the fence's
+        # sequence number -> index in results
+        seqs: dict[int, int] = dict(zip(numbers, range(base, base + len(chunk)), strict=False))
         offset = 0
-        for i, msg in enumerate(chunk):
-            seq = self._next_seq()
-            nl.U32.pack_into(buf, offset + 8, seq)
-            seqs[seq] = base + i
+        stamp = nl.U32.pack_into
+        for msg, seq in zip(chunk, numbers, strict=False):  # the fence's is not stamped
+            stamp(buf, offset + 8, seq)
             offset += len(msg)
-        fence = self._next_seq()
+        fence = numbers[-1]
         buf += nl.HDR.pack(nl.HDR.size, nl.NLMSG_NOOP, nl.NLM_F_REQUEST | nl.NLM_F_ACK, fence, 0)
         answered: set[int] = set()
         sock = self._sock
