@@ -47,6 +47,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from ipaddress import IPv4Address, IPv4Network
+from itertools import compress, repeat
 from typing import Any, NamedTuple, TypeVar, cast
 
 from pyroute2 import AsyncIPRoute
@@ -605,7 +606,7 @@ class Kernel:
             await self._apply_l3(commands, pending_l3, results)
         for i in announcements:
             results[i] = self._announce(commands[i])  # type: ignore[arg-type]
-        done = [r for r in results if r is not None]
+        done: list[OpResult] = list(filter(None, results))  # an OpResult, a 2-tuple, is never false
         if self._metrics is not None:
             _count(self._metrics, done)
         return done
@@ -617,6 +618,10 @@ class Kernel:
         results: list[OpResult | None],
         known: Mapping[str, int],
     ) -> None:
+        if len(positions) == len(commands):
+            # Every command is an entry (a join's batches): no loop per entry over positions.
+            results[:] = await self._apply_entries(commands, known)  # type: ignore[arg-type]
+            return
         batch: list[_EntryCommand] = [commands[i] for i in positions]  # type: ignore[misc]
         for i, result in zip(positions, await self._apply_entries(batch, known), strict=True):
             results[i] = result
@@ -768,6 +773,10 @@ class Kernel:
             sent.append(i)
 
         answers = await self._raw.batch(msgs)
+        if len(sent) == len(cmds) and answers.count(_ACCEPTED) == len(answers):
+            # Every entry went out and the kernel refused none (nearly every batch): the
+            # results made at C speed, with no loop over them here.
+            return list(map(_applied, zip(cmds, repeat(None))))
         for i, (code, text) in zip(sent, answers, strict=True):
             cmd = cmds[i]
             if code == 0:
@@ -1035,6 +1044,9 @@ _UNRESOLVED: Any = object()
 # OpResult((command, None)) without NamedTuple's Python-level __new__: one per entry of a batch.
 _applied: Callable[[tuple[Command, None]], OpResult] = partial(tuple.__new__, OpResult)
 _command_class = operator.attrgetter("command.__class__")
+_error_of = operator.itemgetter(1)
+# What `Rtnl.batch` answers for a request the kernel took without a word.
+_ACCEPTED = (0, "")
 
 
 # Tallied one result at a time up to this many results (a remote change's two or three),
@@ -1052,7 +1064,8 @@ def _count(metrics: Metrics, done: list[OpResult]) -> None:
             series(kind_of[command.__class__], "ok" if error is None else "error").inc()
         return
     tally = Counter(map(_command_class, done))
-    failed = Counter(r.command.__class__ for r in done if r.error is not None)
+    refused = compress(done, map(operator.is_not, map(_error_of, done), repeat(None)))
+    failed = Counter(map(_command_class, refused))
     for cls, count in tally.items():
         kind = kind_of[cls]
         bad = failed.get(cls, 0)
