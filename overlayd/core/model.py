@@ -17,7 +17,7 @@ import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
-from typing import Any
+from typing import Any, cast
 
 VNI_MIN = 1
 VNI_MAX = 2**24 - 1
@@ -483,6 +483,23 @@ class Endpoint:
         ifname: str,
     ) -> Endpoint:
         """A record of fields `_checked_endpoint` has already passed (and normalised)."""
+        if cls is Endpoint:
+            # Filled in as an `_OpenEndpoint` by plain attribute stores, then made the frozen
+            # record it is from then on. `object.__setattr__` on the frozen class costs a
+            # wrapper call (~1,000 instructions) per field; a join decodes thousands of these.
+            open_: Any = object.__new__(_OpenEndpoint)
+            open_.network = network
+            open_.name = name
+            open_.ip = ip
+            open_.mac = mac
+            open_.owner = owner
+            open_.version = version
+            open_.created_at = created_at
+            open_.netns = netns
+            open_.ifname = ifname
+            open_.key = f"{network}/{name}"
+            open_.__class__ = Endpoint
+            return cast(Endpoint, open_)
         ep = object.__new__(cls)
         setattr_ = object.__setattr__
         setattr_(ep, "network", network)
@@ -496,6 +513,18 @@ class Endpoint:
         setattr_(ep, "ifname", ifname)
         setattr_(ep, "key", f"{network}/{name}")
         return ep
+
+
+class _OpenEndpoint(Endpoint):
+    """An Endpoint's very layout (no slot added) with the plain `object` attribute stores:
+    `Endpoint._checked` fills one in and assigns it the class `Endpoint`, which the layout
+    allows. Never seen outside `_checked`. Both `__setattr__` and `__delattr__` are
+    object's own, so the type keeps the generic attribute store slot (with one of them
+    inherited from the frozen class, every store would call through Python)."""
+
+    __slots__ = ()
+    __setattr__ = object.__setattr__
+    __delattr__ = object.__delattr__
 
 
 def _checked_endpoint(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
@@ -409,6 +411,25 @@ def test_records_are_frozen() -> None:
     n = net()
     with pytest.raises(AttributeError):
         n.vni = 5  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("shaped", [True, False])
+def test_a_decoded_endpoint_is_a_frozen_endpoint_like_a_constructed_one(shaped: bool) -> None:
+    made = Endpoint("blue", "web", A("10.1.0.5"), "02:00:00:00:00:05", "host-a", 3, 7.0, "/run/ns", "eth1")
+    data = made.to_dict()
+    if not shaped:
+        data["created_at"] = 7  # an int: not the shape every writer gives, `from_dict`'s own checks
+    decoded = Endpoint.from_dict(data)
+    assert type(decoded) is Endpoint
+    assert decoded == made and hash(decoded) == hash(made) and decoded.key == "blue/web"
+    assert [getattr(decoded, f) for f in Endpoint.__slots__] == [getattr(made, f) for f in Endpoint.__slots__]
+    with pytest.raises(AttributeError):
+        decoded.mac = "02:00:00:00:00:06"  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        del decoded.owner
+    assert decoded.mac == "02:00:00:00:00:05" and decoded.owner == "host-a"
+    assert replace(decoded, version=4) == replace(made, version=4)
+    assert pickle.loads(pickle.dumps(decoded)) == made
 
 
 # --- to_dict / from_dict ----------------------------------------------------------------------
