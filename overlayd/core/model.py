@@ -515,16 +515,27 @@ class Endpoint:
         return ep
 
 
-class _OpenEndpoint(Endpoint):
-    """An Endpoint's very layout (no slot added) with the plain `object` attribute stores:
-    `Endpoint._checked` fills one in and assigns it the class `Endpoint`, which the layout
-    allows. Never seen outside `_checked`. Both `__setattr__` and `__delattr__` are
-    object's own, so the type keeps the generic attribute store slot (with one of them
-    inherited from the frozen class, every store would call through Python)."""
+def open_twin(cls: type) -> type:
+    """A subclass of the slotted frozen dataclass `cls` with its very layout (no slot added)
+    and object's own attribute store and delete. An instance made as the twin, filled in
+    with plain stores, and then assigned the class `cls` (which CPython allows for equal
+    layouts) is a `cls` like any other, frozen from then on; nothing else sees the twin.
 
-    __slots__ = ()
-    __setattr__ = object.__setattr__
-    __delattr__ = object.__delattr__
+    For the few records made per endpoint of a join: `object.__setattr__` on a frozen
+    class goes through a wrapper call per field (~1,000 instructions each). Both
+    `__setattr__` and `__delattr__` are object's own, so the twin keeps the generic
+    attribute store slot (with one of them inherited from the frozen class, every store
+    would call through Python)."""
+    if "__slots__" not in cls.__dict__:
+        raise TypeError(f"{cls.__name__} has an instance dict: set its fields through it")
+    return type(
+        f"_Open{cls.__name__}",
+        (cls,),
+        {"__slots__": (), "__setattr__": object.__setattr__, "__delattr__": object.__delattr__},
+    )
+
+
+_OpenEndpoint = open_twin(Endpoint)
 
 
 def _checked_endpoint(

@@ -19,8 +19,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from types import MappingProxyType
+from typing import Any, cast
 
-from overlayd.core.model import Endpoint, Network, Node
+from overlayd.core.model import Endpoint, Network, Node, open_twin
 
 # --- facts: what a source says ------------------------------------------------
 
@@ -101,6 +102,32 @@ class EndpointChanged:
 
 Delta = NetworkChanged | NodeChanged | EndpointChanged
 
+
+# One EndpointPut per record decoded from the store and one EndpointChanged per change of
+# the view: made as `Endpoint._checked` makes records (`model.open_twin`), a wrapper call
+# less per field.
+_OpenEndpointPut = open_twin(EndpointPut)
+_OpenEndpointChanged = open_twin(EndpointChanged)
+
+
+def endpoint_put(endpoint: Endpoint) -> EndpointPut:
+    """`EndpointPut(endpoint)`."""
+    fact: Any = object.__new__(_OpenEndpointPut)
+    fact.endpoint = endpoint
+    fact.__class__ = EndpointPut
+    return cast(EndpointPut, fact)
+
+
+def endpoint_changed(old: Endpoint | None, new: Endpoint | None) -> EndpointChanged:
+    """`EndpointChanged(old, new)`."""
+    delta: Any = object.__new__(_OpenEndpointChanged)
+    delta.old = old
+    delta.new = new
+    delta.__class__ = EndpointChanged
+    return cast(EndpointChanged, delta)
+
+
+
 _EMPTY: Mapping[str, Endpoint] = MappingProxyType({})
 
 
@@ -176,14 +203,14 @@ class ClusterView:
             self._unindex(old)
         self.endpoints[key] = endpoint
         self._index(endpoint)
-        return EndpointChanged(old, endpoint)
+        return endpoint_changed(old, endpoint)
 
     def remove_endpoint(self, key: str) -> EndpointChanged | None:
         old = self.endpoints.pop(key, None)
         if old is None:
             return None
         self._unindex(old)
-        return EndpointChanged(old, None)
+        return endpoint_changed(old, None)
 
     def replace_all(self, facts: Iterable[Fact]) -> bool:
         """Make the view exactly what `facts` describe (a full re-list); True if it changed."""

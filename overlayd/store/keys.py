@@ -32,6 +32,7 @@ from overlayd.core.view import (
     NetworkPut,
     NodeDeleted,
     NodePut,
+    endpoint_put,
 )
 
 GENERATION = "generation"  # the key (under the prefix) of the generation marker
@@ -100,7 +101,7 @@ def fact_for_put(layout: KeyLayout, key: str, value: bytes) -> Fact | None:
                 network, owner, name, mac, ip, float(created_at), int(version), netns, ifname or "eth0"
             )
             if endpoint is not None and endpoint.key == key[len(endpoints) :]:
-                return EndpointPut(endpoint)
+                return endpoint_put(endpoint)
             # The scanner would give these same fields, and the same answer: skip it.
             return _fact_for_put(layout, key, value)
         try:

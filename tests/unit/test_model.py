@@ -22,6 +22,7 @@ from overlayd.core.model import (
     endpoint_key,
     first_free_ip,
     is_ipv4_network,
+    open_twin,
     parse_ipv4,
     parse_mac,
     parse_subnet,
@@ -430,6 +431,13 @@ def test_a_decoded_endpoint_is_a_frozen_endpoint_like_a_constructed_one(shaped: 
     assert decoded.mac == "02:00:00:00:00:05" and decoded.owner == "host-a"
     assert replace(decoded, version=4) == replace(made, version=4)
     assert pickle.loads(pickle.dumps(decoded)) == made
+
+
+def test_an_open_twin_is_only_made_of_a_slotted_record() -> None:
+    with pytest.raises(TypeError, match="Network has an instance dict"):
+        open_twin(Network)
+    twin = open_twin(Endpoint)
+    assert issubclass(twin, Endpoint) and not twin.__dict__["__slots__"]
 
 
 # --- to_dict / from_dict ----------------------------------------------------------------------

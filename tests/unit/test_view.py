@@ -10,6 +10,7 @@ import pytest
 from overlayd.core.model import Endpoint, Network, Node
 from overlayd.core.view import (
     ClusterView,
+    EndpointChanged,
     EndpointDeleted,
     EndpointPut,
     Fact,
@@ -17,6 +18,8 @@ from overlayd.core.view import (
     NetworkPut,
     NodeDeleted,
     NodePut,
+    endpoint_changed,
+    endpoint_put,
 )
 
 A = IPv4Address
@@ -246,3 +249,21 @@ def test_queries_follow_deletes() -> None:
     v.apply(EndpointDeleted("blue/w2"))
     assert v.taken_ips("blue") == {A("10.1.0.2")}
     assert v.owned_by("host-b") == [R1]
+
+
+def test_the_fast_makers_make_the_frozen_records_the_constructors_make() -> None:
+    put = endpoint_put(W1)
+    changes = [endpoint_changed(None, W1), endpoint_changed(W1, W2), endpoint_changed(W2, None)]
+    assert type(put) is EndpointPut and put == EndpointPut(W1) and hash(put) == hash(EndpointPut(W1))
+    built = [EndpointChanged(None, W1), EndpointChanged(W1, W2), EndpointChanged(W2, None)]
+    assert all(type(c) is EndpointChanged for c in changes)
+    assert changes == built and [hash(c) for c in changes] == [hash(b) for b in built]
+    assert [c.key for c in changes] == ["blue/w1", "blue/w2", "blue/w2"]
+    with pytest.raises(AttributeError):
+        put.endpoint = W2  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        changes[0].new = W2  # type: ignore[misc]
+    # What the view hands out is made so too.
+    view = ClusterView()
+    assert view.put_endpoint(W1) == EndpointChanged(None, W1)
+    assert view.remove_endpoint(W1.key) == EndpointChanged(W1, None)
