@@ -195,20 +195,24 @@ class Monitor:
         write), without a loop iteration to be woken for them."""
         self._read(_PER_WAKEUP)
 
-    def read_echoes(self, expected: int) -> None:
+    def read_echoes(self, expected: int, on_echo: Callable[[bytes], None] | None = None) -> None:
         """Read the `expected` notifications a write just caused (the kernel queued them
         within the write), and no more: once they all came, no read is spent finding the
         socket empty. If fewer came (a write that changed nothing sends none), the read
         that finds it empty ends this, as in `read_some`. Whatever else waits (someone
         else's change) is read, in order, when the event loop sees the socket readable or
-        by the next pass's drain; a pass never compares before draining."""
-        if expected > 0:
-            self._read(min(expected, _PER_WAKEUP))
+        by the next pass's drain; a pass never compares before draining.
 
-    def _read(self, limit: int) -> int:
+        `on_echo`: what takes each of them instead of `on_datagram` (a caller that looks
+        at the outcome once, after all of them, rather than per datagram)."""
+        if expected > 0:
+            self._read(min(expected, _PER_WAKEUP), on_echo)
+
+    def _read(self, limit: int, on_datagram: Callable[[bytes], None] | None = None) -> int:
         sock = self._sock
         if sock is None:
             return 0
+        handle = on_datagram or self._on_datagram
         count = 0
         while count < limit:
             try:
@@ -223,5 +227,5 @@ class Monitor:
                     continue
                 raise
             count += 1
-            self._on_datagram(data)
+            handle(data)
         return count

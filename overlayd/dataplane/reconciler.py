@@ -430,6 +430,12 @@ class Reconciler:
                 echoes = self._echoes(done, kinds)
                 if echoes is None:
                     self._monitor.read_some()
+                elif self._buffer is None:
+                    # Into the mirror directly (`_notified` less a call and a look at the
+                    # mirror per echo), which is then looked at once, as `_notified` would.
+                    self._monitor.read_echoes(echoes, self.mirror.apply_datagram)
+                    if self.mirror.dirty:
+                        self._wake.set()
                 else:
                     self._monitor.read_echoes(echoes)
                 if done and log.isEnabledFor(logging.DEBUG):

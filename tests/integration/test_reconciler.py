@@ -172,8 +172,8 @@ async def test_a_pass_reads_just_the_echoes_its_entry_writes_cause(
     reads: list[tuple[int, int]] = []  # (limit, datagrams read)
     read = monitor._read
 
-    def counted(limit: int) -> int:
-        got = read(limit)
+    def counted(limit: int, on_datagram: Callable[[bytes], None] | None = None) -> int:
+        got = read(limit, on_datagram)
         reads.append((limit, got))
         return got
 
