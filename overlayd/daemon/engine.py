@@ -128,21 +128,28 @@ class Engine:
         if not self._unprogrammed or self.desired is None:
             return
         now = time.time()
-        holders, unprogrammed = self.desired.fdb_holders(), self._unprogrammed
+        holder_of, unprogrammed = self.desired.fdb_holder_of(), self._unprogrammed
         latency: HistogramSeries | None = None
         latency_path = ""
+        ages: list[float] = []  # latency's, observed together (one call per path and batch)
         for cmd in commands:
             if type(cmd) is not ReplaceFdb:
                 continue
-            key = holders.get(cmd.entry[:2])  # (device, mac)
+            key = holder_of(cmd.entry[:2])  # (device, mac)
             if key is None:
                 continue
             pending = unprogrammed.pop(key, None)
             if pending is not None and pending[0] > 0:
                 if latency is None or pending[1] != latency_path:  # one path per batch, nearly always
+                    if latency is not None:
+                        latency.observe_all(ages)
+                        ages = []
                     latency_path = pending[1]
                     latency = self._latency_of(latency_path)
-                latency.observe(max(now - pending[0], 0.0))
+                age = now - pending[0]
+                ages.append(age if age > 0.0 else 0.0)
+        if latency is not None:
+            latency.observe_all(ages)
 
     def _latency_of(self, path: str) -> HistogramSeries:
         child = self._latency.get(path)

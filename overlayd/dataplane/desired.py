@@ -47,10 +47,9 @@ wants it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
-from types import MappingProxyType
 from typing import Generic, TypeVar
 
 from overlayd.core.model import (
@@ -623,10 +622,11 @@ class DesiredState:
 
     # --- asking ---
 
-    def fdb_holders(self) -> Mapping[FdbKey, str]:
-        """The endpoint key whose FDB entry each (device, mac) is (read-only; the engine
-        looks up a whole batch of applied entries in it)."""
-        return MappingProxyType(self._fdb._holder)
+    def fdb_holder_of(self) -> Callable[[FdbKey], str | None]:
+        """The endpoint key whose FDB entry (device, mac) is, or None: the table's own `get`
+        (read-only), which the engine calls for each entry of a whole batch of applied
+        writes. A read-only proxy's `get` would look the method up on every call."""
+        return self._fdb._holder.get
 
     def holder_of_route(self, key: RouteKey) -> str | None:
         """The endpoint key whose host route `key` is (routed mode), or None."""

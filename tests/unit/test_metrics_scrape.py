@@ -171,6 +171,22 @@ def test_a_bound_is_counted_in_its_own_bucket() -> None:
     assert value("overlayd_convergence_latency_seconds_bucket", {"path": "gossip", "le": "0.005"}) == 1
 
 
+def test_observing_a_batch_at_once_counts_as_observing_each() -> None:
+    amounts = [0.0, 0.005, 0.0031, 7.5, 1e9, 0.005, 0.2]
+    one, batch = Metrics(), Metrics()
+    for amount in amounts:
+        one.convergence_latency.labels("kv").observe(amount)
+    batch.convergence_latency.labels("kv").observe_all(amounts[:3])
+    batch.convergence_latency.labels("kv").observe_all(iter(amounts[3:]))
+    batch.convergence_latency.labels("kv").observe_all([])
+
+    def latency(metrics: Metrics) -> list[bytes]:  # every line but the series' creation time
+        return [line for line in generate_latest(metrics.registry).splitlines() if b"_created" not in line]
+
+    assert latency(batch) == latency(one)
+    assert batch.registry.get_sample_value("overlayd_convergence_latency_seconds_count", {"path": "kv"}) == 7
+
+
 def test_misuse_fails_as_prometheus_client_does() -> None:
     metrics = Metrics()
     with pytest.raises(ValueError):
