@@ -23,6 +23,28 @@ def net_puts(facts: list[Any]) -> list[str]:
     return [f.network.name for f in facts if isinstance(f, NetworkPut)]
 
 
+async def watched_with_history(
+    stores: Stores, settings: dict[str, Any] | None = None
+) -> tuple[Store, Store, Collector]:
+    """A writer (h1) and a watcher (h2, with `settings`), both in session, six networks
+    written (a revision or index well above a new server's), and the watch started after them."""
+    writer = await stores.make("h1")
+    watcher = await stores.make("h2", settings=settings)
+    await writer.open_session(node("h1", 1))
+    await watcher.open_session(node("h2", 2))
+    for i in range(6):
+        await writer.create_network(network(f"n{i}", 10 + i))
+    snap = await watcher.snapshot()
+    return writer, watcher, Collector(watcher, snap.revision)
+
+
+def wipe(server: Any) -> None:
+    """Stop the server, delete its data, start it again (empty)."""
+    server.stop()
+    shutil.rmtree(server.data_dir)
+    server.start()
+
+
 async def test_watch_delivers_every_change_in_order(make_store: MakeStore) -> None:
     writer, watcher = await make_store("h1"), await make_store("h2")
     await writer.open_session(node("h1", 1))
@@ -98,23 +120,10 @@ async def test_watch_says_when_the_server_lost_its_data(stores: Stores) -> None:
     hands over the new content marked `data_lost`, so the daemon keeps its dataplane and
     re-publishes first (etcd: another cluster ID or the revision gone back; Consul: the
     index gone back; ZooKeeper: the zxid gone back)."""
-    writer, watcher = await stores.make("h1"), await stores.make("h2")
-    await writer.open_session(node("h1", 1))
-    await watcher.open_session(node("h2", 2))
+    _, watcher, seen = await watched_with_history(stores)
     keeper = asyncio.create_task(watcher.keep_session())  # as in the daemon
-    for i in range(6):  # a revision or index well above a new server's
-        await writer.create_network(network(f"n{i}", 10 + i))
-    snap = await watcher.snapshot()
-    seen = Collector(watcher, snap.revision)
-    server = stores.server
-
-    def wipe() -> None:
-        server.stop()
-        shutil.rmtree(server.data_dir)
-        server.start()
-
     try:
-        await asyncio.to_thread(wipe)  # the event loop runs on meanwhile
+        await asyncio.to_thread(wipe, stores.server)  # the event loop runs on meanwhile
         await seen.wait(lambda: any(lost_in(b) for b in seen.batches), 60, "the data loss noticed")
     finally:
         keeper.cancel()
@@ -129,28 +138,14 @@ async def test_a_paced_watch_held_back_still_sees_the_server_lose_its_data(store
     """A burst holds a paced watch back (etcd: its watch cancelled for the pace, on the
     stream it keeps open); a server wiped during that pause is still noticed."""
     pace = 3.0
-    writer = await stores.make("h1")
-    watcher = await stores.make("h2", settings={"store.watch_pace": pace})
-    await writer.open_session(node("h1", 1))
-    await watcher.open_session(node("h2", 2))
+    writer, watcher, seen = await watched_with_history(stores, {"store.watch_pace": pace})
     keeper = asyncio.create_task(watcher.keep_session())
-    for i in range(6):  # a revision or index well above a new server's
-        await writer.create_network(network(f"n{i}", 10 + i))
-    snap = await watcher.snapshot()
-    seen = Collector(watcher, snap.revision)
-    server = stores.server
-
-    def wipe() -> None:
-        server.stop()
-        shutil.rmtree(server.data_dir)
-        server.start()
-
     try:
         await writer.create_network(network("a", 30))
         await seen.wait(lambda: "a" in net_puts(seen.facts), 10, "the change after a quiet spell")
         await writer.create_network(network("b", 31))  # within the pace: the watch holds back
         await seen.wait(lambda: "b" in net_puts(seen.facts), 10 + pace, "the burst's change")
-        await asyncio.to_thread(wipe)
+        await asyncio.to_thread(wipe, stores.server)
         await seen.wait(lambda: any(lost_in(b) for b in seen.batches), 60, "the data loss noticed")
     finally:
         keeper.cancel()
