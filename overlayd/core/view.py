@@ -127,7 +127,6 @@ def endpoint_changed(old: Endpoint | None, new: Endpoint | None) -> EndpointChan
     return cast(EndpointChanged, delta)
 
 
-
 _EMPTY: Mapping[str, Endpoint] = MappingProxyType({})
 
 
