@@ -13,6 +13,10 @@ What the KV servers give, gossip approximates:
   blocks are claimed in the background while the addresses left in its
   blocks still cover a few settle times of adds at the recent rate, so only
   a host's first add in a network waits (for its first block's settle).
+  No address is used from a block before its claim has settled: another
+  host may have claimed the same block a moment earlier, and both would
+  hand out its addresses. An add that gets there first (a burst faster
+  than the claims ahead) waits for the rest of that settle;
   An address the user names outside this host's blocks (or one borrowed
   when no block is free) is contested and settles like a network;
 - lease expiry: a member SWIM confirms dead (or that left) keeps its
@@ -35,6 +39,7 @@ from overlayd.core.ipam import AddressBook, BlockTable, SubnetFull, block_of, bl
 from overlayd.core.model import Endpoint, Network
 from overlayd.core.view import EndpointDeleted, EndpointPut, NetworkDeleted
 from overlayd.store.base import AlreadyExists, NotFoundError
+from overlayd.util.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +69,7 @@ class GossipClaims:
         blocks: BlockTable,
         addresses: AddressBook,
         settle: float = SETTLE_SECONDS,
+        metrics: Metrics | None = None,
     ) -> None:
         self._node = node
         self._peering = peering
@@ -75,6 +81,9 @@ class GossipClaims:
         self.settling: set[str] = set()  # own endpoints inside their settle wait
         self._block_claims: dict[str, asyncio.Task[list[IPv4Network]]] = {}  # network -> claim in flight
         self._ahead: set[asyncio.Task[list[IPv4Network]]] = set()  # claims ahead of need, settling
+        # Blocks published in this life whose settle has not ended: done when it has.
+        self._unsettled: dict[tuple[str, IPv4Network], asyncio.Future[None]] = {}
+        self.block_waits = (metrics or Metrics()).ipam_block_waits.only()
         self._no_free_block: dict[str, float] = {}  # network -> no search for a free block before then
         self._takes: dict[str, collections.deque[float]] = {}  # network -> recent address takes
 
@@ -160,8 +169,10 @@ class GossipClaims:
     # --- addresses ---
 
     def contested(self, network: Network, ip: IPv4Address) -> bool:
-        """Whether a named address needs settling: it is outside this host's own blocks."""
-        return self.blocks.holder(network.name, block_of(network.subnet, ip)) != self._node
+        """Whether a named address needs settling: it is outside this host's own settled blocks."""
+        block = block_of(network.subnet, ip)
+        unsettled = (network.name, block) in self._unsettled
+        return unsettled or self.blocks.holder(network.name, block) != self._node
 
     async def take_address(self, network: Network) -> tuple[IPv4Address, bool]:
         """A free address (reserved in the address book) and whether claiming it is contested."""
@@ -178,9 +189,26 @@ class GossipClaims:
                     break
                 continue
             self._claim_ahead(network, mine)
-            return ip, False
+            return ip, await self._settled_for(network, ip)
         # No block is free: borrow any free address, and settle for it.
         return self._addresses.take(network), True
+
+    async def _settled_for(self, network: Network, ip: IPv4Address) -> bool:
+        """Whether `ip`, taken from this host's blocks, is contested after all: its block
+        may still be settling (a burst that outran the claims ahead); then wait for the
+        rest of that settle, and if another host won the block, the address settles like
+        a borrowed one."""
+        block = block_of(network.subnet, ip)
+        pending = self._unsettled.get((network.name, block))
+        if pending is None:
+            return False
+        self.block_waits.inc()
+        try:
+            await asyncio.shield(pending)
+        except BaseException:
+            self._addresses.release(network.name, ip)
+            raise
+        return self.blocks.holder(network.name, block) != self._node
 
     def _claim_ahead(self, network: Network, mine: list[IPv4Network]) -> None:
         """Claim more blocks now if the addresses left in `mine` may not last a claim's settle.
@@ -274,12 +302,19 @@ class GossipClaims:
             claim = BlockClaim(self._node, network.name, block, time.time())
             self._peering.publish_block(claim)
             self.blocks.claim(self._node, network.name, block, claim.created_at)
+            self._unsettled[(network.name, block)] = asyncio.get_running_loop().create_future()
             claimed.append(block)
         return claimed
 
     async def _settle_blocks(self, network: Network, claimed: list[IPv4Network]) -> list[IPv4Network]:
         """After one settle time: the blocks of `claimed` this host won; the others given back."""
-        await asyncio.sleep(self._settle)
+        try:
+            await asyncio.sleep(self._settle)
+        finally:
+            for block in claimed:  # the adds waiting for these blocks go on (also at teardown)
+                pending = self._unsettled.pop((network.name, block), None)
+                if pending is not None and not pending.done():
+                    pending.set_result(None)
         won = [b for b in claimed if self.blocks.holder(network.name, b) == self._node]
         for block in claimed:
             if block not in won:

@@ -253,6 +253,7 @@ class Daemon:
                 engine=self.engine,
                 blocks=self._blocks,
                 addresses=self._addresses,
+                metrics=self.metrics,
             )
             self._feed.claims = claims
             return claims

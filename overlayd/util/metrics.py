@@ -302,6 +302,13 @@ class Metrics:
                 "overlayd_endpoints_known", "Endpoints in the cluster view, by locality.", ["locality"]
             )
         )
+        self.ipam_block_waits = self._add(
+            CounterFamily(
+                "overlayd_ipam_block_waits_total",
+                "Endpoint adds (gossip-only mode) that waited for the claim of the address block "
+                "their address is in to settle: a burst of adds faster than the blocks claimed ahead.",
+            )
+        )
         self.networks_known = self._add(
             GaugeFamily("overlayd_networks_known", "Networks in the cluster view.")
         )

@@ -77,6 +77,12 @@ class _Reference:
             ["locality"],
             registry=r,
         )
+        self.ipam_block_waits = Counter(
+            "overlayd_ipam_block_waits_total",
+            "Endpoint adds (gossip-only mode) that waited for the claim of the address block "
+            "their address is in to settle: a burst of adds faster than the blocks claimed ahead.",
+            registry=r,
+        )
         self.networks_known = Gauge("overlayd_networks_known", "Networks in the cluster view.", registry=r)
         self.convergence_latency = Histogram(
             "overlayd_convergence_latency_seconds",
@@ -107,6 +113,7 @@ def _updates(m: Metrics | _Reference) -> None:
     m.invalid_records.inc()
     m.endpoints_known.labels(locality="local").set(3)
     m.endpoints_known.labels(locality="remote").set(27)
+    m.ipam_block_waits.inc(4)
     m.networks_known.set(2)
     for latency in (0.0009, 0.001, 0.0049, 0.031, 29.0, 45.0):
         m.convergence_latency.labels(path="gossip").observe(latency)
