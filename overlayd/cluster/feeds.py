@@ -38,7 +38,7 @@ from overlayd.core.admission import (
 )
 from overlayd.core.ipam import BlockTable
 from overlayd.core.model import Endpoint
-from overlayd.gossip import MemberInfo, MemberState, Record
+from overlayd.gossip import MemberInfo, Record
 from overlayd.store.base import Snapshot, Store
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,6 @@ class OwnEndpoints(Protocol):
     def all(self) -> list[Endpoint]: ...
 
 
-_LIVE = (MemberState.ALIVE, MemberState.SUSPECT)
 
 
 async def follow_store(
@@ -128,7 +127,7 @@ class GossipFeed:
     def member(self, info: MemberInfo) -> None:
         if self.on_member_change is not None:
             self.on_member_change(info)
-        live = info.state in _LIVE
+        live = info.live
         if self._authority:
             self._admit(info.name, live)
             return

@@ -12,7 +12,10 @@ What the KV servers give, gossip approximates:
   and allocates inside its own blocks without waiting for anyone. More
   blocks are claimed in the background while the addresses left in its
   blocks still cover a few settle times of adds at the recent rate, so only
-  a host's first add in a network waits (for its first block's settle).
+  a host's first add in a network waits (for its first block's settle)
+  unless the host claimed that block already, when it learnt of the network:
+  it does where the subnet has blocks for twice the hosts (a /24 has 64),
+  so a small subnet's blocks still go to the hosts that add endpoints.
   No address is used from a block before its claim has settled: another
   host may have claimed the same block a moment earlier, and both would
   hand out its addresses. An add that gets there first (a burst faster
@@ -57,6 +60,10 @@ _AHEAD_SETTLES = 3
 # subnet's blocks are few: one host's burst must not take them all from the others).
 _MAX_BLOCKS_AHEAD = 16
 _SUBNET_SHARE = 16
+# Addresses a host claims in a network when it learns of it (where the subnet is wide enough):
+# a settle time of adds at about the fastest rate one host reaches (350/s), so that a burst
+# from rest need not wait for a claim.
+_AT_REST = 128
 
 
 class GossipClaims:
@@ -86,6 +93,8 @@ class GossipClaims:
         self.block_waits = (metrics or Metrics()).ipam_block_waits.only()
         self._no_free_block: dict[str, float] = {}  # network -> no search for a free block before then
         self._takes: dict[str, collections.deque[float]] = {}  # network -> recent address takes
+        self._view_complete = False  # until then, blocks of an earlier life may still be adopted
+        self._creating: set[str] = set()  # networks this host creates, inside their settle
 
     # --- networks ---
 
@@ -97,9 +106,13 @@ class GossipClaims:
             if other.vni == network.vni:
                 raise AlreadyExists("VNI", str(network.vni), other.name)
         created_at = time.time()
-        self._peering.publish_network(network, created_at)
-        self._engine.from_own([NetworkClaimed(self._node, network, created_at)])
-        await asyncio.sleep(self._settle)
+        self._creating.add(network.name)
+        try:
+            self._peering.publish_network(network, created_at)
+            self._engine.from_own([NetworkClaimed(self._node, network, created_at)])
+            await asyncio.sleep(self._settle)
+        finally:
+            self._creating.discard(network.name)
         lost = self._admission.network_lost(network.name)
         if lost is not None:
             self._peering.delete_network(network.name)
@@ -110,6 +123,7 @@ class GossipClaims:
             if lost.lost == Contested.VNI:
                 raise AlreadyExists("VNI", str(network.vni))
             raise AlreadyExists("network name", network.name)
+        self.network_known(network)
 
     async def delete_network(self, name: str) -> None:
         if name not in self._engine.view.networks:
@@ -167,6 +181,40 @@ class GossipClaims:
         await self._peering.stop(leave=True)
 
     # --- addresses ---
+
+    def view_complete(self) -> list[asyncio.Task[list[IPv4Network]]]:
+        """The view holds what the cluster holds: claim first blocks of the networks in it
+        (returned: the claims started)."""
+        self._view_complete = True
+        started = (self.network_known(network) for network in list(self._engine.view.networks.values()))
+        return [claim for claim in started if claim is not None]
+
+    def network_known(self, network: Network) -> asyncio.Task[list[IPv4Network]] | None:
+        """A network this host learnt of: claim its first block now, so that the first add
+        here need not wait for the claim's settle. Returns the claim, if one was started.
+
+        Not before the view is complete (a restarted host adopts the blocks it still uses
+        first), not for a network this host creates before it has won it, not where this
+        host holds or is claiming a block already, and only where the subnet has blocks
+        for twice the hosts: hosts that never add an endpoint to a small subnet must not
+        take the blocks of those that do.
+        """
+        if not self._view_complete or network.name in self._creating or self.blocks.mine(network.name):
+            return None
+        in_flight = self._block_claims.get(network.name)
+        if in_flight is not None and not in_flight.done():
+            return None
+        hosts = 1 + sum(1 for m in self._peering.members() if m.live)
+        total = len(blocks_of(network.subnet))
+        if total < 2 * hosts:
+            return None
+        # A settle time of a burst's adds, and 1/64 of the subnet at most (the hosts seen so
+        # far may be a few of many: a cluster that is starting).
+        size = 1 << (32 - block_prefixlen(network.subnet))
+        count = max(1, min(math.ceil(_AT_REST / size), total // 64))
+        task = self._claim_blocks_soon(network, count)
+        task.add_done_callback(_log_failure)
+        return task
 
     def contested(self, network: Network, ip: IPv4Address) -> bool:
         """Whether a named address needs settling: it is outside this host's own settled blocks."""
@@ -260,7 +308,8 @@ class GossipClaims:
         addresses for every add and claims ahead long before its blocks run out.
         """
         size = 1 << (32 - block_prefixlen(network.subnet))
-        demand = math.ceil(_AHEAD_SETTLES * self._settle * self._rate(network.name))
+        # Rounded first: one add's 3 * settle * (1 / settle) must not come out as 3.0000000000000004.
+        demand = math.ceil(round(_AHEAD_SETTLES * self._settle * self._rate(network.name), 6))
         return max(1, min(demand, _ahead_blocks(network) * size))
 
     def _blocks_for(self, network: Network, missing: int) -> int:
@@ -268,12 +317,17 @@ class GossipClaims:
         size = 1 << (32 - block_prefixlen(network.subnet))
         return max(1, min(_ahead_blocks(network), math.ceil(missing / size)))
 
-    def _claim_blocks_soon(self, network: Network) -> asyncio.Task[list[IPv4Network]]:
-        """The claim every add out of addresses waits for (one at a time per network)."""
+    def _claim_blocks_soon(
+        self, network: Network, count: int | None = None
+    ) -> asyncio.Task[list[IPv4Network]]:
+        """The claim every add out of addresses waits for (one at a time per network), of
+        `count` blocks or as many as the recent adds need."""
         task = self._block_claims.get(network.name)
         if task is None or task.done():
+            if count is None:
+                count = self._blocks_for(network, self._spare_wanted(network))
             task = asyncio.get_running_loop().create_task(
-                self._claim_blocks(network, self._blocks_for(network, self._spare_wanted(network))),
+                self._claim_blocks(network, count),
                 name=f"ipam-blocks-{network.name}",
             )
             self._block_claims[network.name] = task

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 
 from overlayd.core.admission import Admission, Conflict, GossipFact, NetworkClaimed, Outcome
-from overlayd.core.model import Node
+from overlayd.core.model import Network, Node
 from overlayd.core.view import ClusterView, EndpointChanged, Fact, NetworkChanged, NodeChanged
 from overlayd.dataplane.commands import Command, ReplaceFdb
 from overlayd.dataplane.desired import DesiredState
@@ -44,6 +44,8 @@ class Engine:
         self._metrics = metrics
         self._on_conflict = on_conflict
         self._on_node = on_node
+        # Gossip-only: a network new in the view (this host claims its first address block).
+        self.on_network: Callable[[Network], object] | None = None
         self.desired: DesiredState | None = None
         self.reconciler: Reconciler | None = None
         self.local = 0
@@ -101,8 +103,10 @@ class Engine:
                         unprogrammed[new.key] = (new.created_at, path)
                 continue
             match delta:
-                case NetworkChanged():
+                case NetworkChanged(old_network, new_network):
                     networks_changed = True
+                    if old_network is None and new_network is not None and self.on_network is not None:
+                        self.on_network(new_network)
                 case NodeChanged(_, new_node):
                     if new_node is not None and new_node.name != me and self._on_node is not None:
                         self._on_node(new_node)

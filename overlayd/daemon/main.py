@@ -256,6 +256,7 @@ class Daemon:
                 metrics=self.metrics,
             )
             self._feed.claims = claims
+            self.engine.on_network = claims.network_known
             return claims
         store = make_store(
             self.config.store,
@@ -412,6 +413,8 @@ class Daemon:
         await self._ready(reconciler)
         await self._caught_up(self.config.gossip)
         self._view_complete()
+        if self._feed.claims is not None:
+            self._feed.claims.view_complete()
 
     async def _caught_up(self, settings: GossipSettings) -> None:
         """Until a live peer said our record tables match (gossip asks at once after a

@@ -47,6 +47,11 @@ class MemberInfo:
     # Its wall clock minus ours, seconds, from direct probes (see `skew`); None until one answered.
     clock_offset: float | None = None
 
+    @property
+    def live(self) -> bool:
+        """Alive, or suspected (which it may still refute): a member of the cluster."""
+        return self.state in (ALIVE, SUSPECT)
+
 
 @dataclass
 class _Member:

@@ -6,7 +6,7 @@ import time
 from ipaddress import IPv4Address, IPv4Network
 
 from overlayd.core.model import Endpoint, Network, Node
-from overlayd.core.view import EndpointDeleted, EndpointPut, NetworkPut, NodePut
+from overlayd.core.view import EndpointDeleted, EndpointPut, NetworkDeleted, NetworkPut, NodePut
 from overlayd.daemon.engine import Engine
 from overlayd.dataplane.commands import AppendFlood, Command, ReplaceFdb, ReplaceNeigh
 from overlayd.dataplane.desired import DesiredState
@@ -58,6 +58,17 @@ def test_counts_follow_every_outcome() -> None:
     eng.from_own([EndpointPut(ep(9, HERE)), EndpointDeleted("blue/e0")])
     assert (eng.local, eng.remote) == (1, 3)
     assert (gauge(metrics, "local"), gauge(metrics, "remote")) == (1, 3)
+
+
+def test_a_network_new_in_the_view_is_told_once_not_when_it_changes_or_goes() -> None:
+    eng, _ = engine()
+    told: list[Network] = []
+    eng.on_network = told.append
+    red = Network(name="red", vni=200, subnet=IPv4Network("10.2.0.0/24"))
+    eng.from_store([NetworkPut(red)])
+    eng.from_store([NetworkPut(Network(name="red", vni=200, subnet=IPv4Network("10.2.0.0/24"), mtu=1400))])
+    eng.from_store([NetworkDeleted("blue")])
+    assert told == [red]
 
 
 def programmed(eng: Engine) -> list[Command]:

@@ -12,6 +12,7 @@ from overlayd.cluster.peering import BlockClaim
 from overlayd.core.ipam import AddressBook, BlockTable, block_of, blocks_of
 from overlayd.core.model import Network
 from overlayd.core.view import ClusterView
+from overlayd.gossip import MemberInfo, MemberState
 
 WIDE = Network(name="wide", vni=100, subnet=IPv4Network("10.8.0.0/16"))  # 1,024 blocks of 64
 SMALL = Network(name="small", vni=101, subnet=IPv4Network("10.9.0.0/24"))  # 64 blocks of 4
@@ -24,6 +25,10 @@ class Published:
     def __init__(self) -> None:
         self.blocks: dict[IPv4Network, float] = {}
         self.deleted: list[str] = []
+        self.peers: list[MemberInfo] = []
+
+    def members(self) -> list[MemberInfo]:
+        return self.peers
 
     def publish_block(self, claim: BlockClaim) -> None:
         self.blocks.setdefault(claim.block, claim.created_at)
@@ -255,3 +260,51 @@ async def test_adds_waiting_for_the_first_claim_all_get_an_own_block_none_borrow
     assert len({ip for ip, _ in taken}) == 100
     mine = blocks.mine(WIDE.name)
     assert all(any(ip in b for b in mine) for ip, _ in taken)
+
+
+def peers(count: int, state: MemberState = MemberState.ALIVE) -> list[MemberInfo]:
+    return [MemberInfo(f"p{i}", "198.18.0.1", 7946, state, 1, None, 0.0) for i in range(count)]
+
+
+async def test_a_host_claims_a_block_when_it_learns_of_a_network_and_its_first_add_does_not_wait() -> None:
+    claims, blocks, _ = claims_for(settle=0.05)
+    assert claims.network_known(SMALL) is None  # the view is not complete yet (a restart)
+    claims.view_complete()
+    claim = claims.network_known(SMALL)
+    assert claim is not None
+    async with asyncio.timeout(5.0):
+        assert len(await claim) == 1
+    assert claims.network_known(SMALL) is None  # held already: nothing more
+    ip, contested = await claims.take_address(SMALL)
+    assert not contested and ip in blocks.mine(SMALL.name)[0]
+    assert claims.block_waits.value == 0
+    assert len(blocks.mine(SMALL.name)) == 1
+
+
+async def test_view_complete_claims_blocks_of_each_network_in_the_view() -> None:
+    # 128 addresses (a settle time of a fast burst), and 1/64 of the subnet at most.
+    claims, blocks, _ = claims_for(settle=0.02)
+    view = claims._engine.view
+    for network in (WIDE, MID, SMALL):
+        view.networks[network.name] = network
+    started = claims.view_complete()
+    assert len(started) == 3
+    async with asyncio.timeout(5.0):
+        await asyncio.gather(*started)
+    held = {n.name: sum(b.num_addresses for b in blocks.mine(n.name)) for n in (WIDE, MID, SMALL)}
+    assert held == {WIDE.name: 128, MID.name: 16, SMALL.name: 4}
+
+
+async def test_no_block_ahead_of_need_where_the_subnet_lacks_blocks_for_twice_the_hosts() -> None:
+    # A /24 has 64 blocks: with 33 live hosts (32 peers and this one), a block each for
+    # those that never add an endpoint there would leave too few for those that do.
+    # Suspected peers count; dead ones do not.
+    claims, _, peering = claims_for(settle=0.02)
+    claims.view_complete()
+    peering.peers = peers(31) + peers(1, MemberState.SUSPECT) + peers(5, MemberState.DEAD)
+    assert claims.network_known(SMALL) is None
+    peering.peers = peers(30) + peers(5, MemberState.DEAD)
+    claim = claims.network_known(SMALL)
+    assert claim is not None
+    async with asyncio.timeout(5.0):
+        await claim
