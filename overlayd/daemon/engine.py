@@ -13,6 +13,7 @@ known (desired state needs the local VTEP and MTU).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -46,6 +47,8 @@ class Engine:
         self._on_node = on_node
         # Gossip-only: a network new in the view (this host claims its first address block).
         self.on_network: Callable[[Network], object] | None = None
+        # Callers of `network_soon`, by network name, until it is in the view.
+        self._network_waiters: dict[str, list[asyncio.Future[Network]]] = {}
         self.desired: DesiredState | None = None
         self.reconciler: Reconciler | None = None
         self.local = 0
@@ -105,8 +108,12 @@ class Engine:
             match delta:
                 case NetworkChanged(old_network, new_network):
                     networks_changed = True
-                    if old_network is None and new_network is not None and self.on_network is not None:
-                        self.on_network(new_network)
+                    if old_network is None and new_network is not None:
+                        if self.on_network is not None:
+                            self.on_network(new_network)
+                        for waiter in self._network_waiters.pop(new_network.name, ()):
+                            if not waiter.done():
+                                waiter.set_result(new_network)
                 case NodeChanged(_, new_node):
                     if new_node is not None and new_node.name != me and self._on_node is not None:
                         self._on_node(new_node)
@@ -124,6 +131,27 @@ class Engine:
             for conflict in outcome.conflicts:
                 self._on_conflict(conflict)
         return outcome
+
+    async def network_soon(self, name: str, timeout: float) -> Network | None:
+        """Network `name`, waiting up to `timeout` seconds for the view to hear of it: one
+        just created on another host reaches this one by a watch (paced beside gossip) or
+        by gossip, and its creator may already have told a client that it exists."""
+        network = self.view.networks.get(name)
+        if network is not None:
+            return network
+        waiter: asyncio.Future[Network] = asyncio.get_running_loop().create_future()
+        waiters = self._network_waiters.setdefault(name, [])
+        waiters.append(waiter)
+        try:
+            async with asyncio.timeout(timeout):
+                return await waiter
+        except TimeoutError:
+            return None
+        finally:
+            if waiter in waiters:
+                waiters.remove(waiter)
+            if not waiters and self._network_waiters.get(name) is waiters:
+                del self._network_waiters[name]
 
     # --- the kernel said ---
 

@@ -66,6 +66,10 @@ _ALLOC_ATTEMPTS = 64
 STORE_CALL_TIMEOUT = 5.0
 # How long an add waits for its network's bridge and VXLAN device.
 _LINKS_TIMEOUT = 10.0
+# How long an add to a network this host has not heard of waits for it before "not found":
+# a network created a moment ago elsewhere arrives within a paced watch round (0.3 s) and
+# a store round trip.
+_NETWORK_SOON = 1.0
 
 
 class Operations:
@@ -218,7 +222,9 @@ class Operations:
         net = self._view.networks.get(network)
         if net is None:
             self._require_complete(f"network {network}", network)
-            raise NotFound(f"network {network} not found")
+            net = await self._engine.network_soon(network, timeout=_NETWORK_SOON)
+            if net is None:
+                raise NotFound(f"network {network} not found")
         validate_name(name, "endpoint name")
         _validate_ifname(ifname)
         netns_path = _netns_path(netns)

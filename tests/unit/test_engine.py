@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from ipaddress import IPv4Address, IPv4Network
 
@@ -69,6 +70,18 @@ def test_a_network_new_in_the_view_is_told_once_not_when_it_changes_or_goes() ->
     eng.from_store([NetworkPut(Network(name="red", vni=200, subnet=IPv4Network("10.2.0.0/24"), mtu=1400))])
     eng.from_store([NetworkDeleted("blue")])
     assert told == [red]
+
+
+async def test_network_soon_waits_for_a_network_the_view_has_not_heard_of_yet() -> None:
+    eng, _ = engine()
+    red = Network(name="red", vni=200, subnet=IPv4Network("10.2.0.0/24"))
+    assert await eng.network_soon("blue", timeout=0.0) == BLUE  # known: at once
+    asyncio.get_running_loop().call_soon(eng.from_store, [NetworkPut(red)])
+    async with asyncio.timeout(5.0):
+        got = await asyncio.gather(eng.network_soon("red", 10.0), eng.network_soon("red", 10.0))
+    assert got == [red, red]
+    assert await eng.network_soon("green", timeout=0.01) is None  # never heard of: not found
+    assert eng._network_waiters == {}
 
 
 def programmed(eng: Engine) -> list[Command]:
