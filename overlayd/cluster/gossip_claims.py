@@ -12,14 +12,14 @@ What the KV servers give, gossip approximates:
   and allocates inside its own blocks without waiting for anyone. More
   blocks are claimed in the background while the addresses left in its
   blocks still cover a few settle times of adds at the recent rate, so only
-  a host's first add in a network waits (for its first block's settle)
-  unless the host claimed that block already, when it learnt of the network:
-  it does where the subnet has blocks for twice the hosts (a /24 has 64),
-  so a small subnet's blocks still go to the hosts that add endpoints.
-  No address is used from a block before its claim has settled: another
-  host may have claimed the same block a moment earlier, and both would
-  hand out its addresses. An add that gets there first (a burst faster
-  than the claims ahead) waits for the rest of that settle;
+  a host's first add in a network could wait (for its first block's settle).
+  It does not where the subnet has blocks for twice the hosts (a /24 has 64):
+  there every host claims its first blocks when it learns of the network,
+  and gives them back when the network goes. No address is used from a
+  block before its claim has settled: another host may have claimed the
+  same block a moment earlier, and both would hand out its addresses. An
+  add that gets there first (a burst faster than the claims ahead) waits
+  for the rest of that settle;
   An address the user names outside this host's blocks (or one borrowed
   when no block is free) is contested and settles like a network;
 - lease expiry: a member SWIM confirms dead (or that left) keeps its
@@ -136,6 +136,11 @@ class GossipClaims:
         if own is not None and own.payload is not None:
             self._peering.delete_network(name)
         self._engine.from_own([NetworkDeleted(name)])
+        self.network_gone(name)
+
+    def network_gone(self, name: str) -> None:
+        """A network left the view (removed through any host): give back this host's blocks
+        of it, which every host holds once it learnt of the network."""
         for net, block in self.blocks.claims_of(self._node):
             if net == name:
                 self.release_block(net, block)

@@ -45,8 +45,10 @@ class Engine:
         self._metrics = metrics
         self._on_conflict = on_conflict
         self._on_node = on_node
-        # Gossip-only: a network new in the view (this host claims its first address block).
+        # Gossip-only: a network new in the view, and one gone from it (this host claims its
+        # first address blocks of it, and gives them back).
         self.on_network: Callable[[Network], object] | None = None
+        self.on_network_gone: Callable[[str], object] | None = None
         # Callers of `network_soon`, by network name, until it is in the view.
         self._network_waiters: dict[str, list[asyncio.Future[Network]]] = {}
         self.desired: DesiredState | None = None
@@ -114,6 +116,8 @@ class Engine:
                         for waiter in self._network_waiters.pop(new_network.name, ()):
                             if not waiter.done():
                                 waiter.set_result(new_network)
+                    elif new_network is None and old_network is not None and self.on_network_gone is not None:
+                        self.on_network_gone(old_network.name)
                 case NodeChanged(_, new_node):
                     if new_node is not None and new_node.name != me and self._on_node is not None:
                         self._on_node(new_node)

@@ -257,6 +257,7 @@ class Daemon:
             )
             self._feed.claims = claims
             self.engine.on_network = claims.network_known
+            self.engine.on_network_gone = claims.network_gone
             return claims
         store = make_store(
             self.config.store,

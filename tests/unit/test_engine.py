@@ -61,15 +61,18 @@ def test_counts_follow_every_outcome() -> None:
     assert (gauge(metrics, "local"), gauge(metrics, "remote")) == (1, 3)
 
 
-def test_a_network_new_in_the_view_is_told_once_not_when_it_changes_or_goes() -> None:
+def test_a_network_new_in_the_view_is_told_once_and_once_gone_not_when_it_changes() -> None:
     eng, _ = engine()
     told: list[Network] = []
+    gone: list[str] = []
     eng.on_network = told.append
+    eng.on_network_gone = gone.append
     red = Network(name="red", vni=200, subnet=IPv4Network("10.2.0.0/24"))
     eng.from_store([NetworkPut(red)])
     eng.from_store([NetworkPut(Network(name="red", vni=200, subnet=IPv4Network("10.2.0.0/24"), mtu=1400))])
     eng.from_store([NetworkDeleted("blue")])
     assert told == [red]
+    assert gone == ["blue"]
 
 
 async def test_network_soon_waits_for_a_network_the_view_has_not_heard_of_yet() -> None:

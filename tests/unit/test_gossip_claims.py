@@ -308,3 +308,19 @@ async def test_no_block_ahead_of_need_where_the_subnet_lacks_blocks_for_twice_th
     assert claim is not None
     async with asyncio.timeout(5.0):
         await claim
+
+
+async def test_a_network_gone_gives_back_this_hosts_blocks_of_it_only() -> None:
+    claims, blocks, peering = claims_for(settle=0.02)
+    claims.view_complete()
+    for network in (WIDE, SMALL):
+        claim = claims.network_known(network)
+        assert claim is not None
+        async with asyncio.timeout(5.0):
+            await claim
+    other = blocks_of(SMALL.subnet)[7]
+    blocks.claim("h2", SMALL.name, other, 1.0)
+    claims.network_gone(SMALL.name)
+    assert blocks.mine(SMALL.name) == [] and blocks.holder(SMALL.name, other) == "h2"
+    assert [key.partition("/")[0] for key in peering.deleted] == [SMALL.name]  # withdrawn by gossip
+    assert len(blocks.mine(WIDE.name)) == 2
