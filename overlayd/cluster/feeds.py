@@ -52,8 +52,6 @@ class OwnEndpoints(Protocol):
     def all(self) -> list[Endpoint]: ...
 
 
-
-
 async def follow_store(
     store: Store,
     engine: FactSink,
