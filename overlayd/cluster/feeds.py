@@ -52,6 +52,8 @@ class OwnEndpoints(Protocol):
     def all(self) -> list[Endpoint]: ...
 
 
+
+
 async def follow_store(
     store: Store,
     engine: FactSink,

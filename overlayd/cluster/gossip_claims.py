@@ -38,11 +38,11 @@ from ipaddress import IPv4Address, IPv4Network
 
 from overlayd.cluster.peering import BlockClaim, Peering
 from overlayd.core.admission import Contested, FactSink, NetworkClaimed, NetworkRemovedMark
-from overlayd.core.ipam import AddressBook, BlockTable, SubnetFull, block_of, block_size, blocks_of
+from overlayd.core.ipam import AddressBook, BlockTable, SubnetFull, block_of, block_prefixlen, blocks_of
 from overlayd.core.model import Endpoint, Network
 from overlayd.core.view import EndpointDeleted, EndpointPut, NetworkDeleted
 from overlayd.store.base import AlreadyExists, NotFoundError
-from overlayd.util.metrics import CounterSeries, Metrics
+from overlayd.util.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class GossipClaims:
         self._ahead: set[asyncio.Task[list[IPv4Network]]] = set()  # claims ahead of need, settling
         # Blocks published in this life whose settle has not ended: done when it has.
         self._unsettled: dict[tuple[str, IPv4Network], asyncio.Future[None]] = {}
-        self.block_waits = metrics.ipam_block_waits.only() if metrics else CounterSeries()
+        self.block_waits = (metrics or Metrics()).ipam_block_waits.only()
         self._no_free_block: dict[str, float] = {}  # network -> no search for a free block before then
         self._takes: dict[str, collections.deque[float]] = {}  # network -> recent address takes
         self._view_complete = False  # until then, blocks of an earlier life may still be adopted
@@ -215,7 +215,7 @@ class GossipClaims:
             return None
         # A settle time of a burst's adds, and 1/64 of the subnet at most (the hosts seen so
         # far may be a few of many: a cluster that is starting).
-        size = block_size(network.subnet)
+        size = 1 << (32 - block_prefixlen(network.subnet))
         count = max(1, min(math.ceil(_AT_REST / size), total // 64))
         task = self._claim_blocks_soon(network, count)
         task.add_done_callback(_log_failure)
@@ -251,8 +251,6 @@ class GossipClaims:
         may still be settling (a burst that outran the claims ahead); then wait for the
         rest of that settle, and if another host won the block, the address settles like
         a borrowed one."""
-        if not self._unsettled:  # nearly every add: no claim is settling
-            return False
         block = block_of(network.subnet, ip)
         pending = self._unsettled.get((network.name, block))
         if pending is None:
@@ -314,14 +312,14 @@ class GossipClaims:
         host. The rate counts one settle time at least, so a burst's demand grows three
         addresses for every add and claims ahead long before its blocks run out.
         """
-        size = block_size(network.subnet)
+        size = 1 << (32 - block_prefixlen(network.subnet))
         # Rounded first: one add's 3 * settle * (1 / settle) must not come out as 3.0000000000000004.
         demand = math.ceil(round(_AHEAD_SETTLES * self._settle * self._rate(network.name), 6))
         return max(1, min(demand, _ahead_blocks(network) * size))
 
     def _blocks_for(self, network: Network, missing: int) -> int:
         """How many blocks one claim takes for `missing` addresses (bounded)."""
-        size = block_size(network.subnet)
+        size = 1 << (32 - block_prefixlen(network.subnet))
         return max(1, min(_ahead_blocks(network), math.ceil(missing / size)))
 
     def _claim_blocks_soon(

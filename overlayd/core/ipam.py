@@ -39,11 +39,6 @@ def block_prefixlen(subnet: IPv4Network) -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def block_size(subnet: IPv4Network) -> int:
-    """Addresses in one of `subnet`'s blocks."""
-    return 1 << (32 - block_prefixlen(subnet))
-
-
 def blocks_of(subnet: IPv4Network) -> tuple[IPv4Network, ...]:
     """The blocks of a subnet, in address order (made once per subnet: a /16 has 1,024)."""
     return tuple(subnet.subnets(new_prefix=block_prefixlen(subnet)))

@@ -468,7 +468,7 @@ class GossipNode:
             if (
                 waiting.tries >= self.config.push_retries
                 or member is None
-                or not member.live
+                or member.state not in (MemberState.ALIVE, MemberState.SUSPECT)
             ):
                 del self._unacked[name]  # anti-entropy takes it from here
                 continue
